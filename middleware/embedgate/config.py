@@ -1,0 +1,618 @@
+"""Configuration: YAML with ``${VAR}`` / ``${VAR:-default}`` interpolation, validated once at start-up.
+
+Every problem is reported with the YAML path of the bad value (``providers.openai.base_url: ...``), all of
+them at once, so ``embedgate check-config`` can print the whole list. The result is a tree of frozen
+dataclasses: the hot path reads precomputed attributes and never parses anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+__all__ = [
+    "BudgetConfig",
+    "CacheConfig",
+    "Config",
+    "ConfigError",
+    "Deployment",
+    "KeyConfig",
+    "ModelConfig",
+    "ProviderConfig",
+    "RetryPolicy",
+    "RoutingConfig",
+    "ServerConfig",
+    "TelemetryConfig",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_ON_CODES = (408, 429, 500, 502, 503, 504, 529)
+PROVIDER_TYPES = ("openai", "openai_compatible")
+BUDGET_SCOPES = ("workspace", "project", "identity", "api_key", "provider", "model")
+BUDGET_PERIODS = ("daily", "weekly", "monthly", "yearly", "one_time")
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_CACHE_MAX_BYTES = 256 * 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``errors`` holds one ``"path: message"`` line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {e}" for e in errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerConfig:
+    """``server:`` section."""
+
+    path_prefix: str = ""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    unknown_fields: Literal["reject", "ignore"] = "reject"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProviderConfig:
+    """One upstream provider; its ``api_key`` never leaves the process except towards that provider."""
+
+    name: str
+    type: str
+    base_url: str
+    api_key: str = field(default="", repr=False)
+    timeout_ms: int = 30000
+    multimodal: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Deployment:
+    """One upstream endpoint serving a model: a provider and the model's name there."""
+
+    provider: str
+    upstream_model: str
+    price_per_million_tokens: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    """A model as clients name it (``<provider>/<name>``) and how it is served."""
+
+    id: str
+    deployments: tuple[Deployment, ...]
+    price_per_million_tokens: float | None = None
+    max_inputs: int = 2048
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeyConfig:
+    """A client API key, held only as its sha256 hex digest."""
+
+    id: str
+    sha256: str = field(repr=False)
+    workspace: str = "default"
+    project: str = "default"
+    models: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BudgetConfig:
+    """One budget: a hard gate on spend, tokens and/or requests per minute for one scope target."""
+
+    scope: str
+    target: str
+    period: str = "daily"
+    amount_usd: float | None = None
+    token_limit: int | None = None
+    requests_per_minute: int | None = None
+    index: int = 0  # position in the config list: a stable id for the budget's counters
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CacheConfig:
+    """``cache:`` section."""
+
+    enabled_by_default: bool = False
+    default_ttl: int = 1800
+    max_ttl: int = 259200
+    max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetryPolicy:
+    """How often one model is retried, and on which upstream statuses."""
+
+    count: int = 2
+    on_codes: frozenset[int] = frozenset(DEFAULT_ON_CODES)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoutingConfig:
+    """``routing:`` section."""
+
+    default_retry: RetryPolicy = RetryPolicy()
+    fallback_on_codes: frozenset[int] = frozenset(DEFAULT_ON_CODES)
+    backoff_base_ms: int = 1000
+    max_retry_after_ms: int = 10000
+    deadline_ms: int = 120000
+    split_concurrency: int = 4
+    breaker_failures: int = 5
+    breaker_cooldown_ms: int = 30000
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TelemetryConfig:
+    """``telemetry:`` section; the standard ``OTEL_*`` environment variables are honoured on top."""
+
+    service_name: str = "embedgate"
+    access_log: bool = True
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AdminConfig:
+    """``admin:`` section: the key guarding the operator endpoints (``/admin/...``)."""
+
+    sha256: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BudgetOptions:
+    """``budget_options:`` section."""
+
+    fail_open: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    """The whole, validated configuration."""
+
+    server: ServerConfig = ServerConfig()
+    redis_url: str = ""
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    keys: tuple[KeyConfig, ...] = ()
+    budgets: tuple[BudgetConfig, ...] = ()
+    cache: CacheConfig = CacheConfig()
+    routing: RoutingConfig = RoutingConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    admin: AdminConfig = AdminConfig()
+    budget_options: BudgetOptions = BudgetOptions()
+
+
+# --- interpolation -------------------------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(node: Any, env: Mapping[str, str], path: str, errors: list[str]) -> Any:
+    if isinstance(node, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            errors.append(f"{path or '<root>'}: environment variable {name} is not set (use ${{{name}:-}})")
+            return ""
+
+        return _VAR.sub(sub, node)
+    if isinstance(node, dict):
+        return {k: _interpolate(v, env, _join(path, str(k)), errors) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, env, f"{path}[{i}]", errors) for i, v in enumerate(node)]
+    return node
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# --- a small validator that keeps the YAML path --------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class _Section:
+    """Reads one mapping of the YAML, recording errors with their paths instead of raising at the first."""
+
+    def __init__(self, data: Any, path: str, errors: list[str]) -> None:
+        self.path, self.errors = path, errors
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.error(path, f"must be a mapping, got {_kind(data)}")
+            data = {}
+        self.data: dict[str, Any] = data
+        self.seen: set[str] = set()
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(f"{path or '<root>'}: {message}")
+
+    def at(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def get(self, key: str, check: Callable[[Any, str], T | None], default: T) -> T:
+        self.seen.add(key)
+        if key not in self.data or self.data[key] is None:
+            return default
+        value = check(self.data[key], self.at(key))
+        return default if value is None else value
+
+    def required(self, key: str, check: Callable[[Any, str], T | None], default: T) -> T:
+        if key not in self.data or self.data[key] in (None, ""):
+            self.seen.add(key)
+            self.error(self.at(key), "is required")
+            return default
+        return self.get(key, check, default)
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.seen:
+                self.error(self.at(str(key)), "unknown key")
+
+    # checks: return the value, or record an error and return None
+    def string(self, v: Any, path: str) -> str | None:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return str(v)
+        self.error(path, f"must be a string, got {_kind(v)}")
+        return None
+
+    def boolean(self, v: Any, path: str) -> bool | None:
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return v.lower() in ("true", "1", "yes")
+        self.error(path, f"must be true or false, got {v!r}")
+        return None
+
+    def integer(self, lo: int, hi: int | None = None) -> Callable[[Any, str], int | None]:
+        def check(v: Any, path: str) -> int | None:
+            if isinstance(v, str) and re.fullmatch(r"-?\d+", v.strip()):
+                v = int(v)
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            if not isinstance(v, int) or isinstance(v, bool):
+                self.error(path, f"must be an integer, got {_kind(v)}")
+                return None
+            if v < lo or (hi is not None and v > hi):
+                self.error(path, f"must be between {lo} and {hi}" if hi is not None else f"must be >= {lo}")
+                return None
+            return v
+
+        return check
+
+    def number(self, v: Any, path: str) -> float | None:
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if not isinstance(v, int | float) or isinstance(v, bool) or v < 0 or v != v:
+            self.error(path, f"must be a number >= 0, got {v!r}")
+            return None
+        return float(v)
+
+    def choice(self, options: tuple[str, ...]) -> Callable[[Any, str], str | None]:
+        def check(v: Any, path: str) -> str | None:
+            if v not in options:
+                self.error(path, f"must be one of {', '.join(options)}, got {v!r}")
+                return None
+            return str(v)
+
+        return check
+
+    def codes(self, v: Any, path: str) -> frozenset[int] | None:
+        if not isinstance(v, list):
+            self.error(path, f"must be a list of HTTP status codes, got {_kind(v)}")
+            return None
+        out = set()
+        for i, c in enumerate(v):
+            code = self.integer(100, 599)(c, f"{path}[{i}]")
+            if code is not None:
+                out.add(code)
+        return frozenset(out)
+
+
+def _kind(v: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), type(v).__name__
+    )
+
+
+def _url(sec: _Section) -> Callable[[Any, str], str | None]:
+    def check(v: Any, path: str) -> str | None:
+        s = sec.string(v, path)
+        if s is None:
+            return None
+        if not re.match(r"^https?://[^/\s]+", s):
+            sec.error(path, f"must be an http(s) URL, got {s!r}")
+            return None
+        return s.rstrip("/")
+
+    return check
+
+
+def _sha256_hex(sec: _Section) -> Callable[[Any, str], str | None]:
+    def check(v: Any, path: str) -> str | None:
+        s = sec.string(v, path)
+        if s is None:
+            return None
+        s = s.lower().removeprefix("sha256:")
+        if not re.fullmatch(r"[0-9a-f]{64}", s):
+            sec.error(path, "must be 64 hex digits (use `embedgate hash-key KEY`)")
+            return None
+        return s
+
+    return check
+
+
+def hash_key(key: str) -> str:
+    """The sha256 hex digest under which a client key is configured and matched."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# --- sections ---------------------------------------------------------------------------------------------
+
+
+def _server(data: Any, errors: list[str]) -> ServerConfig:
+    s = _Section(data, "server", errors)
+    prefix = s.get("path_prefix", s.string, "")
+    if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+        s.error(s.at("path_prefix"), f"must start with '/' and not end with '/', got {prefix!r}")
+    cfg = ServerConfig(
+        path_prefix=prefix,
+        max_body_bytes=s.get("max_body_bytes", s.integer(1024), DEFAULT_MAX_BODY_BYTES),
+        unknown_fields=s.get("unknown_fields", s.choice(("reject", "ignore")), "reject"),  # type: ignore[arg-type]
+    )
+    s.finish()
+    return cfg
+
+
+def _providers(data: Any, errors: list[str]) -> dict[str, ProviderConfig]:
+    top = _Section(data, "providers", errors)
+    out: dict[str, ProviderConfig] = {}
+    for name, body in top.data.items():
+        top.seen.add(name)
+        s = _Section(body, top.at(str(name)), errors)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+            s.error(s.path, "provider names may hold letters, digits, '_', '.', '-'")
+        out[str(name)] = ProviderConfig(
+            name=str(name),
+            type=s.required("type", s.choice(PROVIDER_TYPES), "openai"),
+            base_url=s.required("base_url", _url(s), ""),
+            api_key=s.get("api_key", s.string, ""),
+            timeout_ms=s.get("timeout_ms", s.integer(1, 600000), 30000),
+            multimodal=s.get("multimodal", s.boolean, False),
+        )
+        s.finish()
+    return out
+
+
+def _models(data: Any, providers: Mapping[str, ProviderConfig], errors: list[str]) -> dict[str, ModelConfig]:
+    top = _Section(data, "models", errors)
+    out: dict[str, ModelConfig] = {}
+    for model_id, body in top.data.items():
+        top.seen.add(model_id)
+        mid = str(model_id)
+        s = _Section(body, top.at(mid), errors)
+        prefix, _, name = mid.partition("/")
+        deployments: list[Deployment] = []
+        raw = s.get("deployments", lambda v, p: v, None)
+        if raw is None:
+            if not name:
+                s.error(s.path, "model ids are '<provider>/<name>'")
+            elif prefix not in providers:
+                s.error(s.path, f"no provider named {prefix!r} (and no deployments listed)")
+            else:
+                deployments.append(Deployment(provider=prefix, upstream_model=name))
+        elif not isinstance(raw, list) or not raw:
+            s.error(s.at("deployments"), "must be a non-empty list")
+        else:
+            for i, d in enumerate(raw):
+                ds = _Section(d, f"{s.at('deployments')}[{i}]", errors)
+                provider = ds.required("provider", ds.string, "")
+                if provider and provider not in providers:
+                    ds.error(ds.at("provider"), f"no provider named {provider!r}")
+                deployments.append(
+                    Deployment(
+                        provider=provider,
+                        upstream_model=ds.get("upstream_model", ds.string, name or mid),
+                        price_per_million_tokens=ds.get("price_per_million_tokens", ds.number, None),
+                    )
+                )
+                ds.finish()
+        out[mid] = ModelConfig(
+            id=mid,
+            deployments=tuple(deployments),
+            price_per_million_tokens=s.get("price_per_million_tokens", s.number, None),
+            max_inputs=s.get("max_inputs", s.integer(1, 1_000_000), 2048),
+        )
+        s.finish()
+    return out
+
+
+def _keys(data: Any, errors: list[str]) -> tuple[KeyConfig, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        errors.append("keys: must be a list")
+        return ()
+    out: list[KeyConfig] = []
+    ids: set[str] = set()
+    for i, body in enumerate(data):
+        s = _Section(body, f"keys[{i}]", errors)
+        kid = s.required("id", s.string, f"key-{i}")
+        if kid in ids:
+            s.error(s.at("id"), f"duplicate key id {kid!r}")
+        ids.add(kid)
+        clear = s.get("key", s.string, None)
+        digest = s.get("sha256", _sha256_hex(s), None)
+        if clear is not None and digest is not None:
+            s.error(s.path, "give either key or sha256, not both")
+        elif clear is None and digest is None:
+            s.error(s.path, "needs key or sha256")
+        elif clear == "":
+            s.error(s.at("key"), "is empty (is its environment variable set?)")
+        models = s.get("models", lambda v, p: v, None)
+        if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
+            s.error(s.at("models"), "must be a list of model globs")
+            models = None
+        out.append(
+            KeyConfig(
+                id=kid,
+                sha256=digest or hash_key(clear or ""),
+                workspace=s.get("workspace", s.string, "default"),
+                project=s.get("project", s.string, "default"),
+                models=tuple(models) if models is not None else None,
+            )
+        )
+        s.finish()
+    return tuple(out)
+
+
+def _budgets(data: Any, errors: list[str]) -> tuple[BudgetConfig, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        errors.append("budgets: must be a list")
+        return ()
+    out = []
+    for i, body in enumerate(data):
+        s = _Section(body, f"budgets[{i}]", errors)
+        b = BudgetConfig(
+            scope=s.required("scope", s.choice(BUDGET_SCOPES), "workspace"),
+            target=s.required("target", s.string, "*"),
+            period=s.get("period", s.choice(BUDGET_PERIODS), "daily"),
+            amount_usd=s.get("amount_usd", s.number, None),
+            token_limit=s.get("token_limit", s.integer(0), None),
+            requests_per_minute=s.get("requests_per_minute", s.integer(0), None),
+            index=i,
+        )
+        if b.amount_usd is None and b.token_limit is None and b.requests_per_minute is None:
+            s.error(s.path, "sets no limit: give amount_usd, token_limit or requests_per_minute")
+        out.append(b)
+        s.finish()
+    return tuple(out)
+
+
+def _cache(data: Any, errors: list[str]) -> CacheConfig:
+    s = _Section(data, "cache", errors)
+    cfg = CacheConfig(
+        enabled_by_default=s.get("enabled_by_default", s.boolean, False),
+        default_ttl=s.get("default_ttl", s.integer(1), 1800),
+        max_ttl=s.get("max_ttl", s.integer(1), 259200),
+        max_bytes=s.get("max_bytes", s.integer(0), DEFAULT_CACHE_MAX_BYTES),
+    )
+    if cfg.default_ttl > cfg.max_ttl:
+        s.error(s.at("default_ttl"), f"is above max_ttl ({cfg.max_ttl})")
+    s.finish()
+    return cfg
+
+
+def _retry(data: Any, path: str, errors: list[str]) -> RetryPolicy:
+    s = _Section(data, path, errors)
+    cfg = RetryPolicy(
+        count=s.get("count", s.integer(0, 5), 2),
+        on_codes=s.get("on_codes", s.codes, frozenset(DEFAULT_ON_CODES)),
+    )
+    s.finish()
+    return cfg
+
+
+def _routing(data: Any, errors: list[str]) -> RoutingConfig:
+    s = _Section(data, "routing", errors)
+    s.seen.add("default_retry")
+    cfg = RoutingConfig(
+        default_retry=_retry(s.data.get("default_retry"), s.at("default_retry"), errors),
+        fallback_on_codes=s.get("fallback_on_codes", s.codes, frozenset(DEFAULT_ON_CODES)),
+        backoff_base_ms=s.get("backoff_base_ms", s.integer(0, 60000), 1000),
+        max_retry_after_ms=s.get("max_retry_after_ms", s.integer(0, 600000), 10000),
+        deadline_ms=s.get("deadline_ms", s.integer(1, 3600000), 120000),
+        split_concurrency=s.get("split_concurrency", s.integer(1, 64), 4),
+        breaker_failures=s.get("breaker_failures", s.integer(1, 1000), 5),
+        breaker_cooldown_ms=s.get("breaker_cooldown_ms", s.integer(0, 3600000), 30000),
+    )
+    s.finish()
+    return cfg
+
+
+def _telemetry(data: Any, errors: list[str]) -> TelemetryConfig:
+    s = _Section(data, "telemetry", errors)
+    cfg = TelemetryConfig(
+        service_name=s.get("service_name", s.string, "embedgate"),
+        access_log=s.get("access_log", s.boolean, True),
+    )
+    s.finish()
+    return cfg
+
+
+def _admin(data: Any, errors: list[str]) -> AdminConfig:
+    s = _Section(data, "admin", errors)
+    clear = s.get("key", s.string, None)
+    digest = s.get("sha256", _sha256_hex(s), None)
+    s.finish()
+    if clear:
+        return AdminConfig(sha256=hash_key(clear))
+    return AdminConfig(sha256=digest)
+
+
+def _budget_options(data: Any, errors: list[str]) -> BudgetOptions:
+    s = _Section(data, "budget_options", errors)
+    cfg = BudgetOptions(fail_open=s.get("fail_open", s.boolean, False))
+    s.finish()
+    return cfg
+
+
+def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
+    """Validate an already-loaded YAML document (a dict) and build the :class:`Config`."""
+    errors: list[str] = []
+    data = _interpolate(data, os.environ if env is None else env, "", errors)
+    root = _Section(data, "", errors)
+    for key in ("server", "redis_url", "providers", "models", "keys", "budgets", "cache", "routing"):
+        root.seen.add(key)
+    root.seen.update(("telemetry", "admin", "budget_options"))
+    providers = _providers(root.data.get("providers"), errors)
+    redis_url = root.data.get("redis_url") or ""
+    if redis_url and not re.match(r"^(redis|rediss|unix)://", str(redis_url)):
+        errors.append(f"redis_url: must be a redis:// URL, got {redis_url!r}")
+    config = Config(
+        server=_server(root.data.get("server"), errors),
+        redis_url=str(redis_url),
+        providers=providers,
+        models=_models(root.data.get("models"), providers, errors),
+        keys=_keys(root.data.get("keys"), errors),
+        budgets=_budgets(root.data.get("budgets"), errors),
+        cache=_cache(root.data.get("cache"), errors),
+        routing=_routing(root.data.get("routing"), errors),
+        telemetry=_telemetry(root.data.get("telemetry"), errors),
+        admin=_admin(root.data.get("admin"), errors),
+        budget_options=_budget_options(root.data.get("budget_options"), errors),
+    )
+    root.finish()
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a YAML config file; raises :class:`ConfigError` listing every problem."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"<file>: cannot read {path}: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ConfigError([f"<yaml {where}>: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_config(data or {}, env)
