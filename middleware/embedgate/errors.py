@@ -1,0 +1,204 @@
+"""Errors the gateway answers with, and their rendering in each route's dialect.
+
+    GatewayError                 status, code, param, message; rendered by ``render_error``
+    ├── InvalidRequest           400  invalid_request_error (a parameter is named)
+    ├── Unauthorized             401  invalid_api_key
+    ├── Forbidden                403  model_not_allowed
+    ├── NotFound                 404  model_not_found
+    ├── PayloadTooLarge          413  request_too_large
+    ├── UnsupportedMediaType     415  unsupported_media_type
+    ├── BudgetExceeded           429  requests_per_minute_exceeded | token_budget_exceeded | cost_budget_exceeded
+    ├── UpstreamError            502  upstream_error (also carries the upstream status, for retry decisions)
+    ├── Unavailable              503  no_upstream_available | store_unavailable
+    └── UpstreamTimeout          504  upstream_timeout
+
+Foreign exceptions (httpx, redis) are translated where they happen, in the adapter or the store, never here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "BudgetExceeded",
+    "Dialect",
+    "Forbidden",
+    "GatewayError",
+    "InvalidRequest",
+    "NotFound",
+    "PayloadTooLarge",
+    "Unauthorized",
+    "Unavailable",
+    "UnsupportedMediaType",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "render_error",
+]
+
+
+class Dialect(Enum):
+    """Which public API a route speaks; decides the error body shape and response extras."""
+
+    OPENAI = "openai"  # /v1/embeddings
+    ORQ = "orq"  # /v2/router/embeddings
+    OPENROUTER = "openrouter"  # /api/v1/embeddings
+
+
+class GatewayError(Exception):
+    """An error answered to the client, with its HTTP status, error type, code and offending parameter."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def extra(self) -> dict[str, Any]:
+        """Extra fields of the orq dialect's error body (budget errors add their scope)."""
+        return {}
+
+
+class InvalidRequest(GatewayError):
+    """The request body or a header is invalid; ``param`` names the offending parameter."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthorized(GatewayError):
+    """No API key, or one that is not configured."""
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    """The key is valid but the model is not granted to it."""
+
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class NotFound(GatewayError):
+    """The model does not resolve to any provider."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    """The body is larger than ``server.max_body_bytes``."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    """The body is not JSON."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class BudgetExceeded(GatewayError):
+    """A budget or rate limit refused the request."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "requests_per_minute_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        scope_kind: str,
+        scope_target_id: str,
+        dimension: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, code=code, headers=headers)
+        self.scope_kind = scope_kind
+        self.scope_target_id = scope_target_id
+        self.dimension = dimension
+
+    def extra(self) -> dict[str, Any]:
+        return {
+            "scope_kind": self.scope_kind,
+            "scope_target_id": self.scope_target_id,
+            "dimension": self.dimension,
+        }
+
+
+class UpstreamError(GatewayError):
+    """The upstream failed (bad status, dropped connection, malformed answer) and nothing else served."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream_status: int | None = None,
+        retry_after_s: float | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.upstream_status = upstream_status
+        self.retry_after_s = retry_after_s
+
+
+class Unavailable(GatewayError):
+    """No upstream could be tried (all skipped), or a required store is unreachable."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "no_upstream_available"
+
+
+class UpstreamTimeout(GatewayError):
+    """The upstream did not answer within the attempt timeout or the overall deadline."""
+
+    status = 504
+    type = "timeout_error"
+    code = "upstream_timeout"
+
+
+def render_error(err: GatewayError, dialect: Dialect) -> bytes:
+    """The JSON body of ``err`` in the shape the route's SDK parses."""
+    if dialect is Dialect.OPENROUTER:
+        body: dict[str, Any] = {"code": err.status, "message": err.message}
+        meta = {"type": err.type, "code": err.code, "param": err.param, **err.extra()}
+        body["metadata"] = {k: v for k, v in meta.items() if v is not None}
+        return orjson.dumps({"error": body})
+    if dialect is Dialect.ORQ:
+        # The orq SDK requires every key present, with ``code`` a string.
+        body = {"message": err.message, "type": err.type, "param": err.param, "code": err.code or err.type}
+        body.update(err.extra())
+        return orjson.dumps({"error": body})
+    return orjson.dumps({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
