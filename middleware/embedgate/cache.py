@@ -1,0 +1,449 @@
+"""The exact-match vector cache (SPEC section 6): per-item keys, two aiocache backends, miss coalescing.
+
+    item_key(...)     -> "eg:c:<sha256>"   one key per input item; workspace + model + dimensions + input_type
+    CachedItem        a vector as little-endian float32 bytes plus the tokens it cost when first embedded
+    VectorCache       get_many / set_many over a bounded in-memory LRU or Redis; a store failure is a miss
+    Coalescer[T]      N concurrent misses of the same key make one upstream call
+
+Both backends are aiocache caches storing the same compact binary form (a 4-byte token count, then the
+vector bytes), so one entry serves float and base64 responses alike and nothing is kept as Python floats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import redis.asyncio as redis
+import structlog
+from aiocache import BaseCache  # type: ignore[import-untyped]
+from aiocache.backends.redis import RedisCache  # type: ignore[import-untyped]
+from aiocache.serializers import BaseSerializer  # type: ignore[import-untyped]
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+__all__ = ["CachedItem", "Coalescer", "VectorCache", "item_key"]
+
+T = TypeVar("T")
+
+_log = structlog.get_logger("embedgate.cache")
+
+KEY_PREFIX = "eg:c:"
+# Bumped whenever the key material or the stored format changes: old entries then simply stop matching.
+_KEY_VERSION = "v1"
+_HEADER = struct.Struct("<I")  # tokens, uint32 little-endian
+_MAX_ROUNDS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class CachedItem:
+    """One cached embedding: little-endian float32 ``vector`` bytes and the ``tokens`` it cost upstream."""
+
+    vector: bytes
+    tokens: int
+
+    def __post_init__(self) -> None:
+        if len(self.vector) % 4:
+            raise ValueError(f"vector must be float32 bytes, got {len(self.vector)} bytes")
+        if not 0 <= self.tokens <= 0xFFFFFFFF:
+            raise ValueError(f"tokens out of range: {self.tokens}")
+
+    def array(self) -> npt.NDArray[np.float32]:
+        """The vector as a read-only float32 array (no copy)."""
+        return np.frombuffer(self.vector, dtype="<f4")
+
+    def dumps(self) -> bytes:
+        """The stored form: a 4-byte token count, then the vector bytes."""
+        return _HEADER.pack(self.tokens) + self.vector
+
+    @classmethod
+    def loads(cls, data: bytes) -> CachedItem | None:
+        """Parse the stored form; None for a malformed value (treated as a miss, not an error)."""
+        if len(data) < _HEADER.size or (len(data) - _HEADER.size) % 4:
+            return None
+        (tokens,) = _HEADER.unpack_from(data)
+        return cls(vector=bytes(data[_HEADER.size :]), tokens=tokens)
+
+
+def item_key(
+    *,
+    workspace: str,
+    model: str,
+    dimensions: int | None,
+    input_type: str | None,
+    item: str | list[int] | tuple[int, ...] | dict[str, Any] | list[Any],
+) -> str:
+    """The cache key of one input item for ``model`` (the model that serves) in ``workspace``.
+
+    Encoding format, name, user, identity and routing options are deliberately not part of it. The tuple is
+    serialized as JSON (strings quoted and escaped, dict keys sorted), so distinct inputs cannot encode alike
+    and a string never collides with a token array.
+    """
+    material = orjson.dumps(
+        (_KEY_VERSION, workspace, model, dimensions, input_type, item), option=orjson.OPT_SORT_KEYS
+    )
+    digest = hashlib.sha256(material).digest()
+    return KEY_PREFIX + base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+class _ItemSerializer(BaseSerializer):  # type: ignore[misc]
+    """aiocache serializer between :class:`CachedItem` and its raw stored bytes (no text encoding)."""
+
+    DEFAULT_ENCODING = None  # tells aiocache's Redis backend to hand back bytes undecoded
+
+    def dumps(self, value: CachedItem) -> bytes:
+        return value.dumps()
+
+    def loads(self, value: bytes | None) -> CachedItem | None:
+        return None if value is None else CachedItem.loads(value)
+
+
+class _BoundedMemoryCache(BaseCache):  # type: ignore[misc]
+    """An aiocache backend over an ``OrderedDict``: LRU-evicted to ``max_bytes`` (key + value bytes).
+
+    aiocache's SimpleMemoryCache has no size bound and arms one timer per key; here TTLs are checked lazily
+    when an entry is read, and expired entries that are never read again leave through LRU eviction.
+    """
+
+    NAME = "memory"
+
+    def __init__(self, max_bytes: int, **kwargs: Any) -> None:
+        # timeout=None: the dict cannot hang, so skip aiocache's per-call wait_for task.
+        super().__init__(serializer=_ItemSerializer(), timeout=None, **kwargs)
+        self.max_bytes = max_bytes
+        self.bytes_used = 0
+        self._entries: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()
+
+    def _read(self, key: str) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        value, expires_at = entry
+        if expires_at is not None and time.monotonic() >= expires_at:
+            self._remove(key)
+            return None
+        self._entries.move_to_end(key)
+        return value
+
+    def _write(self, key: str, value: bytes, ttl: float | None) -> None:
+        self._remove(key)
+        size = len(key.encode()) + len(value)
+        if size > self.max_bytes:
+            return
+        self._entries[key] = (value, time.monotonic() + ttl if ttl else None)
+        self.bytes_used += size
+        while self.bytes_used > self.max_bytes:
+            self._remove(next(iter(self._entries)))
+
+    def _remove(self, key: str) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        self.bytes_used -= len(key.encode()) + len(entry[0])
+        return True
+
+    async def _get(self, key: str, encoding: str | None = None, _conn: Any = None) -> bytes | None:
+        return self._read(key)
+
+    async def _multi_get(
+        self, keys: list[str], encoding: str | None = None, _conn: Any = None
+    ) -> list[bytes | None]:
+        return [self._read(key) for key in keys]
+
+    async def _set(
+        self, key: str, value: bytes, ttl: float | None = None, _cas_token: Any = None, _conn: Any = None
+    ) -> bool:
+        if _cas_token is not None:
+            raise NotImplementedError("compare-and-set is not supported")
+        self._write(key, value, ttl)
+        return True
+
+    async def _multi_set(
+        self, pairs: list[tuple[str, bytes]], ttl: float | None = None, _conn: Any = None
+    ) -> bool:
+        for key, value in pairs:
+            self._write(key, value, ttl)
+        return True
+
+    async def _exists(self, key: str, _conn: Any = None) -> bool:
+        return self._read(key) is not None
+
+    async def _delete(self, key: str, _conn: Any = None) -> int:
+        return int(self._remove(key))
+
+    async def _clear(self, namespace: str | None = None, _conn: Any = None) -> bool:
+        for key in [k for k in self._entries if not namespace or k.startswith(namespace)]:
+            self._remove(key)
+        return True
+
+
+class _RedisItemCache(RedisCache):  # type: ignore[misc]
+    """aiocache's RedisCache storing raw item bytes: ``multi_get`` is one MGET, ``multi_set`` one pipeline."""
+
+    def __init__(self, url: str, *, socket_timeout: float, timeout: float) -> None:
+        super().__init__(serializer=_ItemSerializer(), timeout=timeout)
+        # aiocache 0.12 builds its pool from host/port/db/password only; a URL also carries a username, TLS
+        # (rediss://) or a unix socket, so the client it built (which never connected) is replaced.
+        # One immediate retry on a connection error replaces a pooled connection that a Redis restart
+        # killed; no retry on timeouts, so a dead server costs one socket_timeout, not redis-py's ten tries.
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+
+    async def _close(self, *args: Any, _conn: Any = None, **kwargs: Any) -> None:
+        # aiocache calls the deprecated Redis.close().
+        await self.client.aclose()
+
+
+class VectorCache:
+    """get_many / set_many of :class:`CachedItem` over the in-memory LRU or Redis, through aiocache.
+
+    A store failure (refused connection, timeout, a bad reply) is never raised: ``get_many`` answers misses
+    and ``set_many`` does nothing. It is logged as a warning at most once per ``warn_interval``, and for
+    ``retry_interval`` after a failure the store is not tried at all, so a black-holed Redis costs one
+    request a socket timeout, not every request. After that the next call tries again (redis-py reconnects).
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        backend: str,
+        describe: str = "",
+        secret: str | None = None,
+        warn_interval: float = 10.0,
+        retry_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self.backend = backend
+        self._describe = describe
+        self._secret = secret
+        self._warn_interval = warn_interval
+        self._retry_interval = retry_interval
+        self._clock = clock
+        self._down_until = 0.0
+        self._failing = False
+        self._last_warning: float | None = None
+        self._suppressed = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        redis_url: str,
+        max_bytes: int,
+        *,
+        socket_timeout: float = 0.25,
+        op_timeout: float = 1.0,
+        warn_interval: float = 10.0,
+        retry_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> VectorCache:
+        """Redis at ``redis_url``, or when it is empty the in-memory LRU bounded by ``max_bytes``."""
+        options: dict[str, Any] = {
+            "warn_interval": warn_interval,
+            "retry_interval": retry_interval,
+            "clock": clock,
+        }
+        if not redis_url:
+            return cls(_BoundedMemoryCache(max_bytes), backend="memory", **options)
+        parts = urlsplit(redis_url)
+        store = _RedisItemCache(redis_url, socket_timeout=socket_timeout, timeout=op_timeout)
+        # The log names the server by scheme, host and path only: never the URL, which may hold a password.
+        where = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+        return cls(store, backend="redis", describe=where, secret=parts.password, **options)
+
+    async def get_many(self, keys: list[str]) -> list[CachedItem | None]:
+        """The items of ``keys`` in order, None for each miss; all misses when the store fails."""
+        if not keys:
+            return []
+        if self._clock() < self._down_until:
+            return [None] * len(keys)
+        try:
+            values: list[CachedItem | None] = await self._store.multi_get(keys)
+        except Exception as exc:  # any store failure is a miss by contract (SPEC 6)
+            self._failed("get", exc)
+            return [None] * len(keys)
+        self._succeeded()
+        return values
+
+    async def set_many(self, items: list[tuple[str, CachedItem]], ttl: int) -> None:
+        """Store ``items`` for ``ttl`` seconds (> 0); silently does nothing when the store fails."""
+        if ttl <= 0:
+            raise ValueError(f"ttl must be positive, got {ttl}")  # 0 would store forever in both backends
+        if not items or self._clock() < self._down_until:
+            return
+        try:
+            await self._store.multi_set(items, ttl=ttl)
+        except Exception as exc:  # a lost write only costs a later miss
+            self._failed("set", exc)
+            return
+        self._succeeded()
+
+    async def ping(self) -> bool:
+        """Whether the store answers now (for ``/readyz``); always tries, even right after a failure."""
+        if self.backend == "memory":
+            return True
+        try:
+            await self._store.client.ping()
+        except Exception as exc:
+            self._failed("ping", exc)
+            return False
+        self._succeeded()
+        return True
+
+    def bytes_used(self) -> int:
+        """Key + value bytes held by the memory backend; -1 for Redis (its memory is Redis's own)."""
+        return int(self._store.bytes_used) if self.backend == "memory" else -1
+
+    async def close(self) -> None:
+        """Release the store's connections."""
+        await self._store.close()
+
+    def _failed(self, operation: str, exc: Exception) -> None:
+        now = self._clock()
+        self._failing = True
+        self._down_until = now + self._retry_interval
+        if self._last_warning is not None and now - self._last_warning < self._warn_interval:
+            self._suppressed += 1
+            return
+        detail = str(exc)
+        if self._secret:
+            detail = detail.replace(self._secret, "***")
+        _log.warning(
+            "cache store unavailable; serving misses",
+            backend=self.backend,
+            store=self._describe,
+            operation=operation,
+            error=type(exc).__name__,
+            detail=detail,
+            suppressed=self._suppressed,
+        )
+        self._last_warning = now
+        self._suppressed = 0
+
+    def _succeeded(self) -> None:
+        if self._failing:
+            self._failing = False
+            _log.info("cache store recovered", backend=self.backend, store=self._describe)
+
+
+class _Abandoned(Exception):
+    """The owner of an in-flight key was cancelled before it had a result: its waiters fetch it again."""
+
+
+class Coalescer(Generic[T]):
+    """Coalesces identical concurrent misses so N simultaneous requests for a new item make one upstream call.
+
+    ``run`` registers the keys nobody is fetching as in flight, calls ``fetch`` once with their positions,
+    and for the other positions awaits the in-flight call that owns them. An owner's exception reaches its
+    waiters as the same exception; an owner cancelled (its client went away) hands its keys back, and its
+    waiters fetch them themselves. Per process: replicas do not coalesce with each other.
+    """
+
+    def __init__(self) -> None:
+        self._inflight: dict[str, asyncio.Future[T]] = {}
+
+    def in_flight(self) -> int:
+        """How many keys are being fetched right now."""
+        return len(self._inflight)
+
+    async def run(self, keys: Sequence[str], fetch: Callable[[list[int]], Awaitable[list[T]]]) -> list[T]:
+        """The results for ``keys`` in order; ``fetch(positions)`` returns one result per given position."""
+        results: dict[int, T] = {}
+        pending = list(range(len(keys)))
+        for _ in range(_MAX_ROUNDS):
+            pending = await self._round(keys, pending, fetch, results)
+            if not pending:
+                return [results[i] for i in range(len(keys))]
+        # Owner after owner was cancelled: stop depending on others and fetch the rest uncoalesced.
+        values = await fetch(pending)
+        _check_count(values, pending)
+        results.update(zip(pending, values, strict=True))
+        return [results[i] for i in range(len(keys))]
+
+    async def _round(
+        self,
+        keys: Sequence[str],
+        positions: list[int],
+        fetch: Callable[[list[int]], Awaitable[list[T]]],
+        results: dict[int, T],
+    ) -> list[int]:
+        """One pass: fetch what nobody fetches, await the rest; returns positions whose owner gave up."""
+        loop = asyncio.get_running_loop()
+        owned: dict[str, asyncio.Future[T]] = {}
+        mine: list[int] = []
+        waits: list[tuple[int, asyncio.Future[T]]] = []
+        for i in positions:
+            future = self._inflight.get(keys[i])
+            if future is None:
+                future = owned[keys[i]] = self._inflight[keys[i]] = loop.create_future()
+                mine.append(i)
+            else:
+                waits.append((i, future))  # includes repeats of a key this call itself owns
+        if mine:
+            # Ours resolve before we await anyone else's: two calls owning each other's keys cannot deadlock.
+            results.update(zip(mine, await self._fetch_owned(keys, mine, owned, fetch), strict=True))
+        retry: list[int] = []
+        for i, future in waits:
+            try:
+                # shield: a waiter being cancelled must not cancel the future the owner and others share.
+                results[i] = await asyncio.shield(future)
+            except _Abandoned:
+                retry.append(i)
+        return retry
+
+    async def _fetch_owned(
+        self,
+        keys: Sequence[str],
+        mine: list[int],
+        owned: dict[str, asyncio.Future[T]],
+        fetch: Callable[[list[int]], Awaitable[list[T]]],
+    ) -> list[T]:
+        try:
+            values = await fetch(mine)
+            _check_count(values, mine)
+        except Exception as exc:
+            _settle(owned.values(), exc)
+            raise
+        except BaseException:
+            _settle(owned.values(), _Abandoned())
+            raise
+        else:
+            for i, value in zip(mine, values, strict=True):
+                future = owned[keys[i]]
+                if not future.done():
+                    future.set_result(value)
+            return values
+        finally:
+            for key, future in owned.items():
+                if self._inflight.get(key) is future:
+                    del self._inflight[key]
+
+
+def _settle(futures: Any, exc: BaseException) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(exc)
+            # Marks the exception retrieved: with no waiter, asyncio would otherwise log it at collection.
+            future.exception()
+
+
+def _check_count(values: list[Any], positions: list[int]) -> None:
+    if len(values) != len(positions):
+        raise ValueError(f"fetch returned {len(values)} results for {len(positions)} positions")
