@@ -1,0 +1,386 @@
+"""Contract tests of the vector cache against both backends (memory, and the real Redis); the coalescer."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+import redis.asyncio as redis
+
+from embedgate.cache import CachedItem, Coalescer, VectorCache, item_key
+from tests.redis_util import require_redis
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class Harness:
+    """A cache under test, with a workspace of its own so tests never read each other's entries."""
+
+    cache: VectorCache
+    workspace: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex}")
+    keys: list[str] = field(default_factory=list)
+
+    def key(self, item: Any, *, model: str = "openai/m", workspace: str | None = None) -> str:
+        key = item_key(
+            workspace=workspace or self.workspace, model=model, dimensions=None, input_type=None, item=item
+        )
+        self.keys.append(key)
+        return key
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    url = require_redis() if request.param == "redis" else ""
+    harness = Harness(VectorCache.from_config(url, 1 << 20))
+    assert harness.cache.backend == request.param
+    try:
+        yield harness
+    finally:
+        await harness.cache.close()
+        if url and harness.keys:
+            client = redis.Redis.from_url(url)
+            try:
+                await client.delete(*harness.keys)
+            finally:
+                await client.aclose()
+
+
+def random_item(rng: np.random.Generator, dims: int, tokens: int = 7) -> CachedItem:
+    # Random bit patterns, so NaN payloads, infinities, -0.0 and subnormals are all exercised.
+    bits = rng.integers(0, 2**32, size=dims, dtype=np.uint32)
+    return CachedItem(vector=bits.view("<f4").tobytes(), tokens=tokens)
+
+
+@pytest.mark.anyio
+async def test_round_trip_is_bit_exact(store: Harness) -> None:
+    rng = np.random.default_rng(1)
+    items = [
+        (store.key(f"text {dims}"), random_item(rng, dims, tokens=dims + 1)) for dims in (1, 256, 1536, 3072)
+    ]
+    await store.cache.set_many(items, ttl=60)
+
+    got = await store.cache.get_many([k for k, _ in items])
+
+    assert got == [item for _, item in items]
+    for (_, item), back in zip(items, got, strict=True):
+        assert back is not None
+        assert back.vector == item.vector and back.tokens == item.tokens
+        assert back.array().tobytes() == item.vector
+
+
+@pytest.mark.anyio
+async def test_get_many_mixes_hits_and_misses_in_key_order(store: Harness) -> None:
+    rng = np.random.default_rng(2)
+    a, b = random_item(rng, 8), random_item(rng, 8)
+    await store.cache.set_many([(store.key("a"), a), (store.key("b"), b)], ttl=60)
+
+    got = await store.cache.get_many([store.key("x"), store.key("b"), store.key("y"), store.key("a")])
+
+    assert got == [None, b, None, a]
+    assert await store.cache.get_many([]) == []
+
+
+@pytest.mark.anyio
+async def test_entries_expire_after_their_ttl(store: Harness) -> None:
+    rng = np.random.default_rng(3)
+    short, long = random_item(rng, 4), random_item(rng, 4)
+    await store.cache.set_many([(store.key("short"), short)], ttl=1)
+    await store.cache.set_many([(store.key("long"), long)], ttl=60)
+    assert await store.cache.get_many([store.key("short")]) == [short]
+
+    await anyio.sleep(1.3)
+
+    assert await store.cache.get_many([store.key("short"), store.key("long")]) == [None, long]
+
+
+@pytest.mark.anyio
+async def test_workspaces_never_share_entries(store: Harness) -> None:
+    item = random_item(np.random.default_rng(4), 4)
+    await store.cache.set_many([(store.key("same text"), item)], ttl=60)
+    other = store.key("same text", workspace=f"other-{uuid.uuid4().hex}")
+
+    assert await store.cache.get_many([other, store.key("same text")]) == [None, item]
+
+
+@pytest.mark.anyio
+async def test_ping_and_non_positive_ttl(store: Harness) -> None:
+    assert await store.cache.ping() is True
+    with pytest.raises(ValueError, match="ttl"):
+        await store.cache.set_many([(store.key("t"), random_item(np.random.default_rng(5), 2))], ttl=0)
+
+
+def test_item_key_covers_exactly_the_keyed_fields() -> None:
+    base: dict[str, Any] = {
+        "workspace": "acme",
+        "model": "openai/text-embedding-3-small",
+        "dimensions": 256,
+        "input_type": "search_query",
+        "item": "hello",
+    }
+    key = item_key(**base)
+    assert key.startswith("eg:c:") and len(key) <= 64
+    assert item_key(**base) == key
+    for field_name, other in [
+        ("workspace", "acme2"),
+        ("model", "openai/text-embedding-3-large"),
+        ("dimensions", 512),
+        ("dimensions", None),
+        ("input_type", "search_document"),
+        ("input_type", None),
+        ("item", "hello "),
+        ("item", [15339]),
+    ]:
+        assert item_key(**{**base, field_name: other}) != key, field_name
+    # Field boundaries are unambiguous: shifting text between workspace and model changes the key.
+    shifted_left = item_key(**{**base, "workspace": "a", "model": "bc"})
+    assert shifted_left != item_key(**{**base, "workspace": "ab", "model": "c"})
+    # A token array is not its text rendering; tuple and list forms of it are the same input.
+    assert item_key(**{**base, "item": "[1, 2]"}) != item_key(**{**base, "item": [1, 2]})
+    assert item_key(**{**base, "item": (1, 2)}) == item_key(**{**base, "item": [1, 2]})
+    # Multimodal dicts key by content, not by the order their keys were written in.
+    part1 = {"content": [{"type": "text", "text": "x"}]}
+    part2 = {"content": [{"text": "x", "type": "text"}]}
+    assert item_key(**{**base, "item": part1}) == item_key(**{**base, "item": part2})
+
+
+def test_cached_item_validation_and_malformed_values() -> None:
+    item = CachedItem(vector=np.arange(3, dtype="<f4").tobytes(), tokens=5)
+    assert CachedItem.loads(item.dumps()) == item
+    assert len(item.dumps()) == 4 + 12
+    assert CachedItem.loads(b"\x01\x00") is None
+    assert CachedItem.loads(item.dumps() + b"\x00") is None
+    with pytest.raises(ValueError):
+        CachedItem(vector=b"\x00" * 5, tokens=1)
+    with pytest.raises(ValueError):
+        CachedItem(vector=b"", tokens=-1)
+
+
+def _entry_size(key: str, item: CachedItem) -> int:
+    return len(key) + len(item.dumps())
+
+
+@pytest.mark.anyio
+async def test_memory_backend_stays_within_max_bytes_evicting_lru_first() -> None:
+    max_bytes = 64 * 1024
+    harness = Harness(VectorCache.from_config("", max_bytes))
+    rng = np.random.default_rng(6)
+    item = random_item(rng, 256)
+    keys = [harness.key(f"item {i}") for i in range(10 * max_bytes // _entry_size(harness.key("x"), item))]
+    size = _entry_size(keys[0], item)
+    capacity = max_bytes // size
+    try:
+        for key in keys:
+            await harness.cache.set_many([(key, item)], ttl=60)
+            assert harness.cache.bytes_used() <= max_bytes
+
+        got = await harness.cache.get_many(keys)
+        present = [k for k, v in zip(keys, got, strict=True) if v is not None]
+        # Exactly the most recent entries that fit remain, and the byte count matches them.
+        assert present == keys[-capacity:]
+        assert harness.cache.bytes_used() == capacity * size
+    finally:
+        await harness.cache.close()
+
+
+@pytest.mark.anyio
+async def test_memory_backend_reading_an_entry_refreshes_it() -> None:
+    item = random_item(np.random.default_rng(7), 64)
+    harness = Harness(VectorCache.from_config("", 10_000))
+    capacity = 10_000 // _entry_size(harness.key("probe"), item)
+    keys = [harness.key(f"k{i}") for i in range(capacity + 2)]
+    try:
+        await harness.cache.set_many([(k, item) for k in keys[:capacity]], ttl=60)
+        assert await harness.cache.get_many([keys[0]]) == [item]  # now the most recent
+
+        await harness.cache.set_many([(keys[capacity], item), (keys[capacity + 1], item)], ttl=60)
+
+        got = await harness.cache.get_many([keys[0], keys[1], keys[2], keys[3]])
+        assert got == [item, None, None, item]
+    finally:
+        await harness.cache.close()
+
+
+@pytest.mark.anyio
+async def test_memory_backend_skips_an_item_larger_than_the_bound() -> None:
+    harness = Harness(VectorCache.from_config("", 1000))
+    big = CachedItem(vector=b"\x00" * 2000, tokens=1)
+    small = CachedItem(vector=b"\x00" * 16, tokens=1)
+    try:
+        await harness.cache.set_many([(harness.key("small"), small), (harness.key("big"), big)], ttl=60)
+        assert await harness.cache.get_many([harness.key("small"), harness.key("big")]) == [small, None]
+        assert harness.cache.bytes_used() == _entry_size(harness.key("small"), small)
+    finally:
+        await harness.cache.close()
+
+
+class Upstream:
+    """A fake upstream fetch: records each call's keys and holds it until released."""
+
+    def __init__(self, keys: list[str], fail: BaseException | None = None) -> None:
+        self.keys = keys
+        self.calls: list[list[str]] = []
+        self.release = anyio.Event()
+        self.fail = fail
+
+    async def fetch(self, positions: list[int]) -> list[str]:
+        self.calls.append([self.keys[i] for i in positions])
+        await self.release.wait()
+        if self.fail is not None:
+            raise self.fail
+        return [f"vec:{self.keys[i]}" for i in positions]
+
+
+@pytest.mark.anyio
+async def test_coalescer_fifty_identical_misses_make_one_call() -> None:
+    coalescer: Coalescer[str] = Coalescer()
+    upstream = Upstream(["k"])
+    results: list[list[str]] = []
+
+    async def one() -> None:
+        results.append(await coalescer.run(["k"], upstream.fetch))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(one)
+        await anyio.wait_all_tasks_blocked()
+        upstream.release.set()
+
+    assert upstream.calls == [["k"]]
+    assert results == [["vec:k"]] * 50
+    assert coalescer.in_flight() == 0
+
+
+@pytest.mark.anyio
+async def test_coalescer_fetches_only_keys_not_in_flight() -> None:
+    coalescer: Coalescer[str] = Coalescer()
+    first = Upstream(["a", "b"])
+    second = Upstream(["b", "c", "a", "d", "c"])
+    results: dict[str, list[str]] = {}
+
+    async def run(name: str, upstream: Upstream) -> None:
+        results[name] = await coalescer.run(upstream.keys, upstream.fetch)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "first", first)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(run, "second", second)
+        await anyio.wait_all_tasks_blocked()
+        assert coalescer.in_flight() == 4
+        second.release.set()
+        await anyio.wait_all_tasks_blocked()
+        assert "second" not in results  # still waiting for first's "a" and "b"
+        first.release.set()
+
+    assert first.calls == [["a", "b"]]
+    assert second.calls == [["c", "d"]]  # the repeated "c" is fetched once
+    assert results["first"] == ["vec:a", "vec:b"]
+    assert results["second"] == ["vec:b", "vec:c", "vec:a", "vec:d", "vec:c"]
+    assert coalescer.in_flight() == 0
+
+
+@pytest.mark.anyio
+async def test_coalescer_owner_failure_reaches_waiters_and_clears_in_flight() -> None:
+    coalescer: Coalescer[str] = Coalescer()
+    boom = RuntimeError("upstream exploded")
+    upstream = Upstream(["k", "j"], fail=boom)
+    errors: list[BaseException] = []
+
+    async def one(keys: list[str]) -> None:
+        try:
+            await coalescer.run(keys, upstream.fetch)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, ["k", "j"])
+        await anyio.wait_all_tasks_blocked()
+        for _ in range(5):
+            tg.start_soon(one, ["j"])
+        await anyio.wait_all_tasks_blocked()
+        upstream.release.set()
+
+    assert len(upstream.calls) == 1
+    assert len(errors) == 6 and all(e is boom for e in errors)
+    assert coalescer.in_flight() == 0
+    # Nothing is stuck: the next request for the key fetches afresh.
+    retry = Upstream(["k"])
+    retry.release.set()
+    assert await coalescer.run(["k"], retry.fetch) == ["vec:k"]
+
+
+@pytest.mark.anyio
+async def test_coalescer_cancelled_owner_hands_keys_to_waiters() -> None:
+    coalescer: Coalescer[str] = Coalescer()
+    owner = Upstream(["k"])
+    takeover = Upstream(["k"])
+    results: list[list[str]] = []
+
+    async def wait_for_k() -> None:
+        results.append(await coalescer.run(["k"], takeover.fetch))
+
+    async with anyio.create_task_group() as tg:
+        owner_scope = anyio.CancelScope()
+        tg.start_soon(_in_scope, owner_scope, coalescer, owner)
+        await anyio.wait_all_tasks_blocked()
+        for _ in range(3):
+            tg.start_soon(wait_for_k)
+        await anyio.wait_all_tasks_blocked()
+        owner_scope.cancel()
+        await anyio.wait_all_tasks_blocked()
+        takeover.release.set()
+
+    assert owner.calls == [["k"]]
+    assert takeover.calls == [["k"]]  # one waiter took over; the others waited on it
+    assert results == [["vec:k"]] * 3
+    assert coalescer.in_flight() == 0
+
+
+async def _in_scope(scope: anyio.CancelScope, coalescer: Coalescer[str], upstream: Upstream) -> None:
+    with scope:
+        await coalescer.run(upstream.keys, upstream.fetch)
+
+
+@pytest.mark.anyio
+async def test_coalescer_cancelled_waiter_does_not_disturb_the_others() -> None:
+    coalescer: Coalescer[str] = Coalescer()
+    upstream = Upstream(["k"])
+    results: list[list[str]] = []
+
+    async def one() -> None:
+        results.append(await coalescer.run(["k"], upstream.fetch))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one)
+        await anyio.wait_all_tasks_blocked()
+        waiter_scope = anyio.CancelScope()
+        tg.start_soon(_in_scope, waiter_scope, coalescer, upstream)
+        await anyio.wait_all_tasks_blocked()
+        waiter_scope.cancel()
+        tg.start_soon(one)
+        await anyio.wait_all_tasks_blocked()
+        upstream.release.set()
+
+    assert upstream.calls == [["k"]]
+    assert results == [["vec:k"]] * 2
+    assert coalescer.in_flight() == 0
+
+
+@pytest.mark.anyio
+async def test_coalescer_rejects_a_fetch_with_the_wrong_result_count() -> None:
+    coalescer: Coalescer[str] = Coalescer()
+
+    async def short(positions: list[int]) -> list[str]:
+        return ["only one"]
+
+    with pytest.raises(ValueError, match="2 positions"):
+        await coalescer.run(["a", "b"], short)
+    assert coalescer.in_flight() == 0
