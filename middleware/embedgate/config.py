@@ -87,7 +87,8 @@ class ModelConfig:
     id: str
     deployments: tuple[Deployment, ...]
     price_per_million_tokens: float | None = None
-    max_inputs: int = 2048
+    max_inputs: int = 2048  # per upstream call: larger batches are split and merged back
+    max_request_inputs: int = 2048  # per client request (at least 2048)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -435,6 +436,7 @@ def _models(data: Any, providers: Mapping[str, ProviderConfig], errors: list[str
             deployments=tuple(deployments),
             price_per_million_tokens=s.get("price_per_million_tokens", s.number, None),
             max_inputs=s.get("max_inputs", s.integer(1, 1_000_000), 2048),
+            max_request_inputs=s.get("max_request_inputs", s.integer(1, 1_000_000), 2048),
         )
         s.finish()
     return out

@@ -1,0 +1,48 @@
+"""Standalone use: ``create_app(config)`` wraps the gateway around a tiny app that answers 404 in JSON."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+from typing import Any
+
+import orjson
+
+from .config import Config, ConfigError, load_config
+from .gateway import EmbeddingGateway, Receive, Send
+
+__all__ = ["create_app"]
+
+
+async def _not_found(scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    body = orjson.dumps(
+        {"error": {"message": f"No route {scope['method']} {scope['path']}", "type": "invalid_request_error",
+                   "param": None, "code": "not_found"}}  # fmt: skip
+    )
+    await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(config: Config | str | None = None) -> EmbeddingGateway:
+    """The gateway as a standalone ASGI app; with no argument, the config path comes from ``EMBEDGATE_CONFIG``.
+
+    ``uvicorn 'embedgate:create_app' --factory``
+    """
+    if config is None:
+        path = os.environ.get("EMBEDGATE_CONFIG")
+        if not path:
+            raise ConfigError(["<env>: EMBEDGATE_CONFIG is not set (the path of the YAML config)"])
+        config = load_config(path)
+    elif isinstance(config, str):
+        config = load_config(config)
+    return EmbeddingGateway(_not_found, config=config, standalone=True)

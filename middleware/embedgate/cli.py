@@ -1,0 +1,78 @@
+"""The ``embedgate`` command: ``serve``, ``check-config``, ``hash-key``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import ConfigError, hash_key, load_config
+
+__all__ = ["main"]
+
+
+def _check(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid configuration", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    print(
+        f"{path}: ok ({len(config.providers)} providers, {len(config.models)} models, {len(config.keys)} keys, "
+        f"{len(config.budgets)} budgets)"
+    )
+    if not config.keys:
+        print("warning: no keys are configured; every embedding request will get 401", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if _check(args.config) != 0:
+        return 1
+    import uvicorn
+
+    os.environ["EMBEDGATE_CONFIG"] = os.path.abspath(args.config)
+    os.environ.setdefault("EMBEDGATE_STANDALONE", "1")
+    uvicorn.run(
+        "embedgate.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,  # the gateway writes its own JSON access line per request
+        log_level=args.log_level,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``embedgate`` console script."""
+    parser = argparse.ArgumentParser(prog="embedgate", description="An edge reverse proxy for embedding requests.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the gateway under uvicorn")
+    serve.add_argument("--config", required=True, help="YAML config file")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--log-level", default="warning", help="uvicorn's own log level (default: warning)")
+    check = sub.add_parser("check-config", help="validate a config file; prints every error with its YAML path")
+    check.add_argument("config")
+    hk = sub.add_parser("hash-key", help="print the sha256 form of a key, for `keys[].sha256` in the config")
+    hk.add_argument("key")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "check-config":
+        return _check(args.config)
+    print(hash_key(args.key))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""The request pipeline: small stages over one typed :class:`Call`, in one readable list.
+
+    normalize -> authenticate -> cache lookup -> budget -> route -> (cache store, budget settle)
+
+The cache is looked up before the budget is reserved, so that only the items that go upstream are estimated
+and reserved (a cache hit charges requests-per-minute only). A stage short-circuits by setting ``call.done``
+(a full cache hit); follow-up work registered in ``call.finish`` runs after the response is built, in order,
+whether the route succeeded or not.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config, KeyConfig, hash_key
+from .errors import Dialect, Forbidden, GatewayError, InvalidRequest, Unauthorized
+from .request import EmbeddingRequest, parse_request
+from .routing import ResolvedModel, Router
+
+__all__ = ["Call", "KeyIndex", "Pipeline"]
+
+
+@dataclass(slots=True)
+class Call:
+    """Everything one embedding request carries through the stages."""
+
+    dialect: Dialect
+    body: bytes
+    request_id: str
+    authorization: str | None = None
+    identity_header: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    request: EmbeddingRequest | None = None
+    key: KeyConfig | None = None
+    chain: list[ResolvedModel] = field(default_factory=list)
+    # results, one slot per input item
+    vectors: list[bytes | None] = field(default_factory=list)
+    item_tokens: list[int] = field(default_factory=list)
+    served_model: str = ""
+    prompt_tokens: int = 0  # tokens reported to the client (cache hits report the recorded tokens)
+    billed_tokens: int = 0  # tokens actually spent upstream by this request
+    cost_usd: float = 0.0
+    cache_status: str = "bypass"
+    attempts: int = 0
+    deployment: str = ""
+    done: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    finish: list[Callable[[Call, GatewayError | None], Awaitable[None]]] = field(default_factory=list)
+    span: Any = None
+
+    def missing(self) -> list[int]:
+        """Positions of the items that still have no vector."""
+        return [i for i, v in enumerate(self.vectors) if v is None]
+
+
+class KeyIndex:
+    """Client keys by sha256, with each key's model grants compiled once."""
+
+    def __init__(self, keys: tuple[KeyConfig, ...]) -> None:
+        self._by_digest = {k.sha256: k for k in keys}
+        self._grants: dict[str, re.Pattern[str] | None] = {
+            k.id: None if k.models is None else re.compile("|".join(fnmatch.translate(g) for g in k.models) or "(?!)")
+            for k in keys
+        }
+
+    def authenticate(self, authorization: str | None) -> KeyConfig:
+        """The key of a ``Bearer`` header, or 401."""
+        if not authorization:
+            raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'", param="authorization")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("Malformed Authorization header: expected 'Bearer <key>'", param="authorization")
+        key = self._by_digest.get(hash_key(token))
+        if key is None:
+            raise Unauthorized("Invalid API key", param="authorization")
+        return key
+
+    def allows(self, key: KeyConfig, model: str) -> bool:
+        """Whether ``key`` is granted ``model`` (globs; no list means every model)."""
+        grant = self._grants.get(key.id)
+        return grant is None or grant.fullmatch(model) is not None
+
+
+Stage = Callable[[Call], Awaitable[None]]
+
+
+class Pipeline:
+    """Runs the stages of one request in order; stage objects hold only precomputed, per-process state."""
+
+    def __init__(self, config: Config, router: Router, stages_after_auth: list[Stage] | None = None) -> None:
+        self._config = config
+        self._router = router
+        self._keys = KeyIndex(config.keys)
+        self._unknown = config.server.unknown_fields
+        self._default_retry = config.routing.default_retry
+        self.stages: list[Stage] = [self.normalize, self.authenticate, *(stages_after_auth or []), self.route]
+
+    @property
+    def keys(self) -> KeyIndex:
+        """The key index (also used by ``/v1/models``)."""
+        return self._keys
+
+    async def run(self, call: Call) -> None:
+        """Run every stage until one completes the call."""
+        for stage in self.stages:
+            await stage(call)
+            if call.done:
+                return
+
+    async def normalize(self, call: Call) -> None:
+        """Parse, validate and normalize the body (400 naming the parameter)."""
+        call.request = parse_request(
+            call.body,
+            identity_header=call.identity_header,
+            unknown_fields=self._unknown,
+            default_retry=self._default_retry,
+        )
+
+    async def authenticate(self, call: Call) -> None:
+        """Key (401), models resolvable (404) and granted (403), item count within the model's limit (400)."""
+        req = call.request
+        assert req is not None  # normalize ran
+        call.key = key = self._keys.authenticate(call.authorization)
+        chain = self._router.chain(req)
+        named = [(req.model, "model")] if not req.load_balancer else []
+        named += [(m, f"load_balancer.models[{i}].model") for i, (m, _) in enumerate(req.load_balancer or ())]
+        named += [(m, f"fallbacks[{i}].model") for i, m in enumerate(req.fallbacks)]
+        for model, param in named:
+            if not self._keys.allows(key, model):
+                raise Forbidden(f"The key '{key.id}' is not allowed to use the model '{model}'", param=param)
+        limit = chain[0].max_request_inputs
+        if len(req.items) > limit:
+            raise InvalidRequest(
+                f"Too many inputs: {len(req.items)} items, at most {limit} for '{chain[0].id}'", param="input"
+            )
+        call.chain = chain
+        call.vectors = [None] * len(req.items)
+        call.item_tokens = [0] * len(req.items)
+
+    async def route(self, call: Call) -> None:
+        """Embed the items still missing, through the router."""
+        req = call.request
+        assert req is not None
+        positions = call.missing()
+        result = await self._router.embed(req, positions, call.chain)
+        for pos, vec in zip(positions, result.vectors, strict=True):
+            call.vectors[pos] = vec
+        shares = apportion(result.prompt_tokens, [weight(req.items[p]) for p in positions])
+        for pos, tokens in zip(positions, shares, strict=True):
+            call.item_tokens[pos] = tokens
+        call.served_model = result.model
+        call.billed_tokens += result.prompt_tokens
+        call.prompt_tokens = sum(call.item_tokens)
+        call.attempts += result.attempts
+        call.deployment = result.deployment
+        price = result.price_per_million_tokens
+        call.cost_usd += result.prompt_tokens * (price or 0.0) / 1_000_000
+
+
+def weight(item: Any) -> int:
+    """A size measure of one item, to apportion a batch's token count among its items."""
+    if isinstance(item, str):
+        return max(1, len(item))
+    if isinstance(item, tuple):
+        return max(1, len(item))
+    return max(1, len(str(item)))
+
+
+def apportion(total: int, weights: list[int]) -> list[int]:
+    """Split ``total`` in proportion to ``weights`` with integer shares that sum exactly to ``total``."""
+    if not weights:
+        return []
+    whole = sum(weights)
+    raw = [total * w / whole for w in weights]
+    shares = [int(r) for r in raw]
+    rest = total - sum(shares)
+    by_remainder = sorted(range(len(raw)), key=lambda i: raw[i] - shares[i], reverse=True)
+    for i in by_remainder[:rest]:
+        shares[i] += 1
+    return shares

@@ -1,0 +1,162 @@
+"""The OpenAI wire format (``openai`` and ``openai_compatible`` providers): ``POST {base_url}/embeddings``.
+
+Foreign errors are translated here and nowhere else: an httpx/aiohttp timeout becomes ``UpstreamTimeout``, a
+refused or dropped connection and any non-2xx status become ``UpstreamError`` (carrying the upstream status and
+``Retry-After`` for the router's retry decisions), and an answer that does not hold exactly one well-formed vector
+per input becomes ``UpstreamError(code="upstream_malformed")``: never passed on to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+
+from ..config import ProviderConfig
+from ..errors import UpstreamError, UpstreamTimeout
+from ..vectors import VectorError, b64_to_bytes, floats_to_bytes
+from .base import Embeddings
+
+__all__ = ["OpenAIAdapter"]
+
+_MAX_MESSAGE = 500
+
+
+class OpenAIAdapter:
+    """Calls an OpenAI-compatible ``/embeddings`` endpoint with the provider's own key (never the client's)."""
+
+    def __init__(self, provider: ProviderConfig, client: httpx.AsyncClient) -> None:
+        self.name = provider.name
+        self._client = client
+        self._url = provider.base_url + "/embeddings"
+        self.server_address = urlsplit(provider.base_url).hostname or ""
+        self._secret = provider.api_key
+        self._headers = {"content-type": "application/json", "accept": "application/json"}
+        if provider.api_key:
+            self._headers["authorization"] = f"Bearer {provider.api_key}"
+
+    async def embed(
+        self,
+        *,
+        upstream_model: str,
+        input: Any,
+        n_items: int,
+        dimensions: int | None,
+        user: str | None,
+        input_type: str | None,
+        timeout_s: float,
+        headers: dict[str, str] | None = None,
+    ) -> Embeddings:
+        """Embed ``input`` (``n_items`` items) and return the validated vectors in input order."""
+        body: dict[str, Any] = {"model": upstream_model, "input": input, "encoding_format": "base64"}
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        if user is not None:
+            body["user"] = user
+        if input_type is not None:
+            body["input_type"] = input_type
+        send_headers = self._headers if not headers else {**self._headers, **headers}
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await self._client.post(
+                    self._url, content=orjson.dumps(body), headers=send_headers, timeout=timeout_s
+                )
+                content = response.content
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            if isinstance(exc, httpx.TimeoutException) and not _is_timeout(exc):
+                raise UpstreamError(f"{self.name}: connection failed ({_describe(exc)})") from None
+            raise UpstreamTimeout(f"{self.name}: no answer within {timeout_s * 1000:.0f} ms") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"{self.name}: connection failed ({_describe(exc)})") from None
+        if response.status_code != 200:
+            raise UpstreamError(
+                f"{self.name} answered {response.status_code}: {self._message(content)}",
+                upstream_status=response.status_code,
+                retry_after_s=_retry_after(response.headers.get("retry-after")),
+            )
+        return self._parse(content, n_items, dimensions)
+
+    def _message(self, content: bytes) -> str:
+        """The upstream's error message, short, and scrubbed of our provider key should it echo it."""
+        try:
+            data = orjson.loads(content)
+            err = data.get("error") if isinstance(data, dict) else None
+            message = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
+            text = str(message) if message else content[:_MAX_MESSAGE].decode("utf-8", "replace")
+        except orjson.JSONDecodeError:
+            text = content[:_MAX_MESSAGE].decode("utf-8", "replace")
+        if self._secret and len(self._secret) >= 4:
+            text = text.replace(self._secret, "[redacted]")
+        return text[:_MAX_MESSAGE] or "(empty body)"
+
+    def _parse(self, content: bytes, n_items: int, dimensions: int | None) -> Embeddings:
+        def malformed(why: str) -> UpstreamError:
+            return UpstreamError(f"{self.name} sent a malformed answer: {why}", code="upstream_malformed")
+
+        try:
+            data = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            raise malformed("not JSON") from None
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise malformed("no 'data' list")
+        if len(items) != n_items:
+            raise malformed(f"{len(items)} vectors for {n_items} inputs")
+        vectors: list[bytes | None] = [None] * n_items
+        for position, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise malformed("a data item is not an object")
+            index = item.get("index", position)
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n_items:
+                raise malformed(f"index {index!r} out of range")
+            if vectors[index] is not None:
+                raise malformed(f"index {index} appears twice")
+            embedding = item.get("embedding")
+            try:
+                vectors[index] = (
+                    b64_to_bytes(embedding) if isinstance(embedding, str) else floats_to_bytes(embedding)
+                )
+            except VectorError as exc:
+                raise malformed(str(exc)) from None
+        size = len(vectors[0])  # type: ignore[arg-type]
+        if any(len(v) != size for v in vectors):  # type: ignore[arg-type]
+            raise malformed("vectors of different dimensions")
+        dims = size // 4
+        if dimensions is not None and dims != dimensions:
+            raise malformed(f"{dims} dimensions where {dimensions} were asked for")
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        prompt = _count(usage.get("prompt_tokens"))
+        total = _count(usage.get("total_tokens"), prompt)
+        return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total)  # type: ignore[arg-type]
+
+
+def _count(v: Any, default: int = 0) -> int:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else default
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare for APIs; the router's own backoff applies
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    # httpx-aiohttp maps every aiohttp ClientConnectionError (a dropped connection included) to ConnectTimeout;
+    # only a real timeout underneath counts as one.
+    cause = exc.__cause__
+    if cause is None:
+        return True
+    return isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__
+
+
+def _describe(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    return type(cause).__name__

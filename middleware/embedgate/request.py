@@ -1,0 +1,440 @@
+"""The one request model of all three routes: strict validation and the orq normalization.
+
+``parse_request`` turns a JSON body into an :class:`EmbeddingRequest` or raises ``InvalidRequest`` naming the
+offending parameter (``retry.count``, ``orq.cache.ttl``, ``input[3]``). Normalization happens here, once:
+``orq.X`` moves to ``X`` unless the top level sets it, ``orq.contact`` becomes ``identity`` when no identity is
+given, a list-form ``load_balancer`` becomes the object form, and the ``X-ORQ-IDENTITY-ID`` header fills in
+``identity`` when the body has none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from .config import RetryPolicy
+from .errors import InvalidRequest
+
+__all__ = ["CacheRequest", "EmbeddingRequest", "ProviderPreferences", "parse_request"]
+
+InputItem = str | tuple[int, ...] | dict[str, Any]
+HARD_MAX_ITEMS = 1_000_000  # a sanity ceiling; the per-model limit is checked once the model is known
+
+_TOP_FIELDS = frozenset(
+    {
+        "model", "input", "encoding_format", "dimensions", "user", "name", "input_type", "cache", "fallbacks",
+        "fallback_on_codes", "retry", "load_balancer", "timeout", "identity", "orq", "provider", "session_id",
+        "trace",
+    }
+)  # fmt: skip
+_ORQ_FIELDS = frozenset(
+    {"cache", "fallbacks", "retry", "load_balancer", "timeout", "name", "identity", "contact", "fallback_on_codes"}
+)
+_IDENTITY_FIELDS = frozenset({"id", "display_name", "email", "metadata", "logo_url", "tags"})
+_PROVIDER_FIELDS = frozenset(
+    {
+        "order", "only", "ignore", "allow_fallbacks", "sort", "max_price", "require_parameters", "data_collection",
+        "zdr", "quantizations", "preferred_min_throughput", "preferred_max_latency", "enforce_distillable_text",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CacheRequest:
+    """``cache: {type: exact_match, ttl}``; ``ttl`` None means the gateway's default."""
+
+    ttl: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProviderPreferences:
+    """OpenRouter's ``provider`` object, as far as it chooses among a model's deployments."""
+
+    order: tuple[str, ...] | None = None
+    only: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] = ()
+    allow_fallbacks: bool = True
+    sort: str | None = None  # "price" | "latency" | "throughput"
+    max_price: float | None = None  # USD per million prompt tokens
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EmbeddingRequest:
+    """A validated, normalized embedding request."""
+
+    model: str
+    items: tuple[InputItem, ...]
+    input_kind: Literal["string", "strings", "tokens", "token_lists", "multimodal"]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    name: str | None = None
+    input_type: str | None = None
+    cache: CacheRequest | None = None
+    fallbacks: tuple[str, ...] = ()
+    fallback_on_codes: frozenset[int] | None = None
+    retry: RetryPolicy | None = None
+    load_balancer: tuple[tuple[str, float], ...] | None = None
+    timeout_ms: int | None = None
+    identity: dict[str, Any] | None = None
+    provider: ProviderPreferences | None = None
+    session_id: str | None = None
+
+    @property
+    def is_multimodal(self) -> bool:
+        """Whether any item is OpenRouter's multimodal ``{"content": [...]}`` form."""
+        return self.input_kind == "multimodal"
+
+    def upstream_input(self, positions: list[int] | None = None) -> Any:
+        """The ``input`` to send upstream for the given item positions (all by default), in the client's form."""
+        items = self.items if positions is None else [self.items[i] for i in positions]
+        if self.input_kind == "string" and len(items) == 1:
+            return items[0]
+        if self.input_kind == "tokens" and len(items) == 1:
+            return list(items[0])  # type: ignore[arg-type]
+        return [list(i) if isinstance(i, tuple) else i for i in items]
+
+
+# --- field checks ----------------------------------------------------------------------------------------------
+
+
+def _bad(param: str, message: str) -> InvalidRequest:
+    return InvalidRequest(f"Invalid '{param}': {message}", param=param)
+
+
+def _type_name(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number"}.get(type(v), type(v).__name__)  # fmt: skip
+
+
+def _int(v: Any, param: str, lo: int | None = None, hi: int | None = None) -> int:
+    # Older SDKs send integers as floats ("3.0"): integral floats are accepted, others are not.
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise _bad(param, f"expected an integer, got {_type_name(v)}")
+    if lo is not None and v < lo:
+        raise _bad(param, f"must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise _bad(param, f"must be <= {hi}, got {v}")
+    return v
+
+
+def _str(v: Any, param: str, *, nonempty: bool = False) -> str:
+    if not isinstance(v, str):
+        raise _bad(param, f"expected a string, got {_type_name(v)}")
+    if nonempty and not v:
+        raise _bad(param, "must not be empty")
+    return v
+
+
+def _bool(v: Any, param: str) -> bool:
+    if not isinstance(v, bool):
+        raise _bad(param, f"expected a boolean, got {_type_name(v)}")
+    return v
+
+
+def _obj(v: Any, param: str, allowed: frozenset[str], strict: bool) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _bad(param, f"expected an object, got {_type_name(v)}")
+    if strict:
+        for key in v:
+            if key not in allowed:
+                raise InvalidRequest(f"Unrecognized request argument supplied: {param}.{key}", param=f"{param}.{key}")
+    return v
+
+
+def _list(v: Any, param: str, *, nonempty: bool = False) -> list[Any]:
+    if not isinstance(v, list):
+        raise _bad(param, f"expected an array, got {_type_name(v)}")
+    if nonempty and not v:
+        raise _bad(param, "must not be empty")
+    return v
+
+
+def _codes(v: Any, param: str) -> frozenset[int]:
+    return frozenset(_int(c, f"{param}[{i}]", 100, 599) for i, c in enumerate(_list(v, param)))
+
+
+def _strings(v: Any, param: str) -> tuple[str, ...]:
+    return tuple(_str(s, f"{param}[{i}]", nonempty=True) for i, s in enumerate(_list(v, param)))
+
+
+# --- input --------------------------------------------------------------------------------------------------
+
+
+def _token_list(v: list[Any], param: str) -> tuple[int, ...]:
+    if not v:
+        raise _bad(param, "token arrays must not be empty")
+    out = []
+    for i, t in enumerate(v):
+        if isinstance(t, float) and t.is_integer():
+            t = int(t)
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise _bad(f"{param}[{i}]", f"token ids are integers >= 0, got {t!r}"[:200])
+        out.append(t)
+    return tuple(out)
+
+
+def _multimodal(v: Any, param: str) -> dict[str, Any]:
+    if not isinstance(v, dict) or set(v) != {"content"}:
+        raise _bad(param, 'expected {"content": [...]}')
+    parts = _list(v["content"], f"{param}.content", nonempty=True)
+    for j, part in enumerate(parts):
+        p = f"{param}.content[{j}]"
+        if not isinstance(part, dict):
+            raise _bad(p, f"expected an object, got {_type_name(part)}")
+        kind = part.get("type")
+        if kind == "text":
+            _obj(part, p, frozenset({"type", "text"}), True)
+            _str(part.get("text"), f"{p}.text", nonempty=True)
+        elif kind == "image_url":
+            _obj(part, p, frozenset({"type", "image_url"}), True)
+            img = _obj(part.get("image_url"), f"{p}.image_url", frozenset({"url", "detail"}), True)
+            _str(img.get("url"), f"{p}.image_url.url", nonempty=True)
+        else:
+            raise _bad(f"{p}.type", f"expected 'text' or 'image_url', got {kind!r}"[:200])
+    return v
+
+
+def _input(v: Any) -> tuple[tuple[InputItem, ...], Any]:
+    if isinstance(v, str):
+        if not v:
+            raise _bad("input", "must not be an empty string")
+        return (v,), "string"
+    if not isinstance(v, list):
+        raise _bad("input", f"expected a string or an array, got {_type_name(v)}")
+    if not v:
+        raise _bad("input", "must not be an empty array")
+    if len(v) > HARD_MAX_ITEMS:
+        raise _bad("input", f"at most {HARD_MAX_ITEMS} items")
+    first = v[0]
+    if isinstance(first, str):
+        for i, s in enumerate(v):
+            if not isinstance(s, str):
+                raise _bad(f"input[{i}]", f"expected a string like the other items, got {_type_name(s)}")
+            if not s:
+                raise _bad(f"input[{i}]", "must not be an empty string")
+        return tuple(v), "strings"
+    if isinstance(first, int | float) and not isinstance(first, bool):
+        return (_token_list(v, "input"),), "tokens"
+    if isinstance(first, list):
+        items: list[InputItem] = []
+        for i, t in enumerate(v):
+            if not isinstance(t, list):
+                raise _bad(f"input[{i}]", f"expected a token array like the other items, got {_type_name(t)}")
+            items.append(_token_list(t, f"input[{i}]"))
+        return tuple(items), "token_lists"
+    if isinstance(first, dict):
+        return tuple(_multimodal(m, f"input[{i}]") for i, m in enumerate(v)), "multimodal"
+    raise _bad("input[0]", f"expected a string, a token id, a token array or an object, got {_type_name(first)}")
+
+
+# --- orq extension objects ----------------------------------------------------------------------------------
+
+
+def _cache(v: Any, p: str, strict: bool) -> CacheRequest:
+    c = _obj(v, p, frozenset({"type", "ttl"}), strict)
+    if "type" not in c:
+        raise _bad(f"{p}.type", "is required ('exact_match')")
+    if c["type"] != "exact_match":
+        raise _bad(f"{p}.type", f"expected 'exact_match', got {c['type']!r}"[:200])
+    ttl = c.get("ttl")
+    return CacheRequest(ttl=None if ttl is None else _int(ttl, f"{p}.ttl", 1))
+
+
+def _fallbacks(v: Any, p: str, strict: bool) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    out = []
+    for i, f in enumerate(_list(v, p)):
+        f = _obj(f, f"{p}[{i}]", frozenset({"model"}), strict)
+        if "model" not in f:
+            raise _bad(f"{p}[{i}].model", "is required")
+        out.append(_str(f["model"], f"{p}[{i}].model", nonempty=True))
+    return tuple(out)
+
+
+def _retry(v: Any, p: str, strict: bool, default: RetryPolicy) -> RetryPolicy:
+    r = _obj(v, p, frozenset({"count", "on_codes"}), strict)
+    count = _int(r["count"], f"{p}.count", 0, 5) if r.get("count") is not None else default.count
+    codes = _codes(r["on_codes"], f"{p}.on_codes") if r.get("on_codes") is not None else default.on_codes
+    return RetryPolicy(count=count, on_codes=codes)
+
+
+def _load_balancer(v: Any, p: str, strict: bool) -> tuple[tuple[str, float], ...]:
+    if isinstance(v, list):  # the legacy list form: [{type, model, weight}]
+        entries = []
+        for i, e in enumerate(v):
+            e = _obj(e, f"{p}[{i}]", frozenset({"type", "model", "weight"}), strict)
+            if e.get("type", "weight_based") != "weight_based":
+                raise _bad(f"{p}[{i}].type", f"expected 'weight_based', got {e.get('type')!r}"[:200])
+            entries.append((f"{p}[{i}]", e))
+    else:
+        lb = _obj(v, p, frozenset({"type", "models"}), strict)
+        if lb.get("type") != "weight_based":
+            raise _bad(f"{p}.type", f"expected 'weight_based', got {lb.get('type')!r}"[:200])
+        models = _list(lb.get("models"), f"{p}.models")
+        entries = [(f"{p}.models[{i}]", _obj(e, f"{p}.models[{i}]", frozenset({"model", "weight"}), strict))
+                   for i, e in enumerate(models)]  # fmt: skip
+    if not entries:
+        raise _bad(p, "needs at least one model")
+    out = []
+    for ep, e in entries:
+        model = _str(e.get("model"), f"{ep}.model", nonempty=True)
+        weight = e.get("weight")
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or weight < 0 or weight != weight:
+            raise _bad(f"{ep}.weight", f"expected a number >= 0, got {weight!r}"[:200])
+        out.append((model, float(weight)))
+    if sum(w for _, w in out) <= 0:
+        raise _bad(p, "the weights must not all be zero")
+    return tuple(out)
+
+
+def _timeout(v: Any, p: str, strict: bool) -> int:
+    t = _obj(v, p, frozenset({"call_timeout"}), strict)
+    if "call_timeout" not in t:
+        raise _bad(f"{p}.call_timeout", "is required (milliseconds)")
+    return _int(t["call_timeout"], f"{p}.call_timeout", 1, 600000)
+
+
+def _identity(v: Any, p: str, strict: bool) -> dict[str, Any]:
+    ident = _obj(v, p, _IDENTITY_FIELDS, strict)
+    if "id" not in ident:
+        raise _bad(f"{p}.id", "is required")
+    out: dict[str, Any] = {"id": _str(ident["id"], f"{p}.id", nonempty=True)}
+    for key in ("display_name", "email", "logo_url"):
+        if ident.get(key) is not None:
+            out[key] = _str(ident[key], f"{p}.{key}")
+    if ident.get("metadata") is not None:
+        meta = _list(ident["metadata"], f"{p}.metadata")
+        for i, m in enumerate(meta):
+            if not isinstance(m, dict):
+                raise _bad(f"{p}.metadata[{i}]", f"expected an object, got {_type_name(m)}")
+        out["metadata"] = meta
+    if ident.get("tags") is not None:
+        out["tags"] = list(_strings(ident["tags"], f"{p}.tags"))
+    return out
+
+
+def _provider(v: Any, strict: bool) -> ProviderPreferences:
+    p = _obj(v, "provider", _PROVIDER_FIELDS, strict)
+
+    def names(key: str) -> tuple[str, ...] | None:
+        return None if p.get(key) is None else _strings(p[key], f"provider.{key}")
+
+    sort = p.get("sort")
+    if isinstance(sort, dict):
+        sort = sort.get("by")
+    if sort is not None and sort not in ("price", "latency", "throughput"):
+        raise _bad("provider.sort", f"expected 'price', 'latency' or 'throughput', got {sort!r}"[:200])
+    max_price = None
+    if p.get("max_price") is not None:
+        mp = _obj(p["max_price"], "provider.max_price", frozenset({"prompt", "completion", "image", "audio",
+                                                                   "request"}), strict)  # fmt: skip
+        if mp.get("prompt") is not None:
+            try:
+                max_price = float(mp["prompt"])
+            except (TypeError, ValueError):
+                raise _bad("provider.max_price.prompt", "expected a number (USD per million tokens)") from None
+    return ProviderPreferences(
+        order=names("order"),
+        only=names("only"),
+        ignore=names("ignore") or (),
+        allow_fallbacks=True if p.get("allow_fallbacks") is None else _bool(p["allow_fallbacks"],
+                                                                            "provider.allow_fallbacks"),
+        sort=sort,
+        max_price=max_price,
+    )
+
+
+# --- the whole body -----------------------------------------------------------------------------------------
+
+
+def parse_request(
+    body: bytes,
+    *,
+    identity_header: str | None = None,
+    unknown_fields: str = "reject",
+    default_retry: RetryPolicy | None = None,
+) -> EmbeddingRequest:
+    """Validate and normalize a request body; raises ``InvalidRequest`` naming the parameter."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}", param=None, code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"The request body must be a JSON object, got {_type_name(data)}", param=None)
+    strict = unknown_fields == "reject"
+    if strict:
+        for key in data:
+            if key not in _TOP_FIELDS:
+                raise InvalidRequest(f"Unrecognized request argument supplied: {key}", param=key,
+                                     code="unknown_parameter")  # fmt: skip
+    retry_default = default_retry or RetryPolicy()
+
+    if "model" not in data:
+        raise _bad("model", "is required")
+    model = _str(data["model"], "model", nonempty=True)
+    if "input" not in data:
+        raise _bad("input", "is required")
+    items, kind = _input(data["input"])
+
+    fmt = data.get("encoding_format")
+    if fmt is None:
+        fmt = "float"
+    elif fmt not in ("float", "base64"):
+        raise _bad("encoding_format", f"expected 'float' or 'base64', got {fmt!r}"[:200])
+
+    orq: dict[str, Any] = {}
+    if data.get("orq") is not None:
+        orq = _obj(data["orq"], "orq", _ORQ_FIELDS, strict)
+
+    def pick(key: str) -> tuple[Any, str]:
+        # Top level wins; the deprecated orq.X fills in only what the top level leaves unset.
+        if data.get(key) is not None:
+            return data[key], key
+        if orq.get(key) is not None:
+            return orq[key], f"orq.{key}"
+        return None, key
+
+    cache_v, cache_p = pick("cache")
+    fb_v, fb_p = pick("fallbacks")
+    codes_v, codes_p = pick("fallback_on_codes")
+    retry_v, retry_p = pick("retry")
+    lb_v, lb_p = pick("load_balancer")
+    to_v, to_p = pick("timeout")
+    name_v, name_p = pick("name")
+    ident_v, ident_p = pick("identity")
+    if ident_v is None and orq.get("contact") is not None:
+        ident_v, ident_p = orq["contact"], "orq.contact"
+    identity = _identity(ident_v, ident_p, strict) if ident_v is not None else None
+    if identity is None and identity_header:
+        identity = {"id": identity_header}
+
+    if data.get("trace") is not None:
+        _obj(data["trace"], "trace", frozenset(), False)  # OpenRouter's trace metadata: accepted, not forwarded
+    dims = data.get("dimensions")
+    return EmbeddingRequest(
+        model=model,
+        items=items,
+        input_kind=kind,
+        encoding_format=fmt,
+        dimensions=None if dims is None else _int(dims, "dimensions", 1, 65536),
+        user=None if data.get("user") is None else _str(data["user"], "user"),
+        name=None if name_v is None else _str(name_v, name_p),
+        input_type=None if data.get("input_type") is None else _str(data["input_type"], "input_type", nonempty=True),
+        cache=None if cache_v is None else _cache(cache_v, cache_p, strict),
+        fallbacks=_fallbacks(fb_v, fb_p, strict),
+        fallback_on_codes=None if codes_v is None else _codes(codes_v, codes_p),
+        retry=None if retry_v is None else _retry(retry_v, retry_p, strict, retry_default),
+        load_balancer=None if lb_v is None else _load_balancer(lb_v, lb_p, strict),
+        timeout_ms=None if to_v is None else _timeout(to_v, to_p, strict),
+        identity=identity,
+        provider=None if data.get("provider") is None else _provider(data["provider"], strict),
+        session_id=None if data.get("session_id") is None else _str(data["session_id"], "session_id"),
+    )
