@@ -1,0 +1,150 @@
+"""structlog JSON lines: one access line per request, and request fields bound for every log line (SPEC 8).
+
+``bind_request`` puts the request's ids in structlog's contextvars, so any structlog line logged while the
+request runs, the host app's included, carries them (through ``merge_contextvars``, first in the chain here
+and in structlog's own default chain). ``access_log`` writes the one line per request on ``embedgate.access``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from collections.abc import Mapping
+from typing import IO, Any, BinaryIO, Final, TextIO, cast
+
+import orjson
+import structlog
+from structlog.typing import Processor
+
+__all__ = ["ACCESS_LOGGER", "access_log", "bind_request", "clear_request", "configure_logging"]
+
+ACCESS_LOGGER: Final = "embedgate.access"
+
+# The processor list of the configuration this module installed, to tell ours from a host app's later one.
+_installed: list[Processor] | None = None
+_installed_args: tuple[object, ...] | None = None
+_access: Any = structlog.get_logger(ACCESS_LOGGER)
+
+# The tokens of this request's bindings, so clear_request restores a host app's own values of the same keys
+# instead of wiping every contextvar the host bound.
+_bound: contextvars.ContextVar[tuple[Mapping[str, contextvars.Token[Any]], ...]] = contextvars.ContextVar(
+    "embedgate_log_bindings", default=()
+)
+
+
+def configure_logging(
+    json: bool = True,
+    *,
+    replace_host_config: bool = False,
+    level: int = logging.INFO,
+    file: IO[Any] | None = None,
+) -> bool:
+    """Configure structlog for JSON lines (or console lines with ``json=False``); True if this call did.
+
+    Idempotent: calling it again with the same arguments changes nothing. A configuration the host app made
+    (structlog already configured, and not by this function) is kept unless ``replace_host_config``: mounted,
+    the gateway's lines then go through the host's processors. ``file`` defaults to stdout (binary for JSON).
+    """
+    global _access, _installed, _installed_args
+    args = (json, level, file)
+    current = structlog.get_config()["processors"]
+    ours = _installed is not None and current is _installed
+    if ours and args == _installed_args:
+        return False
+    if structlog.is_configured() and not ours and not replace_host_config:
+        return False
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if json:
+        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer(orjson.dumps)]
+        out = cast(BinaryIO, file) if file is not None else sys.stdout.buffer
+        factory: Any = structlog.BytesLoggerFactory(out)
+    else:
+        processors += [structlog.dev.ConsoleRenderer()]
+        factory = structlog.PrintLoggerFactory(cast(TextIO | None, file))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        context_class=dict,
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
+    )
+    _installed, _installed_args = processors, args
+    # A fresh proxy: the old one may have cached a logger bound to the previous configuration.
+    _access = structlog.get_logger(ACCESS_LOGGER)
+    return True
+
+
+def bind_request(**fields: Any) -> None:
+    """Bind fields (request_id, trace_id, span_id, key_id, ...) to every log line of the current request.
+
+    May be called several times per request (ids first, key id after authentication); ``clear_request``
+    undoes them all. Bind ids, never secrets or input text.
+    """
+    tokens = structlog.contextvars.bind_contextvars(**fields)
+    _bound.set((*_bound.get(), tokens))
+
+
+def clear_request() -> None:
+    """Undo this request's ``bind_request`` calls, restoring any value a host app had bound on those keys."""
+    bindings = _bound.get()
+    if not bindings:
+        return
+    for tokens in reversed(bindings):
+        try:
+            structlog.contextvars.reset_contextvars(**tokens)
+        except ValueError:
+            # Bound in another context (a token resets only where it was made): unbind the keys instead.
+            structlog.contextvars.unbind_contextvars(*tokens)
+    _bound.set(())
+
+
+def access_log(
+    *,
+    status: int,
+    latency_ms: float,
+    request_id: str | None = None,
+    trace_id: str | None = None,
+    span_id: str | None = None,
+    route: str | None = None,
+    key_id: str | None = None,
+    identity: str | None = None,
+    model: str | None = None,
+    cache: str | None = None,
+    tokens: int | None = None,
+    cost_usd: float | None = None,
+    attempts: int | None = None,
+    **fields: Any,
+) -> None:
+    """Write the request's access line (event ``request``) on ``embedgate.access``; None values are left out.
+
+    Fields already bound with ``bind_request`` appear too, so the ids need not be repeated here. A 5xx is
+    logged at warning level, the rest at info.
+    """
+    line: dict[str, Any] = {
+        # Named in the line itself: with structlog's non-stdlib loggers the logger name is not rendered.
+        "logger": ACCESS_LOGGER,
+        "status": status,
+        "latency_ms": round(latency_ms, 3),
+        "request_id": request_id,
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "route": route,
+        "key_id": key_id,
+        "identity": identity,
+        "model": model,
+        "cache": cache,
+        "tokens": tokens,
+        "cost_usd": cost_usd,
+        "attempts": attempts,
+    }
+    line.update(fields)
+    line = {key: value for key, value in line.items() if value is not None}
+    if status >= 500:
+        _access.warning("request", **line)
+    else:
+        _access.info("request", **line)
