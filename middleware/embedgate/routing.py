@@ -171,7 +171,7 @@ class Router:
             if len(self._models) < 10000:  # remember, bounded: ids come from clients
                 self._models[model_id] = resolved
             return resolved
-        raise NotFound(f"The model '{model_id}' does not exist or is not served here", param=param)
+        raise NotFound(f"The model '{model_id}' ({param}) does not exist or is not served here", param=param)
 
     def chain(self, request: EmbeddingRequest) -> list[ResolvedModel]:
         """Primary model (load-balanced when asked) followed by the fallbacks, all resolved (404 otherwise)."""

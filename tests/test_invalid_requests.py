@@ -1,0 +1,170 @@
+"""Every bad request gets a 4xx in its route's error shape, naming the parameter, and nothing goes upstream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from embedgate.config import Config
+from tests.conftest import KEY, OTHER_KEY, gateway
+from tests.fake_upstream import FakeUpstream
+
+OK = {"model": "local/embed-small", "input": "hello"}
+
+
+def body(**changes: Any) -> dict[str, Any]:
+    out = dict(OK)
+    for k, v in changes.items():
+        if v is ...:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return out
+
+
+# (case id, body (dict, or raw bytes), extra headers, status, param, code)
+CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
+    ("not-json", b"{nope", {}, 400, None, "invalid_json"),
+    ("json-array-body", b"[1, 2]", {}, 400, None, None),
+    ("missing-model", body(model=...), {}, 400, "model", None),
+    ("model-not-string", body(model=7), {}, 400, "model", None),
+    ("model-empty", body(model=""), {}, 400, "model", None),
+    ("missing-input", body(input=...), {}, 400, "input", None),
+    ("input-empty-string", body(input=""), {}, 400, "input", None),
+    ("input-empty-array", body(input=[]), {}, 400, "input", None),
+    ("input-number", body(input=5), {}, 400, "input", None),
+    ("input-null", body(input=None), {}, 400, "input", None),
+    ("input-empty-item", body(input=["a", ""]), {}, 400, "input[1]", None),
+    ("input-mixed-types", body(input=["a", 3]), {}, 400, "input[1]", None),
+    ("input-negative-token", body(input=[1, -2]), {}, 400, "input[1]", None),
+    ("input-fractional-token", body(input=[1, 2.5]), {}, 400, "input[1]", None),
+    ("input-empty-token-array", body(input=[[1], []]), {}, 400, "input[1]", None),
+    ("input-bad-multimodal", body(input=[{"content": [{"type": "audio"}]}]), {}, 400, "input[0].content[0].type",
+     None),
+    ("input-multimodal-no-provider", body(input=[{"content": [{"type": "text", "text": "hi"}]}]), {}, 400, "input",
+     None),
+    ("too-many-inputs", body(input=["x"] * 2049), {}, 400, "input", None),
+    ("encoding-format", body(encoding_format="int8"), {}, 400, "encoding_format", None),
+    ("dimensions-zero", body(dimensions=0), {}, 400, "dimensions", None),
+    ("dimensions-fraction", body(dimensions=3.5), {}, 400, "dimensions", None),
+    ("dimensions-string", body(dimensions="8"), {}, 400, "dimensions", None),
+    ("user-not-string", body(user=5), {}, 400, "user", None),
+    ("name-not-string", body(name=["x"]), {}, 400, "name", None),
+    ("unknown-field", body(temperature=0.2), {}, 400, "temperature", "unknown_parameter"),
+    ("cache-type", body(cache={"type": "semantic"}), {}, 400, "cache.type", None),
+    ("cache-ttl-zero", body(cache={"type": "exact_match", "ttl": 0}), {}, 400, "cache.ttl", None),
+    ("cache-unknown-key", body(cache={"type": "exact_match", "size": 1}), {}, 400, "cache.size", None),
+    ("retry-count-high", body(retry={"count": 6, "on_codes": [500]}), {}, 400, "retry.count", None),
+    ("retry-code-bad", body(retry={"count": 1, "on_codes": [700]}), {}, 400, "retry.on_codes[0]", None),
+    ("orq-retry-count", body(orq={"retry": {"count": -1, "on_codes": []}}), {}, 400, "orq.retry.count", None),
+    ("orq-unknown-key", body(orq={"colour": "red"}), {}, 400, "orq.colour", None),
+    ("orq-not-object", body(orq="x"), {}, 400, "orq", None),
+    ("fallbacks-not-list", body(fallbacks={"model": "x"}), {}, 400, "fallbacks", None),
+    ("fallback-no-model", body(fallbacks=[{}]), {}, 400, "fallbacks[0].model", None),
+    ("fallback-unknown-model", body(fallbacks=[{"model": "nowhere/x"}]), {}, 404, "fallbacks[0].model",
+     "model_not_found"),
+    ("fallback-codes", body(fallback_on_codes=["x"]), {}, 400, "fallback_on_codes[0]", None),
+    ("timeout-missing", body(timeout={}), {}, 400, "timeout.call_timeout", None),
+    ("timeout-negative", body(timeout={"call_timeout": -5}), {}, 400, "timeout.call_timeout", None),
+    ("lb-type", body(load_balancer={"type": "round_robin", "models": []}), {}, 400, "load_balancer.type", None),
+    ("lb-weight", body(load_balancer={"type": "weight_based", "models": [{"model": "local/a", "weight": "x"}]}),
+     {}, 400, "load_balancer.models[0].weight", None),
+    ("lb-legacy-weight", body(orq={"load_balancer": [{"type": "weight_based", "model": "local/a", "weight": -1}]}),
+     {}, 400, "orq.load_balancer[0].weight", None),
+    ("lb-all-zero", body(load_balancer={"type": "weight_based", "models": [{"model": "local/a", "weight": 0}]}),
+     {}, 400, "load_balancer", None),
+    ("identity-no-id", body(identity={"display_name": "x"}), {}, 400, "identity.id", None),
+    ("contact-tags", body(orq={"contact": {"id": "c1", "tags": "vip"}}), {}, 400, "orq.contact.tags", None),
+    ("provider-sort", body(provider={"sort": "random"}), {}, 400, "provider.sort", None),
+    ("provider-order-type", body(provider={"order": "local"}), {}, 400, "provider.order", None),
+    ("provider-unknown-key", body(provider={"favourite": "local"}), {}, 400, "provider.favourite", None),
+    ("unknown-model", body(model="nowhere/x"), {}, 404, "model", "model_not_found"),
+    ("no-key", OK, {"authorization": ""}, 401, "authorization", "invalid_api_key"),
+    ("wrong-key", OK, {"authorization": "Bearer sk-nope"}, 401, "authorization", "invalid_api_key"),
+    ("basic-auth", OK, {"authorization": "Basic abc"}, 401, "authorization", "invalid_api_key"),
+    ("model-not-granted", OK, {"authorization": f"Bearer {OTHER_KEY}"}, 403, "model", "model_not_allowed"),
+    ("not-json-content-type", OK, {"content-type": "text/plain"}, 415, "content-type", "unsupported_media_type"),
+    ("body-too-large", {"model": "local/embed-small", "input": "x" * 70000}, {}, 413, "body", "request_too_large"),
+]
+ROUTES = ["/v1/embeddings", "/v2/router/embeddings", "/api/v1/embeddings"]
+
+
+@pytest.fixture
+async def client(make_config: Callable[..., Config]) -> AsyncIterator[httpx.AsyncClient]:
+    app = gateway(make_config(server={"max_body_bytes": 65536}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        yield c
+    await app.shutdown()
+
+
+def test_the_table_is_large_enough() -> None:
+    assert len(CASES) >= 30
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize(("case", "payload", "headers", "status", "param", "code"), CASES,
+                         ids=[c[0] for c in CASES])  # fmt: skip
+async def test_invalid_request(
+    client: httpx.AsyncClient,
+    upstream: FakeUpstream,
+    route: str,
+    case: str,
+    payload: Any,
+    headers: dict[str, str],
+    status: int,
+    param: str | None,
+    code: str | None,
+) -> None:
+    content = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    sent = {"authorization": f"Bearer {KEY}", "content-type": "application/json", **headers}
+    if not sent["authorization"]:
+        del sent["authorization"]
+    r = await client.post(route, content=content, headers=sent)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    if route == "/api/v1/embeddings":
+        assert set(err) <= {"code", "message", "metadata"}
+        assert err["code"] == status
+        assert err["metadata"].get("param") == param
+        if code:
+            assert err["metadata"]["code"] == code
+    else:
+        assert set(err) >= {"message", "type", "param", "code"}
+        assert err["param"] == param
+        if route == "/v2/router/embeddings":
+            assert isinstance(err["code"], str)
+        if code:
+            assert err["code"] == code
+    if param:
+        assert param.split(".")[0].split("[")[0] in err["message"] or status in (401, 403, 413, 415)
+    assert "Traceback" not in r.text
+    assert KEY not in r.text
+    assert not upstream.calls, "nothing may be sent upstream for an invalid request"
+
+
+@pytest.mark.anyio
+async def test_unknown_fields_can_be_ignored(make_config: Callable[..., Config], upstream: FakeUpstream) -> None:
+    app = gateway(make_config(server={"unknown_fields": "ignore"}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        r = await c.post("/v1/embeddings", json=body(temperature=1), headers={"authorization": f"Bearer {KEY}"})
+    await app.shutdown()
+    assert r.status_code == 200
+    assert "temperature" not in upstream.calls[0].body
+
+
+@pytest.mark.anyio
+async def test_integral_floats_are_integers(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    r = await client.post(
+        "/v1/embeddings",
+        json=body(dimensions=16.0, input=[[1.0, 2.0]], retry={"count": 1.0, "on_codes": [500.0]}),
+        headers={"authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 200, r.text
+    assert upstream.calls[0].body["dimensions"] == 16
+    assert upstream.calls[0].body["input"] == [[1, 2]]
