@@ -10,7 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,7 @@ def key(text: str) -> str:
 ITEM = CachedItem(vector=b"\x00\x00\x80\x3f" * 4, tokens=3)
 
 
-def warnings_of(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def warnings_of(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [entry for entry in logs if entry["event"] == WARNING]
 
 
