@@ -217,6 +217,7 @@ class VectorCache:
     and ``set_many`` does nothing. It is logged as a warning at most once per ``warn_interval``, and for
     ``retry_interval`` after a failure the store is not tried at all, so a black-holed Redis costs one
     request a socket timeout, not every request. After that the next call tries again (redis-py reconnects).
+    Build it with :meth:`from_config`; the constructor takes an already-built aiocache store.
     """
 
     def __init__(
