@@ -1,0 +1,95 @@
+"""The gateway mounted in a host app that has its own routes and lifespan: both work."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, ClassVar
+
+import httpx
+from fastapi import FastAPI, WebSocket
+from starlette.testclient import TestClient
+
+from embedgate import EmbeddingGateway
+from embedgate.config import Config
+from tests.conftest import KEY, serve
+from tests.fake_upstream import FakeUpstream
+
+
+class RecordingGateway(EmbeddingGateway):
+    events: ClassVar[list[str]] = []
+
+    async def startup(self) -> None:
+        await super().startup()
+        self.events.append("gateway-startup")
+
+    async def shutdown(self) -> None:
+        self.events.append("gateway-shutdown")
+        await super().shutdown()
+
+
+def host_app(config: Config, events: list[str]) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        events.append("host-startup")
+        yield {"greeting": "hello from the host"}
+        events.append("host-shutdown")
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/hello")
+    async def hello() -> dict[str, str]:
+        return {"message": "host route"}
+
+    @app.post("/v1/other")
+    async def other() -> dict[str, str]:
+        return {"message": "host POST"}
+
+    @app.websocket("/ws")
+    async def ws(socket: WebSocket) -> None:
+        await socket.accept()
+        await socket.send_text("echo:" + await socket.receive_text())
+        await socket.close()
+
+    app.add_middleware(RecordingGateway, config=config)
+    return app
+
+
+def test_mounted_gateway_and_host_app_both_work(make_config: Callable[..., Config], upstream: FakeUpstream) -> None:
+    RecordingGateway.events = events = []
+    app = host_app(make_config(), events)
+    with serve(app) as url:
+        assert events == ["host-startup", "gateway-startup"] or events == ["gateway-startup", "host-startup"]
+        with httpx.Client(base_url=url) as c:
+            assert c.get("/hello").json() == {"message": "host route"}
+            assert c.post("/v1/other").json() == {"message": "host POST"}
+            r = c.post("/v1/embeddings", json={"model": "local/embed-small", "input": "hi"},
+                       headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+            assert r.status_code == 200
+            assert r.json()["model"] == "local/embed-small"
+            assert c.get("/healthz").status_code == 200
+            assert c.get("/nothing-here").status_code == 404  # the host's own 404
+            # a GET on an embedding path is the host's business, not the gateway's
+            assert c.get("/v1/embeddings").status_code in (404, 405)
+    assert "gateway-shutdown" in events and "host-shutdown" in events
+    assert len(upstream.calls) == 1
+
+
+def test_websockets_pass_through(make_config: Callable[..., Config]) -> None:
+    app = host_app(make_config(), [])
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        ws.send_text("ping")
+        assert ws.receive_text() == "echo:ping"
+
+
+def test_path_prefix(make_config: Callable[..., Config], upstream: FakeUpstream) -> None:
+    app = host_app(make_config(server={"path_prefix": "/ai"}), [])
+    with serve(app) as url, httpx.Client(base_url=url) as c:
+        r = c.post("/ai/v1/embeddings", json={"model": "local/embed-small", "input": "hi"},
+                         headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.status_code == 200
+        r = c.post("/v1/embeddings", json={"model": "local/embed-small", "input": "hi"},
+                         headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.status_code in (404, 405)  # not the gateway's path any more: the host answers
+        models = c.get("/ai/v1/models", headers={"authorization": f"Bearer {KEY}"})
+        assert {"local/embed-small", "local/multi"} <= {m["id"] for m in models.json()["data"]}
