@@ -1,0 +1,144 @@
+"""Configuration loading and validation, and the embedgate command line."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from embedgate.config import ConfigError, load_config, parse_config
+from tests.fake_upstream import FakeUpstream, free_port
+
+EMBEDGATE = [sys.executable, "-m", "embedgate.cli"]
+
+GOOD = """
+server: {path_prefix: "", unknown_fields: reject}
+redis_url: ${EMBEDGATE_TEST_REDIS:-}
+providers:
+  local:
+    type: openai_compatible
+    base_url: ${UPSTREAM_URL}
+    api_key: ${LOCAL_KEY:-}
+models:
+  local/embed-small: {price_per_million_tokens: 0.02, max_inputs: 512}
+keys:
+  - {id: team-a, key: "${TEAM_A_KEY}", workspace: acme, models: ["local/*"]}
+budgets:
+  - {scope: api_key, target: team-a, period: daily, token_limit: 1000}
+cache: {enabled_by_default: false, default_ttl: 60}
+routing: {default_retry: {count: 1, on_codes: [500]}, backoff_base_ms: 5}
+telemetry: {service_name: test-gw}
+"""
+
+
+def test_interpolation_and_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD)
+    cfg = load_config(path, env={"UPSTREAM_URL": "http://127.0.0.1:9/v1", "TEAM_A_KEY": "sk-a"})
+    assert cfg.redis_url == ""
+    assert cfg.providers["local"].base_url == "http://127.0.0.1:9/v1"
+    assert cfg.providers["local"].api_key == ""
+    assert cfg.keys[0].sha256 == hashlib.sha256(b"sk-a").hexdigest()
+    assert "sk-a" not in repr(cfg)  # a key never shows in a repr (or a log of the config)
+    assert cfg.models["local/embed-small"].max_inputs == 512
+    assert cfg.routing.default_retry.count == 1
+    assert cfg.routing.fallback_on_codes == frozenset({408, 429, 500, 502, 503, 504, 529})
+    assert cfg.cache.max_ttl == 259200
+
+
+def test_every_error_has_its_yaml_path() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {
+                "server": {"max_body_bytes": "lots", "colour": 1},
+                "providers": {"p": {"type": "grpc", "base_url": "ftp://x"}},
+                "models": {"p/m": {"deployments": [{"provider": "q"}]}},
+                "keys": [{"id": "a"}, {"id": "a", "key": "k", "sha256": "00"}],
+                "budgets": [{"scope": "galaxy", "target": "*"}],
+                "cache": {"default_ttl": 10, "max_ttl": 5},
+                "routing": {"default_retry": {"count": 9}},
+            },
+            env={},
+        )
+    errors = "\n".join(info.value.errors)
+    for expected in [
+        "server.max_body_bytes: must be an integer",
+        "server.colour: unknown key",
+        "providers.p.type: must be one of",
+        "providers.p.base_url: must be an http(s) URL",
+        "models.p/m.deployments[0].provider: no provider named 'q'",
+        "keys[0]: needs key or sha256",
+        "keys[1].id: duplicate key id",
+        "keys[1].sha256: must be 64 hex digits",
+        "budgets[0].scope: must be one of",
+        "budgets[0]: sets no limit",
+        "cache.default_ttl: is above max_ttl",
+        "routing.default_retry.count: must be between 0 and 5",
+    ]:
+        assert expected in errors, f"{expected!r} missing from:\n{errors}"
+
+
+def test_missing_env_var_is_an_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"keys": [{"id": "a", "key": "${NOT_SET_ANYWHERE}"}]}, env={})
+    assert any("keys[0].key: environment variable NOT_SET_ANYWHERE is not set" in e for e in info.value.errors)
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("providers:\n  p: {type: nope}\n")
+    r = subprocess.run([*EMBEDGATE, "check-config", str(bad)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "providers.p.type: must be one of" in r.stderr
+    assert "providers.p.base_url: is required" in r.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    env = {**os.environ, "UPSTREAM_URL": "http://127.0.0.1:9/v1", "TEAM_A_KEY": "sk-a"}
+    r = subprocess.run([*EMBEDGATE, "check-config", str(good)], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout
+
+
+def test_hash_key_cli() -> None:
+    r = subprocess.run([*EMBEDGATE, "hash-key", "sk-secret"], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == hashlib.sha256(b"sk-secret").hexdigest()
+
+
+def test_serve_cli_serves(tmp_path: Path, upstream: FakeUpstream) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD)
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
+    proc = subprocess.Popen([*EMBEDGATE, "serve", "--config", str(path), "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "embedgate serve did not come up"
+            time.sleep(0.1)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "local/embed-small", "input": "x"},
+                       headers={"authorization": "Bearer sk-a"}, timeout=10)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "local/embed-small"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+
+
+def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("keys: {}\n")
+    r = subprocess.run([*EMBEDGATE, "serve", "--config", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "keys: must be a list" in r.stderr
