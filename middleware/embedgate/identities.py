@@ -1,0 +1,239 @@
+"""Identities (SPEC section 7): the end users a request is made for, created on first sight.
+
+A request's ``identity`` (``{id, display_name, email, metadata, logo_url, tags}``) is touched on every
+request: the record is created with its profile the first time, its profile fields updated when a request
+carries them, and ``last_seen`` moved forward. Touching never fails a request: a store error is logged.
+
+Two stores with one interface: ``MemoryIdentityStore`` (bounded, least recently seen evicted first) and
+``RedisIdentityStore`` (hash ``eg:i:<id>``, plus a sorted set of ids by last-seen time for listing).
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+__all__ = ["Identity", "IdentityStore", "MemoryIdentityStore", "RedisIdentityStore", "identity_store"]
+
+log = structlog.get_logger("embedgate.identities")
+
+PROFILE_FIELDS = ("display_name", "email", "metadata", "logo_url", "tags")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Identity:
+    """One identity record; ``first_seen``/``last_seen`` are Unix timestamps (seconds)."""
+
+    id: str
+    display_name: str | None = None
+    email: str | None = None
+    metadata: Any = None  # JSON: orq sends a list of objects, others a mapping
+    logo_url: str | None = None
+    tags: tuple[str, ...] = ()
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (for the admin endpoint and CLI)."""
+        return {
+            "id": self.id,
+            "display_name": self.display_name,
+            "email": self.email,
+            "metadata": self.metadata,
+            "logo_url": self.logo_url,
+            "tags": list(self.tags),
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+        }
+
+
+class IdentityStore(Protocol):
+    """Where identities live."""
+
+    async def touch(self, identity: Mapping[str, Any]) -> None:
+        """Create the identity on first sight, else update its given profile and last_seen; never raises."""
+        ...
+
+    async def get(self, identity_id: str) -> Identity | None:
+        """One identity, or None."""
+        ...
+
+    async def list(self, limit: int = 100) -> builtins.list[Identity]:
+        """Up to ``limit`` identities, most recently seen first."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+def _profile(identity: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The given profile fields of a request's identity, with its id; None when it has no usable id."""
+    iid = identity.get("id")
+    if not isinstance(iid, str) or not iid:
+        return None
+    out: dict[str, Any] = {"id": iid}
+    for key in PROFILE_FIELDS:
+        if identity.get(key) is not None:
+            out[key] = tuple(identity[key]) if key == "tags" else identity[key]
+    return out
+
+
+class MemoryIdentityStore:
+    """In-process identities, bounded: beyond ``max_entries`` the least recently seen is forgotten."""
+
+    def __init__(self, *, max_entries: int = 100_000, clock: Callable[[], float] = time.time) -> None:
+        self._items: OrderedDict[str, Identity] = OrderedDict()  # least recently seen first
+        self._max = max_entries
+        self._clock = clock
+
+    async def touch(self, identity: Mapping[str, Any]) -> None:
+        """See ``IdentityStore.touch``."""
+        profile = _profile(identity)
+        if profile is None:
+            log.warning("identity without a usable id ignored")
+            return
+        now = self._clock()
+        old = self._items.pop(profile["id"], None)
+        if old is None:
+            self._items[profile["id"]] = Identity(**profile, first_seen=now, last_seen=now)
+        else:
+            merged = {**old.to_dict(), **profile, "tags": profile.get("tags", old.tags), "last_seen": now}
+            self._items[profile["id"]] = Identity(**merged)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
+
+    async def get(self, identity_id: str) -> Identity | None:
+        """See ``IdentityStore.get``."""
+        return self._items.get(identity_id)
+
+    async def list(self, limit: int = 100) -> builtins.list[Identity]:
+        """See ``IdentityStore.list``."""
+        out: builtins.list[Identity] = []
+        for ident in reversed(self._items.values()):
+            if len(out) >= limit:
+                break
+            out.append(ident)
+        return out
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+
+class RedisIdentityStore:
+    """Identities in Redis: hash ``<prefix><id>`` and a sorted set ``<index_key>`` of ids by last-seen time.
+
+    ``touch`` writes at most once per ``touch_interval_s`` per identity and profile from this process, so a
+    busy identity costs one write per interval, not one per request (``last_seen`` is that accurate).
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        prefix: str = "eg:i:",
+        index_key: str = "eg:ix:last_seen",
+        touch_interval_s: float = 30.0,
+        socket_timeout: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._redis = aioredis.Redis.from_url(
+            redis_url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            health_check_interval=30,
+            retry=Retry(NoBackoff(), 0),  # a lost touch is harmless; a request waiting on retries is not
+        )
+        self._prefix = prefix
+        self._index = index_key
+        self._interval = touch_interval_s
+        self._clock = clock
+        self._recent: dict[tuple[str, bytes], float] = {}  # (id, profile) -> when this process last wrote it
+
+    async def touch(self, identity: Mapping[str, Any]) -> None:
+        """See ``IdentityStore.touch``."""
+        profile = _profile(identity)
+        if profile is None:
+            log.warning("identity without a usable id ignored")
+            return
+        iid = profile.pop("id")
+        now = self._clock()
+        memo = (iid, orjson.dumps(profile, option=orjson.OPT_SORT_KEYS))
+        if now - self._recent.get(memo, -self._interval) < self._interval:
+            return
+        if len(self._recent) >= 10_000:  # a bounded memo: forget it all rather than grow without end
+            self._recent.clear()
+        fields: dict[Any, Any] = {k: orjson.dumps(v) for k, v in profile.items()}
+        fields.update(id=iid, last_seen=repr(now))
+        key = self._prefix + iid
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hsetnx(key, "first_seen", repr(now))
+                pipe.hset(key, mapping=fields)
+                pipe.zadd(self._index, {iid: now})
+                await pipe.execute()
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            log.warning(
+                "identity store unavailable; identity not recorded", error=f"{type(exc).__name__}: {exc}"
+            )
+            return
+        self._recent[memo] = now
+
+    async def get(self, identity_id: str) -> Identity | None:
+        """See ``IdentityStore.get``; a store failure raises ``ConnectionError``."""
+        try:
+            raw: Any = await self._redis.hgetall(self._prefix + identity_id)
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            raise ConnectionError(f"identity store unavailable: {type(exc).__name__}") from exc
+        return _decode(identity_id, raw) if raw else None
+
+    async def list(self, limit: int = 100) -> builtins.list[Identity]:
+        """See ``IdentityStore.list``; a store failure raises ``ConnectionError``."""
+        if limit <= 0:
+            return []
+        try:
+            ids = [_text(i) for i in await self._redis.zrevrange(self._index, 0, limit - 1)]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for iid in ids:
+                    pipe.hgetall(self._prefix + iid)
+                rows: Any = await pipe.execute()
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            raise ConnectionError(f"identity store unavailable: {type(exc).__name__}") from exc
+        # an id whose hash was deleted by hand is skipped
+        return [_decode(iid, raw) for iid, raw in zip(ids, rows, strict=True) if raw]
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _decode(identity_id: str, raw: Mapping[Any, Any]) -> Identity:
+    fields = {_text(k): v for k, v in raw.items()}
+    profile = {k: orjson.loads(fields[k]) for k in PROFILE_FIELDS if k in fields}
+    if "tags" in profile:
+        profile["tags"] = tuple(profile["tags"])
+    return Identity(
+        id=identity_id,
+        **profile,
+        first_seen=float(fields.get("first_seen", b"0")),
+        last_seen=float(fields.get("last_seen", b"0")),
+    )
+
+
+def identity_store(redis_url: str = "") -> MemoryIdentityStore | RedisIdentityStore:
+    """The identity store for a config's ``redis_url`` (empty: in process memory)."""
+    return RedisIdentityStore(redis_url) if redis_url else MemoryIdentityStore()

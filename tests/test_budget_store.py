@@ -1,0 +1,528 @@
+"""Contract tests of the budget stores (and identity stores): one module, run against memory and a real Redis.
+
+Clocks are injected (``Clock``) so rolling windows and calendar periods are exercised without waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from embedgate.budgets import (
+    BudgetEngine,
+    BudgetStore,
+    CounterSpec,
+    MemoryBudgetStore,
+    RedisBudgetStore,
+    Subject,
+    WindowSpec,
+)
+from embedgate.config import BudgetConfig
+from embedgate.errors import BudgetExceeded
+from embedgate.identities import IdentityStore, MemoryIdentityStore, RedisIdentityStore
+from tests.redis_util import require_redis
+
+WINDOW_MS = 60_000
+T0 = datetime(2025, 3, 14, 12, 0, tzinfo=UTC).timestamp()  # a Friday
+SUBJECT = Subject(
+    workspace="acme",
+    project="search",
+    api_key="team-a",
+    provider="openai",
+    model="openai/text-embedding-3-small",
+    identity=None,
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Clock:
+    """A settable clock (Unix seconds)."""
+
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def _delete_prefix(url: str, prefix: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [k async for k in client.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIterator[BudgetStore]:
+    if request.param == "memory":
+        yield MemoryBudgetStore()
+        return
+    url = require_redis()
+    prefix = f"eg:b:test:{uuid.uuid4().hex}:"
+    s = RedisBudgetStore(url, prefix=prefix)
+    try:
+        yield s
+    finally:
+        await s.aclose()
+        await _delete_prefix(url, prefix)
+
+
+def engine(store: BudgetStore, *budgets: BudgetConfig, clock: Clock | None = None) -> BudgetEngine:
+    indexed = tuple(
+        BudgetConfig(
+            scope=b.scope,
+            target=b.target,
+            period=b.period,
+            amount_usd=b.amount_usd,
+            token_limit=b.token_limit,
+            requests_per_minute=b.requests_per_minute,
+            index=i,
+        )
+        for i, b in enumerate(budgets)
+    )
+    return BudgetEngine(indexed, store, clock=clock or Clock())
+
+
+async def admitted(eng: BudgetEngine, *, tokens: int = 1, cost_usd: float = 0.0) -> bool:
+    try:
+        await eng.reserve(SUBJECT, tokens=tokens, cost_usd=cost_usd)
+    except BudgetExceeded:
+        return False
+    return True
+
+
+async def token_usage(eng: BudgetEngine) -> int:
+    (row,) = [r for r in await eng.usage() if "tokens" in r]
+    used: int = row["tokens"]["used"]
+    return used
+
+
+# --- the store protocol ----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_all_or_nothing_when_one_counter_is_full(store: BudgetStore) -> None:
+    t = int(T0 * 1000)
+    first = await store.reserve(
+        [CounterSpec("c:a", 5, 100, 3600), CounterSpec("c:b", 5, 10, 3600)],
+        [WindowSpec("w:a", 10)],
+        now_ms=t,
+        window_ms=WINDOW_MS,
+        member="r1",
+    )
+    assert (first.failed, first.values, first.counts) == (-1, (5, 5), (1,))
+
+    # c:b has 5 left of 10: asking 6 on both must move neither counter, nor the window
+    second = await store.reserve(
+        [CounterSpec("c:a", 6, 100, 3600), CounterSpec("c:b", 6, 10, 3600)],
+        [WindowSpec("w:a", 10)],
+        now_ms=t + 1,
+        window_ms=WINDOW_MS,
+        member="r2",
+        index=[("ids:x", "someone")],
+    )
+    assert second.failed == 1
+    assert second.values == (5, 5)
+    got = await store.read(["c:a", "c:b"], ["w:a"], now_ms=t + 2, window_ms=WINDOW_MS)
+    assert (got.values, got.counts) == ((5, 5), (1,))
+    assert await store.members("ids:x") == []
+
+
+@pytest.mark.anyio
+async def test_all_or_nothing_when_the_window_is_full(store: BudgetStore) -> None:
+    t = int(T0 * 1000)
+    ok = await store.reserve(
+        [CounterSpec("c:a", 1, 100, 0)], [WindowSpec("w:a", 1)], now_ms=t, window_ms=WINDOW_MS, member="r1"
+    )
+    assert ok.failed == -1
+    refused = await store.reserve(
+        [CounterSpec("c:a", 1, 100, 0)],
+        [WindowSpec("w:a", 1)],
+        now_ms=t + 5,
+        window_ms=WINDOW_MS,
+        member="r2",
+    )
+    assert refused.failed == 1  # the window's index, after the one counter
+    assert refused.marks == (t,)  # the request whose leaving frees a slot
+    got = await store.read(["c:a"], ["w:a"], now_ms=t + 6, window_ms=WINDOW_MS)
+    assert (got.values, got.counts, got.oldest) == ((1,), (1,), (t,))
+
+
+@pytest.mark.anyio
+async def test_index_sets_record_ids_of_admitted_requests(store: BudgetStore) -> None:
+    t = int(T0 * 1000)
+    for who in ("bob", "alice", "bob"):
+        await store.reserve(
+            [CounterSpec(f"c:{who}", 1, 10, 60)], [], now_ms=t, window_ms=WINDOW_MS, member=who,
+            index=[("ids:identity", who)],
+        )  # fmt: skip
+    assert await store.members("ids:identity") == ["alice", "bob"]
+
+
+@pytest.mark.anyio
+async def test_adjust_moves_existing_counters_only_and_never_below_zero(store: BudgetStore) -> None:
+    t = int(T0 * 1000)
+    await store.reserve([CounterSpec("c:a", 10, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="r")
+    await store.adjust([("c:a", -3)], now_ms=t)
+    assert (await store.read(["c:a"], [], now_ms=t, window_ms=WINDOW_MS)).values == (7,)
+    await store.adjust([("c:a", -50), ("c:missing", 5)], now_ms=t)
+    got = await store.read(["c:a", "c:missing"], [], now_ms=t, window_ms=WINDOW_MS)
+    assert got.values == (0, 0)  # clamped; a counter that does not exist (expired) is not recreated
+
+
+# --- the engine on each store ----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_settle_adjusts_to_real_usage_and_release_undoes(store: BudgetStore) -> None:
+    eng = engine(store, BudgetConfig(scope="api_key", target="team-a", token_limit=1000, amount_usd=1.0))
+    res = await eng.reserve(SUBJECT, tokens=300, cost_usd=0.3)
+    assert await token_usage(eng) == 300
+    await eng.settle(res, tokens=120, cost_usd=0.12)
+    await eng.settle(res, tokens=999, cost_usd=0.9)  # a second settle is a no-op
+    (row,) = await eng.usage()
+    assert row["tokens"]["used"] == 120
+    assert row["cost_usd"]["used"] == pytest.approx(0.12)
+
+    res2 = await eng.reserve(SUBJECT, tokens=500, cost_usd=0.5)
+    assert await token_usage(eng) == 620
+    await eng.release(res2)
+    await eng.release(res2)  # idempotent
+    assert await token_usage(eng) == 120
+
+
+@pytest.mark.anyio
+async def test_cost_counters_stay_exact_over_many_small_charges(store: BudgetStore) -> None:
+    # 1000 requests of 7 tokens at $0.02/M: 0.14 micro-dollars each, which micro-dollar counters would lose
+    eng = engine(store, BudgetConfig(scope="api_key", target="team-a", amount_usd=1.0))
+    for _ in range(1000):
+        await eng.reserve(SUBJECT, tokens=7, cost_usd=7 * 0.02 / 1e6)
+    (row,) = await eng.usage()
+    assert row["cost_usd"]["used"] == pytest.approx(1000 * 7 * 0.02 / 1e6, rel=1e-9)
+
+
+@pytest.mark.anyio
+async def test_rolling_window_admits_again_once_the_oldest_request_leaves(store: BudgetStore) -> None:
+    clock = Clock()
+    eng = engine(store, BudgetConfig(scope="api_key", target="team-a", requests_per_minute=3), clock=clock)
+    for dt in (0, 10, 20):
+        clock.t = T0 + dt
+        assert await admitted(eng)
+    clock.t = T0 + 30
+    with pytest.raises(BudgetExceeded) as exc:
+        await eng.reserve(SUBJECT, tokens=1, cost_usd=0)
+    assert exc.value.headers["retry-after"] == "30"  # the request of T0 leaves at T0 + 60
+    clock.t = T0 + 59.9
+    assert not await admitted(eng)
+    clock.t = T0 + 60  # T0's request is out of the window (T0 + 60 - 60, T0 + 60]
+    assert await admitted(eng)
+    clock.t = T0 + 65
+    with pytest.raises(BudgetExceeded) as exc:
+        await eng.reserve(SUBJECT, tokens=1, cost_usd=0)
+    assert exc.value.headers["retry-after"] == "5"  # the request of T0 + 10 leaves at T0 + 70
+
+
+@pytest.mark.anyio
+async def test_window_length_is_injectable(store: BudgetStore) -> None:
+    clock = Clock()
+    budget = BudgetConfig(scope="api_key", target="team-a", requests_per_minute=1, index=0)
+    eng = BudgetEngine((budget,), store, window_s=2.0, clock=clock)
+    assert await admitted(eng)
+    clock.t = T0 + 1.5
+    assert not await admitted(eng)
+    clock.t = T0 + 2.0
+    assert await admitted(eng)
+
+
+@pytest.mark.parametrize(
+    ("period", "last_moment", "next_period"),
+    [
+        ("daily", datetime(2025, 3, 14, 23, 59, 59, tzinfo=UTC), datetime(2025, 3, 15, tzinfo=UTC)),
+        # ISO weeks: Sunday night -> Monday
+        ("weekly", datetime(2025, 3, 16, 23, 59, 59, tzinfo=UTC), datetime(2025, 3, 17, tzinfo=UTC)),
+        ("monthly", datetime(2025, 1, 31, 23, 59, 59, tzinfo=UTC), datetime(2025, 2, 1, tzinfo=UTC)),
+        ("yearly", datetime(2025, 12, 31, 23, 59, 59, tzinfo=UTC), datetime(2026, 1, 1, tzinfo=UTC)),
+    ],
+)
+@pytest.mark.anyio
+async def test_period_counters_roll_over_with_the_clock(
+    store: BudgetStore, period: str, last_moment: datetime, next_period: datetime
+) -> None:
+    clock = Clock(last_moment.timestamp() - 3600)
+    eng = engine(
+        store, BudgetConfig(scope="api_key", target="team-a", period=period, token_limit=100), clock=clock
+    )
+    assert await admitted(eng, tokens=100)
+    clock.t = last_moment.timestamp()
+    assert not await admitted(eng, tokens=1)  # same period: still full
+    clock.t = next_period.timestamp()
+    assert await token_usage(eng) == 0  # a new period starts at zero
+    assert await admitted(eng, tokens=100)
+
+
+@pytest.mark.anyio
+async def test_weekly_period_does_not_roll_over_on_sunday(store: BudgetStore) -> None:
+    clock = Clock(datetime(2025, 3, 10, 8, tzinfo=UTC).timestamp())  # Monday
+    eng = engine(
+        store, BudgetConfig(scope="api_key", target="team-a", period="weekly", token_limit=10), clock=clock
+    )
+    assert await admitted(eng, tokens=10)
+    clock.t = datetime(2025, 3, 16, 8, tzinfo=UTC).timestamp()  # Sunday of the same ISO week
+    assert not await admitted(eng, tokens=1)
+
+
+@pytest.mark.anyio
+async def test_one_time_budget_never_resets(store: BudgetStore) -> None:
+    clock = Clock()
+    eng = engine(
+        store, BudgetConfig(scope="api_key", target="team-a", period="one_time", token_limit=10), clock=clock
+    )
+    assert await admitted(eng, tokens=10)
+    clock.t = T0 + 400 * 86400
+    assert not await admitted(eng, tokens=1)
+
+
+@pytest.mark.anyio
+async def test_concurrent_reserves_admit_exactly_the_rate_limit(store: BudgetStore) -> None:
+    eng = engine(store, BudgetConfig(scope="api_key", target="team-a", requests_per_minute=40))
+    outcomes: list[bool] = []
+
+    async def one() -> None:
+        outcomes.append(await admitted(eng))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(200):
+            tg.start_soon(one)
+    assert outcomes.count(True) == 40
+    assert outcomes.count(False) == 160
+
+
+@pytest.mark.anyio
+async def test_concurrent_reserves_never_exceed_a_token_budget(store: BudgetStore) -> None:
+    eng = engine(store, BudgetConfig(scope="api_key", target="team-a", token_limit=1000))
+    rng = random.Random(7)
+    sizes = [rng.randint(5, 40) for _ in range(200)]
+    admitted_sizes: list[int] = []
+    refused_sizes: list[int] = []
+
+    async def one(n: int) -> None:
+        (admitted_sizes if await admitted(eng, tokens=n) else refused_sizes).append(n)
+
+    async with anyio.create_task_group() as tg:
+        for n in sizes:
+            tg.start_soon(one, n)
+    used = await token_usage(eng)
+    assert used == sum(admitted_sizes) <= 1000
+    # usage only grows, so every refusal was needed: it would not fit even now
+    assert refused_sizes and all(used + n > 1000 for n in refused_sizes)
+
+
+@pytest.mark.anyio
+async def test_redis_counter_keys_expire_after_their_period(anyio_backend: str) -> None:
+    url = require_redis()
+    prefix = f"eg:b:test:{uuid.uuid4().hex}:"
+    store = RedisBudgetStore(url, prefix=prefix)
+    now = datetime.now(UTC)
+    clock = Clock(now.timestamp())
+    eng = engine(
+        store,
+        BudgetConfig(
+            scope="api_key", target="team-a", period="daily", token_limit=100, requests_per_minute=5
+        ),
+        BudgetConfig(scope="workspace", target="acme", period="one_time", token_limit=100),
+        clock=clock,
+    )
+    client = aioredis.Redis.from_url(url)
+    try:
+        await eng.reserve(SUBJECT, tokens=1, cost_usd=0)
+        midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        until_midnight = (midnight - now).total_seconds()
+        daily = [k async for k in client.scan_iter(match=prefix + "api_key:team-a:daily:*")]
+        assert len(daily) == 1
+        ttl = await client.ttl(daily[0])
+        assert until_midnight < ttl <= until_midnight + 3600 + 2
+        (one_time,) = [k async for k in client.scan_iter(match=prefix + "workspace:acme:one_time:*")]
+        assert await client.ttl(one_time) == -1  # never resets, never expires
+        (window,) = [k async for k in client.scan_iter(match=prefix + "rpm:*")]
+        assert 0 < await client.pttl(window) <= WINDOW_MS + 1000
+    finally:
+        await client.aclose()
+        await store.aclose()
+        await _delete_prefix(url, prefix)
+
+
+_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    import redis
+    from embedgate.budgets import BudgetEngine, RedisBudgetStore, Subject
+    from embedgate.config import BudgetConfig
+    from embedgate.errors import BudgetExceeded, Unavailable
+
+    url, prefix, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    async def main() -> None:
+        store = RedisBudgetStore(url, prefix=prefix, socket_timeout=5.0)
+        engine = BudgetEngine(
+            (BudgetConfig(scope="api_key", target="team-a", requests_per_minute=40),), store
+        )
+        subject = Subject(workspace="acme", project="search", api_key="team-a", provider="openai",
+                          model="openai/text-embedding-3-small", identity=None)
+        counts = {"admitted": 0, "refused": 0, "unavailable": 0}
+
+        async def one() -> None:
+            try:
+                await engine.reserve(subject, tokens=1, cost_usd=0.0)
+                counts["admitted"] += 1
+            except BudgetExceeded:
+                counts["refused"] += 1
+            except Unavailable:
+                counts["unavailable"] += 1
+
+        await store.ping()  # connect before the start signal
+        print("ready", flush=True)
+        sync = redis.Redis.from_url(url)
+        for _ in range(2000):  # wait (bounded) for the parent's start signal
+            if sync.exists(prefix + "go"):
+                break
+            time.sleep(0.005)
+        sync.close()
+        await asyncio.gather(*(one() for _ in range(n)))
+        await store.aclose()
+        print(counts["admitted"], counts["refused"], counts["unavailable"], flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_two_processes_sharing_redis_admit_exactly_the_rate_limit(anyio_backend: str) -> None:
+    url = require_redis()
+    prefix = f"eg:b:test:{uuid.uuid4().hex}:"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, url, prefix, "250"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    client = aioredis.Redis.from_url(url)
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            assert p.stdout.readline().strip() == "ready"
+        await client.set(prefix + "go", "1")
+        totals = [0, 0, 0]
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            for i, v in enumerate(out.split()):
+                totals[i] += int(v)
+        assert totals == [40, 460, 0]  # admitted, refused, store errors
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+        await client.aclose()
+        await _delete_prefix(url, prefix)
+
+
+# --- identities --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def identities(
+    request: pytest.FixtureRequest, anyio_backend: str
+) -> AsyncIterator[tuple[IdentityStore, Clock]]:
+    clock = Clock()
+    if request.param == "memory":
+        yield MemoryIdentityStore(clock=clock), clock
+        return
+    url = require_redis()
+    tag = uuid.uuid4().hex
+    s = RedisIdentityStore(
+        url, prefix=f"eg:i:test:{tag}:", index_key=f"eg:ix:test:{tag}", touch_interval_s=0.0, clock=clock
+    )
+    try:
+        yield s, clock
+    finally:
+        await s.aclose()
+        await _delete_prefix(url, f"eg:i:test:{tag}:")
+        await _delete_prefix(url, f"eg:ix:test:{tag}")
+
+
+@pytest.mark.anyio
+async def test_identity_created_on_first_sight_then_updated(identities: tuple[IdentityStore, Clock]) -> None:
+    store, clock = identities
+    profile: dict[str, Any] = {
+        "id": "alice",
+        "display_name": "Alice",
+        "email": "alice@example.com",
+        "metadata": [{"plan": "pro"}],
+        "tags": ["beta"],
+    }
+    await store.touch(profile)
+    first = await store.get("alice")
+    assert first is not None
+    assert (first.display_name, first.email, first.metadata, first.tags) == (
+        "Alice", "alice@example.com", [{"plan": "pro"}], ("beta",),
+    )  # fmt: skip
+    assert first.first_seen == first.last_seen == T0
+
+    clock.t = T0 + 100
+    await store.touch({"id": "alice", "display_name": "Alice B."})
+    later = await store.get("alice")
+    assert later is not None
+    assert (later.display_name, later.email, later.tags) == ("Alice B.", "alice@example.com", ("beta",))
+    assert (later.first_seen, later.last_seen) == (T0, T0 + 100)
+    assert await store.get("nobody") is None
+
+
+@pytest.mark.anyio
+async def test_identities_list_most_recently_seen_first(identities: tuple[IdentityStore, Clock]) -> None:
+    store, clock = identities
+    for i, who in enumerate(("a", "b", "c")):
+        clock.t = T0 + i
+        await store.touch({"id": who})
+    clock.t = T0 + 10
+    await store.touch({"id": "a"})
+    assert [i.id for i in await store.list(10)] == ["a", "c", "b"]
+    assert [i.id for i in await store.list(2)] == ["a", "c"]
+    await store.touch({"id": ""})  # no usable id: ignored, not raised
+    assert len(await store.list(10)) == 3
+
+
+@pytest.mark.anyio
+async def test_identity_touch_never_raises_when_redis_is_down(anyio_backend: str) -> None:
+    store = RedisIdentityStore("redis://127.0.0.1:6391/0", socket_timeout=0.5)
+    try:
+        await store.touch({"id": "alice"})  # logged, not raised
+        with pytest.raises(ConnectionError):
+            await store.get("alice")
+    finally:
+        await store.aclose()
