@@ -53,9 +53,13 @@ class _Children(Generic[_M]):
     def get(self, key: tuple[object, ...]) -> _M:
         child = self._children.get(key)
         if child is None:
-            # Keyed by the raw values (an int status is fine); converted to strings once, here.
             if len(self._children) >= self._limit:
-                return self.get((_OTHER,) * len(key))
+                # Past the limit, new label sets share one "other" series, itself created once past the limit.
+                key = (_OTHER,) * len(key)
+                child = self._children.get(key)
+                if child is not None:
+                    return child
+            # Keyed by the raw values (an int status is fine); converted to strings once, here.
             child = self._metric.labels(*(str(value) for value in key))
             self._children[key] = child
         return child

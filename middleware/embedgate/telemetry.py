@@ -310,8 +310,10 @@ class Telemetry:
         standalone: bool = False,
     ) -> None:
         self._owned: SdkTracerProvider | None = None
-        if tracer_provider is None and standalone and isinstance(
-            trace.get_tracer_provider(), trace.ProxyTracerProvider
+        if (
+            tracer_provider is None
+            and standalone
+            and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
         ):
             built = build_tracer_provider(service_name)
             if built is not None:

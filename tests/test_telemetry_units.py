@@ -1,0 +1,661 @@
+"""Unit tests of the observability modules: span helpers, standalone OTLP export, metrics, JSON logs.
+
+In-process tests pass their own TracerProvider (OTel lets the global one be set only once per process);
+the standalone set-up from OTEL_* variables runs in subprocesses exporting to a real local OTLP receiver.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import orjson
+import pytest
+import structlog
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import NoOpTracerProvider, SpanKind, StatusCode
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.typing import Processor
+
+from embedgate import logs
+from embedgate.errors import BudgetExceeded, UpstreamTimeout
+from embedgate.metrics import Metrics
+from embedgate.telemetry import Telemetry, build_tracer_provider
+from tests.otlp_receiver import OtlpReceiver
+
+ROOT = Path(__file__).resolve().parents[1]
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01".encode()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def telemetry(exporter: InMemorySpanExporter) -> Iterator[Telemetry]:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield Telemetry(provider)
+    provider.shutdown()
+
+
+def by_name(exporter: InMemorySpanExporter) -> dict[str, ReadableSpan]:
+    return {span.name: span for span in exporter.get_finished_spans()}
+
+
+def span_id(span: ReadableSpan) -> int:
+    ctx = span.get_span_context()
+    assert ctx is not None
+    return ctx.span_id
+
+
+def parent_id(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+def attempt_kwargs(**overrides: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "provider": "openai",
+        "request_model": "text-embedding-3-small",
+        "server_address": "api.openai.com",
+        "attempt": 1,
+        "fallback_index": 0,
+        "deployment": "openai/text-embedding-3-small#0",
+        "encoding_format": "base64",
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+# --- spans ---
+
+
+def test_root_span_is_named_by_caller_and_continues_traceparent(
+    telemetry: Telemetry, exporter: InMemorySpanExporter
+) -> None:
+    headers = [(b"host", b"gw"), (b"traceparent", TRACEPARENT), (b"content-type", b"application/json")]
+    with telemetry.start_request(
+        "nightly-reindex", headers=headers, attributes={"embedgate.route": "/v1/embeddings"}
+    ) as root:
+        root.set("embedgate.key_id", "team-a")
+        root.end(200)
+
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "nightly-reindex"
+    assert span.kind is SpanKind.SERVER
+    assert format(span.context.trace_id, "032x") == CALLER_TRACE == root.trace_id_hex
+    assert span.parent is not None and format(span.parent.span_id, "016x") == CALLER_SPAN
+    assert root.span_id_hex == format(span.context.span_id, "016x")
+    assert span.attributes is not None
+    assert span.attributes["embedgate.key_id"] == "team-a"
+    assert span.attributes["embedgate.route"] == "/v1/embeddings"
+    assert span.attributes["http.response.status_code"] == 200
+    assert span.status.status_code is StatusCode.UNSET
+
+
+def test_without_traceparent_the_request_starts_a_new_trace(
+    telemetry: Telemetry, exporter: InMemorySpanExporter
+) -> None:
+    with telemetry.start_request("embeddings openai/te3", headers=[]) as root:
+        root.end(200)
+    (span,) = exporter.get_finished_spans()
+    assert span.parent is None
+    assert root.trace_id_hex == format(span.context.trace_id, "032x") != CALLER_TRACE
+    assert len(root.trace_id_hex) == 32
+
+
+def test_stage_and_attempt_spans_are_children_with_genai_attributes(
+    telemetry: Telemetry, exporter: InMemorySpanExporter
+) -> None:
+    with telemetry.start_request("req", headers=[(b"traceparent", TRACEPARENT)]) as root:
+        with telemetry.stage("auth") as auth:
+            auth.set("embedgate.key_id", "team-a")
+        with telemetry.stage("routing"):
+            with telemetry.attempt(**attempt_kwargs()) as attempt:
+                injected = attempt.trace_headers()
+                attempt.succeed(
+                    response_model="text-embedding-3-small-v2", input_tokens=12, dimension_count=1536
+                )
+        root.end(200)
+
+    spans = by_name(exporter)
+    root_span, auth_span, routing_span = spans["req"], spans["auth"], spans["routing"]
+    attempt_span = spans["embeddings text-embedding-3-small"]
+    assert {s.context.trace_id for s in spans.values()} == {int(CALLER_TRACE, 16)}
+    assert parent_id(auth_span) == parent_id(routing_span) == span_id(root_span)
+    assert auth_span.kind is routing_span.kind is SpanKind.INTERNAL
+    assert parent_id(attempt_span) == span_id(routing_span)
+    assert attempt_span.kind is SpanKind.CLIENT
+    assert attempt_span.attributes == {
+        "gen_ai.operation.name": "embeddings",
+        "gen_ai.provider.name": "openai",
+        "gen_ai.request.model": "text-embedding-3-small",
+        "gen_ai.request.encoding_formats": ("base64",),
+        "server.address": "api.openai.com",
+        "embedgate.attempt": 1,
+        "embedgate.fallback_index": 0,
+        "embedgate.deployment": "openai/text-embedding-3-small#0",
+        "embedgate.outcome": "success",
+        "http.response.status_code": 200,
+        "gen_ai.response.model": "text-embedding-3-small-v2",
+        "gen_ai.usage.input_tokens": 12,
+        "gen_ai.embeddings.dimension.count": 1536,
+    }
+    # The upstream sees the attempt's own span as its parent, in the caller's trace.
+    assert injected["traceparent"] == f"00-{CALLER_TRACE}-{span_id(attempt_span):016x}-01"
+
+
+def test_attempt_outside_a_stage_parents_to_the_root(
+    telemetry: Telemetry, exporter: InMemorySpanExporter
+) -> None:
+    with telemetry.start_request("req", headers=[]) as root:
+        attempt = telemetry.attempt(**attempt_kwargs())
+        attempt.end()
+        root.end(200)
+    spans = by_name(exporter)
+    assert parent_id(spans["embeddings text-embedding-3-small"]) == span_id(spans["req"])
+
+
+def test_failed_attempts_carry_error_type(telemetry: Telemetry, exporter: InMemorySpanExporter) -> None:
+    with telemetry.start_request("req", headers=[]) as root:
+        with telemetry.attempt(**attempt_kwargs(attempt=1)) as first:
+            first.fail("503", status_code=503, outcome="fallback")
+        with pytest.raises(UpstreamTimeout), telemetry.attempt(**attempt_kwargs(attempt=2, fallback_index=1)):
+            raise UpstreamTimeout("the upstream took too long")
+        root.end(504, error_type="upstream_timeout")
+
+    first_span, second_span = (s for s in exporter.get_finished_spans() if s.kind is SpanKind.CLIENT)
+    assert first_span.attributes is not None and second_span.attributes is not None
+    assert first_span.attributes["error.type"] == "503"
+    assert first_span.attributes["embedgate.outcome"] == "fallback"
+    assert first_span.attributes["http.response.status_code"] == 503
+    assert first_span.status.status_code is StatusCode.ERROR
+    assert second_span.attributes["error.type"] == "upstream_timeout"
+    assert second_span.attributes["embedgate.outcome"] == "error"
+    assert second_span.attributes["embedgate.fallback_index"] == 1
+    assert second_span.status.status_code is StatusCode.ERROR
+    root_span = by_name(exporter)["req"]
+    assert root_span.attributes is not None and root_span.attributes["error.type"] == "upstream_timeout"
+    assert root_span.status.status_code is StatusCode.ERROR
+
+
+def test_client_errors_do_not_mark_spans_as_errors(
+    telemetry: Telemetry, exporter: InMemorySpanExporter
+) -> None:
+    refusal = BudgetExceeded(
+        "over budget",
+        code="token_budget_exceeded",
+        scope_kind="api_key",
+        scope_target_id="team-a",
+        dimension="tokens",
+    )
+    with telemetry.start_request("req", headers=[]) as root:
+        with pytest.raises(BudgetExceeded), telemetry.stage("budget"):
+            raise refusal
+        root.end(429)
+    spans = by_name(exporter)
+    assert spans["budget"].attributes == {"error.type": "token_budget_exceeded"}
+    assert spans["budget"].status.status_code is StatusCode.UNSET
+    assert spans["req"].status.status_code is StatusCode.UNSET
+    assert spans["req"].attributes == {"http.response.status_code": 429}
+
+
+def test_request_span_escaping_exception_ends_as_500(
+    telemetry: Telemetry, exporter: InMemorySpanExporter
+) -> None:
+    with pytest.raises(RuntimeError), telemetry.start_request("req", headers=[]):
+        raise RuntimeError("secret-looking message sk-123")
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes == {"http.response.status_code": 500, "error.type": "RuntimeError"}
+    assert span.status.status_code is StatusCode.ERROR
+    assert not span.events  # no exception event: its message could carry input text or a key
+    assert trace.get_current_span() is trace.INVALID_SPAN  # the context was restored
+
+
+def test_only_allowed_attribute_names_are_accepted(
+    telemetry: Telemetry, exporter: InMemorySpanExporter
+) -> None:
+    with pytest.raises(ValueError, match="api_key"):
+        telemetry.start_request("req", headers=[], attributes={"api_key": "sk-live-123"})
+    with telemetry.start_request("req", headers=[]) as root:
+        with pytest.raises(ValueError, match="input"):
+            root.set("input", "the text to embed")
+        with telemetry.stage("cache") as stage, pytest.raises(ValueError):
+            stage.set("authorization", "Bearer sk-live-123")
+        root.end(200)
+    for span in exporter.get_finished_spans():
+        assert "sk-live-123" not in str(span.attributes)
+
+
+def test_attempt_drops_userinfo_from_server_address(
+    telemetry: Telemetry, exporter: InMemorySpanExporter
+) -> None:
+    telemetry.attempt(**attempt_kwargs(server_address="user:sk-pw@llm.internal")).end()
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes is not None and span.attributes["server.address"] == "llm.internal"
+
+
+def test_host_span_already_current_is_the_parent(
+    telemetry: Telemetry, exporter: InMemorySpanExporter
+) -> None:
+    host_tracer = TracerProvider().get_tracer("host")
+    with host_tracer.start_as_current_span("host GET") as host_span:
+        other = b"00-11111111111111111111111111111111-2222222222222222-01"
+        with telemetry.start_request("req", headers=[(b"traceparent", other)]) as root:
+            root.end(200)
+    (span,) = exporter.get_finished_spans()
+    assert span.parent is not None and span.parent.span_id == host_span.get_span_context().span_id
+    assert root.trace_id_hex == format(host_span.get_span_context().trace_id, "032x")
+
+
+def test_without_an_sdk_the_trace_id_still_flows() -> None:
+    telemetry = Telemetry(NoOpTracerProvider())
+    with telemetry.start_request("req", headers=[(b"traceparent", TRACEPARENT)]) as root:
+        attempt = telemetry.attempt(**attempt_kwargs())
+        assert attempt.trace_headers()["traceparent"].split("-")[1] == CALLER_TRACE
+        attempt.end()
+    assert root.trace_id_hex == CALLER_TRACE and not root.is_recording
+
+    with telemetry.start_request("req", headers=[]) as root:
+        injected = telemetry.attempt(**attempt_kwargs()).trace_headers()
+    assert len(root.trace_id_hex) == 32 and int(root.trace_id_hex, 16) != 0
+    assert injected["traceparent"] == f"00-{root.trace_id_hex}-{root.span_id_hex}-00"
+
+
+def test_sampled_out_requests_keep_the_callers_trace_id(exporter: InMemorySpanExporter) -> None:
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = Telemetry(provider)
+    with telemetry.start_request("req", headers=[(b"traceparent", TRACEPARENT)]) as root:
+        root.set("embedgate.cache", "hit")
+        root.end(200)
+    assert root.trace_id_hex == CALLER_TRACE and not root.is_recording
+    assert exporter.get_finished_spans() == ()
+    provider.shutdown()
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_do_not_cross_parent(
+    telemetry: Telemetry, exporter: InMemorySpanExporter
+) -> None:
+    async def request(name: str) -> None:
+        with telemetry.start_request(name, headers=[]) as root:
+            for _ in range(3):
+                await anyio.sleep(0)  # interleave with the other request
+                with telemetry.stage(f"{name}.stage"):
+                    await anyio.sleep(0)
+            root.end(200)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(request, "a")
+        group.start_soon(request, "b")
+
+    spans = exporter.get_finished_spans()
+    roots = {s.name: s for s in spans if s.name in ("a", "b")}
+    for span in spans:
+        if span.name.endswith(".stage"):
+            assert parent_id(span) == span_id(roots[span.name[0]])
+    assert len(spans) == 8
+
+
+# --- standalone set-up from the OTel environment variables ---
+
+STANDALONE_SCRIPT = textwrap.dedent(
+    """
+    from embedgate.telemetry import Telemetry
+    telemetry = Telemetry(service_name="from-config", standalone=True)
+    assert telemetry.owns_provider
+    with telemetry.start_request("standalone-req", headers=[]) as root:
+        with telemetry.stage("auth"):
+            pass
+        root.end(200)
+    print(root.trace_id_hex)
+    telemetry.shutdown()
+    """
+)
+
+
+def run_standalone(env: dict[str, str]) -> str:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    base["PYTHONPATH"] = os.pathsep.join([str(ROOT / "middleware"), base.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", STANDALONE_SCRIPT],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_standalone_exports_over_otlp_http_from_env() -> None:
+    with OtlpReceiver() as receiver:
+        trace_id = run_standalone(
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                "OTEL_SERVICE_NAME": "gw-env",
+                "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
+            }
+        )
+        spans = {s.name: s for s in receiver.wait_for_spans(2)}
+    root, auth = spans["standalone-req"], spans["auth"]
+    assert root.trace_id == auth.trace_id == trace_id
+    assert root.kind == "SERVER" and root.parent_span_id == ""
+    assert auth.parent_span_id == root.span_id
+    assert root.attributes["http.response.status_code"] == 200
+    assert root.resource["service.name"] == "gw-env"  # the environment wins over the config
+    assert root.resource["deployment.environment"] == "test"
+    assert root.scope == "embedgate"
+
+
+def test_standalone_traces_endpoint_and_configured_service_name() -> None:
+    with OtlpReceiver() as receiver:
+        run_standalone(
+            {
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.traces_url,
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+                "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+            }
+        )
+        spans = receiver.wait_for_spans(2)
+    assert {s.name for s in spans} == {"standalone-req", "auth"}
+    assert spans[0].resource["service.name"] == "from-config"
+
+
+def test_standalone_without_otel_env_does_not_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+    assert build_tracer_provider() is None
+    telemetry = Telemetry(standalone=True)
+    assert not telemetry.owns_provider
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)  # global left alone
+    with telemetry.start_request("req", headers=[]) as root:
+        root.end(200)
+    assert len(root.trace_id_hex) == 32
+
+
+def test_build_tracer_provider_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
+    assert build_tracer_provider() is None  # an explicit "none" wins over an endpoint
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    provider = build_tracer_provider("svc")
+    assert provider is not None and provider.resource.attributes["service.name"] == "svc"
+    provider.shutdown()
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    with pytest.raises(ValueError, match="http/json"):
+        build_tracer_provider()
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "jaeger-thrift-nope")
+    with pytest.raises(ValueError, match="jaeger-thrift-nope"):
+        build_tracer_provider()
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert build_tracer_provider() is None
+
+
+def test_receiver_accepts_otlp_json() -> None:
+    body = {
+        "resourceSpans": [
+            {
+                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "js"}}]},
+                "scopeSpans": [
+                    {
+                        "scope": {"name": "lib"},
+                        "spans": [
+                            {
+                                "traceId": CALLER_TRACE.upper(),
+                                "spanId": CALLER_SPAN,
+                                "name": "json-span",
+                                "kind": 3,
+                                "attributes": [
+                                    {"key": "n", "value": {"intValue": "7"}},
+                                    {"key": "l", "value": {"arrayValue": {"values": [{"stringValue": "a"}]}}},
+                                ],
+                                "status": {"code": 2},
+                            }
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
+    with OtlpReceiver() as receiver, httpx.Client() as client:
+        assert client.post(receiver.traces_url, json=body).status_code == 200
+        assert client.post(receiver.traces_url, content=b"\xff garbage").status_code == 400
+        (span,) = receiver.spans
+    assert span.trace_id == CALLER_TRACE and span.span_id == CALLER_SPAN and span.parent_span_id == ""
+    assert (span.kind, span.status, span.scope) == ("CLIENT", "ERROR", "lib")
+    assert span.attributes == {"n": 7, "l": ["a"]} and span.resource == {"service.name": "js"}
+    assert receiver.rejected == 1
+
+
+# --- metrics ---
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    body, _ = metrics.render()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def test_metrics_move_and_render() -> None:
+    metrics = Metrics()
+    for _ in range(2):
+        metrics.observe_request("/v1/embeddings", "openai/te3", 200, "miss")
+    metrics.observe_request("/v1/embeddings", "openai/te3", 429, "bypass")
+    metrics.observe_attempt("openai", "te3", 200, 0.012)
+    metrics.observe_attempt("openai", "te3", "timeout", 30.0)
+    metrics.observe_usage("team-a", "openai/te3", 120, 0.0024)
+    metrics.observe_usage("team-a", "openai/te3", 0, 0.0)  # a cache hit: nothing billed
+    metrics.observe_budget_rejection("api_key", "tokens")
+    metrics.observe_cache_items(hits=3, misses=1)
+    metrics.set_cache_bytes_source(lambda: 4096)
+
+    got = samples(metrics)
+
+    def value(name: str, **labels: str) -> float:
+        return got[(name, frozenset(labels.items()))]
+
+    route = {"route": "/v1/embeddings", "model": "openai/te3"}
+    assert value("embedgate_requests_total", **route, status="200", cache="miss") == 2
+    assert value("embedgate_requests_total", **route, status="429", cache="bypass") == 1
+    assert value("embedgate_upstream_attempts_total", provider="openai", model="te3", status="timeout") == 1
+    assert value("embedgate_upstream_latency_seconds_count", provider="openai", model="te3") == 2
+    assert value("embedgate_upstream_latency_seconds_bucket", provider="openai", model="te3", le="0.025") == 1
+    assert value("embedgate_upstream_latency_seconds_bucket", provider="openai", model="te3", le="30.0") == 2
+    assert value("embedgate_tokens_total", key="team-a", model="openai/te3") == 120
+    assert value("embedgate_spend_usd_total", key="team-a", model="openai/te3") == pytest.approx(0.0024)
+    assert value("embedgate_budget_rejections_total", scope="api_key", dimension="tokens") == 1
+    assert value("embedgate_cache_items_total", result="hit") == 3
+    assert value("embedgate_cache_items_total", result="miss") == 1
+    assert value("embedgate_cache_bytes") == 4096
+
+
+def test_two_gateways_have_separate_registries() -> None:
+    first, second = Metrics(), Metrics()
+    first.observe_budget_rejection("workspace", "cost")
+    assert (
+        "embedgate_budget_rejections_total",
+        frozenset({("scope", "workspace"), ("dimension", "cost")}),
+    ) in (samples(first))
+    assert not any(name == "embedgate_budget_rejections_total" for name, _ in samples(second))
+
+
+def test_label_sets_beyond_the_limit_fold_into_other() -> None:
+    metrics = Metrics(max_series=2)
+    for model in ("m1", "m2", "m3", "m4"):
+        metrics.observe_request("/v1/embeddings", model, 404, "bypass")
+    got = samples(metrics)
+    requests = {labels: v for (name, labels), v in got.items() if name == "embedgate_requests_total"}
+    assert len(requests) == 3
+    other = frozenset({("route", "other"), ("model", "other"), ("status", "other"), ("cache", "other")})
+    assert requests[other] == 2
+
+
+def test_failing_cache_bytes_callback_does_not_break_the_scrape() -> None:
+    metrics = Metrics()
+
+    def broken() -> float:
+        raise RuntimeError("store gone")
+
+    metrics.set_cache_bytes_source(broken)
+    body, content_type = metrics.render()
+    assert b"embedgate_cache_bytes NaN" in body and content_type.startswith("text/plain")
+    body, content_type = metrics.render("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
+
+
+MULTIPROC_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from embedgate.metrics import Metrics
+    metrics = Metrics()
+    for _ in range(int(sys.argv[1])):
+        metrics.observe_request("/v1/embeddings", "openai/te3", 200, "hit")
+    if sys.argv[2] == "render":
+        sys.stdout.write(metrics.render()[0].decode())
+    """
+)
+
+
+def test_metrics_aggregate_worker_processes(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    env["PYTHONPATH"] = str(ROOT / "middleware")
+    outputs = []
+    for count, action in ((3, "quiet"), (4, "render")):
+        result = subprocess.run(
+            [sys.executable, "-c", MULTIPROC_SCRIPT, str(count), action],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout)
+    line = 'embedgate_requests_total{cache="hit",model="openai/te3",route="/v1/embeddings",status="200"} 7.0'
+    assert line in outputs[1].splitlines()
+
+
+# --- logs ---
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.BytesIO]:
+    structlog.reset_defaults()
+    out = io.BytesIO()
+    assert logs.configure_logging(file=out)
+    yield out
+    logs.clear_request()
+    structlog.reset_defaults()
+
+
+def lines(out: io.BytesIO) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_access_log_is_one_json_line_with_bound_request_fields(log_output: io.BytesIO) -> None:
+    logs.bind_request(request_id="req-1", trace_id=CALLER_TRACE, span_id=CALLER_SPAN)
+    logs.bind_request(key_id="team-a")  # bound later, after authentication
+    structlog.get_logger("host.app").info("host work", step=1)
+    logs.access_log(
+        status=200,
+        latency_ms=12.34567,
+        route="/v1/embeddings",
+        identity="user-9",
+        model="openai/te3",
+        cache="partial",
+        tokens=42,
+        cost_usd=0.00084,
+        attempts=2,
+    )
+    logs.clear_request()
+    structlog.get_logger("host.app").info("after the request")
+
+    host, access, after = lines(log_output)
+    ids = {"request_id": "req-1", "trace_id": CALLER_TRACE, "span_id": CALLER_SPAN, "key_id": "team-a"}
+    assert host["event"] == "host work" and host.items() >= ids.items()
+    assert access == {
+        **ids,
+        "event": "request",
+        "logger": "embedgate.access",
+        "level": "info",
+        "timestamp": access["timestamp"],
+        "status": 200,
+        "latency_ms": 12.346,
+        "route": "/v1/embeddings",
+        "identity": "user-9",
+        "model": "openai/te3",
+        "cache": "partial",
+        "tokens": 42,
+        "cost_usd": 0.00084,
+        "attempts": 2,
+    }
+    assert access["timestamp"].endswith("Z") and "T" in access["timestamp"]
+    assert "request_id" not in after
+
+
+def test_clear_request_restores_the_hosts_own_bindings(log_output: io.BytesIO) -> None:
+    structlog.contextvars.bind_contextvars(request_id="host-rid", tenant="acme")
+    try:
+        logs.bind_request(request_id="gw-rid")
+        logs.access_log(status=503, latency_ms=1.0)
+        logs.clear_request()
+        structlog.get_logger().info("host line")
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id", "tenant")
+    access, host = lines(log_output)
+    assert access["request_id"] == "gw-rid" and access["level"] == "warning"
+    assert host["request_id"] == "host-rid" and host["tenant"] == "acme"
+
+
+def test_configure_logging_is_idempotent_and_keeps_a_host_configuration() -> None:
+    structlog.reset_defaults()
+    try:
+        out = io.BytesIO()
+        assert logs.configure_logging(file=out)
+        assert not logs.configure_logging(file=out)  # same arguments: nothing to do
+
+        host_processors: list[Processor] = [
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.JSONRenderer(),
+        ]
+        structlog.configure(processors=host_processors)
+        assert not logs.configure_logging(file=out)
+        assert structlog.get_config()["processors"] is host_processors
+        assert logs.configure_logging(file=out, replace_host_config=True)
+        assert structlog.get_config()["processors"] is not host_processors
+    finally:
+        structlog.reset_defaults()
