@@ -6,7 +6,8 @@
         spans = receiver.wait_for_spans(1)
 
 It accepts ``POST /v1/traces`` with protobuf (``application/x-protobuf``) or OTLP/JSON (``application/json``)
-bodies, gzip-compressed or not, and records each span with its resource attributes.
+bodies, gzip-compressed or not, and records each span with its resource attributes. With ``grpc=True`` it
+also serves OTLP/gRPC's TraceService on a second port (``grpc_endpoint``), recording into the same list.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -53,8 +55,11 @@ class ReceivedSpan:
 class OtlpReceiver:
     """The receiver; a context manager that starts the server on a free port and stops it on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, grpc: bool = False) -> None:
         self._spans: list[ReceivedSpan] = []
+        self._grpc_enabled = grpc
+        self._grpc_server: Any = None
+        self._grpc_port = 0
         self._changed = threading.Condition()
         self.requests = 0  # export requests accepted
         self.rejected = 0  # requests that could not be decoded
@@ -76,6 +81,13 @@ class OtlpReceiver:
         """The base URL, for ``OTEL_EXPORTER_OTLP_ENDPOINT``."""
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
+
+    @property
+    def grpc_endpoint(self) -> str:
+        """The OTLP/gRPC endpoint, for ``OTEL_EXPORTER_OTLP_ENDPOINT`` with protocol ``grpc``."""
+        if not self._grpc_port:
+            raise RuntimeError("this receiver was not started with grpc=True")
+        return f"http://127.0.0.1:{self._grpc_port}"
 
     @property
     def traces_url(self) -> str:
@@ -106,12 +118,17 @@ class OtlpReceiver:
                 self._changed.wait(remaining)
 
     def start(self) -> OtlpReceiver:
-        """Start serving in the background thread."""
+        """Start serving in the background thread (and the gRPC server's)."""
         self._thread.start()
+        if self._grpc_enabled:
+            self._start_grpc()
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the socket."""
+        """Stop serving and close the sockets."""
+        if self._grpc_server is not None:
+            self._grpc_server.stop(grace=None).wait(5)
+            self._grpc_server = None
         if self._thread.is_alive():
             self._server.shutdown()
             self._thread.join(timeout=5)
@@ -151,15 +168,35 @@ class OtlpReceiver:
                 self.rejected += 1
             self._reply(handler, 400, str(exc).encode(), "text/plain")
             return
-        with self._changed:
-            self._spans.extend(spans)
-            self.requests += 1
-            self._changed.notify_all()
+        self._record(spans)
         if content_type == "application/json":
             self._reply(handler, 200, b"{}", "application/json")
         else:
             reply = ExportTraceServiceResponse().SerializeToString()
             self._reply(handler, 200, reply, "application/x-protobuf")
+
+    def _record(self, spans: list[ReceivedSpan]) -> None:
+        with self._changed:
+            self._spans.extend(spans)
+            self.requests += 1
+            self._changed.notify_all()
+
+    def _start_grpc(self) -> None:
+        import grpc  # type: ignore[import-untyped]
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+        receiver = self
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: ExportTraceServiceRequest, context: Any) -> ExportTraceServiceResponse:
+                receiver._record(_spans_from_proto(request))
+                return ExportTraceServiceResponse()
+
+        server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), server)  # type: ignore[no-untyped-call]
+        self._grpc_port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        self._grpc_server = server
 
     @staticmethod
     def _reply(handler: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str) -> None:

@@ -384,6 +384,16 @@ def test_standalone_traces_endpoint_and_configured_service_name() -> None:
     assert spans[0].resource["service.name"] == "from-config"
 
 
+def test_standalone_exports_over_otlp_grpc_from_env() -> None:
+    with OtlpReceiver(grpc=True) as receiver:
+        run_standalone(
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint}
+        )
+        spans = {s.name: s for s in receiver.wait_for_spans(2)}
+    assert spans["auth"].parent_span_id == spans["standalone-req"].span_id
+    assert spans["auth"].resource["service.name"] == "from-config"
+
+
 def test_standalone_without_otel_env_does_not_trace(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("OTEL_"):
