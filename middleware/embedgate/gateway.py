@@ -19,6 +19,7 @@ import httpx
 import orjson
 import structlog
 
+from .cache import VectorCache
 from .config import Config, load_config
 from .errors import (
     Dialect,
@@ -83,6 +84,7 @@ class EmbeddingGateway:
         self._open = False
         self._opening = asyncio.Lock()
         self.router: Router | None = None
+        self.cache: VectorCache | None = None
         self.pipeline: Pipeline | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------------
@@ -95,7 +97,8 @@ class EmbeddingGateway:
             self._client = self._given_client or make_http_client()
             adapters = {name: build_adapter(p, self._client) for name, p in self.config.providers.items()}
             self.router = Router(self.config, adapters)
-            self.pipeline = Pipeline(self.config, self.router)
+            self.cache = VectorCache.from_config(self.config.redis_url, self.config.cache.max_bytes)
+            self.pipeline = Pipeline(self.config, self.router, self.cache)
             self._open = True
 
     async def shutdown(self) -> None:
@@ -107,6 +110,8 @@ class EmbeddingGateway:
             if self._client is not None and self._given_client is None:
                 await self._client.aclose()
             self._client = None
+            if self.cache is not None:
+                await self.cache.close()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def wrapped_receive() -> Message:
@@ -245,7 +250,9 @@ class EmbeddingGateway:
 
     async def _readyz(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
         checks: dict[str, Any] = {}
-        ok = True
+        if self.cache is not None:
+            checks["cache"] = {"backend": self.cache.backend, "ok": await self.cache.ping()}
+        ok = all(c["ok"] for c in checks.values())
         body = {"status": "ready" if ok else "unavailable", "checks": checks,
                 "deployments": self.router.status() if self.router else {}}  # fmt: skip
         return (200 if ok else 503), orjson.dumps(body), {}

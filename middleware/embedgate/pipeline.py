@@ -17,10 +17,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cache import CachedItem, Coalescer, VectorCache, item_key
 from .config import Config, KeyConfig, hash_key
 from .errors import Dialect, Forbidden, GatewayError, InvalidRequest, Unauthorized
 from .request import EmbeddingRequest, parse_request
-from .routing import ResolvedModel, Router
+from .routing import ResolvedModel, RouteResult, Router
 
 __all__ = ["Call", "KeyIndex", "Pipeline"]
 
@@ -46,6 +47,8 @@ class Call:
     billed_tokens: int = 0  # tokens actually spent upstream by this request
     cost_usd: float = 0.0
     cache_status: str = "bypass"
+    cache_ttl: int | None = None
+    cache_keys: list[str] = field(default_factory=list)
     attempts: int = 0
     deployment: str = ""
     done: bool = False
@@ -93,13 +96,17 @@ Stage = Callable[[Call], Awaitable[None]]
 class Pipeline:
     """Runs the stages of one request in order; stage objects hold only precomputed, per-process state."""
 
-    def __init__(self, config: Config, router: Router, stages_after_auth: list[Stage] | None = None) -> None:
+    def __init__(self, config: Config, router: Router, cache: VectorCache, stages: list[Stage] | None = None) -> None:
         self._config = config
         self._router = router
+        self._cache = cache
+        self._coalescer: Coalescer[tuple[str, CachedItem]] = Coalescer()
         self._keys = KeyIndex(config.keys)
         self._unknown = config.server.unknown_fields
         self._default_retry = config.routing.default_retry
-        self.stages: list[Stage] = [self.normalize, self.authenticate, *(stages_after_auth or []), self.route]
+        self._cache_cfg = config.cache
+        extra = stages or []
+        self.stages: list[Stage] = [self.normalize, self.authenticate, self.cache_lookup, *extra, self.route]
 
     @property
     def keys(self) -> KeyIndex:
@@ -143,12 +150,92 @@ class Pipeline:
         call.vectors = [None] * len(req.items)
         call.item_tokens = [0] * len(req.items)
 
+    async def cache_lookup(self, call: Call) -> None:
+        """Answer what the exact-match cache holds, per item; ``x-embedgate-cache`` tells the outcome."""
+        req = call.request
+        assert req is not None and call.key is not None
+        cfg = self._cache_cfg
+        if req.cache is None and not cfg.enabled_by_default:
+            return  # bypass
+        ttl = req.cache.ttl if req.cache is not None and req.cache.ttl is not None else cfg.default_ttl
+        if ttl > cfg.max_ttl:
+            raise InvalidRequest(f"Invalid 'cache.ttl': {ttl} s is above the maximum of {cfg.max_ttl} s",
+                                 param="cache.ttl")  # fmt: skip
+        call.cache_ttl = ttl
+        call.cache_keys = self._item_keys(call, call.chain[0].id)
+        found = await self._cache.get_many(call.cache_keys)
+        hits = 0
+        for i, item in enumerate(found):
+            if item is not None:
+                call.vectors[i] = item.vector
+                call.item_tokens[i] = item.tokens
+                hits += 1
+        call.cache_status = "hit" if hits == len(found) else "partial" if hits else "miss"
+        if hits == len(found):
+            call.served_model = call.chain[0].id
+            call.prompt_tokens = sum(call.item_tokens)
+
+    def _item_keys(self, call: Call, model: str, positions: list[int] | None = None) -> list[str]:
+        req = call.request
+        assert req is not None and call.key is not None
+        items = req.items if positions is None else [req.items[p] for p in positions]
+        workspace = call.key.workspace
+        return [item_key(workspace=workspace, model=model, dimensions=req.dimensions, input_type=req.input_type,
+                         item=item) for item in items]  # fmt: skip
+
     async def route(self, call: Call) -> None:
-        """Embed the items still missing, through the router."""
+        """Embed the items still missing, through the router (and the miss coalescer when caching)."""
         req = call.request
         assert req is not None
         positions = call.missing()
-        result = await self._router.embed(req, positions, call.chain)
+        if not positions:
+            return
+        if call.cache_ttl is None:
+            result = await self._router.embed(req, positions, call.chain)
+            self._take(call, positions, result)
+            return
+        keys = [call.cache_keys[p] for p in positions]
+        fetched_here: set[int] = set()
+
+        async def fetch(idx: list[int]) -> list[tuple[str, CachedItem]]:
+            own = [positions[i] for i in idx]
+            result = await self._router.embed(req, own, call.chain)
+            fetched_here.update(own)
+            self._take(call, own, result)
+            return [(result.model, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]))  # type: ignore[arg-type]
+                    for p in own]  # fmt: skip
+
+        results = await self._coalescer.run(keys, fetch)
+        for pos, (model, item) in zip(positions, results, strict=True):
+            if pos not in fetched_here:  # coalesced: another request paid for it
+                call.vectors[pos] = item.vector
+                call.item_tokens[pos] = item.tokens
+                if not call.served_model:
+                    call.served_model = model
+        served = call.served_model
+        # Vectors of different models live in different spaces: one response never mixes them. When a fallback
+        # served the misses, the items answered for another model are embedded again by the one that served.
+        foreign = [p for p, (m, _) in zip(positions, results, strict=True) if m != served]
+        if call.cache_status in ("hit", "partial") and served != call.chain[0].id:
+            foreign += [p for p in range(len(req.items)) if p not in positions]
+        if foreign:
+            again = await self._router.embed(req, sorted(foreign), [self._router.resolve(served)])
+            self._take(call, sorted(foreign), again)
+            fetched_here.update(foreign)
+        fresh = sorted(fetched_here)
+        if fresh:
+            keys_served = self._item_keys(call, served, fresh)
+            await self._cache.set_many(
+                [(k, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]))  # type: ignore[arg-type]
+                 for k, p in zip(keys_served, fresh, strict=True)],
+                call.cache_ttl,
+            )  # fmt: skip
+        call.cache_status = "hit" if not fetched_here else "miss" if len(fetched_here) == len(req.items) else "partial"
+        call.prompt_tokens = sum(call.item_tokens)
+
+    def _take(self, call: Call, positions: list[int], result: RouteResult) -> None:
+        req = call.request
+        assert req is not None
         for pos, vec in zip(positions, result.vectors, strict=True):
             call.vectors[pos] = vec
         shares = apportion(result.prompt_tokens, [weight(req.items[p]) for p in positions])
@@ -159,8 +246,7 @@ class Pipeline:
         call.prompt_tokens = sum(call.item_tokens)
         call.attempts += result.attempts
         call.deployment = result.deployment
-        price = result.price_per_million_tokens
-        call.cost_usd += result.prompt_tokens * (price or 0.0) / 1_000_000
+        call.cost_usd += result.prompt_tokens * (result.price_per_million_tokens or 0.0) / 1_000_000
 
 
 def weight(item: Any) -> int:

@@ -1,0 +1,310 @@
+"""The exact-match cache as clients see it: hit, partial, miss, bit-exact across encodings, tenants, TTL,
+fallbacks, coalescing, two processes sharing Redis, and Redis going away and coming back."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from embedgate.config import Config, parse_config
+from tests.conftest import KEY, OTHER_KEY, config_dict, gateway
+from tests.fake_upstream import Fault, FakeUpstream, expected_vector, free_port
+from tests.redis_util import require_redis
+
+SAME_WORKSPACE_KEY = "sk-test-team-a2-5555555555"
+CACHE = {"type": "exact_match"}
+
+
+def cache_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
+    data = config_dict(upstream_url, **overrides)
+    data["keys"] = [
+        *data["keys"],
+        {"id": "team-a2", "key": SAME_WORKSPACE_KEY, "workspace": "acme", "project": "other"},
+    ]
+    return data
+
+
+@pytest.fixture
+async def client(upstream: FakeUpstream) -> AsyncIterator[httpx.AsyncClient]:
+    app = gateway(parse_config(cache_config(upstream.url, cache={"max_ttl": 3600}), env={}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        yield c
+    await app.shutdown()
+
+
+async def embed(c: httpx.AsyncClient, inputs: Any, key: str = KEY, **extra: Any) -> httpx.Response:
+    body = {"model": "local/embed-small", "input": inputs, "cache": CACHE, **extra}
+    r = await c.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def floats(r: httpx.Response) -> list[np.ndarray[Any, Any]]:
+    out = []
+    for d in r.json()["data"]:
+        e = d["embedding"]
+        out.append(np.frombuffer(base64.b64decode(e), "<f4") if isinstance(e, str) else np.asarray(e, "<f4"))
+    return out
+
+
+@pytest.mark.anyio
+async def test_miss_then_hit_then_partial(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    r = await embed(client, ["a", "b"])
+    assert r.headers["x-embedgate-cache"] == "miss"
+    assert len(upstream.calls) == 1
+    r = await embed(client, ["a", "b"])
+    assert r.headers["x-embedgate-cache"] == "hit"
+    assert len(upstream.calls) == 1
+    r = await embed(client, ["b", "c", "a", "d"])
+    assert r.headers["x-embedgate-cache"] == "partial"
+    assert len(upstream.calls) == 2
+    assert upstream.calls[1].body["input"] == ["c", "d"]  # only the new items, in one call
+    for vec, text in zip(floats(r), ["b", "c", "a", "d"], strict=True):
+        np.testing.assert_array_equal(vec, expected_vector("embed-small", text))
+    assert [d["index"] for d in r.json()["data"]] == [0, 1, 2, 3]
+    # usage on a hit reports the tokens recorded when the item was first embedded
+    r = await embed(client, ["a", "b"])
+    assert r.json()["usage"]["prompt_tokens"] == 2
+
+
+@pytest.mark.anyio
+async def test_without_cache_field_it_is_bypassed(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    for _ in range(2):
+        r = await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "x"},
+                              headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.headers["x-embedgate-cache"] == "bypass"
+    assert len(upstream.calls) == 2
+
+
+@pytest.mark.anyio
+async def test_deprecated_orq_cache_enables_it(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    for expected in ("miss", "hit"):
+        r = await client.post("/v2/router/embeddings",
+                              json={"model": "local/embed-small", "input": "x", "orq": {"cache": CACHE}},
+                              headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.headers["x-embedgate-cache"] == expected
+    assert len(upstream.calls) == 1
+
+
+@pytest.mark.anyio
+async def test_float_then_base64_bit_exact(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    first = await embed(client, ["alpha", "beta"], encoding_format="float")
+    second = await embed(client, ["alpha", "beta"], encoding_format="base64")
+    assert second.headers["x-embedgate-cache"] == "hit"
+    for a, b in zip(floats(first), floats(second), strict=True):
+        assert a.tobytes() == b.tobytes()
+    assert isinstance(second.json()["data"][0]["embedding"], str)
+
+
+@pytest.mark.anyio
+async def test_workspaces_are_isolated_keys_of_one_workspace_share(client: httpx.AsyncClient,
+                                                                   upstream: FakeUpstream) -> None:  # fmt: skip
+    await embed(client, "shared text")
+    r = await embed(client, "shared text", key=SAME_WORKSPACE_KEY)
+    assert r.headers["x-embedgate-cache"] == "hit"
+    r = await client.post("/v1/embeddings", json={"model": "backup/embed-small", "input": "shared text",
+                                                  "cache": CACHE},
+                          headers={"authorization": f"Bearer {OTHER_KEY}"})  # fmt: skip
+    assert r.headers["x-embedgate-cache"] == "miss"  # another model, and another workspace
+    assert len(upstream.calls) == 2
+
+
+@pytest.mark.anyio
+async def test_dimensions_and_input_type_are_in_the_key(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    await embed(client, "t")
+    assert (await embed(client, "t", dimensions=4)).headers["x-embedgate-cache"] == "miss"
+    assert (await embed(client, "t", input_type="query")).headers["x-embedgate-cache"] == "miss"
+    assert (await embed(client, "t", user="someone", name="n")).headers["x-embedgate-cache"] == "hit"
+
+
+@pytest.mark.anyio
+async def test_ttl_expiry_and_max_ttl(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    await embed(client, "short-lived", cache={"type": "exact_match", "ttl": 1})
+    assert (await embed(client, "short-lived")).headers["x-embedgate-cache"] == "hit"
+    await anyio.sleep(1.2)
+    assert (await embed(client, "short-lived")).headers["x-embedgate-cache"] == "miss"
+    r = await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "x",
+                                                  "cache": {"type": "exact_match", "ttl": 3601}},
+                          headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "cache.ttl"
+
+
+@pytest.mark.anyio
+async def test_fallback_vectors_are_cached_under_the_fallback_model(client: httpx.AsyncClient,
+                                                                    upstream: FakeUpstream) -> None:  # fmt: skip
+    upstream.script.append(Fault("status", 503, model="embed-small"))
+    body = {"fallbacks": [{"model": "local/embed-b"}], "retry": {"count": 0, "on_codes": [503]}}
+    r = await embed(client, ["x", "y"], **body)
+    assert r.json()["model"] == "local/embed-b"
+    # never served as the primary model's
+    r = await embed(client, ["x", "y"])
+    assert r.headers["x-embedgate-cache"] == "miss"
+    assert r.json()["model"] == "local/embed-small"
+    np.testing.assert_array_equal(floats(r)[0], expected_vector("embed-small", "x"))
+    # but a request for the fallback model itself hits
+    r = await client.post("/v1/embeddings", json={"model": "local/embed-b", "input": ["x", "y"], "cache": CACHE},
+                          headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert r.headers["x-embedgate-cache"] == "hit"
+
+
+@pytest.mark.anyio
+async def test_a_partial_hit_never_mixes_models(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    await embed(client, ["cached"])
+    upstream.script.append(Fault("status", 503, model="embed-small"))
+    r = await embed(client, ["cached", "new"], fallbacks=[{"model": "local/embed-b"}],
+                    retry={"count": 0, "on_codes": [503]})  # fmt: skip
+    assert r.json()["model"] == "local/embed-b"
+    for vec, text in zip(floats(r), ["cached", "new"], strict=True):
+        np.testing.assert_array_equal(vec, expected_vector("embed-b", text))
+
+
+@pytest.mark.anyio
+async def test_fifty_concurrent_identical_misses_make_one_upstream_call(client: httpx.AsyncClient,
+                                                                       upstream: FakeUpstream) -> None:  # fmt: skip
+    upstream.script.append(Fault("slow", delay=0.3))  # keep the first call in flight while the others arrive
+    statuses: list[str] = []
+
+    async def one() -> None:
+        r = await embed(client, "a brand new text")
+        statuses.append(r.headers["x-embedgate-cache"])
+        np.testing.assert_array_equal(floats(r)[0], expected_vector("embed-small", "a brand new text"))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(one)
+    assert len(upstream.calls) == 1
+    assert sorted(statuses) == ["hit"] * 49 + ["miss"]
+
+
+@pytest.mark.anyio
+async def test_memory_backend_stays_within_max_bytes(upstream: FakeUpstream) -> None:
+    max_bytes = 64 * 1024
+    app = gateway(parse_config(cache_config(upstream.url, cache={"max_bytes": max_bytes}), env={}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        # 8 dims x 4 bytes + key: ~90 bytes an entry; 10x max_bytes of entries
+        batch = 256
+        total = 0
+        n = 0
+        while total < 10 * max_bytes:
+            r = await embed(c, [f"fill {n + i}" for i in range(batch)])
+            n += batch
+            total += batch * (8 * 4 + 4 + 48)
+        assert app.cache is not None
+        used = app.cache.bytes_used()
+        assert 0 < used <= max_bytes
+        r = await embed(c, [f"fill {n - 1}"])
+        assert r.headers["x-embedgate-cache"] == "hit"  # the newest stay
+        r = await embed(c, ["fill 0"])
+        assert r.headers["x-embedgate-cache"] == "miss"  # the oldest went
+    await app.shutdown()
+
+
+# --- Redis: shared across processes, and outages -------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, upstream_url: str, redis_url: str, workspace: str) -> Path:
+    data = config_dict(upstream_url, redis_url=redis_url)
+    data["keys"][0]["workspace"] = workspace
+    path = tmp_path / f"gw-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(config_path: Path) -> str:
+        port = free_port()
+        env = {**os.environ, "OTEL_TRACES_EXPORTER": "none"}
+        proc = subprocess.Popen([sys.executable, "-m", "embedgate.cli", "serve", "--config", str(config_path),
+                                 "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "proxy did not start"
+            time.sleep(0.1)
+
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait(20)
+
+
+def post(url: str, text: str) -> httpx.Response:
+    r = httpx.post(f"{url}/v1/embeddings", json={"model": "local/embed-small", "input": text, "cache": CACHE},
+                   headers={"authorization": f"Bearer {KEY}"}, timeout=10)  # fmt: skip
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_two_processes_share_one_redis(tmp_path: Path, upstream: FakeUpstream,
+                                       start_proxy: Callable[[Path], str]) -> None:  # fmt: skip
+    redis_url = require_redis()
+    workspace = f"ws-{uuid.uuid4().hex}"
+    cfg = write_config(tmp_path, upstream.url, redis_url, workspace)
+    first, second = start_proxy(cfg), start_proxy(cfg)
+    assert post(first, "embedded once").headers["x-embedgate-cache"] == "miss"
+    assert post(second, "embedded once").headers["x-embedgate-cache"] == "hit"
+    assert len(upstream.calls) == 1
+
+
+def test_redis_outage_is_a_miss_and_caching_resumes(tmp_path: Path, upstream: FakeUpstream,
+                                                    start_proxy: Callable[[Path], str]) -> None:  # fmt: skip
+    require_redis()
+    server = shutil.which("redis-server")
+    assert server is not None
+    port = free_port()
+    cmd = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+    def start_redis() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        import socket
+
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return proc
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+    redis_proc = start_redis()
+    try:
+        url = start_proxy(write_config(tmp_path, upstream.url, f"redis://127.0.0.1:{port}/0", "ws-outage"))
+        assert post(url, "before").headers["x-embedgate-cache"] == "miss"
+        assert post(url, "before").headers["x-embedgate-cache"] == "hit"
+        redis_proc.terminate()
+        redis_proc.wait(10)
+        for _ in range(3):  # Redis is gone: still served, as misses
+            assert post(url, "during").headers["x-embedgate-cache"] == "miss"
+        redis_proc = start_redis()
+        time.sleep(1.1)  # the store rests for a second after a failure before it is tried again
+        assert post(url, "after").headers["x-embedgate-cache"] == "miss"
+        assert post(url, "after").headers["x-embedgate-cache"] == "hit"  # resumed, no restart
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait(10)
