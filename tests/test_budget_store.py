@@ -115,7 +115,7 @@ async def token_usage(eng: BudgetEngine) -> int:
     return used
 
 
-# --- the store protocol ----------------------------------------------------------------------------------
+# --- the store protocol ---------------------------------------------------------------------------
 
 
 @pytest.mark.anyio
@@ -188,7 +188,7 @@ async def test_adjust_moves_existing_counters_only_and_never_below_zero(store: B
     assert got.values == (0, 0)  # clamped; a counter that does not exist (expired) is not recreated
 
 
-# --- the engine on each store ----------------------------------------------------------------------------
+# --- the engine on each store ---------------------------------------------------------------------
 
 
 @pytest.mark.anyio
@@ -452,7 +452,7 @@ async def test_two_processes_sharing_redis_admit_exactly_the_rate_limit(anyio_ba
         await _delete_prefix(url, prefix)
 
 
-# --- identities --------------------------------------------------------------------------------------------
+# --- identities -----------------------------------------------------------------------------------
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -1,0 +1,467 @@
+"""The budget engine: scopes, dimensions, ``*`` targets, headers, failure modes, estimates and prices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from embedgate.budgets import (
+    BUILTIN_PRICES,
+    IMAGE_TOKEN_ALLOWANCE,
+    SPECIAL_TOKENS_PER_ITEM,
+    BudgetEngine,
+    CounterSpec,
+    MemoryBudgetStore,
+    ReadResult,
+    RedisBudgetStore,
+    ReserveResult,
+    Subject,
+    WindowSpec,
+    cost_usd,
+    estimate_tokens,
+    model_price,
+    period_bounds,
+)
+from embedgate.config import BudgetConfig, Deployment, ModelConfig
+from embedgate.errors import BudgetExceeded, Dialect, Unavailable, render_error
+
+CLOSED_REDIS = "redis://127.0.0.1:6391/0"  # nothing listens here
+T0 = datetime(2025, 3, 14, 12, 0, tzinfo=UTC).timestamp()
+ALICE = Subject(
+    workspace="acme",
+    project="search",
+    api_key="team-a",
+    provider="openai",
+    model="openai/text-embedding-3-small",
+    identity="alice",
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Clock:
+    """A settable clock (Unix seconds)."""
+
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def budgets(*items: BudgetConfig) -> tuple[BudgetConfig, ...]:
+    return tuple(replace(b, index=i) for i, b in enumerate(items))
+
+
+def engine(*items: BudgetConfig, clock: Clock | None = None, **kw: Any) -> BudgetEngine:
+    return BudgetEngine(budgets(*items), MemoryBudgetStore(), clock=clock or Clock(), **kw)
+
+
+async def refusal(eng: BudgetEngine, subject: Subject = ALICE, **kw: Any) -> BudgetExceeded:
+    with pytest.raises(BudgetExceeded) as exc:
+        await eng.reserve(subject, **{"tokens": 1, "cost_usd": 0.0, **kw})
+    return exc.value
+
+
+# --- scopes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scope", "target", "counted_as", "other"),
+    [
+        ("workspace", "acme", "acme", replace(ALICE, workspace="beta")),
+        ("project", "search", "acme/search", replace(ALICE, project="ads")),
+        # a qualified target: the same project name in another workspace is another project
+        ("project", "acme/search", "acme/search", replace(ALICE, workspace="beta")),
+        ("api_key", "team-a", "team-a", replace(ALICE, api_key="team-b")),
+        (
+            "provider",
+            "openai",
+            "openai",
+            replace(ALICE, provider="cohere", model="cohere/embed-english-v3.0"),
+        ),
+        ("model", ALICE.model, ALICE.model, replace(ALICE, model="openai/text-embedding-3-large")),
+        ("identity", "alice", "alice", replace(ALICE, identity="bob")),
+    ],
+)
+@pytest.mark.anyio
+async def test_each_scope_gates_its_target_only(
+    scope: str, target: str, counted_as: str, other: Subject
+) -> None:
+    eng = engine(BudgetConfig(scope=scope, target=target, requests_per_minute=2))
+    for _ in range(2):
+        await eng.reserve(ALICE, tokens=1, cost_usd=0.0)
+    err = await refusal(eng)
+    assert (err.scope_kind, err.scope_target_id, err.dimension) == (scope, counted_as, "requests")
+    await eng.reserve(other, tokens=1, cost_usd=0.0)  # another target of the scope is not touched
+
+
+@pytest.mark.anyio
+async def test_identity_budgets_apply_only_to_requests_with_an_identity() -> None:
+    eng = engine(BudgetConfig(scope="identity", target="*", requests_per_minute=1))
+    anonymous = replace(ALICE, identity=None)
+    for _ in range(3):
+        res = await eng.reserve(anonymous, tokens=1, cost_usd=0.0)
+        assert res.decision == "none"
+    await eng.reserve(ALICE, tokens=1, cost_usd=0.0)
+    assert (await refusal(eng)).scope_target_id == "alice"
+
+
+@pytest.mark.anyio
+async def test_star_target_is_a_separate_budget_per_id() -> None:
+    eng = engine(BudgetConfig(scope="identity", target="*", token_limit=100))
+    bob = replace(ALICE, identity="bob")
+    await eng.reserve(ALICE, tokens=100, cost_usd=0.0)
+    err = await refusal(eng, tokens=1)
+    assert (err.scope_kind, err.scope_target_id) == ("identity", "alice")
+    res = await eng.reserve(bob, tokens=100, cost_usd=0.0)  # alice exhausting hers leaves bob's untouched
+    assert res.headers()["x-ratelimit-remaining-tokens"] == "0"
+    rows = await eng.usage()
+    assert [(r["id"], r["tokens"]["used"]) for r in rows] == [("alice", 100), ("bob", 100)]
+    orjson.dumps(rows)  # JSON-ready
+
+
+@pytest.mark.anyio
+async def test_every_applicable_budget_is_a_hard_gate() -> None:
+    eng = engine(
+        BudgetConfig(scope="workspace", target="acme", token_limit=1000),
+        BudgetConfig(scope="api_key", target="team-a", token_limit=50),
+        BudgetConfig(scope="model", target="*", token_limit=10_000),
+    )
+    await eng.reserve(ALICE, tokens=50, cost_usd=0.0)
+    err = await refusal(eng, tokens=1)  # the workspace and model have room; the key does not
+    assert (err.scope_kind, err.scope_target_id) == ("api_key", "team-a")
+    teammate = replace(ALICE, api_key="team-b")
+    await eng.reserve(teammate, tokens=900, cost_usd=0.0)
+    err = await refusal(eng, teammate, tokens=51)
+    assert (err.scope_kind, err.scope_target_id) == ("workspace", "acme")
+
+
+# --- dimensions -----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_token_budget_refusal() -> None:
+    eng = engine(BudgetConfig(scope="api_key", target="team-a", period="monthly", token_limit=100))
+    await eng.reserve(ALICE, tokens=60, cost_usd=0.0)
+    err = await refusal(eng, tokens=60)
+    assert (err.status, err.code, err.dimension) == (429, "token_budget_exceeded", "tokens")
+    assert err.headers["x-should-retry"] == "false"  # a period budget does not recover within a retry loop
+    assert "retry-after" not in err.headers
+    assert err.headers["x-ratelimit-remaining-tokens"] == "40"
+    body = orjson.loads(render_error(err, Dialect.ORQ))["error"]
+    assert (body["code"], body["scope_kind"], body["scope_target_id"], body["dimension"]) == (
+        "token_budget_exceeded", "api_key", "team-a", "tokens",
+    )  # fmt: skip
+    await eng.reserve(ALICE, tokens=40, cost_usd=0.0)  # what fits is still admitted
+
+
+@pytest.mark.anyio
+async def test_cost_budget_refusal() -> None:
+    eng = engine(BudgetConfig(scope="project", target="search", amount_usd=0.001))
+    await eng.reserve(ALICE, tokens=1, cost_usd=0.0006)
+    err = await refusal(eng, cost_usd=0.0006)
+    assert (err.code, err.dimension, err.scope_target_id) == ("cost_budget_exceeded", "cost", "acme/search")
+    assert err.headers["x-should-retry"] == "false"
+    assert err.headers["x-ratelimit-remaining-cost"] == "0.0004"
+
+
+@pytest.mark.anyio
+async def test_rate_limit_refusal_says_when_to_retry() -> None:
+    clock = Clock()
+    eng = engine(BudgetConfig(scope="api_key", target="team-a", requests_per_minute=1), clock=clock)
+    await eng.reserve(ALICE, tokens=1, cost_usd=0.0)
+    clock.t = T0 + 20.5
+    err = await refusal(eng)
+    assert (err.code, err.dimension) == ("requests_per_minute_exceeded", "requests")
+    assert err.headers["retry-after"] == "40"  # ceil(39.5): the window admits one more at T0 + 60
+    assert "x-should-retry" not in err.headers
+    assert err.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+@pytest.mark.anyio
+async def test_period_budget_refusal_is_reported_before_a_rate_limit() -> None:
+    # both are full: telling the client to retry in a few seconds would be wrong
+    eng = engine(BudgetConfig(scope="api_key", target="team-a", token_limit=5, requests_per_minute=1))
+    await eng.reserve(ALICE, tokens=5, cost_usd=0.0)
+    assert (await refusal(eng)).code == "token_budget_exceeded"
+
+
+# --- headers --------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_headers_count_down() -> None:
+    eng = engine(
+        BudgetConfig(
+            scope="api_key", target="team-a", token_limit=1000, amount_usd=0.5, requests_per_minute=5
+        )
+    )
+    seen = []
+    for _ in range(5):
+        res = await eng.reserve(ALICE, tokens=100, cost_usd=0.00002)
+        h = res.headers()
+        seen.append((h["x-ratelimit-remaining-requests"], h["x-ratelimit-remaining-tokens"],
+                     h["x-ratelimit-remaining-cost"]))  # fmt: skip
+    assert seen == [
+        ("4", "900", "0.49998"),
+        ("3", "800", "0.49996"),
+        ("2", "700", "0.49994"),
+        ("1", "600", "0.49992"),
+        ("0", "500", "0.4999"),
+    ]
+    h = res.headers()
+    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-limit-tokens"], h["x-ratelimit-limit-cost"]) == (
+        "5", "1000", "0.5",
+    )  # fmt: skip
+    assert h["x-ratelimit-reset-requests"] == "60"  # the oldest request leaves the window in 60 s
+    assert h["x-ratelimit-reset-tokens"] == h["x-ratelimit-reset-cost"] == str(12 * 3600)  # to UTC midnight
+
+
+@pytest.mark.anyio
+async def test_headers_show_the_most_restrictive_budget_per_dimension() -> None:
+    eng = engine(
+        BudgetConfig(scope="workspace", target="acme", token_limit=1000, requests_per_minute=100),
+        BudgetConfig(scope="api_key", target="team-a", token_limit=500, requests_per_minute=3),
+    )
+    h = (await eng.reserve(ALICE, tokens=10, cost_usd=0.0)).headers()
+    assert (h["x-ratelimit-limit-tokens"], h["x-ratelimit-remaining-tokens"]) == ("500", "490")
+    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == ("3", "2")
+    # another key of the workspace spends most of it: now the workspace has the least left, and wins
+    await eng.reserve(replace(ALICE, api_key="team-b"), tokens=900, cost_usd=0.0)
+    h = (await eng.reserve(ALICE, tokens=10, cost_usd=0.0)).headers()
+    assert (h["x-ratelimit-limit-tokens"], h["x-ratelimit-remaining-tokens"]) == ("1000", "80")
+    assert "x-ratelimit-limit-cost" not in h  # no budget limits spend
+
+
+@pytest.mark.anyio
+async def test_budgets_counting_the_same_thing_share_one_counter() -> None:
+    eng = engine(
+        BudgetConfig(scope="api_key", target="team-a", token_limit=1000),
+        BudgetConfig(scope="api_key", target="*", token_limit=300),
+    )
+    h = (await eng.reserve(ALICE, tokens=100, cost_usd=0.0)).headers()
+    assert (h["x-ratelimit-limit-tokens"], h["x-ratelimit-remaining-tokens"]) == ("300", "200")
+    rows = await eng.usage(scope="api_key")
+    assert [r["tokens"]["used"] for r in rows] == [100, 100]  # charged once, seen by both
+
+
+# --- settle, release, cache hits ------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_release_after_a_failed_upstream_leaves_the_budget_usable() -> None:
+    eng = engine(BudgetConfig(scope="api_key", target="team-a", token_limit=100, requests_per_minute=3))
+    res = await eng.reserve(ALICE, tokens=80, cost_usd=0.0)
+    assert (await refusal(eng, tokens=30)).code == "token_budget_exceeded"
+    await eng.release(res)
+    res2 = await eng.reserve(ALICE, tokens=80, cost_usd=0.0)
+    # the released request still counts against the rate limit: 2 of 3 used
+    assert res2.headers()["x-ratelimit-remaining-requests"] == "1"
+    await eng.reserve(ALICE, tokens=20, cost_usd=0.0)
+    assert (await refusal(eng, tokens=0)).code == "requests_per_minute_exceeded"
+
+
+@pytest.mark.anyio
+async def test_settle_charges_the_real_usage_once() -> None:
+    eng = engine(BudgetConfig(scope="api_key", target="team-a", token_limit=1000, amount_usd=1.0))
+    res = await eng.reserve(ALICE, tokens=400, cost_usd=0.4)
+    await eng.settle(res, tokens=250, cost_usd=0.25)
+    await eng.settle(res, tokens=250, cost_usd=0.25)
+    await eng.release(res)  # after a settle, a release is a no-op too
+    (row,) = await eng.usage()
+    assert (row["tokens"]["used"], row["cost_usd"]["used"]) == (250, 0.25)
+    assert row["cost_usd"]["remaining"] == 0.75
+
+
+@pytest.mark.anyio
+async def test_cache_hits_charge_only_requests() -> None:
+    eng = engine(
+        BudgetConfig(
+            scope="api_key", target="team-a", token_limit=100, amount_usd=0.01, requests_per_minute=3
+        )
+    )
+    await eng.reserve(ALICE, tokens=100, cost_usd=0.01)  # tokens and spend exhausted
+    hit = await eng.reserve(ALICE, tokens=100, cost_usd=0.01, cached=True)
+    assert hit.decision == "reserved"
+    assert hit.headers()["x-ratelimit-remaining-requests"] == "1"
+    assert "x-ratelimit-remaining-tokens" not in hit.headers()
+    (row,) = await eng.usage()
+    assert (row["tokens"]["used"], row["cost_usd"]["used"], row["requests_per_minute"]["used"]) == (
+        100,
+        0.01,
+        2,
+    )
+    await eng.reserve(ALICE, tokens=5, cost_usd=0.0, cached=True)
+    assert (await refusal(eng, cached=True)).code == "requests_per_minute_exceeded"
+
+
+@pytest.mark.anyio
+async def test_cache_hit_without_rate_limits_needs_no_budget() -> None:
+    eng = engine(BudgetConfig(scope="api_key", target="team-a", token_limit=1))
+    await eng.reserve(ALICE, tokens=1, cost_usd=0.0)
+    assert (await eng.reserve(ALICE, tokens=10, cost_usd=0.0, cached=True)).decision == "none"
+
+
+# --- store failures -------------------------------------------------------------------------------
+
+
+class CountingStore(MemoryBudgetStore):
+    """A memory store that counts the calls made to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def reserve(
+        self,
+        counters: Sequence[CounterSpec],
+        windows: Sequence[WindowSpec],
+        *,
+        now_ms: int,
+        window_ms: int,
+        member: str,
+        index: Sequence[tuple[str, str]] = (),
+    ) -> ReserveResult:
+        self.calls += 1
+        return await super().reserve(
+            counters, windows, now_ms=now_ms, window_ms=window_ms, member=member, index=index
+        )
+
+    async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int) -> None:
+        self.calls += 1
+        await super().adjust(deltas, now_ms=now_ms)
+
+    async def read(
+        self, counters: Sequence[str], windows: Sequence[str], *, now_ms: int, window_ms: int
+    ) -> ReadResult:
+        self.calls += 1
+        return await super().read(counters, windows, now_ms=now_ms, window_ms=window_ms)
+
+
+@pytest.mark.anyio
+async def test_no_store_call_when_no_budget_applies() -> None:
+    store = CountingStore()
+    eng = BudgetEngine(budgets(BudgetConfig(scope="api_key", target="team-b", token_limit=10)), store)
+    res = await eng.reserve(ALICE, tokens=100, cost_usd=1.0)
+    await eng.settle(res, tokens=90, cost_usd=0.9)
+    assert (res.decision, res.headers(), store.calls) == ("none", {}, 0)
+    await eng.reserve(replace(ALICE, api_key="team-b"), tokens=1, cost_usd=0.0)
+    assert store.calls == 1
+
+
+@pytest.mark.anyio
+async def test_fail_closed_when_redis_is_unreachable() -> None:
+    store = RedisBudgetStore(CLOSED_REDIS, socket_timeout=0.5)
+    eng = BudgetEngine(budgets(BudgetConfig(scope="api_key", target="team-a", token_limit=10)), store)
+    try:
+        with pytest.raises(Unavailable) as exc:
+            await eng.reserve(ALICE, tokens=1, cost_usd=0.0)
+        assert (exc.value.status, exc.value.code) == (503, "store_unavailable")
+        assert "budget store unavailable" in exc.value.message
+        assert not await store.ping()
+        with pytest.raises(Unavailable):
+            await eng.usage()
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_fail_open_admits_and_warns_once_per_interval() -> None:
+    store = RedisBudgetStore(CLOSED_REDIS, socket_timeout=0.5)
+    eng = BudgetEngine(
+        budgets(BudgetConfig(scope="api_key", target="team-a", token_limit=10)), store, fail_open=True
+    )
+    try:
+        with capture_logs() as logs:
+            first = await eng.reserve(ALICE, tokens=100, cost_usd=0.0)
+            second = await eng.reserve(ALICE, tokens=100, cost_usd=0.0)
+        assert (first.decision, second.decision) == ("fail_open", "fail_open")
+        assert first.headers() == {}
+        assert [e["log_level"] for e in logs] == ["warning"]
+        await eng.settle(first, tokens=5, cost_usd=0.0)
+        await eng.release(second)
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_settle_and_release_never_raise_when_the_store_fails() -> None:
+    the_budgets = budgets(BudgetConfig(scope="api_key", target="team-a", token_limit=1000))
+    healthy = BudgetEngine(the_budgets, MemoryBudgetStore())
+    res1 = await healthy.reserve(ALICE, tokens=100, cost_usd=0.0)
+    res2 = await healthy.reserve(ALICE, tokens=100, cost_usd=0.0)
+    store = RedisBudgetStore(CLOSED_REDIS, socket_timeout=0.5)
+    broken = BudgetEngine(the_budgets, store)  # as if the store went down after the reservation
+    try:
+        with capture_logs() as logs:
+            await broken.settle(res1, tokens=50, cost_usd=0.0)
+            await broken.release(res2)
+        assert [e["log_level"] for e in logs] == ["warning", "warning"]
+    finally:
+        await store.aclose()
+
+
+# --- estimates, prices, periods -------------------------------------------------------------------
+
+
+def test_estimate_tokens_bounds_text_by_its_utf8_bytes() -> None:
+    extra = SPECIAL_TOKENS_PER_ITEM
+    assert estimate_tokens("hello") == 5 + extra
+    assert estimate_tokens(["hello", "héllo", "日本"]) == (5 + extra) + (6 + extra) + (6 + extra)
+    assert estimate_tokens([1, 2, 3]) == 3  # one token-id list: exact
+    assert estimate_tokens([(1, 2, 3), [4, 5]]) == 5
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    item = {"content": [{"type": "text", "text": "a cat"}, image, image]}
+    assert estimate_tokens([item]) == 5 + extra + 2 * IMAGE_TOKEN_ALLOWANCE
+    assert estimate_tokens([item], image_tokens=10) == 5 + extra + 20
+
+
+def test_cost_and_prices() -> None:
+    assert cost_usd(1_000_000, 0.02) == pytest.approx(0.02)
+    assert cost_usd(1500, 0.13) == pytest.approx(0.000195)
+    assert BUILTIN_PRICES["openai/text-embedding-3-small"] == 0.02
+    models = {
+        "openai/text-embedding-3-small": ModelConfig(
+            id="openai/text-embedding-3-small", deployments=(), price_per_million_tokens=0.5
+        )
+    }
+    assert model_price("openai/text-embedding-3-small", models) == 0.5  # configured beats built-in
+    assert model_price("openai/text-embedding-3-large", models) == 0.13
+    local = Deployment(provider="local", upstream_model="te3s", price_per_million_tokens=0.0)
+    assert model_price("openai/text-embedding-3-small", models, local) == 0.0
+    assert model_price("local/unknown", models) is None
+
+
+@pytest.mark.parametrize(
+    ("period", "at", "stamp", "end"),
+    [
+        ("daily", datetime(2025, 3, 14, 23, 59, tzinfo=UTC), "2025-03-14", datetime(2025, 3, 15, tzinfo=UTC)),
+        ("weekly", datetime(2025, 3, 16, 23, 0, tzinfo=UTC), "2025-W11", datetime(2025, 3, 17, tzinfo=UTC)),
+        ("weekly", datetime(2025, 3, 17, 0, 0, tzinfo=UTC), "2025-W12", datetime(2025, 3, 24, tzinfo=UTC)),
+        (
+            "weekly",
+            datetime(2024, 12, 31, tzinfo=UTC),
+            "2025-W01",
+            datetime(2025, 1, 6, tzinfo=UTC),
+        ),  # ISO year
+        ("monthly", datetime(2024, 12, 31, 5, tzinfo=UTC), "2024-12", datetime(2025, 1, 1, tzinfo=UTC)),
+        ("monthly", datetime(2024, 2, 29, tzinfo=UTC), "2024-02", datetime(2024, 3, 1, tzinfo=UTC)),
+        ("yearly", datetime(2025, 7, 1, tzinfo=UTC), "2025", datetime(2026, 1, 1, tzinfo=UTC)),
+    ],
+)
+def test_period_bounds_are_utc_calendar_periods(period: str, at: datetime, stamp: str, end: datetime) -> None:
+    assert period_bounds(period, at.timestamp()) == (stamp, end.timestamp())
+
+
+def test_one_time_period_never_ends() -> None:
+    assert period_bounds("one_time", T0) == ("all", None)
