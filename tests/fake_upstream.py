@@ -194,3 +194,25 @@ class FakeUpstream:
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(10)
+
+
+def main() -> None:
+    """``python -m tests.fake_upstream --port 9000``: a local OpenAI-compatible upstream for trying the proxy."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--dims", type=int, default=1536)
+    args = parser.parse_args()
+    with FakeUpstream(dims=args.dims, port=args.port) as up:
+        print(f"fake upstream at {up.url} ({args.dims} dimensions); Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
