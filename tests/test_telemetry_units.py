@@ -583,13 +583,24 @@ def test_metrics_aggregate_worker_processes(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def log_output() -> Iterator[io.BytesIO]:
+def fresh_structlog(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Unconfigured structlog for the test; whatever configuration other tests made is put back after."""
+    was_configured, saved = structlog.is_configured(), structlog.get_config()
+    for name in ("_installed", "_installed_args", "_access"):  # embedgate.logs' memory of its own config
+        monkeypatch.setattr(logs, name, getattr(logs, name))
     structlog.reset_defaults()
-    out = io.BytesIO()
-    assert logs.configure_logging(file=out)
-    yield out
+    yield
     logs.clear_request()
     structlog.reset_defaults()
+    if was_configured:
+        structlog.configure(**saved)
+
+
+@pytest.fixture
+def log_output(fresh_structlog: None) -> io.BytesIO:
+    out = io.BytesIO()
+    assert logs.configure_logging(file=out)
+    return out
 
 
 def lines(out: io.BytesIO) -> list[dict[str, Any]]:
@@ -651,21 +662,17 @@ def test_clear_request_restores_the_hosts_own_bindings(log_output: io.BytesIO) -
     assert host["request_id"] == "host-rid" and host["tenant"] == "acme"
 
 
-def test_configure_logging_is_idempotent_and_keeps_a_host_configuration() -> None:
-    structlog.reset_defaults()
-    try:
-        out = io.BytesIO()
-        assert logs.configure_logging(file=out)
-        assert not logs.configure_logging(file=out)  # same arguments: nothing to do
+def test_configure_logging_is_idempotent_and_keeps_a_host_configuration(fresh_structlog: None) -> None:
+    out = io.BytesIO()
+    assert logs.configure_logging(file=out)
+    assert not logs.configure_logging(file=out)  # same arguments: nothing to do
 
-        host_processors: list[Processor] = [
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.JSONRenderer(),
-        ]
-        structlog.configure(processors=host_processors)
-        assert not logs.configure_logging(file=out)
-        assert structlog.get_config()["processors"] is host_processors
-        assert logs.configure_logging(file=out, replace_host_config=True)
-        assert structlog.get_config()["processors"] is not host_processors
-    finally:
-        structlog.reset_defaults()
+    host_processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.JSONRenderer(),
+    ]
+    structlog.configure(processors=host_processors)
+    assert not logs.configure_logging(file=out)
+    assert structlog.get_config()["processors"] is host_processors
+    assert logs.configure_logging(file=out, replace_host_config=True)
+    assert structlog.get_config()["processors"] is not host_processors
