@@ -52,6 +52,7 @@ __all__ = [
     "ReserveResult",
     "Subject",
     "WindowSpec",
+    "budget_store",
     "cost_usd",
     "estimate_tokens",
     "model_price",
@@ -530,6 +531,11 @@ class RedisBudgetStore:
         await self._redis.aclose()
 
 
+def budget_store(redis_url: str = "") -> MemoryBudgetStore | RedisBudgetStore:
+    """The budget store for a config's ``redis_url`` (empty: in process memory, for one process only)."""
+    return RedisBudgetStore(redis_url) if redis_url else MemoryBudgetStore()
+
+
 # --- the engine --------------------------------------------------------------------------------
 
 
@@ -624,7 +630,12 @@ class BudgetEngine:
         return self._store
 
     def applicable(self, subject: Subject) -> list[tuple[BudgetConfig, str]]:
-        """Every budget that applies to ``subject``, with the concrete id it counts under."""
+        """Every budget that applies to ``subject``, with the concrete id it counts under.
+
+        Project ids are qualified by their workspace (``acme/search``); a project budget's target may name the
+        project alone (every workspace's project of that name, each counted on its own) or qualified.
+        Identity budgets apply only when the request has an identity.
+        """
         ids: list[tuple[str, str, tuple[str, ...]]] = [
             ("workspace", subject.workspace, (subject.workspace,)),
             # a project target may name the project alone or qualified, "workspace/project"
@@ -682,8 +693,8 @@ class BudgetEngine:
         counters, windows, index = self._gates(subject, now, cached)
         if not counters and not windows:
             return Reservation(rid, "none")
-        cost_nano = 0 if cached else round(cost_usd * NANO)
-        tokens = 0 if cached else tokens
+        cost_nano = 0 if cached else max(0, round(cost_usd * NANO))
+        tokens = 0 if cached else max(0, tokens)
         specs = [
             CounterSpec(
                 g.key,
