@@ -142,3 +142,11 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     r = subprocess.run([*EMBEDGATE, "serve", "--config", str(path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "keys: must be a list" in r.stderr
+
+
+def test_example_config_is_valid() -> None:
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([*EMBEDGATE, "check-config", str(root / "examples" / "embedgate.yaml")],
+                       capture_output=True, text=True, timeout=60, env={k: v for k, v in os.environ.items()
+                                                                        if not k.startswith("EMBEDGATE_")})  # fmt: skip
+    assert r.returncode == 0, r.stderr
