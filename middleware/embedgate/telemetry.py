@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from contextvars import Token
 from importlib.metadata import entry_points
 from random import getrandbits
 from types import TracebackType
@@ -130,7 +131,7 @@ class _Scoped:
     def __init__(self, span: Span) -> None:
         self._span = span
         self._recording = span.is_recording()
-        self._token: object | None = None
+        self._token: Token[Context] | None = None
         self._ended = False
 
     @property
@@ -154,7 +155,7 @@ class _Scoped:
 
     def _detach(self) -> None:
         if self._token is not None:
-            otel_context.detach(self._token)  # type: ignore[arg-type]
+            otel_context.detach(self._token)
             self._token = None
 
 
