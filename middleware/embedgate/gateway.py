@@ -19,18 +19,30 @@ import httpx
 import orjson
 import structlog
 
+from opentelemetry.trace import TracerProvider
+
+from .budgets import BudgetEngine, budget_store
 from .cache import VectorCache
-from .config import Config, load_config
+from .config import Config, hash_key, load_config
 from .errors import (
+    BudgetExceeded,
     Dialect,
     GatewayError,
+    InvalidRequest,
+    NotFound,
     PayloadTooLarge,
+    Unauthorized,
     UnsupportedMediaType,
     render_error,
 )
+from .identities import IdentityStore, identity_store
+from .logs import access_log, bind_request, clear_request, configure_logging
+from .metrics import Metrics
+from .observe import ObservedAttempts
 from .pipeline import Call, Pipeline
 from .providers import build_adapter, make_http_client
 from .routing import Router
+from .telemetry import Telemetry
 from .vectors import bytes_to_b64, bytes_to_floats
 
 __all__ = ["EmbeddingGateway"]
@@ -64,6 +76,8 @@ class EmbeddingGateway:
         config: Config | str | None = None,
         *,
         http_client: httpx.AsyncClient | None = None,
+        tracer_provider: TracerProvider | None = None,
+        metrics: Metrics | None = None,
         standalone: bool = False,
     ) -> None:
         self.app = app
@@ -76,10 +90,19 @@ class EmbeddingGateway:
             prefix + "/v1/models": self._models,
             prefix + "/healthz": self._healthz,
             prefix + "/readyz": self._readyz,
+            prefix + "/metrics": self._metrics_endpoint,
+            prefix + "/admin/usage": self._admin_usage,
+            prefix + "/admin/identities": self._admin_identities,
         }
         self._max_body = self.config.server.max_body_bytes
         self._standalone = standalone
         self._given_client = http_client
+        self._tracer_provider = tracer_provider
+        self.metrics = metrics or Metrics()
+        self.telemetry: Telemetry | None = None
+        self.budgets: BudgetEngine | None = None
+        self.identities: IdentityStore | None = None
+        self._access_log = self.config.telemetry.access_log
         self._client: httpx.AsyncClient | None = None
         self._open = False
         self._opening = asyncio.Lock()
@@ -96,9 +119,17 @@ class EmbeddingGateway:
                 return
             self._client = self._given_client or make_http_client()
             adapters = {name: build_adapter(p, self._client) for name, p in self.config.providers.items()}
-            self.router = Router(self.config, adapters)
+            configure_logging()
+            self.telemetry = Telemetry(self._tracer_provider, service_name=self.config.telemetry.service_name,
+                                       standalone=self._standalone)  # fmt: skip
+            self.router = Router(self.config, adapters, hook=ObservedAttempts(self.telemetry, self.metrics))
             self.cache = VectorCache.from_config(self.config.redis_url, self.config.cache.max_bytes)
-            self.pipeline = Pipeline(self.config, self.router, self.cache)
+            self.metrics.set_cache_bytes_source(self.cache.bytes_used)
+            self.budgets = BudgetEngine(self.config.budgets, budget_store(self.config.redis_url),
+                                        fail_open=self.config.budget_options.fail_open)  # fmt: skip
+            self.identities = identity_store(self.config.redis_url)
+            self.pipeline = Pipeline(self.config, self.router, self.cache, self.budgets, self.identities,
+                                     self.telemetry)  # fmt: skip
             self._open = True
 
     async def shutdown(self) -> None:
@@ -112,6 +143,12 @@ class EmbeddingGateway:
             self._client = None
             if self.cache is not None:
                 await self.cache.close()
+            if self.budgets is not None:
+                await self.budgets.store.aclose()
+            if self.identities is not None:
+                await self.identities.aclose()
+            if self.telemetry is not None:
+                self.telemetry.shutdown()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def wrapped_receive() -> Message:
@@ -152,6 +189,7 @@ class EmbeddingGateway:
     async def _embed(self, scope: Scope, receive: Receive, send: Send, dialect: Dialect) -> None:
         if not self._open:
             await self.startup()
+        assert self.pipeline is not None and self.telemetry is not None
         headers = _headers(scope)
         rid = headers.get("x-request-id")
         request_id = rid if rid and _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex
@@ -165,27 +203,101 @@ class EmbeddingGateway:
         error: GatewayError | None = None
         try:
             call.body = await self._read_body(headers, receive)
-            assert self.pipeline is not None
-            await self.pipeline.run(call)
-            status, body = 200, self._render(call)
+            await self.pipeline.normalize(call)
         except GatewayError as err:
             error = err
-            status, body = err.status, render_error(err, dialect)
-            call.headers.update(err.headers)
-        except Exception:
-            log.exception("unhandled error", request_id=request_id)
-            error = GatewayError("Internal error in the gateway; see its logs for this request id")
-            status, body = 500, render_error(error, dialect)
-        for finish in call.finish:
+        req = call.request
+        name = (req.name or f"embeddings {req.model}") if req is not None else "embeddings"
+        with self.telemetry.start_request(name, headers=scope["headers"]) as root:
+            bind_request(request_id=request_id, trace_id=root.trace_id_hex, span_id=root.span_id_hex)
             try:
-                await finish(call, error)
-            except Exception:
-                log.exception("finishing the request failed", request_id=request_id)
-        out = [_JSON, (b"x-request-id", request_id.encode())]
-        out.append((b"x-embedgate-cache", call.cache_status.encode()))
-        out.extend((k.encode(), v.encode()) for k, v in call.headers.items())
-        await send({"type": "http.response.start", "status": status, "headers": out})
-        await send({"type": "http.response.body", "body": body})
+                if error is None:
+                    try:
+                        await self.pipeline.run(call)
+                    except GatewayError as err:
+                        error = err
+                    except Exception:
+                        log.exception("unhandled error", request_id=request_id)
+                        error = GatewayError("Internal error in the gateway; see its logs for this request id")
+                if error is None:
+                    status, body = 200, self._render(call)
+                else:
+                    status, body = error.status, render_error(error, dialect)
+                    call.headers.update(error.headers)
+                    if isinstance(error, BudgetExceeded):
+                        self.metrics.observe_budget_rejection(error.scope_kind, error.dimension)
+                for finish in call.finish:
+                    try:
+                        await finish(call, error)
+                    except Exception:
+                        log.exception("finishing the request failed", request_id=request_id)
+                self._annotate(root, call, error)
+                root.end(status, error_type=error.code if error is not None and status >= 500 else None)
+                out = [_JSON, (b"x-request-id", request_id.encode()),
+                       (b"x-embedgate-trace-id", root.trace_id_hex.encode()),
+                       (b"x-embedgate-cache", call.cache_status.encode())]  # fmt: skip
+                out.extend((k.encode(), v.encode()) for k, v in call.headers.items())
+                await send({"type": "http.response.start", "status": status, "headers": out})
+                await send({"type": "http.response.body", "body": body})
+                self._account(call, status, error)
+            finally:
+                clear_request()
+
+    def _annotate(self, root: Any, call: Call, error: GatewayError | None) -> None:
+        """Span attributes of the request: ids, cache and budget outcome; never a key or the input."""
+        if not root.is_recording:
+            return
+        req, key = call.request, call.key
+        root.set("gen_ai.operation.name", "embeddings")
+        root.set("embedgate.request_id", call.request_id)
+        root.set("embedgate.route", call.dialect.value)
+        root.set("embedgate.cache", call.cache_status)
+        root.set("embedgate.budget.decision", call.budget_decision if not isinstance(error, BudgetExceeded)
+                 else "rejected")  # fmt: skip
+        if req is not None:
+            root.set("gen_ai.request.model", req.model)
+            root.set("embedgate.input_count", len(req.items))
+            root.set("embedgate.encoding_format", req.encoding_format)
+            if req.identity:
+                root.set("embedgate.identity_id", req.identity["id"])
+        if key is not None:
+            root.set("embedgate.key_id", key.id)
+            root.set("embedgate.workspace", key.workspace)
+            root.set("embedgate.project", key.project)
+        if isinstance(error, BudgetExceeded):
+            root.set("embedgate.budget.scope", error.scope_kind)
+            root.set("embedgate.budget.dimension", error.dimension)
+        if error is not None and error.code:
+            root.set("embedgate.error.code", error.code)
+        if error is None:
+            root.set("gen_ai.response.model", call.served_model)
+            root.set("gen_ai.usage.input_tokens", call.prompt_tokens)
+            root.set("embedgate.cost_usd", call.cost_usd)
+            root.set("embedgate.attempts", call.attempts)
+
+    def _account(self, call: Call, status: int, error: GatewayError | None) -> None:
+        """Metrics and the one access line of the request."""
+        req, key = call.request, call.key
+        model = call.served_model or (req.model if req is not None else "")
+        self.metrics.observe_request(call.dialect.value, model if key is not None else "", status, call.cache_status)
+        if key is not None and call.billed_tokens:
+            self.metrics.observe_usage(key.id, call.served_model, call.billed_tokens, call.cost_usd)
+        if call.cache_status != "bypass" and error is None:
+            self.metrics.observe_cache_items(len(call.vectors) - call.items_fetched, call.items_fetched)
+        if self._access_log:
+            access_log(
+                status=status,
+                latency_ms=round((time.perf_counter() - call.started) * 1000, 3),
+                route=call.dialect.value,
+                key_id=key.id if key is not None else None,
+                identity=req.identity["id"] if req is not None and req.identity else None,
+                model=call.served_model or None,
+                cache=call.cache_status,
+                tokens=call.prompt_tokens if error is None else None,
+                cost_usd=call.cost_usd if error is None else None,
+                attempts=call.attempts,
+                error=error.code if error is not None else None,
+            )
 
     async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
         ctype = headers.get("content-type")
@@ -248,14 +360,68 @@ class EmbeddingGateway:
     async def _healthz(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
         return 200, b'{"status":"ok"}', {}
 
+    async def _metrics_endpoint(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
+        body, ctype = self.metrics.render(_headers(scope).get("accept"))
+        return 200, body, {"content-type": ctype}
+
+    def _admin(self, scope: Scope) -> None:
+        digest = self.config.admin.sha256
+        if digest is None:
+            raise NotFound("The admin endpoints are off: set admin.key (or admin.sha256) in the config")
+        auth = _headers(scope).get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or hash_key(token.strip()) != digest:
+            raise Unauthorized("The admin endpoints need 'Authorization: Bearer <admin key>'", param="authorization")
+
+    async def _admin_usage(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
+        assert self.budgets is not None
+        try:
+            self._admin(scope)
+            query = _query(scope)
+            scope_filter = query.get("scope")
+            rows = await self.budgets.usage(scope=scope_filter)
+        except GatewayError as err:
+            return err.status, render_error(err, Dialect.OPENAI), {}
+        return 200, orjson.dumps({"object": "list", "data": rows}), {}
+
+    async def _admin_identities(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
+        assert self.identities is not None
+        try:
+            self._admin(scope)
+            query = _query(scope)
+            limit = query.get("limit", "100")
+            if not limit.isdigit() or not 0 < int(limit) <= 10000:
+                raise InvalidRequest("Invalid 'limit': an integer from 1 to 10000", param="limit")
+            if "id" in query:
+                found = await self.identities.get(query["id"])
+                items = [found] if found is not None else []
+            else:
+                items = await self.identities.list(int(limit))
+        except GatewayError as err:
+            return err.status, render_error(err, Dialect.OPENAI), {}
+        except ConnectionError:
+            err = GatewayError("The identity store is unavailable")
+            err.status = 503
+            return 503, render_error(err, Dialect.OPENAI), {}
+        return 200, orjson.dumps({"object": "list", "data": [i.to_dict() for i in items]}), {}
+
     async def _readyz(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
         checks: dict[str, Any] = {}
         if self.cache is not None:
             checks["cache"] = {"backend": self.cache.backend, "ok": await self.cache.ping()}
+        if self.budgets is not None:
+            checks["budgets"] = {"backend": "redis" if self.config.redis_url else "memory",
+                                 "ok": await self.budgets.store.ping()}  # fmt: skip
         ok = all(c["ok"] for c in checks.values())
         body = {"status": "ready" if ok else "unavailable", "checks": checks,
                 "deployments": self.router.status() if self.router else {}}  # fmt: skip
         return (200 if ok else 503), orjson.dumps(body), {}
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -263,10 +429,7 @@ def _headers(scope: Scope) -> dict[str, str]:
 
 
 async def _send(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
-    out = [_JSON, *((k.encode(), v.encode()) for k, v in headers.items())]
+    ctype = headers.pop("content-type", None)
+    out = [(b"content-type", ctype.encode()) if ctype else _JSON, *((k.encode(), v.encode()) for k, v in headers.items())]
     await send({"type": "http.response.start", "status": status, "headers": out})
     await send({"type": "http.response.body", "body": body})
-
-
-def _now() -> float:
-    return time.perf_counter()

@@ -1,6 +1,6 @@
 """The request pipeline: small stages over one typed :class:`Call`, in one readable list.
 
-    normalize -> authenticate -> cache lookup -> budget -> route -> (cache store, budget settle)
+    normalize -> auth -> cache (lookup) -> budget (reserve) -> routing -> (cache store; budget settle/release)
 
 The cache is looked up before the budget is reserved, so that only the items that go upstream are estimated
 and reserved (a cache hit charges requests-per-minute only). A stage short-circuits by setting ``call.done``
@@ -17,11 +17,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .budgets import BudgetEngine, Subject, cost_usd, estimate_tokens, model_price
 from .cache import CachedItem, Coalescer, VectorCache, item_key
 from .config import Config, KeyConfig, hash_key
 from .errors import Dialect, Forbidden, GatewayError, InvalidRequest, Unauthorized
 from .request import EmbeddingRequest, parse_request
+from .identities import IdentityStore
 from .routing import ResolvedModel, RouteResult, Router
+from .telemetry import Telemetry
 
 __all__ = ["Call", "KeyIndex", "Pipeline"]
 
@@ -51,6 +54,8 @@ class Call:
     cache_keys: list[str] = field(default_factory=list)
     attempts: int = 0
     deployment: str = ""
+    budget_decision: str = "none"
+    items_fetched: int = 0  # items this request itself sent upstream
     done: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     finish: list[Callable[[Call, GatewayError | None], Awaitable[None]]] = field(default_factory=list)
@@ -96,17 +101,34 @@ Stage = Callable[[Call], Awaitable[None]]
 class Pipeline:
     """Runs the stages of one request in order; stage objects hold only precomputed, per-process state."""
 
-    def __init__(self, config: Config, router: Router, cache: VectorCache, stages: list[Stage] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        cache: VectorCache,
+        budgets: BudgetEngine,
+        identities: IdentityStore,
+        telemetry: Telemetry,
+    ) -> None:
         self._config = config
         self._router = router
         self._cache = cache
+        self._budgets = budgets
+        self._identities = identities
+        self._telemetry = telemetry
+        self._has_budgets = bool(config.budgets)
         self._coalescer: Coalescer[tuple[str, CachedItem]] = Coalescer()
         self._keys = KeyIndex(config.keys)
         self._unknown = config.server.unknown_fields
         self._default_retry = config.routing.default_retry
         self._cache_cfg = config.cache
-        extra = stages or []
-        self.stages: list[Stage] = [self.normalize, self.authenticate, self.cache_lookup, *extra, self.route]
+        # normalize runs first, on its own: the request's name names the trace that spans the other stages
+        self.stages: list[tuple[str, Stage]] = [
+            ("auth", self.authenticate),
+            ("cache", self.cache_lookup),
+            ("budget", self.budget),
+            ("routing", self.route),
+        ]
 
     @property
     def keys(self) -> KeyIndex:
@@ -114,9 +136,11 @@ class Pipeline:
         return self._keys
 
     async def run(self, call: Call) -> None:
-        """Run every stage until one completes the call."""
-        for stage in self.stages:
-            await stage(call)
+        """Run the stages after ``normalize``, each in its own span, until one completes the call."""
+        stage_span = self._telemetry.stage
+        for name, stage in self.stages:
+            with stage_span(name):
+                await stage(call)
             if call.done:
                 return
 
@@ -183,6 +207,41 @@ class Pipeline:
         return [item_key(workspace=workspace, model=model, dimensions=req.dimensions, input_type=req.input_type,
                          item=item) for item in items]  # fmt: skip
 
+    async def budget(self, call: Call) -> None:
+        """Reserve the estimated tokens and cost of what goes upstream on every applicable budget (429 if not)."""
+        req, key = call.request, call.key
+        assert req is not None and key is not None
+        identity = req.identity["id"] if req.identity else None
+        if req.identity:
+            await self._identities.touch(req.identity)
+        if not self._has_budgets:
+            return
+        model = call.chain[0]
+        subject = Subject(workspace=key.workspace, project=key.project, api_key=key.id,
+                          provider=model.id.partition("/")[0], model=model.id, identity=identity)  # fmt: skip
+        missing = call.missing()
+        if not missing:  # a full cache hit counts against requests per minute only
+            reservation = await self._budgets.reserve(subject, tokens=0, cost_usd=0.0, cached=True)
+        else:
+            tokens = estimate_tokens([req.items[i] for i in missing])
+            # the dearest model of the chain bounds what a fallback may cost
+            price = max((self._price(m.id) for m in call.chain), default=0.0)
+            reservation = await self._budgets.reserve(subject, tokens=tokens, cost_usd=cost_usd(tokens, price))
+            budgets = self._budgets
+
+            async def settle(call: Call, error: GatewayError | None) -> None:
+                if call.billed_tokens or error is None:
+                    await budgets.settle(reservation, tokens=call.billed_tokens, cost_usd=call.cost_usd)
+                else:
+                    await budgets.release(reservation)
+
+            call.finish.append(settle)
+        call.budget_decision = reservation.decision
+        call.headers.update(reservation.headers())
+
+    def _price(self, model_id: str) -> float:
+        return model_price(model_id, self._config.models) or 0.0
+
     async def route(self, call: Call) -> None:
         """Embed the items still missing, through the router (and the miss coalescer when caching)."""
         req = call.request
@@ -230,6 +289,7 @@ class Pipeline:
                  for k, p in zip(keys_served, fresh, strict=True)],
                 call.cache_ttl,
             )  # fmt: skip
+        call.items_fetched = len(fetched_here)
         call.cache_status = "hit" if not fetched_here else "miss" if len(fetched_here) == len(req.items) else "partial"
         call.prompt_tokens = sum(call.item_tokens)
 
@@ -246,7 +306,10 @@ class Pipeline:
         call.prompt_tokens = sum(call.item_tokens)
         call.attempts += result.attempts
         call.deployment = result.deployment
-        call.cost_usd += result.prompt_tokens * (result.price_per_million_tokens or 0.0) / 1_000_000
+        price = result.price_per_million_tokens
+        if price is None:
+            price = self._price(result.model)
+        call.cost_usd += cost_usd(result.prompt_tokens, price)
 
 
 def weight(item: Any) -> int:

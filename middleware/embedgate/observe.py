@@ -1,0 +1,60 @@
+"""The router's attempt hook wired to telemetry and metrics: one CLIENT span and one metric sample per attempt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import Deployment
+from .errors import GatewayError, UpstreamTimeout
+from .metrics import Metrics
+from .providers import Adapter, Embeddings
+from .request import EmbeddingRequest
+from .routing import AttemptHook
+from .telemetry import AttemptSpan, Telemetry
+
+__all__ = ["ObservedAttempts"]
+
+
+class ObservedAttempts(AttemptHook):
+    """Starts an attempt span (child of the current ``routing`` stage span) and records the attempt's metrics."""
+
+    def __init__(self, telemetry: Telemetry, metrics: Metrics) -> None:
+        self._telemetry = telemetry
+        self._metrics = metrics
+
+    def start(self, *, model: str, deployment: Deployment, adapter: Adapter, attempt: int, fallback_index: int,
+              request: EmbeddingRequest) -> Any:  # fmt: skip
+        span = self._telemetry.attempt(
+            provider=deployment.provider,
+            request_model=deployment.upstream_model,
+            server_address=adapter.server_address,
+            attempt=attempt,
+            fallback_index=fallback_index,
+            deployment=f"{deployment.provider}/{deployment.upstream_model}",
+            encoding_format="base64",
+        )
+        return (span, deployment, model)
+
+    def headers(self, token: Any) -> dict[str, str] | None:
+        span: AttemptSpan = token[0]
+        return span.trace_headers()
+
+    def end(self, token: Any, *, error: GatewayError | None, result: Embeddings | None, seconds: float) -> None:
+        span: AttemptSpan = token[0]
+        deployment: Deployment = token[1]
+        if error is None and result is not None:
+            span.succeed(response_model=deployment.upstream_model, input_tokens=result.prompt_tokens,
+                         dimension_count=result.dimensions)  # fmt: skip
+            status: int | str = 200
+        else:
+            upstream_status = getattr(error, "upstream_status", None)
+            if upstream_status is not None:
+                kind = str(upstream_status)
+            elif isinstance(error, UpstreamTimeout):
+                kind = "timeout"
+            else:
+                kind = error.code if error is not None and error.code else "error"
+            span.fail(kind, status_code=upstream_status)
+            status = kind
+        span.end()
+        self._metrics.observe_attempt(deployment.provider, token[2], status, seconds)
