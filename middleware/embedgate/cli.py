@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -51,6 +52,26 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin(args: argparse.Namespace, path: str, params: dict[str, str]) -> int:
+    import httpx
+
+    key = args.admin_key or os.environ.get("EMBEDGATE_ADMIN_KEY", "")
+    if not key:
+        print("error: give --admin-key or set EMBEDGATE_ADMIN_KEY", file=sys.stderr)
+        return 2
+    try:
+        r = httpx.get(args.url.rstrip("/") + path, params=params, headers={"authorization": f"Bearer {key}"},
+                      timeout=10)  # fmt: skip
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach {args.url}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    if r.status_code != 200:
+        print(f"error: {r.status_code} {r.text}", file=sys.stderr)
+        return 1
+    print(json.dumps(r.json()["data"], indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``embedgate`` console script."""
     parser = argparse.ArgumentParser(prog="embedgate", description="An edge reverse proxy for embedding requests.")
@@ -65,11 +86,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("config")
     hk = sub.add_parser("hash-key", help="print the sha256 form of a key, for `keys[].sha256` in the config")
     hk.add_argument("key")
+    for name, helptext in (("usage", "print current usage of every budget (GET /admin/usage)"),
+                           ("identities", "print the identities seen, most recent first (GET /admin/identities)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--url", default="http://127.0.0.1:8080", help="the running gateway (with its path prefix)")
+        p.add_argument("--admin-key", default=None, help="the admin key (default: $EMBEDGATE_ADMIN_KEY)")
+        if name == "usage":
+            p.add_argument("--scope", default=None, help="only budgets of this scope")
+        else:
+            p.add_argument("--limit", type=int, default=100)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     if args.command == "check-config":
         return _check(args.config)
+    if args.command == "usage":
+        return _admin(args, "/admin/usage", {"scope": args.scope} if args.scope else {})
+    if args.command == "identities":
+        return _admin(args, "/admin/identities", {"limit": str(args.limit)})
     print(hash_key(args.key))
     return 0
 
