@@ -89,6 +89,10 @@ def free_port() -> int:
         return port
 
 
+# Every service this run started, reported in results.json so a test can check that none outlived the run.
+STARTED: list[dict[str, Any]] = []
+
+
 class Service:
     """A server subprocess in its own process group, logging to a file, stopped (group-wide) on exit."""
 
@@ -122,6 +126,7 @@ class Service:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        STARTED.append({"name": self.name, "pid": self.proc.pid})
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -518,11 +523,19 @@ def run_embedgate(opts: Options, upstream: Service, results: dict[str, Any], run
             if traces["trace_posts"] > traces_before["trace_posts"]:
                 break
             time.sleep(0.25)
-        info["trace_exports"] = traces["trace_posts"] - traces_before["trace_posts"]
-        info["trace_export_bytes"] = traces["trace_bytes"] - traces_before["trace_bytes"]
         info["config"] = str(config)
-        # Logging is on as deployed (to the log file): its size shows that it ran.
-        info["log_bytes"] = service.log_path.stat().st_size
+    # Read after the stop, so spans flushed at shutdown count too.
+    traces = upstream_stats(upstream.url)
+    info["trace_exports"] = traces["trace_posts"] - traces_before["trace_posts"]
+    info["trace_export_bytes"] = traces["trace_bytes"] - traces_before["trace_bytes"]
+    # Logging is on as deployed (stdout and stderr to the log file): its line count shows that it ran, and
+    # the client key must never appear in it.
+    text = service.log_path.read_text(errors="replace")
+    info["log_lines"] = text.count("\n")
+    info["key_in_log"] = key in text
+    info["requests_sent"] = sum(
+        r["requests"] for r in results["scenarios"] if r["system"].startswith("embedgate")
+    )
 
 
 def run_litellm(opts: Options, upstream: Service, systems: dict[str, Any], run_system: Any) -> None:
@@ -777,7 +790,7 @@ def print_summary(results: dict[str, Any]) -> None:
         print(
             f"embedgate RSS: {eg['rss_before']['rss_kib']} KiB before, "
             f"{eg['rss_after']['rss_kib']} KiB after;"
-            f" {eg.get('trace_exports')} trace exports, {eg.get('log_bytes')} log bytes"
+            f" {eg.get('trace_exports')} trace exports, {eg.get('log_lines')} log lines"
         )
     print("ratios:", json.dumps(results["ratios"], indent=1))
 
@@ -820,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
             failed = any(info["status"] == "failed" for info in results["systems"].values())
             if failed or any(r["errors"] for r in results["scenarios"]):
                 status = 1
+    results["processes"] = STARTED
     (opts.out / "results.json").write_text(json.dumps(results, indent=2))
     if results.get("scenarios"):
         from tests.benchmarks.chart import draw

@@ -1,0 +1,130 @@
+"""Smoke run of the benchmark harness: every process starts, every scenario runs, every field is reported.
+
+Speed is not asserted (the machine is shared); only that the harness measures what it claims to measure:
+200 answers with correct vectors, cache hits that are hits, ratios computed from the run, files written and
+no process left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.benchmarks.run import CASES, compute_ratios, embedgate_cli_exists, plan
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY_FIELDS = ("requests", "ok", "errors", "statuses", "duration_s", "rps", "p50_ms", "p99_ms", "max_ms")
+Run = tuple[subprocess.CompletedProcess[str], dict[str, Any]]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The harness is synchronous; declared for the suite's anyio convention."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """One ``--quick`` run shared by the tests below (it takes ~30 s)."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.run", "--quick", "--engine", "python", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    results = json.loads((out / "results.json").read_text())
+    results["_out"] = str(out)
+    return proc, results
+
+
+def expected_systems() -> list[str]:
+    """Systems the quick run must measure: embedgate's once its CLI exists."""
+    systems = ["direct", "bare"]
+    if embedgate_cli_exists():
+        systems += ["embedgate_miss", "embedgate_hit"]
+    return systems
+
+
+def test_quick_run_measures_every_scenario(quick_run: Run) -> None:
+    proc, results = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    systems = expected_systems()
+    for name in systems:
+        assert results["systems"][name]["status"] == "measured", results["systems"][name]
+        for case, inputs in CASES.items():
+            probe = results["systems"][name]["probe"][case]
+            assert probe["status"] == 200 and probe["items"] == inputs
+    cells = {(r["system"], r["case"], r["connections"]) for r in results["scenarios"]}
+    wanted = {(s.system, s.case, s.connections) for s in plan(True, tuple(systems))}
+    assert wanted <= cells
+    for row in results["scenarios"]:
+        for field in SUMMARY_FIELDS:
+            assert row[field] is not None, (row["system"], field)
+        assert row["ok"] > 0 and row["errors"] == 0 and row["rps"] > 0
+        assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    assert results["litellm"] == "not measured"
+    assert "litellm: not measured" in proc.stdout
+    assert Path(results["_out"], "results.png").stat().st_size > 10_000
+    # The harness stopped every server it started (they were reaped, so their /proc entries are gone).
+    started = {p["name"] for p in results["processes"]}
+    assert {"upstream", "bare"} <= started
+    assert [p for p in results["processes"] if Path(f"/proc/{p['pid']}").exists()] == []
+
+
+@pytest.mark.skipif(not embedgate_cli_exists(), reason="embedgate.cli is not written yet")
+def test_quick_run_reports_embedgate_fields(quick_run: Run) -> None:
+    _, results = quick_run
+    eg = results["embedgate"]
+    assert eg["rss_before"]["rss_kib"] > 0 and eg["rss_after"]["rss_kib"] > 0
+    # The miss scenario sends fresh inputs and no cache field; the hit scenario is served from the cache.
+    hit_rows = [r for r in results["scenarios"] if r["system"] == "embedgate_hit"]
+    miss_rows = [r for r in results["scenarios"] if r["system"] == "embedgate_miss"]
+    assert all(set(r["cache"]) == {"hit"} for r in hit_rows), [r["cache"] for r in hit_rows]
+    assert all("hit" not in r["cache"] for r in miss_rows), [r["cache"] for r in miss_rows]
+    # Logging is on (one JSON line per request, never the key) and tracing too (spans reached the sink).
+    assert eg["log_lines"] >= eg["requests_sent"] > 0
+    assert eg["key_in_log"] is False
+    assert eg["trace_exports"] > 0
+    ratios = results["ratios"]
+    for case in CASES:
+        assert ratios["added_p50_ms_vs_direct_1conn"][case]["embedgate_miss"] is not None
+    assert ratios["embedgate_miss_vs_bare_rps_16conn"]["single"] is not None
+    assert ratios["cache_hit_vs_direct_rps_16conn"]["single"] is not None
+    assert ratios["batch_added_latency_pct_1conn"]["embedgate_miss"] is not None
+    assert ratios["embedgate_miss_vs_litellm_rps_16conn"]["single"] is None  # LiteLLM was not run
+
+
+def test_ratios_come_from_the_rows() -> None:
+    def row(system: str, case: str, connections: int, p50_ms: float, rps: float) -> dict[str, Any]:
+        return {
+            "system": system,
+            "case": case,
+            "connections": connections,
+            "ok": 10,
+            "p50_ms": p50_ms,
+            "rps": rps,
+        }
+
+    rows = [
+        row("direct", "single", 1, 0.2, 100.0),
+        row("embedgate_miss", "single", 1, 0.5, 50.0),
+        row("direct", "single", 16, 1.0, 1000.0),
+        row("embedgate_hit", "single", 16, 1.0, 800.0),
+        row("litellm", "single", 16, 9.0, 100.0),
+        row("direct", "batch", 1, 2.0, 10.0),
+        row("embedgate_miss", "batch", 1, 2.5, 8.0),
+    ]
+    ratios = compute_ratios(rows)
+    assert ratios["added_p50_ms_vs_direct_1conn"]["single"]["embedgate_miss"] == pytest.approx(0.3)
+    assert ratios["added_p50_ms_vs_direct_1conn"]["single"]["bare"] is None
+    assert ratios["cache_hit_vs_direct_rps_16conn"]["single"] == pytest.approx(0.8)
+    assert ratios["embedgate_hit_vs_litellm_rps_16conn"]["single"] == pytest.approx(8.0)
+    assert ratios["batch_added_latency_pct_1conn"]["embedgate_miss"] == pytest.approx(25.0)
