@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-__all__ = ["Fault", "FakeUpstream", "expected_vector", "free_port"]
+__all__ = ["FakeUpstream", "Fault", "expected_vector", "free_port"]
 
 
 def free_port() -> int:
@@ -150,8 +150,10 @@ class FakeUpstream:
         dims = int(body.get("dimensions") or self.dims)
         if fault is not None and fault.kind == "wrong_dims":
             dims += 1
-        floats = self.always_floats or body.get("encoding_format") != "base64" or (
-            fault is not None and fault.kind == "floats"
+        floats = (
+            self.always_floats
+            or body.get("encoding_format") != "base64"
+            or (fault is not None and fault.kind == "floats")
         )
         data = []
         for i, item in enumerate(items):

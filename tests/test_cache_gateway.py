@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import yaml
 
-from embedgate.config import Config, parse_config
+from embedgate.config import parse_config
 from tests.conftest import KEY, OTHER_KEY, config_dict, gateway
-from tests.fake_upstream import Fault, FakeUpstream, expected_vector, free_port
+from tests.fake_upstream import FakeUpstream, Fault, expected_vector, free_port
 from tests.redis_util import require_redis
 
 SAME_WORKSPACE_KEY = "sk-test-team-a2-5555555555"

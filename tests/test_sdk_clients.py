@@ -9,7 +9,7 @@ from openrouter import OpenRouter
 from orq_ai_sdk import Orq
 
 from tests.conftest import KEY
-from tests.fake_upstream import Fault, FakeUpstream, expected_vector
+from tests.fake_upstream import FakeUpstream, Fault, expected_vector
 
 TEXTS = ["The food was delicious", "and the waiter", "was friendly", "très bien, 谢谢"]
 
@@ -128,9 +128,10 @@ def test_openrouter_sdk(proxy: str, upstream: FakeUpstream) -> None:
 def test_openrouter_sdk_sees_its_own_error_shape(proxy: str, upstream: FakeUpstream) -> None:
     from openrouter import errors
 
-    with OpenRouter(api_key=KEY, server_url=f"{proxy}/api/v1") as client, pytest.raises(
-        errors.BadRequestResponseError
-    ) as info:
+    with (
+        OpenRouter(api_key=KEY, server_url=f"{proxy}/api/v1") as client,
+        pytest.raises(errors.BadRequestResponseError) as info,
+    ):
         client.embeddings.generate(input=[], model="local/embed-small")
     assert info.value.data.error.code == 400
     assert "input" in info.value.data.error.message
@@ -140,9 +141,10 @@ def test_openrouter_sdk_sees_its_own_error_shape(proxy: str, upstream: FakeUpstr
 def test_openai_python_sees_its_own_error_shape(proxy: str, upstream: FakeUpstream) -> None:
     import openai
 
-    with OpenAI(api_key=KEY, base_url=f"{proxy}/v1", max_retries=0) as client, pytest.raises(
-        openai.NotFoundError
-    ) as info:
+    with (
+        OpenAI(api_key=KEY, base_url=f"{proxy}/v1", max_retries=0) as client,
+        pytest.raises(openai.NotFoundError) as info,
+    ):
         client.embeddings.create(model="nowhere/model", input="x")
     assert info.value.code == "model_not_found"
     assert info.value.param == "model"

@@ -26,8 +26,14 @@ async def _not_found(scope: MutableMapping[str, Any], receive: Receive, send: Se
     if scope["type"] != "http":
         return
     body = orjson.dumps(
-        {"error": {"message": f"No route {scope['method']} {scope['path']}", "type": "invalid_request_error",
-                   "param": None, "code": "not_found"}}  # fmt: skip
+        {
+            "error": {
+                "message": f"No route {scope['method']} {scope['path']}",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "not_found",
+            }
+        }
     )
     await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})

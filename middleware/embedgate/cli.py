@@ -86,8 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("config")
     hk = sub.add_parser("hash-key", help="print the sha256 form of a key, for `keys[].sha256` in the config")
     hk.add_argument("key")
-    for name, helptext in (("usage", "print current usage of every budget (GET /admin/usage)"),
-                           ("identities", "print the identities seen, most recent first (GET /admin/identities)")):
+    for name, helptext in (
+        ("usage", "print current usage of every budget (GET /admin/usage)"),
+        ("identities", "print the identities seen, most recent first (GET /admin/identities)"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--url", default="http://127.0.0.1:8080", help="the running gateway (with its path prefix)")
         p.add_argument("--admin-key", default=None, help="the admin key (default: $EMBEDGATE_ADMIN_KEY)")

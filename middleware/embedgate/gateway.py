@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import orjson
 import structlog
-
 from opentelemetry.trace import TracerProvider
 
 from .budgets import BudgetEngine, budget_store
@@ -32,6 +31,7 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     Unauthorized,
+    Unavailable,
     UnsupportedMediaType,
     render_error,
 )
@@ -400,9 +400,8 @@ class EmbeddingGateway:
         except GatewayError as err:
             return err.status, render_error(err, Dialect.OPENAI), {}
         except ConnectionError:
-            err = GatewayError("The identity store is unavailable")
-            err.status = 503
-            return 503, render_error(err, Dialect.OPENAI), {}
+            down = Unavailable("The identity store is unavailable", code="store_unavailable")
+            return down.status, render_error(down, Dialect.OPENAI), {}
         return 200, orjson.dumps({"object": "list", "data": [i.to_dict() for i in items]}), {}
 
     async def _readyz(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
@@ -430,6 +429,9 @@ def _headers(scope: Scope) -> dict[str, str]:
 
 async def _send(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
     ctype = headers.pop("content-type", None)
-    out = [(b"content-type", ctype.encode()) if ctype else _JSON, *((k.encode(), v.encode()) for k, v in headers.items())]
+    out = [
+        (b"content-type", ctype.encode()) if ctype else _JSON,
+        *((k.encode(), v.encode()) for k, v in headers.items()),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": out})
     await send({"type": "http.response.body", "body": body})

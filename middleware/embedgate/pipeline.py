@@ -21,9 +21,9 @@ from .budgets import BudgetEngine, Subject, cost_usd, estimate_tokens, model_pri
 from .cache import CachedItem, Coalescer, VectorCache, item_key
 from .config import Config, KeyConfig, hash_key
 from .errors import Dialect, Forbidden, GatewayError, InvalidRequest, Unauthorized
-from .request import EmbeddingRequest, parse_request
 from .identities import IdentityStore
-from .routing import ResolvedModel, RouteResult, Router
+from .request import EmbeddingRequest, parse_request
+from .routing import ResolvedModel, Router, RouteResult
 from .telemetry import Telemetry
 
 __all__ = ["Call", "KeyIndex", "Pipeline"]

@@ -93,7 +93,7 @@ class EmbeddingRequest:
         if self.input_kind == "string" and len(items) == 1:
             return items[0]
         if self.input_kind == "tokens" and len(items) == 1:
-            return list(items[0])  # type: ignore[arg-type]
+            return list(items[0])
         return [list(i) if isinstance(i, tuple) else i for i in items]
 
 
@@ -345,8 +345,9 @@ def _provider(v: Any, strict: bool) -> ProviderPreferences:
         order=names("order"),
         only=names("only"),
         ignore=names("ignore") or (),
-        allow_fallbacks=True if p.get("allow_fallbacks") is None else _bool(p["allow_fallbacks"],
-                                                                            "provider.allow_fallbacks"),
+        allow_fallbacks=True
+        if p.get("allow_fallbacks") is None
+        else _bool(p["allow_fallbacks"], "provider.allow_fallbacks"),
         sort=sort,
         max_price=max_price,
     )
@@ -423,7 +424,7 @@ def parse_request(
         model=model,
         items=items,
         input_kind=kind,
-        encoding_format=fmt,
+        encoding_format="base64" if fmt == "base64" else "float",
         dimensions=None if dims is None else _int(dims, "dimensions", 1, 65536),
         user=None if data.get("user") is None else _str(data["user"], "user"),
         name=None if name_v is None else _str(name_v, name_p),

@@ -116,9 +116,7 @@ class OpenAIAdapter:
                 raise malformed(f"index {index} appears twice")
             embedding = item.get("embedding")
             try:
-                vectors[index] = (
-                    b64_to_bytes(embedding) if isinstance(embedding, str) else floats_to_bytes(embedding)
-                )
+                vectors[index] = b64_to_bytes(embedding) if isinstance(embedding, str) else floats_to_bytes(embedding)
             except VectorError as exc:
                 raise malformed(str(exc)) from None
         size = len(vectors[0])  # type: ignore[arg-type]
