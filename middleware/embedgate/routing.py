@@ -4,22 +4,32 @@ The policy, in one place (README "Routing" says the same):
 
 - The chain of models is ``[primary] + fallbacks``; the primary is the request's ``model``, or a weighted pick
   of ``load_balancer.models`` (then the request's ``model`` is ignored, as in orq).
-- Each model gets ``1 + retry.count`` attempts. Attempt k goes to the k-th eligible deployment (cycling), so a
-  retry fails over to the next endpoint; a retry on the same endpoint first waits
-  ``backoff_base_ms * 2^(n-1)`` +-25%, or the upstream's ``Retry-After`` when it sent one, capped at
-  ``routing.max_retry_after_ms``.
-- Retried: statuses in ``retry.on_codes``, timeouts, connection errors, malformed answers. Upstream 400/413/422
-  (the input is bad) end the request at once with a 400 carrying the upstream's message. 401/403 (our provider
-  key is wrong) are logged loudly and skip straight to the next deployment or fallback.
-- A model has failed when its attempts are spent, or on a non-retried failure whose status is in
-  ``fallback_on_codes``; then the next model of the chain is tried with the same policy. Other failures end the
-  request. All failed: the last error (502, or 504 for a timeout; 503 when no deployment could even be tried).
+- Each model gets ``max(1 + retry.count, D)`` attempts, ``D`` its eligible deployments, so that every deployment
+  is tried before the model counts as failed. Attempt k goes to the k-th eligible deployment (cycling), so a
+  retry fails over to the next endpoint. Going back to a deployment that already failed in this request first
+  waits ``backoff_base_ms * 2^(f-1)`` +-25% (``f``: that deployment's failures so far), or the upstream's
+  ``Retry-After`` when it sent one, capped at ``routing.max_retry_after_ms``.
+- Retried: statuses in ``retry.on_codes``, timeouts, connection errors, malformed answers (bad JSON, wrong count,
+  wrong dimensions). Upstream 400/413/422 (the input is bad) end the request at once with a 400 carrying the
+  upstream's message. 401/403 (our provider key is wrong) are logged as errors, and the deployment is dropped for
+  this request: the next deployment, else the next model, is tried. A non-retried status in
+  ``fallback_on_codes`` drops the deployment the same way; any other status ends the request.
+- A model has failed when its attempts are spent or its deployments dropped; then the next model of the chain is
+  tried with the same policy. All failed: the last upstream error (502, or 504 for a timeout; 503 when no
+  deployment could even be tried: none eligible, or every circuit breaker open).
 - Every attempt is bounded by ``timeout.call_timeout`` (or the provider's ``timeout_ms``) and by what is left of
-  ``routing.deadline_ms``, so a request never runs longer than the deadline, whatever the retries and fallbacks.
-- A batch larger than the model's ``max_inputs`` is split into chunks sent with bounded concurrency and merged
-  in order; all chunks of a response come from one model (vectors of different models do not mix).
+  ``routing.deadline_ms``; a backoff that would outlast the deadline is not slept, the next model gets the time.
+  So a request never runs longer than the deadline, whatever the retries and fallbacks.
+- A batch larger than the model's ``max_inputs`` is split into chunks sent with bounded concurrency
+  (``routing.split_concurrency``) and merged in order. A failing chunk is retried like a whole request; when a
+  model fails for one chunk, every chunk is served again by the next model (vectors of different models do not
+  mix).
+- Without ``dimensions`` in the request, the first good answer of a model fixes its dimension count; an answer
+  with another count is malformed (three such answers in a row that agree replace the remembered count, so a
+  bad first answer cannot poison the process).
 - A deployment that failed ``breaker_failures`` times in a row is skipped for ``breaker_cooldown_ms``; then one
-  probe request is let through, and its outcome closes or reopens the breaker.
+  probe request is let through, and its outcome closes or reopens the breaker. ``status()`` (``/readyz``)
+  shows every deployment's breaker.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from typing import Any
 
 import structlog
 
+from .budgets import BUILTIN_PRICES
 from .config import Config, Deployment, ModelConfig, RetryPolicy
 from .errors import (
     GatewayError,
@@ -51,6 +62,7 @@ log = structlog.get_logger("embedgate.routing")
 
 _INPUT_ERRORS = frozenset({400, 413, 422})
 _KEY_ERRORS = frozenset({401, 403})
+_DIMS_ADOPT_STREAK = 3  # agreeing answers with a new dimension count that replace the remembered one
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +89,11 @@ class RouteResult:
 
 
 class AttemptHook:
-    """Observes upstream attempts (telemetry and metrics plug in here); the default does nothing."""
+    """Observes upstream attempts (telemetry and metrics plug in here); the default does nothing.
+
+    ``end`` is called exactly once for every ``start``, also when the attempt is cancelled (a sibling chunk of a
+    split batch failed): then ``error`` is an ``UpstreamError`` with code ``attempt_cancelled``.
+    """
 
     def start(self, *, model: str, deployment: Deployment, adapter: Adapter, attempt: int, fallback_index: int,
               request: EmbeddingRequest) -> Any:  # fmt: skip
@@ -94,7 +110,7 @@ class AttemptHook:
 
 @dataclass(slots=True)
 class Breaker:
-    """Consecutive-failure circuit breaker of one deployment."""
+    """Consecutive-failure circuit breaker of one deployment, and its measured latency."""
 
     failures: int = 0
     open_until: float = 0.0
@@ -111,14 +127,28 @@ class Breaker:
 
 @dataclass(slots=True)
 class _Attempts:
+    """Book-keeping of one ``embed`` call, shared by its chunks."""
+
     count: int = 0
     last_error: GatewayError | None = None
-    tried_any: bool = False
     skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Dims:
+    """The dimension count a model answers with (no ``dimensions`` asked), and a challenger's streak."""
+
+    known: int
+    candidate: int = 0
+    streak: int = 0
 
 
 def _deployment_id(d: Deployment) -> str:
     return f"{d.provider}/{d.upstream_model}"
+
+
+def _or_inf(price: float | None) -> float:
+    return float("inf") if price is None else price
 
 
 class Router:
@@ -142,14 +172,19 @@ class Router:
         self._clock = clock
         self._sleep = sleep
         self._models: dict[str, ResolvedModel] = {m.id: self._resolved(m) for m in config.models.values()}
-        self.breakers: dict[str, Breaker] = {}
+        self._dims: dict[str, _Dims] = {}
+        # Every configured endpoint is listed at /readyz from the start, not only once it has been used.
+        self.breakers: dict[str, Breaker] = {
+            _deployment_id(d): Breaker() for m in config.models.values() for d in m.deployments
+        }
 
     @staticmethod
     def _resolved(m: ModelConfig) -> ResolvedModel:
+        price = m.price_per_million_tokens
         return ResolvedModel(
             id=m.id,
             deployments=m.deployments,
-            price_per_million_tokens=m.price_per_million_tokens,
+            price_per_million_tokens=price if price is not None else BUILTIN_PRICES.get(m.id),
             max_inputs=m.max_inputs,
             max_request_inputs=max(2048, m.max_request_inputs),
         )
@@ -164,7 +199,7 @@ class Router:
             resolved = ResolvedModel(
                 id=model_id,
                 deployments=(Deployment(provider=provider, upstream_model=name),),
-                price_per_million_tokens=None,
+                price_per_million_tokens=BUILTIN_PRICES.get(model_id),
                 max_inputs=2048,
                 max_request_inputs=2048,
             )
@@ -180,6 +215,7 @@ class Router:
             weights = [w for _, w in request.load_balancer]
             for i, m in enumerate(models):
                 self.resolve(m, f"load_balancer.models[{i}].model")
+            # random.choices normalizes the weights itself (cumulative sums over their total).
             primary = self._rng.choices(models, weights=weights)[0]
         else:
             primary = request.model
@@ -189,23 +225,30 @@ class Router:
         return out
 
     def eligible(self, model: ResolvedModel, prefs: ProviderPreferences | None) -> list[Deployment]:
-        """The model's deployments in the order they are tried, as OpenRouter's ``provider`` asks."""
+        """The model's deployments in the order they are tried, as OpenRouter's ``provider`` asks.
+
+        Provider names compare case-insensitively (OpenRouter's slugs do). A deployment without a known price
+        passes ``max_price`` (nothing says it is above) and sorts last by price.
+        """
         deps = list(model.deployments)
         if prefs is None:
             return deps
         if prefs.only is not None:
-            deps = [d for d in deps if d.provider in prefs.only]
+            only = {p.lower() for p in prefs.only}
+            deps = [d for d in deps if d.provider.lower() in only]
         if prefs.ignore:
-            deps = [d for d in deps if d.provider not in prefs.ignore]
+            ignore = {p.lower() for p in prefs.ignore}
+            deps = [d for d in deps if d.provider.lower() not in ignore]
         if prefs.max_price is not None:
-            deps = [d for d in deps if (self._price(model, d) or 0.0) <= prefs.max_price]
+            limit = prefs.max_price
+            deps = [d for d in deps if (self._price(model, d) or 0.0) <= limit]
         if prefs.sort == "price":
-            deps.sort(key=lambda d: self._price(model, d) or 0.0)
+            deps.sort(key=lambda d: _or_inf(self._price(model, d)))
         elif prefs.sort in ("latency", "throughput"):
-            deps.sort(key=lambda d: self._latency(d))
+            deps.sort(key=self._latency)  # unmeasured deployments last, in config order (the sort is stable)
         if prefs.order is not None:
-            rank = {p: i for i, p in enumerate(prefs.order)}
-            deps.sort(key=lambda d: rank.get(d.provider, len(rank)))  # stable: keeps the sort within a rank
+            rank = {p.lower(): i for i, p in enumerate(prefs.order)}
+            deps.sort(key=lambda d: rank.get(d.provider.lower(), len(rank)))  # stable: keeps the sort within a rank
         if not prefs.allow_fallbacks:
             deps = deps[:1]
         return deps
@@ -235,13 +278,17 @@ class Router:
                 return await self._serve_model(request, positions, model, fallback_index, retry, deadline, attempts)
             except _ModelFailed as failed:
                 err = failed.error
-                attempts.last_error = err
+                # "Nothing could be tried" for this model must not hide a real upstream error of an earlier one.
+                if not isinstance(err, Unavailable) or attempts.last_error is None:
+                    attempts.last_error = err
                 status = getattr(err, "upstream_status", None)
-                spent = failed.spent
-                if not spent and status is not None and status not in fallback_codes and status not in _KEY_ERRORS:
+                if not failed.spent and status not in fallback_codes and status not in _KEY_ERRORS:
                     break
                 if self._clock() >= deadline:
                     break
+                if fallback_index + 1 < len(chain):
+                    log.warning("model failed, falling back", model=model.id, fallback=chain[fallback_index + 1].id,
+                                error=err.code, upstream_status=status)  # fmt: skip
         if attempts.last_error is None:
             reason = "; ".join(attempts.skipped) or "no deployment matches the provider preferences"
             raise Unavailable(f"No upstream available: {reason}")
@@ -269,35 +316,48 @@ class Router:
             raise _ModelFailed(Unavailable(f"No deployment of '{model.id}' matches the provider preferences"), True)
         size = max(1, model.max_inputs)
         chunks = [positions[i : i + size] for i in range(0, len(positions), size)]
+
+        async def one(chunk: list[int]) -> tuple[Embeddings, Deployment]:
+            return await self._serve_chunk(request, chunk, model, deployments, fallback_index, retry, deadline,
+                                           attempts)  # fmt: skip
+
         if len(chunks) == 1:
-            results = [await self._serve_chunk(request, chunks[0], model, deployments, fallback_index, retry,
-                                               deadline, attempts)]  # fmt: skip
+            results = [await one(chunks[0])]
         else:
             gate = asyncio.Semaphore(self._routing.split_concurrency)
 
-            async def one(chunk: list[int]) -> tuple[Embeddings, str]:
+            async def gated(chunk: list[int]) -> tuple[Embeddings, Deployment]:
                 async with gate:
-                    return await self._serve_chunk(request, chunk, model, deployments, fallback_index, retry,
-                                                   deadline, attempts)  # fmt: skip
+                    return await one(chunk)
 
-            tasks = [asyncio.ensure_future(one(c)) for c in chunks]
+            tasks = [asyncio.ensure_future(gated(c)) for c in chunks]
             try:
                 results = list(await asyncio.gather(*tasks))
             except BaseException:
+                # One chunk failed for this model: the others are worthless (the next model redoes all of them).
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
-        vectors = [v for emb, _ in results for v in emb.vectors]
+        tokens = sum(emb.prompt_tokens for emb, _ in results)
         return RouteResult(
             model=model.id,
-            vectors=vectors,
-            prompt_tokens=sum(emb.prompt_tokens for emb, _ in results),
+            vectors=[v for emb, _ in results for v in emb.vectors],
+            prompt_tokens=tokens,
             attempts=attempts.count,
-            price_per_million_tokens=self._price(model, deployments[0]) if len(deployments) == 1 else
-            _first_price(model, results, deployments),
-            deployment=results[-1][1],
-        )  # fmt: skip
+            price_per_million_tokens=self._blended_price(model, results, tokens),
+            deployment=_deployment_id(results[-1][1]),
+        )
+
+    def _blended_price(self, model: ResolvedModel, results: list[tuple[Embeddings, Deployment]],
+                       tokens: int) -> float | None:  # fmt: skip
+        """One price for the whole answer: chunks served by deployments of different prices, token-weighted."""
+        prices = [(emb.prompt_tokens, self._price(model, d)) for emb, d in results]
+        if all(p is None for _, p in prices):
+            return None
+        if tokens == 0 or len({p for _, p in prices}) == 1:
+            return prices[-1][1]
+        return sum(t * (p or 0.0) for t, p in prices) / tokens
 
     def _multimodal(self, d: Deployment) -> bool:
         provider = self._config.providers.get(d.provider)
@@ -313,97 +373,172 @@ class Router:
         retry: RetryPolicy,
         deadline: float,
         attempts: _Attempts,
-    ) -> tuple[Embeddings, str]:
+    ) -> tuple[Embeddings, Deployment]:
         last: GatewayError | None = None
-        previous: Deployment | None = None
-        wait_s = 0.0
+        dropped: set[int] = set()  # deployments out for this request: our key refused, or a non-retried status
+        failures: dict[int, int] = {}
+        ready_at: dict[int, float] = {}  # when a failed deployment may be tried again (backoff / Retry-After)
         payload = request.upstream_input(chunk if len(chunk) != len(request.items) else None)
-        for n in range(1 + retry.count):
-            deployment = self._pick(deployments, n)
-            if deployment is None:
-                attempts.skipped.append(f"{model.id}: every deployment's circuit breaker is open")
-                raise _ModelFailed(last or Unavailable(f"Every deployment of '{model.id}' is cooling down"), True)
-            if n and deployment == previous and wait_s > 0:
-                remaining = deadline - self._clock()
-                if wait_s >= remaining:
-                    break
-                await self._sleep(wait_s)
-            previous = deployment
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                last = UpstreamTimeout(f"The overall deadline of {self._routing.deadline_ms} ms was reached")
+        for n in range(max(1 + retry.count, len(deployments))):
+            picked = self._pick(deployments, n, dropped)
+            if picked is None:
+                if last is None:
+                    attempts.skipped.append(f"{model.id}: every deployment's circuit breaker is open")
+                    raise _ModelFailed(Unavailable(f"Every deployment of '{model.id}' is cooling down"), True)
                 break
-            adapter = self._adapters[deployment.provider]
-            provider = self._config.providers[deployment.provider]
-            timeout_s = min((request.timeout_ms or provider.timeout_ms) / 1000, remaining)
-            attempts.count += 1
-            token = self._hook.start(model=model.id, deployment=deployment, adapter=adapter, attempt=n + 1,
-                                     fallback_index=fallback_index, request=request)  # fmt: skip
-            started = self._clock()
+            index, probe = picked
+            deployment = deployments[index]
             try:
-                result = await adapter.embed(
-                    upstream_model=deployment.upstream_model,
-                    input=payload,
-                    n_items=len(chunk),
-                    dimensions=request.dimensions,
-                    user=request.user,
-                    input_type=request.input_type,
-                    timeout_s=timeout_s,
-                    headers=self._hook.headers(token),
-                )
+                wait = ready_at.get(index, 0.0) - self._clock()
+                if wait > 0:
+                    if wait >= deadline - self._clock():
+                        break  # sleeping would outlast the deadline: leave the time to the fallbacks
+                    await self._sleep(wait)
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    last = UpstreamTimeout(f"The overall deadline of {self._routing.deadline_ms} ms was reached")
+                    break
+                attempts.count += 1
+                result = await self._attempt(request, payload, len(chunk), model, deployment, n + 1,
+                                             fallback_index, remaining)  # fmt: skip
+                return result, deployment
             except (UpstreamError, UpstreamTimeout) as err:
-                elapsed = self._clock() - started
-                self._hook.end(token, error=err, result=None, seconds=elapsed)
-                self._record(deployment, ok=False, seconds=elapsed, error=err)
                 status = getattr(err, "upstream_status", None)
                 if status in _INPUT_ERRORS:
                     raise InvalidRequest(f"The upstream rejected the input: {err.message}", param="input",
                                          code="upstream_rejected_input") from None  # fmt: skip
                 last = err
-                if status in _KEY_ERRORS:
-                    log.error("upstream rejected our provider key", provider=deployment.provider, status=status,
-                              model=model.id)  # fmt: skip
-                    if len(deployments) == 1:
-                        raise _ModelFailed(err, False) from None
-                    wait_s = 0.0
+                if status is None or status in retry.on_codes:
+                    failures[index] = failures.get(index, 0) + 1
+                    ready_at[index] = self._clock() + self._backoff(failures[index], getattr(err, "retry_after_s",
+                                                                                             None))  # fmt: skip
                     continue
-                retryable = status is None or status in retry.on_codes
-                if not retryable:
-                    raise _ModelFailed(err, False) from None
-                wait_s = self._backoff(n + 1, getattr(err, "retry_after_s", None))
-                continue
-            elapsed = self._clock() - started
-            self._hook.end(token, error=None, result=result, seconds=elapsed)
-            self._record(deployment, ok=True, seconds=elapsed, error=None)
-            return result, _deployment_id(deployment)
+                if status in _KEY_ERRORS:
+                    # Our provider key is wrong: an operator must know, and retrying it cannot help.
+                    log.error("upstream rejected our provider key", provider=deployment.provider, status=status,
+                              deployment=_deployment_id(deployment), model=model.id)  # fmt: skip
+                    dropped.add(index)
+                    continue
+                if status in (request.fallback_on_codes if request.fallback_on_codes is not None
+                              else self._routing.fallback_on_codes):  # fmt: skip
+                    dropped.add(index)
+                    continue
+                raise _ModelFailed(err, False) from None
+            finally:
+                if probe:
+                    self._release(deployment)
         raise _ModelFailed(last or UpstreamTimeout("The overall deadline was reached"), True)
 
-    def _pick(self, deployments: list[Deployment], n: int) -> Deployment | None:
+    async def _attempt(
+        self,
+        request: EmbeddingRequest,
+        payload: Any,
+        n_items: int,
+        model: ResolvedModel,
+        deployment: Deployment,
+        attempt: int,
+        fallback_index: int,
+        remaining: float,
+    ) -> Embeddings:
+        """One upstream call: hook, adapter, answer checks and the deployment's breaker; raises on failure."""
+        adapter = self._adapters[deployment.provider]
+        provider = self._config.providers[deployment.provider]
+        timeout_s = min((request.timeout_ms or provider.timeout_ms) / 1000, remaining)
+        token = self._hook.start(model=model.id, deployment=deployment, adapter=adapter, attempt=attempt,
+                                 fallback_index=fallback_index, request=request)  # fmt: skip
+        started = self._clock()
+        try:
+            result = await adapter.embed(
+                upstream_model=deployment.upstream_model,
+                input=payload,
+                n_items=n_items,
+                dimensions=request.dimensions,
+                user=request.user,
+                input_type=request.input_type,
+                timeout_s=timeout_s,
+                headers=self._hook.headers(token),
+            )
+            if request.dimensions is None:
+                self._check_dims(model.id, deployment, result)
+        except (UpstreamError, UpstreamTimeout) as err:
+            elapsed = self._clock() - started
+            self._hook.end(token, error=err, result=None, seconds=elapsed)
+            self._record(deployment, ok=False, seconds=elapsed, error=err)
+            raise
+        except BaseException:
+            # Cancelled (a sibling chunk failed) or an unexpected bug: the span must still end; the deployment is
+            # not blamed for our cancellation.
+            self._hook.end(token, error=UpstreamError("The attempt was cancelled", code="attempt_cancelled"),
+                           result=None, seconds=self._clock() - started)  # fmt: skip
+            raise
+        elapsed = self._clock() - started
+        self._hook.end(token, error=None, result=result, seconds=elapsed)
+        self._record(deployment, ok=True, seconds=elapsed, error=None)
+        return result
+
+    def _check_dims(self, model_id: str, deployment: Deployment, result: Embeddings) -> None:
+        """Reject an answer whose dimension count differs from the model's (see the module docstring)."""
+        seen = self._dims.get(model_id)
+        if seen is None:
+            if len(self._dims) < 10000:  # bounded: model ids may come from clients
+                self._dims[model_id] = _Dims(known=result.dimensions)
+            return
+        if result.dimensions == seen.known:
+            seen.streak = 0
+            return
+        if result.dimensions == seen.candidate:
+            seen.streak += 1
+        else:
+            seen.candidate, seen.streak = result.dimensions, 1
+        if seen.streak >= _DIMS_ADOPT_STREAK:
+            log.warning("model changed its dimension count", model=model_id, was=seen.known, now=result.dimensions)
+            seen.known, seen.streak = result.dimensions, 0
+            return
+        raise UpstreamError(
+            f"{deployment.provider} sent a malformed answer: {result.dimensions} dimensions where '{model_id}' "
+            f"answers {seen.known}",
+            code="upstream_malformed",
+        )
+
+    def _pick(self, deployments: list[Deployment], n: int, dropped: set[int]) -> tuple[int, bool] | None:
+        """The deployment of attempt ``n`` (cycling, skipping dropped and cooling ones); whether it is a probe."""
         now = self._clock()
         count = len(deployments)
         for i in range(count):
-            d = deployments[(n + i) % count]
-            b = self.breakers.get(_deployment_id(d))
+            index = (n + i) % count
+            if index in dropped:
+                continue
+            b = self.breakers.get(_deployment_id(deployments[index]))
             if b is None:
-                return d
+                return index, False
             state = b.state(now)
             if state == "closed":
-                return d
+                return index, False
             if state == "half_open" and not b.probing:
                 b.probing = True  # one probe at a time; its outcome closes or reopens the breaker
-                return d
+                return index, True
         return None
 
-    def _backoff(self, n: int, retry_after_s: float | None) -> float:
+    def _release(self, d: Deployment) -> None:
+        """End a probe that was claimed, whatever happened to it (recorded, or never sent)."""
+        b = self.breakers.get(_deployment_id(d))
+        if b is not None:
+            b.probing = False
+
+    def _backoff(self, failures: int, retry_after_s: float | None) -> float:
         cap = self._routing.max_retry_after_ms / 1000
         if retry_after_s is not None:
             return min(retry_after_s, cap)
-        base = self._routing.backoff_base_ms / 1000 * 2 ** (n - 1)
+        base = self._routing.backoff_base_ms / 1000 * 2.0 ** (failures - 1)
         return min(base * self._rng.uniform(0.75, 1.25), cap)
 
     def _record(self, d: Deployment, *, ok: bool, seconds: float, error: GatewayError | None) -> None:
-        b = self.breakers.setdefault(_deployment_id(d), Breaker())
-        b.probing = False
+        name = _deployment_id(d)
+        b = self.breakers.get(name)
+        if b is None:
+            if len(self.breakers) >= 10000:  # bounded: ad-hoc "<provider>/<name>" ids come from clients
+                return
+            b = self.breakers[name] = Breaker()
         if ok:
             b.failures, b.open_until = 0, 0.0
             b.latency_ewma_s = seconds if b.latency_ewma_s is None else 0.8 * b.latency_ewma_s + 0.2 * seconds
@@ -413,24 +548,28 @@ class Router:
         b.failures += 1
         b.last_error = error.message[:200] if error else ""
         if b.failures >= self._routing.breaker_failures:
+            if b.state(self._clock()) != "open":
+                log.warning("circuit breaker opened", deployment=name, consecutive_failures=b.failures,
+                            cooldown_ms=self._routing.breaker_cooldown_ms, error=b.last_error)  # fmt: skip
             b.open_until = self._clock() + self._routing.breaker_cooldown_ms / 1000
 
     def status(self) -> dict[str, Any]:
-        """Circuit-breaker state of every deployment that has been used, for ``/readyz``."""
+        """Circuit-breaker state of every deployment (configured or used), for ``/readyz``."""
         now = self._clock()
-        return {
-            name: {"state": b.state(now), "consecutive_failures": b.failures,
-                   "latency_ms": None if b.latency_ewma_s is None else round(b.latency_ewma_s * 1000, 2)}
-            for name, b in self.breakers.items()
-        }  # fmt: skip
-
-
-def _first_price(model: ResolvedModel, results: list[tuple[Embeddings, str]], deps: list[Deployment]) -> float | None:
-    served = results[-1][1]
-    for d in deps:
-        if _deployment_id(d) == served:
-            return d.price_per_million_tokens if d.price_per_million_tokens is not None else model.price_per_million_tokens
-    return model.price_per_million_tokens
+        out: dict[str, Any] = {}
+        for name, b in self.breakers.items():
+            state = b.state(now)
+            entry: dict[str, Any] = {
+                "state": state,
+                "consecutive_failures": b.failures,
+                "latency_ms": None if b.latency_ewma_s is None else round(b.latency_ewma_s * 1000, 2),
+            }
+            if state == "open":
+                entry["retry_in_ms"] = round((b.open_until - now) * 1000)
+            if b.last_error:
+                entry["last_error"] = b.last_error
+            out[name] = entry
+        return out
 
 
 class _ModelFailed(Exception):
