@@ -1,0 +1,586 @@
+"""Budgets, keys and identities as clients see them, through the real gateway (SPEC sections 4, 6 and 7).
+
+Every scope and dimension refuses with 429 once spent; ``*`` targets keep one budget per id, wherever the
+identity came from; the ``x-ratelimit-*`` headers name the most restrictive budget and count down; each route
+renders a refusal in its own shape; cache hits charge requests per minute only; failed upstream calls leak no
+reservation; OpenRouter's ``usage.cost`` is tokens x price; an unreachable store fails closed (or open when
+configured); the admin endpoints and CLI show usage and identities.
+
+Token-id inputs keep the arithmetic exact: their estimate is their length, and the fake upstream reports
+their length as usage. A string is estimated at its UTF-8 byte length + 2 and billed by the fake upstream at
+its word count, which shows the settlement correcting a reservation to the real usage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from embedgate.cli import main as cli_main
+from embedgate.config import Config, parse_config
+from embedgate.gateway import EmbeddingGateway
+from tests.conftest import KEY, OTHER_KEY, config_dict, gateway, serve
+from tests.fake_upstream import FakeUpstream, Fault, free_port
+
+SAME_WORKSPACE_KEY = "sk-test-team-a2-5555555555"  # team-a2: workspace acme, project other
+ADMIN_KEY = "adm-test-0123456789abcdef"
+# One US dollar per token: cost limits then read as token counts, and the spend arithmetic is exact.
+DOLLAR_A_TOKEN = 1_000_000.0
+ROUTES = {"openai": "/v1/embeddings", "orq": "/v2/router/embeddings", "openrouter": "/api/v1/embeddings"}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def budget_config(upstream_url: str, budgets: list[dict[str, Any]], **overrides: Any) -> Config:
+    """The shared test config with ``budgets``, a third key in workspace acme, priced models and an admin key."""
+    data = config_dict(upstream_url, budgets=budgets, **overrides)
+    data["keys"] = [
+        *data["keys"],
+        {"id": "team-a2", "key": SAME_WORKSPACE_KEY, "workspace": "acme", "project": "other"},
+    ]
+    if "models" not in overrides:
+        data["models"] = {
+            **data["models"],
+            "local/embed-small": {"price_per_million_tokens": DOLLAR_A_TOKEN},
+            "backup/embed-small": {"price_per_million_tokens": DOLLAR_A_TOKEN},
+        }
+    # Failing requests must reach the upstream every time, not be cut short by an open circuit breaker.
+    data["routing"] = {**data["routing"], "breaker_failures": 1000}
+    data.setdefault("admin", {"key": ADMIN_KEY})
+    return parse_config(data, env={})
+
+
+@asynccontextmanager
+async def running(config: Config) -> AsyncIterator[tuple[EmbeddingGateway, httpx.AsyncClient]]:
+    """The gateway in process behind an httpx client; its stores are closed afterwards."""
+    app = gateway(config)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as client:
+            yield app, client
+    finally:
+        await app.shutdown()
+
+
+async def embed(
+    client: httpx.AsyncClient,
+    inputs: Any,
+    *,
+    key: str = KEY,
+    route: str = "openai",
+    model: str = "local/embed-small",
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> httpx.Response:
+    """One embedding POST on ``route`` (openai | orq | openrouter)."""
+    body = {"model": model, "input": inputs, **extra}
+    return await client.post(ROUTES[route], json=body, headers={"authorization": f"Bearer {key}", **(headers or {})})
+
+
+async def admin_usage(client: httpx.AsyncClient, **params: str) -> list[dict[str, Any]]:
+    """``GET /admin/usage`` rows."""
+    r = await client.get("/admin/usage", params=params, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert r.status_code == 200, r.text
+    rows: list[dict[str, Any]] = r.json()["data"]
+    return rows
+
+
+def error_of(r: httpx.Response) -> dict[str, Any]:
+    """The ``error`` object of a response body."""
+    err: dict[str, Any] = r.json()["error"]
+    return err
+
+
+# --- every scope x every dimension -----------------------------------------------------------------------
+
+# (scope, configured target, id the refusal names)
+SCOPES = [
+    ("workspace", "acme", "acme"),
+    ("project", "search", "acme/search"),
+    ("identity", "alice", "alice"),
+    ("api_key", "team-a", "team-a"),
+    ("provider", "local", "local"),
+    ("model", "local/embed-small", "local/embed-small"),
+]
+# (config field, limit admitting exactly two requests of 3 tokens / $3, code, dimension)
+DIMENSIONS = [
+    ("requests_per_minute", 2, "requests_per_minute_exceeded", "requests"),
+    ("token_limit", 6, "token_budget_exceeded", "tokens"),
+    ("amount_usd", 6.0, "cost_budget_exceeded", "cost"),
+]
+
+
+@pytest.mark.parametrize(("field", "limit", "code", "dimension"), DIMENSIONS, ids=[d[0] for d in DIMENSIONS])
+@pytest.mark.parametrize(("scope", "target", "counted_as"), SCOPES, ids=[s[0] for s in SCOPES])
+@pytest.mark.anyio
+async def test_each_scope_and_dimension_refuses_once_spent(
+    upstream: FakeUpstream, scope: str, target: str, counted_as: str, field: str, limit: float, code: str,
+    dimension: str,
+) -> None:  # fmt: skip
+    config = budget_config(upstream.url, [{"scope": scope, "target": target, field: limit}])
+    alice: dict[str, Any] = {"identity": {"id": "alice"}}
+    async with running(config) as (_, c):
+        for _ in range(2):
+            r = await embed(c, [1, 2, 3], route="orq", **alice)
+            assert r.status_code == 200, r.text
+        r = await embed(c, [1, 2, 3], route="orq", **alice)
+        assert r.status_code == 429, r.text
+        err = error_of(r)
+        assert (err["code"], err["scope_kind"], err["scope_target_id"], err["dimension"]) == (
+            code, scope, counted_as, dimension,
+        )  # fmt: skip
+        assert len(upstream.calls) == 2  # the refused request never reached the upstream
+        # another workspace, project, key, provider, model and identity: not touched by this budget
+        r = await embed(c, [1, 2, 3], key=OTHER_KEY, model="backup/embed-small", route="orq",
+                        identity={"id": "bob"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert len(upstream.calls) == 3
+
+
+@pytest.mark.parametrize(
+    ("scope", "first", "second"),
+    [
+        # each case: (request kwargs, id counted) for two different targets of the scope
+        ("workspace", ({"key": KEY}, "acme"), ({"key": OTHER_KEY, "model": "backup/embed-small"}, "globex")),
+        ("project", ({"key": KEY}, "acme/search"), ({"key": SAME_WORKSPACE_KEY}, "acme/other")),
+        ("api_key", ({"key": KEY}, "team-a"), ({"key": SAME_WORKSPACE_KEY}, "team-a2")),
+        ("provider", ({}, "local"), ({"model": "backup/embed-small"}, "backup")),
+        ("model", ({}, "local/embed-small"), ({"model": "local/embed-large"}, "local/embed-large")),
+        ("identity", ({"identity": {"id": "alice"}}, "alice"), ({"identity": {"id": "bob"}}, "bob")),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+@pytest.mark.anyio
+async def test_star_target_is_one_budget_per_id(
+    upstream: FakeUpstream, scope: str, first: tuple[dict[str, Any], str], second: tuple[dict[str, Any], str]
+) -> None:
+    config = budget_config(upstream.url, [{"scope": scope, "target": "*", "requests_per_minute": 1}])
+    async with running(config) as (_, c):
+        (kw_a, id_a), (kw_b, id_b) = first, second
+        assert (await embed(c, "x", route="orq", **kw_a)).status_code == 200
+        r = await embed(c, "x", route="orq", **kw_a)
+        assert r.status_code == 429
+        assert (error_of(r)["scope_kind"], error_of(r)["scope_target_id"]) == (scope, id_a)
+        # the other id has its own, untouched budget
+        assert (await embed(c, "x", route="orq", **kw_b)).status_code == 200
+        r = await embed(c, "x", route="orq", **kw_b)
+        assert (r.status_code, error_of(r)["scope_target_id"]) == (429, id_b)
+
+
+@pytest.mark.anyio
+async def test_identity_from_body_deprecated_orq_fields_and_header(upstream: FakeUpstream) -> None:
+    config = budget_config(upstream.url, [{"scope": "identity", "target": "*", "requests_per_minute": 1}])
+    sources: list[tuple[str, dict[str, Any]]] = [
+        ("alice", {"identity": {"id": "alice"}}),
+        ("bob", {"orq": {"contact": {"id": "bob", "display_name": "Bob"}}}),
+        ("carol", {"orq": {"identity": {"id": "carol"}}}),
+        ("dave", {"headers": {"X-ORQ-IDENTITY-ID": "dave"}}),
+        ("erin", {"headers": {"X-ORQ-CONTACT-ID": "erin"}}),
+        # the body wins over the header
+        ("frank", {"identity": {"id": "frank"}, "headers": {"X-ORQ-IDENTITY-ID": "gina"}}),
+    ]
+    async with running(config) as (_, c):
+        for ident, kw in sources:
+            r = await embed(c, "x", route="orq", **kw)
+            assert r.status_code == 200, (ident, r.text)
+            r = await embed(c, "x", route="orq", **kw)
+            assert r.status_code == 429, ident
+            assert error_of(r)["scope_target_id"] == ident
+        # gina was never charged: the header lost to frank's body identity
+        r = await embed(c, "x", route="orq", headers={"X-ORQ-IDENTITY-ID": "gina"})
+        assert r.status_code == 200
+        # a request without an identity is not subject to identity budgets at all
+        for _ in range(3):
+            assert (await embed(c, "x", route="orq")).status_code == 200
+
+
+# --- headers -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_headers_show_the_most_restrictive_budget_and_count_down(upstream: FakeUpstream) -> None:
+    config = budget_config(upstream.url, [
+        {"scope": "workspace", "target": "acme", "requests_per_minute": 10},
+        {"scope": "api_key", "target": "team-a", "requests_per_minute": 3},
+        {"scope": "project", "target": "search", "token_limit": 1000},
+        {"scope": "api_key", "target": "team-a", "token_limit": 100},
+        {"scope": "workspace", "target": "acme", "amount_usd": 50},
+        {"scope": "model", "target": "local/embed-small", "amount_usd": 80},
+    ])  # fmt: skip
+    async with running(config) as (_, c):
+        seen = []
+        for _ in range(3):
+            # "one two": reserved at 7 bytes + 2 = 9 tokens, billed at 2 (two words)
+            r = await embed(c, "one two")
+            assert r.status_code == 200, r.text
+            h = r.headers
+            assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-limit-tokens"], h["x-ratelimit-limit-cost"]) == (
+                "3", "100", "50",
+            )  # fmt: skip
+            assert 0 < int(h["x-ratelimit-reset-requests"]) <= 60
+            assert 0 < int(h["x-ratelimit-reset-tokens"]) <= 86400  # daily: the next UTC midnight
+            assert 0 < int(h["x-ratelimit-reset-cost"]) <= 86400
+            seen.append((h["x-ratelimit-remaining-requests"], h["x-ratelimit-remaining-tokens"],
+                         h["x-ratelimit-remaining-cost"]))  # fmt: skip
+        # remaining as of each reservation: earlier requests settled to their real 2 tokens ($2), this one
+        # holds its estimate of 9
+        assert seen == [("2", "91", "41"), ("1", "89", "39"), ("0", "87", "37")]
+        r = await embed(c, "one two")
+        assert r.status_code == 429
+        err = error_of(r)
+        assert err["code"] == "requests_per_minute_exceeded"
+        assert r.headers["x-ratelimit-remaining-requests"] == "0"
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        usage = {row["budget"]: row for row in await admin_usage(c)}  # one row per configured budget
+        assert usage[1]["requests_per_minute"] == {"used": 3, "limit": 3, "remaining": 0}
+        assert usage[0]["requests_per_minute"] == {"used": 3, "limit": 10, "remaining": 7}
+        assert usage[3]["tokens"] == {"used": 6, "limit": 100, "remaining": 94}
+        assert usage[4]["cost_usd"] == {"used": 6.0, "limit": 50, "remaining": 44.0}
+
+
+@pytest.mark.anyio
+async def test_most_restrictive_is_the_least_remaining_not_the_smallest_limit(upstream: FakeUpstream) -> None:
+    config = budget_config(upstream.url, [
+        {"scope": "api_key", "target": "team-a", "token_limit": 40},
+        {"scope": "workspace", "target": "acme", "token_limit": 1000},
+    ])  # fmt: skip
+    async with running(config) as (_, c):
+        # another key of the same workspace spends most of the workspace's budget
+        r = await embed(c, [1] * 970, key=SAME_WORKSPACE_KEY)
+        assert r.status_code == 200, r.text
+        r = await embed(c, [1, 2])
+        assert r.status_code == 200
+        assert (r.headers["x-ratelimit-limit-tokens"], r.headers["x-ratelimit-remaining-tokens"]) == ("1000", "28")
+        r = await embed(c, [1] * 30)  # within team-a's 40, beyond the workspace's remaining 28
+        assert r.status_code == 429
+        assert (error_of(r)["code"], r.headers["x-ratelimit-remaining-tokens"]) == ("token_budget_exceeded", "28")
+
+
+# --- error shapes per route ----------------------------------------------------------------------------
+
+REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
+    # dimension: (the limits of a budget refusing a 3-token, $3 request (the second one per minute), code)
+    "requests": ({"requests_per_minute": 1}, "requests_per_minute_exceeded"),
+    "tokens": ({"token_limit": 2}, "token_budget_exceeded"),
+    "cost": ({"amount_usd": 2.0}, "cost_budget_exceeded"),
+}
+
+
+@pytest.mark.parametrize("dimension", list(REFUSALS))
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.anyio
+async def test_refusal_shape_per_route(upstream: FakeUpstream, route: str, dimension: str) -> None:
+    limits, code = REFUSALS[dimension]
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", **limits}])
+    async with running(config) as (_, c):
+        if dimension == "requests":
+            assert (await embed(c, [1, 2, 3], route=route)).status_code == 200
+        r = await embed(c, [1, 2, 3], route=route)  # 3 tokens, $3: above 2 tokens, $2
+    assert r.status_code == 429
+    assert r.headers["content-type"] == "application/json"
+    err = error_of(r)
+    if route == "openai":
+        assert set(err) == {"message", "type", "param", "code"}
+        assert (err["code"], err["type"], err["param"]) == (code, "rate_limit_error", None)
+    elif route == "orq":
+        assert set(err) == {"message", "type", "param", "code", "scope_kind", "scope_target_id", "dimension"}
+        assert (err["code"], err["scope_kind"], err["scope_target_id"], err["dimension"]) == (
+            code, "api_key", "team-a", dimension,
+        )  # fmt: skip
+    else:
+        assert set(err) == {"code", "message", "metadata"}
+        assert err["code"] == 429
+        assert err["metadata"]["code"] == code
+        assert (err["metadata"]["scope_kind"], err["metadata"]["dimension"]) == ("api_key", dimension)
+    assert "team-a" in err["message"]
+    if dimension == "requests":
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert "x-should-retry" not in r.headers
+    else:
+        # a period budget does not recover within an SDK's retry loop
+        assert r.headers["x-should-retry"] == "false"
+        assert "retry-after" not in r.headers
+        assert r.headers[f"x-ratelimit-limit-{dimension}"] == "2"
+
+
+@pytest.mark.parametrize("dimension", list(REFUSALS))
+def test_openai_python_raises_rate_limit_error_with_the_code(upstream: FakeUpstream, dimension: str) -> None:
+    limits, code = REFUSALS[dimension]
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", **limits}])
+    with serve(gateway(config)) as url, openai.OpenAI(api_key=KEY, base_url=f"{url}/v1", max_retries=0) as client:
+        if dimension == "requests":
+            client.embeddings.create(model="local/embed-small", input=[1, 2, 3])
+        with pytest.raises(openai.RateLimitError) as exc:
+            client.embeddings.create(model="local/embed-small", input=[1, 2, 3])
+    assert exc.value.status_code == 429
+    assert exc.value.code == code
+    assert exc.value.type == "rate_limit_error"
+    assert len(upstream.calls) == (1 if dimension == "requests" else 0)
+
+
+# --- cache hits ------------------------------------------------------------------------------------------
+
+CACHE = {"type": "exact_match"}
+
+
+@pytest.mark.anyio
+async def test_cache_hits_are_served_with_the_token_budget_spent(upstream: FakeUpstream) -> None:
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 5,
+                                           "amount_usd": 5.0}])  # fmt: skip
+    async with running(config) as (_, c):
+        r = await embed(c, [[1, 2, 3]], cache=CACHE)
+        assert (r.status_code, r.headers["x-embedgate-cache"]) == (200, "miss")
+        r = await embed(c, [[4, 5, 6]], cache=CACHE)  # 3 + 3 > 5: spent
+        assert (r.status_code, error_of(r)["code"]) == (429, "token_budget_exceeded")
+        # Observed: a full cache hit is served even though the token budget cannot fit it: it costs nothing
+        for _ in range(3):
+            r = await embed(c, [[1, 2, 3]], cache=CACHE)
+            assert (r.status_code, r.headers["x-embedgate-cache"]) == (200, "hit")
+            assert r.json()["usage"]["prompt_tokens"] == 3  # the recorded usage is still reported
+        # a partial hit reserves only what goes upstream: [4, 5] fits (3 + 2 <= 5), the cached item is free
+        r = await embed(c, [[1, 2, 3], [4, 5]], cache=CACHE)
+        assert (r.status_code, r.headers["x-embedgate-cache"]) == (200, "partial")
+        assert upstream.calls[-1].body["input"] == [[4, 5]]
+        (row,) = await admin_usage(c)
+        assert row["tokens"]["used"] == 5
+        assert row["cost_usd"]["used"] == 5.0
+        assert len(upstream.calls) == 2
+
+
+@pytest.mark.anyio
+async def test_cache_hits_count_against_requests_per_minute(upstream: FakeUpstream) -> None:
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "requests_per_minute": 3}])
+    async with running(config) as (_, c):
+        statuses = []
+        for _ in range(4):
+            r = await embed(c, "cached text", cache=CACHE)
+            statuses.append(
+                (r.status_code, r.headers["x-embedgate-cache"], r.headers.get("x-ratelimit-remaining-requests"))
+            )
+        assert statuses[:3] == [(200, "miss", "2"), (200, "hit", "1"), (200, "hit", "0")]
+        assert statuses[3][0] == 429
+        assert len(upstream.calls) == 1
+
+
+# --- failed upstream calls -------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_failed_upstream_calls_leave_no_reservation(upstream: FakeUpstream) -> None:
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 10,
+                                           "amount_usd": 10.0}])  # fmt: skip
+    async with running(config) as (_, c):
+        upstream.script.extend(Fault("status", 500) for _ in range(20))
+        for _ in range(20):  # each reserves 4 tokens ($4): three leaked reservations would spend the budget
+            r = await embed(c, [1, 2, 3, 4], retry={"count": 0, "on_codes": [500]})
+            assert r.status_code == 502, r.text
+        assert len(upstream.calls) == 20
+        (row,) = await admin_usage(c)
+        assert (row["tokens"]["used"], row["cost_usd"]["used"]) == (0, 0.0)
+        # the whole budget is still there: 4 + 4 fit, a third 4 does not
+        for _ in range(2):
+            assert (await embed(c, [1, 2, 3, 4])).status_code == 200
+        r = await embed(c, [1, 2, 3, 4])
+        assert (r.status_code, error_of(r)["code"]) == (429, "token_budget_exceeded")
+        (row,) = await admin_usage(c)
+        assert row["tokens"] == {"used": 8, "limit": 10, "remaining": 2}
+
+
+@pytest.mark.anyio
+async def test_a_fallback_bills_the_tokens_of_the_model_that_served(upstream: FakeUpstream) -> None:
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 100}])
+    async with running(config) as (_, c):
+        upstream.script.append(Fault("status", 503, model="embed-small"))
+        r = await embed(c, [1, 2, 3], fallbacks=[{"model": "local/embed-b"}], retry={"count": 0, "on_codes": [503]})
+        assert (r.status_code, r.json()["model"]) == (200, "local/embed-b")
+        (row,) = await admin_usage(c)
+        assert row["tokens"]["used"] == 3  # once, for the call that served; nothing for the failed one
+
+
+# --- OpenRouter usage.cost -------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_openrouter_usage_cost_is_tokens_times_price(upstream: FakeUpstream) -> None:
+    providers = {"openai": {"type": "openai", "base_url": upstream.url, "api_key": "provider-secret-openai"}}
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "amount_usd": 1.0}],
+                           providers=providers,
+                           models={"local/embed-small": {"price_per_million_tokens": 0.5}})  # fmt: skip
+    text = "one two three four five"  # five tokens at the fake upstream
+    async with running(config) as (_, c):
+        cases = [
+            ("local/embed-small", 0.5),  # the configured price
+            ("openai/text-embedding-3-small", 0.02),  # built-in list prices
+            ("openai/text-embedding-3-large", 0.13),
+            ("local/unpriced", 0.0),  # no price known: free
+        ]
+        spent = 0.0
+        for model, price in cases:
+            r = await embed(c, text, route="openrouter", model=model)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["usage"]["prompt_tokens"] == 5
+            assert body["usage"]["cost"] == pytest.approx(5 * price / 1_000_000, rel=1e-9, abs=1e-15)
+            assert body["id"]
+            spent += 5 * price / 1_000_000
+            r = await embed(c, text, route="openai", model=model)
+            assert "cost" not in r.json()["usage"]  # only the OpenRouter route reports a cost
+            spent += 5 * price / 1_000_000
+        assert upstream.calls[2].body["model"] == "text-embedding-3-small"
+        (row,) = await admin_usage(c)
+        assert row["cost_usd"]["used"] == pytest.approx(spent, abs=1e-9)
+
+
+# --- store unreachable -----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_unreachable_store_fails_closed_in_each_route_shape(upstream: FakeUpstream) -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    config = budget_config(upstream.url, [{"scope": "workspace", "target": "acme", "requests_per_minute": 100}],
+                           redis_url=closed)  # fmt: skip
+    async with running(config) as (_, c):
+        for route in ROUTES:
+            r = await embed(c, "x", route=route)
+            assert r.status_code == 503, r.text
+            err = error_of(r)
+            message = err["message"]
+            assert "budget store unavailable" in message
+            if route == "openrouter":
+                assert (err["code"], err["metadata"]["code"]) == (503, "store_unavailable")
+            else:
+                assert err["code"] == "store_unavailable"
+                assert "param" in err and "type" in err
+            assert "redis://" not in r.text and "Traceback" not in r.text
+        # a request no budget applies to does not need the store
+        r = await embed(c, "x", key=OTHER_KEY, model="backup/embed-small")
+        assert r.status_code == 200, r.text
+        assert len(upstream.calls) == 1
+        r = await c.get("/admin/usage", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert r.status_code == 503
+
+
+@pytest.mark.anyio
+async def test_unreachable_store_with_fail_open_admits(upstream: FakeUpstream) -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    config = budget_config(upstream.url, [{"scope": "workspace", "target": "acme", "requests_per_minute": 1}],
+                           redis_url=closed, budget_options={"fail_open": True})  # fmt: skip
+    async with running(config) as (_, c):
+        for route in ROUTES:
+            r = await embed(c, "x", route=route, identity={"id": "alice"})
+            assert r.status_code == 200, r.text
+            assert "x-ratelimit-limit-requests" not in r.headers  # nothing was counted
+        assert len(upstream.calls) == 3
+
+
+# --- admin endpoints and CLI -----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_admin_endpoints_are_off_without_an_admin_key(upstream: FakeUpstream) -> None:
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 10}], admin={})
+    async with running(config) as (_, c):
+        for path in ("/admin/usage", "/admin/identities"):
+            r = await c.get(path, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+            assert r.status_code == 404
+            assert "admin" in error_of(r)["message"]
+
+
+@pytest.mark.anyio
+async def test_admin_endpoints_need_the_admin_key(upstream: FakeUpstream) -> None:
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 10}])
+    async with running(config) as (_, c):
+        for path in ("/admin/usage", "/admin/identities"):
+            for headers in ({}, {"authorization": f"Bearer {KEY}"}, {"authorization": ADMIN_KEY}):
+                r = await c.get(path, headers=headers)
+                assert r.status_code == 401, (path, headers)
+                assert ADMIN_KEY not in r.text
+            r = await c.get(path, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+            assert r.status_code == 200
+
+
+@pytest.mark.anyio
+async def test_admin_usage_and_identities_show_what_was_spent_and_seen(upstream: FakeUpstream) -> None:
+    config = budget_config(upstream.url, [
+        {"scope": "api_key", "target": "team-a", "token_limit": 100, "amount_usd": 20, "requests_per_minute": 10},
+        {"scope": "identity", "target": "*", "period": "monthly", "token_limit": 50},
+        {"scope": "workspace", "target": "globex", "period": "one_time", "token_limit": 7},
+    ])  # fmt: skip
+    profile = {"id": "alice", "display_name": "Alice A.", "email": "alice@example.com",
+               "metadata": [{"team": "search"}], "tags": ["beta"], "logo_url": "https://example.com/a.png"}  # fmt: skip
+    async with running(config) as (_, c):
+        assert (await embed(c, [1, 2, 3], route="orq", identity=profile)).status_code == 200
+        first = await c.get("/admin/identities", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert (await embed(c, [1, 2], route="orq", orq={"contact": {"id": "bob"}})).status_code == 200
+        assert (await embed(c, [9], route="orq", headers={"X-ORQ-IDENTITY-ID": "alice"})).status_code == 200
+        rows = await admin_usage(c)
+        by_id = {(row["scope"], row["id"]): row for row in rows}
+        assert set(by_id) == {("api_key", "team-a"), ("identity", "alice"), ("identity", "bob"),
+                              ("workspace", "globex")}  # fmt: skip
+        team = by_id[("api_key", "team-a")]
+        assert team["tokens"] == {"used": 6, "limit": 100, "remaining": 94}
+        assert team["cost_usd"] == {"used": 6.0, "limit": 20, "remaining": 14.0}
+        assert team["requests_per_minute"] == {"used": 3, "limit": 10, "remaining": 7}
+        assert (team["period"], team["target"]) == ("daily", "team-a")
+        assert 0 < team["resets_in_s"] <= 86400
+        assert by_id[("identity", "alice")]["tokens"]["used"] == 4
+        assert by_id[("identity", "bob")]["tokens"]["used"] == 2
+        assert (by_id[("identity", "bob")]["target"], by_id[("identity", "bob")]["period"]) == ("*", "monthly")
+        globex = by_id[("workspace", "globex")]
+        assert (globex["tokens"]["used"], globex["resets_in_s"], globex["period_stamp"]) == (0, None, "all")
+        assert "cost_usd" not in globex
+        assert [row["id"] for row in await admin_usage(c, scope="identity")] == ["alice", "bob"]
+
+        r = await c.get("/admin/identities", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        idents = {i["id"]: i for i in r.json()["data"]}
+        assert [i["id"] for i in r.json()["data"]] == ["alice", "bob"]  # most recently seen first
+        alice = idents["alice"]
+        for field in ("display_name", "email", "metadata", "logo_url"):
+            assert alice[field] == profile[field]  # the profile survives a later header-only request
+        assert alice["tags"] == ["beta"]
+        (alice_before,) = [i for i in first.json()["data"] if i["id"] == "alice"]
+        assert alice["first_seen"] == alice_before["first_seen"]
+        assert alice["last_seen"] >= alice_before["last_seen"] and alice["last_seen"] > idents["bob"]["first_seen"]
+        r = await c.get("/admin/identities", params={"id": "bob"},
+                        headers={"authorization": f"Bearer {ADMIN_KEY}"})  # fmt: skip
+        assert [i["id"] for i in r.json()["data"]] == ["bob"]
+
+
+def test_cli_usage_and_identities_print_the_admin_views(
+    upstream: FakeUpstream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 100}])
+    with serve(gateway(config)) as url:
+        r = httpx.post(f"{url}/v1/embeddings", json={"model": "local/embed-small", "input": [1, 2, 3, 4],
+                                                     "identity": {"id": "carol", "email": "c@example.com"}},
+                       headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        auth = {"authorization": f"Bearer {ADMIN_KEY}"}
+        http_usage = httpx.get(f"{url}/admin/usage", headers=auth).json()["data"]
+        http_idents = httpx.get(f"{url}/admin/identities", headers=auth).json()["data"]
+        capsys.readouterr()
+        assert cli_main(["usage", "--url", url, "--admin-key", ADMIN_KEY]) == 0
+        cli_usage = json.loads(capsys.readouterr().out)
+        assert cli_main(["identities", "--url", url, "--admin-key", ADMIN_KEY]) == 0
+        cli_idents = json.loads(capsys.readouterr().out)
+        assert cli_main(["usage", "--url", url, "--admin-key", "wrong"]) == 1
+        assert "401" in capsys.readouterr().err
+
+    # the reset countdown may have ticked between the two reads
+    def strip(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in row.items() if k != "resets_in_s"} for row in rows]
+
+    assert strip(cli_usage) == strip(http_usage)
+    assert cli_usage[0]["tokens"]["used"] == 4
+    assert cli_idents == http_idents
+    assert [(i["id"], i["email"]) for i in cli_idents] == [("carol", "c@example.com")]
+    assert not math.isnan(cli_idents[0]["last_seen"])
