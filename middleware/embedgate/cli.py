@@ -36,7 +36,12 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     os.environ["EMBEDGATE_CONFIG"] = os.path.abspath(args.config)
-    os.environ.setdefault("EMBEDGATE_STANDALONE", "1")
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker is a process: /metrics sums them through prometheus_client's multiprocess mode, which
+        # must be set up before any worker imports prometheus_client.
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="embedgate-metrics-")
     uvicorn.run(
         "embedgate.app:create_app",
         factory=True,
