@@ -4,7 +4,8 @@ It runs an aiohttp server on 127.0.0.1 in a background thread with its own event
 deterministic function of (model, item, dimensions), so tests compute the expected answer with
 :func:`expected_vector`. Every request is recorded; ``script`` queues behaviours consumed one per request
 (``Fault("status", 429, retry_after=1)``, ``Fault("drop")``, ``Fault("slow", delay=2)``, ``Fault("malformed")``,
-``Fault("wrong_count")``, ``Fault("wrong_dims")``), optionally only for one upstream model.
+``Fault("wrong_count")``, ``Fault("wrong_dims")``), optionally only for one upstream model. ``peak_in_flight``
+tells how many requests for one upstream model were ever handled at the same time.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class FakeUpstream:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+        self._peak: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -100,11 +103,17 @@ class FakeUpstream:
         with self._lock:
             return [c for c in self.calls if c.body.get("model") == model]
 
+    def peak_in_flight(self, model: str) -> int:
+        """The most requests for one upstream model handled at once since the last :meth:`reset`."""
+        with self._lock:
+            return self._peak.get(model, 0)
+
     def reset(self) -> None:
         """Forget recorded calls and pending faults."""
         with self._lock:
             self.calls.clear()
             self.script.clear()
+            self._peak.clear()
 
     def _next_fault(self, model: str) -> Fault | None:
         with self._lock:
@@ -116,6 +125,20 @@ class FakeUpstream:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
+        try:
+            model = str(orjson.loads(raw).get("model", ""))
+        except (orjson.JSONDecodeError, AttributeError):
+            model = ""
+        with self._lock:
+            self._in_flight[model] = now = self._in_flight.get(model, 0) + 1
+            self._peak[model] = max(self._peak.get(model, 0), now)
+        try:
+            return await self._respond(request, raw)
+        finally:
+            with self._lock:
+                self._in_flight[model] -= 1
+
+    async def _respond(self, request: web.Request, raw: bytes) -> web.StreamResponse:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:

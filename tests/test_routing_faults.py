@@ -1,0 +1,342 @@
+"""Fault injection through the real gateway against the scripted local fake upstream.
+
+Every test sends requests over httpx's ASGITransport to ``gateway(config)``, whose provider adapters call the
+fake upstream over real HTTP. Each fault (429 with Retry-After, 500, 503, a connection dropped mid-response, a
+reply slower than the attempt timeout, malformed JSON, the wrong number of vectors, the wrong dimensions) is
+checked recovered by a retry, failing without a fallback, and served by a fallback: the HTTP status, the model
+that served (``model`` in the body), the exact number of upstream calls, and an upper bound on the elapsed time.
+Backoff is kept small (``backoff_base_ms: 10``) and attempts short (``timeout.call_timeout: 300``).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from structlog.testing import capture_logs
+
+from embedgate.config import Config, parse_config
+from embedgate.gateway import EmbeddingGateway
+from tests.conftest import KEY, config_dict, gateway
+from tests.fake_upstream import FakeUpstream, Fault, expected_vector
+
+AUTH = {"authorization": f"Bearer {KEY}"}
+PRIMARY, PRIMARY_UP = "local/embed-small", "embed-small"  # a model id and its upstream model name
+FALLBACK, FALLBACK_UP = "backup/fb", "fb"
+TEXTS = ["alpha beta", "gamma"]
+SECRETS = ("provider-secret-local", "provider-secret-backup", KEY)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def routing_config(upstream: FakeUpstream, *, routing: dict[str, Any] | None = None, **overrides: Any) -> Config:
+    """The conftest test config with a small backoff, plus ``routing`` settings and other overrides."""
+    data = config_dict(upstream.url, routing={"backoff_base_ms": 10, **(routing or {})}, **overrides)
+    return parse_config(data, env={})
+
+
+@asynccontextmanager
+async def running(config: Config) -> AsyncIterator[tuple[httpx.AsyncClient, EmbeddingGateway]]:
+    """A client bound to a fresh gateway (fresh breakers), shut down afterwards."""
+    app = gateway(config)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw", timeout=30) as c:
+            yield c, app
+    finally:
+        await app.shutdown()
+
+
+async def timed_post(c: httpx.AsyncClient, body: dict[str, Any], route: str = "/v1/embeddings"
+                     ) -> tuple[httpx.Response, float]:  # fmt: skip
+    """POST ``body`` with the test key; the response and the seconds it took."""
+    started = time.monotonic()
+    r = await c.post(route, json=body, headers=AUTH)
+    return r, time.monotonic() - started
+
+
+def body_for(*, fallbacks: Sequence[str] = (), retry: int | None = 1, **extra: Any) -> dict[str, Any]:
+    """A request for PRIMARY with a 300 ms attempt timeout, ``retry.count``, and the given fallbacks."""
+    body: dict[str, Any] = {"model": PRIMARY, "input": TEXTS, "timeout": {"call_timeout": 300}, **extra}
+    if retry is not None:
+        body["retry"] = {"count": retry}
+    if fallbacks:
+        body["fallbacks"] = [{"model": m} for m in fallbacks]
+    return body
+
+
+def vectors(r: httpx.Response) -> list[np.ndarray[Any, Any]]:
+    """The response's vectors as float32 arrays, whatever the encoding."""
+    out = []
+    for d in r.json()["data"]:
+        e = d["embedding"]
+        out.append(np.frombuffer(base64.b64decode(e), "<f4") if isinstance(e, str) else np.asarray(e, "<f4"))
+    return out
+
+
+def assert_served(r: httpx.Response, model: str, upstream_model: str, texts: list[Any] = TEXTS,
+                  dims: int = 8) -> None:  # fmt: skip
+    """200, ``model`` names the served model, and the vectors are that upstream model's, in input order."""
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == model
+    got = vectors(r)
+    assert len(got) == len(texts)
+    for vec, text in zip(got, texts, strict=True):
+        np.testing.assert_array_equal(vec, expected_vector(upstream_model, text, dims))
+
+
+# One factory per fault kind; ``model`` scopes the fault to one upstream model.
+FAULTS: dict[str, Callable[[str], Fault]] = {
+    "429_retry_after": lambda m: Fault("status", 429, retry_after=0.05, model=m),
+    "500": lambda m: Fault("status", 500, model=m),
+    "503": lambda m: Fault("status", 503, model=m),
+    "drop": lambda m: Fault("drop", model=m),
+    "slow": lambda m: Fault("slow", delay=1.5, model=m),
+    "malformed_json": lambda m: Fault("malformed", model=m),
+    "wrong_count": lambda m: Fault("wrong_count", model=m),
+    "wrong_dims": lambda m: Fault("wrong_dims", model=m),
+}
+# The status the client gets once every attempt failed with this fault, and the error code.
+FAILED = {kind: (502, "upstream_error") for kind in FAULTS} | {
+    "slow": (504, "upstream_timeout"),
+    "malformed_json": (502, "upstream_malformed"),
+    "wrong_count": (502, "upstream_malformed"),
+    "wrong_dims": (502, "upstream_malformed"),
+}
+
+
+def extra_for(kind: str) -> dict[str, Any]:
+    # Asking for the dimensions lets the adapter see the wrong count; the learned check is tested separately.
+    return {"dimensions": 8} if kind == "wrong_dims" else {}
+
+
+def bound_for(kind: str, attempts: int) -> float:
+    """An upper bound on the elapsed seconds: attempts of a slow fault end at the 300 ms timeout, far below
+    the 1.5 s the upstream would take; other faults answer at once and the backoff is ~10-20 ms."""
+    return 0.3 * attempts + 0.5 if kind == "slow" else 1.0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", list(FAULTS))
+async def test_fault_recovered_by_a_retry(upstream: FakeUpstream, kind: str) -> None:
+    upstream.script.append(FAULTS[kind](PRIMARY_UP))
+    async with running(routing_config(upstream)) as (c, _):
+        r, elapsed = await timed_post(c, body_for(fallbacks=[FALLBACK], **extra_for(kind)))
+    assert_served(r, PRIMARY, PRIMARY_UP)
+    assert len(upstream.calls_for(PRIMARY_UP)) == 2
+    assert upstream.calls_for(FALLBACK_UP) == []
+    assert elapsed < bound_for(kind, 1)
+    if kind == "429_retry_after":
+        assert elapsed >= 0.05  # the upstream's Retry-After was waited before the retry
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", list(FAULTS))
+async def test_fault_without_fallback_fails_after_the_retries(upstream: FakeUpstream, kind: str) -> None:
+    upstream.script.extend([FAULTS[kind](PRIMARY_UP), FAULTS[kind](PRIMARY_UP)])
+    async with running(routing_config(upstream)) as (c, _):
+        r, elapsed = await timed_post(c, body_for(**extra_for(kind)))
+    status, code = FAILED[kind]
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert not any(s in r.text for s in SECRETS)
+    assert len(upstream.calls) == len(upstream.calls_for(PRIMARY_UP)) == 2  # 1 + retry.count, nothing else
+    assert elapsed < bound_for(kind, 2)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", list(FAULTS))
+async def test_fault_with_fallback_is_served_by_the_fallback(upstream: FakeUpstream, kind: str) -> None:
+    upstream.script.extend([FAULTS[kind](PRIMARY_UP), FAULTS[kind](PRIMARY_UP)])
+    async with running(routing_config(upstream)) as (c, _):
+        r, elapsed = await timed_post(c, body_for(fallbacks=[FALLBACK], **extra_for(kind)))
+    assert_served(r, FALLBACK, FALLBACK_UP)
+    assert len(upstream.calls_for(PRIMARY_UP)) == 2
+    assert len(upstream.calls_for(FALLBACK_UP)) == 1
+    assert elapsed < bound_for(kind, 2)
+
+
+@pytest.mark.anyio
+async def test_wrong_dimensions_without_asking_for_dimensions(upstream: FakeUpstream) -> None:
+    """Without ``dimensions`` in the request, the model's first answer fixes its dimension count: a 9-dim
+    answer of an 8-dim model is malformed, retried, then fallen back from; it never reaches the client."""
+    async with running(routing_config(upstream)) as (c, _):
+        r, _ = await timed_post(c, body_for())
+        assert_served(r, PRIMARY, PRIMARY_UP)
+
+        upstream.script.append(FAULTS["wrong_dims"](PRIMARY_UP))
+        r, _ = await timed_post(c, body_for())
+        assert_served(r, PRIMARY, PRIMARY_UP)
+        assert len(upstream.calls_for(PRIMARY_UP)) == 3  # warm-up, the 9-dim answer, its retry
+
+        upstream.script.extend([FAULTS["wrong_dims"](PRIMARY_UP)] * 2)
+        r, _ = await timed_post(c, body_for(fallbacks=[FALLBACK]))
+        assert_served(r, FALLBACK, FALLBACK_UP)
+        assert len(upstream.calls_for(PRIMARY_UP)) == 5
+        assert len(upstream.calls_for(FALLBACK_UP)) == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status", [400, 413, 422])
+async def test_input_errors_are_neither_retried_nor_fallen_back_from(upstream: FakeUpstream, status: int) -> None:
+    upstream.script.append(Fault("status", status, model=PRIMARY_UP, message="input too long for this model"))
+    async with running(routing_config(upstream)) as (c, _):
+        r, _ = await timed_post(c, body_for(fallbacks=[FALLBACK], retry=3))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert "input too long for this model" in err["message"]
+    assert err["param"] == "input"
+    assert len(upstream.calls) == len(upstream.calls_for(PRIMARY_UP)) == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status", [401, 403])
+async def test_key_errors_are_logged_and_fallen_back_from_without_retrying(upstream: FakeUpstream, status: int) -> None:
+    upstream.script.append(Fault("status", status, model=PRIMARY_UP, message="bad key provider-secret-local"))
+    async with running(routing_config(upstream)) as (c, _):
+        with capture_logs() as logs:
+            r, _ = await timed_post(c, body_for(fallbacks=[FALLBACK], retry=3))
+        assert_served(r, FALLBACK, FALLBACK_UP)
+        assert len(upstream.calls_for(PRIMARY_UP)) == 1  # retrying a refused key cannot help
+        errors = [e for e in logs if e["log_level"] == "error" and e.get("status") == status]
+        assert len(errors) == 1 and errors[0]["provider"] == "local"
+        assert not any(s in repr(logs) for s in SECRETS)
+
+        upstream.reset()
+        upstream.script.append(Fault("status", status, model=PRIMARY_UP))
+        r, _ = await timed_post(c, body_for(retry=3))
+        assert r.status_code == 502, r.text
+        assert len(upstream.calls) == 1
+
+
+@pytest.mark.anyio
+async def test_key_error_on_a_deployment_fails_over_to_the_next_one(upstream: FakeUpstream) -> None:
+    upstream.script.append(Fault("status", 401, model="multi-a"))
+    async with running(routing_config(upstream)) as (c, _):
+        r, _ = await timed_post(c, {"model": "local/multi", "input": TEXTS, "retry": {"count": 3}})
+    assert_served(r, "local/multi", "multi-b")
+    assert len(upstream.calls_for("multi-a")) == 1  # dropped for the request, not cycled back to
+    assert len(upstream.calls_for("multi-b")) == 1
+
+
+@pytest.mark.anyio
+async def test_retry_after_is_capped(upstream: FakeUpstream) -> None:
+    upstream.script.append(Fault("status", 429, retry_after=30, model=PRIMARY_UP))
+    async with running(routing_config(upstream, routing={"max_retry_after_ms": 100})) as (c, _):
+        r, elapsed = await timed_post(c, body_for())
+    assert_served(r, PRIMARY, PRIMARY_UP)
+    assert len(upstream.calls_for(PRIMARY_UP)) == 2
+    assert 0.1 <= elapsed < 1.5  # waited the cap, not the 30 s asked
+
+
+@pytest.mark.anyio
+async def test_backoff_is_exponential(upstream: FakeUpstream) -> None:
+    # base 100 ms: the waits are 100 and 200 ms, each +-25%: at least 225 ms in all.
+    upstream.script.extend([Fault("status", 500, model=PRIMARY_UP)] * 2)
+    async with running(routing_config(upstream, routing={"backoff_base_ms": 100})) as (c, _):
+        r, elapsed = await timed_post(c, body_for(retry=2))
+    assert_served(r, PRIMARY, PRIMARY_UP)
+    assert len(upstream.calls_for(PRIMARY_UP)) == 3
+    assert 0.225 <= elapsed < 1.5
+
+
+@pytest.mark.anyio
+async def test_default_retry_applies_when_the_request_sets_none(upstream: FakeUpstream) -> None:
+    config = routing_config(upstream, routing={"default_retry": {"count": 3}})
+    upstream.script.extend([Fault("status", 503, model=PRIMARY_UP)] * 3)
+    async with running(config) as (c, _):
+        r, _ = await timed_post(c, body_for(retry=None))
+        assert_served(r, PRIMARY, PRIMARY_UP)
+        assert len(upstream.calls_for(PRIMARY_UP)) == 4
+
+        upstream.reset()
+        upstream.script.append(Fault("status", 503, model=PRIMARY_UP))
+        r, _ = await timed_post(c, body_for(retry=0))  # the request's own policy wins
+        assert r.status_code == 502
+        assert len(upstream.calls) == 1
+
+
+@pytest.mark.anyio
+async def test_on_codes_and_fallback_on_codes(upstream: FakeUpstream) -> None:
+    only_429 = {"count": 3, "on_codes": [429]}
+    async with running(routing_config(upstream)) as (c, _):
+        # 500 is not retried (not in on_codes) but is in the default fallback_on_codes: straight to the fallback.
+        upstream.script.append(Fault("status", 500, model=PRIMARY_UP))
+        r, _ = await timed_post(c, {**body_for(fallbacks=[FALLBACK]), "retry": only_429})
+        assert_served(r, FALLBACK, FALLBACK_UP)
+        assert len(upstream.calls_for(PRIMARY_UP)) == 1
+
+        # ... and with fallback_on_codes [503], a 500 ends the request: no retry, no fallback.
+        upstream.reset()
+        upstream.script.append(Fault("status", 500, model=PRIMARY_UP))
+        body = {**body_for(fallbacks=[FALLBACK]), "retry": only_429, "fallback_on_codes": [503]}
+        r, _ = await timed_post(c, body)
+        assert r.status_code == 502
+        assert len(upstream.calls) == 1
+
+
+@pytest.mark.anyio
+async def test_deadline_bounds_a_chain_of_slow_models(upstream: FakeUpstream) -> None:
+    """3 models x 3 attempts x 300 ms would take 2.7 s; ``deadline_ms: 500`` stops it at 0.5 s with a 504:
+    attempt 1 times out at 300 ms, attempt 2 gets the 200 ms left, the fallbacks get nothing."""
+    models = [(PRIMARY, PRIMARY_UP), ("backup/slow-a", "slow-a"), ("local/slow-b", "slow-b")]
+    for _, up in models:
+        upstream.script.extend([Fault("slow", delay=1.5, model=up)] * 3)
+    async with running(routing_config(upstream, routing={"deadline_ms": 500})) as (c, _):
+        r, elapsed = await timed_post(c, body_for(retry=2, fallbacks=[m for m, _ in models[1:]]))
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["code"] == "upstream_timeout"
+    assert len(upstream.calls_for(PRIMARY_UP)) == 2
+    assert len(upstream.calls) == 2
+    assert elapsed < 1.0
+
+
+@pytest.mark.anyio
+async def test_a_wait_longer_than_the_deadline_leaves_the_time_to_the_fallback(upstream: FakeUpstream) -> None:
+    upstream.script.append(Fault("status", 429, retry_after=5, model=PRIMARY_UP))
+    config = routing_config(upstream, routing={"deadline_ms": 1000, "max_retry_after_ms": 10000})
+    async with running(config) as (c, _):
+        r, elapsed = await timed_post(c, body_for(retry=2, fallbacks=[FALLBACK]))
+    assert_served(r, FALLBACK, FALLBACK_UP)
+    assert len(upstream.calls_for(PRIMARY_UP)) == 1
+    assert elapsed < 0.8  # the 5 s Retry-After was not slept
+
+
+@pytest.mark.anyio
+async def test_every_model_failing_answers_the_last_error(upstream: FakeUpstream) -> None:
+    upstream.script.extend([Fault("status", 503, model=PRIMARY_UP)] * 2 + [Fault("slow", delay=1.5,
+                                                                                  model=FALLBACK_UP)] * 2)  # fmt: skip
+    async with running(routing_config(upstream)) as (c, _):
+        r, elapsed = await timed_post(c, body_for(fallbacks=[FALLBACK]))
+    assert r.status_code == 504, r.text  # the fallback's timeout, the last error
+    assert len(upstream.calls_for(PRIMARY_UP)) == 2
+    assert len(upstream.calls_for(FALLBACK_UP)) == 2
+    assert elapsed < 1.3
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("route", "status_of"),
+    [
+        ("/v1/embeddings", lambda e: e["code"]),
+        ("/v2/router/embeddings", lambda e: e["code"]),
+        ("/api/v1/embeddings", lambda e: e["metadata"]["code"]),
+    ],
+)
+async def test_failure_renders_in_each_dialect(
+    upstream: FakeUpstream, route: str, status_of: Callable[[dict[str, Any]], str]
+) -> None:
+    upstream.script.append(Fault("drop", model=PRIMARY_UP))
+    async with running(routing_config(upstream)) as (c, _):
+        r, _ = await timed_post(c, body_for(retry=0), route)
+    assert r.status_code == 502
+    assert status_of(r.json()["error"]) == "upstream_error"
+    assert len(upstream.calls) == 1
