@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.benchmarks.loadgen import LoadSpec, body_template
 from tests.benchmarks.run import CASES, compute_ratios, embedgate_cli_exists, plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,3 +130,16 @@ def test_ratios_come_from_the_rows() -> None:
     assert ratios["cache_hit_vs_direct_rps_16conn"]["single"] == pytest.approx(0.8)
     assert ratios["embedgate_hit_vs_litellm_rps_16conn"]["single"] == pytest.approx(8.0)
     assert ratios["batch_added_latency_pct_1conn"]["embedgate_miss"] == pytest.approx(25.0)
+
+
+def test_fresh_bodies_differ_per_request_and_fixed_ones_do_not() -> None:
+    fresh = LoadSpec(url="http://127.0.0.1:1/v1/embeddings", inputs=256, nonce="n1")
+    pieces = body_template(fresh)
+    first, second = (json.loads(str(seq).encode().join(pieces)) for seq in (1, 2))
+    assert len(first["input"]) == 256 and len(set(first["input"])) == 256
+    assert not set(first["input"]) & set(second["input"])  # no cache could answer the second request
+    assert "cache" not in first
+    fixed = LoadSpec(url="http://127.0.0.1:1/v1/embeddings", inputs=1, fresh=False, cache=True)
+    body = json.loads(b"".join(body_template(fixed)))
+    assert body_template(fixed) == body_template(replace(fixed, nonce="other"))
+    assert body["cache"] == {"type": "exact_match"} and isinstance(body["input"], str)

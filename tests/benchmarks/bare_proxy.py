@@ -50,9 +50,7 @@ class BareProxy:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         headers = {
-            k.decode("latin-1"): v.decode("latin-1")
-            for k, v in scope["headers"]
-            if k.decode("latin-1") in _FORWARDED
+            k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k.decode("latin-1") in _FORWARDED
         }
         session = self._session or self._open()
         try:
@@ -71,9 +69,7 @@ class BareProxy:
 
     def _open(self) -> aiohttp.ClientSession:
         # Keep-alive pool sized above the benchmark's connection count, so no request waits for a socket.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256), auto_decompress=False
-        )
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256), auto_decompress=False)
         return self._session
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -85,13 +85,7 @@ def _tokens(inp: Any) -> tuple[int, int]:
             return 1, len(inp)
         total = 0
         for item in inp:
-            total += (
-                max(1, len(item) // 4)
-                if isinstance(item, str)
-                else len(item)
-                if isinstance(item, list)
-                else 1
-            )
+            total += max(1, len(item) // 4) if isinstance(item, str) else len(item) if isinstance(item, list) else 1
         return len(inp), total
     raise ValueError("input must be a non-empty string or array")
 
@@ -108,9 +102,7 @@ def _response(status: int, body: bytes, content_type: bytes = b"application/json
 
 
 def _error(status: int, message: str) -> list[bytes]:
-    body = orjson.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-    )
+    body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}})
     return _response(status, body)
 
 

@@ -64,7 +64,7 @@ def body_template(spec: LoadSpec) -> list[bytes]:
 
     Fresh bodies put the sequence number inside every input text, so each request is new to any cache.
     """
-    marker = "\x00SEQ\x00"
+    marker = "@@SEQ@@"  # survives JSON encoding unchanged, unlike control characters
 
     def text(i: int) -> str:
         lead = f"bench {spec.nonce} {marker}" if spec.fresh else "bench fixed"
@@ -77,7 +77,10 @@ def body_template(spec: LoadSpec) -> list[bytes]:
     if spec.cache:
         body["cache"] = {"type": "exact_match"}
     raw = orjson.dumps(body).decode()
-    return [p.encode() for p in raw.split(marker)]
+    pieces = [p.encode() for p in raw.split(marker)]
+    if spec.fresh and len(pieces) != spec.inputs + 1:
+        raise ValueError("the sequence marker was not found in the body template")
+    return pieces
 
 
 def _request_head(spec: LoadSpec) -> bytes:
@@ -196,9 +199,7 @@ async def _connection(run: _Run, make_body: Callable[[int], bytes], head: bytes)
     try:
         while not run.done:
             if client is None or client.transport is None:
-                _, client = await loop.create_connection(
-                    _Client, parts.hostname or "127.0.0.1", parts.port or 80
-                )
+                _, client = await loop.create_connection(_Client, parts.hostname or "127.0.0.1", parts.port or 80)
             if run.recording and run.spec.requests is not None:
                 if run.issued >= run.spec.requests:
                     return
@@ -352,9 +353,12 @@ local pieces = {{{", ".join(_lua_string(p) for p in pieces)}}}
 local headers = {{{hdr}}}
 local counter = 0
 local fixed = nil
-if #pieces == 1 then fixed = wrk.format("POST", "{path}", headers, pieces[1]) end
 request = function()
-  if fixed then return fixed end
+  -- Built on first use: wrk sets the Host header in init, after this script is loaded.
+  if #pieces == 1 then
+    if not fixed then fixed = wrk.format("POST", "{path}", headers, pieces[1]) end
+    return fixed
+  end
   counter = counter + 1
   return wrk.format("POST", "{path}", headers, table.concat(pieces, tostring(counter)))
 end

@@ -251,9 +251,7 @@ def embedgate_env(sink: str) -> dict[str, str]:
 def embedgate_argv(config: Path, port: int) -> list[str]:
     """``embedgate serve`` from the running interpreter's environment."""
     script = Path(sys.executable).parent / "embedgate"
-    base = (
-        [str(script)] if script.exists() else [sys.executable, "-c", "from embedgate.cli import main; main()"]
-    )
+    base = [str(script)] if script.exists() else [sys.executable, "-c", "from embedgate.cli import main; main()"]
     return [
         *base,
         "serve",
@@ -533,9 +531,7 @@ def run_embedgate(opts: Options, upstream: Service, results: dict[str, Any], run
     text = service.log_path.read_text(errors="replace")
     info["log_lines"] = text.count("\n")
     info["key_in_log"] = key in text
-    info["requests_sent"] = sum(
-        r["requests"] for r in results["scenarios"] if r["system"].startswith("embedgate")
-    )
+    info["requests_sent"] = sum(r["requests"] for r in results["scenarios"] if r["system"].startswith("embedgate"))
 
 
 def run_litellm(opts: Options, upstream: Service, systems: dict[str, Any], run_system: Any) -> None:
@@ -563,9 +559,7 @@ def run_litellm(opts: Options, upstream: Service, systems: dict[str, Any], run_s
         "1",
     ]
     env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
-    with Service(
-        "litellm", argv, port=port, health="/health/liveliness", log=opts.out / "litellm.log", env=env
-    ) as s:
+    with Service("litellm", argv, port=port, health="/health/liveliness", log=opts.out / "litellm.log", env=env) as s:
         s.wait_ready(timeout_s=180)
         run_system("litellm", Target(url=s.url + "/v1/embeddings", model=UPSTREAM_MODEL, api_key=key))
         systems["litellm"]["version"] = _litellm_version(opts.litellm)
@@ -626,9 +620,7 @@ def run_soak(opts: Options, upstream: Service, requests: int) -> dict[str, Any]:
         soak: dict[str, Any] = {"requests": requests, "rss_start": rss_kib(pid)}
         soak["first_10pct"] = run_load(spec, "python")
         soak["rss_after_10pct"] = rss_kib(pid)
-        soak["rest"] = run_load(
-            replace(spec, requests=requests - first, nonce=secrets.token_hex(4)), "python"
-        )
+        soak["rest"] = run_load(replace(spec, requests=requests - first, nonce=secrets.token_hex(4)), "python")
         soak["rss_end"] = rss_kib(pid)
         soak["rss_growth_after_10pct_kib"] = soak["rss_end"]["rss_kib"] - soak["rss_after_10pct"]["rss_kib"]
         soak["errors"] = soak["first_10pct"]["errors"] + soak["rest"]["errors"]
@@ -688,29 +680,17 @@ def compute_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None) -> Options:
     """Command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="python -m tests.benchmarks.run", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~1 s per scenario, fewer scenarios (smoke run)")
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)"
-    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
     parser.add_argument("--litellm", type=Path, default=None, help="virtualenv with litellm[proxy] installed")
     parser.add_argument("--duration", type=float, default=None, help="seconds measured per scenario")
     parser.add_argument("--warmup", type=float, default=None, help="unmeasured seconds before each scenario")
     parser.add_argument("--engine", choices=("auto", "python", "wrk"), default="auto", help="load generator")
-    parser.add_argument(
-        "--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS)
-    )
-    parser.add_argument(
-        "--redis-url", default="", help="run embedgate with this redis_url (default: in memory)"
-    )
-    parser.add_argument(
-        "--publish", action="store_true", help="also copy the chart to tests/benchmarks/latest.png"
-    )
-    parser.add_argument(
-        "--soak", type=int, default=None, metavar="N", help="only send N requests to embedgate"
-    )
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    parser.add_argument("--redis-url", default="", help="run embedgate with this redis_url (default: in memory)")
+    parser.add_argument("--publish", action="store_true", help="also copy the chart to tests/benchmarks/latest.png")
+    parser.add_argument("--soak", type=int, default=None, metavar="N", help="only send N requests to embedgate")
     a = parser.parse_args(argv)
     systems = tuple(s.strip() for s in a.systems.split(",") if s.strip())
     unknown = [s for s in systems if s not in SYSTEMS]
@@ -826,9 +806,7 @@ def main(argv: list[str] | None = None) -> int:
             run_matrix(opts, upstream, results)
             results["ratios"] = compute_ratios(results["scenarios"])
             results["litellm"] = (
-                "measured"
-                if results["systems"].get("litellm", {}).get("status") == "measured"
-                else "not measured"
+                "measured" if results["systems"].get("litellm", {}).get("status") == "measured" else "not measured"
             )
             failed = any(info["status"] == "failed" for info in results["systems"].values())
             if failed or any(r["errors"] for r in results["scenarios"]):
