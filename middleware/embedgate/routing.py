@@ -325,19 +325,32 @@ class Router:
             results = [await one(chunks[0])]
         else:
             gate = asyncio.Semaphore(self._routing.split_concurrency)
+            failed: list[bool] = []
 
             async def gated(chunk: list[int]) -> tuple[Embeddings, Deployment]:
                 async with gate:
-                    return await one(chunk)
+                    # Set before the gate is released, so a waiting chunk never starts after a sibling failed.
+                    if failed:
+                        raise _Skipped
+                    try:
+                        return await one(chunk)
+                    except BaseException:
+                        failed.append(True)
+                        raise
 
             tasks = [asyncio.ensure_future(gated(c)) for c in chunks]
             try:
                 results = list(await asyncio.gather(*tasks))
-            except BaseException:
+            except BaseException as exc:
                 # One chunk failed for this model: the others are worthless (the next model redoes all of them).
                 for t in tasks:
                     t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+                if isinstance(exc, _Skipped):  # not the cause: raise the failure that made the others skip
+                    cause = next((o for o in outcomes if isinstance(o, Exception) and not isinstance(o, _Skipped)),
+                                 None)  # fmt: skip
+                    if cause is not None:
+                        raise cause from None
                 raise
         tokens = sum(emb.prompt_tokens for emb, _ in results)
         return RouteResult(
@@ -579,3 +592,7 @@ class _ModelFailed(Exception):
         super().__init__(error.message)
         self.error = error
         self.spent = spent
+
+
+class _Skipped(Exception):
+    """A chunk of a split batch not sent because a sibling chunk already failed for the same model."""

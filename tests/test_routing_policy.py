@@ -1,0 +1,399 @@
+"""Routing policy through the real gateway: load balancing, batch splitting, deployments with OpenRouter's
+``provider`` preferences, and the per-deployment circuit breaker as ``/readyz`` shows it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from embedgate.config import Config, Deployment
+from embedgate.errors import GatewayError, UpstreamError
+from embedgate.providers import Adapter, Embeddings
+from embedgate.request import EmbeddingRequest, parse_request
+from embedgate.routing import AttemptHook, Router
+from tests.fake_upstream import FakeUpstream, Fault
+from tests.test_routing_faults import AUTH, TEXTS, assert_served, routing_config, running
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def post(c: httpx.AsyncClient, body: dict[str, Any], route: str = "/v1/embeddings") -> httpx.Response:
+    return await c.post(route, json=body, headers=AUTH)
+
+
+# --- load balancing --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_load_balancer_shares_match_the_weights(upstream: FakeUpstream) -> None:
+    """400 requests, weights 7 : 3 : 0 (normalized: 0.7 / 0.3 / 0). The gateway's own RNG (``random.Random()``
+    seeded from the OS) picks: each share's standard deviation is sqrt(0.7 * 0.3 / 400) = 0.023, so the
+    tolerance of +-0.08 (3.5 sigma) fails by chance about once in 2,000 runs. The request's ``model`` names a
+    model that does not exist: it is ignored, as in orq."""
+    lb = {"type": "weight_based", "models": [{"model": "local/embed-small", "weight": 7},
+                                             {"model": "backup/fb", "weight": 3},
+                                             {"model": "local/never", "weight": 0}]}  # fmt: skip
+    n = 400
+    served: Counter[str] = Counter()
+    async with running(routing_config(upstream)) as (c, _):
+
+        async def one(i: int) -> None:
+            r = await post(c, {"model": "nowhere/ignored", "input": f"text {i}", "load_balancer": lb})
+            assert r.status_code == 200, r.text
+            served[r.json()["model"]] += 1
+
+        for start in range(0, n, 20):  # 20 at a time keeps it quick and bounded
+            async with anyio.create_task_group() as tg:
+                for i in range(start, start + 20):
+                    tg.start_soon(one, i)
+    assert sum(served.values()) == n
+    assert abs(served["local/embed-small"] / n - 0.7) <= 0.08, served
+    assert abs(served["backup/fb"] / n - 0.3) <= 0.08, served
+    assert served["local/never"] == 0
+    # Each request went to the model it reports, exactly once.
+    assert len(upstream.calls_for("embed-small")) == served["local/embed-small"]
+    assert len(upstream.calls_for("fb")) == served["backup/fb"]
+    assert len(upstream.calls) == n
+
+
+@pytest.mark.anyio
+async def test_load_balanced_pick_falls_back_like_any_model(upstream: FakeUpstream) -> None:
+    lb = {"type": "weight_based", "models": [{"model": "local/embed-small", "weight": 1}]}
+    upstream.script.append(Fault("status", 503, model="embed-small"))
+    async with running(routing_config(upstream)) as (c, _):
+        r = await post(c, {"model": "x/y", "input": TEXTS, "load_balancer": lb, "retry": {"count": 0},
+                           "fallbacks": [{"model": "backup/fb"}]})  # fmt: skip
+    assert_served(r, "backup/fb", "fb")
+    assert len(upstream.calls) == 2
+
+
+# --- batch splitting ---------------------------------------------------------------------------------------------
+
+BIG = {"local/embed-small": {"max_inputs": 2048, "max_request_inputs": 10000, "price_per_million_tokens": 0.02}}
+
+
+def big_batch(n: int = 5000) -> list[str]:
+    return [f"item {i}" for i in range(n)]
+
+
+def chunks_sent(upstream: FakeUpstream, model: str) -> list[list[str]]:
+    """The inputs of each upstream call for ``model``, ordered by their first item's position."""
+    sent = [c.body["input"] for c in upstream.calls_for(model)]
+    return sorted(sent, key=lambda items: int(items[0].split()[1]))
+
+
+@pytest.mark.anyio
+async def test_batch_of_5000_goes_out_as_three_calls_and_comes_back_in_order(upstream: FakeUpstream) -> None:
+    texts = big_batch()
+    async with running(routing_config(upstream, models=BIG)) as (c, _):
+        r = await post(c, {"model": "local/embed-small", "input": texts})
+    assert_served(r, "local/embed-small", "embed-small", texts)
+    assert [d["index"] for d in r.json()["data"]] == list(range(5000))
+    sent = chunks_sent(upstream, "embed-small")
+    assert [len(s) for s in sent] == [2048, 2048, 904]
+    assert [t for s in sent for t in s] == texts
+    assert r.json()["usage"]["prompt_tokens"] == 2 * 5000  # the fake counts words: 2 per item, summed over chunks
+
+
+@pytest.mark.anyio
+async def test_a_failing_chunk_is_retried_alone(upstream: FakeUpstream) -> None:
+    texts = big_batch()
+    upstream.script.append(Fault("status", 500, model="embed-small"))
+    async with running(routing_config(upstream, models=BIG)) as (c, _):
+        r = await post(c, {"model": "local/embed-small", "input": texts, "retry": {"count": 1}})
+    assert_served(r, "local/embed-small", "embed-small", texts)
+    assert len(upstream.calls_for("embed-small")) == 4  # 3 chunks + the retry of the one that failed
+    assert sorted(len(s) for s in chunks_sent(upstream, "embed-small")) == [904, 2048, 2048, 2048]
+
+
+@pytest.mark.anyio
+async def test_a_chunk_failing_for_the_model_moves_the_whole_batch_to_the_fallback(upstream: FakeUpstream) -> None:
+    """All chunks of one response come from one model: when the first chunk fails on the primary (no retry),
+    the fallback embeds every chunk. ``split_concurrency: 1`` makes the count exact: the other chunks of the
+    primary were never sent."""
+    texts = big_batch()
+    upstream.script.append(Fault("status", 503, model="embed-small"))
+    config = routing_config(upstream, models=BIG, routing={"split_concurrency": 1})
+    async with running(config) as (c, _):
+        r = await post(c, {"model": "local/embed-small", "input": texts, "retry": {"count": 0},
+                           "fallbacks": [{"model": "backup/fb"}]})  # fmt: skip
+    assert_served(r, "backup/fb", "fb", texts)
+    assert len(upstream.calls_for("embed-small")) == 1
+    assert [len(s) for s in chunks_sent(upstream, "fb")] == [2048, 2048, 904]
+
+
+@pytest.mark.anyio
+async def test_split_concurrency_bounds_the_calls_in_flight(upstream: FakeUpstream) -> None:
+    # 10 inputs, 2 per call: 5 calls, each held 100 ms by the upstream, at most 2 at a time.
+    models = {"local/split-probe": {"max_inputs": 2}}
+    upstream.script.extend([Fault("slow", delay=0.1, model="split-probe")] * 5)
+    texts = [f"item {i}" for i in range(10)]
+    async with running(routing_config(upstream, models=models, routing={"split_concurrency": 2})) as (c, _):
+        r = await post(c, {"model": "local/split-probe", "input": texts})
+    assert_served(r, "local/split-probe", "split-probe", texts)
+    assert len(upstream.calls_for("split-probe")) == 5
+    assert upstream.peak_in_flight("split-probe") == 2
+
+
+@pytest.mark.anyio
+async def test_client_limit_is_max_request_inputs_not_max_inputs(upstream: FakeUpstream) -> None:
+    async with running(routing_config(upstream)) as (c, _):
+        r = await post(c, {"model": "local/embed-small", "input": big_batch(2049)})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    assert upstream.calls == []
+
+
+# --- deployments and provider preferences -------------------------------------------------------------------------
+
+THIRD = {"type": "openai_compatible", "api_key": "provider-secret-third", "timeout_ms": 5000}
+DEPLOYED = {
+    "acme/embed": {
+        "deployments": [
+            {"provider": "local", "upstream_model": "d-local", "price_per_million_tokens": 0.05},
+            {"provider": "backup", "upstream_model": "d-backup", "price_per_million_tokens": 0.01},
+            {"provider": "third", "upstream_model": "d-third", "price_per_million_tokens": 0.03},
+        ]
+    }
+}
+DEPLOYMENTS = ("d-local", "d-backup", "d-third")
+
+
+def deployed_config(upstream: FakeUpstream, **routing: Any) -> Config:
+    return routing_config(upstream, providers={"third": {**THIRD, "base_url": upstream.url}}, models=DEPLOYED,
+                          routing=routing)  # fmt: skip
+
+
+def calls_per_deployment(upstream: FakeUpstream) -> dict[str, int]:
+    return {d: len(upstream.calls_for(d)) for d in DEPLOYMENTS}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("provider", "served", "price"),
+    [
+        (None, "d-local", 0.05),  # config order
+        ({"order": ["third", "backup"]}, "d-third", 0.03),
+        ({"order": ["nobody"]}, "d-local", 0.05),  # unnamed providers keep their order after the named ones
+        ({"only": ["backup"]}, "d-backup", 0.01),
+        ({"only": ["THIRD"]}, "d-third", 0.03),  # provider slugs compare case-insensitively
+        ({"ignore": ["local"]}, "d-backup", 0.01),
+        ({"sort": "price"}, "d-backup", 0.01),
+        ({"sort": {"by": "price"}}, "d-backup", 0.01),
+        ({"max_price": {"prompt": 0.04}}, "d-backup", 0.01),
+        ({"max_price": {"prompt": 0.04}, "order": ["third"]}, "d-third", 0.03),
+        ({"max_price": {"prompt": 0.02}, "order": ["third"]}, "d-backup", 0.01),
+        ({"allow_fallbacks": False, "order": ["backup"]}, "d-backup", 0.01),
+    ],
+)
+async def test_provider_preferences_choose_the_deployment(
+    upstream: FakeUpstream, provider: dict[str, Any] | None, served: str, price: float
+) -> None:
+    body: dict[str, Any] = {"model": "acme/embed", "input": TEXTS}
+    if provider is not None:
+        body["provider"] = provider
+    async with running(deployed_config(upstream)) as (c, _):
+        r = await post(c, body, "/api/v1/embeddings")
+    assert_served(r, "acme/embed", served)
+    assert calls_per_deployment(upstream) == {d: int(d == served) for d in DEPLOYMENTS}
+    usage = r.json()["usage"]
+    assert usage["cost"] == pytest.approx(usage["prompt_tokens"] * price / 1_000_000)  # the serving deployment's
+
+
+@pytest.mark.anyio
+async def test_no_deployment_under_max_price_is_503_with_nothing_sent(upstream: FakeUpstream) -> None:
+    async with running(deployed_config(upstream)) as (c, _):
+        r = await post(c, {"model": "acme/embed", "input": TEXTS, "provider": {"max_price": {"prompt": 0.001}}})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "no_upstream_available"
+    assert upstream.calls == []
+
+
+@pytest.mark.anyio
+async def test_failover_to_the_second_deployment_even_without_retries(upstream: FakeUpstream) -> None:
+    """Every eligible deployment gets a try before the model counts as failed (retry.count 0 here)."""
+    upstream.script.append(Fault("status", 500, model="d-local"))
+    async with running(deployed_config(upstream)) as (c, _):
+        r = await post(c, {"model": "acme/embed", "input": TEXTS, "retry": {"count": 0}})
+    assert_served(r, "acme/embed", "d-backup")
+    assert calls_per_deployment(upstream) == {"d-local": 1, "d-backup": 1, "d-third": 0}
+
+
+@pytest.mark.anyio
+async def test_retries_cycle_through_the_deployments(upstream: FakeUpstream) -> None:
+    upstream.script.extend([Fault("status", 503, model=d) for d in ("d-local", "d-backup", "d-third", "d-local")])
+    async with running(deployed_config(upstream)) as (c, _):
+        r = await post(c, {"model": "acme/embed", "input": TEXTS, "retry": {"count": 4}})
+    assert_served(r, "acme/embed", "d-backup")
+    assert calls_per_deployment(upstream) == {"d-local": 2, "d-backup": 2, "d-third": 1}
+
+
+@pytest.mark.anyio
+async def test_allow_fallbacks_false_uses_only_the_first_deployment(upstream: FakeUpstream) -> None:
+    upstream.script.extend([Fault("status", 500, model="d-local")] * 2)
+    async with running(deployed_config(upstream)) as (c, _):
+        r = await post(c, {"model": "acme/embed", "input": TEXTS, "retry": {"count": 1},
+                           "provider": {"allow_fallbacks": False}})  # fmt: skip
+    assert r.status_code == 502, r.text
+    assert calls_per_deployment(upstream) == {"d-local": 2, "d-backup": 0, "d-third": 0}
+
+
+@pytest.mark.anyio
+async def test_sort_by_latency_uses_measured_latency(upstream: FakeUpstream) -> None:
+    """d-local measured slow (150 ms), d-backup fast, d-third never measured: the order is backup, local,
+    third; a failure of the fastest fails over to the next fastest."""
+    async with running(deployed_config(upstream)) as (c, _):
+        upstream.script.append(Fault("slow", delay=0.15, model="d-local"))
+        assert (await post(c, {"model": "acme/embed", "input": TEXTS, "provider": {"only": ["local"]}})).is_success
+        assert (await post(c, {"model": "acme/embed", "input": TEXTS, "provider": {"only": ["backup"]}})).is_success
+        upstream.reset()
+
+        by_latency = {"model": "acme/embed", "input": TEXTS, "provider": {"sort": "latency"}, "retry": {"count": 0}}
+        r = await post(c, by_latency)
+        assert_served(r, "acme/embed", "d-backup")
+        upstream.script.append(Fault("status", 503, model="d-backup"))
+        r = await post(c, by_latency)
+        assert_served(r, "acme/embed", "d-local")
+        assert calls_per_deployment(upstream) == {"d-local": 1, "d-backup": 2, "d-third": 0}
+
+
+# --- circuit breaker ----------------------------------------------------------------------------------------------
+
+
+async def readyz(c: httpx.AsyncClient) -> dict[str, Any]:
+    r = await c.get("/readyz")
+    assert r.status_code == 200, r.text
+    deployments: dict[str, Any] = r.json()["deployments"]
+    return deployments
+
+
+@pytest.mark.anyio
+async def test_breaker_opens_skips_then_probes_after_the_cooldown(upstream: FakeUpstream) -> None:
+    config = routing_config(upstream, routing={"breaker_failures": 2, "breaker_cooldown_ms": 300})
+    multi = {"model": "local/multi", "input": TEXTS, "retry": {"count": 0}}
+    async with running(config) as (c, _):
+        before = await readyz(c)
+        assert before["local/multi-a"]["state"] == before["backup/multi-b"]["state"] == "closed"
+
+        upstream.script.extend([Fault("status", 500, model="multi-a")] * 2)
+        for _ in range(2):  # two consecutive failures of multi-a, each failed over to multi-b
+            assert_served(await post(c, multi), "local/multi", "multi-b")
+        state = await readyz(c)
+        assert state["local/multi-a"]["state"] == "open"
+        assert state["local/multi-a"]["consecutive_failures"] == 2
+        assert "scripted failure" in state["local/multi-a"]["last_error"]
+        assert state["backup/multi-b"]["state"] == "closed"
+
+        for _ in range(3):  # open: multi-a is skipped, not called
+            assert_served(await post(c, multi), "local/multi", "multi-b")
+        assert len(upstream.calls_for("multi-a")) == 2
+        assert len(upstream.calls_for("multi-b")) == 5
+
+        await anyio.sleep(0.35)
+        assert (await readyz(c))["local/multi-a"]["state"] == "half_open"
+        upstream.script.append(Fault("status", 500, model="multi-a"))
+        assert_served(await post(c, multi), "local/multi", "multi-b")  # the probe failed: open again
+        assert len(upstream.calls_for("multi-a")) == 3
+        assert (await readyz(c))["local/multi-a"]["state"] == "open"
+        assert_served(await post(c, multi), "local/multi", "multi-b")
+        assert len(upstream.calls_for("multi-a")) == 3
+
+        await anyio.sleep(0.35)
+        assert_served(await post(c, multi), "local/multi", "multi-a")  # the probe succeeded: closed
+        assert len(upstream.calls_for("multi-a")) == 4
+        state = await readyz(c)
+        assert state["local/multi-a"]["state"] == "closed"
+        assert state["local/multi-a"]["consecutive_failures"] == 0
+
+
+@pytest.mark.anyio
+async def test_every_breaker_open_is_503_without_calling_upstream(upstream: FakeUpstream) -> None:
+    config = routing_config(upstream, routing={"breaker_failures": 1, "breaker_cooldown_ms": 60000})
+    body = {"model": "local/embed-small", "input": TEXTS, "retry": {"count": 0}}
+    upstream.script.append(Fault("status", 500, model="embed-small"))
+    async with running(config) as (c, _):
+        assert (await post(c, body)).status_code == 502
+        r = await post(c, body)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "no_upstream_available"
+        assert len(upstream.calls) == 1
+        assert (await readyz(c))["local/embed-small"]["state"] == "open"
+        # A fallback still serves while the primary cools down.
+        r = await post(c, {**body, "fallbacks": [{"model": "backup/fb"}]})
+        assert_served(r, "backup/fb", "fb")
+        assert len(upstream.calls) == 2
+
+
+@pytest.mark.anyio
+async def test_input_errors_do_not_count_against_the_breaker(upstream: FakeUpstream) -> None:
+    config = routing_config(upstream, routing={"breaker_failures": 1})
+    upstream.script.extend([Fault("status", 400, model="embed-small")] * 3)
+    async with running(config) as (c, _):
+        for _ in range(3):
+            assert (await post(c, {"model": "local/embed-small", "input": TEXTS})).status_code == 400
+        assert (await readyz(c))["local/embed-small"]["state"] == "closed"
+        r = await post(c, {"model": "local/embed-small", "input": TEXTS})
+    assert_served(r, "local/embed-small", "embed-small")
+    assert len(upstream.calls) == 4
+
+
+class RecordingHook(AttemptHook):
+    """Counts attempts started and the error code each one ended with (None: success)."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.ended: list[str | None] = []
+
+    def start(self, *, model: str, deployment: Deployment, adapter: Adapter, attempt: int, fallback_index: int,
+              request: EmbeddingRequest) -> Any:  # fmt: skip
+        self.started += 1
+        return self.started
+
+    def end(self, token: Any, *, error: GatewayError | None, result: Embeddings | None, seconds: float) -> None:
+        self.ended.append(None if error is None else error.code)
+
+
+class ScriptedAdapter:
+    """An in-process adapter: the first call fails after 50 ms with an upstream 500, the others hang."""
+
+    name = "local"
+    server_address = "in-process"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def embed(self, *, upstream_model: str, input: Any, n_items: int, dimensions: int | None,
+                    user: str | None, input_type: str | None, timeout_s: float,
+                    headers: dict[str, str] | None = None) -> Embeddings:  # fmt: skip
+        self.calls += 1
+        if self.calls == 1:
+            await anyio.sleep(0.05)  # the other chunks are sent meanwhile
+            raise UpstreamError("local answered 500: scripted", upstream_status=500)
+        await anyio.sleep(timeout_s)
+        raise AssertionError("a hanging chunk should have been cancelled")
+
+
+@pytest.mark.anyio
+async def test_chunks_in_flight_are_cancelled_and_still_end_their_attempt(upstream: FakeUpstream) -> None:
+    """Three chunks sent at once: one fails (no retry, no fallback) while the two others hang. The request fails
+    at once, without waiting for them, and the hook sees every attempt end (telemetry's attempt spans end through
+    it), the two cut short as ``attempt_cancelled``."""
+    config = routing_config(upstream, models={"local/embed-small": {"max_inputs": 2}},
+                            routing={"split_concurrency": 3})  # fmt: skip
+    hook, adapter = RecordingHook(), ScriptedAdapter()
+    router = Router(config, {"local": adapter}, hook=hook)
+    request = parse_request(b'{"model": "local/embed-small", "input": ["a", "b", "c", "d", "e", "f"], '
+                            b'"retry": {"count": 0}}')  # fmt: skip
+    with anyio.fail_after(2):  # the hanging chunks would take the provider's 5 s timeout
+        with pytest.raises(UpstreamError) as failed:
+            await router.embed(request, list(range(6)))
+    assert failed.value.upstream_status == 500
+    assert adapter.calls == hook.started == 3
+    assert sorted(hook.ended, key=str) == ["attempt_cancelled", "attempt_cancelled", "upstream_error"]
+    assert router.status()["local/embed-small"]["consecutive_failures"] == 1  # cancellation blames nobody
