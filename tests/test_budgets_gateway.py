@@ -327,6 +327,30 @@ def test_openai_python_raises_rate_limit_error_with_the_code(upstream: FakeUpstr
     assert len(upstream.calls) == (1 if dimension == "requests" else 0)
 
 
+def test_orq_and_openrouter_sdks_see_the_refusal(upstream: FakeUpstream) -> None:
+    from openrouter import OpenRouter, errors
+    from orq_ai_sdk import Orq
+    from orq_ai_sdk.models import OrqError
+
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 2}])
+    with serve(gateway(config)) as url:
+        # the orq SDK models no 429 for embeddings: it raises its generic API error, carrying our body
+        with Orq(api_key=KEY, server_url=url) as orq, pytest.raises(OrqError) as orq_info:
+            orq.router.embeddings.create(input="one two three", model="local/embed-small")
+        with (
+            OpenRouter(api_key=KEY, server_url=f"{url}/api/v1") as client,
+            pytest.raises(errors.TooManyRequestsResponseError) as or_info,
+        ):
+            client.embeddings.generate(input="one two three", model="local/embed-small")
+    assert orq_info.value.status_code == 429
+    err = json.loads(orq_info.value.body)["error"]
+    assert (err["code"], err["scope_kind"], err["dimension"]) == ("token_budget_exceeded", "api_key", "tokens")
+    assert or_info.value.data.error.code == 429
+    metadata = or_info.value.data.error.metadata
+    assert isinstance(metadata, dict) and metadata["code"] == "token_budget_exceeded"
+    assert not upstream.calls
+
+
 # --- cache hits ------------------------------------------------------------------------------------------
 
 CACHE = {"type": "exact_match"}
