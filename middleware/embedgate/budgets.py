@@ -615,6 +615,7 @@ class BudgetEngine:
         self._window_ms = int(window_s * 1000)
         self._clock = clock
         self._last_warn = -math.inf
+        self._memo: dict[tuple[Subject, bool, int], tuple[list[_Gate], list[_Gate], list[tuple[str, str]]]] = {}
         # Applicable-budget lookup, precomputed: (scope, target) -> budgets, and scope -> its "*" budgets.
         self._exact: dict[tuple[str, str], list[BudgetConfig]] = {}
         self._wild: dict[str, list[BudgetConfig]] = {}
@@ -654,6 +655,20 @@ class BudgetEngine:
         return out
 
     def _gates(
+        self, subject: Subject, now: float, cached: bool
+    ) -> tuple[list[_Gate], list[_Gate], list[tuple[str, str]]]:
+        # The gates of a subject change only with the UTC day (every period starts at midnight): computed once
+        # per subject and day, not per request.
+        memo_key = (subject, cached, int(now // 86400))
+        found = self._memo.get(memo_key)
+        if found is not None:
+            return found
+        if len(self._memo) >= 10_000:
+            self._memo.clear()
+        found = self._memo[memo_key] = self._compute_gates(subject, now, cached)
+        return found
+
+    def _compute_gates(
         self, subject: Subject, now: float, cached: bool
     ) -> tuple[list[_Gate], list[_Gate], list[tuple[str, str]]]:
         counters: dict[str, _Gate] = {}

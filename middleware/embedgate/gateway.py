@@ -40,7 +40,7 @@ from .logs import access_log, bind_request, clear_request, configure_logging
 from .metrics import Metrics
 from .observe import ObservedAttempts
 from .pipeline import Call, Pipeline
-from .providers import build_adapter, make_http_client
+from .providers import AiohttpTransport, build_adapter, sender_for
 from .routing import Router
 from .telemetry import Telemetry
 from .vectors import bytes_to_b64, bytes_to_floats
@@ -103,7 +103,7 @@ class EmbeddingGateway:
         self.budgets: BudgetEngine | None = None
         self.identities: IdentityStore | None = None
         self._access_log = self.config.telemetry.access_log
-        self._client: httpx.AsyncClient | None = None
+        self._transport: AiohttpTransport | None = None
         self._open = False
         self._opening = asyncio.Lock()
         self.router: Router | None = None
@@ -117,8 +117,12 @@ class EmbeddingGateway:
         async with self._opening:
             if self._open:
                 return
-            self._client = self._given_client or make_http_client()
-            adapters = {name: build_adapter(p, self._client) for name, p in self.config.providers.items()}
+            if self._given_client is not None:
+                send = sender_for(self._given_client)
+            else:
+                self._transport = AiohttpTransport()
+                send = sender_for(self._transport)
+            adapters = {name: build_adapter(p, send) for name, p in self.config.providers.items()}
             configure_logging()
             self.telemetry = Telemetry(self._tracer_provider, service_name=self.config.telemetry.service_name,
                                        standalone=self._standalone)  # fmt: skip
@@ -138,9 +142,9 @@ class EmbeddingGateway:
             if not self._open:
                 return
             self._open = False
-            if self._client is not None and self._given_client is None:
-                await self._client.aclose()
-            self._client = None
+            if self._transport is not None:
+                await self._transport.aclose()
+                self._transport = None
             if self.cache is not None:
                 await self.cache.close()
             if self.budgets is not None:

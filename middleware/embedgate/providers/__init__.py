@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import httpx
-
 from ..config import ProviderConfig
-from .base import Adapter, Embeddings, make_http_client
+from .base import Adapter, AiohttpTransport, Embeddings, Sender, sender_for
 from .openai import OpenAIAdapter
 
-__all__ = ["Adapter", "Embeddings", "OpenAIAdapter", "build_adapter", "make_http_client"]
+__all__ = ["Adapter", "AiohttpTransport", "Embeddings", "OpenAIAdapter", "Sender", "build_adapter", "sender_for"]
 
 
-def build_adapter(provider: ProviderConfig, client: httpx.AsyncClient) -> Adapter:
+def build_adapter(provider: ProviderConfig, send: Sender) -> Adapter:
     """The adapter for a configured provider (``type`` was validated with the config)."""
     # openai and openai_compatible speak the same wire format; they differ only in which extras the upstream
     # accepts, which the upstream itself tells us with a 400.
-    return OpenAIAdapter(provider, client)
+    return OpenAIAdapter(provider, send)

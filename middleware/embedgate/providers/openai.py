@@ -18,7 +18,7 @@ import orjson
 from ..config import ProviderConfig
 from ..errors import UpstreamError, UpstreamTimeout
 from ..vectors import VectorError, b64_to_bytes, floats_to_bytes
-from .base import Embeddings
+from .base import Embeddings, Sender
 
 __all__ = ["OpenAIAdapter"]
 
@@ -28,10 +28,10 @@ _MAX_MESSAGE = 500
 class OpenAIAdapter:
     """Calls an OpenAI-compatible ``/embeddings`` endpoint with the provider's own key (never the client's)."""
 
-    def __init__(self, provider: ProviderConfig, client: httpx.AsyncClient) -> None:
+    def __init__(self, provider: ProviderConfig, send: Sender) -> None:
         self.name = provider.name
-        self._client = client
-        self._url = provider.base_url + "/embeddings"
+        self._send = send
+        self._url = httpx.URL(provider.base_url + "/embeddings")
         self.server_address = urlsplit(provider.base_url).hostname or ""
         self._secret = provider.api_key
         self._headers = {"content-type": "application/json", "accept": "application/json"}
@@ -59,11 +59,10 @@ class OpenAIAdapter:
         if input_type is not None:
             body["input_type"] = input_type
         send_headers = self._headers if not headers else {**self._headers, **headers}
+        request = httpx.Request("POST", self._url, content=orjson.dumps(body), headers=send_headers)
         try:
             async with asyncio.timeout(timeout_s):
-                response = await self._client.post(
-                    self._url, content=orjson.dumps(body), headers=send_headers, timeout=timeout_s
-                )
+                response = await self._send(request)
                 content = response.content
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, httpx.TimeoutException) and not _is_timeout(exc):
@@ -147,8 +146,8 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _is_timeout(exc: BaseException) -> bool:
-    # httpx-aiohttp maps every aiohttp ClientConnectionError (a dropped connection included) to ConnectTimeout;
-    # only a real timeout underneath counts as one.
+    # Some transports (httpx-aiohttp) map every aiohttp ClientConnectionError, a dropped connection included, to
+    # ConnectTimeout: only a real timeout underneath counts as one.
     cause = exc.__cause__
     if cause is None:
         return True
