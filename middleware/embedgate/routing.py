@@ -421,16 +421,17 @@ class Router:
                     raise InvalidRequest(f"The upstream rejected the input: {err.message}", param="input",
                                          code="upstream_rejected_input") from None  # fmt: skip
                 last = err
+                if status in _KEY_ERRORS:
+                    # Our provider key is wrong: an operator must know, and retrying it cannot help (even if
+                    # on_codes lists the status).
+                    log.error("upstream rejected our provider key", provider=deployment.provider, status=status,
+                              deployment=_deployment_id(deployment), model=model.id)  # fmt: skip
+                    dropped.add(index)
+                    continue
                 if status is None or status in retry.on_codes:
                     failures[index] = failures.get(index, 0) + 1
                     ready_at[index] = self._clock() + self._backoff(failures[index], getattr(err, "retry_after_s",
                                                                                              None))  # fmt: skip
-                    continue
-                if status in _KEY_ERRORS:
-                    # Our provider key is wrong: an operator must know, and retrying it cannot help.
-                    log.error("upstream rejected our provider key", provider=deployment.provider, status=status,
-                              deployment=_deployment_id(deployment), model=model.id)  # fmt: skip
-                    dropped.add(index)
                     continue
                 if status in (request.fallback_on_codes if request.fallback_on_codes is not None
                               else self._routing.fallback_on_codes):  # fmt: skip
