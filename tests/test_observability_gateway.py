@@ -233,11 +233,6 @@ async def test_retries_and_a_fallback_give_one_client_span_per_attempt(
     assert top["http.response.status_code"] == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: observe.py ends every failed attempt with outcome 'error', even when the router retries or "
-    "falls back next (see the report of tests/test_observability_gateway.py)",
-)
 @pytest.mark.anyio
 async def test_failed_attempts_say_whether_the_router_retries_or_falls_back(
     upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter

@@ -355,7 +355,8 @@ class RecordingHook(AttemptHook):
         self.started += 1
         return self.started
 
-    def end(self, token: Any, *, error: GatewayError | None, result: Embeddings | None, seconds: float) -> None:
+    def end(self, token: Any, *, error: GatewayError | None, result: Embeddings | None, seconds: float,
+            outcome: str = "error") -> None:  # fmt: skip
         self.ended.append(None if error is None else error.code)
 
 

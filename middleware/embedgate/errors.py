@@ -54,6 +54,7 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code: str | None = "internal_error"
+    attempts = 0  # upstream attempts made before this error (set by the router), for logs and spans
 
     def __init__(
         self,

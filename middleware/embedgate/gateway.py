@@ -273,11 +273,11 @@ class EmbeddingGateway:
             root.set("embedgate.budget.dimension", error.dimension)
         if error is not None and error.code:
             root.set("embedgate.error.code", error.code)
+        root.set("embedgate.attempts", call.attempts)
         if error is None:
             root.set("gen_ai.response.model", call.served_model)
             root.set("gen_ai.usage.input_tokens", call.prompt_tokens)
             root.set("embedgate.cost_usd", call.cost_usd)
-            root.set("embedgate.attempts", call.attempts)
 
     def _account(self, call: Call, status: int, error: GatewayError | None) -> None:
         """Metrics and the one access line of the request."""
@@ -295,7 +295,7 @@ class EmbeddingGateway:
                 route=call.dialect.value,
                 key_id=key.id if key is not None else None,
                 identity=req.identity["id"] if req is not None and req.identity else None,
-                model=call.served_model or None,
+                model=call.served_model or (req.model if req is not None else None),
                 cache=call.cache_status,
                 tokens=call.prompt_tokens if error is None else None,
                 cost_usd=call.cost_usd if error is None else None,

@@ -39,7 +39,8 @@ class ObservedAttempts(AttemptHook):
         span: AttemptSpan = token[0]
         return span.trace_headers()
 
-    def end(self, token: Any, *, error: GatewayError | None, result: Embeddings | None, seconds: float) -> None:
+    def end(self, token: Any, *, error: GatewayError | None, result: Embeddings | None, seconds: float,
+            outcome: str = "error") -> None:  # fmt: skip
         span: AttemptSpan = token[0]
         deployment: Deployment = token[1]
         if error is None and result is not None:
@@ -54,7 +55,7 @@ class ObservedAttempts(AttemptHook):
                 kind = "timeout"
             else:
                 kind = error.code if error is not None and error.code else "error"
-            span.fail(kind, status_code=upstream_status)
+            span.fail(kind, status_code=upstream_status, outcome=outcome)
             status = kind
         span.end()
         self._metrics.observe_attempt(deployment.provider, token[2], status, seconds)

@@ -250,7 +250,7 @@ class Pipeline:
         if not positions:
             return
         if call.cache_ttl is None:
-            result = await self._router.embed(req, positions, call.chain)
+            result = await self._embed(call, positions, call.chain)
             self._take(call, positions, result)
             return
         keys = [call.cache_keys[p] for p in positions]
@@ -258,7 +258,7 @@ class Pipeline:
 
         async def fetch(idx: list[int]) -> list[tuple[str, CachedItem]]:
             own = [positions[i] for i in idx]
-            result = await self._router.embed(req, own, call.chain)
+            result = await self._embed(call, own, call.chain)
             fetched_here.update(own)
             self._take(call, own, result)
             return [(result.model, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]))  # type: ignore[arg-type]
@@ -278,7 +278,7 @@ class Pipeline:
         if call.cache_status in ("hit", "partial") and served != call.chain[0].id:
             foreign += [p for p in range(len(req.items)) if p not in positions]
         if foreign:
-            again = await self._router.embed(req, sorted(foreign), [self._router.resolve(served)])
+            again = await self._embed(call, sorted(foreign), [self._router.resolve(served)])
             self._take(call, sorted(foreign), again)
             fetched_here.update(foreign)
         fresh = sorted(fetched_here)
@@ -292,6 +292,14 @@ class Pipeline:
         call.items_fetched = len(fetched_here)
         call.cache_status = "hit" if not fetched_here else "miss" if len(fetched_here) == len(req.items) else "partial"
         call.prompt_tokens = sum(call.item_tokens)
+
+    async def _embed(self, call: Call, positions: list[int], chain: list[ResolvedModel]) -> RouteResult:
+        assert call.request is not None
+        try:
+            return await self._router.embed(call.request, positions, chain)
+        except GatewayError as err:
+            call.attempts += err.attempts
+            raise
 
     def _take(self, call: Call, positions: list[int], result: RouteResult) -> None:
         req = call.request

@@ -104,8 +104,10 @@ class AttemptHook:
         """Headers to inject into the upstream request (e.g. ``traceparent``)."""
         return None
 
-    def end(self, token: Any, *, error: GatewayError | None, result: Embeddings | None, seconds: float) -> None:
-        """Called after an attempt, with its error or result."""
+    def end(self, token: Any, *, error: GatewayError | None, result: Embeddings | None, seconds: float,
+            outcome: str = "error") -> None:  # fmt: skip
+        """Called after an attempt, with its error or result; after a failure, ``outcome`` is what the router does
+        next: ``retry`` (this model again), ``fallback`` (the next model of the chain) or ``error`` (gives up)."""
 
 
 @dataclass(slots=True)
@@ -132,6 +134,7 @@ class _Attempts:
     count: int = 0
     last_error: GatewayError | None = None
     skipped: list[str] = field(default_factory=list)
+    models_left: int = 0  # models of the chain after the one being tried
 
 
 @dataclass(slots=True)
@@ -273,26 +276,31 @@ class Router:
         )
         deadline = self._clock() + self._routing.deadline_ms / 1000
         attempts = _Attempts()
-        for fallback_index, model in enumerate(chain):
-            try:
-                return await self._serve_model(request, positions, model, fallback_index, retry, deadline, attempts)
-            except _ModelFailed as failed:
-                err = failed.error
-                # "Nothing could be tried" for this model must not hide a real upstream error of an earlier one.
-                if not isinstance(err, Unavailable) or attempts.last_error is None:
-                    attempts.last_error = err
-                status = getattr(err, "upstream_status", None)
-                if not failed.spent and status not in fallback_codes and status not in _KEY_ERRORS:
-                    break
-                if self._clock() >= deadline:
-                    break
-                if fallback_index + 1 < len(chain):
-                    log.warning("model failed, falling back", model=model.id, fallback=chain[fallback_index + 1].id,
-                                error=err.code, upstream_status=status)  # fmt: skip
-        if attempts.last_error is None:
-            reason = "; ".join(attempts.skipped) or "no deployment matches the provider preferences"
-            raise Unavailable(f"No upstream available: {reason}")
-        raise attempts.last_error
+        try:
+            for fallback_index, model in enumerate(chain):
+                attempts.models_left = len(chain) - 1 - fallback_index
+                try:
+                    return await self._serve_model(request, positions, model, fallback_index, retry, deadline, attempts)
+                except _ModelFailed as failed:
+                    err = failed.error
+                    # "Nothing could be tried" for this model must not hide a real upstream error of an earlier one.
+                    if not isinstance(err, Unavailable) or attempts.last_error is None:
+                        attempts.last_error = err
+                    status = getattr(err, "upstream_status", None)
+                    if not failed.spent and status not in fallback_codes and status not in _KEY_ERRORS:
+                        break
+                    if self._clock() >= deadline:
+                        break
+                    if fallback_index + 1 < len(chain):
+                        log.warning("model failed, falling back", model=model.id, fallback=chain[fallback_index + 1].id,
+                                    error=err.code, upstream_status=status)  # fmt: skip
+            if attempts.last_error is None:
+                reason = "; ".join(attempts.skipped) or "no deployment matches the provider preferences"
+                raise Unavailable(f"No upstream available: {reason}")
+            raise attempts.last_error
+        except GatewayError as err:
+            err.attempts = attempts.count  # a failed request made attempts too: its logs and spans say how many
+            raise
 
     async def _serve_model(
         self,
@@ -392,7 +400,29 @@ class Router:
         failures: dict[int, int] = {}
         ready_at: dict[int, float] = {}  # when a failed deployment may be tried again (backoff / Retry-After)
         payload = request.upstream_input(chunk if len(chunk) != len(request.items) else None)
-        for n in range(max(1 + retry.count, len(deployments))):
+        fallback_codes = (
+            request.fallback_on_codes if request.fallback_on_codes is not None else self._routing.fallback_on_codes
+        )
+        tries = max(1 + retry.count, len(deployments))
+
+        def next_step(err: GatewayError) -> str:
+            """What the handling below does after the current attempt ``n`` failed with ``err``, for its span.
+
+            Called from within ``_attempt``, so ``n`` and ``dropped`` are still the current attempt's."""
+            status = getattr(err, "upstream_status", None)
+            if status in _INPUT_ERRORS:
+                return "error"
+            if status is None or status in retry.on_codes:
+                more = n + 1 < tries
+            elif status in _KEY_ERRORS or status in fallback_codes:
+                more = n + 1 < tries and len(dropped) + 1 < len(deployments)  # this deployment is dropped
+            else:
+                return "error"
+            if more:
+                return "retry"
+            return "fallback" if attempts.models_left else "error"
+
+        for n in range(tries):
             picked = self._pick(deployments, n, dropped)
             if picked is None:
                 if last is None:
@@ -413,7 +443,7 @@ class Router:
                     break
                 attempts.count += 1
                 result = await self._attempt(request, payload, len(chunk), model, deployment, n + 1,
-                                             fallback_index, remaining)  # fmt: skip
+                                             fallback_index, remaining, next_step)  # fmt: skip
                 return result, deployment
             except (UpstreamError, UpstreamTimeout) as err:
                 status = getattr(err, "upstream_status", None)
@@ -433,8 +463,7 @@ class Router:
                     ready_at[index] = self._clock() + self._backoff(failures[index], getattr(err, "retry_after_s",
                                                                                              None))  # fmt: skip
                     continue
-                if status in (request.fallback_on_codes if request.fallback_on_codes is not None
-                              else self._routing.fallback_on_codes):  # fmt: skip
+                if status in fallback_codes:
                     dropped.add(index)
                     continue
                 raise _ModelFailed(err, False) from None
@@ -453,6 +482,7 @@ class Router:
         attempt: int,
         fallback_index: int,
         remaining: float,
+        next_step: Callable[[GatewayError], str],
     ) -> Embeddings:
         """One upstream call: hook, adapter, answer checks and the deployment's breaker; raises on failure."""
         adapter = self._adapters[deployment.provider]
@@ -476,7 +506,7 @@ class Router:
                 self._check_dims(model.id, deployment, result)
         except (UpstreamError, UpstreamTimeout) as err:
             elapsed = self._clock() - started
-            self._hook.end(token, error=err, result=None, seconds=elapsed)
+            self._hook.end(token, error=err, result=None, seconds=elapsed, outcome=next_step(err))
             self._record(deployment, ok=False, seconds=elapsed, error=err)
             raise
         except BaseException:
