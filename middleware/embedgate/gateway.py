@@ -252,32 +252,34 @@ class EmbeddingGateway:
         if not root.is_recording:
             return
         req, key = call.request, call.key
-        root.set("gen_ai.operation.name", "embeddings")
-        root.set("embedgate.request_id", call.request_id)
-        root.set("embedgate.route", call.dialect.value)
-        root.set("embedgate.cache", call.cache_status)
-        root.set("embedgate.budget.decision", call.budget_decision if not isinstance(error, BudgetExceeded)
-                 else "rejected")  # fmt: skip
+        attrs: dict[str, Any] = {
+            "gen_ai.operation.name": "embeddings",
+            "embedgate.request_id": call.request_id,
+            "embedgate.route": call.dialect.value,
+            "embedgate.cache": call.cache_status,
+            "embedgate.budget.decision": "rejected" if isinstance(error, BudgetExceeded) else call.budget_decision,
+            "embedgate.attempts": call.attempts,
+        }
         if req is not None:
-            root.set("gen_ai.request.model", req.model)
-            root.set("embedgate.input_count", len(req.items))
-            root.set("embedgate.encoding_format", req.encoding_format)
+            attrs["gen_ai.request.model"] = req.model
+            attrs["embedgate.input_count"] = len(req.items)
+            attrs["embedgate.encoding_format"] = req.encoding_format
             if req.identity:
-                root.set("embedgate.identity_id", req.identity["id"])
+                attrs["embedgate.identity_id"] = req.identity["id"]
         if key is not None:
-            root.set("embedgate.key_id", key.id)
-            root.set("embedgate.workspace", key.workspace)
-            root.set("embedgate.project", key.project)
+            attrs["embedgate.key_id"] = key.id
+            attrs["embedgate.workspace"] = key.workspace
+            attrs["embedgate.project"] = key.project
         if isinstance(error, BudgetExceeded):
-            root.set("embedgate.budget.scope", error.scope_kind)
-            root.set("embedgate.budget.dimension", error.dimension)
+            attrs["embedgate.budget.scope"] = error.scope_kind
+            attrs["embedgate.budget.dimension"] = error.dimension
         if error is not None and error.code:
-            root.set("embedgate.error.code", error.code)
-        root.set("embedgate.attempts", call.attempts)
+            attrs["embedgate.error.code"] = error.code
         if error is None:
-            root.set("gen_ai.response.model", call.served_model)
-            root.set("gen_ai.usage.input_tokens", call.prompt_tokens)
-            root.set("embedgate.cost_usd", call.cost_usd)
+            attrs["gen_ai.response.model"] = call.served_model
+            attrs["gen_ai.usage.input_tokens"] = call.prompt_tokens
+            attrs["embedgate.cost_usd"] = call.cost_usd
+        root.set_many(attrs)
 
     def _account(self, call: Call, status: int, error: GatewayError | None) -> None:
         """Metrics and the one access line of the request."""

@@ -150,6 +150,13 @@ class _Scoped:
         if self._recording:
             self._span.set_attribute(key, value)
 
+    def set_many(self, attributes: Mapping[str, AttributeValue]) -> None:
+        """Set several attributes in one call (one lock round in the SDK); keys as for :meth:`set`."""
+        for key in attributes:
+            _check(key)
+        if self._recording:
+            self._span.set_attributes(attributes)
+
     def _attach(self) -> None:
         self._token = otel_context.attach(trace.set_span_in_context(self._span))
 
