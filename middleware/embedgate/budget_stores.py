@@ -1,0 +1,384 @@
+"""Budget stores: the counters behind the budget engine, in process memory or in Redis.
+
+Both implement the small ``BudgetStore`` protocol and pass one contract test (``tests/test_budget_store.py``).
+``MemoryBudgetStore`` serves one process and is atomic because nothing awaits between check and increment;
+``RedisBudgetStore`` runs one Lua script per operation (EVALSHA), so a check-and-reserve across every applicable
+counter is atomic across any number of processes sharing the server.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+__all__ = [
+    "BudgetStore",
+    "BudgetStoreError",
+    "CounterSpec",
+    "MemoryBudgetStore",
+    "ReadResult",
+    "RedisBudgetStore",
+    "ReserveResult",
+    "WindowSpec",
+    "budget_store",
+]
+
+
+class BudgetStoreError(Exception):
+    """The budget store could not be reached or answered an error (foreign errors are translated to this)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CounterSpec:
+    """A period counter to check and increment: admitted when ``value + amount <= limit``."""
+
+    key: str
+    amount: int
+    limit: int
+    ttl_s: int  # expiry set on every write; 0: never expires (one_time budgets)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpec:
+    """A rolling request window: admitted when fewer than ``limit`` requests are in the last ``window_ms``."""
+
+    key: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """What a reserve saw. ``failed``: the first refusing spec (counters, then windows), -1 if admitted.
+
+    ``values``/``counts`` are after the reservation when admitted, unchanged when refused. ``marks[i]`` is the
+    timestamp (ms) of the request whose leaving lets window ``i`` admit one more (None: the window is empty).
+    """
+
+    failed: int
+    values: tuple[int, ...]
+    counts: tuple[int, ...]
+    marks: tuple[int | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    """Current counter values, window counts and oldest timestamps (ms) in each window."""
+
+    values: tuple[int, ...]
+    counts: tuple[int, ...]
+    oldest: tuple[int | None, ...]
+
+
+class BudgetStore(Protocol):
+    """Where budget counters live. Every method raises only ``BudgetStoreError`` for store failures."""
+
+    async def reserve(
+        self,
+        counters: Sequence[CounterSpec],
+        windows: Sequence[WindowSpec],
+        *,
+        now_ms: int,
+        window_ms: int,
+        member: str,
+        index: Sequence[tuple[str, str]] = (),
+    ) -> ReserveResult:
+        """Atomically: check every spec; if all fit, add the amounts, add ``member`` at ``now_ms`` to every
+        window and each ``(set, id)`` of ``index`` to its set; else change nothing."""
+        ...
+
+    async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int) -> None:
+        """Add each delta to its counter if the counter still exists, never going below zero."""
+        ...
+
+    async def read(self, counters: Sequence[str], windows: Sequence[str], *, now_ms: int, window_ms: int) -> ReadResult:
+        """Read counters and windows without changing them."""
+        ...
+
+    async def members(self, key: str) -> list[str]:
+        """The ids recorded in one index set (the concrete ids seen by a ``*`` budget)."""
+        ...
+
+    async def ping(self) -> bool:
+        """Whether the store answers (for ``/readyz``)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+class MemoryBudgetStore:
+    """In-process counters. Atomic by construction: no ``await`` between a check and its increment."""
+
+    SWEEP_EVERY = 1024  # reserves between sweeps of expired counters and empty windows
+
+    def __init__(self) -> None:
+        self._counters: dict[str, tuple[int, int | None]] = {}  # key -> (value, expires at ms or None)
+        self._windows: dict[str, list[int]] = {}  # key -> sorted request timestamps (ms)
+        self._sets: dict[str, set[str]] = {}
+        self._ops = 0
+
+    def _value(self, key: str, now_ms: int) -> int:
+        entry = self._counters.get(key)
+        if entry is None or (entry[1] is not None and entry[1] <= now_ms):
+            return 0
+        return entry[0]
+
+    def _window(self, key: str, now_ms: int, window_ms: int) -> list[int]:
+        log_ = self._windows.get(key)
+        if log_ is None:
+            return []
+        # the same bound as the Redis script's ZREMRANGEBYSCORE -inf cutoff (inclusive)
+        del log_[: bisect.bisect_right(log_, now_ms - window_ms)]
+        return log_
+
+    def _sweep(self, now_ms: int) -> None:
+        self._counters = {k: v for k, v in self._counters.items() if v[1] is None or v[1] > now_ms}
+        self._windows = {k: v for k, v in self._windows.items() if v}
+
+    async def reserve(
+        self,
+        counters: Sequence[CounterSpec],
+        windows: Sequence[WindowSpec],
+        *,
+        now_ms: int,
+        window_ms: int,
+        member: str,
+        index: Sequence[tuple[str, str]] = (),
+    ) -> ReserveResult:
+        """See ``BudgetStore.reserve``."""
+        self._ops += 1
+        if self._ops % self.SWEEP_EVERY == 0:
+            self._sweep(now_ms)
+        values = [self._value(c.key, now_ms) for c in counters]
+        logs = [self._window(w.key, now_ms, window_ms) for w in windows]
+        failed = next((i for i, (c, v) in enumerate(zip(counters, values, strict=True)) if v + c.amount > c.limit), -1)
+        if failed < 0:
+            failed = next(
+                (
+                    len(counters) + j
+                    for j, (w, lg) in enumerate(zip(windows, logs, strict=True))
+                    if len(lg) + 1 > w.limit
+                ),
+                -1,
+            )
+        if failed < 0:
+            for i, c in enumerate(counters):
+                values[i] += c.amount
+                self._counters[c.key] = (values[i], now_ms + c.ttl_s * 1000 if c.ttl_s > 0 else None)
+            for w, lg in zip(windows, logs, strict=True):
+                bisect.insort(lg, now_ms)
+                self._windows[w.key] = lg
+            for set_key, member_id in index:
+                self._sets.setdefault(set_key, set()).add(member_id)
+        counts = tuple(len(lg) for lg in logs)
+        marks = tuple(_mark(lg, w.limit) for w, lg in zip(windows, logs, strict=True))
+        return ReserveResult(failed, tuple(values), counts, marks)
+
+    async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int) -> None:
+        """See ``BudgetStore.adjust``."""
+        for key, delta in deltas:
+            entry = self._counters.get(key)
+            if entry is not None and (entry[1] is None or entry[1] > now_ms):
+                self._counters[key] = (max(0, entry[0] + delta), entry[1])
+
+    async def read(self, counters: Sequence[str], windows: Sequence[str], *, now_ms: int, window_ms: int) -> ReadResult:
+        """See ``BudgetStore.read``."""
+        logs = [self._window(w, now_ms, window_ms) for w in windows]
+        return ReadResult(
+            tuple(self._value(k, now_ms) for k in counters),
+            tuple(len(lg) for lg in logs),
+            tuple(lg[0] if lg else None for lg in logs),
+        )
+
+    async def members(self, key: str) -> list[str]:
+        """See ``BudgetStore.members``."""
+        return sorted(self._sets.get(key, ()))
+
+    async def ping(self) -> bool:
+        """Always reachable."""
+        return True
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+
+def _mark(log_: Sequence[int], limit: int) -> int | None:
+    # The window admits one more once count < limit, i.e. once the entry at rank count - limit has left.
+    rank = max(0, len(log_) - limit)
+    return log_[rank] if rank < len(log_) else None
+
+
+# KEYS: n counters, m windows, k index sets. ARGV: n, m, k, now_ms, window_ms, member,
+# then amount, limit, ttl per counter, limit per window, id per index set.
+_RESERVE = """
+local n, m, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, window, member = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local failed, values, counts = 0, {}, {}
+for i = 1, n do
+  local v = tonumber(redis.call('GET', KEYS[i]) or '0')
+  values[i] = v
+  if failed == 0 and v + tonumber(ARGV[4 + 3 * i]) > tonumber(ARGV[5 + 3 * i]) then failed = i end
+end
+local wa = 7 + 3 * n
+for j = 1, m do
+  local key = KEYS[n + j]
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now - window))
+  counts[j] = redis.call('ZCARD', key)
+  if failed == 0 and counts[j] + 1 > tonumber(ARGV[wa + j - 1]) then failed = n + j end
+end
+if failed == 0 then
+  for i = 1, n do
+    values[i] = redis.call('INCRBY', KEYS[i], ARGV[4 + 3 * i])
+    local ttl = tonumber(ARGV[6 + 3 * i])
+    if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+  end
+  for j = 1, m do
+    redis.call('ZADD', KEYS[n + j], ARGV[4], member)
+    redis.call('PEXPIRE', KEYS[n + j], window + 1000)
+    counts[j] = counts[j] + 1
+  end
+  for s = 1, k do redis.call('SADD', KEYS[n + m + s], ARGV[wa + m + s - 1]) end
+end
+local out = {failed}
+for i = 1, n do out[#out + 1] = values[i] end
+for j = 1, m do out[#out + 1] = counts[j] end
+for j = 1, m do
+  local rank = counts[j] - tonumber(ARGV[wa + j - 1])
+  if rank < 0 then rank = 0 end
+  local e = redis.call('ZRANGE', KEYS[n + j], rank, rank, 'WITHSCORES')
+  if e[2] then out[#out + 1] = tonumber(e[2]) else out[#out + 1] = -1 end
+end
+return out
+"""
+
+# KEYS: counters; ARGV: one delta per counter. A missing (expired) counter is left alone; none goes below 0.
+_ADJUST = """
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    if redis.call('INCRBY', KEYS[i], ARGV[i]) < 0 then redis.call('SET', KEYS[i], 0, 'KEEPTTL') end
+  end
+end
+return {}
+"""
+
+# KEYS: n counters then windows; ARGV: n, now_ms, window_ms. Read-only.
+_READ = """
+local n, cutoff = tonumber(ARGV[1]), string.format('(%d', tonumber(ARGV[2]) - tonumber(ARGV[3]))
+local out = {}
+for i = 1, n do out[#out + 1] = tonumber(redis.call('GET', KEYS[i]) or '0') end
+local oldest = {}
+for j = n + 1, #KEYS do
+  out[#out + 1] = redis.call('ZCOUNT', KEYS[j], cutoff, '+inf')
+  local e = redis.call('ZRANGEBYSCORE', KEYS[j], cutoff, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if e[2] then oldest[#oldest + 1] = tonumber(e[2]) else oldest[#oldest + 1] = -1 end
+end
+for _, v in ipairs(oldest) do out[#out + 1] = v end
+return out
+"""
+
+
+class RedisBudgetStore:
+    """Counters in Redis, shared by any number of proxy processes; one Lua script per operation.
+
+    Keys are ``<prefix><engine key>`` (prefix ``eg:b:``). All keys of one operation must live on one server:
+    a single Redis (or a primary with replicas), not a Redis Cluster. Commands are not retried: a retried
+    reserve or adjust could apply twice; a failure is a ``BudgetStoreError`` and the engine decides.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        prefix: str = "eg:b:",
+        socket_timeout: float = 1.0,
+        max_connections: int = 64,
+    ) -> None:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url,
+            max_connections=max_connections,
+            timeout=socket_timeout,  # waiting for a free connection is bounded too
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            health_check_interval=30,  # a connection idle this long is pinged before use (Redis restarts)
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+        self._prefix = prefix
+        self._reserve = self._redis.register_script(_RESERVE)  # EVALSHA, loading the script on NOSCRIPT
+        self._adjust = self._redis.register_script(_ADJUST)
+        self._read = self._redis.register_script(_READ)
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> list[int]:
+        try:
+            result = await script(keys=keys, args=args)
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            raise BudgetStoreError(f"{type(exc).__name__}: {exc}") from exc
+        return [int(v) for v in result]
+
+    async def reserve(
+        self,
+        counters: Sequence[CounterSpec],
+        windows: Sequence[WindowSpec],
+        *,
+        now_ms: int,
+        window_ms: int,
+        member: str,
+        index: Sequence[tuple[str, str]] = (),
+    ) -> ReserveResult:
+        """See ``BudgetStore.reserve``."""
+        p = self._prefix
+        keys = [p + c.key for c in counters] + [p + w.key for w in windows] + [p + s for s, _ in index]
+        args: list[Any] = [len(counters), len(windows), len(index), now_ms, window_ms, member]
+        for c in counters:
+            args += [c.amount, c.limit, c.ttl_s]
+        args += [w.limit for w in windows]
+        args += [m for _, m in index]
+        out = await self._call(self._reserve, keys, args)
+        n, m = len(counters), len(windows)
+        marks = tuple(None if v < 0 else v for v in out[1 + n + m : 1 + n + 2 * m])
+        return ReserveResult(out[0] - 1, tuple(out[1 : 1 + n]), tuple(out[1 + n : 1 + n + m]), marks)
+
+    async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int) -> None:
+        """See ``BudgetStore.adjust``."""
+        deltas = [(k, d) for k, d in deltas if d]
+        if deltas:
+            await self._call(self._adjust, [self._prefix + k for k, _ in deltas], [d for _, d in deltas])
+
+    async def read(self, counters: Sequence[str], windows: Sequence[str], *, now_ms: int, window_ms: int) -> ReadResult:
+        """See ``BudgetStore.read``."""
+        keys = [self._prefix + k for k in (*counters, *windows)]
+        out = await self._call(self._read, keys, [len(counters), now_ms, window_ms])
+        n, m = len(counters), len(windows)
+        oldest = tuple(None if v < 0 else v for v in out[n + m :])
+        return ReadResult(tuple(out[:n]), tuple(out[n : n + m]), oldest)
+
+    async def members(self, key: str) -> list[str]:
+        """See ``BudgetStore.members``."""
+        try:
+            raw = await self._redis.smembers(self._prefix + key)
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            raise BudgetStoreError(f"{type(exc).__name__}: {exc}") from exc
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw)
+
+    async def ping(self) -> bool:
+        """Whether Redis answers a PING."""
+        try:
+            return bool(await self._redis.ping())
+        except (aioredis.RedisError, OSError, TimeoutError):
+            return False
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()
+
+
+def budget_store(redis_url: str = "") -> MemoryBudgetStore | RedisBudgetStore:
+    """The budget store for a config's ``redis_url`` (empty: in process memory, for one process only)."""
+    return RedisBudgetStore(redis_url) if redis_url else MemoryBudgetStore()
