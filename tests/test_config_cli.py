@@ -150,3 +150,13 @@ def test_example_config_is_valid() -> None:
                        capture_output=True, text=True, timeout=60, env={k: v for k, v in os.environ.items()
                                                                         if not k.startswith("EMBEDGATE_")})  # fmt: skip
     assert r.returncode == 0, r.stderr
+
+
+def test_serve_refuses_workers_with_budgets_in_memory(tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD)
+    env = {**os.environ, "UPSTREAM_URL": "http://127.0.0.1:9/v1", "TEAM_A_KEY": "sk-a"}
+    r = subprocess.run([*EMBEDGATE, "serve", "--config", str(path), "--workers", "2"], capture_output=True,
+                       text=True, timeout=60, env=env)  # fmt: skip
+    assert r.returncode == 1
+    assert "needs redis_url" in r.stderr

@@ -33,6 +33,14 @@ def _check(path: str) -> int:
 def _serve(args: argparse.Namespace) -> int:
     if _check(args.config) != 0:
         return 1
+    config = load_config(args.config)
+    if args.workers > 1 and config.budgets and not config.redis_url:
+        # Each worker is a process with its own memory store: N workers would admit N budgets' worth.
+        print(
+            f"error: --workers {args.workers} with budgets needs redis_url, so that the workers share one budget",
+            file=sys.stderr,
+        )
+        return 1
     import uvicorn
 
     os.environ["EMBEDGATE_CONFIG"] = os.path.abspath(args.config)
