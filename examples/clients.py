@@ -29,7 +29,7 @@ with Orq(api_key=KEY, server_url=BASE) as orq:
         name="example-orq",  # the trace's name
         cache={"type": "exact_match", "ttl": 3600},
         retry={"count": 2, "on_codes": [429, 500, 502, 503, 504]},
-        identity={"id": "user-42", "display_name": "Jane Doe"},
+        orq={"identity": {"id": "user-42", "display_name": "Jane Doe"}},  # the SDK sends identity in the orq block
     )
     print("orq-ai-sdk:", res2.model, [len(d.embedding) for d in res2.data])
 

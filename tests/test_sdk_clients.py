@@ -148,3 +148,19 @@ def test_openai_python_sees_its_own_error_shape(proxy: str, upstream: FakeUpstre
         client.embeddings.create(model="nowhere/model", input="x")
     assert info.value.code == "model_not_found"
     assert info.value.param == "model"
+
+
+def test_the_clients_example_runs(proxy: str, upstream: FakeUpstream) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "clients.py"
+    env = {**os.environ, "EMBEDGATE_URL": proxy, "EMBEDGATE_DEV_KEY": KEY, "EMBEDGATE_MODEL": "local/embed-small"}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "openai-python: local/embed-small" in r.stdout
+    assert "orq-ai-sdk: local/embed-small" in r.stdout
+    assert "openrouter: local/embed-small" in r.stdout
+    assert len(upstream.calls) == 3
