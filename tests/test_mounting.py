@@ -93,3 +93,26 @@ def test_path_prefix(make_config: Callable[..., Config], upstream: FakeUpstream)
         assert r.status_code in (404, 405)  # not the gateway's path any more: the host answers
         models = c.get("/ai/v1/models", headers={"authorization": f"Bearer {KEY}"})
         assert {"local/embed-small", "local/multi"} <= {m["id"] for m in models.json()["data"]}
+
+
+def test_the_fastapi_example_mounts(tmp_path: Any, upstream: FakeUpstream, monkeypatch: Any) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    from tests.conftest import config_dict
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(yaml.safe_dump(config_dict(upstream.url)))
+    monkeypatch.setenv("EMBEDGATE_CONFIG", str(cfg))
+    path = Path(__file__).resolve().parent.parent / "examples" / "fastapi_app.py"
+    spec = importlib.util.spec_from_file_location("fastapi_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with serve(module.app) as url, httpx.Client(base_url=url) as c:
+        assert c.get("/hello").json() == {"message": "hello from the host app"}
+        r = c.post("/v1/embeddings", json={"model": "local/embed-small", "input": "hi"},
+                   headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.status_code == 200, r.text
