@@ -1,8 +1,8 @@
 """Call a running embedgate with the three SDKs, unmodified: openai-python, orq-ai-sdk, OpenRouter.
 
-    python -m tests.fake_upstream --port 9000 &
-    embedgate serve --config examples/embedgate.yaml &
-    python examples/clients.py
+python -m tests.fake_upstream --port 9000 &
+embedgate serve --config examples/embedgate.yaml &
+python examples/clients.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Mount embedgate into an existing FastAPI app: the app keeps its routes and lifespan.
 
-    EMBEDGATE_CONFIG=examples/embedgate.yaml uvicorn examples.fastapi_app:app --port 8080
+EMBEDGATE_CONFIG=examples/embedgate.yaml uvicorn examples.fastapi_app:app --port 8080
 """
 
 from __future__ import annotations

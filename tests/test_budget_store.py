@@ -267,9 +267,7 @@ async def test_period_counters_roll_over_with_the_clock(
     store: BudgetStore, period: str, last_moment: datetime, next_period: datetime
 ) -> None:
     clock = Clock(last_moment.timestamp() - 3600)
-    eng = engine(
-        store, BudgetConfig(scope="api_key", target="team-a", period=period, token_limit=100), clock=clock
-    )
+    eng = engine(store, BudgetConfig(scope="api_key", target="team-a", period=period, token_limit=100), clock=clock)
     assert await admitted(eng, tokens=100)
     clock.t = last_moment.timestamp()
     assert not await admitted(eng, tokens=1)  # same period: still full
@@ -281,9 +279,7 @@ async def test_period_counters_roll_over_with_the_clock(
 @pytest.mark.anyio
 async def test_weekly_period_does_not_roll_over_on_sunday(store: BudgetStore) -> None:
     clock = Clock(datetime(2025, 3, 10, 8, tzinfo=UTC).timestamp())  # Monday
-    eng = engine(
-        store, BudgetConfig(scope="api_key", target="team-a", period="weekly", token_limit=10), clock=clock
-    )
+    eng = engine(store, BudgetConfig(scope="api_key", target="team-a", period="weekly", token_limit=10), clock=clock)
     assert await admitted(eng, tokens=10)
     clock.t = datetime(2025, 3, 16, 8, tzinfo=UTC).timestamp()  # Sunday of the same ISO week
     assert not await admitted(eng, tokens=1)
@@ -292,9 +288,7 @@ async def test_weekly_period_does_not_roll_over_on_sunday(store: BudgetStore) ->
 @pytest.mark.anyio
 async def test_one_time_budget_never_resets(store: BudgetStore) -> None:
     clock = Clock()
-    eng = engine(
-        store, BudgetConfig(scope="api_key", target="team-a", period="one_time", token_limit=10), clock=clock
-    )
+    eng = engine(store, BudgetConfig(scope="api_key", target="team-a", period="one_time", token_limit=10), clock=clock)
     assert await admitted(eng, tokens=10)
     clock.t = T0 + 400 * 86400
     assert not await admitted(eng, tokens=1)
@@ -344,9 +338,7 @@ async def test_redis_counter_keys_expire_after_their_period(anyio_backend: str) 
     clock = Clock(now.timestamp())
     eng = engine(
         store,
-        BudgetConfig(
-            scope="api_key", target="team-a", period="daily", token_limit=100, requests_per_minute=5
-        ),
+        BudgetConfig(scope="api_key", target="team-a", period="daily", token_limit=100, requests_per_minute=5),
         BudgetConfig(scope="workspace", target="acme", period="one_time", token_limit=100),
         clock=clock,
     )
@@ -456,9 +448,7 @@ async def test_two_processes_sharing_redis_admit_exactly_the_rate_limit(anyio_ba
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def identities(
-    request: pytest.FixtureRequest, anyio_backend: str
-) -> AsyncIterator[tuple[IdentityStore, Clock]]:
+async def identities(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIterator[tuple[IdentityStore, Clock]]:
     clock = Clock()
     if request.param == "memory":
         yield MemoryIdentityStore(clock=clock), clock

@@ -94,9 +94,7 @@ async def refusal(eng: BudgetEngine, subject: Subject = ALICE, **kw: Any) -> Bud
     ],
 )
 @pytest.mark.anyio
-async def test_each_scope_gates_its_target_only(
-    scope: str, target: str, counted_as: str, other: Subject
-) -> None:
+async def test_each_scope_gates_its_target_only(scope: str, target: str, counted_as: str, other: Subject) -> None:
     eng = engine(BudgetConfig(scope=scope, target=target, requests_per_minute=2))
     for _ in range(2):
         await eng.reserve(ALICE, tokens=1, cost_usd=0.0)
@@ -202,9 +200,7 @@ async def test_period_budget_refusal_is_reported_before_a_rate_limit() -> None:
 @pytest.mark.anyio
 async def test_headers_count_down() -> None:
     eng = engine(
-        BudgetConfig(
-            scope="api_key", target="team-a", token_limit=1000, amount_usd=0.5, requests_per_minute=5
-        )
+        BudgetConfig(scope="api_key", target="team-a", token_limit=1000, amount_usd=0.5, requests_per_minute=5)
     )
     seen = []
     for _ in range(5):
@@ -286,9 +282,7 @@ async def test_settle_charges_the_real_usage_once() -> None:
 @pytest.mark.anyio
 async def test_cache_hits_charge_only_requests() -> None:
     eng = engine(
-        BudgetConfig(
-            scope="api_key", target="team-a", token_limit=100, amount_usd=0.01, requests_per_minute=3
-        )
+        BudgetConfig(scope="api_key", target="team-a", token_limit=100, amount_usd=0.01, requests_per_minute=3)
     )
     await eng.reserve(ALICE, tokens=100, cost_usd=0.01)  # tokens and spend exhausted
     hit = await eng.reserve(ALICE, tokens=100, cost_usd=0.01, cached=True)
@@ -333,17 +327,13 @@ class CountingStore(MemoryBudgetStore):
         index: Sequence[tuple[str, str]] = (),
     ) -> ReserveResult:
         self.calls += 1
-        return await super().reserve(
-            counters, windows, now_ms=now_ms, window_ms=window_ms, member=member, index=index
-        )
+        return await super().reserve(counters, windows, now_ms=now_ms, window_ms=window_ms, member=member, index=index)
 
     async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int) -> None:
         self.calls += 1
         await super().adjust(deltas, now_ms=now_ms)
 
-    async def read(
-        self, counters: Sequence[str], windows: Sequence[str], *, now_ms: int, window_ms: int
-    ) -> ReadResult:
+    async def read(self, counters: Sequence[str], windows: Sequence[str], *, now_ms: int, window_ms: int) -> ReadResult:
         self.calls += 1
         return await super().read(counters, windows, now_ms=now_ms, window_ms=window_ms)
 
@@ -378,9 +368,7 @@ async def test_fail_closed_when_redis_is_unreachable() -> None:
 @pytest.mark.anyio
 async def test_fail_open_admits_and_warns_once_per_interval() -> None:
     store = RedisBudgetStore(CLOSED_REDIS, socket_timeout=0.5)
-    eng = BudgetEngine(
-        budgets(BudgetConfig(scope="api_key", target="team-a", token_limit=10)), store, fail_open=True
-    )
+    eng = BudgetEngine(budgets(BudgetConfig(scope="api_key", target="team-a", token_limit=10)), store, fail_open=True)
     try:
         with capture_logs() as logs:
             first = await eng.reserve(ALICE, tokens=100, cost_usd=0.0)

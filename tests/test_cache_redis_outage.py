@@ -128,9 +128,7 @@ async def test_get_many_is_one_mget_and_set_many_one_pipeline(server: ThrowawayR
 
     counts = await command_counts(server.url)
     assert counts.get("mget") == 1 and "get" not in counts
-    assert (
-        counts.get("mset") == 1 and counts.get("exec") == 1 and "set" not in counts and "setex" not in counts
-    )
+    assert counts.get("mset") == 1 and counts.get("exec") == 1 and "set" not in counts and "setex" not in counts
 
 
 @pytest.mark.anyio

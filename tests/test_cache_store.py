@@ -30,9 +30,7 @@ class Harness:
     keys: list[str] = field(default_factory=list)
 
     def key(self, item: Any, *, model: str = "openai/m", workspace: str | None = None) -> str:
-        key = item_key(
-            workspace=workspace or self.workspace, model=model, dimensions=None, input_type=None, item=item
-        )
+        key = item_key(workspace=workspace or self.workspace, model=model, dimensions=None, input_type=None, item=item)
         self.keys.append(key)
         return key
 
@@ -63,9 +61,7 @@ def random_item(rng: np.random.Generator, dims: int, tokens: int = 7) -> CachedI
 @pytest.mark.anyio
 async def test_round_trip_is_bit_exact(store: Harness) -> None:
     rng = np.random.default_rng(1)
-    items = [
-        (store.key(f"text {dims}"), random_item(rng, dims, tokens=dims + 1)) for dims in (1, 256, 1536, 3072)
-    ]
+    items = [(store.key(f"text {dims}"), random_item(rng, dims, tokens=dims + 1)) for dims in (1, 256, 1536, 3072)]
     await store.cache.set_many(items, ttl=60)
 
     got = await store.cache.get_many([k for k, _ in items])

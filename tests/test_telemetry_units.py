@@ -133,9 +133,7 @@ def test_stage_and_attempt_spans_are_children_with_genai_attributes(
         with telemetry.stage("routing"):
             with telemetry.attempt(**attempt_kwargs()) as attempt:
                 injected = attempt.trace_headers()
-                attempt.succeed(
-                    response_model="text-embedding-3-small-v2", input_tokens=12, dimension_count=1536
-                )
+                attempt.succeed(response_model="text-embedding-3-small-v2", input_tokens=12, dimension_count=1536)
         root.end(200)
 
     spans = by_name(exporter)
@@ -165,9 +163,7 @@ def test_stage_and_attempt_spans_are_children_with_genai_attributes(
     assert injected["traceparent"] == f"00-{CALLER_TRACE}-{span_id(attempt_span):016x}-01"
 
 
-def test_attempt_outside_a_stage_parents_to_the_root(
-    telemetry: Telemetry, exporter: InMemorySpanExporter
-) -> None:
+def test_attempt_outside_a_stage_parents_to_the_root(telemetry: Telemetry, exporter: InMemorySpanExporter) -> None:
     with telemetry.start_request("req", headers=[]) as root:
         attempt = telemetry.attempt(**attempt_kwargs())
         attempt.end()
@@ -199,9 +195,7 @@ def test_failed_attempts_carry_error_type(telemetry: Telemetry, exporter: InMemo
     assert root_span.status.status_code is StatusCode.ERROR
 
 
-def test_client_errors_do_not_mark_spans_as_errors(
-    telemetry: Telemetry, exporter: InMemorySpanExporter
-) -> None:
+def test_client_errors_do_not_mark_spans_as_errors(telemetry: Telemetry, exporter: InMemorySpanExporter) -> None:
     refusal = BudgetExceeded(
         "over budget",
         code="token_budget_exceeded",
@@ -220,9 +214,7 @@ def test_client_errors_do_not_mark_spans_as_errors(
     assert spans["req"].attributes == {"http.response.status_code": 429}
 
 
-def test_request_span_escaping_exception_ends_as_500(
-    telemetry: Telemetry, exporter: InMemorySpanExporter
-) -> None:
+def test_request_span_escaping_exception_ends_as_500(telemetry: Telemetry, exporter: InMemorySpanExporter) -> None:
     with pytest.raises(RuntimeError), telemetry.start_request("req", headers=[]):
         raise RuntimeError("secret-looking message sk-123")
     (span,) = exporter.get_finished_spans()
@@ -232,9 +224,7 @@ def test_request_span_escaping_exception_ends_as_500(
     assert trace.get_current_span() is trace.INVALID_SPAN  # the context was restored
 
 
-def test_only_allowed_attribute_names_are_accepted(
-    telemetry: Telemetry, exporter: InMemorySpanExporter
-) -> None:
+def test_only_allowed_attribute_names_are_accepted(telemetry: Telemetry, exporter: InMemorySpanExporter) -> None:
     with pytest.raises(ValueError, match="api_key"):
         telemetry.start_request("req", headers=[], attributes={"api_key": "sk-live-123"})
     with telemetry.start_request("req", headers=[]) as root:
@@ -247,17 +237,13 @@ def test_only_allowed_attribute_names_are_accepted(
         assert "sk-live-123" not in str(span.attributes)
 
 
-def test_attempt_drops_userinfo_from_server_address(
-    telemetry: Telemetry, exporter: InMemorySpanExporter
-) -> None:
+def test_attempt_drops_userinfo_from_server_address(telemetry: Telemetry, exporter: InMemorySpanExporter) -> None:
     telemetry.attempt(**attempt_kwargs(server_address="user:sk-pw@llm.internal")).end()
     (span,) = exporter.get_finished_spans()
     assert span.attributes is not None and span.attributes["server.address"] == "llm.internal"
 
 
-def test_host_span_already_current_is_the_parent(
-    telemetry: Telemetry, exporter: InMemorySpanExporter
-) -> None:
+def test_host_span_already_current_is_the_parent(telemetry: Telemetry, exporter: InMemorySpanExporter) -> None:
     host_tracer = TracerProvider().get_tracer("host")
     with host_tracer.start_as_current_span("host GET") as host_span:
         other = b"00-11111111111111111111111111111111-2222222222222222-01"
@@ -295,9 +281,7 @@ def test_sampled_out_requests_keep_the_callers_trace_id(exporter: InMemorySpanEx
 
 
 @pytest.mark.anyio
-async def test_concurrent_requests_do_not_cross_parent(
-    telemetry: Telemetry, exporter: InMemorySpanExporter
-) -> None:
+async def test_concurrent_requests_do_not_cross_parent(telemetry: Telemetry, exporter: InMemorySpanExporter) -> None:
     async def request(name: str) -> None:
         with telemetry.start_request(name, headers=[]) as root:
             for _ in range(3):
@@ -386,9 +370,7 @@ def test_standalone_traces_endpoint_and_configured_service_name() -> None:
 
 def test_standalone_exports_over_otlp_grpc_from_env() -> None:
     with OtlpReceiver(grpc=True) as receiver:
-        run_standalone(
-            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint}
-        )
+        run_standalone({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint})
         spans = {s.name: s for s in receiver.wait_for_spans(2)}
     assert spans["auth"].parent_span_id == spans["standalone-req"].span_id
     assert spans["auth"].resource["service.name"] == "from-config"

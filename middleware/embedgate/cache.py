@@ -91,9 +91,7 @@ def item_key(
     serialized as JSON (strings quoted and escaped, dict keys sorted), so distinct inputs cannot encode alike
     and a string never collides with a token array.
     """
-    material = orjson.dumps(
-        (_KEY_VERSION, workspace, model, dimensions, input_type, item), option=orjson.OPT_SORT_KEYS
-    )
+    material = orjson.dumps((_KEY_VERSION, workspace, model, dimensions, input_type, item), option=orjson.OPT_SORT_KEYS)
     digest = hashlib.sha256(material).digest()
     return KEY_PREFIX + base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
@@ -157,9 +155,7 @@ class _BoundedMemoryCache(BaseCache):  # type: ignore[misc]
     async def _get(self, key: str, encoding: str | None = None, _conn: Any = None) -> bytes | None:
         return self._read(key)
 
-    async def _multi_get(
-        self, keys: list[str], encoding: str | None = None, _conn: Any = None
-    ) -> list[bytes | None]:
+    async def _multi_get(self, keys: list[str], encoding: str | None = None, _conn: Any = None) -> list[bytes | None]:
         return [self._read(key) for key in keys]
 
     async def _set(
@@ -170,9 +166,7 @@ class _BoundedMemoryCache(BaseCache):  # type: ignore[misc]
         self._write(key, value, ttl)
         return True
 
-    async def _multi_set(
-        self, pairs: list[tuple[str, bytes]], ttl: float | None = None, _conn: Any = None
-    ) -> bool:
+    async def _multi_set(self, pairs: list[tuple[str, bytes]], ttl: float | None = None, _conn: Any = None) -> bool:
         for key, value in pairs:
             self._write(key, value, ttl)
         return True

@@ -183,9 +183,7 @@ class RedisIdentityStore:
                 pipe.zadd(self._index, {iid: now})
                 await pipe.execute()
         except (aioredis.RedisError, OSError, TimeoutError) as exc:
-            log.warning(
-                "identity store unavailable; identity not recorded", error=f"{type(exc).__name__}: {exc}"
-            )
+            log.warning("identity store unavailable; identity not recorded", error=f"{type(exc).__name__}: {exc}")
             return
         self._recent[memo] = now
 
