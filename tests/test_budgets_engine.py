@@ -156,6 +156,7 @@ async def test_token_budget_refusal() -> None:
     assert err.headers["x-should-retry"] == "false"  # a period budget does not recover within a retry loop
     assert "retry-after" not in err.headers
     assert err.headers["x-ratelimit-remaining-tokens"] == "40"
+    assert "60 of 100 tokens used, this request needs up to 60" in err.message  # what was asked, not just used
     body = orjson.loads(render_error(err, Dialect.ORQ))["error"]
     assert (body["code"], body["scope_kind"], body["scope_target_id"], body["dimension"]) == (
         "token_budget_exceeded", "api_key", "team-a", "tokens",

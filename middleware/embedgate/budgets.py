@@ -375,7 +375,7 @@ class BudgetEngine:
             return Reservation(rid, "fail_open")
         headers = self._headers(counters, windows, res, now_ms)
         if res.failed >= 0:
-            raise self._refusal(counters, windows, res, now_ms, headers)
+            raise self._refusal(counters, windows, res, now_ms, headers, {"tokens": tokens, "cost": cost_nano})
         return Reservation(rid, "reserved", tokens, cost_nano, tuple(counters), headers)
 
     def _headers(self, counters: list[_Gate], windows: list[_Gate], res: ReserveResult, now_ms: int) -> dict[str, str]:
@@ -416,15 +416,17 @@ class BudgetEngine:
         res: ReserveResult,
         now_ms: int,
         headers: dict[str, str],
+        asked: dict[str, int],
     ) -> BudgetExceeded:
         if res.failed < len(counters):
             g, used = counters[res.failed], res.values[res.failed]
+            need = asked[g.dimension]
             shown = _usd if g.dimension == "cost" else str
             what = "cost budget" if g.dimension == "cost" else "token budget"
             unit = "USD" if g.dimension == "cost" else "tokens"
             message = (
                 f"{what} exceeded for {g.scope} '{g.scope_id}' ({g.period}): "
-                f"{shown(used)} of {shown(g.limit)} {unit} used"
+                f"{shown(used)} of {shown(g.limit)} {unit} used, this request needs up to {shown(need)}"
             )
             code = "cost_budget_exceeded" if g.dimension == "cost" else "token_budget_exceeded"
             # a period budget will not recover within a retry loop: tell SDKs not to retry
