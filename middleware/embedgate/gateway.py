@@ -359,7 +359,7 @@ class EmbeddingGateway:
         data = [
             {"id": mid, "object": "model", "created": 0, "owned_by": mid.partition("/")[0]}
             for mid in ids
-            if mid.endswith("/*") or self.pipeline.keys.allows(key, mid)
+            if self.pipeline.keys.allows(key, mid)
         ]
         return 200, orjson.dumps({"object": "list", "data": data}), {}
 
