@@ -24,12 +24,6 @@ SUMMARY_FIELDS = ("requests", "ok", "errors", "statuses", "duration_s", "rps", "
 Run = tuple[subprocess.CompletedProcess[str], dict[str, Any]]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """The harness is synchronous; declared for the suite's anyio convention."""
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     """One ``--quick`` run shared by the tests below (it takes ~30 s)."""

@@ -31,10 +31,10 @@ from embedgate.budgets import (
 from embedgate.config import BudgetConfig
 from embedgate.errors import BudgetExceeded
 from embedgate.identities import IdentityStore, MemoryIdentityStore, RedisIdentityStore
+from tests.budget_util import T0, Clock
 from tests.redis_util import require_redis
 
 WINDOW_MS = 60_000
-T0 = datetime(2025, 3, 14, 12, 0, tzinfo=UTC).timestamp()  # a Friday
 SUBJECT = Subject(
     workspace="acme",
     project="search",
@@ -43,21 +43,6 @@ SUBJECT = Subject(
     model="openai/text-embedding-3-small",
     identity=None,
 )
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-class Clock:
-    """A settable clock (Unix seconds)."""
-
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 async def _delete_prefix(url: str, prefix: str) -> None:

@@ -30,9 +30,9 @@ from embedgate.budgets import (
 )
 from embedgate.config import BudgetConfig, Deployment, ModelConfig
 from embedgate.errors import BudgetExceeded, Dialect, Unavailable, render_error
+from tests.budget_util import T0, Clock
 
 CLOSED_REDIS = "redis://127.0.0.1:6391/0"  # nothing listens here
-T0 = datetime(2025, 3, 14, 12, 0, tzinfo=UTC).timestamp()
 ALICE = Subject(
     workspace="acme",
     project="search",
@@ -41,21 +41,6 @@ ALICE = Subject(
     model="openai/text-embedding-3-small",
     identity="alice",
 )
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-class Clock:
-    """A settable clock (Unix seconds)."""
-
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def budgets(*items: BudgetConfig) -> tuple[BudgetConfig, ...]:

@@ -36,11 +36,6 @@ DOLLAR_A_TOKEN = 1_000_000.0
 ROUTES = {"openai": "/v1/embeddings", "orq": "/v2/router/embeddings", "openrouter": "/api/v1/embeddings"}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def budget_config(upstream_url: str, budgets: list[dict[str, Any]], **overrides: Any) -> Config:
     """The shared test config with ``budgets``, a third key in workspace acme, priced models and an admin key."""
     data = config_dict(upstream_url, budgets=budgets, **overrides)

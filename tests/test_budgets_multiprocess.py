@@ -38,11 +38,6 @@ TOKEN_LIMIT = 300
 PRICE = 0.02  # USD per million tokens of local/embed-small in the shared test config: 20 nano-dollars a token
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @dataclass(frozen=True)
 class Cluster:
     """Two proxies sharing one Redis, and the workspaces this run's budgets count."""

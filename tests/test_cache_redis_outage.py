@@ -24,11 +24,6 @@ PASSWORD = "s3cret-cache-pw"
 WARNING = "cache store unavailable; serving misses"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class ThrowawayRedis:
     """A redis-server subprocess on a fixed port, with no persistence, that can be killed and restarted."""
 

@@ -16,11 +16,6 @@ from embedgate.cache import CachedItem, Coalescer, VectorCache, item_key
 from tests.redis_util import require_redis
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @dataclass
 class Harness:
     """A cache under test, with a workspace of its own so tests never read each other's entries."""

@@ -14,7 +14,12 @@ from tests.fake_upstream import FakeUpstream, expected_vector
 
 ITEMS = [
     {"content": [{"type": "text", "text": "a red bicycle"}]},
-    {"content": [{"type": "text", "text": "this photo"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
+    {
+        "content": [
+            {"type": "text", "text": "this photo"},
+            {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+        ]
+    },
 ]
 
 

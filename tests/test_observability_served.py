@@ -49,11 +49,6 @@ class Run:
     upstream_traceparents: list[str]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def wait_healthy(proc: subprocess.Popen[bytes], url: str) -> None:
     deadline = time.monotonic() + 30
     while True:

@@ -33,11 +33,6 @@ TEXTS = ["alpha beta", "gamma"]
 SECRETS = ("provider-secret-local", "provider-secret-backup", KEY)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def routing_config(upstream: FakeUpstream, *, routing: dict[str, Any] | None = None, **overrides: Any) -> Config:
     """The conftest test config with a small backoff, plus ``routing`` settings and other overrides."""
     data = config_dict(upstream.url, routing={"backoff_base_ms": 10, **(routing or {})}, **overrides)

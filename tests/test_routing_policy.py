@@ -19,11 +19,6 @@ from tests.fake_upstream import FakeUpstream, Fault
 from tests.test_routing_faults import AUTH, TEXTS, assert_served, routing_config, running
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def post(c: httpx.AsyncClient, body: dict[str, Any], route: str = "/v1/embeddings") -> httpx.Response:
     return await c.post(route, json=body, headers=AUTH)
 

@@ -42,11 +42,6 @@ TRACEPARENT = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01".encode()
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def exporter() -> InMemorySpanExporter:
     return InMemorySpanExporter()
 
