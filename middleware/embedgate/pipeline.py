@@ -3,9 +3,9 @@
     normalize -> auth -> cache (lookup) -> budget (reserve) -> routing -> (cache store; budget settle/release)
 
 The cache is looked up before the budget is reserved, so that only the items that go upstream are estimated
-and reserved (a cache hit charges requests-per-minute only). A stage short-circuits by setting ``call.done``
-(a full cache hit); follow-up work registered in ``call.finish`` runs after the response is built, in order,
-whether the route succeeded or not.
+and reserved (a cache hit charges requests-per-minute only). A full cache hit leaves routing nothing to do: every
+stage still runs (and shows in the trace), so the budget counts the hit. Follow-up work registered in
+``call.finish`` runs after the response is built, in order, whether the route succeeded or not.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ class Call:
     deployment: str = ""
     budget_decision: str = "none"
     items_fetched: int = 0  # items this request itself sent upstream
-    done: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     finish: list[Callable[[Call, GatewayError | None], Awaitable[None]]] = field(default_factory=list)
     span: Any = None
@@ -136,13 +135,11 @@ class Pipeline:
         return self._keys
 
     async def run(self, call: Call) -> None:
-        """Run the stages after ``normalize``, each in its own span, until one completes the call."""
+        """Run the stages after ``normalize``, each in its own span."""
         stage_span = self._telemetry.stage
         for name, stage in self.stages:
             with stage_span(name):
                 await stage(call)
-            if call.done:
-                return
 
     async def normalize(self, call: Call) -> None:
         """Parse, validate and normalize the body (400 naming the parameter)."""
