@@ -153,6 +153,7 @@ class TelemetryConfig:
 
     service_name: str = "embedgate"
     access_log: bool = True
+    export_process: bool = True  # standalone: OTLP encoding in a helper process, off the request path's GIL
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -552,6 +553,7 @@ def _telemetry(data: Any, errors: list[str]) -> TelemetryConfig:
     cfg = TelemetryConfig(
         service_name=s.get("service_name", s.string, "embedgate"),
         access_log=s.get("access_log", s.boolean, True),
+        export_process=s.get("export_process", s.boolean, True),
     )
     s.finish()
     return cfg

@@ -124,8 +124,12 @@ class EmbeddingGateway:
                 send = sender_for(self._transport)
             adapters = {name: build_adapter(p, send) for name, p in self.config.providers.items()}
             configure_logging()
-            self.telemetry = Telemetry(self._tracer_provider, service_name=self.config.telemetry.service_name,
-                                       standalone=self._standalone)  # fmt: skip
+            self.telemetry = Telemetry(
+                self._tracer_provider,
+                service_name=self.config.telemetry.service_name,
+                standalone=self._standalone,
+                export_process=self.config.telemetry.export_process,
+            )
             self.router = Router(self.config, adapters, hook=ObservedAttempts(self.telemetry, self.metrics))
             self.cache = VectorCache.from_config(self.config.redis_url, self.config.cache.max_bytes)
             self.metrics.set_cache_bytes_source(self.cache.bytes_used)

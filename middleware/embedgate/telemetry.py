@@ -316,6 +316,7 @@ class Telemetry:
         *,
         service_name: str = "embedgate",
         standalone: bool = False,
+        export_process: bool = False,
     ) -> None:
         self._owned: SdkTracerProvider | None = None
         if (
@@ -323,7 +324,7 @@ class Telemetry:
             and standalone
             and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
         ):
-            built = build_tracer_provider(service_name)
+            built = build_tracer_provider(service_name, export_process=export_process)
             if built is not None:
                 trace.set_tracer_provider(built)
                 if trace.get_tracer_provider() is built:
@@ -436,7 +437,7 @@ class Telemetry:
         return propagator.extract(carrier)
 
 
-def build_tracer_provider(service_name: str = "embedgate") -> SdkTracerProvider | None:
+def build_tracer_provider(service_name: str = "embedgate", *, export_process: bool = False) -> SdkTracerProvider | None:
     """An SDK TracerProvider configured from the standard OTel environment variables, or None for no tracing.
 
     ``OTEL_TRACES_EXPORTER``: comma-separated ``otlp``, ``console``, ``none`` or an installed exporter's
@@ -447,6 +448,7 @@ def build_tracer_provider(service_name: str = "embedgate") -> SdkTracerProvider 
     ``OTEL_SERVICE_NAME`` and a ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` win over ``service_name``.
     ``OTEL_SDK_DISABLED=true`` and exporter ``none`` return None. Raises ValueError for an unknown exporter or
     protocol. Sampling (``OTEL_TRACES_SAMPLER``) and batching (``OTEL_BSP_*``) are read by the SDK.
+    With ``export_process`` the exporters run in a helper process (``embedgate.span_export``), off this GIL.
     """
     env = os.environ
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
@@ -454,13 +456,40 @@ def build_tracer_provider(service_name: str = "embedgate") -> SdkTracerProvider 
     names = env.get("OTEL_TRACES_EXPORTER", "").strip()
     if not names:
         names = "otlp" if any(env.get(var, "").strip() for var in _ENDPOINT_VARS) else "none"
-    exporters = [_exporter(name) for name in (n.strip().lower() for n in names.split(",")) if name != "none"]
-    if not exporters:
+    chosen = [name for name in (n.strip().lower() for n in names.split(",")) if name != "none"]
+    if not chosen:
         return None
     provider = SdkTracerProvider(resource=_resource(service_name))
-    for exporter in exporters:
+    if export_process:
+        from .span_export import ProcessSpanExporter
+
+        for name in chosen:
+            _check_exporter(name)  # fail at start-up, here, not in the helper
+        provider.add_span_processor(BatchSpanProcessor(ProcessSpanExporter(chosen, service_name)))
+        return provider
+    for exporter in [_exporter(name) for name in chosen]:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def _check_exporter(name: str) -> None:
+    if name == "console":
+        return
+    if name == "otlp":
+        _otlp_protocol()
+        return
+    if not entry_points(group="opentelemetry_traces_exporter", name=name):
+        raise ValueError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r} (otlp, console, none)")
+
+
+def _otlp_protocol() -> str:
+    env = os.environ
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+    ).strip()
+    if protocol not in ("http/protobuf", "grpc"):
+        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported {protocol!r} (http/protobuf or grpc)")
+    return protocol
 
 
 def _resource(service_name: str) -> Resource:
@@ -477,21 +506,14 @@ def _exporter(name: str) -> SpanExporter:
     if name == "console":
         return ConsoleSpanExporter()
     if name == "otlp":
-        env = os.environ
-        protocol = (
-            env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
-        ).strip()
+        protocol = _otlp_protocol()
         if protocol == "http/protobuf":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             return OTLPSpanExporter()
-        if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                OTLPSpanExporter as GrpcSpanExporter,
-            )
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 
-            return GrpcSpanExporter()
-        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported {protocol!r} (http/protobuf or grpc)")
+        return GrpcSpanExporter()
     for entry_point in entry_points(group="opentelemetry_traces_exporter", name=name):
         exporter: SpanExporter = entry_point.load()()
         return exporter

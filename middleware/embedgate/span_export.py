@@ -1,0 +1,160 @@
+"""Span export in a helper process: the gateway hands finished spans over a pipe, the helper encodes and sends.
+
+Encoding spans for OTLP is the largest single cost of tracing in Python (~24 us a span, against ~3 us to pack it
+here), and it runs under the gateway's GIL in the batch processor's thread. A standalone gateway therefore runs its
+exporters (the ones ``OTEL_TRACES_EXPORTER`` names, configured by the same environment) in a child process:
+
+    BatchSpanProcessor --export(spans)--> ProcessSpanExporter --frames on stdin--> python -m embedgate.span_export
+                                                                                   (rebuilds ReadableSpans, runs the
+                                                                                    OTLP / console exporters)
+
+A frame is a 4-byte little-endian length and an orjson list of packed spans. The child exits when its stdin
+closes, after flushing; if it dies, spans are dropped (logged once), never the gateway's requests.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from typing import IO, Any
+
+import orjson
+import structlog
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+__all__ = ["ProcessSpanExporter", "pack", "unpack"]
+
+_log = structlog.get_logger("embedgate.telemetry")
+_LENGTH = struct.Struct("<I")
+
+
+def _attrs(attributes: Any) -> list[list[Any]]:
+    return [[k, list(v) if isinstance(v, tuple) else v] for k, v in (attributes or {}).items()]
+
+
+def pack(span: ReadableSpan) -> list[Any]:
+    """A span as a JSON-ready list (128-bit ids as hex: JSON integers stop at 64 bits)."""
+    ctx = span.get_span_context()
+    assert ctx is not None  # an SDK span always has one
+    parent = span.parent
+    scope = span.instrumentation_scope
+    return [
+        span.name,
+        format(ctx.trace_id, "032x"),
+        format(ctx.span_id, "016x"),
+        int(ctx.trace_flags),
+        None if parent is None else [format(parent.span_id, "016x"), parent.is_remote],
+        span.kind.value,
+        span.start_time,
+        span.end_time,
+        _attrs(span.attributes),
+        [span.status.status_code.value, span.status.description],
+        [[e.name, e.timestamp, _attrs(e.attributes)] for e in span.events],
+        None if scope is None else [scope.name, scope.version],
+    ]
+
+
+def unpack(data: list[Any], resource: Any) -> ReadableSpan:
+    """The ReadableSpan that :func:`pack` packed, under ``resource``."""
+    name, trace_hex, span_hex, flags, parent, kind, start, end, attrs, status, events, scope = data
+    trace_id = int(trace_hex, 16)
+    return ReadableSpan(
+        name=name,
+        context=SpanContext(trace_id, int(span_hex, 16), is_remote=False, trace_flags=TraceFlags(flags)),
+        parent=None
+        if parent is None
+        else SpanContext(trace_id, int(parent[0], 16), is_remote=parent[1], trace_flags=TraceFlags(flags)),
+        resource=resource,
+        attributes={k: tuple(v) if isinstance(v, list) else v for k, v in attrs},
+        events=[Event(n, {k: tuple(v) if isinstance(v, list) else v for k, v in a}, ts) for n, ts, a in events],
+        kind=SpanKind(kind),
+        status=Status(StatusCode(status[0]), status[1]),
+        start_time=start,
+        end_time=end,
+        instrumentation_scope=None if scope is None else InstrumentationScope(scope[0], scope[1]),
+    )
+
+
+class ProcessSpanExporter(SpanExporter):
+    """Hands spans to a child process that runs the real exporters (named as in ``OTEL_TRACES_EXPORTER``)."""
+
+    def __init__(self, exporters: Sequence[str], service_name: str) -> None:
+        self._child = subprocess.Popen(
+            [sys.executable, "-m", "embedgate.span_export", ",".join(exporters), service_name],
+            stdin=subprocess.PIPE,
+            env=os.environ.copy(),
+        )
+        self._pipe: IO[bytes] = self._child.stdin  # type: ignore[assignment]
+        self._lock = threading.Lock()
+        self._broken = False
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Write one frame of packed spans to the child."""
+        if self._broken:
+            return SpanExportResult.FAILURE
+        payload = orjson.dumps([pack(s) for s in spans])
+        try:
+            with self._lock:
+                self._pipe.write(_LENGTH.pack(len(payload)) + payload)
+                self._pipe.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            self._broken = True
+            _log.warning("the span export process is gone; spans are dropped from now on")
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        """Close the pipe: the child exports what it holds and exits."""
+        with self._lock:
+            try:
+                self._pipe.close()
+            except OSError:
+                pass
+        try:
+            self._child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self._child.kill()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Spans already written belong to the child, which exports them as it reads them."""
+        return True
+
+
+def _serve(exporter_names: str, service_name: str) -> None:
+    import signal
+
+    from opentelemetry.sdk.trace.export import SpanExporter as _SpanExporter
+
+    from .telemetry import _exporter, _resource
+
+    # Ctrl-C reaches the whole process group: this process ends when the gateway closes the pipe, after a flush
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    resource = _resource(service_name)
+    exporters: list[_SpanExporter] = [_exporter(n) for n in exporter_names.split(",") if n]
+    stream = sys.stdin.buffer
+    try:
+        while True:
+            head = stream.read(_LENGTH.size)
+            if len(head) < _LENGTH.size:
+                break
+            (length,) = _LENGTH.unpack(head)
+            payload = stream.read(length)
+            if len(payload) < length:
+                break
+            spans = [unpack(item, resource) for item in orjson.loads(payload)]
+            for exporter in exporters:
+                exporter.export(spans)
+    finally:
+        for exporter in exporters:
+            exporter.shutdown()
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], sys.argv[2])
