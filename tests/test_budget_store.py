@@ -501,3 +501,18 @@ async def test_identity_touch_never_raises_when_redis_is_down(anyio_backend: str
             await store.get("alice")
     finally:
         await store.aclose()
+
+
+def test_memory_window_trims_compacts_and_keeps_order() -> None:
+    from embedgate.budget_stores import _mark, _Window
+
+    w = _Window()
+    for t in range(5000):
+        w.add(t)
+    w.trim(2999)  # forgets 0..2999, and compacts (more than half left)
+    assert len(w) == 2000 and w[0] == 3000 and w.start == 0
+    w.add(4998)  # a clock stepping back a little: still in order
+    assert [w[i] for i in range(len(w) - 3, len(w))] == [4998, 4998, 4999]
+    assert _mark(w, 2000) == 3001  # one more is admitted once the entry at rank count - limit leaves
+    w.trim(10_000)
+    assert len(w) == 0 and _mark(w, 5) is None
