@@ -59,6 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
         loop="uvloop",
         http="httptools",
         access_log=False,  # the gateway writes its own JSON access line per request
+        proxy_headers=False,  # the gateway reads no client address: skip the per-request X-Forwarded-* parsing
+        server_header=False,
         log_level=args.log_level,
         timeout_graceful_shutdown=10,
     )
