@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
@@ -93,6 +95,20 @@ def serve(app: Any, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def wait_serving(proc: subprocess.Popen[bytes], url: str, path: str = "/healthz", timeout: float = 30) -> None:
+    """Wait until an ``embedgate serve`` subprocess answers 200 on ``path``; fail if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, "embedgate serve exited"
+        assert time.monotonic() < deadline, "embedgate serve did not come up"
+        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import pytest
 import redis
 import yaml
 
-from tests.conftest import config_dict
+from tests.conftest import config_dict, wait_serving
 from tests.fake_upstream import FakeUpstream, free_port
 from tests.redis_util import require_redis
 
@@ -59,18 +58,6 @@ def _start(config_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], url: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None, "proxy did not start"
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def cluster(upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     redis_url = require_redis()
@@ -90,7 +77,7 @@ def cluster(upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFact
     started = [_start(path), _start(path)]  # start both, then wait: the two start-ups overlap
     try:
         for proc, url in started:
-            _wait_ready(proc, url)
+            wait_serving(proc, url, "/readyz")
         yield Cluster((started[0][1], started[1][1]), rate_ws, token_ws)
     finally:
         for proc, _ in started:

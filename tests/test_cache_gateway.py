@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from embedgate.config import parse_config
-from tests.conftest import KEY, OTHER_KEY, config_dict, gateway
+from tests.conftest import KEY, OTHER_KEY, config_dict, gateway, wait_serving
 from tests.fake_upstream import FakeUpstream, Fault, expected_vector, free_port
 from tests.redis_util import require_redis
 
@@ -237,15 +237,8 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
                                 stderr=subprocess.DEVNULL)  # fmt: skip
         procs.append(proc)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "proxy did not start"
-            time.sleep(0.1)
+        wait_serving(proc, url)
+        return url
 
     yield start
     for p in procs:

@@ -6,13 +6,13 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from embedgate.config import ConfigError, load_config, parse_config
+from tests.conftest import wait_serving
 from tests.fake_upstream import FakeUpstream, free_port
 
 EMBEDGATE = [sys.executable, "-m", "embedgate.cli"]
@@ -118,15 +118,7 @@ def test_serve_cli_serves(tmp_path: Path, upstream: FakeUpstream) -> None:
     proc = subprocess.Popen([*EMBEDGATE, "serve", "--config", str(path), "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "embedgate serve did not come up"
-            time.sleep(0.1)
+        wait_serving(proc, f"http://127.0.0.1:{port}")
         r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "local/embed-small", "input": "x"},
                        headers={"authorization": "Bearer sk-a"}, timeout=10)  # fmt: skip
         assert r.status_code == 200, r.text

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ import orjson
 import pytest
 import yaml
 
+from tests.conftest import wait_serving
 from tests.fake_upstream import FakeUpstream, Fault, free_port, tokens_of
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
@@ -47,19 +47,6 @@ class Run:
     stderr: str
     metrics: str
     upstream_traceparents: list[str]
-
-
-def wait_healthy(proc: subprocess.Popen[bytes], url: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, "embedgate serve exited"
-        assert time.monotonic() < deadline, "embedgate serve did not come up"
-        time.sleep(0.1)
 
 
 def send_traffic(url: str, upstream: FakeUpstream) -> tuple[list[httpx.Response], str]:
@@ -122,7 +109,7 @@ def run(upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory)
         command = [sys.executable, "-m", "embedgate.cli", "serve", "--config", str(path), "--port", str(port)]
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=err)
         try:
-            wait_healthy(proc, url)
+            wait_serving(proc, url)
             responses, metrics = send_traffic(url, upstream)
             traceparents = [c.headers.get("traceparent", "") for c in upstream.calls]
             # every embedding request's root span, exported within the 100 ms batch delay
