@@ -1,4 +1,6 @@
-"""Span export in a helper process: spans survive the hand-off intact and reach a real OTLP receiver."""
+"""The standalone tracer (``embedgate.lean_trace``) and its export helper process (``embedgate.span_export``):
+spans keep every field through the hand-off, reach a real OTLP receiver, follow the sampler, and a full queue
+or a dead helper drops spans without failing anything."""
 
 from __future__ import annotations
 
@@ -6,72 +8,143 @@ from typing import Any
 
 import orjson
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from embedgate.span_export import ProcessSpanExporter, pack, unpack
+from embedgate.lean_trace import LeanTracer, LeanTracerProvider
+from embedgate.span_export import SpanPipe, unpack
 from tests.otlp_receiver import OtlpReceiver
 
 
-def make_spans() -> list[ReadableSpan]:
-    memory = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": "t"}))
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracer = provider.get_tracer("embedgate", "1.2.3")
+class Captured:
+    """Stands in for the provider behind a tracer: keeps what ``LeanSpan.end`` queues."""
+
+    def __init__(self, sampler: Any = None) -> None:
+        from opentelemetry.sdk.trace.sampling import ParentBased, ALWAYS_ON
+
+        self.sampler = sampler or ParentBased(ALWAYS_ON)
+        self.packed: list[list[Any]] = []
+
+    def enqueue(self, packed: list[Any]) -> None:
+        self.packed.append(packed)
+
+
+def record(tracer: trace.Tracer) -> None:
     with tracer.start_as_current_span("root-name", kind=SpanKind.SERVER, attributes={"embedgate.cache": "hit"}):
         with tracer.start_as_current_span("embeddings m", kind=SpanKind.CLIENT) as attempt:
-            attempt.set_attributes({"gen_ai.request.encoding_formats": ("base64",), "embedgate.attempt": 2,
+            attempt.set_attributes({"gen_ai.request.encoding_formats": ["base64"], "embedgate.attempt": 2,
                                     "embedgate.cost_usd": 1.5e-7, "flag": True})  # fmt: skip
+            attempt.set_attribute("not.a.value", {"a": 1})  # type: ignore[arg-type]  # dropped, never raised
             attempt.add_event("retry", {"why": "503"})
             attempt.set_status(Status(StatusCode.ERROR, "upstream 503"))
-    provider.shutdown()
-    return list(memory.get_finished_spans())
 
 
-def test_pack_and_unpack_keep_every_field() -> None:
+def test_spans_keep_every_field_through_the_hand_off() -> None:
+    sink = Captured()
+    record(LeanTracer(sink, ["embedgate", "1.2.3"]))  # type: ignore[arg-type]
     resource = Resource.create({"service.name": "t"})
-    for span in make_spans():
-        back = unpack(orjson.loads(orjson.dumps(pack(span))), resource)
-        assert back.name == span.name
-        assert back.context.trace_id == span.context.trace_id and back.context.span_id == span.context.span_id
-        assert (back.parent.span_id if back.parent else None) == (span.parent.span_id if span.parent else None)
-        assert back.kind == span.kind
-        assert (back.start_time, back.end_time) == (span.start_time, span.end_time)
-        assert dict(back.attributes or {}) == dict(span.attributes or {})  # tuples stay tuples
-        assert (back.status.status_code, back.status.description) == (span.status.status_code,
-                                                                       span.status.description)  # fmt: skip
-        assert [(e.name, dict(e.attributes or {}), e.timestamp) for e in back.events] == [
-            (e.name, dict(e.attributes or {}), e.timestamp) for e in span.events
-        ]
-        assert back.instrumentation_scope == span.instrumentation_scope
+    spans = {s.name: s for s in (unpack(orjson.loads(orjson.dumps(p)), resource) for p in sink.packed)}
+    root, attempt = spans["root-name"], spans["embeddings m"]
+    assert root.parent is None and attempt.parent is not None
+    assert attempt.parent.span_id == root.context.span_id
+    assert attempt.context.trace_id == root.context.trace_id > 2**64  # all 128 bits survive
+    assert (root.kind, attempt.kind) == (SpanKind.SERVER, SpanKind.CLIENT)
+    assert dict(root.attributes or {}) == {"embedgate.cache": "hit"}
+    assert dict(attempt.attributes or {}) == {"gen_ai.request.encoding_formats": ("base64",), "embedgate.attempt": 2,
+                                              "embedgate.cost_usd": 1.5e-7, "flag": True}  # fmt: skip
+    assert (attempt.status.status_code, attempt.status.description) == (StatusCode.ERROR, "upstream 503")
+    assert [(e.name, dict(e.attributes or {})) for e in attempt.events] == [("retry", {"why": "503"})]
+    assert root.start_time is not None and root.end_time is not None
+    assert root.start_time <= attempt.start_time <= attempt.end_time <= root.end_time  # type: ignore[operator]
+    assert attempt.instrumentation_scope is not None
+    assert (attempt.instrumentation_scope.name, attempt.instrumentation_scope.version) == ("embedgate", "1.2.3")
+    assert attempt.context.trace_flags.sampled
+
+
+def test_an_exception_leaves_its_type_never_its_message() -> None:
+    sink = Captured()
+    tracer = LeanTracer(sink, ["embedgate", None])  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError):
+        with tracer.start_as_current_span("failing"):
+            raise RuntimeError("sk-secret-in-a-message")
+    span = unpack(sink.packed[0], Resource.create({}))
+    assert span.status.status_code is StatusCode.ERROR
+    assert [(e.name, dict(e.attributes or {})) for e in span.events] == [("exception", {"exception.type": "RuntimeError"})]
+    assert "sk-secret" not in orjson.dumps(sink.packed).decode()
+
+
+def test_sampling_decides_at_the_root_and_children_follow() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+
+    off = Captured(ParentBased(ALWAYS_OFF))
+    tracer = LeanTracer(off, ["embedgate", None])  # type: ignore[arg-type]
+    with tracer.start_as_current_span("root") as root:
+        with tracer.start_as_current_span("child") as child:
+            assert not root.is_recording() and not child.is_recording()
+            assert child.get_span_context().trace_id == root.get_span_context().trace_id  # ids still propagate
+    assert off.packed == []
+
+    # A remote parent's sampled flag wins under a parent-based sampler, whatever the root sampler says.
+    remote = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    with tracer.start_as_current_span("continued", context=trace.set_span_in_context(NonRecordingSpan(remote))):
+        pass
+    assert [p[0] for p in off.packed] == ["continued"]
+    assert off.packed[0][5] == [0xDEF, True]  # parent span id, remote
+
+    half = Captured(TraceIdRatioBased(0.5))
+    tracer = LeanTracer(half, ["embedgate", None])  # type: ignore[arg-type]
+    for _ in range(200):
+        with tracer.start_as_current_span("root"):
+            with tracer.start_as_current_span("child"):
+                pass
+    names = [p[0] for p in half.packed]
+    assert names.count("root") == names.count("child")  # never a child without its root
+    assert 40 < names.count("root") < 160
 
 
 def test_the_helper_process_exports_to_a_real_receiver(monkeypatch: pytest.MonkeyPatch) -> None:
-    spans = make_spans()
     with OtlpReceiver() as receiver:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-        exporter = ProcessSpanExporter(["otlp"], "span-export-test")
-        assert exporter.export(spans) is SpanExportResult.SUCCESS
-        exporter.shutdown()  # the helper flushes before it exits
+        provider = LeanTracerProvider(["otlp"], "span-export-test", Resource.create({}))
+        record(provider.get_tracer("embedgate", "1.2.3"))
+        provider.shutdown()  # flushes; the helper exports before it exits
         got = {s.name: s for s in receiver.wait_for_spans(2)}
     root, attempt = got["root-name"], got["embeddings m"]
-    assert root.trace_id == attempt.trace_id == format(spans[0].context.trace_id, "032x")
-    assert attempt.parent_span_id == root.span_id
+    assert root.trace_id == attempt.trace_id and len(root.trace_id) == 32
+    assert attempt.parent_span_id == root.span_id and root.parent_span_id == ""
     assert (root.kind, attempt.kind, attempt.status) == ("SERVER", "CLIENT", "ERROR")
     assert attempt.attributes["embedgate.attempt"] == 2
     assert list(attempt.attributes["gen_ai.request.encoding_formats"]) == ["base64"]
     assert root.resource["service.name"] == "span-export-test"
+    assert attempt.scope == "embedgate"
+
+
+def test_a_full_queue_drops_and_counts_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    provider = LeanTracerProvider(["otlp"], "full", Resource.create({}))
+    provider._pipe._child.kill()  # nothing drains the queue but the flush below
+    tracer = provider.get_tracer("embedgate")
+    for _ in range(10):
+        tracer.start_span("s").end()
+    assert provider.dropped == 6
+    provider.shutdown()
+
+
+def test_bad_batching_variables_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "lots")
+    with pytest.raises(ValueError, match="OTEL_BSP_MAX_QUEUE_SIZE"):
+        LeanTracerProvider(["otlp"], "bad", Resource.create({}))
 
 
 def test_a_dead_helper_drops_spans_without_failing_anything(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
-    exporter = ProcessSpanExporter(["otlp"], "dead")
-    exporter._child.kill()
-    exporter._child.wait(10)
-    results: list[Any] = [exporter.export(make_spans()) for _ in range(3)]
-    assert results == [SpanExportResult.FAILURE] * 3
-    exporter.shutdown()
+    pipe = SpanPipe(["otlp"], "dead")
+    pipe._child.kill()
+    pipe._child.wait(10)
+    packed = [["s", 0, 1, 2, 1, None, 0, 1, 2, {}, [0, None], [], None]]
+    assert [pipe.write(packed) for _ in range(3)] == [False] * 3
+    pipe.close()

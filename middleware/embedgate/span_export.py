@@ -1,15 +1,21 @@
 """Span export in a helper process: the gateway hands finished spans over a pipe, the helper encodes and sends.
 
-Encoding spans for OTLP is the largest single cost of tracing in Python (~24 us a span, against ~3 us to pack it
-here), and it runs under the gateway's GIL in the batch processor's thread. A standalone gateway therefore runs its
-exporters (the ones ``OTEL_TRACES_EXPORTER`` names, configured by the same environment) in a child process:
+Encoding spans for OTLP is the largest single cost of tracing in Python (~24 us a span), and it would run under
+the gateway's GIL. A standalone gateway therefore runs its exporters (the ones ``OTEL_TRACES_EXPORTER`` names,
+configured by the same environment) in a child process:
 
-    BatchSpanProcessor --export(spans)--> ProcessSpanExporter --frames on stdin--> python -m embedgate.span_export
-                                                                                   (rebuilds ReadableSpans, runs the
-                                                                                    OTLP / console exporters)
+    LeanTracerProvider --packed spans--> SpanPipe --frames on stdin--> python -m embedgate.span_export
+    (embedgate.lean_trace)                                              (rebuilds ReadableSpans, runs the
+                                                                         OTLP / console exporters)
 
-A frame is a 4-byte little-endian length and an orjson list of packed spans. The child exits when its stdin
-closes, after flushing; if it dies, spans are dropped (logged once), never the gateway's requests.
+A frame is a 4-byte little-endian length and an orjson list of packed spans; a packed span is the list
+
+    [name, trace_id >> 64, trace_id & (2**64 - 1), span_id, trace_flags, [parent_span_id, parent_is_remote] | None,
+     kind, start_ns, end_ns, {attributes}, [status_code, description], [[event name, ns, {attributes}], ...],
+     [scope name, scope version] | None]
+
+(ints only: orjson writes no int above 64 bits). The child exits when its stdin closes, after flushing; if it
+dies, spans are dropped (logged once), never the gateway's requests.
 """
 
 from __future__ import annotations
@@ -25,49 +31,18 @@ from typing import IO, Any
 import orjson
 import structlog
 from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-__all__ = ["ProcessSpanExporter", "pack", "unpack"]
+__all__ = ["SpanPipe", "unpack"]
 
 _log = structlog.get_logger("embedgate.telemetry")
 _LENGTH = struct.Struct("<I")
 
 
-_LOW = (1 << 64) - 1
-
-
-def _attrs(attributes: Any) -> dict[str, Any]:
-    return dict(attributes) if attributes else {}  # orjson writes tuples as lists; unpack turns them back
-
 
 def _tuples(attributes: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()}
-
-
-def pack(span: ReadableSpan) -> list[Any]:
-    """A span as a JSON-ready list: ints only (the 128-bit trace id as two 64-bit halves), cheap to write."""
-    ctx = span.get_span_context()
-    assert ctx is not None  # an SDK span always has one
-    parent = span.parent
-    scope = span.instrumentation_scope
-    trace_id = ctx.trace_id
-    return [
-        span.name,
-        trace_id >> 64,
-        trace_id & _LOW,
-        ctx.span_id,
-        int(ctx.trace_flags),
-        None if parent is None else [parent.span_id, parent.is_remote],
-        span.kind.value,
-        span.start_time,
-        span.end_time,
-        _attrs(span.attributes),
-        [span.status.status_code.value, span.status.description],
-        [[e.name, e.timestamp, _attrs(e.attributes)] for e in span.events] if span.events else [],
-        None if scope is None else [scope.name, scope.version],
-    ]
 
 
 def unpack(data: list[Any], resource: Any) -> ReadableSpan:
@@ -91,8 +66,8 @@ def unpack(data: list[Any], resource: Any) -> ReadableSpan:
     )
 
 
-class ProcessSpanExporter(SpanExporter):
-    """Hands spans to a child process that runs the real exporters (named as in ``OTEL_TRACES_EXPORTER``)."""
+class SpanPipe:
+    """The helper process running the exporters named as in ``OTEL_TRACES_EXPORTER``, and the pipe to it."""
 
     def __init__(self, exporters: Sequence[str], service_name: str) -> None:
         self._child = subprocess.Popen(
@@ -104,11 +79,11 @@ class ProcessSpanExporter(SpanExporter):
         self._lock = threading.Lock()
         self._broken = False
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        """Write one frame of packed spans to the child."""
+    def write(self, spans: list[list[Any]]) -> bool:
+        """Write one frame of packed spans to the helper; False (and the spans dropped) once it is gone."""
         if self._broken:
-            return SpanExportResult.FAILURE
-        payload = orjson.dumps([pack(s) for s in spans])
+            return False
+        payload = orjson.dumps(spans)
         try:
             with self._lock:
                 self._pipe.write(_LENGTH.pack(len(payload)) + payload)
@@ -116,11 +91,11 @@ class ProcessSpanExporter(SpanExporter):
         except (BrokenPipeError, OSError, ValueError):
             self._broken = True
             _log.warning("the span export process is gone; spans are dropped from now on")
-            return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS
+            return False
+        return True
 
-    def shutdown(self) -> None:
-        """Close the pipe: the child exports what it holds and exits."""
+    def close(self) -> None:
+        """Close the pipe: the helper exports what it holds and exits."""
         with self._lock:
             try:
                 self._pipe.close()
@@ -130,10 +105,6 @@ class ProcessSpanExporter(SpanExporter):
             self._child.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self._child.kill()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Spans already written belong to the child, which exports them as it reads them."""
-        return True
 
 
 def _serve(exporter_names: str, service_name: str) -> None:

@@ -20,7 +20,7 @@ from contextvars import Token
 from importlib.metadata import entry_points
 from random import getrandbits
 from types import TracebackType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -39,6 +39,9 @@ from opentelemetry.trace import (
     TracerProvider,
 )
 from opentelemetry.util.types import AttributeValue
+
+if TYPE_CHECKING:
+    from .lean_trace import LeanTracerProvider
 
 __all__ = [
     "ALLOWED_ATTRIBUTES",
@@ -318,7 +321,7 @@ class Telemetry:
         standalone: bool = False,
         export_process: bool = False,
     ) -> None:
-        self._owned: SdkTracerProvider | None = None
+        self._owned: SdkTracerProvider | LeanTracerProvider | None = None
         if (
             tracer_provider is None
             and standalone
@@ -437,8 +440,10 @@ class Telemetry:
         return propagator.extract(carrier)
 
 
-def build_tracer_provider(service_name: str = "embedgate", *, export_process: bool = False) -> SdkTracerProvider | None:
-    """An SDK TracerProvider configured from the standard OTel environment variables, or None for no tracing.
+def build_tracer_provider(
+    service_name: str = "embedgate", *, export_process: bool = False
+) -> SdkTracerProvider | LeanTracerProvider | None:
+    """A TracerProvider configured from the standard OTel environment variables, or None for no tracing.
 
     ``OTEL_TRACES_EXPORTER``: comma-separated ``otlp``, ``console``, ``none`` or an installed exporter's
     entry point name. When it is unset and no ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`` is set either, the
@@ -448,7 +453,9 @@ def build_tracer_provider(service_name: str = "embedgate", *, export_process: bo
     ``OTEL_SERVICE_NAME`` and a ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` win over ``service_name``.
     ``OTEL_SDK_DISABLED=true`` and exporter ``none`` return None. Raises ValueError for an unknown exporter or
     protocol. Sampling (``OTEL_TRACES_SAMPLER``) and batching (``OTEL_BSP_*``) are read by the SDK.
-    With ``export_process`` the exporters run in a helper process (``embedgate.span_export``), off this GIL.
+    With ``export_process`` the provider is embedgate's lean one (``embedgate.lean_trace``: same sampling and
+    batching variables, spans that cost microseconds) and the exporters run in a helper process
+    (``embedgate.span_export``), off this GIL; without it, the SDK's provider with a ``BatchSpanProcessor``.
     """
     env = os.environ
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
@@ -459,14 +466,13 @@ def build_tracer_provider(service_name: str = "embedgate", *, export_process: bo
     chosen = [name for name in (n.strip().lower() for n in names.split(",")) if name != "none"]
     if not chosen:
         return None
-    provider = SdkTracerProvider(resource=_resource(service_name))
     if export_process:
-        from .span_export import ProcessSpanExporter
+        from .lean_trace import LeanTracerProvider
 
         for name in chosen:
             _check_exporter(name)  # fail at start-up, here, not in the helper
-        provider.add_span_processor(BatchSpanProcessor(ProcessSpanExporter(chosen, service_name)))
-        return provider
+        return LeanTracerProvider(chosen, service_name, _resource(service_name))
+    provider = SdkTracerProvider(resource=_resource(service_name))
     for exporter in [_exporter(name) for name in chosen]:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
