@@ -148,3 +148,37 @@ def test_a_dead_helper_drops_spans_without_failing_anything(monkeypatch: pytest.
     packed = [["s", 0, 1, 2, 1, None, 0, 1, 2, {}, [0, None], [], None]]
     assert [pipe.write(packed) for _ in range(3)] == [False] * 3
     pipe.close()
+
+
+def test_direct_otlp_encoding_is_what_the_sdk_encoder_writes() -> None:
+    """The helper encodes packed spans itself; every span must come out byte for byte as the SDK's encoder
+    writes it from the same span (ids, kinds, times, every attribute type, events, status, remote flags)."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from embedgate.otlp_encode import encode_request
+
+    attrs = {"s": "ünïcode", "i": 7, "neg": -5, "big": 2**63 - 1, "f": 0.25, "t": True, "no": False,
+             "arr": ["base64", "float"], "ints": [1, 2]}  # fmt: skip
+    packed = [
+        ["embeddings x", 2**63 + 123, 456, 789 + i, 1, None if i % 3 == 0 else [5, i % 2 == 0], i % 5,
+         10**18 + i, 10**18 + 1000 + i, attrs if i % 4 == 0 else {"a": i},
+         [2, "boom"] if i % 4 == 0 else [1, None] if i % 4 == 1 else [0, None],
+         [["exception", 10**18 + 5, {"exception.type": "X"}]] if i % 7 == 0 else [],
+         ["embedgate", "1.0"] if i % 2 else ["other", None]]
+        for i in range(40)
+    ]  # fmt: skip
+    packed = orjson.loads(orjson.dumps(packed))  # as the helper reads them
+    resource = Resource.create({"service.name": "svc", "deployment.environment": "test"})
+    ours = ExportTraceServiceRequest.FromString(encode_request(packed, resource.attributes))
+    sdk = encode_spans([unpack(p, resource) for p in packed])
+
+    def by_span(message: Any) -> dict[bytes, tuple[bytes, bytes, bytes]]:
+        return {
+            span.span_id: (rs.resource.SerializeToString(deterministic=True),
+                           ss.scope.SerializeToString(deterministic=True), span.SerializeToString(deterministic=True))
+            for rs in message.resource_spans for ss in rs.scope_spans for span in ss.spans
+        }  # fmt: skip
+
+    assert by_span(ours) == by_span(sdk)
+    assert len(by_span(ours)) == 40

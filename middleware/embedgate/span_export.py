@@ -21,6 +21,7 @@ dies, spans are dropped (logged once), never the gateway's requests.
 from __future__ import annotations
 
 import os
+import select
 import struct
 import subprocess
 import sys
@@ -69,15 +70,28 @@ def unpack(data: list[Any], resource: Any) -> ReadableSpan:
 class SpanPipe:
     """The helper process running the exporters named as in ``OTEL_TRACES_EXPORTER``, and the pipe to it."""
 
-    def __init__(self, exporters: Sequence[str], service_name: str) -> None:
-        self._child = subprocess.Popen(
-            [sys.executable, "-m", "embedgate.span_export", ",".join(exporters), service_name],
-            stdin=subprocess.PIPE,
-            env=os.environ.copy(),
-        )
+    def __init__(self, exporters: Sequence[str], service_name: str, *, ready_timeout_s: float = 15.0) -> None:
+        ready_read, ready_write = os.pipe()
+        try:
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "embedgate.span_export", ",".join(exporters), service_name, str(ready_write)],
+                stdin=subprocess.PIPE,
+                env=os.environ.copy(),
+                pass_fds=(ready_write,),
+            )
+        finally:
+            os.close(ready_write)
         self._pipe: IO[bytes] = self._child.stdin  # type: ignore[assignment]
         self._lock = threading.Lock()
         self._broken = False
+        # Wait for the exporters to be built (imports take a second or two): spans of the first requests would
+        # otherwise pile up in a pipe nobody reads yet, and overflow the queue under load.
+        try:
+            ready, _, _ = select.select([ready_read], [], [], ready_timeout_s)
+            if not ready or os.read(ready_read, 1) != b"R":
+                _log.warning("the span export process is not ready; spans wait for it", timeout_s=ready_timeout_s)
+        finally:
+            os.close(ready_read)
 
     def write(self, spans: list[list[Any]]) -> bool:
         """Write one frame of packed spans to the helper; False (and the spans dropped) once it is gone."""
@@ -107,17 +121,57 @@ class SpanPipe:
             self._child.kill()
 
 
-def _serve(exporter_names: str, service_name: str) -> None:
+class _Encoded(list[Any]):
+    """Packed spans, with the OTLP request already encoded from them (see :func:`_encode_directly`)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, spans: list[Any], message: Any) -> None:
+        super().__init__(spans)
+        self.message = message
+
+
+def _encode_directly() -> set[str]:
+    """Make the OTLP exporters (HTTP and gRPC) take :class:`_Encoded` batches as they are.
+
+    Their ``export`` hands the spans to the module's ``encode_spans`` and sends what it returns; wrapping that
+    function lets an ``_Encoded`` batch through with its ready message, and any other batch is encoded as before.
+    Returns the modules wrapped (only in this helper process: nothing else runs here).
+    """
+    wrapped = set()
+    for name in ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                 "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"):  # fmt: skip
+        module = sys.modules.get(name)  # imported by the exporters built, if they are OTLP ones
+        original = getattr(module, "encode_spans", None)
+        if original is None:
+            continue
+
+        def encode_spans(spans: Any, _original: Any = original) -> Any:
+            return spans.message if isinstance(spans, _Encoded) else _original(spans)
+
+        module.encode_spans = encode_spans  # type: ignore[union-attr]
+        wrapped.add(name)
+    return wrapped
+
+
+def _serve(exporter_names: str, service_name: str, ready_fd: int) -> None:
     import signal
 
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
     from opentelemetry.sdk.trace.export import SpanExporter as _SpanExporter
 
+    from .otlp_encode import encode_request
     from .telemetry import _exporter, _resource
 
-    # Ctrl-C reaches the whole process group: this process ends when the gateway closes the pipe, after a flush
+    # A signal to the whole process group (Ctrl-C, a service manager's SIGTERM) must not kill this process
+    # before the gateway's last flush: it ends when the gateway closes the pipe (or dies), after exporting.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     resource = _resource(service_name)
     exporters: list[_SpanExporter] = [_exporter(n) for n in exporter_names.split(",") if n]
+    direct = _encode_directly()
+    os.write(ready_fd, b"R")
+    os.close(ready_fd)
     stream = sys.stdin.buffer
     try:
         while True:
@@ -128,13 +182,23 @@ def _serve(exporter_names: str, service_name: str) -> None:
             payload = stream.read(length)
             if len(payload) < length:
                 break
-            spans = [unpack(item, resource) for item in orjson.loads(payload)]
+            packed = orjson.loads(payload)
+            encoded: _Encoded | None = None
+            spans: list[ReadableSpan] | None = None
             for exporter in exporters:
-                exporter.export(spans)
+                if type(exporter).__module__ in direct:
+                    if encoded is None:
+                        message = ExportTraceServiceRequest.FromString(encode_request(packed, resource.attributes))
+                        encoded = _Encoded(packed, message)
+                    exporter.export(encoded)  # type: ignore[arg-type]
+                else:
+                    if spans is None:
+                        spans = [unpack(item, resource) for item in packed]
+                    exporter.export(spans)
     finally:
         for exporter in exporters:
             exporter.shutdown()
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], sys.argv[2])
+    _serve(sys.argv[1], sys.argv[2], int(sys.argv[3]))
