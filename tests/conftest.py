@@ -36,6 +36,7 @@ def upstream_server() -> Iterator[FakeUpstream]:
 def upstream(upstream_server: FakeUpstream) -> Iterator[FakeUpstream]:
     upstream_server.reset()
     upstream_server.always_floats = False
+    upstream_server.compress = False
     yield upstream_server
     upstream_server.reset()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import socket
 import threading
@@ -82,6 +83,7 @@ class FakeUpstream:
     calls: list[Recorded] = field(default_factory=list)
     script: deque[Fault] = field(default_factory=deque)
     always_floats: bool = False
+    compress: bool = False  # gzip successful answers when the client accepts gzip, as public APIs do
     port: int = 0
 
     def __post_init__(self) -> None:
@@ -189,6 +191,9 @@ class FakeUpstream:
         tokens = sum(tokens_of(i) for i in items)
         answer = {"object": "list", "data": data, "model": model,
                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+        if self.compress and "gzip" in request.headers.get("Accept-Encoding", ""):
+            return web.Response(body=gzip.compress(orjson.dumps(answer)), content_type="application/json",
+                                headers={"Content-Encoding": "gzip"})  # fmt: skip
         return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
     def __enter__(self) -> FakeUpstream:

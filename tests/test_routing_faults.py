@@ -337,3 +337,16 @@ async def test_failure_renders_in_each_dialect(
     assert r.status_code == 502
     assert status_of(r.json()["error"]) == "upstream_error"
     assert len(upstream.calls) == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("encoding_format", ["base64", "float"])
+async def test_a_gzip_compressed_upstream_answer_is_decoded_once(upstream: FakeUpstream, encoding_format: str) -> None:
+    """Public APIs gzip their answers when the client accepts it (aiohttp does by default): the vectors must
+    come through, decoded once, on the first attempt."""
+    upstream.compress = True
+    async with running(routing_config(upstream)) as (c, _):
+        r, _ = await timed_post(c, body_for(retry=0, encoding_format=encoding_format))
+    assert_served(r, PRIMARY, PRIMARY_UP)
+    assert len(upstream.calls) == 1
+    assert "gzip" in upstream.calls[0].headers.get("accept-encoding", "")

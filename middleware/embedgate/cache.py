@@ -233,6 +233,9 @@ class VectorCache:
         self._retry_interval = retry_interval
         self._clock = clock
         self._down_until = 0.0
+        # The in-memory LRU is our own dict: read and written directly, without aiocache's per-call wrappers
+        # (enabled check, timeout, plugin hooks, key building), which cost more than the dict lookups.
+        self._memory = store if isinstance(store, _BoundedMemoryCache) else None
         self._failing = False
         self._last_warning: float | None = None
         self._suppressed = 0
@@ -267,6 +270,10 @@ class VectorCache:
         """The items of ``keys`` in order, None for each miss; all misses when the store fails."""
         if not keys:
             return []
+        memory = self._memory
+        if memory is not None:
+            read = memory._read
+            return [None if (raw := read(key)) is None else CachedItem.loads(raw) for key in keys]
         if self._clock() < self._down_until:
             return [None] * len(keys)
         try:
@@ -282,6 +289,11 @@ class VectorCache:
         if ttl <= 0:
             raise ValueError(f"ttl must be positive, got {ttl}")  # 0 would store forever in both backends
         if not items or self._clock() < self._down_until:
+            return
+        memory = self._memory
+        if memory is not None:
+            for key, item in items:
+                memory._write(key, item.dumps(), ttl)
             return
         try:
             await self._store.multi_set(items, ttl=ttl)

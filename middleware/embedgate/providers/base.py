@@ -22,6 +22,7 @@ __all__ = ["Adapter", "AiohttpTransport", "Embeddings", "Sender", "sender_for"]
 
 Sender = Callable[[httpx.Request], Awaitable[httpx.Response]]
 _OWN_HEADERS = frozenset({"host", "content-length"})
+_DECODED_HEADERS = frozenset({b"content-encoding", b"content-length"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +86,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 allow_redirects=False,
             ) as resp:
                 body = await resp.read()
+                # aiohttp has already decoded a gzip/deflate body: without Content-Encoding (and the length of
+                # the encoded body), httpx does not try to decode it a second time.
+                headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in _DECODED_HEADERS]
                 # A ByteStream, not content=: httpx would re-derive Content-Length and copy the body
-                return httpx.Response(resp.status, headers=resp.raw_headers, stream=httpx.ByteStream(body),
-                                      request=request)  # fmt: skip
+                return httpx.Response(resp.status, headers=headers, stream=httpx.ByteStream(body), request=request)
         except TimeoutError as exc:
             raise httpx.ReadTimeout(str(exc) or "timed out", request=request) from exc
         except aiohttp.ServerTimeoutError as exc:
