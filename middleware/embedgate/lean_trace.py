@@ -55,6 +55,7 @@ _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _PLAIN = (str, bool, int, float)
 _MAX_ATTRIBUTES = 128
 _UNSET = StatusCode.UNSET.value
+_KIND = {kind: kind.value for kind in SpanKind}
 _time_ns = time.time_ns
 
 
@@ -82,16 +83,18 @@ def _clean_all(attributes: Attributes) -> dict[str, Any]:
 class LeanSpan(Span):
     """A recording span: its fields, packed once on ``end`` and queued for export."""
 
-    __slots__ = ("_attrs", "_ctx", "_end", "_events", "_kind", "_name", "_parent", "_start", "_status",
-                 "_tracer")  # fmt: skip
+    __slots__ = ("_attrs", "_ctx", "_end", "_events", "_head", "_span_id", "_start", "_status", "_trace_id",
+                 "_trace_state", "_tracer")  # fmt: skip
 
-    def __init__(self, tracer: LeanTracer, name: str, ctx: SpanContext, parent: SpanContext | None,
-                 kind: SpanKind, attrs: dict[str, Any], start: int) -> None:  # fmt: skip
+    def __init__(self, tracer: LeanTracer, name: str, trace_id: int, span_id: int, trace_state: TraceState,
+                 parent: list[Any] | None, kind: SpanKind, attrs: dict[str, Any], start: int) -> None:  # fmt: skip
         self._tracer = tracer
-        self._name = name
-        self._ctx = ctx
-        self._parent = parent
-        self._kind = kind
+        self._trace_id = trace_id
+        self._span_id = span_id
+        self._trace_state = trace_state
+        self._ctx: SpanContext | None = None  # built when asked for: child spans read the ints above
+        # name, trace id halves, span id, flags, [parent span id, parent is remote], kind: see span_export
+        self._head = [name, trace_id >> 64, trace_id & _LOW, span_id, 1, parent, _KIND[kind]]
         self._attrs = attrs
         self._start = start
         self._end: int | None = None
@@ -99,14 +102,17 @@ class LeanSpan(Span):
         self._events: list[list[Any]] = []
 
     def get_span_context(self) -> SpanContext:
-        return self._ctx
+        ctx = self._ctx
+        if ctx is None:
+            ctx = self._ctx = SpanContext(self._trace_id, self._span_id, False, _SAMPLED, self._trace_state)
+        return ctx
 
     def is_recording(self) -> bool:
         return self._end is None
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
         if self._end is None:
-            v = _clean(value)
+            v = value if type(value) in _PLAIN else _clean(value)
             if v is not None and (key in self._attrs or len(self._attrs) < _MAX_ATTRIBUTES):
                 self._attrs[key] = v
 
@@ -114,7 +120,7 @@ class LeanSpan(Span):
         if self._end is None:
             attrs = self._attrs
             for key, value in attributes.items():
-                v = _clean(value)
+                v = value if type(value) in _PLAIN else _clean(value)
                 if v is not None and (key in attrs or len(attrs) < _MAX_ATTRIBUTES):
                     attrs[key] = v
 
@@ -127,7 +133,7 @@ class LeanSpan(Span):
 
     def update_name(self, name: str) -> None:
         if self._end is None:
-            self._name = name
+            self._head[0] = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         if self._end is None and self._status[0] != StatusCode.OK.value:  # OK is final, as in the SDK
@@ -145,13 +151,8 @@ class LeanSpan(Span):
         if self._end is not None:
             return
         end = self._end = end_time or _time_ns()
-        ctx, parent = self._ctx, self._parent
-        trace_id = ctx.trace_id
-        self._tracer.provider.enqueue(
-            [self._name, trace_id >> 64, trace_id & _LOW, ctx.span_id, 1,
-             None if parent is None else [parent.span_id, parent.is_remote], self._kind.value,
-             self._start, end, self._attrs, self._status, self._events, self._tracer.scope]
-        )  # fmt: skip
+        tracer = self._tracer
+        tracer.provider.enqueue([*self._head, self._start, end, self._attrs, self._status, self._events, tracer.scope])
 
     def __exit__(self, exc_type: type[BaseException] | None, exc_val: BaseException | None,
                  exc_tb: TracebackType | None) -> None:  # fmt: skip
@@ -179,23 +180,29 @@ class LeanTracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> Span:
-        parent = trace.get_current_span(context).get_span_context()
+        current = trace.get_current_span(context)
+        if type(current) is LeanSpan:  # the common case, a child of one of ours: sampled, ids at hand
+            attrs = _clean_all(attributes) if attributes else {}
+            return LeanSpan(self, name, current._trace_id, getrandbits(64) or 1, current._trace_state,
+                            [current._span_id, False], kind, attrs, start_time or _time_ns())  # fmt: skip
+        parent = current.get_span_context()
         if parent.is_valid and not parent.is_remote:
-            # A local parent: its trace's decision stands (parent-based sampling).
+            # Another local parent (a non-recording span, a host's span): its trace's decision stands.
             if not parent.trace_flags.sampled:
                 return NonRecordingSpan(SpanContext(parent.trace_id, getrandbits(64) or 1, False, _NOT_SAMPLED,
                                                     parent.trace_state))  # fmt: skip
-            ctx = SpanContext(parent.trace_id, getrandbits(64) or 1, False, _SAMPLED, parent.trace_state)
             attrs = _clean_all(attributes) if attributes else {}
-            return LeanSpan(self, name, ctx, parent, kind, attrs, start_time or _time_ns())
+            return LeanSpan(self, name, parent.trace_id, getrandbits(64) or 1, parent.trace_state,
+                            [parent.span_id, False], kind, attrs, start_time or _time_ns())  # fmt: skip
         trace_id = parent.trace_id if parent.is_valid else (getrandbits(128) or 1)
         result = self.provider.sampler.should_sample(context, trace_id, name, kind, attributes, links)
         trace_state = result.trace_state if result.trace_state is not None else TraceState()
         if not result.decision.is_sampled():
             return NonRecordingSpan(SpanContext(trace_id, getrandbits(64) or 1, False, _NOT_SAMPLED, trace_state))
-        ctx = SpanContext(trace_id, getrandbits(64) or 1, False, _SAMPLED, trace_state)
         attrs = _clean_all(result.attributes or attributes)
-        return LeanSpan(self, name, ctx, parent if parent.is_valid else None, kind, attrs, start_time or _time_ns())
+        packed_parent = [parent.span_id, True] if parent.is_valid else None  # here a valid parent is remote
+        return LeanSpan(self, name, trace_id, getrandbits(64) or 1, trace_state, packed_parent, kind, attrs,
+                        start_time or _time_ns())  # fmt: skip
 
     @contextmanager
     def start_as_current_span(

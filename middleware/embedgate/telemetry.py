@@ -155,8 +155,9 @@ class _Scoped:
 
     def set_many(self, attributes: Mapping[str, AttributeValue]) -> None:
         """Set several attributes in one call (one lock round in the SDK); keys as for :meth:`set`."""
-        for key in attributes:
-            _check(key)
+        if not ALLOWED_ATTRIBUTES.issuperset(attributes):
+            for key in attributes:
+                _check(key)
         if self._recording:
             self._span.set_attributes(attributes)
 
