@@ -22,8 +22,8 @@ operation, run with EVALSHA, so the check-and-reserve is atomic across any numbe
 from __future__ import annotations
 
 import math
+import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -338,7 +338,7 @@ class BudgetEngine:
         Raises ``BudgetExceeded`` (429) naming the refusing budget, or ``Unavailable`` (503) when the store is
         unreachable and the engine is not ``fail_open``.
         """
-        rid = uuid.uuid4().hex
+        rid = os.urandom(16).hex()  # unique per reservation; uuid4() builds a UUID object for the same bytes
         now = self._clock()
         counters, windows, index = self._gates(subject, now, cached)
         if not counters and not windows:

@@ -9,9 +9,9 @@ mounted, or on the first request when the server runs no lifespan, and close wit
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -200,7 +200,7 @@ class EmbeddingGateway:
         assert self.pipeline is not None and self.telemetry is not None
         headers = _headers(scope)
         rid = headers.get("x-request-id")
-        request_id = rid if rid and _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex
+        request_id = rid if rid and _REQUEST_ID.fullmatch(rid) else os.urandom(16).hex()
         call = Call(
             dialect=dialect,
             body=b"",

@@ -172,29 +172,54 @@ def _serve(exporter_names: str, service_name: str, ready_fd: int) -> None:
     direct = _encode_directly()
     os.write(ready_fd, b"R")
     os.close(ready_fd)
-    stream = sys.stdin.buffer
+    batch_size = max(1, int(os.environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "") or 512))
+    stdin = sys.stdin.fileno()
+
+    def read_exact(n: int) -> bytes | None:
+        chunks, got = [], 0
+        while got < n:
+            chunk = os.read(stdin, n - got)
+            if not chunk:
+                return None  # the gateway closed the pipe (or died)
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def read_frame() -> list[Any] | None:
+        head = read_exact(_LENGTH.size)
+        payload = None if head is None else read_exact(_LENGTH.unpack(head)[0])
+        return None if payload is None else orjson.loads(payload)
+
+    def export(packed: list[Any]) -> None:
+        encoded: _Encoded | None = None
+        spans: list[ReadableSpan] | None = None
+        for exporter in exporters:
+            if type(exporter).__module__ in direct:
+                if encoded is None:
+                    message = ExportTraceServiceRequest.FromString(encode_request(packed, resource.attributes))
+                    encoded = _Encoded(packed, message)
+                exporter.export(encoded)  # type: ignore[arg-type]
+            else:
+                if spans is None:
+                    spans = [unpack(item, resource) for item in packed]
+                exporter.export(spans)
+
     try:
-        while True:
-            head = stream.read(_LENGTH.size)
-            if len(head) < _LENGTH.size:
+        # The gateway writes small frames (short bursts under its GIL); exports gather the frames already
+        # waiting in the pipe up to OTEL_BSP_MAX_EXPORT_BATCH_SIZE spans (fewer, larger requests).
+        open_ = True
+        while open_:
+            frame = read_frame()
+            if frame is None:
                 break
-            (length,) = _LENGTH.unpack(head)
-            payload = stream.read(length)
-            if len(payload) < length:
-                break
-            packed = orjson.loads(payload)
-            encoded: _Encoded | None = None
-            spans: list[ReadableSpan] | None = None
-            for exporter in exporters:
-                if type(exporter).__module__ in direct:
-                    if encoded is None:
-                        message = ExportTraceServiceRequest.FromString(encode_request(packed, resource.attributes))
-                        encoded = _Encoded(packed, message)
-                    exporter.export(encoded)  # type: ignore[arg-type]
-                else:
-                    if spans is None:
-                        spans = [unpack(item, resource) for item in packed]
-                    exporter.export(spans)
+            pending = frame
+            while len(pending) < batch_size and select.select([stdin], [], [], 0)[0]:
+                frame = read_frame()
+                if frame is None:
+                    open_ = False
+                    break
+                pending.extend(frame)
+            export(pending)
     finally:
         for exporter in exporters:
             exporter.shutdown()
