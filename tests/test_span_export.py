@@ -21,7 +21,7 @@ class Captured:
     """Stands in for the provider behind a tracer: keeps what ``LeanSpan.end`` queues."""
 
     def __init__(self, sampler: Any = None) -> None:
-        from opentelemetry.sdk.trace.sampling import ParentBased, ALWAYS_ON
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
         self.sampler = sampler or ParentBased(ALWAYS_ON)
         self.packed: list[list[Any]] = []
@@ -70,7 +70,9 @@ def test_an_exception_leaves_its_type_never_its_message() -> None:
             raise RuntimeError("sk-secret-in-a-message")
     span = unpack(sink.packed[0], Resource.create({}))
     assert span.status.status_code is StatusCode.ERROR
-    assert [(e.name, dict(e.attributes or {})) for e in span.events] == [("exception", {"exception.type": "RuntimeError"})]
+    assert [(e.name, dict(e.attributes or {})) for e in span.events] == [
+        ("exception", {"exception.type": "RuntimeError"})
+    ]
     assert "sk-secret" not in orjson.dumps(sink.packed).decode()
 
 

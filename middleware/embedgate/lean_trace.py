@@ -41,7 +41,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-from opentelemetry.sdk.trace.sampling import Sampler
+from opentelemetry.sdk.trace.sampling import Decision, Sampler
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes, AttributeValue
@@ -140,10 +140,11 @@ class LeanSpan(Span):
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         if self._end is None and self._status[0] != StatusCode.OK.value:  # OK is final, as in the SDK
+            code = status.status_code if isinstance(status, Status) else status
             if isinstance(status, Status):
-                status, description = status.status_code, status.description
-            if status is not StatusCode.UNSET:
-                self._status = [status.value, description if status is StatusCode.ERROR else None]
+                description = status.description
+            if code is not StatusCode.UNSET:
+                self._status = [code.value, description if code is StatusCode.ERROR else None]
 
     def record_exception(self, exception: BaseException, attributes: Attributes = None,
                          timestamp: int | None = None, escaped: bool = False) -> None:  # fmt: skip
@@ -200,15 +201,16 @@ class LeanTracer(trace.Tracer):
         trace_id = parent.trace_id if parent.is_valid else (getrandbits(128) or 1)
         result = self.provider.sampler.should_sample(context, trace_id, name, kind, attributes, links)
         trace_state = result.trace_state if result.trace_state is not None else TraceState()
-        if not result.decision.is_sampled():
+        if result.decision is not Decision.RECORD_AND_SAMPLE:
             return NonRecordingSpan(SpanContext(trace_id, getrandbits(64) or 1, False, _NOT_SAMPLED, trace_state))
         attrs = _clean_all(result.attributes or attributes)
         packed_parent = [parent.span_id, True] if parent.is_valid else None  # here a valid parent is remote
         return LeanSpan(self, name, trace_id, getrandbits(64) or 1, trace_state, packed_parent, kind, attrs,
                         start_time or _time_ns())  # fmt: skip
 
+    # The API declares its own (private) context-manager type; contextlib's behaves the same.
     @contextmanager
-    def start_as_current_span(
+    def start_as_current_span(  # type: ignore[override]
         self,
         name: str,
         context: Context | None = None,

@@ -41,7 +41,6 @@ _log = structlog.get_logger("embedgate.telemetry")
 _LENGTH = struct.Struct("<I")
 
 
-
 def _tuples(attributes: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()}
 
@@ -198,7 +197,7 @@ def _serve(exporter_names: str, service_name: str, ready_fd: int) -> None:
                 if encoded is None:
                     message = ExportTraceServiceRequest.FromString(encode_request(packed, resource.attributes))
                     encoded = _Encoded(packed, message)
-                exporter.export(encoded)  # type: ignore[arg-type]
+                exporter.export(encoded)  # a list of packed spans, with the message the wrapped encoder returns
             else:
                 if spans is None:
                     spans = [unpack(item, resource) for item in packed]
