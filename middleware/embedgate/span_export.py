@@ -1,12 +1,13 @@
 """Span export in a helper process: the gateway hands finished spans over a pipe, the helper encodes and sends.
 
-Encoding spans for OTLP is the largest single cost of tracing in Python (~24 us a span), and it would run under
-the gateway's GIL. A standalone gateway therefore runs its exporters (the ones ``OTEL_TRACES_EXPORTER`` names,
-configured by the same environment) in a child process:
+Encoding spans for OTLP is the largest single cost of tracing in Python, and it would run under the gateway's
+GIL. A standalone gateway therefore runs its exporters (the ones ``OTEL_TRACES_EXPORTER`` names, configured by the
+same environment) in a child process:
 
     LeanTracerProvider --packed spans--> SpanPipe --frames on stdin--> python -m embedgate.span_export
-    (embedgate.lean_trace)                                              (rebuilds ReadableSpans, runs the
-                                                                         OTLP / console exporters)
+    (embedgate.lean_trace)                                              (OTLP exporters: the request encoded
+                                                                         directly, embedgate.otlp_encode; others:
+                                                                         rebuilt ReadableSpans)
 
 A frame is a 4-byte little-endian length and an orjson list of packed spans; a packed span is the list
 
