@@ -124,7 +124,7 @@ class _BoundedMemoryCache(BaseCache):  # type: ignore[misc]
         self.bytes_used = 0
         self._entries: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()
 
-    def _read(self, key: str) -> bytes | None:
+    def read_raw(self, key: str) -> bytes | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -135,7 +135,7 @@ class _BoundedMemoryCache(BaseCache):  # type: ignore[misc]
         self._entries.move_to_end(key)
         return value
 
-    def _write(self, key: str, value: bytes, ttl: float | None) -> None:
+    def write_raw(self, key: str, value: bytes, ttl: float | None) -> None:
         self._remove(key)
         size = len(key.encode()) + len(value)
         if size > self.max_bytes:
@@ -153,26 +153,26 @@ class _BoundedMemoryCache(BaseCache):  # type: ignore[misc]
         return True
 
     async def _get(self, key: str, encoding: str | None = None, _conn: Any = None) -> bytes | None:
-        return self._read(key)
+        return self.read_raw(key)
 
     async def _multi_get(self, keys: list[str], encoding: str | None = None, _conn: Any = None) -> list[bytes | None]:
-        return [self._read(key) for key in keys]
+        return [self.read_raw(key) for key in keys]
 
     async def _set(
         self, key: str, value: bytes, ttl: float | None = None, _cas_token: Any = None, _conn: Any = None
     ) -> bool:
         if _cas_token is not None:
             raise NotImplementedError("compare-and-set is not supported")
-        self._write(key, value, ttl)
+        self.write_raw(key, value, ttl)
         return True
 
     async def _multi_set(self, pairs: list[tuple[str, bytes]], ttl: float | None = None, _conn: Any = None) -> bool:
         for key, value in pairs:
-            self._write(key, value, ttl)
+            self.write_raw(key, value, ttl)
         return True
 
     async def _exists(self, key: str, _conn: Any = None) -> bool:
-        return self._read(key) is not None
+        return self.read_raw(key) is not None
 
     async def _delete(self, key: str, _conn: Any = None) -> int:
         return int(self._remove(key))
@@ -272,7 +272,7 @@ class VectorCache:
             return []
         memory = self._memory
         if memory is not None:
-            read = memory._read
+            read = memory.read_raw
             return [None if (raw := read(key)) is None else CachedItem.loads(raw) for key in keys]
         if self._clock() < self._down_until:
             return [None] * len(keys)
@@ -293,7 +293,7 @@ class VectorCache:
         memory = self._memory
         if memory is not None:
             for key, item in items:
-                memory._write(key, item.dumps(), ttl)
+                memory.write_raw(key, item.dumps(), ttl)
             return
         try:
             await self._store.multi_set(items, ttl=ttl)
