@@ -184,3 +184,20 @@ def test_direct_otlp_encoding_is_what_the_sdk_encoder_writes() -> None:
 
     assert by_span(ours) == by_span(sdk)
     assert len(by_span(ours)) == 40
+
+
+def test_an_unencodable_attribute_drops_its_span_not_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        provider = LeanTracerProvider(["otlp"], "odd-values", Resource.create({}))
+        tracer = provider.get_tracer("embedgate")
+        with tracer.start_as_current_span("too-big") as span:
+            span.set_attribute("n", 2**70)  # beyond OTLP's int64
+        with tracer.start_as_current_span("fine") as span:
+            span.set_attribute("nan", float("nan"))
+        provider.force_flush()
+        with tracer.start_as_current_span("after"):
+            pass
+        provider.shutdown()
+        names = {s.name for s in receiver.wait_for_spans(2)}
+    assert names == {"fine", "after"}

@@ -298,7 +298,10 @@ class LeanTracerProvider(trace.TracerProvider):
         while not self._closed:
             self._wake.wait(self._delay_s)
             self._wake.clear()
-            self.force_flush()
+            try:
+                self.force_flush()
+            except Exception:  # never let the export thread die: later spans would only pile up and drop
+                _log.exception("exporting spans failed")
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Hand every queued span to the helper process."""

@@ -67,6 +67,14 @@ def unpack(data: list[Any], resource: Any) -> ReadableSpan:
     )
 
 
+def _encodable(span: list[Any]) -> bool:
+    try:
+        orjson.dumps(span)
+    except TypeError:
+        return False
+    return True
+
+
 class SpanPipe:
     """The helper process running the exporters named as in ``OTEL_TRACES_EXPORTER``, and the pipe to it."""
 
@@ -97,7 +105,12 @@ class SpanPipe:
         """Write one frame of packed spans to the helper; False (and the spans dropped) once it is gone."""
         if self._broken:
             return False
-        payload = orjson.dumps(spans)
+        try:
+            payload = orjson.dumps(spans)
+        except TypeError:  # orjson.JSONEncodeError: an int beyond 64 bits somewhere; drop only those spans
+            kept = [span for span in spans if _encodable(span)]
+            _log.warning("spans dropped: an attribute value cannot be encoded", dropped=len(spans) - len(kept))
+            payload = orjson.dumps(kept)
         try:
             with self._lock:
                 self._pipe.write(_LENGTH.pack(len(payload)) + payload)
