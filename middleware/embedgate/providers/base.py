@@ -89,8 +89,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 # aiohttp has already decoded a gzip/deflate body: without Content-Encoding (and the length of
                 # the encoded body), httpx does not try to decode it a second time.
                 headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in _DECODED_HEADERS]
-                # A ByteStream, not content=: httpx would re-derive Content-Length and copy the body
-                return httpx.Response(resp.status, headers=headers, stream=httpx.ByteStream(body), request=request)
+                # A ByteStream, not content=: httpx would re-derive Content-Length and copy the body. Read here,
+                # synchronously (cheaper than the async iteration of aread, which then has nothing left to do).
+                response = httpx.Response(resp.status, headers=headers, stream=httpx.ByteStream(body), request=request)
+                response.read()
+                return response
         except TimeoutError as exc:
             raise httpx.ReadTimeout(str(exc) or "timed out", request=request) from exc
         except aiohttp.ServerTimeoutError as exc:
