@@ -9,6 +9,7 @@ mounted, or on the first request when the server runs no lifespan, and close wit
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import time
@@ -139,6 +140,12 @@ class EmbeddingGateway:
             self.pipeline = Pipeline(self.config, self.router, self.cache, self.budgets, self.identities,
                                      self.telemetry)  # fmt: skip
             self._open = True
+            if self._standalone:
+                # Everything built so far (modules, config, clients) lives as long as the process: moved out of
+                # the cyclic GC's reach, its full passes no longer rescan it in the middle of requests (measured:
+                # p99 of a cache miss at 16 connections ~55 ms -> ~31 ms). Mounted, the host's GC is its own.
+                gc.collect()
+                gc.freeze()
 
     async def shutdown(self) -> None:
         """Close what :meth:`startup` opened (an injected client stays the caller's to close)."""
