@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -563,7 +564,7 @@ def test_metrics_aggregate_worker_processes(tmp_path: Path) -> None:
 def fresh_structlog(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Unconfigured structlog for the test; whatever configuration other tests made is put back after."""
     was_configured, saved = structlog.is_configured(), structlog.get_config()
-    for name in ("_installed", "_installed_args", "_access"):  # embedgate.logs' memory of its own config
+    for name in ("_installed", "_installed_args", "_access", "_direct", "_direct_chain"):  # embedgate.logs' own
         monkeypatch.setattr(logs, name, getattr(logs, name))
     structlog.reset_defaults()
     yield
@@ -623,6 +624,38 @@ def test_access_log_is_one_json_line_with_bound_request_fields(log_output: io.By
     }
     assert access["timestamp"].endswith("Z") and "T" in access["timestamp"]
     assert "request_id" not in after
+
+
+def test_the_direct_access_line_is_the_structlog_chains_line(
+    log_output: io.BytesIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The access line skips structlog's machinery while embedgate's own JSON configuration is installed; it must
+    come out as that configuration's chain writes it: same keys in the same order, same values."""
+    logs.bind_request(request_id="req-1", trace_id=CALLER_TRACE, span_id=CALLER_SPAN)
+    fields: dict[str, Any] = {"status": 200, "latency_ms": 1.5, "route": "openai", "model": "m", "cache": "hit",
+                              "tokens": 3, "cost_usd": 1e-7, "attempts": 0, "error": None,
+                              "extra": ("a", 1)}  # fmt: skip
+    logs.access_log(**fields)
+    logs.access_log(**{**fields, "status": 502})
+    monkeypatch.setattr(logs, "_direct", None)  # through structlog's chain
+    logs.access_log(**fields)
+    logs.access_log(**{**fields, "status": 502})
+    logs.clear_request()
+    direct_ok, direct_err, chain_ok, chain_err = (orjson.loads(line) for line in log_output.getvalue().splitlines())
+    for direct, chain in ((direct_ok, chain_ok), (direct_err, chain_err)):
+        assert list(direct) == list(chain)
+        assert {k: v for k, v in direct.items() if k != "timestamp"} == {
+            k: v for k, v in chain.items() if k != "timestamp"
+        }
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", direct["timestamp"])
+    assert direct_err["level"] == "warning" and direct_ok["level"] == "info"
+
+
+def test_the_access_line_goes_through_structlog_under_capture_logs(log_output: io.BytesIO) -> None:
+    with structlog.testing.capture_logs() as captured:
+        logs.access_log(status=200, latency_ms=1.0)
+    assert [entry["event"] for entry in captured] == ["request"]
+    assert log_output.getvalue() == b""
 
 
 def test_clear_request_restores_the_hosts_own_bindings(log_output: io.BytesIO) -> None:
