@@ -17,7 +17,8 @@ Semantics kept from the SDK:
   are dropped and counted) and ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` (512, the most spans in one export request).
   Spans go to the helper in frames of 64 as soon as that many are queued; the helper gathers the frames waiting
   in the pipe into one export, up to the batch size.
-- Attribute values: str, bool, int, float and sequences of them; anything else is dropped, never raised.
+- Attribute values: str, bool, int, float and sequences of them; anything else is dropped, never raised. A NaN or
+  infinite float is exported as an empty value; an int beyond 64 bits drops its span (OTLP has no such int).
 
 Links are not recorded, and ``record_exception`` records the exception's type only (its message may quote a
 client's input or an upstream's answer).
