@@ -110,6 +110,8 @@ def estimate_tokens(items: str | Iterable[Any], *, image_tokens: int = IMAGE_TOK
     seq = list(items)
     if seq and all(isinstance(t, int) for t in seq):
         return len(seq)  # one token-id list
+    if all(type(item) is str for item in seq):  # the usual batch of texts, without a call per item
+        return sum(len(item.encode()) for item in seq) + SPECIAL_TOKENS_PER_ITEM * len(seq)
     return sum(_item_tokens(item, image_tokens) for item in seq)
 
 

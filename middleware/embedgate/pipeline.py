@@ -303,7 +303,12 @@ class Pipeline:
         assert req is not None
         for pos, vec in zip(positions, result.vectors, strict=True):
             call.vectors[pos] = vec
-        shares = apportion(result.prompt_tokens, [weight(req.items[p]) for p in positions])
+        items = req.items
+        picked = [items[p] for p in positions]
+        # strings (the usual batch) weigh their length; the general rule for the rest
+        weights = ([len(i) or 1 for i in picked] if all(type(i) is str for i in picked)
+                   else [weight(i) for i in picked])  # fmt: skip
+        shares = apportion(result.prompt_tokens, weights)
         for pos, tokens in zip(positions, shares, strict=True):
             call.item_tokens[pos] = tokens
         call.served_model = result.model
@@ -334,6 +339,8 @@ def apportion(total: int, weights: list[int]) -> list[int]:
     raw = [total * w / whole for w in weights]
     shares = [int(r) for r in raw]
     rest = total - sum(shares)
+    if rest == 0:
+        return shares
     by_remainder = sorted(range(len(raw)), key=lambda i: raw[i] - shares[i], reverse=True)
     for i in by_remainder[:rest]:
         shares[i] += 1
