@@ -115,17 +115,18 @@ class OpenAIAdapter:
         if len(items) != n_items:
             raise malformed(f"{len(items)} vectors for {n_items} inputs")
         vectors: list[bytes | None] = [None] * n_items
+        # One tight loop: a batch runs it once per item (orjson gives plain dict, int and str; bool is not an index).
         for position, item in enumerate(items):
-            if not isinstance(item, dict):
+            if type(item) is not dict:
                 raise malformed("a data item is not an object")
             index = item.get("index", position)
-            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n_items:
+            if type(index) is not int or not 0 <= index < n_items:
                 raise malformed(f"index {index!r} out of range")
             if vectors[index] is not None:
                 raise malformed(f"index {index} appears twice")
             embedding = item.get("embedding")
             try:
-                vectors[index] = b64_to_bytes(embedding) if isinstance(embedding, str) else floats_to_bytes(embedding)
+                vectors[index] = b64_to_bytes(embedding) if type(embedding) is str else floats_to_bytes(embedding)
             except VectorError as exc:
                 raise malformed(str(exc)) from None
         size = len(vectors[0])  # type: ignore[arg-type]
