@@ -44,7 +44,7 @@ from .pipeline import Call, Pipeline
 from .providers import AiohttpTransport, build_adapter, sender_for
 from .routing import Router
 from .telemetry import Telemetry
-from .vectors import bytes_to_b64, bytes_to_floats
+from .vectors import bytes_to_floats, many_to_b64
 
 __all__ = ["EmbeddingGateway"]
 
@@ -345,8 +345,8 @@ class EmbeddingGateway:
         req = call.request
         assert req is not None
         if req.encoding_format == "base64":
-            data = [{"object": "embedding", "index": i, "embedding": bytes_to_b64(v)}  # type: ignore[arg-type]
-                    for i, v in enumerate(call.vectors)]  # fmt: skip
+            data = [{"object": "embedding", "index": i, "embedding": e}
+                    for i, e in enumerate(many_to_b64(call.vectors))]  # type: ignore[arg-type]  # fmt: skip
         else:
             data = [{"object": "embedding", "index": i, "embedding": bytes_to_floats(v)}  # type: ignore[arg-type]
                     for i, v in enumerate(call.vectors)]  # fmt: skip
