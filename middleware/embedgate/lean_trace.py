@@ -78,7 +78,7 @@ def _clean_all(attributes: Attributes) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if attributes:
         for key, value in attributes.items():
-            v = _clean(value)
+            v = value if type(value) in _PLAIN else _clean(value)
             if v is not None and len(out) < _MAX_ATTRIBUTES:
                 out[key] = v
     return out

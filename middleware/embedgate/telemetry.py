@@ -258,15 +258,17 @@ class AttemptSpan(_Scoped):
         self._settled = True
         if not self._recording:
             return
-        span = self._span
-        span.set_attribute("embedgate.outcome", "success")
-        span.set_attribute("http.response.status_code", status_code)
+        attributes: dict[str, AttributeValue] = {
+            "embedgate.outcome": "success",
+            "http.response.status_code": status_code,
+        }
         if response_model is not None:
-            span.set_attribute("gen_ai.response.model", response_model)
+            attributes["gen_ai.response.model"] = response_model
         if input_tokens is not None:
-            span.set_attribute("gen_ai.usage.input_tokens", input_tokens)
+            attributes["gen_ai.usage.input_tokens"] = input_tokens
         if dimension_count is not None:
-            span.set_attribute("gen_ai.embeddings.dimension.count", dimension_count)
+            attributes["gen_ai.embeddings.dimension.count"] = dimension_count
+        self._span.set_attributes(attributes)
 
     def fail(self, error_type: str, *, status_code: int | None = None, outcome: str = "error") -> None:
         """Record a failed attempt.
