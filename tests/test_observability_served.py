@@ -235,3 +235,42 @@ def test_a_failed_requests_access_line_names_the_requested_model(run: Run) -> No
     rejected = run.responses[3]
     (line,) = [ln for ln in log_lines(run) if ln.get("request_id") == rejected.headers["x-request-id"]]
     assert line.get("model") == "local/embed-small"
+
+
+def test_spans_queued_at_a_sigterm_to_the_process_group_still_reach_the_collector(
+    upstream_server: FakeUpstream, tmp_path: Any
+) -> None:
+    """A service manager (or Ctrl-C) signals the whole process group, the export helper included: the helper
+    must outlive the gateway's last flush, so the spans still queued at shutdown are exported, not lost."""
+    import signal
+
+    upstream_server.reset()
+    config = {
+        "providers": {"local": {"type": "openai_compatible", "base_url": upstream_server.url, "api_key": "pk-x"}},
+        "keys": [{"id": "team-a", "key": CLIENT_KEY, "workspace": "acme", "project": "search"}],
+    }
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PROMETHEUS_MULTIPROC"))}
+    with OtlpReceiver() as receiver, (tmp_path / "out.log").open("wb") as out:
+        # nothing is exported before the shutdown: a minute's batch delay, and fewer spans than a frame
+        env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "60000"})
+        command = [sys.executable, "-m", "embedgate.cli", "serve", "--config", str(path), "--port", str(port)]
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=out, start_new_session=True)
+        try:
+            wait_serving(proc, url)
+            r = httpx.post(f"{url}/v1/embeddings", json={"model": "local/embed-small", "input": "hello", "name": "last"},
+                           headers={"authorization": f"Bearer {CLIENT_KEY}"}, timeout=10)  # fmt: skip
+            assert r.status_code == 200, r.text
+            assert receiver.spans == []
+            os.killpg(proc.pid, signal.SIGTERM)
+            # uvicorn shuts down gracefully, then re-raises the signal it caught
+            assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        spans = receiver.wait_for_spans(6, timeout=15)
+    assert {s.name for s in spans} == {"last", "auth", "cache", "budget", "routing", "embeddings embed-small"}
+    upstream_server.reset()
