@@ -261,8 +261,9 @@ def test_spans_queued_at_a_sigterm_to_the_process_group_still_reach_the_collecto
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=out, start_new_session=True)
         try:
             wait_serving(proc, url)
-            r = httpx.post(f"{url}/v1/embeddings", json={"model": "local/embed-small", "input": "hello", "name": "last"},
-                           headers={"authorization": f"Bearer {CLIENT_KEY}"}, timeout=10)  # fmt: skip
+            body = {"model": "local/embed-small", "input": "hello", "name": "last"}
+            r = httpx.post(f"{url}/v1/embeddings", json=body, headers={"authorization": f"Bearer {CLIENT_KEY}"},
+                           timeout=10)  # fmt: skip
             assert r.status_code == 200, r.text
             assert receiver.spans == []
             os.killpg(proc.pid, signal.SIGTERM)
