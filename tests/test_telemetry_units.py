@@ -686,3 +686,35 @@ def test_configure_logging_is_idempotent_and_keeps_a_host_configuration(fresh_st
     assert structlog.get_config()["processors"] is host_processors
     assert logs.configure_logging(file=out, replace_host_config=True)
     assert structlog.get_config()["processors"] is not host_processors
+
+
+def test_attempt_trace_headers_are_what_the_global_propagators_write(telemetry: Telemetry) -> None:
+    """trace_headers formats the W3C headers itself when the default propagators are installed; it must write
+    exactly what they write, and leave baggage and other propagators to them."""
+    from opentelemetry import baggage, propagate
+    from opentelemetry import context as otel_context
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    def expected(attempt: Any) -> dict[str, str]:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(attempt._span))
+        return carrier
+
+    state = b"00-" + CALLER_TRACE.encode() + b"-" + CALLER_SPAN.encode() + b"-01"
+    with telemetry.start_request("req", headers=[(b"traceparent", state), (b"tracestate", b"vendor=abc")]):
+        with telemetry.attempt(**attempt_kwargs()) as attempt:
+            got = attempt.trace_headers()
+            assert got == expected(attempt) and got["tracestate"] == "vendor=abc"
+            token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+            try:
+                assert attempt.trace_headers() == expected(attempt)
+                assert attempt.trace_headers()["baggage"] == "tenant=acme"
+            finally:
+                otel_context.detach(token)
+            saved = propagate.get_global_textmap()
+            propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator()]))
+            try:
+                assert attempt.trace_headers() == expected(attempt)
+            finally:
+                propagate.set_global_textmap(saved)

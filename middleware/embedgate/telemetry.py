@@ -22,9 +22,11 @@ from random import getrandbits
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -38,6 +40,7 @@ from opentelemetry.trace import (
     TraceFlags,
     TracerProvider,
 )
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
 if TYPE_CHECKING:
@@ -107,6 +110,25 @@ ALLOWED_ATTRIBUTES: Final = frozenset(
 
 _TRACER_NAME = "embedgate"
 _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+
+
+_default_checked: object = None
+_default_is_w3c = False
+
+
+def _default_propagation() -> bool:
+    """Whether the global propagator is OTel's default: W3C trace context, then W3C baggage (checked once per
+    propagator object: a host may install its own at any time)."""
+    global _default_checked, _default_is_w3c
+    propagator = propagate.get_global_textmap()
+    if propagator is not _default_checked:
+        parts = getattr(propagator, "_propagators", None) if type(propagator) is CompositePropagator else None
+        _default_is_w3c = parts is not None and [type(p) for p in parts] == [
+            TraceContextTextMapPropagator,
+            W3CBaggagePropagator,
+        ]
+        _default_checked = propagator
+    return _default_is_w3c
 
 
 def _check(key: str) -> None:
@@ -242,7 +264,16 @@ class AttemptSpan(_Scoped):
 
     def trace_headers(self) -> dict[str, str]:
         """The propagation headers (``traceparent``, ...) carrying this attempt's context, for upstream."""
-        carrier: dict[str, str] = {}
+        if _default_propagation() and not baggage.get_all():
+            # What the default propagators write (W3C trace context; baggage, here empty), without their layers.
+            ctx = self._span.get_span_context()
+            if ctx == trace.INVALID_SPAN_CONTEXT:
+                return {}
+            carrier = {"traceparent": f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"}
+            if ctx.trace_state:
+                carrier["tracestate"] = ctx.trace_state.to_header()
+            return carrier
+        carrier = {}
         propagate.inject(carrier, context=trace.set_span_in_context(self._span))
         return carrier
 
