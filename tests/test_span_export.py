@@ -109,7 +109,7 @@ def test_the_helper_process_exports_to_a_real_receiver(monkeypatch: pytest.Monke
     with OtlpReceiver() as receiver:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-        provider = LeanTracerProvider(["otlp"], "span-export-test", Resource.create({}))
+        provider = LeanTracerProvider(["otlp"], "span-export-test")
         record(provider.get_tracer("embedgate", "1.2.3"))
         provider.shutdown()  # flushes; the helper exports before it exits
         got = {s.name: s for s in receiver.wait_for_spans(2)}
@@ -127,7 +127,7 @@ def test_a_full_queue_drops_and_counts_spans(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
-    provider = LeanTracerProvider(["otlp"], "full", Resource.create({}))
+    provider = LeanTracerProvider(["otlp"], "full")
     provider._pipe._child.kill()  # nothing drains the queue but the flush below
     tracer = provider.get_tracer("embedgate")
     for _ in range(10):
@@ -139,7 +139,7 @@ def test_a_full_queue_drops_and_counts_spans(monkeypatch: pytest.MonkeyPatch) ->
 def test_bad_batching_variables_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "lots")
     with pytest.raises(ValueError, match="OTEL_BSP_MAX_QUEUE_SIZE"):
-        LeanTracerProvider(["otlp"], "bad", Resource.create({}))
+        LeanTracerProvider(["otlp"], "bad")
 
 
 def test_a_dead_helper_drops_spans_without_failing_anything(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,7 +189,7 @@ def test_direct_otlp_encoding_is_what_the_sdk_encoder_writes() -> None:
 def test_an_unencodable_attribute_drops_its_span_not_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
     with OtlpReceiver() as receiver:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
-        provider = LeanTracerProvider(["otlp"], "odd-values", Resource.create({}))
+        provider = LeanTracerProvider(["otlp"], "odd-values")
         tracer = provider.get_tracer("embedgate")
         with tracer.start_as_current_span("too-big") as span:
             span.set_attribute("n", 2**70)  # beyond OTLP's int64

@@ -40,7 +40,6 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.sampling import Decision, Sampler
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -258,8 +257,7 @@ class LeanTracerProvider(trace.TracerProvider):
     ``exporters`` are the names of ``OTEL_TRACES_EXPORTER``; the helper builds them from the same environment.
     """
 
-    def __init__(self, exporters: Sequence[str], service_name: str, resource: Resource) -> None:
-        self.resource = resource
+    def __init__(self, exporters: Sequence[str], service_name: str) -> None:
         #: The sampler the SDK would use, read from OTEL_TRACES_SAMPLER[_ARG] by the SDK itself.
         self.sampler: Sampler = SdkTracerProvider(shutdown_on_exit=False).sampler
         self._delay_s = _env_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000

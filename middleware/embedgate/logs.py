@@ -171,19 +171,14 @@ def _write_direct(direct: tuple[BinaryIO, int], method: str, line: dict[str, Any
     if _LEVELS[method] < min_level:
         return
     line["event"] = "request"
-    context = contextvars.copy_context()
-    for var in context:
-        name = var.name
-        if name.startswith(_STRUCTLOG_PREFIX) and context[var] is not Ellipsis:
-            line.setdefault(name[_STRUCTLOG_PREFIX_LEN:], context[var])
+    for key, value in structlog.contextvars.get_contextvars().items():
+        line.setdefault(key, value)
     line["level"] = method
     line["timestamp"] = _utc_now_iso()
     out.write(orjson.dumps(line, default=repr) + b"\n")
     out.flush()
 
 
-_STRUCTLOG_PREFIX: Final = "structlog_"  # how structlog.contextvars names its context variables
-_STRUCTLOG_PREFIX_LEN: Final = len(_STRUCTLOG_PREFIX)
 _stamp_second = -1
 _stamp_prefix = ""
 

@@ -20,7 +20,7 @@ from contextvars import Token
 from importlib.metadata import entry_points
 from random import getrandbits
 from types import TracebackType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Self
 
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
@@ -183,6 +183,10 @@ class _Scoped:
         if self._recording:
             self._span.set_attributes(attributes)
 
+    def __enter__(self) -> Self:
+        self._attach()
+        return self
+
     def _attach(self) -> None:
         self._token = otel_context.attach(trace.set_span_in_context(self._span))
 
@@ -219,10 +223,6 @@ class RequestSpan(_Scoped):
                 span.set_status(Status(StatusCode.ERROR))
         self._span.end()
 
-    def __enter__(self) -> RequestSpan:
-        self._attach()
-        return self
-
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
@@ -236,10 +236,6 @@ class StageSpan(_Scoped):
     """An INTERNAL span around one pipeline stage; made current for its duration."""
 
     __slots__ = ()
-
-    def __enter__(self) -> StageSpan:
-        self._attach()
-        return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -323,10 +319,6 @@ class AttemptSpan(_Scoped):
         if not self._ended:
             self._ended = True
             self._span.end()
-
-    def __enter__(self) -> AttemptSpan:
-        self._attach()
-        return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -505,7 +497,7 @@ def build_tracer_provider(
 
         for name in chosen:
             _check_exporter(name)  # fail at start-up, here, not in the helper
-        return LeanTracerProvider(chosen, service_name, _resource(service_name))
+        return LeanTracerProvider(chosen, service_name)  # the helper builds the resource from the same environment
     provider = SdkTracerProvider(resource=_resource(service_name))
     for exporter in [_exporter(name) for name in chosen]:
         provider.add_span_processor(BatchSpanProcessor(exporter))
