@@ -137,3 +137,21 @@ def test_fresh_bodies_differ_per_request_and_fixed_ones_do_not() -> None:
     body = json.loads(b"".join(body_template(fixed)))
     assert body_template(fixed) == body_template(replace(fixed, nonce="other"))
     assert body["cache"] == {"type": "exact_match"} and isinstance(body["input"], str)
+
+
+def test_the_transport_comparison_runs_every_candidate() -> None:
+    """``tests/benchmarks/transports.py``: the measurement that chose the upstream transport still runs."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.transports", "--seconds", "0.2", "--connections", "4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for case in ("inputs_1", "inputs_256"):
+        assert set(report[case]) >= {"httpx", "aiohttp", "http1", "aiohttp-raw"}
+        for row in report[case].values():
+            assert row["requests"] > 0 and row["rps"] > 0 and row["cpu_us_per_request"] > 0

@@ -41,7 +41,7 @@ from .logs import access_log, bind_request, clear_request, configure_logging
 from .metrics import Metrics
 from .observe import ObservedAttempts
 from .pipeline import Call, Pipeline
-from .providers import AiohttpTransport, build_adapter, sender_for
+from .providers import Http1Transport, build_adapter, sender_for
 from .routing import Router
 from .telemetry import Telemetry
 from .vectors import bytes_to_floats, many_to_b64
@@ -104,7 +104,7 @@ class EmbeddingGateway:
         self.budgets: BudgetEngine | None = None
         self.identities: IdentityStore | None = None
         self._access_log = self.config.telemetry.access_log
-        self._transport: AiohttpTransport | None = None
+        self._transport: Http1Transport | None = None
         self._open = False
         self._opening = asyncio.Lock()
         self.router: Router | None = None
@@ -121,7 +121,7 @@ class EmbeddingGateway:
             if self._given_client is not None:
                 send = sender_for(self._given_client)
             else:
-                self._transport = AiohttpTransport()
+                self._transport = Http1Transport()
                 send = sender_for(self._transport)
             adapters = {name: build_adapter(p, send) for name, p in self.config.providers.items()}
             configure_logging()

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from ..config import ProviderConfig
 from .base import Adapter, AiohttpTransport, Embeddings, Sender, sender_for
+from .http1 import Http1Transport
 from .openai import OpenAIAdapter
 
-__all__ = ["Adapter", "AiohttpTransport", "Embeddings", "OpenAIAdapter", "Sender", "build_adapter", "sender_for"]
+__all__ = [
+    "Adapter",
+    "AiohttpTransport",
+    "Embeddings",
+    "Http1Transport",
+    "OpenAIAdapter",
+    "Sender",
+    "build_adapter",
+    "sender_for",
+]
 
 
 def build_adapter(provider: ProviderConfig, send: Sender) -> Adapter:

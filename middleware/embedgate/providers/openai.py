@@ -40,6 +40,8 @@ class OpenAIAdapter:
             (b"Host", self._url.netloc),
             (b"Content-Type", b"application/json"),
             (b"Accept", b"application/json"),
+            # As any HTTP client would: public APIs compress their answers (httpx decodes them).
+            (b"Accept-Encoding", b"gzip, deflate"),
         ]
         if provider.api_key:
             self._headers.append((b"Authorization", f"Bearer {provider.api_key}".encode("latin-1")))

@@ -1,0 +1,269 @@
+"""A pooled HTTP/1.1 transport for httpx on asyncio protocols and httptools' C parser (llhttp, as in uvicorn).
+
+Why not aiohttp underneath: an embedding call is one POST with a small JSON body and one whole JSON answer, and
+aiohttp's client (session, connector, request and response objects, stream reader, payload writer) cost ~300 us
+of CPU per call on this 2-core machine, the largest single part of a cache miss. Writing the request bytes to a
+pooled connection and letting llhttp hand back status, headers and body costs a fraction of that
+(``tests/benchmarks/transports.py`` measures all the candidates side by side).
+
+What it does: keep-alive connections pooled per origin (``http``/``https``, most recently used first, closed after
+``keepalive_s`` idle or when the server says ``Connection: close``), at most ``max_connections`` open at once
+(callers beyond that wait for one), bodies by ``Content-Length``, chunked or until close; httpx decodes
+``Content-Encoding`` as for any transport. What it leaves out, because no embedding API needs it: HTTP/2,
+proxies, upgrades, ``Expect: 100-continue``, HEAD.
+
+Timeouts: none of its own. The caller bounds each call (the adapters run it under ``asyncio.timeout``); a call
+cancelled mid-way closes its connection, since an answer may still be on its way. Errors keep httpx's types:
+``ConnectError`` (no connection), ``WriteError``/``ReadError`` (the connection broke), ``RemoteProtocolError``
+(not HTTP/1.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from typing import Any
+
+import httptools
+import httpx
+
+__all__ = ["Http1Transport"]
+
+_Origin = tuple[bytes, bytes, int]  # scheme, host, port
+_Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: one exchange at a time, the answer parsed as it arrives."""
+
+    def __init__(self, origin: _Origin) -> None:
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.keep_alive = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[_Answer] | None = None
+        self._status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._until_close = False
+
+    # --- the exchange -----------------------------------------------------------------------------------------
+
+    async def exchange(self, data: bytes) -> _Answer:
+        """Write one request and wait for its whole answer."""
+        assert self.transport is not None and self._waiter is None
+        waiter: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        self._status, self._headers, self._body = 0, [], []
+        self._until_close = False
+        try:
+            self.transport.write(data)
+        except (OSError, RuntimeError) as exc:
+            self._waiter = None
+            raise httpx.WriteError(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+
+    @property
+    def usable(self) -> bool:
+        """Open, and not being closed."""
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
+    def close(self) -> None:
+        """Close now (an answer still on its way is dropped with the connection)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail(self, exc: Exception) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter is None:  # bytes nobody asked for: this connection can no longer be trusted
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(httpx.RemoteProtocolError(f"invalid HTTP answer: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if self._until_close:  # a body without length or chunks ends with the connection
+            waiter.set_result((self._status, self._headers, b"".join(self._body)))
+        elif self._status:
+            waiter.set_exception(httpx.ReadError("the server closed the connection in the middle of its answer"))
+        else:
+            waiter.set_exception(httpx.ReadError("the server closed the connection without answering"))
+
+    # --- httptools callbacks ----------------------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+        names = {k.lower() for k, _ in self._headers}
+        self._until_close = b"content-length" not in names and b"transfer-encoding" not in names
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if 100 <= self._status < 200:  # an interim answer: the real one follows on the same connection
+            self._status, self._headers, self._body = 0, [], []
+            return
+        self._until_close = False
+        self.keep_alive = self._parser.should_keep_alive()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result((self._status, self._headers, b"".join(self._body)))
+
+
+class Http1Transport(httpx.AsyncBaseTransport):
+    """An httpx transport with its own HTTP/1.1 connection pool; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 512,
+        keepalive_s: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._limit = max_connections
+        self._keepalive_s = keepalive_s
+        self._ssl = ssl_context
+        self._idle: dict[_Origin, list[_Connection]] = {}
+        self._open = 0  # connections open or being opened
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` on a pooled connection and return the answer with its body read."""
+        url = request.url
+        origin: _Origin = (url.raw_scheme, url.raw_host, url.port or (443 if url.raw_scheme == b"https" else 80))
+        data = await _serialize(request)
+        conn = await self._acquire(origin, request)
+        try:
+            status, headers, body = await conn.exchange(data)
+        except BaseException:
+            self._discard(conn)
+            raise
+        if conn.keep_alive and conn.usable and not self._closed:
+            conn.idle_since = time.monotonic()
+            self._idle.setdefault(origin, []).append(conn)
+            self._wake()
+        else:
+            self._discard(conn)
+        # A ByteStream read here: httpx decodes Content-Encoding as it reads, once.
+        response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body), request=request,
+                                  extensions={"http_version": b"HTTP/1.1"})  # fmt: skip
+        response.read()
+        return response
+
+    async def _acquire(self, origin: _Origin, request: httpx.Request) -> _Connection:
+        while True:
+            idle = self._idle.get(origin)
+            now = time.monotonic()
+            while idle:
+                conn = idle.pop()  # the most recently used: the least likely to have been closed by the server
+                if conn.usable and now - conn.idle_since < self._keepalive_s:
+                    return conn
+                self._discard(conn)
+            if self._open < self._limit:
+                return await self._connect(origin, request)
+            if not self._close_one_idle():
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters.append(waiter)
+                try:
+                    await waiter
+                finally:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+
+    async def _connect(self, origin: _Origin, request: httpx.Request) -> _Connection:
+        scheme, host, port = origin
+        self._open += 1
+        try:
+            tls = self._ssl_context() if scheme == b"https" else None
+            _, conn = await asyncio.get_running_loop().create_connection(
+                lambda: _Connection(origin),
+                host.decode("ascii"),
+                port,
+                ssl=tls,
+                server_hostname=host.decode("ascii") if tls else None,
+            )
+        except BaseException as exc:
+            self._open -= 1
+            self._wake()
+            if isinstance(exc, OSError):  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
+                raise httpx.ConnectError(f"{type(exc).__name__}: {exc}", request=request) from exc
+            raise
+        return conn
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:  # built on first https use: loading the CA bundle takes ~20 ms
+            self._ssl = httpx.create_ssl_context(trust_env=False)
+            self._ssl.set_alpn_protocols(["http/1.1"])
+        return self._ssl
+
+    def _discard(self, conn: _Connection) -> None:
+        conn.close()
+        self._open -= 1
+        self._wake()
+
+    def _close_one_idle(self) -> bool:
+        for idle in self._idle.values():
+            if idle:
+                self._discard(idle.pop(0))
+                return True
+        return False
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def aclose(self) -> None:
+        """Close every pooled connection (calls in flight close theirs when they end)."""
+        self._closed = True
+        for idle in self._idle.values():
+            while idle:
+                self._discard(idle.pop())
+        self._idle.clear()
+
+
+async def _serialize(request: httpx.Request) -> bytes:
+    """The request's bytes on the wire: request line, headers as given, body."""
+    url = request.url
+    try:
+        body = request.content
+    except httpx.RequestNotRead:
+        body = await request.aread()
+    headers = request.headers.raw
+    chunked = any(k.lower() == b"transfer-encoding" and b"chunked" in v.lower() for k, v in headers)
+    if chunked:  # a stream of unknown length, now read: sent as one chunk
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+    head: list[Any] = [request.method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        head += (name, b": ", value, b"\r\n")
+    head += (b"\r\n", body)
+    return b"".join(head)

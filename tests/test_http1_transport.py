@@ -1,0 +1,248 @@
+"""Http1Transport, the pooled HTTP/1.1 transport upstream calls go through, against real local servers.
+
+Each test runs a small asyncio server on 127.0.0.1 that answers with exactly the bytes a scenario needs (keep-alive,
+chunks, gzip, a body until close, a connection cut mid-answer, garbage), and counts connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from embedgate.providers import Http1Transport
+
+pytestmark = pytest.mark.anyio
+
+# An answer: the bytes to write, then whether to close the connection; None closes without answering.
+Answer = tuple[bytes, bool] | None
+
+
+@dataclass
+class Server:
+    """Records every request's head and body; answers with ``answer(request_number)``."""
+
+    answer: Callable[[int], Answer]
+    delay_s: float = 0.0
+    port: int = 0
+    connections: int = 0
+    open_now: int = 0
+    peak_open: int = 0
+    requests: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open_now += 1
+        self.peak_open = max(self.peak_open, self.open_now)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+                if "content-length" in headers:
+                    body = await reader.readexactly(int(headers["content-length"]))
+                else:  # chunked (what the transport sends for a stream of unknown length)
+                    body = b""
+                    while size := int((await reader.readline()).strip(), 16):
+                        body += await reader.readexactly(size)
+                        await reader.readline()
+                    await reader.readline()
+                self.requests.append((head, body))
+                number = len(self.requests)
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                answer = self.answer(number)
+                if answer is None:
+                    return
+                data, close = answer
+                writer.write(data)
+                await writer.drain()
+                if close:
+                    return
+        finally:
+            self.open_now -= 1
+            writer.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/embeddings?x=1"
+
+
+@asynccontextmanager
+async def serve(answer: Callable[[int], Answer], delay_s: float = 0.0) -> AsyncIterator[Server]:
+    server = Server(answer, delay_s)
+    srv = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    server.port = srv.sockets[0].getsockname()[1]
+    try:
+        yield server
+    finally:
+        srv.close()
+
+
+def ok(body: bytes = b'{"ok":true}', *extra: bytes, close: bool = False) -> Answer:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n" % (len(body), b"".join(h + b"\r\n" for h in extra))
+    return head + body, close
+
+
+async def post(transport: Http1Transport, url: str, body: bytes = b'{"input":"hi"}') -> httpx.Response:
+    return await transport.handle_async_request(httpx.Request("POST", url, content=body))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_keeps_the_connection_alive_and_sends_the_request_as_given() -> None:
+    async with serve(lambda n: ok(b'{"n":%d}' % n)) as server:
+        transport = Http1Transport()
+        first = await post(transport, server.url, b'{"input":"a"}')
+        second = await post(transport, server.url, b'{"input":"b"}')
+        await transport.aclose()
+    assert (first.status_code, first.json(), second.json()) == (200, {"n": 1}, {"n": 2})
+    assert server.connections == 1
+    head, body = server.requests[0]
+    assert head.startswith(b"POST /v1/embeddings?x=1 HTTP/1.1\r\n")
+    assert b"\r\nHost: 127.0.0.1:%d\r\n" % server.port in head
+    assert body == b'{"input":"a"}'
+
+
+async def test_decodes_chunked_and_gzip_answers() -> None:
+    packed = gzip.compress(b'{"data":[1,2,3]}')
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Encoding: gzip\r\n\r\n"
+    chunked += b"".join(b"%x\r\n%s\r\n" % (len(packed[i : i + 5]), packed[i : i + 5]) for i in range(0, len(packed), 5))
+    chunked += b"0\r\n\r\n"
+    async with serve(lambda n: (chunked, False)) as server:
+        transport = Http1Transport()
+        response = await post(transport, server.url)
+        again = await post(transport, server.url)
+        await transport.aclose()
+    assert response.json() == again.json() == {"data": [1, 2, 3]}
+    assert server.connections == 1
+
+
+async def test_a_body_without_length_ends_with_the_connection() -> None:
+    async with serve(lambda n: (b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 70_000, True)) as server:
+        transport = Http1Transport()
+        response = await post(transport, server.url)
+        second = await post(transport, server.url)  # on a new connection
+        await transport.aclose()
+    assert response.content == second.content == b"x" * 70_000
+    assert server.connections == 2
+
+
+async def test_connection_close_is_honoured() -> None:
+    async with serve(lambda n: ok(b"{}", b"Connection: close")) as server:
+        transport = Http1Transport()
+        for _ in range(3):
+            assert (await post(transport, server.url)).status_code == 200
+        await transport.aclose()
+    assert server.connections == 3
+
+
+async def test_an_answer_cut_short_is_a_read_error() -> None:
+    async with serve(lambda n: (b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"da', True)) as server:
+        transport = Http1Transport()
+        with pytest.raises(httpx.ReadError, match="middle of its answer"):
+            await post(transport, server.url)
+        await transport.aclose()
+
+
+async def test_a_connection_closed_without_an_answer_is_a_read_error_and_the_pool_recovers() -> None:
+    async with serve(lambda n: None if n == 1 else ok()) as server:
+        transport = Http1Transport(max_connections=1)
+        with pytest.raises(httpx.ReadError, match="without answering"):
+            await post(transport, server.url)
+        assert (await post(transport, server.url)).status_code == 200  # the broken connection freed its slot
+        await transport.aclose()
+
+
+async def test_garbage_is_a_protocol_error() -> None:
+    async with serve(lambda n: (b"SPDY/9 banana\r\n\r\n", False)) as server:
+        transport = Http1Transport()
+        with pytest.raises(httpx.RemoteProtocolError):
+            await post(transport, server.url)
+        await transport.aclose()
+
+
+async def test_a_refused_connection_is_a_connect_error() -> None:
+    async with serve(lambda n: ok()) as server:
+        url = server.url
+    transport = Http1Transport()
+    with pytest.raises(httpx.ConnectError):
+        await post(transport, url)
+    await transport.aclose()
+
+
+async def test_an_interim_answer_is_skipped() -> None:
+    async with serve(lambda n: (b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b'{"final":1}')[0], False)) as server:  # type: ignore[index]
+        transport = Http1Transport()
+        response = await post(transport, server.url)
+        await transport.aclose()
+    assert (response.status_code, response.json()) == (200, {"final": 1})
+
+
+async def test_at_most_max_connections_are_open_and_waiting_callers_are_served() -> None:
+    async with serve(lambda n: ok(b'{"n":%d}' % n), delay_s=0.02) as server:
+        transport = Http1Transport(max_connections=2)
+        answers = await asyncio.gather(*(post(transport, server.url) for _ in range(7)))
+        await transport.aclose()
+    assert sorted(a.json()["n"] for a in answers) == list(range(1, 8))
+    assert server.peak_open == 2
+
+
+async def test_a_cancelled_call_closes_its_connection_and_frees_its_slot() -> None:
+    async with serve(lambda n: ok(b'{"n":%d}' % n), delay_s=0.2) as server:
+        transport = Http1Transport(max_connections=1)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await post(transport, server.url)
+        # The late answer to the cancelled call must not be taken for this call's answer.
+        response = await post(transport, server.url)
+        await transport.aclose()
+    assert response.json() == {"n": 2}
+    assert server.connections == 2
+
+
+async def test_an_idle_connection_the_server_closed_is_not_reused() -> None:
+    # The server closes each connection after answering, without saying so (as servers do when their keep-alive
+    # timeout ends): the pooled connection is dead by the next call, which must get a new one, not an error.
+    async with serve(lambda n: ok(b'{"n":%d}' % n, close=True)) as server:
+        transport = Http1Transport()
+        await post(transport, server.url)
+        await asyncio.sleep(0.05)
+        response = await post(transport, server.url)
+        await transport.aclose()
+    assert response.json() == {"n": 2}
+    assert server.connections == 2
+
+
+async def test_idle_connections_expire_after_keepalive() -> None:
+    async with serve(lambda n: ok()) as server:
+        transport = Http1Transport(keepalive_s=0.05)
+        await post(transport, server.url)
+        await asyncio.sleep(0.1)
+        await post(transport, server.url)
+        await transport.aclose()
+    assert server.connections == 2
+
+
+async def test_a_streamed_body_of_unknown_length_is_sent_chunked() -> None:
+    async def parts() -> AsyncIterator[bytes]:
+        yield b'{"input":'
+        yield b'"streamed"}'
+
+    async with serve(lambda n: ok()) as server:
+        transport = Http1Transport()
+        response = await transport.handle_async_request(httpx.Request("POST", server.url, content=parts()))
+        await transport.aclose()
+    assert response.status_code == 200
+    assert server.requests[0][1] == b'{"input":"streamed"}'
