@@ -4,6 +4,7 @@ or a dead helper drops spans without failing anything."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -121,6 +122,23 @@ def test_the_helper_process_exports_to_a_real_receiver(monkeypatch: pytest.Monke
     assert list(attempt.attributes["gen_ai.request.encoding_formats"]) == ["base64"]
     assert root.resource["service.name"] == "span-export-test"
     assert attempt.scope == "embedgate"
+
+
+def test_the_helper_gathers_small_frames_into_full_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The gateway hands spans over in frames of 64; posting each one alone cost the helper half its CPU.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "256")
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        pipe = SpanPipe(["otlp"], "gather")
+        packed = [["s", 0, i + 1, i + 1, 1, None, 0, 1, 2, {}, [0, None], [], None] for i in range(64)]
+        for _ in range(10):  # 640 spans, a frame every 20 ms (as under load)
+            assert pipe.write(packed)
+            time.sleep(0.02)
+        pipe.close()  # the helper exports what it holds, then exits
+        assert len(receiver.wait_for_spans(640)) == 640
+        assert receiver.requests == 3  # 256 + 256 + 128, not one request per frame
 
 
 def test_a_full_queue_drops_and_counts_spans(monkeypatch: pytest.MonkeyPatch) -> None:
