@@ -108,6 +108,8 @@ async def test_keeps_the_connection_alive_and_sends_the_request_as_given() -> No
         second = await post(transport, server.url, b'{"input":"b"}')
         await transport.aclose()
     assert (first.status_code, first.json(), second.json()) == (200, {"n": 1}, {"n": 2})
+    assert first.is_closed and await first.aread() == first.content == b'{"n":1}'  # read whole, as httpx would
+    assert first.headers["content-length"] == "7" and first.http_version == "HTTP/1.1"
     assert server.connections == 1
     head, body = server.requests[0]
     assert head.startswith(b"POST /v1/embeddings?x=1 HTTP/1.1\r\n")

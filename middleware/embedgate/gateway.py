@@ -241,20 +241,25 @@ class EmbeddingGateway:
                     call.headers.update(error.headers)
                     if isinstance(error, BudgetExceeded):
                         self.metrics.observe_budget_rejection(error.scope_kind, error.dimension)
-                for finish in call.finish:
-                    try:
-                        await finish(call, error)
-                    except Exception:
-                        log.exception("finishing the request failed", request_id=request_id)
-                self._annotate(root, call, error)
-                root.end(status, error_type=error.code if error is not None and status >= 500 else None)
                 out = [_JSON, (b"x-request-id", request_id.encode()),
                        (b"x-embedgate-trace-id", root.trace_id_hex.encode()),
                        (b"x-embedgate-cache", call.cache_status.encode())]  # fmt: skip
                 out.extend((k.encode(), v.encode()) for k, v in call.headers.items())
-                await send({"type": "http.response.start", "status": status, "headers": out})
-                await send({"type": "http.response.body", "body": body})
-                self._account(call, status, error)
+                try:
+                    await send({"type": "http.response.start", "status": status, "headers": out})
+                    await send({"type": "http.response.body", "body": body})
+                finally:
+                    # After the answer is on its way (none of this changes it): the budget settle (a store
+                    # round trip), the root span's end (it spans the send, as OTel's ASGI middleware's does),
+                    # metrics and the access line. Also when the send failed (the client went away).
+                    for finish in call.finish:
+                        try:
+                            await finish(call, error)
+                        except Exception:
+                            log.exception("finishing the request failed", request_id=request_id)
+                    self._annotate(root, call, error)
+                    root.end(status, error_type=error.code if error is not None and status >= 500 else None)
+                    self._account(call, status, error)
             finally:
                 clear_request()
 
