@@ -6,6 +6,7 @@ the standalone set-up from OTEL_* variables runs in subprocesses exporting to a 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
@@ -649,6 +650,27 @@ def test_the_direct_access_line_is_the_structlog_chains_line(
         }
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", direct["timestamp"])
     assert direct_err["level"] == "warning" and direct_ok["level"] == "info"
+
+
+def test_access_lines_written_in_one_loop_pass_are_flushed_together_right_after_it(fresh_structlog: None) -> None:
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    with open(write_fd, "wb") as out, open(read_fd, "rb", buffering=0) as pipe:
+        assert logs.configure_logging(file=out)
+
+        async def requests_ending_together() -> tuple[bytes | None, bytes | None]:
+            for status in (200, 201, 202):
+                logs.access_log(status=status, latency_ms=1.0)
+            held = pipe.read()  # nothing written yet: the three lines wait for one flush
+            await asyncio.sleep(0)  # the loop's next pass
+            return held, pipe.read()
+
+        held, written = asyncio.run(requests_ending_together())
+        logs.access_log(status=203, latency_ms=1.0)  # outside an event loop: flushed at once
+        last = pipe.read()
+    assert held is None
+    assert [orjson.loads(line)["status"] for line in (written or b"").splitlines()] == [200, 201, 202]
+    assert orjson.loads(last or b"{}")["status"] == 203
 
 
 def test_the_access_line_goes_through_structlog_under_capture_logs(log_output: io.BytesIO) -> None:
