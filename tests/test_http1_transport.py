@@ -248,3 +248,30 @@ async def test_a_streamed_body_of_unknown_length_is_sent_chunked() -> None:
         await transport.aclose()
     assert response.status_code == 200
     assert server.requests[0][1] == b'{"input":"streamed"}'
+
+
+async def test_https_verifies_the_server_certificate() -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    server = Server(lambda n: ok(b'{"tls":true}'))
+    srv = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=server_ctx)
+    url = f"https://127.0.0.1:{srv.sockets[0].getsockname()[1]}/v1/embeddings"
+    try:
+        trusting = Http1Transport(ssl_context=client_ctx)
+        answers = [await post(trusting, url) for _ in range(2)]
+        await trusting.aclose()
+        default = Http1Transport()  # the system's CAs: this test CA is not one of them
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await post(default, url)
+        await default.aclose()
+    finally:
+        srv.close()
+    assert [a.json() for a in answers] == [{"tls": True}] * 2
+    assert server.connections == 1  # both calls on one kept-alive connection (a failed handshake never counts)

@@ -198,6 +198,10 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 self._waiters.append(waiter)
                 try:
                     await waiter
+                except BaseException:
+                    if waiter.done() and not waiter.cancelled():
+                        self._wake()  # woken, then cancelled: the free slot goes to the next caller waiting
+                    raise
                 finally:
                     if waiter in self._waiters:
                         self._waiters.remove(waiter)
