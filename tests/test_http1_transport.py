@@ -11,6 +11,7 @@ import gzip
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -250,7 +251,7 @@ async def test_a_streamed_body_of_unknown_length_is_sent_chunked() -> None:
     assert server.requests[0][1] == b'{"input":"streamed"}'
 
 
-async def test_https_verifies_the_server_certificate() -> None:
+async def test_https_verifies_the_server_certificate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import ssl
 
     import trustme
@@ -271,7 +272,13 @@ async def test_https_verifies_the_server_certificate() -> None:
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             await post(default, url)
         await default.aclose()
+        # A company CA, the standard way: SSL_CERT_FILE (as httpx itself honours it).
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+        from_env = Http1Transport()
+        answers.append(await post(from_env, url))
+        await from_env.aclose()
     finally:
         srv.close()
-    assert [a.json() for a in answers] == [{"tls": True}] * 2
-    assert server.connections == 1  # both calls on one kept-alive connection (a failed handshake never counts)
+    assert [a.json() for a in answers] == [{"tls": True}] * 3
+    assert server.connections == 2  # one kept-alive connection per transport (a failed handshake never counts)

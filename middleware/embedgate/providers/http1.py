@@ -228,7 +228,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:  # built on first https use: loading the CA bundle takes ~20 ms
-            self._ssl = httpx.create_ssl_context(trust_env=False)
+            self._ssl = httpx.create_ssl_context()  # certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR
             self._ssl.set_alpn_protocols(["http/1.1"])
         return self._ssl
 
