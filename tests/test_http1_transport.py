@@ -154,8 +154,9 @@ async def test_connection_close_is_honoured() -> None:
 async def test_an_answer_cut_short_is_a_read_error() -> None:
     async with serve(lambda n: (b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"da', True)) as server:
         transport = Http1Transport()
-        with pytest.raises(httpx.ReadError, match="middle of its answer"):
+        with pytest.raises(httpx.ReadError, match="middle of its answer") as raised:
             await post(transport, server.url)
+        assert raised.value.request.url == server.url  # as httpx's own transports set it
         await transport.aclose()
 
 

@@ -162,8 +162,10 @@ class Http1Transport(httpx.AsyncBaseTransport):
         conn = await self._acquire(origin, request)
         try:
             status, headers, body = await conn.exchange(data)
-        except BaseException:
+        except BaseException as exc:
             self._discard(conn)
+            if isinstance(exc, httpx.TransportError):
+                exc.request = request  # raised by the connection, which never saw the request object
             raise
         if conn.keep_alive and conn.usable and not self._closed:
             conn.idle_since = time.monotonic()
