@@ -668,9 +668,28 @@ def test_access_lines_written_in_one_loop_pass_are_flushed_together_right_after_
         held, written = asyncio.run(requests_ending_together())
         logs.access_log(status=203, latency_ms=1.0)  # outside an event loop: flushed at once
         last = pipe.read()
+
+        # A loop that ends with its flush still pending does not hold back the next loop's lines.
+        abandoned = asyncio.new_event_loop()
+
+        def log_then_stop() -> None:
+            logs.access_log(status=204, latency_ms=1.0)
+            abandoned.stop()  # this pass is the loop's last: the flush it scheduled never runs
+
+        abandoned.call_soon(log_then_stop)
+        abandoned.run_forever()
+        abandoned.close()
+
+        async def next_request() -> None:
+            logs.access_log(status=205, latency_ms=1.0)
+            await asyncio.sleep(0)
+
+        asyncio.run(next_request())
+        after_abandoned = pipe.read()
     assert held is None
     assert [orjson.loads(line)["status"] for line in (written or b"").splitlines()] == [200, 201, 202]
     assert orjson.loads(last or b"{}")["status"] == 203
+    assert [orjson.loads(line)["status"] for line in (after_abandoned or b"").splitlines()] == [204, 205]
 
 
 def test_the_access_line_goes_through_structlog_under_capture_logs(log_output: io.BytesIO) -> None:

@@ -179,23 +179,24 @@ def _write_direct(direct: tuple[BinaryIO, int], method: str, line: dict[str, Any
     out.write(orjson.dumps(line, default=repr) + b"\n")
     # Flushed once the event loop is done with what is ready now, not per line: under load one write call
     # carries the lines of every request that ended in that pass (a write per line was ~20 us of a request).
-    global _flush_scheduled
-    if not _flush_scheduled:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            out.flush()
-            return
-        _flush_scheduled = True
+    global _flush_loop
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        out.flush()
+        return
+    # Keyed by loop: a loop closed with its flush still pending (a test's, say) must not hold back the next one's.
+    if _flush_loop is not loop:
+        _flush_loop = loop
         loop.call_soon(_flush, out)
 
 
-_flush_scheduled = False
+_flush_loop: asyncio.AbstractEventLoop | None = None
 
 
 def _flush(out: BinaryIO) -> None:
-    global _flush_scheduled
-    _flush_scheduled = False
+    global _flush_loop
+    _flush_loop = None
     try:
         out.flush()
     except (OSError, ValueError):  # closed, or a full pipe: as a failed write would, lose the lines, not the loop
