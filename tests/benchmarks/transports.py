@@ -19,12 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -34,18 +31,11 @@ import httpx
 import orjson
 
 from embedgate.providers import AiohttpTransport, Http1Transport
+from tests.benchmarks.run import Service, free_port
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL = "bench-embed"
 
 Call = Callable[[], Awaitable[int]]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _request(url: str, body: bytes) -> httpx.Request:
@@ -157,33 +147,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--connections", type=int, default=16)
     args = parser.parse_args(argv)
-    port = _free_port()
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "tests.benchmarks.fake_upstream", "--port", str(port)],
-        cwd=REPO,
-        env=os.environ,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or upstream.poll() is not None:
-                    raise SystemExit("the fake upstream did not start") from None
-                time.sleep(0.1)
-        url = f"http://127.0.0.1:{port}/v1/embeddings"
+    port = free_port()
+    log = Path(tempfile.mkdtemp(prefix="embedgate-transports-")) / "fake_upstream.log"
+    argv = [sys.executable, "-m", "tests.benchmarks.fake_upstream", "--port", str(port)]
+    with Service("fake upstream", argv, port=port, health="/healthz", log=log) as upstream:
+        upstream.wait_ready(30)
+        url = upstream.url + "/v1/embeddings"
         try:  # the event loop embedgate serve runs on
             from uvloop import run as run_loop
         except ImportError:
             run_loop = asyncio.run
         report = {f"inputs_{n}": run_loop(_run(url, n, args.connections, args.seconds)) for n in (1, 256)}
-    finally:
-        upstream.terminate()
-        upstream.wait(10)
     print(json.dumps({"connections": args.connections, "seconds": args.seconds, **report}))
 
 
