@@ -1,0 +1,107 @@
+"""How the OpenAI adapter reads an upstream's answer: the base64 vectors cut out of the body before the JSON
+parse (``cut_vectors``) give exactly what a full parse gives, and anything unusual falls back to the full parse.
+
+The adapter is called through its public ``embed`` with a sender that returns a fixed body, so every check
+runs the same code a real upstream call does after the transport.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from embedgate.config import ProviderConfig
+from embedgate.errors import UpstreamError
+from embedgate.providers.openai import OpenAIAdapter, cut_vectors
+
+pytestmark = pytest.mark.anyio
+
+DIMS = 8
+
+
+def vec(i: int, dims: int = DIMS) -> bytes:
+    return np.arange(i, i + dims, dtype="<f4").tobytes()
+
+
+def b64(i: int, dims: int = DIMS) -> str:
+    return base64.b64encode(vec(i, dims)).decode()
+
+
+async def embed(body: bytes, n_items: int, dimensions: int | None = None) -> list[bytes]:
+    async def send(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, request=request)
+
+    adapter = OpenAIAdapter(ProviderConfig(name="up", type="openai_compatible", base_url="http://127.0.0.1:9"), send)
+    result = await adapter.embed(upstream_model="m", input=["x"] * n_items, n_items=n_items, dimensions=dimensions,
+                                 user=None, input_type=None, timeout_s=5)  # fmt: skip
+    return result.vectors
+
+
+def pair(first: str, second: str) -> bytes:
+    """A two-item answer, written by hand (no serializer would write the odd ones)."""
+    return b'{"data":[{"index":0,"embedding":%s},{"index":1,"embedding":%s}]}' % (first.encode(), second.encode())
+
+
+def answer(items: list[dict[str, object]], **extra: object) -> bytes:
+    return orjson.dumps({"object": "list", "data": items, "model": "m", "usage": {"prompt_tokens": 3}, **extra})
+
+
+async def test_a_batch_is_cut_into_a_small_skeleton_and_read_back_in_index_order() -> None:
+    order = list(range(256))
+    random.Random(7).shuffle(order)
+    body = answer([{"object": "embedding", "index": i, "embedding": b64(i, 1536)} for i in order])
+    skeleton, cut = cut_vectors(body)
+    assert len(body) > 2_000_000 and len(skeleton) < 20_000  # the vectors are out of what the JSON parser sees
+    assert sorted(v for v in cut if v is not None) == sorted(vec(i, 1536) for i in range(256))
+    assert await embed(body, 256) == [vec(i, 1536) for i in range(256)]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # whitespace after the colon: not cut, read by the JSON parse
+        b'{"data":[{"index":0,"embedding": "%s"},{"index":1,"embedding":"%s"}]}' % (b64(0).encode(), b64(1).encode()),
+        # an escaped "/" inside the base64 (valid JSON): left to the JSON parse, which unescapes it
+        b'{"data":[{"index":0,"embedding":"%s"},{"index":1,"embedding":"%s"}]}'
+        % (base64.b64encode(b"\xff" * 4 * DIMS).replace(b"/", b"\\/"), b64(1).encode()),
+        # float lists (a provider ignoring encoding_format) beside a base64 item
+        b'{"data":[{"index":0,"embedding":%s},{"index":1,"embedding":"%s"}]}'
+        % (orjson.dumps(np.frombuffer(vec(0), "<f4").tolist()), b64(1).encode()),
+        # a key that contains the searched text: cut, never referenced, the real items still right
+        b'{"x\\"embedding":"%s","data":[{"index":1,"embedding":"%s"},{"index":0,"embedding":"%s"}]}'
+        % (b64(9).encode(), b64(1).encode(), b64(0).encode()),
+    ],
+    ids=["whitespace", "escaped-slash", "floats", "key-trap"],
+)
+async def test_unusual_but_valid_answers_read_as_a_full_parse_reads_them(body: bytes) -> None:
+    expected = []
+    for item in sorted(orjson.loads(body)["data"], key=lambda it: it["index"]):
+        e = item["embedding"]
+        expected.append(base64.b64decode(e) if isinstance(e, str) else np.asarray(e, "<f4").tobytes())
+    assert await embed(body, 2) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        # the upstream itself writes "#0" (what a cut leaves behind) for a second item
+        (pair(f'"{b64(0)}"', '"#0"'), "base64"),
+        (pair(f'"{b64(0)}"', '"#7"'), "base64"),
+        (pair(f'"{b64(0)}"', '"AB$D"'), "base64"),
+        (pair(f'"{b64(0)}"', '"AAAA"'), "float32"),
+        (pair(f'"{b64(0)}"', f'"{b64(1)}"')[:-2], "not JSON"),
+        (pair(f'"{b64(0)}"', f'"{b64(1)}"').replace(b'"index":1', b'"index":0'), "appears twice"),
+        (pair(f'"{b64(0)}"', f'"{b64(1, 4)}"'), "different dimensions"),
+    ],
+    ids=["forged-marker", "marker-without-cut", "bad-base64", "not-float32", "cut-short", "index-twice", "dims"],
+)
+async def test_malformed_answers_are_refused_as_upstream_malformed(body: bytes, why: str) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        await embed(body, 2)
+    assert caught.value.code == "upstream_malformed"
+    assert why in caught.value.message
