@@ -4,6 +4,8 @@ or a dead helper drops spans without failing anything."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Any
 
@@ -146,12 +148,52 @@ def test_a_full_queue_drops_and_counts_spans(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
     provider = LeanTracerProvider(["otlp"], "full")
-    provider._pipe._child.kill()  # nothing drains the queue but the flush below
     tracer = provider.get_tracer("embedgate")
-    for _ in range(10):
-        tracer.start_span("s").end()
+    with provider._flush_lock:  # the export thread is busy writing: the request path does not wait for it
+        for _ in range(10):
+            tracer.start_span("s").end()
     assert provider.dropped == 6
     provider.shutdown()
+
+
+def test_spans_a_dead_helper_cannot_take_are_dropped_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    provider = LeanTracerProvider(["otlp"], "dead")
+    provider._pipe._child.kill()
+    provider._pipe._child.wait(10)
+    tracer = provider.get_tracer("embedgate")
+    for _ in range(10):
+        tracer.start_span("s").end()  # every 4th hands a frame over, to a closed pipe
+    assert provider.dropped == 8 and len(provider._queue) == 2
+    provider.shutdown()
+    assert provider.dropped == 10
+
+
+def test_a_stalled_helper_never_blocks_the_request_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+        provider = LeanTracerProvider(["otlp"], "stalled")
+        provider._pipe.max_backlog = 512 * 1024
+        tracer = provider.get_tracer("embedgate")
+        child = provider._pipe._child
+        os.kill(child.pid, signal.SIGSTOP)  # reads nothing: the pipe fills, then the backlog
+        try:
+            started = time.monotonic()
+            for i in range(20_000):
+                tracer.start_span("s", attributes={"embedgate.request_id": f"{i:064d}"}).end()
+            elapsed = time.monotonic() - started
+            assert provider._pipe.dropped > 0  # the backlog filled: later frames were dropped, and counted
+            assert provider._pipe.backlog <= 512 * 1024
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
+        provider.shutdown()  # hands the backlog over; the helper exports it and exits
+        kept = 20_000 - provider._pipe.dropped - provider.dropped
+        assert len(receiver.wait_for_spans(kept)) == kept
+    assert elapsed < 5  # a blocking write to the stopped reader would have waited for ever
 
 
 def test_bad_batching_variables_are_named(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,11 +22,11 @@ operation, run with EVALSHA, so the check-and-reserve is atomic across any numbe
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from random import getrandbits
 from typing import Any
 
 import structlog
@@ -201,6 +201,10 @@ class _Gate:
     scope_id: str
     period: str
     reset_at: float | None  # end of the period (None: one_time); unused for windows
+    limit_text: str = ""  # the limit as its x-ratelimit-limit-* header shows it
+
+    def __post_init__(self) -> None:
+        self.limit_text = _usd(self.limit) if self.dimension == "cost" else str(self.limit)
 
 
 @dataclass(slots=True, eq=False)
@@ -340,7 +344,9 @@ class BudgetEngine:
         Raises ``BudgetExceeded`` (429) naming the refusing budget, or ``Unavailable`` (503) when the store is
         unreachable and the engine is not ``fail_open``.
         """
-        rid = os.urandom(16).hex()  # unique per reservation; uuid4() builds a UUID object for the same bytes
+        # Unique per reservation (a member of the Redis request windows). Python's random is seeded from the OS
+        # and reseeded in a forked child; os.urandom would be a system call per request.
+        rid = f"{getrandbits(128):032x}"
         now = self._clock()
         counters, windows, index = self._gates(subject, now, cached)
         if not counters and not windows:
@@ -381,32 +387,32 @@ class BudgetEngine:
         return Reservation(rid, "reserved", tokens, cost_nano, tuple(counters), headers)
 
     def _headers(self, counters: list[_Gate], windows: list[_Gate], res: ReserveResult, now_ms: int) -> dict[str, str]:
+        # Per dimension, the gate with the smallest remaining amount wins; on a tie, the one that frees up later.
         headers: dict[str, str] = {}
         now = now_ms / 1000
+        best: dict[str, tuple[int, float, _Gate]] = {}
+        for g, value in zip(counters, res.values, strict=True):
+            remaining = g.limit - value if value < g.limit else 0
+            reset = math.inf if g.reset_at is None else g.reset_at - now
+            seen = best.get(g.dimension)
+            if seen is None or remaining < seen[0] or (remaining == seen[0] and reset > seen[1]):
+                best[g.dimension] = (remaining, reset, g)
         for dim in ("tokens", "cost"):
-            best: tuple[int, float, _Gate] | None = None
-            for g, value in zip(counters, res.values, strict=True):
-                if g.dimension != dim:
-                    continue
-                remaining = max(0, g.limit - value)
-                reset = math.inf if g.reset_at is None else g.reset_at - now
-                # smallest remaining wins; on a tie, the one that frees up later
-                if best is None or (remaining, -reset) < (best[0], -best[1]):
-                    best = (remaining, reset, g)
-            if best is not None:
-                fmt = _usd if dim == "cost" else str
-                headers[f"x-ratelimit-limit-{dim}"] = fmt(best[2].limit)
-                headers[f"x-ratelimit-remaining-{dim}"] = fmt(best[0])
-                if best[1] != math.inf:  # one_time budgets never reset: no reset header
-                    headers[f"x-ratelimit-reset-{dim}"] = str(max(0, math.ceil(best[1])))
+            found = best.get(dim)
+            if found is not None:
+                remaining, reset, g = found
+                headers[f"x-ratelimit-limit-{dim}"] = g.limit_text
+                headers[f"x-ratelimit-remaining-{dim}"] = _usd(remaining) if dim == "cost" else str(remaining)
+                if reset != math.inf:  # one_time budgets never reset: no reset header
+                    headers[f"x-ratelimit-reset-{dim}"] = str(max(0, math.ceil(reset)))
         best_w: tuple[int, int, _Gate] | None = None
         for g, count, mark in zip(windows, res.counts, res.marks, strict=True):
             remaining = max(0, g.limit - count)
             reset_ms = 0 if mark is None else max(0, mark + self._window_ms - now_ms)
-            if best_w is None or (remaining, -reset_ms) < (best_w[0], -best_w[1]):
+            if best_w is None or remaining < best_w[0] or (remaining == best_w[0] and reset_ms > best_w[1]):
                 best_w = (remaining, reset_ms, g)
         if best_w is not None:
-            headers["x-ratelimit-limit-requests"] = str(best_w[2].limit)
+            headers["x-ratelimit-limit-requests"] = best_w[2].limit_text
             headers["x-ratelimit-remaining-requests"] = str(best_w[0])
             headers["x-ratelimit-reset-requests"] = str(math.ceil(best_w[1] / 1000))
         return headers

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from random import getrandbits
 from typing import Any
 
 import httpx
@@ -207,7 +207,7 @@ class EmbeddingGateway:
         assert self.pipeline is not None and self.telemetry is not None
         headers = _headers(scope)
         rid = headers.get("x-request-id")
-        request_id = rid if rid and _REQUEST_ID.fullmatch(rid) else os.urandom(16).hex()
+        request_id = rid if rid and _REQUEST_ID.fullmatch(rid) else f"{getrandbits(128):032x}"
         call = Call(
             dialect=dialect,
             body=b"",

@@ -42,6 +42,7 @@ __all__ = ["SpanPipe", "unpack"]
 _log = structlog.get_logger("embedgate.telemetry")
 _LENGTH = struct.Struct("<I")
 _LINGER_S = 0.5  # how long an export waits for more frames to fill its batch
+_MAX_BACKLOG = 16 << 20  # bytes of frames waiting for a full pipe (~40k spans) before new ones are dropped
 
 
 def _tuples(attributes: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +93,15 @@ class SpanPipe:
         finally:
             os.close(ready_write)
         self._pipe: IO[bytes] = self._child.stdin  # type: ignore[assignment]
+        # Written without blocking: a frame is handed over from the request path itself (the event loop's
+        # thread), which must never wait for the helper. What the pipe does not take at once waits in
+        # ``_backlog`` (always whole frames after a partly written one), drained by ``drain``.
+        self._fd = self._pipe.fileno()
+        os.set_blocking(self._fd, False)
+        self._backlog = bytearray()
+        self.max_backlog = _MAX_BACKLOG
+        #: Spans dropped because the backlog was full (the helper fell behind).
+        self.dropped = 0
         self._lock = threading.Lock()
         self._broken = False
         # Wait for the exporters to be built (imports take a second or two): spans of the first requests would
@@ -103,8 +113,16 @@ class SpanPipe:
         finally:
             os.close(ready_read)
 
+    @property
+    def backlog(self) -> int:
+        """Bytes handed over but not yet taken by the pipe."""
+        return len(self._backlog)
+
     def write(self, spans: list[list[Any]]) -> bool:
-        """Write one frame of packed spans to the helper; False (and the spans dropped) once it is gone."""
+        """Hand one frame of packed spans to the helper without blocking; False once the helper is gone.
+
+        When the pipe is full the frame waits in the backlog; beyond ``max_backlog`` bytes it is dropped and
+        counted in ``dropped`` (the helper fell behind: spans, never requests, pay for it)."""
         if self._broken:
             return False
         try:
@@ -113,18 +131,63 @@ class SpanPipe:
             kept = [span for span in spans if _encodable(span)]
             _log.warning("spans dropped: an attribute value cannot be encoded", dropped=len(spans) - len(kept))
             payload = orjson.dumps(kept)
-        try:
-            with self._lock:
-                self._pipe.write(_LENGTH.pack(len(payload)) + payload)
-                self._pipe.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            self._broken = True
-            _log.warning("the span export process is gone; spans are dropped from now on")
-            return False
+        frame = _LENGTH.pack(len(payload)) + payload
+        with self._lock:
+            if self._backlog:
+                if len(self._backlog) + len(frame) > self.max_backlog:
+                    self.dropped += len(spans)
+                else:
+                    self._backlog += frame
+                    self._send_backlog()
+                return not self._broken
+            try:
+                sent = os.write(self._fd, frame)
+            except BlockingIOError:
+                sent = 0
+            except (BrokenPipeError, OSError, ValueError):
+                self._gone()
+                return False
+            if sent < len(frame):
+                self._backlog += memoryview(frame)[sent:]
         return True
 
+    def _send_backlog(self) -> None:
+        # with self._lock held
+        try:
+            sent = os.write(self._fd, self._backlog)
+        except BlockingIOError:
+            return
+        except (BrokenPipeError, OSError, ValueError):
+            self._gone()
+            return
+        del self._backlog[:sent]
+
+    def _gone(self) -> None:
+        if not self._broken:
+            self._broken = True
+            self._backlog.clear()
+            _log.warning("the span export process is gone; spans are dropped from now on")
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait (up to ``timeout_s``) until the pipe has taken the backlog; True when nothing is left."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                if self._backlog and not self._broken:
+                    self._send_backlog()
+                if not self._backlog or self._broken:
+                    return not self._backlog
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                select.select([], [self._fd], [], left)
+            except (OSError, ValueError):
+                return False
+
     def close(self) -> None:
-        """Close the pipe: the helper exports what it holds and exits."""
+        """Hand over the backlog, close the pipe: the helper exports what it holds and exits."""
+        self.drain(15)
         with self._lock:
             try:
                 self._pipe.close()
