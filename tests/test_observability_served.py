@@ -275,3 +275,10 @@ def test_spans_queued_at_a_sigterm_to_the_process_group_still_reach_the_collecto
         spans = receiver.wait_for_spans(6, timeout=15)
     assert {s.name for s in spans} == {"last", "auth", "cache", "budget", "routing", "embeddings embed-small"}
     upstream_server.reset()
+
+
+def test_every_answer_goes_out_with_its_length_not_in_chunks(run: Run) -> None:
+    # Served by uvicorn: without a Content-Length it would frame every answer in chunks (a copy of the body).
+    for response in run.responses:
+        assert "transfer-encoding" not in response.headers
+        assert response.headers["content-length"] == str(len(response.content))

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -34,8 +33,7 @@ class BudgetStoreError(Exception):
     """The budget store could not be reached or answered an error (foreign errors are translated to this)."""
 
 
-@dataclass(frozen=True, slots=True)
-class CounterSpec:
+class CounterSpec(NamedTuple):
     """A period counter to check and increment: admitted when ``value + amount <= limit``."""
 
     key: str
@@ -44,16 +42,14 @@ class CounterSpec:
     ttl_s: int  # expiry set on every write; 0: never expires (one_time budgets)
 
 
-@dataclass(frozen=True, slots=True)
-class WindowSpec:
+class WindowSpec(NamedTuple):
     """A rolling request window: admitted when fewer than ``limit`` requests are in the last ``window_ms``."""
 
     key: str
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
-class ReserveResult:
+class ReserveResult(NamedTuple):
     """What a reserve saw. ``failed``: the first refusing spec (counters, then windows), -1 if admitted.
 
     ``values``/``counts`` are after the reservation when admitted, unchanged when refused. ``marks[i]`` is the
@@ -66,8 +62,7 @@ class ReserveResult:
     marks: tuple[int | None, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class ReadResult:
+class ReadResult(NamedTuple):
     """Current counter values, window counts and oldest timestamps (ms) in each window."""
 
     values: tuple[int, ...]

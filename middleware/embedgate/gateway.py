@@ -241,7 +241,9 @@ class EmbeddingGateway:
                     call.headers.update(error.headers)
                     if isinstance(error, BudgetExceeded):
                         self.metrics.observe_budget_rejection(error.scope_kind, error.dimension)
-                out = [_JSON, (b"x-request-id", request_id.encode()),
+                # With its length, the answer goes out as one body (no chunked framing: uvicorn would copy it
+                # into chunks, ~2 MB for a 256 batch, and every client would parse the framing).
+                out = [_JSON, (b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.encode()),
                        (b"x-embedgate-trace-id", root.trace_id_hex.encode()),
                        (b"x-embedgate-cache", call.cache_status.encode())]  # fmt: skip
                 out.extend((k.encode(), v.encode()) for k, v in call.headers.items())
@@ -453,6 +455,7 @@ async def _send(send: Send, status: int, body: bytes, headers: dict[str, str]) -
     ctype = headers.pop("content-type", None)
     out = [
         (b"content-type", ctype.encode()) if ctype else _JSON,
+        (b"content-length", str(len(body)).encode()),
         *((k.encode(), v.encode()) for k, v in headers.items()),
     ]
     await send({"type": "http.response.start", "status": status, "headers": out})
