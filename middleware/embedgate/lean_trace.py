@@ -48,6 +48,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanK
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes, AttributeValue
 
+from .current_span import current_span
 from .span_export import SpanPipe
 
 __all__ = ["LeanSpan", "LeanTracer", "LeanTracerProvider"]
@@ -186,7 +187,7 @@ class LeanTracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> Span:
-        current = trace.get_current_span(context)
+        current = current_span(context)
         if type(current) is LeanSpan:  # the common case, a child of one of ours: sampled, ids at hand
             attrs = _clean_all(attributes) if attributes else {}
             return LeanSpan(self, name, current._trace_id, getrandbits(64) or 1, current._trace_state,

@@ -23,7 +23,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
 
 from opentelemetry import baggage, propagate, trace
-from opentelemetry import context as otel_context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
@@ -42,6 +41,8 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
+
+from .current_span import attach_span, current_span, detach
 
 if TYPE_CHECKING:
     from .lean_trace import LeanTracerProvider
@@ -188,11 +189,11 @@ class _Scoped:
         return self
 
     def _attach(self) -> None:
-        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        self._token = attach_span(self._span)
 
     def _detach(self) -> None:
         if self._token is not None:
-            otel_context.detach(self._token)
+            detach(self._token)
             self._token = None
 
 
@@ -388,7 +389,7 @@ class Telemetry:
             for key in attributes:
                 _check(key)
         parent: Context | None = None
-        if not trace.get_current_span().get_span_context().is_valid:
+        if not current_span().get_span_context().is_valid:
             parent = self._extract(headers)
         span = self._tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
         if not span.get_span_context().is_valid:

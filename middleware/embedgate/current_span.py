@@ -1,0 +1,59 @@
+"""The current OpenTelemetry span, read and made current in one step each.
+
+``trace.get_current_span`` and ``context.attach(trace.set_span_in_context(span))`` go through four or five layers
+of the API (runtime context, ``get_value``, ``set_value``) to read or set one ``ContextVar``; a request does that
+a dozen times (six spans, five of them made current). When OTel's default runtime context is in use (contextvars,
+as almost always), these functions touch its ``ContextVar`` directly, with the same result: the same ``Context``
+contents, the same token semantics. With any other runtime context (``OTEL_PYTHON_CONTEXT``) they call the API.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar, Token
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+from opentelemetry.trace import INVALID_SPAN, Span
+from opentelemetry.trace import propagation as _propagation
+
+__all__ = ["attach_span", "current_span", "detach"]
+
+
+def _fast_path() -> tuple[ContextVar[Context], str] | None:
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    var = getattr(runtime, "_current_context", None) if type(runtime) is ContextVarsRuntimeContext else None
+    key = getattr(_propagation, "_SPAN_KEY", None)
+    return (var, key) if isinstance(var, ContextVar) and isinstance(key, str) else None
+
+
+_FAST = _fast_path()
+
+
+def current_span(context: Context | None = None) -> Span:
+    """``trace.get_current_span(context)``."""
+    if _FAST is None:
+        return trace.get_current_span(context)
+    var, key = _FAST
+    span = (var.get() if context is None else context).get(key)
+    return span if isinstance(span, Span) else INVALID_SPAN
+
+
+def attach_span(span: Span) -> Token[Context]:
+    """``context.attach(trace.set_span_in_context(span))``: ``span`` is current until :func:`detach`."""
+    if _FAST is None:
+        return otel_context.attach(trace.set_span_in_context(span))
+    var, key = _FAST
+    return var.set(Context({**var.get(), key: span}))
+
+
+def detach(token: Token[Context]) -> None:
+    """``context.detach(token)`` (a token of another context is logged by the API, not raised)."""
+    if _FAST is None:
+        otel_context.detach(token)
+        return
+    try:
+        _FAST[0].reset(token)
+    except ValueError:
+        otel_context.detach(token)
