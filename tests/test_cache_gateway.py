@@ -301,3 +301,43 @@ def test_redis_outage_is_a_miss_and_caching_resumes(tmp_path: Path, upstream: Fa
     finally:
         redis_proc.terminate()
         redis_proc.wait(10)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("route", ["/v1/embeddings", "/api/v1/embeddings"])
+async def test_base64_answers_pass_the_upstreams_text_on_and_encode_only_cached_vectors(
+    client: httpx.AsyncClient, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    import pybase64
+
+    import embedgate.gateway
+
+    encoded: list[bytes] = []
+
+    class CountingBase64:
+        @staticmethod
+        def b64encode(vector: bytes) -> bytes:
+            encoded.append(vector)
+            return pybase64.b64encode(vector)
+
+    monkeypatch.setattr(embedgate.gateway, "pybase64", CountingBase64)
+    words = [f"{route} {w}" for w in ("a", "b", "c", "d")]
+
+    async def ask(items: list[str]) -> httpx.Response:
+        body = {"model": "local/embed-small", "input": items, "cache": CACHE, "encoding_format": "base64"}
+        r = await client.post(route, json=body, headers={"authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200, r.text
+        return r
+
+    miss = await ask(words[:2])
+    assert miss.headers["x-embedgate-cache"] == "miss" and encoded == []  # the upstream's texts, as they came
+    partial = await ask([words[1], words[2], words[0], words[3]])
+    assert partial.headers["x-embedgate-cache"] == "partial"
+    assert len(encoded) == 2  # the two cached vectors; the two fresh ones are the upstream's texts
+    payload = partial.json()
+    assert [d["index"] for d in payload["data"]] == [0, 1, 2, 3]
+    assert all(d["object"] == "embedding" and isinstance(d["embedding"], str) for d in payload["data"])
+    for vec, text in zip(floats(partial), [words[1], words[2], words[0], words[3]], strict=True):
+        np.testing.assert_array_equal(vec, expected_vector("embed-small", text))
+    if route == "/api/v1/embeddings":
+        assert next(iter(payload)) == "id" and payload["usage"]["cost"] >= 0

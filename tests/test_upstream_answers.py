@@ -17,6 +17,7 @@ import pytest
 
 from embedgate.config import ProviderConfig
 from embedgate.errors import UpstreamError
+from embedgate.providers import Embeddings
 from embedgate.providers.openai import OpenAIAdapter, cut_vectors
 
 pytestmark = pytest.mark.anyio
@@ -32,14 +33,17 @@ def b64(i: int, dims: int = DIMS) -> str:
     return base64.b64encode(vec(i, dims)).decode()
 
 
-async def embed(body: bytes, n_items: int, dimensions: int | None = None) -> list[bytes]:
+async def answered(body: bytes, n_items: int) -> Embeddings:
     async def send(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=body, request=request)
 
     adapter = OpenAIAdapter(ProviderConfig(name="up", type="openai_compatible", base_url="http://127.0.0.1:9"), send)
-    result = await adapter.embed(upstream_model="m", input=["x"] * n_items, n_items=n_items, dimensions=dimensions,
-                                 user=None, input_type=None, timeout_s=5)  # fmt: skip
-    return result.vectors
+    return await adapter.embed(upstream_model="m", input=["x"] * n_items, n_items=n_items, dimensions=None,
+                               user=None, input_type=None, timeout_s=5)  # fmt: skip
+
+
+async def embed(body: bytes, n_items: int) -> list[bytes]:
+    return (await answered(body, n_items)).vectors
 
 
 def pair(first: str, second: str) -> bytes:
@@ -55,10 +59,26 @@ async def test_a_batch_is_cut_into_a_small_skeleton_and_read_back_in_index_order
     order = list(range(256))
     random.Random(7).shuffle(order)
     body = answer([{"object": "embedding", "index": i, "embedding": b64(i, 1536)} for i in order])
-    skeleton, cut = cut_vectors(body)
+    skeleton, cut, texts = cut_vectors(body)
     assert len(body) > 2_000_000 and len(skeleton) < 20_000  # the vectors are out of what the JSON parser sees
     assert sorted(v for v in cut if v is not None) == sorted(vec(i, 1536) for i in range(256))
-    assert await embed(body, 256) == [vec(i, 1536) for i in range(256)]
+    assert [bytes(t) for t in texts if t is not None] == [b64(i, 1536).encode() for i in order]
+    result = await answered(body, 256)
+    assert result.vectors == [vec(i, 1536) for i in range(256)]
+    # the upstream's own base64 texts, in input order, to be passed on to base64 clients as they are
+    assert [bytes(t) for t in result.b64 or [] if t is not None] == [b64(i, 1536).encode() for i in range(256)]
+
+
+async def test_only_a_canonical_base64_text_is_kept_for_passing_on() -> None:
+    canonical = b64(0)  # 32 bytes: a padded last group, whose unused bits a lenient encoder may set
+    assert canonical.endswith("=")
+    lenient = canonical[:-2] + chr(ord(canonical[-2]) + 1) + "="
+    body = pair(f'"{canonical}"', f'"{lenient}"')
+    result = await answered(body, 2)
+    assert result.vectors == [vec(0), vec(0)]  # both decode to the same bytes
+    assert result.b64 == [canonical.encode(), None]
+    floats = pair(orjson.dumps(np.frombuffer(vec(0), "<f4").tolist()).decode(), f'"{canonical}"')
+    assert (await answered(floats, 2)).b64 == [None, canonical.encode()]  # a float list has no text to pass on
 
 
 @pytest.mark.parametrize(

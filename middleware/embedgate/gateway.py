@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pybase64
 import structlog
 from opentelemetry.trace import TracerProvider
 
@@ -44,7 +45,7 @@ from .pipeline import Call, Pipeline
 from .providers import Http1Transport, build_adapter, sender_for
 from .routing import Router
 from .telemetry import Telemetry
-from .vectors import bytes_to_floats, many_to_b64
+from .vectors import bytes_to_floats
 
 __all__ = ["EmbeddingGateway"]
 
@@ -63,6 +64,8 @@ _ROUTES = {
 }
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON = (b"content-type", b"application/json")
+_FIRST_ITEM_HEAD = b'{"object":"embedding","index":0,"embedding":"'
+_ITEM_HEAD = b'"},{"object":"embedding","index":%d,"embedding":"'
 
 
 class EmbeddingGateway:
@@ -351,18 +354,30 @@ class EmbeddingGateway:
     def _render(self, call: Call) -> bytes:
         req = call.request
         assert req is not None
-        if req.encoding_format == "base64":
-            data = [{"object": "embedding", "index": i, "embedding": e}
-                    for i, e in enumerate(many_to_b64(call.vectors))]  # type: ignore[arg-type]  # fmt: skip
-        else:
-            data = [{"object": "embedding", "index": i, "embedding": bytes_to_floats(v)}  # type: ignore[arg-type]
-                    for i, v in enumerate(call.vectors)]  # fmt: skip
+        base64 = req.encoding_format == "base64"
+        data: Any = None if base64 else [
+            {"object": "embedding", "index": i, "embedding": bytes_to_floats(v)}  # type: ignore[arg-type]
+            for i, v in enumerate(call.vectors)]  # fmt: skip
         usage: dict[str, Any] = {"prompt_tokens": call.prompt_tokens, "total_tokens": call.prompt_tokens}
         body: dict[str, Any] = {"object": "list", "data": data, "model": call.served_model, "usage": usage}
         if call.dialect is Dialect.OPENROUTER:
             body = {"id": f"emb-{call.request_id}", **body}
             usage["cost"] = round(call.cost_usd, 12)
-        return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        out = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        if not base64:
+            return out
+        # The base64 items go in as bytes where orjson wrote "data":null (its first occurrence: only "id", of a
+        # request id's safe characters, comes before it): the upstream's own base64 text when it sent one (no
+        # second encoding, and no str of ~8 KB per vector for orjson to copy), else the vector encoded here.
+        head, tail = out.split(b'"data":null', 1)
+        parts = [head, b'"data":[']
+        texts = call.b64 if len(call.b64) == len(call.vectors) else [None] * len(call.vectors)
+        for i, (vector, text) in enumerate(zip(call.vectors, texts, strict=True)):
+            parts.append(_ITEM_HEAD % i if i else _FIRST_ITEM_HEAD)
+            parts.append(text if text is not None else pybase64.b64encode(vector))  # type: ignore[arg-type]
+        parts.append(b'"}]' if call.vectors else b"]")
+        parts.append(tail)
+        return b"".join(parts)
 
     # --- GET endpoints ---------------------------------------------------------------------------------------
 

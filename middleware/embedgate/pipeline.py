@@ -44,6 +44,7 @@ class Call:
     chain: list[ResolvedModel] = field(default_factory=list)
     # results, one slot per input item
     vectors: list[bytes | None] = field(default_factory=list)
+    b64: list[bytes | memoryview | None] = field(default_factory=list)  # the upstream's own base64 text, if any
     item_tokens: list[int] = field(default_factory=list)
     served_model: str = ""
     prompt_tokens: int = 0  # tokens reported to the client (cache hits report the recorded tokens)
@@ -169,6 +170,7 @@ class Pipeline:
             )
         call.chain = chain
         call.vectors = [None] * len(req.items)
+        call.b64 = [None] * len(req.items)
         call.item_tokens = [0] * len(req.items)
 
     async def cache_lookup(self, call: Call) -> None:
@@ -303,6 +305,9 @@ class Pipeline:
         assert req is not None
         for pos, vec in zip(positions, result.vectors, strict=True):
             call.vectors[pos] = vec
+        texts = result.b64 or [None] * len(positions)
+        for pos, text in zip(positions, texts, strict=True):
+            call.b64[pos] = text
         items = req.items
         picked = [items[p] for p in positions]
         # strings (the usual batch) weigh their length; the general rule for the rest

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pybase64
 
-__all__ = ["VectorError", "b64_to_bytes", "bytes_to_floats", "floats_to_bytes", "many_to_b64"]
+__all__ = ["VectorError", "b64_to_bytes", "bytes_to_floats", "floats_to_bytes"]
 
 _F32 = np.dtype("<f4")
 
@@ -44,11 +44,6 @@ def floats_to_bytes(values: Any) -> bytes:
     if arr.ndim != 1:
         raise VectorError("an embedding must be a flat list of numbers")
     return arr.tobytes()
-
-
-def many_to_b64(vectors: list[bytes]) -> list[str]:
-    """The base64 forms clients asked for with ``encoding_format: base64`` (no Python call per vector)."""
-    return list(map(pybase64.b64encode_as_string, vectors))
 
 
 def bytes_to_floats(vector: bytes) -> np.ndarray[Any, np.dtype[np.float32]]:

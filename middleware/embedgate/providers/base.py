@@ -34,6 +34,9 @@ class Embeddings:
     dimensions: int
     prompt_tokens: int
     total_tokens: int
+    #: Per item, the upstream's own base64 text of the vector when it sent one that decoded as is (ASCII, to be
+    #: passed on to a base64 client without encoding it again); None where it did not.
+    b64: list[bytes | memoryview | None] | None = None
 
 
 class Adapter(Protocol):

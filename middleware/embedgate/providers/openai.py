@@ -109,7 +109,7 @@ class OpenAIAdapter:
         def malformed(why: str) -> UpstreamError:
             return UpstreamError(f"{self.name} sent a malformed answer: {why}", code="upstream_malformed")
 
-        skeleton, cut = cut_vectors(content)
+        skeleton, cut, texts = cut_vectors(content)
         try:
             data = orjson.loads(skeleton)
         except orjson.JSONDecodeError:
@@ -120,6 +120,7 @@ class OpenAIAdapter:
         if len(items) != n_items:
             raise malformed(f"{len(items)} vectors for {n_items} inputs")
         vectors: list[bytes | None] = [None] * n_items
+        b64: list[bytes | memoryview | None] = [None] * n_items
         # One tight loop: a batch runs it once per item (orjson gives plain dict, int and str; bool is not an index).
         for position, item in enumerate(items):
             if type(item) is not dict:
@@ -134,7 +135,8 @@ class OpenAIAdapter:
                 if type(embedding) is not str:
                     vectors[index] = floats_to_bytes(embedding)
                 elif embedding[:1] == _MARK:
-                    vectors[index] = take_cut(cut, embedding)
+                    vectors[index], k = take_cut(cut, embedding)
+                    b64[index] = texts[k]
                 else:  # a string left in the skeleton (whitespace before it, escapes): decoded, or its error told
                     vectors[index] = b64_to_bytes(embedding)
             except VectorError as exc:
@@ -148,15 +150,16 @@ class OpenAIAdapter:
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         prompt = _count(usage.get("prompt_tokens"))
         total = _count(usage.get("total_tokens"), prompt)
-        return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total)  # type: ignore[arg-type]
+        return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total,  # type: ignore[arg-type]
+                          b64=b64)  # fmt: skip
 
 
 _KEY = b'"embedding":"'
 _MARK = "#"  # never in a base64 string: a marker in the skeleton can only be one this module wrote
 
 
-def cut_vectors(content: bytes) -> tuple[bytes, list[bytes | None]]:
-    """The answer with every base64 vector cut out and decoded: ``(skeleton, vectors)``.
+def cut_vectors(content: bytes) -> tuple[bytes, list[bytes | None], list[memoryview | None]]:
+    """The answer with every base64 vector cut out and decoded: ``(skeleton, vectors, texts)``.
 
     A batch answer is ~2 MB of base64 strings; parsing it as JSON made a Python str of every vector (~1 ms for
     256 x 1536) only to decode it after. Here each ``"embedding":"<base64>"`` is found with ``bytes.find``,
@@ -165,44 +168,51 @@ def cut_vectors(content: bytes) -> tuple[bytes, list[bytes | None]]:
     A string is cut only when it decodes as a whole float32 vector: anything else (a JSON escape,
     a quote inside, bad base64) stays in the skeleton, where the JSON parse and the usual decoding judge it.
     An occurrence that is not a real ``embedding`` member (inside a key, say) is cut but never referenced.
+    ``texts[k]`` is the base64 text of ``vectors[k]``, a view of ``content`` (None if not canonical).
     """
     find = content.find
     at = find(_KEY)
     if at < 0:
-        return content, []
+        return content, [], []
     view = memoryview(content)
     parts: list[bytes | memoryview] = []
     vectors: list[bytes | None] = []
+    texts: list[memoryview | None] = []
     copied = 0  # content[:copied] is in parts
     while at >= 0:
         start = at + len(_KEY)
         end = find(b'"', start)
         if end < 0:
             break
+        text = view[start:end]
         try:
-            raw = pybase64.b64decode(view[start:end], validate=True)
+            raw = pybase64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raw = b""
         if raw and not len(raw) % 4:
             parts.append(view[copied:start])
             parts.append(b"#%d" % len(vectors))
             vectors.append(raw)
+            # Passed on only if canonical: the bits a padded last group leaves unused may be set by a lenient
+            # encoder, and a strict decoder would refuse that text (it decodes to the same bytes here).
+            tail = len(raw) % 3
+            texts.append(text if not tail or pybase64.b64encode(raw[-tail:]) == text[-4:] else None)
             copied = end
         at = find(_KEY, end)
     if not vectors:
-        return content, []
+        return content, [], []
     parts.append(view[copied:])
-    return b"".join(parts), vectors
+    return b"".join(parts), vectors, texts
 
 
-def take_cut(vectors: list[bytes | None], marker: str) -> bytes:
-    """The vector a ``"#<k>"`` marker of :func:`cut_vectors` stands for; each may be taken once."""
+def take_cut(vectors: list[bytes | None], marker: str) -> tuple[bytes, int]:
+    """The vector a ``"#<k>"`` marker of :func:`cut_vectors` stands for, and ``k``; each may be taken once."""
     k = marker[1:]
     vector = vectors[int(k)] if k.isdigit() and int(k) < len(vectors) else None
     if vector is None:  # no such cut, or a second item naming it: the upstream wrote this "#..." string
         raise VectorError("invalid base64 embedding: not base64")
     vectors[int(k)] = None
-    return vector
+    return vector, int(k)
 
 
 def _count(v: Any, default: int = 0) -> int:
