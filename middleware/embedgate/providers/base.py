@@ -64,7 +64,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     Errors keep httpx's types (``httpx.TimeoutException``, ``httpx.ConnectError``, ``httpx.ReadError``), so the
     adapters translate the same exceptions whichever transport is underneath. It arms no timeout of its own (nor
-    reads httpx's timeout extension): the caller bounds each request, as the adapters do with ``asyncio.timeout``.
+    reads httpx's timeout extension): the caller bounds each request, as the adapters do with ``deadline``.
     """
 
     def __init__(self, *, max_connections: int = 512, keepalive_s: float = 30.0) -> None:
@@ -75,7 +75,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def _open(self) -> aiohttp.ClientSession:
         # Created on first use, inside the running event loop that will own it.
         connector = aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=self._keepalive_s, ttl_dns_cache=300)
-        # No aiohttp timers: every adapter call runs under its own asyncio.timeout (the attempt's timeout, capped
+        # No aiohttp timers: every adapter call runs under its own deadline (the attempt's timeout, capped
         # by the request's deadline), so aiohttp's default 300 s total and 30 s connect timers, armed and
         # cancelled on every request, would only cost time (~8% of a call, measured).
         no_timers = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=None, sock_read=None)

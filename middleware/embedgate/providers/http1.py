@@ -12,7 +12,7 @@ What it does: keep-alive connections pooled per origin (``http``/``https``, most
 ``Content-Encoding`` as for any transport. What it leaves out, because no embedding API needs it: HTTP/2,
 proxies, upgrades, ``Expect: 100-continue``, HEAD.
 
-Timeouts: none of its own. The caller bounds each call (the adapters run it under ``asyncio.timeout``); a call
+Timeouts: none of its own. The caller bounds each call (the adapters run it under ``deadline``); a call
 cancelled mid-way closes its connection, since an answer may still be on its way. Errors keep httpx's types:
 ``ConnectError`` (no connection), ``WriteError``/``ReadError`` (the connection broke), ``RemoteProtocolError``
 (not HTTP/1.1).

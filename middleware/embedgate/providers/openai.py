@@ -8,7 +8,6 @@ per input becomes ``UpstreamError(code="upstream_malformed")``: never passed on 
 
 from __future__ import annotations
 
-import asyncio
 import binascii
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +20,7 @@ from ..config import ProviderConfig
 from ..errors import UpstreamError, UpstreamTimeout
 from ..vectors import VectorError, b64_to_bytes, floats_to_bytes
 from .base import Embeddings, Sender
+from .deadline import deadline
 
 __all__ = ["OpenAIAdapter", "cut_vectors", "take_cut"]
 
@@ -75,7 +75,7 @@ class OpenAIAdapter:
         request = httpx.Request("POST", self._url, headers=send_headers, stream=httpx.ByteStream(payload))
         request.read()  # so that ``request.content`` is there for any transport (one chunk: no copy)
         try:
-            async with asyncio.timeout(timeout_s):
+            async with deadline(timeout_s):
                 response = await self._send(request)
                 content = response.content
         except (TimeoutError, httpx.TimeoutException) as exc:
