@@ -224,7 +224,7 @@ def test_direct_otlp_encoding_is_what_the_sdk_encoder_writes() -> None:
              "arr": ["base64", "float"], "ints": [1, 2]}  # fmt: skip
     packed = [
         ["embeddings x", 2**63 + 123, 456, 789 + i, 1, None if i % 3 == 0 else [5, i % 2 == 0], i % 5,
-         10**18 + i, 10**18 + 1000 + i, attrs if i % 4 == 0 else {"a": i},
+         10**18 + i, 10**18 + 1000 + i, attrs if i % 4 == 0 else {"a": i % 3 if i % 2 else i % 3 == 1},
          [2, "boom"] if i % 4 == 0 else [1, None] if i % 4 == 1 else [0, None],
          [["exception", 10**18 + 5, {"exception.type": "X"}]] if i % 7 == 0 else [],
          ["embedgate", "1.0"] if i % 2 else ["other", None]]
@@ -232,7 +232,11 @@ def test_direct_otlp_encoding_is_what_the_sdk_encoder_writes() -> None:
     ]  # fmt: skip
     packed = orjson.loads(orjson.dumps(packed))  # as the helper reads them
     resource = Resource.create({"service.name": "svc", "deployment.environment": "test"})
-    ours = ExportTraceServiceRequest.FromString(encode_request(packed, resource.attributes))
+    first = encode_request(packed, resource.attributes)
+    # again, with the encoder's cache of attribute fields warm: 1 and True, 0 and False must not be taken for
+    # each other (they are equal as dict keys)
+    assert encode_request(packed, resource.attributes) == first
+    ours = ExportTraceServiceRequest.FromString(first)
     sdk = encode_spans([unpack(p, resource) for p in packed])
 
     def by_span(message: Any) -> dict[bytes, tuple[bytes, bytes, bytes]]:

@@ -74,10 +74,31 @@ class _Keys(dict[str, bytes]):
 _KEYS = _Keys()
 
 
+# Whole encoded ``KeyValue`` fields of str and int attributes, by (tag, key, value): most attribute values repeat
+# from span to span (operation, route, model, provider, cache outcome, status code). Not bools: True == 1 as a dict
+# key. Cleared when full, so that unique values (request ids) cannot crowd it out for good.
+_PAIRS: dict[tuple[bytes, str, Any], bytes] = {}
+_MAX_PAIRS = 8192
+
+
 def _attributes(tag: bytes, attributes: Mapping[str, Any]) -> bytes:
     """Repeated ``KeyValue`` fields under ``tag``."""
-    keys = _KEYS
-    return b"".join(_field(tag, keys[k] + _field(b"\x12", _any_value(v))) for k, v in attributes.items())
+    keys, pairs = _KEYS, _PAIRS
+    out = []
+    for k, v in attributes.items():
+        kind = type(v)
+        if kind is str or kind is int:
+            pair = (tag, k, v)
+            encoded = pairs.get(pair)
+            if encoded is None:
+                encoded = _field(tag, keys[k] + _field(b"\x12", _any_value(v)))
+                if len(pairs) >= _MAX_PAIRS:
+                    pairs.clear()
+                pairs[pair] = encoded
+        else:
+            encoded = _field(tag, keys[k] + _field(b"\x12", _any_value(v)))
+        out.append(encoded)
+    return b"".join(out)
 
 
 def _span(packed: list[Any]) -> bytes:
