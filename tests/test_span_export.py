@@ -4,6 +4,9 @@ or a dead helper drops spans without failing anything."""
 
 from __future__ import annotations
 
+import enum
+import marshal
+import math
 import os
 import signal
 import time
@@ -47,7 +50,7 @@ def test_spans_keep_every_field_through_the_hand_off() -> None:
     sink = Captured()
     record(LeanTracer(sink, ["embedgate", "1.2.3"]))  # type: ignore[arg-type]
     resource = Resource.create({"service.name": "t"})
-    spans = {s.name: s for s in (unpack(orjson.loads(orjson.dumps(p)), resource) for p in sink.packed)}
+    spans = {s.name: s for s in (unpack(marshal.loads(marshal.dumps(p)), resource) for p in sink.packed)}
     root, attempt = spans["root-name"], spans["embeddings m"]
     assert root.parent is None and attempt.parent is not None
     assert attempt.parent.span_id == root.context.span_id
@@ -230,7 +233,7 @@ def test_direct_otlp_encoding_is_what_the_sdk_encoder_writes() -> None:
          ["embedgate", "1.0"] if i % 2 else ["other", None]]
         for i in range(40)
     ]  # fmt: skip
-    packed = orjson.loads(orjson.dumps(packed))  # as the helper reads them
+    packed = marshal.loads(marshal.dumps(packed))  # as the helper reads them
     resource = Resource.create({"service.name": "svc", "deployment.environment": "test"})
     first = encode_request(packed, resource.attributes)
     # again, with the encoder's cache of attribute fields warm: 1 and True, 0 and False must not be taken for
@@ -250,19 +253,29 @@ def test_direct_otlp_encoding_is_what_the_sdk_encoder_writes() -> None:
     assert len(by_span(ours)) == 40
 
 
-def test_an_unencodable_attribute_drops_its_span_not_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+class Level(enum.IntEnum):
+    HIGH = 2
+
+
+class Name(str):
+    pass
+
+
+def test_values_otlp_cannot_carry_are_dropped_and_the_span_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     with OtlpReceiver() as receiver:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
         provider = LeanTracerProvider(["otlp"], "odd-values")
         tracer = provider.get_tracer("embedgate")
         with tracer.start_as_current_span("too-big") as span:
-            span.set_attribute("n", 2**70)  # beyond OTLP's int64
-        with tracer.start_as_current_span("fine") as span:
+            span.set_attributes({"n": 2**63, "m": -(2**63) - 1, "ok": 2**63 - 1, "seq": (1, 2**64)})  # beyond int64
+            span.set_attribute("level", Level.HIGH)  # an IntEnum: kept as a plain int
+        with tracer.start_as_current_span(Name("fine")) as span:  # a str subclass as the name: kept as a str
             span.set_attribute("nan", float("nan"))
         provider.force_flush()
         with tracer.start_as_current_span("after"):
             pass
         provider.shutdown()
-        spans = {s.name: s for s in receiver.wait_for_spans(2)}
-    assert set(spans) == {"fine", "after"}
-    assert "nan" in spans["fine"].attributes and spans["fine"].attributes["nan"] is None  # empty, not "None"
+        spans = {s.name: s for s in receiver.wait_for_spans(3)}
+    assert set(spans) == {"too-big", "fine", "after"}  # no span lost for one value
+    assert spans["too-big"].attributes == {"ok": 2**63 - 1, "level": 2}  # the values OTLP cannot carry are left out
+    assert math.isnan(spans["fine"].attributes["nan"])  # as the SDK's encoder writes it

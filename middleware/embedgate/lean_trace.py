@@ -19,8 +19,9 @@ Semantics kept from the SDK:
   Spans go to the helper in frames of 64 as soon as that many are queued; the helper gathers the frames waiting
   in the pipe into one export, up to the batch size. When the helper falls behind, frames wait in a bounded
   backlog (16 MiB), then are dropped and counted: the request path never waits for the helper.
-- Attribute values: str, bool, int, float and sequences of them; anything else is dropped, never raised. A NaN or
-  infinite float is exported as an empty value; an int beyond 64 bits drops its span (OTLP has no such int).
+- Attribute values: str, bool, int, float and sequences of them; anything else is dropped, never raised, and so is
+  an int outside int64 (OTLP has no wider int). Subclasses (an IntEnum) are kept as their plain type. A NaN or
+  infinite float is exported as it is, as the SDK's encoder does.
 
 Links are not recorded, and ``record_exception`` records the exception's type only (its message may quote a
 client's input or an upstream's answer).
@@ -57,7 +58,8 @@ _log = structlog.get_logger("embedgate.telemetry")
 _LOW = (1 << 64) - 1
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
-_PLAIN = (str, bool, int, float)
+_PLAIN = (str, bool, float)  # taken as they are; an int is checked against OTLP's int64 (``_clean``)
+_INT64 = range(-(1 << 63), 1 << 63)
 _MAX_ATTRIBUTES = 128
 _UNSET = StatusCode.UNSET.value
 _KIND = {kind: kind.value for kind in SpanKind}
@@ -66,13 +68,21 @@ _time_ns = time.time_ns
 
 
 def _clean(value: Any) -> Any:
-    """The value as an OTel attribute value, or None to drop it."""
-    if type(value) in _PLAIN:
+    """The value as an OTel attribute value of plain types (what the hand-off carries), or None to drop it."""
+    kind = type(value)
+    if kind is int:
+        return value if value in _INT64 else None  # OTLP has no wider int
+    if kind in _PLAIN:
         return value
-    if isinstance(value, _PLAIN):  # subclasses: an IntEnum, a str subclass
-        return value
-    if isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value):
-        return tuple(value)
+    if isinstance(value, int):  # an IntEnum, another int subclass (bool cannot be subclassed)
+        return _clean(int(value))
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        items = tuple(_clean(v) for v in value if not isinstance(v, (list, tuple, dict)))
+        return items if len(items) == len(value) and None not in items else None
     return None
 
 
@@ -100,6 +110,7 @@ class LeanSpan(Span):
         self._trace_state = trace_state
         self._ctx: SpanContext | None = None  # built when asked for: child spans read the ints above
         # name, trace id halves, span id, flags, [parent span id, parent is remote], kind: see span_export
+        name = name if type(name) is str else str(name)  # a str subclass would not pass the hand-off
         self._head = [name, trace_id >> 64, trace_id & _LOW, span_id, 1, parent, _KIND[kind]]
         self._attrs = attrs
         self._start = start
@@ -139,7 +150,7 @@ class LeanSpan(Span):
 
     def update_name(self, name: str) -> None:
         if self._end is None:
-            self._head[0] = name
+            self._head[0] = name if type(name) is str else str(name)
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         if self._end is None and self._status[0] != StatusCode.OK.value:  # OK is final, as in the SDK

@@ -46,7 +46,7 @@ def _field(tag: bytes, payload: bytes) -> bytes:
 def _any_value(value: Any) -> bytes:
     """An ``AnyValue`` message (string 1, bool 2, int 3, double 4, array 5); empty for None."""
     kind = type(value)
-    if value is None:  # a NaN or infinite float: JSON, between gateway and helper, has no such number
+    if value is None:  # not an attribute value the lean tracer keeps; an empty AnyValue rather than a failure
         return b""
     if kind is str:
         return _field(b"\x0a", value.encode("utf-8", "replace"))

@@ -9,18 +9,22 @@ same environment) in a child process:
                                                                          directly, embedgate.otlp_encode; others:
                                                                          rebuilt ReadableSpans)
 
-A frame is a 4-byte little-endian length and an orjson list of packed spans; a packed span is the list
+A frame is a 4-byte little-endian length and a ``marshal``-ed list of packed spans (the helper runs the same
+interpreter; marshal writes such a frame ~2x faster than orjson, reads it ~9x faster, and in a tenth of the bytes,
+as repeated strings go once); a packed span is the list
 
     [name, trace_id >> 64, trace_id & (2**64 - 1), span_id, trace_flags, [parent_span_id, parent_is_remote] | None,
      kind, start_ns, end_ns, {attributes}, [status_code, description], [[event name, ns, {attributes}], ...],
      [scope name, scope version] | None]
 
-(ints only: orjson writes no int above 64 bits). The child exits when its stdin closes, after flushing; if it
-dies, spans are dropped (logged once), never the gateway's requests.
+of plain str, int, float, bool, None, lists, tuples and dicts (the lean tracer keeps attribute ints within int64).
+The child exits when its stdin closes, after flushing; if it dies, spans are dropped (logged once), never the
+gateway's requests.
 """
 
 from __future__ import annotations
 
+import marshal
 import os
 import select
 import struct
@@ -31,7 +35,6 @@ import time
 from collections.abc import Sequence
 from typing import IO, Any
 
-import orjson
 import structlog
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -72,8 +75,8 @@ def unpack(data: list[Any], resource: Any) -> ReadableSpan:
 
 def _encodable(span: list[Any]) -> bool:
     try:
-        orjson.dumps(span)
-    except TypeError:
+        marshal.dumps(span)
+    except ValueError:
         return False
     return True
 
@@ -126,11 +129,11 @@ class SpanPipe:
         if self._broken:
             return False
         try:
-            payload = orjson.dumps(spans)
-        except TypeError:  # orjson.JSONEncodeError: an int beyond 64 bits somewhere; drop only those spans
+            payload = marshal.dumps(spans)
+        except ValueError:  # an object marshal does not know (a span name of a str subclass, say): drop those spans
             kept = [span for span in spans if _encodable(span)]
-            _log.warning("spans dropped: an attribute value cannot be encoded", dropped=len(spans) - len(kept))
-            payload = orjson.dumps(kept)
+            _log.warning("spans dropped: a value cannot be encoded", dropped=len(spans) - len(kept))
+            payload = marshal.dumps(kept)
         frame = _LENGTH.pack(len(payload)) + payload
         with self._lock:
             if self._backlog:
@@ -268,7 +271,7 @@ def _serve(exporter_names: str, service_name: str, ready_fd: int) -> None:
     def read_frame() -> list[Any] | None:
         head = read_exact(_LENGTH.size)
         payload = None if head is None else read_exact(_LENGTH.unpack(head)[0])
-        return None if payload is None else orjson.loads(payload)
+        return None if payload is None else marshal.loads(payload)
 
     def export(packed: list[Any]) -> None:
         encoded: _Encoded | None = None
