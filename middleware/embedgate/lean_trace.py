@@ -58,7 +58,7 @@ _log = structlog.get_logger("embedgate.telemetry")
 _LOW = (1 << 64) - 1
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
-_PLAIN = (str, bool, float)  # taken as they are; an int is checked against OTLP's int64 (``_clean``)
+_PLAIN = (str, bool, float)  # taken as they are; an int is checked against OTLP's int64
 _INT64 = range(-(1 << 63), 1 << 63)
 _MAX_ATTRIBUTES = 128
 _UNSET = StatusCode.UNSET.value
@@ -90,7 +90,7 @@ def _clean_all(attributes: Attributes) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if attributes:
         for key, value in attributes.items():
-            v = value if type(value) in _PLAIN else _clean(value)
+            v = value if type(value) in _PLAIN or (type(value) is int and value in _INT64) else _clean(value)
             if v is not None and len(out) < _MAX_ATTRIBUTES:
                 out[key] = v
     return out
@@ -129,7 +129,7 @@ class LeanSpan(Span):
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
         if self._end is None:
-            v = value if type(value) in _PLAIN else _clean(value)
+            v = value if type(value) in _PLAIN or (type(value) is int and value in _INT64) else _clean(value)
             if v is not None and (key in self._attrs or len(self._attrs) < _MAX_ATTRIBUTES):
                 self._attrs[key] = v
 
@@ -137,7 +137,7 @@ class LeanSpan(Span):
         if self._end is None:
             attrs = self._attrs
             for key, value in attributes.items():
-                v = value if type(value) in _PLAIN else _clean(value)
+                v = value if type(value) in _PLAIN or (type(value) is int and value in _INT64) else _clean(value)
                 if v is not None and (key in attrs or len(attrs) < _MAX_ATTRIBUTES):
                     attrs[key] = v
 
