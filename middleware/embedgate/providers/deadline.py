@@ -77,8 +77,9 @@ _watches: dict[asyncio.AbstractEventLoop, _Watch] = {}
 def _watch(loop: asyncio.AbstractEventLoop) -> _Watch:
     found = _watches.get(loop)
     if found is None:
-        for old in [other for other in _watches if other.is_closed()]:  # loops of finished runs (tests)
-            del _watches[old]
+        # loops of finished runs (tests); list() copies in one step, should another thread's loop register now
+        for old in [other for other in list(_watches) if other.is_closed()]:
+            _watches.pop(old, None)
         found = _watches[loop] = _Watch(loop)
     return found
 
