@@ -308,19 +308,16 @@ def test_redis_outage_is_a_miss_and_caching_resumes(tmp_path: Path, upstream: Fa
 async def test_base64_answers_pass_the_upstreams_text_on_and_encode_only_cached_vectors(
     client: httpx.AsyncClient, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, route: str
 ) -> None:
-    import pybase64
-
     import embedgate.gateway
+    from embedgate.vectors import bytes_to_b64
 
     encoded: list[bytes] = []
 
-    class CountingBase64:
-        @staticmethod
-        def b64encode(vector: bytes) -> bytes:
-            encoded.append(vector)
-            return pybase64.b64encode(vector)
+    def counting_b64(vector: bytes) -> bytes:
+        encoded.append(vector)
+        return bytes_to_b64(vector)
 
-    monkeypatch.setattr(embedgate.gateway, "pybase64", CountingBase64)
+    monkeypatch.setattr(embedgate.gateway, "bytes_to_b64", counting_b64)
     words = [f"{route} {w}" for w in ("a", "b", "c", "d")]
 
     async def ask(items: list[str]) -> httpx.Response:

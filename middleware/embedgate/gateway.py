@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import orjson
-import pybase64
 import structlog
 from opentelemetry.trace import TracerProvider
 
@@ -45,7 +44,7 @@ from .pipeline import Call, Pipeline
 from .providers import Http1Transport, build_adapter, sender_for
 from .routing import Router
 from .telemetry import Telemetry
-from .vectors import bytes_to_floats
+from .vectors import bytes_to_b64, bytes_to_floats
 
 __all__ = ["EmbeddingGateway"]
 
@@ -371,10 +370,9 @@ class EmbeddingGateway:
         # second encoding, and no str of ~8 KB per vector for orjson to copy), else the vector encoded here.
         head, tail = out.split(b'"data":null', 1)
         parts = [head, b'"data":[']
-        texts = call.b64 if len(call.b64) == len(call.vectors) else [None] * len(call.vectors)
-        for i, (vector, text) in enumerate(zip(call.vectors, texts, strict=True)):
+        for i, (vector, text) in enumerate(zip(call.vectors, call.b64, strict=True)):
             parts.append(_ITEM_HEAD % i if i else _FIRST_ITEM_HEAD)
-            parts.append(text if text is not None else pybase64.b64encode(vector))  # type: ignore[arg-type]
+            parts.append(text if text is not None else bytes_to_b64(vector))  # type: ignore[arg-type]
         parts.append(b'"}]' if call.vectors else b"]")
         parts.append(tail)
         return b"".join(parts)

@@ -363,12 +363,10 @@ class Router:
                         raise cause from None
                 raise
         tokens = sum(emb.prompt_tokens for emb, _ in results)
-        texts = results[0][0].b64 if len(results) == 1 else [
-            t for emb, _ in results for t in (emb.b64 or [None] * len(emb.vectors))]  # fmt: skip
         return RouteResult(
             model=model.id,
             vectors=[v for emb, _ in results for v in emb.vectors],
-            b64=texts,
+            b64=[t for emb, _ in results for t in (emb.b64 or [None] * len(emb.vectors))],
             prompt_tokens=tokens,
             attempts=attempts.count,
             price_per_million_tokens=self._blended_price(model, results, tokens),

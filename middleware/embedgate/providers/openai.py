@@ -8,17 +8,15 @@ per input becomes ``UpstreamError(code="upstream_malformed")``: never passed on 
 
 from __future__ import annotations
 
-import binascii
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import orjson
-import pybase64
 
 from ..config import ProviderConfig
 from ..errors import UpstreamError, UpstreamTimeout
-from ..vectors import VectorError, b64_to_bytes, floats_to_bytes
+from ..vectors import VectorError, b64_to_bytes, bytes_to_b64, floats_to_bytes
 from .base import Embeddings, Sender
 from .deadline import deadline
 
@@ -186,17 +184,17 @@ def cut_vectors(content: bytes) -> tuple[bytes, list[bytes | None], list[memoryv
             break
         text = view[start:end]
         try:
-            raw = pybase64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raw = b""
-        if raw and not len(raw) % 4:
+            raw = b64_to_bytes(text)
+        except VectorError:
+            raw = None
+        if raw is not None:
             parts.append(view[copied:start])
             parts.append(b"#%d" % len(vectors))
             vectors.append(raw)
             # Passed on only if canonical: the bits a padded last group leaves unused may be set by a lenient
             # encoder, and a strict decoder would refuse that text (it decodes to the same bytes here).
             tail = len(raw) % 3
-            texts.append(text if not tail or pybase64.b64encode(raw[-tail:]) == text[-4:] else None)
+            texts.append(text if not tail or bytes_to_b64(raw[-tail:]) == text[-4:] else None)
             copied = end
         at = find(_KEY, end)
     if not vectors:
@@ -207,12 +205,12 @@ def cut_vectors(content: bytes) -> tuple[bytes, list[bytes | None], list[memoryv
 
 def take_cut(vectors: list[bytes | None], marker: str) -> tuple[bytes, int]:
     """The vector a ``"#<k>"`` marker of :func:`cut_vectors` stands for, and ``k``; each may be taken once."""
-    k = marker[1:]
-    vector = vectors[int(k)] if k.isdigit() and int(k) < len(vectors) else None
+    k = int(marker[1:]) if marker[1:].isdigit() else len(vectors)
+    vector = vectors[k] if k < len(vectors) else None
     if vector is None:  # no such cut, or a second item naming it: the upstream wrote this "#..." string
         raise VectorError("invalid base64 embedding: not base64")
-    vectors[int(k)] = None
-    return vector, int(k)
+    vectors[k] = None
+    return vector, k
 
 
 def _count(v: Any, default: int = 0) -> int:
