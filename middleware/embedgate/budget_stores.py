@@ -187,30 +187,37 @@ class MemoryBudgetStore:
         self._ops += 1
         if self._ops % self.SWEEP_EVERY == 0:
             self._sweep(now_ms)
-        values = [self._value(c.key, now_ms) for c in counters]
+        # Plain loops, no generators: this runs on every request (a few specs each).
+        failed = -1
+        stored = self._counters
+        values: list[int] = []
+        for i, c in enumerate(counters):
+            entry = stored.get(c.key)
+            value = 0 if entry is None or (entry[1] is not None and entry[1] <= now_ms) else entry[0]
+            values.append(value)
+            if failed < 0 and value + c.amount > c.limit:
+                failed = i
         logs = [self._window(w.key, now_ms, window_ms) for w in windows]
-        failed = next((i for i, (c, v) in enumerate(zip(counters, values, strict=True)) if v + c.amount > c.limit), -1)
         if failed < 0:
-            failed = next(
-                (
-                    len(counters) + j
-                    for j, (w, lg) in enumerate(zip(windows, logs, strict=True))
-                    if len(lg) + 1 > w.limit
-                ),
-                -1,
-            )
+            for j, w in enumerate(windows):
+                if len(logs[j]) + 1 > w.limit:
+                    failed = len(counters) + j
+                    break
         if failed < 0:
             for i, c in enumerate(counters):
                 values[i] += c.amount
-                self._counters[c.key] = (values[i], now_ms + c.ttl_s * 1000 if c.ttl_s > 0 else None)
+                stored[c.key] = (values[i], now_ms + c.ttl_s * 1000 if c.ttl_s > 0 else None)
             for w, lg in zip(windows, logs, strict=True):
                 lg.add(now_ms)
                 self._windows[w.key] = lg
             for set_key, member_id in index:
                 self._sets.setdefault(set_key, set()).add(member_id)
-        counts = tuple(len(lg) for lg in logs)
-        marks = tuple(_mark(lg, w.limit) for w, lg in zip(windows, logs, strict=True))
-        return ReserveResult(failed, tuple(values), counts, marks)
+        counts: list[int] = []
+        marks: list[int | None] = []
+        for w, lg in zip(windows, logs, strict=True):
+            counts.append(len(lg))
+            marks.append(_mark(lg, w.limit))
+        return ReserveResult(failed, tuple(values), tuple(counts), tuple(marks))
 
     async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int) -> None:
         """See ``BudgetStore.adjust``."""

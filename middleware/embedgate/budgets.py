@@ -388,26 +388,35 @@ class BudgetEngine:
 
     def _headers(self, counters: list[_Gate], windows: list[_Gate], res: ReserveResult, now_ms: int) -> dict[str, str]:
         # Per dimension, the gate with the smallest remaining amount wins; on a tie, the one that frees up later.
+        # Plain loops and one slot per dimension: this runs on every request.
         headers: dict[str, str] = {}
         now = now_ms / 1000
-        best: dict[str, tuple[int, float, _Gate]] = {}
+        tokens: tuple[int, float, _Gate] | None = None
+        cost: tuple[int, float, _Gate] | None = None
         for g, value in zip(counters, res.values, strict=True):
             remaining = g.limit - value if value < g.limit else 0
             reset = math.inf if g.reset_at is None else g.reset_at - now
-            seen = best.get(g.dimension)
+            seen = tokens if g.dimension == "tokens" else cost
             if seen is None or remaining < seen[0] or (remaining == seen[0] and reset > seen[1]):
-                best[g.dimension] = (remaining, reset, g)
-        for dim in ("tokens", "cost"):
-            found = best.get(dim)
-            if found is not None:
-                remaining, reset, g = found
-                headers[f"x-ratelimit-limit-{dim}"] = g.limit_text
-                headers[f"x-ratelimit-remaining-{dim}"] = _usd(remaining) if dim == "cost" else str(remaining)
-                if reset != math.inf:  # one_time budgets never reset: no reset header
-                    headers[f"x-ratelimit-reset-{dim}"] = str(max(0, math.ceil(reset)))
+                if g.dimension == "tokens":
+                    tokens = (remaining, reset, g)
+                else:
+                    cost = (remaining, reset, g)
+        if tokens is not None:
+            remaining, reset, g = tokens
+            headers["x-ratelimit-limit-tokens"] = g.limit_text
+            headers["x-ratelimit-remaining-tokens"] = str(remaining)
+            if reset != math.inf:  # one_time budgets never reset: no reset header
+                headers["x-ratelimit-reset-tokens"] = str(max(0, math.ceil(reset)))
+        if cost is not None:
+            remaining, reset, g = cost
+            headers["x-ratelimit-limit-cost"] = g.limit_text
+            headers["x-ratelimit-remaining-cost"] = _usd(remaining)
+            if reset != math.inf:
+                headers["x-ratelimit-reset-cost"] = str(max(0, math.ceil(reset)))
         best_w: tuple[int, int, _Gate] | None = None
         for g, count, mark in zip(windows, res.counts, res.marks, strict=True):
-            remaining = max(0, g.limit - count)
+            remaining = g.limit - count if count < g.limit else 0
             reset_ms = 0 if mark is None else max(0, mark + self._window_ms - now_ms)
             if best_w is None or remaining < best_w[0] or (remaining == best_w[0] and reset_ms > best_w[1]):
                 best_w = (remaining, reset_ms, g)
