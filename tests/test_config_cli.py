@@ -50,6 +50,7 @@ def test_interpolation_and_defaults(tmp_path: Path) -> None:
     assert cfg.routing.default_retry.count == 1
     assert cfg.routing.fallback_on_codes == frozenset({408, 429, 500, 502, 503, 504, 529})
     assert cfg.cache.max_ttl == 259200
+    assert cfg.telemetry.access_log_flush_ms == 50
 
 
 def test_every_error_has_its_yaml_path() -> None:
@@ -63,6 +64,7 @@ def test_every_error_has_its_yaml_path() -> None:
                 "budgets": [{"scope": "galaxy", "target": "*"}],
                 "cache": {"default_ttl": 10, "max_ttl": 5},
                 "routing": {"default_retry": {"count": 9}},
+                "telemetry": {"access_log_flush_ms": -1},
             },
             env={},
         )
@@ -80,6 +82,7 @@ def test_every_error_has_its_yaml_path() -> None:
         "budgets[0]: sets no limit",
         "cache.default_ttl: is above max_ttl",
         "routing.default_retry.count: must be between 0 and 5",
+        "telemetry.access_log_flush_ms: must be",
     ]:
         assert expected in errors, f"{expected!r} missing from:\n{errors}"
 

@@ -565,7 +565,8 @@ def test_metrics_aggregate_worker_processes(tmp_path: Path) -> None:
 def fresh_structlog(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Unconfigured structlog for the test; whatever configuration other tests made is put back after."""
     was_configured, saved = structlog.is_configured(), structlog.get_config()
-    for name in ("_installed", "_installed_args", "_access", "_direct", "_direct_chain"):  # embedgate.logs' own
+    names = ("_installed", "_installed_args", "_access", "_direct", "_direct_chain", "_flush_delay", "_flush_loop")
+    for name in names:  # embedgate.logs' own
         monkeypatch.setattr(logs, name, getattr(logs, name))
     structlog.reset_defaults()
     yield
@@ -652,7 +653,10 @@ def test_the_direct_access_line_is_the_structlog_chains_line(
     assert direct_err["level"] == "warning" and direct_ok["level"] == "info"
 
 
-def test_access_lines_written_in_one_loop_pass_are_flushed_together_right_after_it(fresh_structlog: None) -> None:
+def test_access_lines_written_in_one_loop_pass_are_flushed_together_right_after_it(
+    fresh_structlog: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logs, "_flush_delay", 0.0)  # telemetry.access_log_flush_ms: 0
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     with open(write_fd, "wb") as out, open(read_fd, "rb", buffering=0) as pipe:
@@ -690,6 +694,82 @@ def test_access_lines_written_in_one_loop_pass_are_flushed_together_right_after_
     assert [orjson.loads(line)["status"] for line in (written or b"").splitlines()] == [200, 201, 202]
     assert orjson.loads(last or b"{}")["status"] == 203
     assert [orjson.loads(line)["status"] for line in (after_abandoned or b"").splitlines()] == [204, 205]
+
+
+def test_access_lines_wait_at_most_the_flush_delay_and_a_full_buffer_goes_out_whole_lines_at_once(
+    fresh_structlog: None,
+) -> None:
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    logs.set_access_flush_delay(0.05)  # the default, telemetry.access_log_flush_ms: 50
+    with open(write_fd, "wb") as out, open(read_fd, "rb", buffering=0) as pipe:
+        assert logs.configure_logging(file=out)
+
+        async def traffic() -> tuple[bytes | None, bytes | None, bytes, bytes | None, bytes | None]:
+            for status in (200, 201):
+                logs.access_log(status=status, latency_ms=1.0)
+            await asyncio.sleep(0)
+            after_a_pass = pipe.read()  # still waiting: no write call per pass either
+            await asyncio.sleep(0.1)
+            after_the_delay = pipe.read()
+            # Under load the buffer (8 KiB) fills before the delay is up: it goes out by itself, in whole lines.
+            for i in range(100):
+                logs.access_log(status=200, latency_ms=1.0, attempts=i)
+            full = pipe.read() or b""
+            logs.access_log(status=299, latency_ms=1.0)
+            logs.flush_access_lines()  # what the gateway's shutdown does
+            at_shutdown = pipe.read()
+            await asyncio.sleep(0.1)
+            return after_a_pass, after_the_delay, full, at_shutdown, pipe.read()
+
+        after_a_pass, after_the_delay, full, at_shutdown, left = asyncio.run(traffic())
+        rest = pipe.read() or b""
+    assert after_a_pass is None
+    assert [orjson.loads(line)["status"] for line in (after_the_delay or b"").splitlines()] == [200, 201]
+    assert full.endswith(b"\n") and 0 < len(full.splitlines()) < 100
+    assert [orjson.loads(line)["attempts"] for line in full.splitlines()] == list(range(len(full.splitlines())))
+    lines = (at_shutdown or b"").splitlines()
+    assert [orjson.loads(line)["attempts"] for line in lines[:-1]] == list(range(len(full.splitlines()), 100))
+    assert orjson.loads(lines[-1])["status"] == 299
+    assert left is None and rest == b""
+
+
+def test_access_lines_on_stdout_are_buffered_by_the_gateway_even_with_pythonunbuffered() -> None:
+    # Docker images (ours included) set PYTHONUNBUFFERED: sys.stdout.buffer is then the raw file. The lines still
+    # wait in the gateway's own buffer, and reach stdout at exit, in order, none lost.
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        from embedgate import logs
+        logs.configure_logging()
+        logs.set_access_flush_delay(30.0)
+        async def main():
+            for status in (200, 201, 202):
+                logs.access_log(status=status, latency_ms=1.0)
+            await asyncio.sleep(0.05)
+            sys.stderr.write("logged\\n")
+            sys.stderr.flush()
+            sys.stdin.readline()  # until the test has looked at stdout
+        asyncio.run(main())
+        """
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=env) as proc:  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        try:
+            assert proc.stderr.readline() == b"logged\n"
+            os.set_blocking(proc.stdout.fileno(), False)
+            held = proc.stdout.read()
+            os.set_blocking(proc.stdout.fileno(), True)
+            proc.stdin.write(b"go\n")
+            proc.stdin.close()
+            rest = proc.stdout.read()
+            assert proc.wait(timeout=30) == 0
+        finally:
+            proc.kill()
+    assert held is None  # nothing written while the process ran: no write call per line
+    assert [orjson.loads(line)["status"] for line in rest.splitlines()] == [200, 201, 202]
 
 
 def test_the_access_line_goes_through_structlog_under_capture_logs(log_output: io.BytesIO) -> None:

@@ -153,6 +153,7 @@ class TelemetryConfig:
 
     service_name: str = "embedgate"
     access_log: bool = True
+    access_log_flush_ms: int = 50  # at most how long an access line waits in the output buffer; 0: per loop pass
     export_process: bool = True  # standalone: OTLP encoding in a helper process, off the request path's GIL
 
 
@@ -553,6 +554,7 @@ def _telemetry(data: Any, errors: list[str]) -> TelemetryConfig:
     cfg = TelemetryConfig(
         service_name=s.get("service_name", s.string, "embedgate"),
         access_log=s.get("access_log", s.boolean, True),
+        access_log_flush_ms=s.get("access_log_flush_ms", s.integer(0, 60000), 50),
         export_process=s.get("export_process", s.boolean, True),
     )
     s.finish()

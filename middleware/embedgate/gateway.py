@@ -37,7 +37,14 @@ from .errors import (
     render_error,
 )
 from .identities import IdentityStore, identity_store
-from .logs import access_log, bind_request, clear_request, configure_logging
+from .logs import (
+    access_log,
+    bind_request,
+    clear_request,
+    configure_logging,
+    flush_access_lines,
+    set_access_flush_delay,
+)
 from .metrics import Metrics
 from .observe import ObservedAttempts
 from .pipeline import Call, Pipeline
@@ -127,6 +134,7 @@ class EmbeddingGateway:
                 send = sender_for(self._transport)
             adapters = {name: build_adapter(p, send) for name, p in self.config.providers.items()}
             configure_logging()
+            set_access_flush_delay(self.config.telemetry.access_log_flush_ms / 1000)
             self.telemetry = Telemetry(
                 self._tracer_provider,
                 service_name=self.config.telemetry.service_name,
@@ -166,6 +174,7 @@ class EmbeddingGateway:
                 await self.identities.aclose()
             if self.telemetry is not None:
                 self.telemetry.shutdown()
+            flush_access_lines()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def wrapped_receive() -> Message:
