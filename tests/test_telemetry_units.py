@@ -772,6 +772,15 @@ def test_access_lines_on_stdout_are_buffered_by_the_gateway_even_with_pythonunbu
     assert [orjson.loads(line)["status"] for line in rest.splitlines()] == [200, 201, 202]
 
 
+def test_an_access_line_to_an_output_that_is_gone_is_lost_without_an_error(fresh_structlog: None) -> None:
+    read_fd, write_fd = os.pipe()
+    with open(write_fd, "wb", buffering=0) as out:
+        assert logs.configure_logging(file=out)
+        os.close(read_fd)  # the reader went away: a write is a BrokenPipeError
+        logs.access_log(status=200, latency_ms=1.0)  # outside a loop: written and flushed at once
+    logs.access_log(status=200, latency_ms=1.0)  # the file is closed now: a ValueError underneath
+
+
 def test_the_access_line_goes_through_structlog_under_capture_logs(log_output: io.BytesIO) -> None:
     with structlog.testing.capture_logs() as captured:
         logs.access_log(status=200, latency_ms=1.0)

@@ -206,7 +206,10 @@ def _write_direct(direct: tuple[BinaryIO, int], method: str, line: dict[str, Any
         line.setdefault(key, value)
     line["level"] = method
     line["timestamp"] = _utc_now_iso()
-    out.write(orjson.dumps(line, default=repr) + b"\n")
+    try:
+        out.write(orjson.dumps(line, default=repr) + b"\n")
+    except (OSError, ValueError):  # stdout closed or gone (a reader that went away): the line is lost, not the answer
+        return
     # Not flushed per line (a write call per line cost ~12 us of CPU per request in place): the lines wait in the
     # output's buffer, which writes itself out whole lines at a time when full (64 KiB on stdout, ~160 lines), and
     # are flushed ``_flush_delay`` seconds after the first of them at the latest (0: once the event loop is done
