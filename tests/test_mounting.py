@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
 import httpx
+import pytest
 from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 
@@ -116,3 +117,28 @@ def test_the_fastapi_example_mounts(tmp_path: Any, upstream: FakeUpstream, monke
         r = c.post("/v1/embeddings", json={"model": "local/embed-small", "input": "hi"},
                    headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
         assert r.status_code == 200, r.text
+
+
+@pytest.mark.anyio
+async def test_header_names_are_matched_whatever_their_case(make_config: Callable[..., Config]) -> None:
+    # ASGI lets a server keep the client's header case ("should be lowercased, but it is not required").
+    app = EmbeddingGateway(lambda scope, receive, send: None, config=make_config())  # type: ignore[arg-type,return-value]
+    body = b'{"model": "local/embed-small", "input": "hello"}'
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"Authorization", f"Bearer {KEY}".encode()), (b"Content-Type", b"application/json"),
+               (b"X-Request-Id", b"mixed-case-1"), (b"User-Agent", b"test")]  # fmt: skip
+    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": headers, "query_string": b""}
+    try:
+        await app(scope, receive, send)
+    finally:
+        await app.shutdown()
+    start = sent[0]
+    assert start["status"] == 200, sent[1]["body"]
+    assert (b"x-request-id", b"mixed-case-1") in start["headers"]

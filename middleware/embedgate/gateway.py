@@ -216,7 +216,7 @@ class EmbeddingGateway:
         if not self._open:
             await self.startup()
         assert self.pipeline is not None and self.telemetry is not None
-        headers = _headers(scope)
+        headers = _embed_headers(scope)
         rid = headers.get("x-request-id")
         request_id = rid if rid and _REQUEST_ID.fullmatch(rid) else f"{getrandbits(128):032x}"
         call = Call(
@@ -257,7 +257,7 @@ class EmbeddingGateway:
                 out = [_JSON, (b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.encode()),
                        (b"x-embedgate-trace-id", root.trace_id_hex.encode()),
                        (b"x-embedgate-cache", call.cache_status.encode())]  # fmt: skip
-                out.extend((k.encode(), v.encode()) for k, v in call.headers.items())
+                out += [(k.encode(), v.encode()) for k, v in call.headers.items()]
                 try:
                     await send({"type": "http.response.start", "status": status, "headers": out})
                     await send({"type": "http.response.body", "body": body})
@@ -467,6 +467,26 @@ def _query(scope: Scope) -> dict[str, str]:
     from urllib.parse import parse_qsl
 
     return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+
+
+# The request headers an embedding POST reads: only these are decoded (an SDK sends a dozen more).
+_EMBED_HEADERS = {
+    name.encode(): name
+    for name in ("authorization", "content-type", "content-length", "x-request-id", "x-orq-identity-id",
+                 "x-orq-contact-id")
+}  # fmt: skip
+
+
+def _embed_headers(scope: Scope) -> dict[str, str]:
+    """The headers of :data:`_EMBED_HEADERS` in the request, by lowercase name (the last one of a repeated name)."""
+    out: dict[str, str] = {}
+    for key, value in scope["headers"]:
+        name = _EMBED_HEADERS.get(key)
+        if name is None:
+            if key.islower() or (name := _EMBED_HEADERS.get(key.lower())) is None:  # ASGI servers lowercase names
+                continue
+        out[name] = value.decode("latin-1")
+    return out
 
 
 def _headers(scope: Scope) -> dict[str, str]:
