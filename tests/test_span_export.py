@@ -61,6 +61,8 @@ def test_spans_keep_every_field_through_the_hand_off() -> None:
                                               "embedgate.cost_usd": 1.5e-7, "flag": True}  # fmt: skip
     assert (attempt.status.status_code, attempt.status.description) == (StatusCode.ERROR, "upstream 503")
     assert [(e.name, dict(e.attributes or {})) for e in attempt.events] == [("retry", {"why": "503"})]
+    # the other span's event and status stay its own (spans without any share their empty defaults)
+    assert not root.events and root.status.status_code is StatusCode.UNSET
     assert root.start_time is not None and root.end_time is not None
     assert root.start_time <= attempt.start_time <= attempt.end_time <= root.end_time  # type: ignore[operator]
     assert attempt.instrumentation_scope is not None
