@@ -56,7 +56,8 @@ def tokens_of(item: Any) -> int:
 @dataclass
 class Fault:
     """One scripted behaviour: ``status`` (with ``code``, ``retry_after``), ``drop``, ``slow``, ``malformed``,
-    ``wrong_count``, ``wrong_dims``, ``floats`` (answer float lists whatever was asked)."""
+    ``wrong_count``, ``wrong_dims``, ``floats`` (answer float lists whatever was asked), ``ok`` (answer normally:
+    a place in the script)."""
 
     kind: str
     code: int = 500

@@ -124,6 +124,46 @@ async def test_a_chunk_failing_for_the_model_moves_the_whole_batch_to_the_fallba
     assert [len(s) for s in chunks_sent(upstream, "fb")] == [2048, 2048, 904]
 
 
+BUDGETED = [{"scope": "api_key", "target": "team-a", "period": "daily", "token_limit": 10**9, "amount_usd": 1000.0}]
+
+
+async def tokens_billed(app: Any) -> tuple[int, float]:
+    (row,) = await app.budgets.usage(scope="api_key")
+    return row["tokens"]["used"], row["cost_usd"]["used"]
+
+
+@pytest.mark.anyio
+async def test_chunks_embedded_before_the_model_failed_are_billed_though_the_fallback_serves(
+    upstream: FakeUpstream,
+) -> None:
+    """The first chunk (2048 items) is embedded by the primary, the second fails on it: the fallback embeds the
+    whole batch. The primary's chunk was paid for upstream: the budget counts it, the answer's usage does not."""
+    texts = big_batch()
+    upstream.script.extend([Fault("ok", model="embed-small"), Fault("status", 503, model="embed-small")])
+    config = routing_config(upstream, models=BIG, routing={"split_concurrency": 1}, budgets=BUDGETED)
+    async with running(config) as (c, app):
+        r = await post(c, {"model": "local/embed-small", "input": texts, "retry": {"count": 0},
+                           "fallbacks": [{"model": "backup/fb"}]})  # fmt: skip
+        billed = await tokens_billed(app)
+    assert_served(r, "backup/fb", "fb", texts)
+    assert [len(s) for s in chunks_sent(upstream, "embed-small")] == [2048, 2048]  # one served, one failed
+    assert r.json()["usage"]["prompt_tokens"] == 2 * 5000  # the fake counts 2 tokens per item
+    wasted = 2 * 2048
+    assert billed == (2 * 5000 + wasted, pytest.approx(wasted * 0.02 / 1e6))  # backup/fb has no price: free
+
+
+@pytest.mark.anyio
+async def test_chunks_embedded_before_every_model_failed_are_billed_with_the_error(upstream: FakeUpstream) -> None:
+    texts = big_batch()
+    upstream.script.extend([Fault("ok", model="embed-small"), Fault("status", 503, model="embed-small")])
+    config = routing_config(upstream, models=BIG, routing={"split_concurrency": 1}, budgets=BUDGETED)
+    async with running(config) as (c, app):
+        r = await post(c, {"model": "local/embed-small", "input": texts, "retry": {"count": 0}})
+        billed = await tokens_billed(app)
+    assert r.status_code == 502, r.text
+    assert billed == (2 * 2048, pytest.approx(2 * 2048 * 0.02 / 1e6))  # the reservation released, the spend kept
+
+
 @pytest.mark.anyio
 async def test_split_concurrency_bounds_the_calls_in_flight(upstream: FakeUpstream) -> None:
     # 10 inputs, 2 per call: 5 calls, each held 100 ms by the upstream, at most 2 at a time.

@@ -17,7 +17,7 @@ Foreign exceptions (httpx, redis) are translated where they happen, in the adapt
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any
 
@@ -55,6 +55,8 @@ class GatewayError(Exception):
     type = "server_error"
     code: str | None = "internal_error"
     attempts = 0  # upstream attempts made before this error (set by the router), for logs and spans
+    #: Upstream work paid for before this error (set by the router): ``(model id, tokens, USD per million or None)``
+    spent: Sequence[tuple[str, int, float | None]] = ()
 
     def __init__(
         self,

@@ -316,7 +316,7 @@ class EmbeddingGateway:
         model = call.served_model or (req.model if req is not None else "")
         self.metrics.observe_request(call.dialect.value, model if key is not None else "", status, call.cache_status)
         if key is not None and call.billed_tokens:
-            self.metrics.observe_usage(key.id, call.served_model, call.billed_tokens, call.cost_usd)
+            self.metrics.observe_usage(key.id, model, call.billed_tokens, call.cost_usd)
         if call.cache_status != "bypass" and error is None:
             self.metrics.observe_cache_items(len(call.vectors) - call.items_fetched, call.items_fetched)
         if self._access_log:

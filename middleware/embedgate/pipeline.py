@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -298,6 +298,7 @@ class Pipeline:
             return await self._router.embed(call.request, positions, chain)
         except GatewayError as err:
             call.attempts += err.attempts
+            self._bill_spent(call, err.spent)
             raise
 
     def _take(self, call: Call, positions: list[int], result: RouteResult) -> None:
@@ -325,6 +326,15 @@ class Pipeline:
         if price is None:
             price = self._price(result.model)
         call.cost_usd += cost_usd(result.prompt_tokens, price)
+        if result.spent:
+            self._bill_spent(call, result.spent)
+
+    def _bill_spent(self, call: Call, spent: Sequence[tuple[str, int, float | None]]) -> None:
+        """Tokens and cost the upstreams charged for work the answer does not use (``RouteResult.spent``): the
+        request's budgets, usage metrics and cost count them, its ``usage.prompt_tokens`` does not."""
+        for model_id, tokens, price in spent:
+            call.billed_tokens += tokens
+            call.cost_usd += cost_usd(tokens, price if price is not None else self._price(model_id))
 
 
 def weight(item: Any) -> int:

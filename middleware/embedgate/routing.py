@@ -88,6 +88,9 @@ class RouteResult:
     deployment: str = ""
     #: The upstream's base64 text per vector, where it sent one (see ``Embeddings.b64``).
     b64: list[bytes | memoryview | None] | None = None
+    #: Paid for, not served: chunks a model of the chain embedded before another chunk of the same batch failed
+    #: on it (the whole batch then went to the next model). ``(model id, tokens, USD per million or None)``.
+    spent: list[tuple[str, int, float | None]] = field(default_factory=list)
 
 
 class AttemptHook:
@@ -137,6 +140,7 @@ class _Attempts:
     last_error: GatewayError | None = None
     skipped: list[str] = field(default_factory=list)
     models_left: int = 0  # models of the chain after the one being tried
+    spent: list[tuple[str, int, float | None]] = field(default_factory=list)  # see RouteResult.spent
 
 
 @dataclass(slots=True)
@@ -302,6 +306,7 @@ class Router:
             raise attempts.last_error
         except GatewayError as err:
             err.attempts = attempts.count  # a failed request made attempts too: its logs and spans say how many
+            err.spent = list(attempts.spent)  # and may have been paid for, in part
             raise
 
     async def _serve_model(
@@ -356,6 +361,11 @@ class Router:
                 for t in tasks:
                     t.cancel()
                 outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+                # The chunks this model did embed were paid for upstream: billed, though the next model serves them.
+                for outcome in outcomes:
+                    if isinstance(outcome, tuple):
+                        emb, d = outcome
+                        attempts.spent.append((model.id, emb.prompt_tokens, self._price(model, d)))
                 if isinstance(exc, _Skipped):  # not the cause: raise the failure that made the others skip
                     cause = next((o for o in outcomes if isinstance(o, Exception) and not isinstance(o, _Skipped)),
                                  None)  # fmt: skip
@@ -371,6 +381,7 @@ class Router:
             attempts=attempts.count,
             price_per_million_tokens=self._blended_price(model, results, tokens),
             deployment=_deployment_id(results[-1][1]),
+            spent=list(attempts.spent),
         )
 
     def _blended_price(self, model: ResolvedModel, results: list[tuple[Embeddings, Deployment]],
