@@ -772,6 +772,37 @@ def test_access_lines_on_stdout_are_buffered_by_the_gateway_even_with_pythonunbu
     assert [orjson.loads(line)["status"] for line in rest.splitlines()] == [200, 201, 202]
 
 
+def test_access_lines_of_workers_sharing_a_stdout_pipe_stay_whole() -> None:
+    # `embedgate serve --workers N`: N processes write to one stdout, often a pipe (a container's). Each writes at
+    # most PIPE_BUF bytes of whole lines at a time, which the pipe keeps in one piece.
+    script = textwrap.dedent(
+        """
+        import asyncio
+        from embedgate import logs
+        logs.configure_logging()
+        logs.set_access_flush_delay(0.001)
+        async def main():
+            for i in range(15000):
+                logs.access_log(status=200, latency_ms=1.0, route="x" * 300, attempts=i)
+                if i % 50 == 0:
+                    await asyncio.sleep(0)
+        asyncio.run(main())
+        """
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    read_fd, write_fd = os.pipe()
+    workers = [subprocess.Popen([sys.executable, "-c", script], stdout=write_fd, env=env) for _ in range(3)]
+    os.close(write_fd)
+    chunks = []
+    with open(read_fd, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(1024):  # a slow reader: the pipe is often full, and big writes are cut
+            chunks.append(chunk)
+    output = b"".join(chunks)
+    assert [w.wait(timeout=60) for w in workers] == [0, 0, 0]
+    lines = [orjson.loads(line) for line in output.splitlines()]  # a line cut by another's would not parse
+    assert sorted(line["attempts"] for line in lines) == sorted(list(range(15000)) * 3)
+
+
 def test_an_access_line_to_an_output_that_is_gone_is_lost_without_an_error(fresh_structlog: None) -> None:
     read_fd, write_fd = os.pipe()
     with open(write_fd, "wb", buffering=0) as out:

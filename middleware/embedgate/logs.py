@@ -12,6 +12,7 @@ import atexit
 import contextvars
 import io
 import logging
+import select
 import sys
 import time
 from collections.abc import Mapping
@@ -112,8 +113,10 @@ def _stdout() -> BinaryIO:
             fd = sys.stdout.fileno()
         except (AttributeError, OSError, ValueError):
             return cast(BinaryIO, sys.stdout.buffer)
-        # A file object of its own on the same descriptor: closing it never closes sys.stdout.
-        _own_stdout = io.BufferedWriter(io.FileIO(fd, "wb", closefd=False), buffer_size=1 << 16)
+        # A file object of its own on the same descriptor: closing it never closes sys.stdout. Its buffer holds
+        # PIPE_BUF bytes: it writes out whole lines, at most that many at a time, which a pipe keeps in one piece
+        # (``--workers N`` share one stdout: a larger write could be cut by another worker's lines).
+        _own_stdout = io.BufferedWriter(io.FileIO(fd, "wb", closefd=False), buffer_size=select.PIPE_BUF)
         atexit.register(_flush, _own_stdout)
     return cast(BinaryIO, _own_stdout)
 
@@ -211,7 +214,7 @@ def _write_direct(direct: tuple[BinaryIO, int], method: str, line: dict[str, Any
     except (OSError, ValueError):  # stdout closed or gone (a reader that went away): the line is lost, not the answer
         return
     # Not flushed per line (a write call per line cost ~12 us of CPU per request in place): the lines wait in the
-    # output's buffer, which writes itself out whole lines at a time when full (64 KiB on stdout, ~160 lines), and
+    # output's buffer, which writes itself out whole lines at a time when full (4 KiB on stdout, ~10 lines), and
     # are flushed ``_flush_delay`` seconds after the first of them at the latest (0: once the event loop is done
     # with what is ready now), and at shutdown.
     global _flush_loop
