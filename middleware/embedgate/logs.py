@@ -100,6 +100,7 @@ def configure_logging(
 
 
 _own_stdout: io.BufferedWriter | None = None
+_PIPE_BUF: Final = getattr(select, "PIPE_BUF", 4096)  # POSIX's bound of a pipe write kept in one piece
 
 
 def _stdout() -> BinaryIO:
@@ -116,7 +117,7 @@ def _stdout() -> BinaryIO:
         # A file object of its own on the same descriptor: closing it never closes sys.stdout. Its buffer holds
         # PIPE_BUF bytes: it writes out whole lines, at most that many at a time, which a pipe keeps in one piece
         # (``--workers N`` share one stdout: a larger write could be cut by another worker's lines).
-        _own_stdout = io.BufferedWriter(io.FileIO(fd, "wb", closefd=False), buffer_size=select.PIPE_BUF)
+        _own_stdout = io.BufferedWriter(io.FileIO(fd, "wb", closefd=False), buffer_size=_PIPE_BUF)
         atexit.register(_flush, _own_stdout)
     return cast(BinaryIO, _own_stdout)
 
