@@ -155,3 +155,21 @@ def test_the_transport_comparison_runs_every_candidate() -> None:
         assert set(report[case]) >= {"httpx", "aiohttp", "http1", "aiohttp-raw"}
         for row in report[case].values():
             assert row["requests"] > 0 and row["rps"] > 0 and row["cpu_us_per_request"] > 0
+
+
+def test_the_in_process_driver_reports_cpu_per_request_with_parts_switched_off() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.inprocess", "--requests", "40", "--warmup", "5", "--rounds", "1",
+         "--off", "budgets,access_log"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "off: access_log,budgets: CPU us per request" in proc.stderr
+    assert "embedgate.access" not in proc.stdout  # access lines off
+    bad = subprocess.run([sys.executable, "-m", "tests.benchmarks.inprocess", "--off", "caching"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert bad.returncode == 2 and "unknown parts: caching" in bad.stderr
