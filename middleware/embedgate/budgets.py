@@ -188,6 +188,15 @@ class Subject:
     provider: str
     model: str
     identity: str | None
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        # Hashed once: a subject keys the engine's memo of its gates on every request.
+        fields = (self.workspace, self.project, self.api_key, self.provider, self.model, self.identity)
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(slots=True)

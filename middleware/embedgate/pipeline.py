@@ -117,6 +117,7 @@ class Pipeline:
         self._identities = identities
         self._telemetry = telemetry
         self._has_budgets = bool(config.budgets)
+        self._subjects: dict[tuple[str, str, str | None], Subject] = {}
         self._coalescer: Coalescer[tuple[str, CachedItem]] = Coalescer()
         self._keys = KeyIndex(config.keys)
         self._unknown = config.server.unknown_fields
@@ -216,8 +217,13 @@ class Pipeline:
         if not self._has_budgets:
             return
         model = call.chain[0]
-        subject = Subject(workspace=key.workspace, project=key.project, api_key=key.id,
-                          provider=model.id.partition("/")[0], model=model.id, identity=identity)  # fmt: skip
+        subject = self._subjects.get((key.id, model.id, identity))
+        if subject is None:  # one per key, model and identity, not one per request
+            if len(self._subjects) >= 10_000:
+                self._subjects.clear()
+            subject = self._subjects[key.id, model.id, identity] = Subject(
+                workspace=key.workspace, project=key.project, api_key=key.id, provider=model.id.partition("/")[0],
+                model=model.id, identity=identity)  # fmt: skip
         missing = call.missing()
         if not missing:  # a full cache hit counts against requests per minute only
             reservation = await self._budgets.reserve(subject, tokens=0, cost_usd=0.0, cached=True)
