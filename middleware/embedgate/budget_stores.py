@@ -189,11 +189,9 @@ class MemoryBudgetStore:
             self._sweep(now_ms)
         # Plain loops, no generators: this runs on every request (a few specs each).
         failed = -1
-        stored = self._counters
         values: list[int] = []
         for i, c in enumerate(counters):
-            entry = stored.get(c.key)
-            value = 0 if entry is None or (entry[1] is not None and entry[1] <= now_ms) else entry[0]
+            value = self._value(c.key, now_ms)
             values.append(value)
             if failed < 0 and value + c.amount > c.limit:
                 failed = i
@@ -206,7 +204,7 @@ class MemoryBudgetStore:
         if failed < 0:
             for i, c in enumerate(counters):
                 values[i] += c.amount
-                stored[c.key] = (values[i], now_ms + c.ttl_s * 1000 if c.ttl_s > 0 else None)
+                self._counters[c.key] = (values[i], now_ms + c.ttl_s * 1000 if c.ttl_s > 0 else None)
             for w, lg in zip(windows, logs, strict=True):
                 lg.add(now_ms)
                 self._windows[w.key] = lg

@@ -31,6 +31,7 @@ __all__ = [
     "InvalidRequest",
     "NotFound",
     "PayloadTooLarge",
+    "Spent",
     "Unauthorized",
     "Unavailable",
     "UnsupportedMediaType",
@@ -48,6 +49,10 @@ class Dialect(Enum):
     OPENROUTER = "openrouter"  # /api/v1/embeddings
 
 
+#: Upstream work paid for but not in the answer: ``(model id, tokens, USD per million tokens or None)``.
+Spent = tuple[str, int, float | None]
+
+
 class GatewayError(Exception):
     """An error answered to the client, with its HTTP status, error type, code and offending parameter."""
 
@@ -55,8 +60,8 @@ class GatewayError(Exception):
     type = "server_error"
     code: str | None = "internal_error"
     attempts = 0  # upstream attempts made before this error (set by the router), for logs and spans
-    #: Upstream work paid for before this error (set by the router): ``(model id, tokens, USD per million or None)``
-    spent: Sequence[tuple[str, int, float | None]] = ()
+    #: Upstream work paid for before this error (set by the router), see :data:`Spent`
+    spent: Sequence[Spent] = ()
 
     def __init__(
         self,

@@ -20,7 +20,7 @@ from typing import Any
 from .budgets import BudgetEngine, Subject, cost_usd, estimate_tokens, model_price
 from .cache import CachedItem, Coalescer, VectorCache, item_key
 from .config import Config, KeyConfig, hash_key
-from .errors import Dialect, Forbidden, GatewayError, InvalidRequest, Unauthorized
+from .errors import Dialect, Forbidden, GatewayError, InvalidRequest, Spent, Unauthorized
 from .identities import IdentityStore
 from .request import EmbeddingRequest, parse_request
 from .routing import ResolvedModel, Router, RouteResult
@@ -335,7 +335,7 @@ class Pipeline:
         if result.spent:
             self._bill_spent(call, result.spent)
 
-    def _bill_spent(self, call: Call, spent: Sequence[tuple[str, int, float | None]]) -> None:
+    def _bill_spent(self, call: Call, spent: Sequence[Spent]) -> None:
         """Tokens and cost the upstreams charged for work the answer does not use (``RouteResult.spent``): the
         request's budgets, usage metrics and cost count them, its ``usage.prompt_tokens`` does not."""
         for model_id, tokens, price in spent:

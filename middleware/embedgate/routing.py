@@ -49,6 +49,7 @@ from .errors import (
     GatewayError,
     InvalidRequest,
     NotFound,
+    Spent,
     Unavailable,
     UpstreamError,
     UpstreamTimeout,
@@ -89,8 +90,8 @@ class RouteResult:
     #: The upstream's base64 text per vector, where it sent one (see ``Embeddings.b64``).
     b64: list[bytes | memoryview | None] | None = None
     #: Paid for, not served: chunks a model of the chain embedded before another chunk of the same batch failed
-    #: on it (the whole batch then went to the next model). ``(model id, tokens, USD per million or None)``.
-    spent: list[tuple[str, int, float | None]] = field(default_factory=list)
+    #: on it (the whole batch then went to the next model).
+    spent: list[Spent] = field(default_factory=list)
 
 
 class AttemptHook:
@@ -140,7 +141,7 @@ class _Attempts:
     last_error: GatewayError | None = None
     skipped: list[str] = field(default_factory=list)
     models_left: int = 0  # models of the chain after the one being tried
-    spent: list[tuple[str, int, float | None]] = field(default_factory=list)  # see RouteResult.spent
+    spent: list[Spent] = field(default_factory=list)  # see RouteResult.spent
 
 
 @dataclass(slots=True)
