@@ -37,7 +37,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from random import getrandbits
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from opentelemetry import context as otel_context
@@ -184,10 +184,18 @@ class LeanSpan(Span):
         self.end()
 
 
+class SpanSink(Protocol):
+    """Where a tracer's ended spans go: :class:`LeanTracerProvider`, or a test's stand-in."""
+
+    sampler: Sampler
+
+    def enqueue(self, packed: list[Any]) -> None: ...
+
+
 class LeanTracer(trace.Tracer):
     """Starts :class:`LeanSpan`\\ s for one instrumentation scope."""
 
-    def __init__(self, provider: LeanTracerProvider, scope: list[str | None]) -> None:
+    def __init__(self, provider: SpanSink, scope: list[str | None]) -> None:
         self.provider = provider
         self.scope = scope
 

@@ -1,0 +1,100 @@
+"""The modules the build compiles with mypyc, and the guard that keeps a stale compiled build from running.
+
+``pip install`` compiles :data:`COMPILED` to C extensions (``setup.py``; ``EMBEDGATE_PURE_PYTHON=1`` at install
+time skips it) and writes :data:`STAMP`, the digest of the sources it compiled. At import, :func:`guard` compares
+that digest with the sources as they are now: in an editable install whose sources were changed since (a git
+checkout, an edit), the extensions would run the old code, so the sources run instead, all of them (the compiled
+modules share one native library: never half of each), and a warning says to reinstall.
+``EMBEDGATE_PURE_PYTHON=1`` at run time runs the sources too.
+
+Only modules without ``async def`` are compiled: the compiled coroutines of the mypyc release this was measured with
+let exceptions thrown into an ``await`` (a cancellation, a timeout) escape the handlers around it.
+
+Standard library only: ``setup.py`` loads this file before anything is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from importlib.machinery import ModuleSpec
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["COMPILED", "LIBRARY", "STAMP", "guard", "source_digest"]
+
+#: Modules of the ``embedgate`` package compiled by the build (sync code on every request's path).
+COMPILED = ("current_span", "lean_trace", "metrics", "observe", "request", "telemetry", "vectors")
+#: The file beside them holding the digest of the sources the build compiled.
+STAMP = "_native_stamp.txt"
+
+_HERE = Path(__file__).resolve().parent
+
+
+def source_digest(package_dir: Path = _HERE) -> str:
+    """sha256 over the sources of :data:`COMPILED`, in order."""
+    digest = hashlib.sha256()
+    for name in COMPILED:
+        digest.update(name.encode() + b"\0")
+        digest.update((package_dir / f"{name}.py").read_bytes())
+    return digest.hexdigest()
+
+
+#: The native library the compiled modules share, beside the package (mypycify's ``group_name``).
+LIBRARY = "embedgate__mypyc"
+
+
+def _has_extension(directory: Path, name: str) -> bool:
+    return any((directory / f"{name}{suffix}").exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+
+
+def guard(package_dir: Path = _HERE) -> str:
+    """How ``embedgate`` runs: ``"compiled"``, ``"source"`` (no build, or asked for) or ``"stale"``.
+
+    For ``"stale"``, and ``"source"`` while extensions are present, the sources are made to load instead."""
+    built = [name for name in COMPILED if _has_extension(package_dir, name)]
+    if not built:
+        return "source"
+    if os.environ.get("EMBEDGATE_PURE_PYTHON", "") not in ("", "0"):
+        _prefer_sources(package_dir)
+        return "source"
+    stamp = package_dir / STAMP
+    try:
+        recorded = stamp.read_text().strip()
+    except OSError:
+        recorded = ""
+    whole = len(built) == len(COMPILED) and _has_extension(package_dir.parent, LIBRARY)
+    if whole and recorded == source_digest(package_dir):
+        return "compiled"
+    _prefer_sources(package_dir)
+    logging.getLogger("embedgate").warning(
+        "embedgate: the compiled modules do not match their sources (changed since the install, or a part of the "
+        "build failed); running the "
+        "sources. Reinstall (pip install -e .) to compile them again."
+    )
+    return "stale"
+
+
+class _SourceFinder:
+    """Finds the compiled modules' ``.py`` files, ahead of their extensions."""
+
+    def __init__(self, package_dir: Path) -> None:
+        self._dir = package_dir
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        package, _, name = fullname.rpartition(".")
+        if package != "embedgate" or name not in COMPILED:
+            return None
+        return importlib.util.spec_from_file_location(fullname, self._dir / f"{name}.py")
+
+
+def _prefer_sources(package_dir: Path) -> None:
+    if not any(isinstance(f, _SourceFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SourceFinder(package_dir))

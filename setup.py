@@ -1,0 +1,44 @@
+"""Build: the modules of ``embedgate._native.COMPILED`` compiled to C extensions with mypyc (pyproject.toml holds
+the rest of the metadata). ``EMBEDGATE_PURE_PYTHON=1 pip install ...`` installs the sources only; so does a build
+that cannot compile (no C compiler): ``embedgate._native.guard`` runs the compiled modules only when all are there
+and match their sources."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+PACKAGE = Path(__file__).resolve().parent / "middleware" / "embedgate"
+
+
+def _native() -> object:
+    spec = importlib.util.spec_from_file_location("embedgate_native_build", PACKAGE / "_native.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ext_modules() -> list[object]:
+    native = _native()
+    stamp = PACKAGE / native.STAMP  # type: ignore[attr-defined]
+    if os.environ.get("EMBEDGATE_PURE_PYTHON", "") not in ("", "0"):
+        stamp.unlink(missing_ok=True)  # extensions of an earlier build then count as stale, never run
+        return []
+    from mypyc.build import mypycify
+
+    sources = [f"middleware/embedgate/{name}.py" for name in native.COMPILED]  # type: ignore[attr-defined]
+    # Type-checked as the compiler needs, not as the lint does: dependencies without type information (the
+    # build's own environment holds none of them) count as Any.
+    options = ["--config-file=", "--ignore-missing-imports", "--python-version", "3.11"]
+    extensions = mypycify([*options, *sources], opt_level="3", debug_level="0", group_name="embedgate")
+    for extension in extensions:
+        extension.optional = True  # no C compiler (or a failed compile): installed as sources, which run as they are
+    stamp.write_text(native.source_digest(PACKAGE) + "\n")  # type: ignore[attr-defined]
+    return extensions
+
+
+setup(ext_modules=ext_modules())

@@ -1,0 +1,104 @@
+"""The compiled build (mypyc, see setup.py) runs only when it matches the sources; CI runs it."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import embedgate
+from embedgate import _native
+
+PACKAGE = Path(embedgate.__file__).parent
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> Iterator[Path]:
+    """A copy of the compiled modules' sources; the finder a guard installs is removed afterwards."""
+    package = tmp_path / "embedgate"
+    package.mkdir()
+    for name in _native.COMPILED:
+        shutil.copy(PACKAGE / f"{name}.py", package / f"{name}.py")
+    finders = list(sys.meta_path)
+    yield package
+    sys.meta_path[:] = finders
+
+
+def build(package: Path) -> None:
+    """What the build leaves: an extension per module, their shared library and the stamp of the sources."""
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in _native.COMPILED:
+        (package / f"{name}{suffix}").write_bytes(b"")
+    (package.parent / f"{_native.LIBRARY}{suffix}").write_bytes(b"")
+    (package / _native.STAMP).write_text(_native.source_digest(package) + "\n")
+
+
+def source_finders() -> list[object]:
+    return [f for f in sys.meta_path if type(f).__name__ == "_SourceFinder"]
+
+
+def test_without_extensions_the_sources_run(package: Path) -> None:
+    assert _native.guard(package) == "source"
+    assert source_finders() == []
+
+
+def test_a_build_that_matches_its_sources_runs(package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EMBEDGATE_PURE_PYTHON", raising=False)
+    build(package)
+    assert _native.guard(package) == "compiled"
+    assert source_finders() == []
+
+
+def test_a_source_changed_after_the_build_makes_every_module_load_from_source(
+    package: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("EMBEDGATE_PURE_PYTHON", raising=False)
+    build(package)
+    with (package / "request.py").open("a") as f:
+        f.write("\n# edited after the build\n")
+    assert _native.guard(package) == "stale"
+    assert "Reinstall" in caplog.text
+    (finder,) = source_finders()
+    for name in _native.COMPILED:  # all of them, not only the edited one: they share one native library
+        spec = finder.find_spec(f"embedgate.{name}", None)  # type: ignore[attr-defined]
+        assert spec is not None and spec.origin == str(package / f"{name}.py")
+    assert finder.find_spec("embedgate.config", None) is None  # type: ignore[attr-defined]
+
+
+def test_a_build_without_its_stamp_is_not_trusted(package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EMBEDGATE_PURE_PYTHON", raising=False)
+    build(package)
+    (package / _native.STAMP).unlink()  # what EMBEDGATE_PURE_PYTHON=1 at install leaves of an earlier build
+    assert _native.guard(package) == "stale"
+
+
+def test_a_build_whose_shared_library_failed_is_not_trusted(package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EMBEDGATE_PURE_PYTHON", raising=False)
+    build(package)
+    (package.parent / f"{_native.LIBRARY}{importlib.machinery.EXTENSION_SUFFIXES[0]}").unlink()
+    assert _native.guard(package) == "stale"  # the modules' stubs would fail to import without it
+
+
+def test_pure_python_can_be_asked_for_at_run_time(package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    build(package)
+    monkeypatch.setenv("EMBEDGATE_PURE_PYTHON", "1")
+    assert _native.guard(package) == "source"
+    assert len(source_finders()) == 1
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="a working copy may hold edits newer than its build")
+def test_ci_runs_the_compiled_build() -> None:
+    # CI installs from scratch (pip install -e), which compiles: the suite then tests the code that is deployed.
+    if os.environ.get("EMBEDGATE_PURE_PYTHON", "") not in ("", "0"):
+        pytest.skip("EMBEDGATE_PURE_PYTHON is set")
+    assert embedgate.NATIVE == "compiled"
+    from embedgate import lean_trace, request
+
+    for module in (lean_trace, request):
+        assert module.__file__ is not None
+        assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
