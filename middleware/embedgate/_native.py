@@ -29,7 +29,7 @@ from types import ModuleType
 __all__ = ["COMPILED", "LIBRARY", "STAMP", "guard", "source_digest"]
 
 #: Modules of the ``embedgate`` package compiled by the build (sync code on every request's path).
-COMPILED = ("current_span", "lean_trace", "metrics", "observe", "request", "telemetry", "vectors")
+COMPILED = ("current_span", "lean_trace", "metrics", "observe", "request", "telemetry", "vectors", "wire")
 #: The file beside them holding the digest of the sources the build compiled.
 STAMP = "_native_stamp.txt"
 

@@ -16,7 +16,7 @@ import orjson
 
 from ..config import ProviderConfig
 from ..errors import UpstreamError, UpstreamTimeout
-from ..vectors import VectorError, b64_to_bytes, bytes_to_b64, floats_to_bytes
+from ..wire import MalformedAnswer, cut_vectors, read_answer, take_cut
 from .base import Embeddings, Sender
 from .deadline import deadline
 
@@ -104,119 +104,11 @@ class OpenAIAdapter:
         return text[:_MAX_MESSAGE] or "(empty body)"
 
     def _parse(self, content: bytes, n_items: int, dimensions: int | None) -> Embeddings:
-        def malformed(why: str) -> UpstreamError:
-            return UpstreamError(f"{self.name} sent a malformed answer: {why}", code="upstream_malformed")
-
-        skeleton, cut, texts = cut_vectors(content)
         try:
-            data = orjson.loads(skeleton)
-        except orjson.JSONDecodeError:
-            raise malformed("not JSON") from None
-        items = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(items, list):
-            raise malformed("no 'data' list")
-        if len(items) != n_items:
-            raise malformed(f"{len(items)} vectors for {n_items} inputs")
-        vectors: list[bytes | None] = [None] * n_items
-        b64: list[bytes | memoryview | None] = [None] * n_items
-        # One tight loop: a batch runs it once per item (orjson gives plain dict, int and str; bool is not an index).
-        for position, item in enumerate(items):
-            if type(item) is not dict:
-                raise malformed("a data item is not an object")
-            index = item.get("index", position)
-            if type(index) is not int or not 0 <= index < n_items:
-                raise malformed(f"index {index!r} out of range")
-            if vectors[index] is not None:
-                raise malformed(f"index {index} appears twice")
-            embedding = item.get("embedding")
-            try:
-                if type(embedding) is not str:
-                    vectors[index] = floats_to_bytes(embedding)
-                elif embedding[:1] == _MARK:
-                    vectors[index], k = take_cut(cut, embedding)
-                    b64[index] = texts[k]
-                else:  # a string left in the skeleton (whitespace before it, escapes): decoded, or its error told
-                    vectors[index] = b64_to_bytes(embedding)
-            except VectorError as exc:
-                raise malformed(str(exc)) from None
-        size = len(vectors[0])  # type: ignore[arg-type]
-        if any(len(v) != size for v in vectors):  # type: ignore[arg-type]
-            raise malformed("vectors of different dimensions")
-        dims = size // 4
-        if dimensions is not None and dims != dimensions:
-            raise malformed(f"{dims} dimensions where {dimensions} were asked for")
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        prompt = _count(usage.get("prompt_tokens"))
-        total = _count(usage.get("total_tokens"), prompt)
-        return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total,  # type: ignore[arg-type]
-                          b64=b64)  # fmt: skip
-
-
-_KEY = b'"embedding":"'
-_MARK = "#"  # never in a base64 string: a marker in the skeleton can only be one this module wrote
-
-
-def cut_vectors(content: bytes) -> tuple[bytes, list[bytes | None], list[memoryview | None]]:
-    """The answer with every base64 vector cut out and decoded: ``(skeleton, vectors, texts)``.
-
-    A batch answer is ~2 MB of base64 strings; parsing it as JSON made a Python str of every vector (~1 ms for
-    256 x 1536) only to decode it after. Here each ``"embedding":"<base64>"`` is found with ``bytes.find``,
-    decoded from a view of the body, and replaced in the skeleton by ``"#<k>"``, ``k`` its place in
-    ``vectors``; the skeleton, a few hundred bytes, is then parsed as JSON like the whole answer would be.
-    A string is cut only when it decodes as a whole float32 vector: anything else (a JSON escape,
-    a quote inside, bad base64) stays in the skeleton, where the JSON parse and the usual decoding judge it.
-    An occurrence that is not a real ``embedding`` member (inside a key, say) is cut but never referenced.
-    ``texts[k]`` is the base64 text of ``vectors[k]``, a view of ``content`` (None if not canonical).
-    """
-    find = content.find
-    at = find(_KEY)
-    if at < 0:
-        return content, [], []
-    view = memoryview(content)
-    parts: list[bytes | memoryview] = []
-    vectors: list[bytes | None] = []
-    texts: list[memoryview | None] = []
-    copied = 0  # content[:copied] is in parts
-    while at >= 0:
-        start = at + len(_KEY)
-        end = find(b'"', start)
-        if end < 0:
-            break
-        text = view[start:end]
-        try:
-            raw = b64_to_bytes(text)
-        except VectorError:
-            raw = None
-        if raw is not None:
-            parts.append(view[copied:start])
-            parts.append(b"#%d" % len(vectors))
-            vectors.append(raw)
-            # Passed on only if canonical: the bits a padded last group leaves unused may be set by a lenient
-            # encoder, and a strict decoder would refuse that text (it decodes to the same bytes here).
-            tail = len(raw) % 3
-            texts.append(text if not tail or bytes_to_b64(raw[-tail:]) == text[-4:] else None)
-            copied = end
-        at = find(_KEY, end)
-    if not vectors:
-        return content, [], []
-    parts.append(view[copied:])
-    return b"".join(parts), vectors, texts
-
-
-def take_cut(vectors: list[bytes | None], marker: str) -> tuple[bytes, int]:
-    """The vector a ``"#<k>"`` marker of :func:`cut_vectors` stands for, and ``k``; each may be taken once."""
-    k = int(marker[1:]) if marker[1:].isdigit() else len(vectors)
-    vector = vectors[k] if k < len(vectors) else None
-    if vector is None:  # no such cut, or a second item naming it: the upstream wrote this "#..." string
-        raise VectorError("invalid base64 embedding: not base64")
-    vectors[k] = None
-    return vector, k
-
-
-def _count(v: Any, default: int = 0) -> int:
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else default
+            vectors, b64, dims, prompt, total = read_answer(content, n_items, dimensions)
+        except MalformedAnswer as exc:
+            raise UpstreamError(f"{self.name} sent a malformed answer: {exc}", code="upstream_malformed") from None
+        return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total, b64=b64)
 
 
 def _retry_after(value: str | None) -> float | None:
