@@ -74,8 +74,7 @@ def guard(package_dir: Path = _HERE) -> str:
     _prefer_sources(package_dir)
     logging.getLogger("embedgate").warning(
         "embedgate: the compiled modules do not match their sources (changed since the install, or a part of the "
-        "build failed); running the "
-        "sources. Reinstall (pip install -e .) to compile them again."
+        "build failed); running the sources. Reinstall (pip install -e .) to compile them again."
     )
     return "stale"
 
