@@ -9,13 +9,15 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from setuptools import setup
 
 PACKAGE = Path(__file__).resolve().parent / "middleware" / "embedgate"
 
 
-def _native() -> object:
+def _native() -> ModuleType:
     spec = importlib.util.spec_from_file_location("embedgate_native_build", PACKAGE / "_native.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -23,15 +25,15 @@ def _native() -> object:
     return module
 
 
-def ext_modules() -> list[object]:
+def ext_modules() -> list[Any]:
     native = _native()
-    stamp = PACKAGE / native.STAMP  # type: ignore[attr-defined]
+    stamp = PACKAGE / native.STAMP
     if os.environ.get("EMBEDGATE_PURE_PYTHON", "") not in ("", "0"):
         stamp.unlink(missing_ok=True)  # extensions of an earlier build then count as stale, never run
         return []
     from mypyc.build import mypycify
 
-    sources = [f"middleware/embedgate/{name}.py" for name in native.COMPILED]  # type: ignore[attr-defined]
+    sources = [f"middleware/embedgate/{name}.py" for name in native.COMPILED]
     # Type-checked with the project's own mypy configuration (pyproject.toml), against the dependencies the build
     # environment holds (build-system.requires): the types the compiled code relies on are the ones the lint saw.
     try:
@@ -42,7 +44,7 @@ def ext_modules() -> list[object]:
         return []
     for extension in extensions:
         extension.optional = True  # no C compiler (or a failed compile): installed as sources, which run as they are
-    stamp.write_text(native.source_digest(PACKAGE) + "\n")  # type: ignore[attr-defined]
+    stamp.write_text(native.source_digest(PACKAGE) + "\n")
     return extensions
 
 

@@ -32,6 +32,8 @@ __all__ = ["COMPILED", "LIBRARY", "STAMP", "guard", "source_digest"]
 COMPILED = ("current_span", "lean_trace", "metrics", "observe", "request", "telemetry", "vectors", "wire")
 #: The file beside them holding the digest of the sources the build compiled.
 STAMP = "_native_stamp.txt"
+#: The native library the compiled modules share, beside the package (mypycify's ``group_name``).
+LIBRARY = "embedgate__mypyc"
 
 _HERE = Path(__file__).resolve().parent
 
@@ -43,10 +45,6 @@ def source_digest(package_dir: Path = _HERE) -> str:
         digest.update(name.encode() + b"\0")
         digest.update((package_dir / f"{name}.py").read_bytes())
     return digest.hexdigest()
-
-
-#: The native library the compiled modules share, beside the package (mypycify's ``group_name``).
-LIBRARY = "embedgate__mypyc"
 
 
 def _has_extension(directory: Path, name: str) -> bool:
