@@ -34,8 +34,8 @@ __all__ = ["COMPILED", "LIBRARY", "STAMP", "guard", "source_digest"]
 
 #: Modules of the ``embedgate`` package compiled by the build (code on every request's path).
 COMPILED = (
-    "budget_stores", "budgets", "current_span", "identities", "lean_trace", "metrics", "observe", "pipeline", "request",
-    "telemetry", "vectors", "wire",
+    "budget_stores", "budgets", "current_span", "identities", "lean_trace", "metrics", "observe", "outcome", "pipeline",
+    "request", "telemetry", "vectors", "wire",
 )  # fmt: skip
 #: The file beside them holding the digest of the sources the build compiled.
 STAMP = "_native_stamp.txt"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from random import getrandbits
 from typing import Any
@@ -38,7 +37,6 @@ from .errors import (
 )
 from .identities import IdentityStore, identity_store
 from .logs import (
-    access_log,
     bind_request,
     clear_request,
     configure_logging,
@@ -47,6 +45,7 @@ from .logs import (
 )
 from .metrics import Metrics
 from .observe import ObservedAttempts
+from .outcome import account, annotate, embed_headers, response_headers
 from .pipeline import Call, Pipeline
 from .providers import Http1Transport, build_adapter, sender_for
 from .routing import Router
@@ -216,7 +215,7 @@ class EmbeddingGateway:
         if not self._open:
             await self.startup()
         assert self.pipeline is not None and self.telemetry is not None
-        headers = _embed_headers(scope)
+        headers = embed_headers(scope["headers"])
         rid = headers.get("x-request-id")
         request_id = rid if rid and _REQUEST_ID.fullmatch(rid) else f"{getrandbits(128):032x}"
         call = Call(
@@ -254,10 +253,7 @@ class EmbeddingGateway:
                         self.metrics.observe_budget_rejection(error.scope_kind, error.dimension)
                 # With its length, the answer goes out as one body (no chunked framing: uvicorn would copy it
                 # into chunks, ~2 MB for a 256 batch, and every client would parse the framing).
-                out = [_JSON, (b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.encode()),
-                       (b"x-embedgate-trace-id", root.trace_id_hex.encode()),
-                       (b"x-embedgate-cache", call.cache_status.encode())]  # fmt: skip
-                out += [(k.encode(), v.encode()) for k, v in call.headers.items()]
+                out = response_headers(call, len(body), root.trace_id_hex)
                 try:
                     await send({"type": "http.response.start", "status": status, "headers": out})
                     await send({"type": "http.response.body", "body": body})
@@ -270,69 +266,11 @@ class EmbeddingGateway:
                             await finish(call, error)
                         except Exception:
                             log.exception("finishing the request failed", request_id=request_id)
-                    self._annotate(root, call, error)
+                    annotate(root, call, error)
                     root.end(status, error_type=error.code if error is not None and status >= 500 else None)
-                    self._account(call, status, error)
+                    account(self.metrics, self._access_log, call, status, error)
             finally:
                 clear_request()
-
-    def _annotate(self, root: Any, call: Call, error: GatewayError | None) -> None:
-        """Span attributes of the request: ids, cache and budget outcome; never a key or the input."""
-        if not root.is_recording:
-            return
-        req, key = call.request, call.key
-        attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "embeddings",
-            "embedgate.request_id": call.request_id,
-            "embedgate.route": call.dialect.value,
-            "embedgate.cache": call.cache_status,
-            "embedgate.budget.decision": "rejected" if isinstance(error, BudgetExceeded) else call.budget_decision,
-            "embedgate.attempts": call.attempts,
-        }
-        if req is not None:
-            attrs["gen_ai.request.model"] = req.model
-            attrs["embedgate.input_count"] = len(req.items)
-            attrs["embedgate.encoding_format"] = req.encoding_format
-            if req.identity:
-                attrs["embedgate.identity_id"] = req.identity["id"]
-        if key is not None:
-            attrs["embedgate.key_id"] = key.id
-            attrs["embedgate.workspace"] = key.workspace
-            attrs["embedgate.project"] = key.project
-        if isinstance(error, BudgetExceeded):
-            attrs["embedgate.budget.scope"] = error.scope_kind
-            attrs["embedgate.budget.dimension"] = error.dimension
-        if error is not None and error.code:
-            attrs["embedgate.error.code"] = error.code
-        if error is None:
-            attrs["gen_ai.response.model"] = call.served_model
-            attrs["gen_ai.usage.input_tokens"] = call.prompt_tokens
-            attrs["embedgate.cost_usd"] = call.cost_usd
-        root.set_many(attrs)
-
-    def _account(self, call: Call, status: int, error: GatewayError | None) -> None:
-        """Metrics and the one access line of the request."""
-        req, key = call.request, call.key
-        model = call.served_model or (req.model if req is not None else "")
-        self.metrics.observe_request(call.dialect.value, model if key is not None else "", status, call.cache_status)
-        if key is not None and call.billed_tokens:
-            self.metrics.observe_usage(key.id, model, call.billed_tokens, call.cost_usd)
-        if call.cache_status != "bypass" and error is None:
-            self.metrics.observe_cache_items(len(call.vectors) - call.items_fetched, call.items_fetched)
-        if self._access_log:
-            access_log(
-                status=status,
-                latency_ms=round((time.perf_counter() - call.started) * 1000, 3),
-                route=call.dialect.value,
-                key_id=key.id if key is not None else None,
-                identity=req.identity["id"] if req is not None and req.identity else None,
-                model=call.served_model or (req.model if req is not None else None),
-                cache=call.cache_status,
-                tokens=call.prompt_tokens if error is None else None,
-                cost_usd=call.cost_usd if error is None else None,
-                attempts=call.attempts,
-                error=error.code if error is not None else None,
-            )
 
     async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
         ctype = headers.get("content-type")
@@ -467,26 +405,6 @@ def _query(scope: Scope) -> dict[str, str]:
     from urllib.parse import parse_qsl
 
     return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-
-
-# The request headers an embedding POST reads: only these are decoded (an SDK sends a dozen more).
-_EMBED_HEADERS = {
-    name.encode(): name
-    for name in ("authorization", "content-type", "content-length", "x-request-id", "x-orq-identity-id",
-                 "x-orq-contact-id")
-}  # fmt: skip
-
-
-def _embed_headers(scope: Scope) -> dict[str, str]:
-    """The headers of :data:`_EMBED_HEADERS` in the request, by lowercase name (the last one of a repeated name)."""
-    out: dict[str, str] = {}
-    for key, value in scope["headers"]:
-        name = _EMBED_HEADERS.get(key)
-        if name is None:
-            if key.islower() or (name := _EMBED_HEADERS.get(key.lower())) is None:  # ASGI servers lowercase names
-                continue
-        out[name] = value.decode("latin-1")
-    return out
 
 
 def _headers(scope: Scope) -> dict[str, str]:

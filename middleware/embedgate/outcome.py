@@ -1,0 +1,120 @@
+"""What the gateway makes of one embedding request's outcome, once the pipeline is done with it: the response
+headers, the root span's attributes, the metrics and the access line. Also the few request headers it reads.
+
+Sync code run on every request, kept apart from the gateway's ASGI entry so that the build compiles it
+(``embedgate._native.COMPILED``); the entry itself stays interpreted (see ``_native``'s docstring).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from opentelemetry.util.types import AttributeValue
+
+from .errors import BudgetExceeded, GatewayError
+from .logs import access_log
+from .metrics import Metrics
+from .pipeline import Call
+from .telemetry import RequestSpan
+
+__all__ = ["account", "annotate", "embed_headers", "response_headers"]
+
+# The request headers an embedding POST reads: only these are decoded (an SDK sends a dozen more).
+_EMBED_HEADERS = {
+    name.encode(): name
+    for name in ("authorization", "content-type", "content-length", "x-request-id", "x-orq-identity-id",
+                 "x-orq-contact-id")
+}  # fmt: skip
+_JSON = (b"content-type", b"application/json")
+
+
+def embed_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The headers of :data:`_EMBED_HEADERS` in the ASGI ``raw`` headers, by lowercase name (the last one of a
+    repeated name)."""
+    out: dict[str, str] = {}
+    for key, value in raw:
+        name = _EMBED_HEADERS.get(key)
+        if name is None:
+            if key.islower():  # ASGI servers lowercase names
+                continue
+            name = _EMBED_HEADERS.get(key.lower())
+            if name is None:
+                continue
+        out[name] = value.decode("latin-1")
+    return out
+
+
+def response_headers(call: Call, body_length: int, trace_id_hex: str) -> list[tuple[bytes, bytes]]:
+    """The answer's headers: JSON with its length (one body, no chunked framing), the request and trace ids, the
+    cache outcome, then the stages' own (budget, fallback ...)."""
+    out = [
+        _JSON,
+        (b"content-length", str(body_length).encode()),
+        (b"x-request-id", call.request_id.encode()),
+        (b"x-embedgate-trace-id", trace_id_hex.encode()),
+        (b"x-embedgate-cache", call.cache_status.encode()),
+    ]
+    for name, value in call.headers.items():
+        out.append((name.encode(), value.encode()))
+    return out
+
+
+def annotate(root: RequestSpan, call: Call, error: GatewayError | None) -> None:
+    """Span attributes of the request: ids, cache and budget outcome; never a key or the input."""
+    if not root.is_recording:
+        return
+    req, key = call.request, call.key
+    attrs: dict[str, AttributeValue] = {
+        "gen_ai.operation.name": "embeddings",
+        "embedgate.request_id": call.request_id,
+        "embedgate.route": call.dialect.value,
+        "embedgate.cache": call.cache_status,
+        "embedgate.budget.decision": "rejected" if isinstance(error, BudgetExceeded) else call.budget_decision,
+        "embedgate.attempts": call.attempts,
+    }
+    if req is not None:
+        attrs["gen_ai.request.model"] = req.model
+        attrs["embedgate.input_count"] = len(req.items)
+        attrs["embedgate.encoding_format"] = req.encoding_format
+        if req.identity:
+            attrs["embedgate.identity_id"] = req.identity["id"]
+    if key is not None:
+        attrs["embedgate.key_id"] = key.id
+        attrs["embedgate.workspace"] = key.workspace
+        attrs["embedgate.project"] = key.project
+    if isinstance(error, BudgetExceeded):
+        attrs["embedgate.budget.scope"] = error.scope_kind
+        attrs["embedgate.budget.dimension"] = error.dimension
+    if error is not None and error.code:
+        attrs["embedgate.error.code"] = error.code
+    if error is None:
+        attrs["gen_ai.response.model"] = call.served_model
+        attrs["gen_ai.usage.input_tokens"] = call.prompt_tokens
+        attrs["embedgate.cost_usd"] = call.cost_usd
+    root.set_many(attrs)
+
+
+def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, error: GatewayError | None) -> None:
+    """Metrics and the one access line of the request."""
+    req, key = call.request, call.key
+    model = call.served_model or (req.model if req is not None else "")
+    metrics.observe_request(call.dialect.value, model if key is not None else "", status, call.cache_status)
+    if key is not None and call.billed_tokens:
+        metrics.observe_usage(key.id, model, call.billed_tokens, call.cost_usd)
+    if call.cache_status != "bypass" and error is None:
+        metrics.observe_cache_items(len(call.vectors) - call.items_fetched, call.items_fetched)
+    if write_access_line:
+        access_log(
+            status=status,
+            latency_ms=round((time.perf_counter() - call.started) * 1000, 3),
+            route=call.dialect.value,
+            key_id=key.id if key is not None else None,
+            identity=req.identity["id"] if req is not None and req.identity else None,
+            model=call.served_model or (req.model if req is not None else None),
+            cache=call.cache_status,
+            tokens=call.prompt_tokens if error is None else None,
+            cost_usd=call.cost_usd if error is None else None,
+            attempts=call.attempts,
+            error=error.code if error is not None else None,
+        )
