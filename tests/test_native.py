@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.machinery
 import os
 import shutil
@@ -102,3 +103,33 @@ def test_ci_runs_the_compiled_build() -> None:
     for module in (lean_trace, request):
         assert module.__file__ is not None
         assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+def _awaits_in_handlers(tree: ast.AST) -> list[int]:
+    """Lines of the ``try`` statements whose ``except`` or ``finally`` blocks await (or ``async with``/``for``)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try | ast.TryStar):
+            blocks = [handler.body for handler in node.handlers] + [node.finalbody]
+            if any(
+                isinstance(inner, ast.Await | ast.AsyncWith | ast.AsyncFor)
+                for block in blocks
+                for statement in block
+                for inner in ast.walk(statement)
+            ):
+                found.append(node.lineno)
+    return found
+
+
+def test_compiled_coroutines_never_await_inside_a_handler() -> None:
+    """mypyc 2.4.1's coroutines lose track of the exception being handled across an ``await`` in an ``except`` or
+    ``finally`` block: the router's split batches segfaulted that way. A compiled module keeps such cleanup after its
+    handler (see ``routing.Router._serve_model``)."""
+    offending = {
+        name: lines
+        for name in _native.COMPILED
+        if (lines := _awaits_in_handlers(ast.parse((PACKAGE / f"{name}.py").read_text())))
+    }
+    assert offending == {}
+    gateway = ast.parse((PACKAGE / "gateway.py").read_text())  # the check sees them: the gateway has one
+    assert _awaits_in_handlers(gateway) != []

@@ -7,12 +7,13 @@ checkout, an edit), the extensions would run the old code, so the sources run in
 modules share one native library: never half of each), and a warning says to reinstall.
 ``EMBEDGATE_PURE_PYTHON=1`` at run time runs the sources too.
 
-Of the modules with ``async def``, the pipeline, the budgets (engine and stores) and the identity stores are compiled;
-the others stay interpreted, as measured with mypyc 2.4.1: compiled, the gateway's ASGI entry failed 13 tests (a
-cancellation from an upstream timeout surfaced in the caller after the error answer was sent, mounted apps broke);
-mypyc cannot compile the router (``break``/``continue`` inside ``try``/``finally``); the cache subclasses
-aiocache's ``BaseCache``, which a compiled class cannot extend. Compiled classes take no interpreted subclasses:
-wrap one (as ``tests/test_budgets_engine.py``'s counting store does) rather than extend it.
+Of the modules with ``async def``, the pipeline, the router, the budgets (engine and stores) and the identity stores
+are compiled. With mypyc 2.4.1, an ``await`` inside an ``except`` or ``finally`` block of a compiled coroutine
+corrupted the exception state: the router's split batches crashed the process (its cleanup now runs after the
+handler), and the gateway's ASGI entry let a timeout's cancellation surface after the error answer had been sent
+(13 tests failed), so it stays interpreted. The cache extends aiocache's ``BaseCache``, which a compiled class
+cannot, and stays interpreted too. A compiled class takes no interpreted subclass unless marked so (the router's
+``AttemptHook`` is); wrap one instead (as ``tests/test_budgets_engine.py``'s counting store does).
 
 Standard library only: ``setup.py`` loads this file before anything is installed.
 """
@@ -35,7 +36,7 @@ __all__ = ["COMPILED", "LIBRARY", "STAMP", "guard", "source_digest"]
 #: Modules of the ``embedgate`` package compiled by the build (code on every request's path).
 COMPILED = (
     "budget_stores", "budgets", "current_span", "identities", "lean_trace", "metrics", "observe", "outcome", "pipeline",
-    "request", "telemetry", "vectors", "wire",
+    "request", "routing", "telemetry", "vectors", "wire",
 )  # fmt: skip
 #: The file beside them holding the digest of the sources the build compiled.
 STAMP = "_native_stamp.txt"

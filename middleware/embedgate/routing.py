@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from mypy_extensions import mypyc_attr
 
 from .budgets import BUILTIN_PRICES
 from .config import Config, Deployment, ModelConfig, RetryPolicy
@@ -94,6 +95,7 @@ class RouteResult:
     spent: list[Spent] = field(default_factory=list)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class AttemptHook:
     """Observes upstream attempts (telemetry and metrics plug in here); the default does nothing.
 
@@ -355,9 +357,12 @@ class Router:
                         raise
 
             tasks = [asyncio.ensure_future(gated(c)) for c in chunks]
+            failure: BaseException | None = None
             try:
                 results = list(await asyncio.gather(*tasks))
             except BaseException as exc:
+                failure = exc  # handled below, outside the handler: no await inside one (see _native's docstring)
+            if failure is not None:
                 # One chunk failed for this model: the others are worthless (the next model redoes all of them).
                 for t in tasks:
                     t.cancel()
@@ -367,12 +372,12 @@ class Router:
                     if isinstance(outcome, tuple):
                         emb, d = outcome
                         attempts.spent.append((model.id, emb.prompt_tokens, self._price(model, d)))
-                if isinstance(exc, _Skipped):  # not the cause: raise the failure that made the others skip
+                if isinstance(failure, _Skipped):  # not the cause: raise the failure that made the others skip
                     cause = next((o for o in outcomes if isinstance(o, Exception) and not isinstance(o, _Skipped)),
                                  None)  # fmt: skip
                     if cause is not None:
                         raise cause from None
-                raise
+                raise failure
         tokens = sum(emb.prompt_tokens for emb, _ in results)
         return RouteResult(
             model=model.id,
@@ -446,20 +451,25 @@ class Router:
                 break
             index, probe = picked
             deployment = deployments[index]
+            # No break/continue inside this try/finally (mypyc compiles none): the outcome is noted, then acted on.
+            served: tuple[Embeddings, Deployment] | None = None
+            stop = False
             try:
                 wait = ready_at.get(index, 0.0) - self._clock()
-                if wait > 0:
-                    if wait >= deadline - self._clock():
-                        break  # sleeping would outlast the deadline: leave the time to the fallbacks
-                    await self._sleep(wait)
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    last = UpstreamTimeout(f"The overall deadline of {self._routing.deadline_ms} ms was reached")
-                    break
-                attempts.count += 1
-                result = await self._attempt(request, payload, len(chunk), model, deployment, n + 1,
-                                             fallback_index, remaining, next_step)  # fmt: skip
-                return result, deployment
+                if wait > 0 and wait >= deadline - self._clock():
+                    stop = True  # sleeping would outlast the deadline: leave the time to the fallbacks
+                else:
+                    if wait > 0:
+                        await self._sleep(wait)
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        last = UpstreamTimeout(f"The overall deadline of {self._routing.deadline_ms} ms was reached")
+                        stop = True
+                    else:
+                        attempts.count += 1
+                        result = await self._attempt(request, payload, len(chunk), model, deployment, n + 1,
+                                                     fallback_index, remaining, next_step)  # fmt: skip
+                        served = result, deployment
             except (UpstreamError, UpstreamTimeout) as err:
                 status = getattr(err, "upstream_status", None)
                 if status in _INPUT_ERRORS:
@@ -472,19 +482,21 @@ class Router:
                     log.error("upstream rejected our provider key", provider=deployment.provider, status=status,
                               deployment=_deployment_id(deployment), model=model.id)  # fmt: skip
                     dropped.add(index)
-                    continue
-                if status is None or status in retry.on_codes:
+                elif status is None or status in retry.on_codes:
                     failures[index] = failures.get(index, 0) + 1
                     ready_at[index] = self._clock() + self._backoff(failures[index], getattr(err, "retry_after_s",
                                                                                              None))  # fmt: skip
-                    continue
-                if status in fallback_codes:
+                elif status in fallback_codes:
                     dropped.add(index)
-                    continue
-                raise _ModelFailed(err, False) from None
+                else:
+                    raise _ModelFailed(err, False) from None
             finally:
                 if probe:
                     self._release(deployment)
+            if served is not None:
+                return served
+            if stop:
+                break
         raise _ModelFailed(last or UpstreamTimeout("The overall deadline was reached"), True)
 
     async def _attempt(
