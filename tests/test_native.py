@@ -131,5 +131,5 @@ def test_compiled_coroutines_never_await_inside_a_handler() -> None:
         if (lines := _awaits_in_handlers(ast.parse((PACKAGE / f"{name}.py").read_text())))
     }
     assert offending == {}
-    gateway = ast.parse((PACKAGE / "gateway.py").read_text())  # the check sees them: the gateway has one
-    assert _awaits_in_handlers(gateway) != []
+    seen = "async def f():\n try:\n  await g()\n except E:\n  pass\n finally:\n  async with h:\n   pass\n"
+    assert _awaits_in_handlers(ast.parse(seen)) == [2]  # the check sees one

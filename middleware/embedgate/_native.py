@@ -7,13 +7,14 @@ checkout, an edit), the extensions would run the old code, so the sources run in
 modules share one native library: never half of each), and a warning says to reinstall.
 ``EMBEDGATE_PURE_PYTHON=1`` at run time runs the sources too.
 
-Of the modules with ``async def``, the pipeline, the router, the budgets (engine and stores) and the identity stores
-are compiled. With mypyc 2.4.1, an ``await`` inside an ``except`` or ``finally`` block of a compiled coroutine
-corrupted the exception state: the router's split batches crashed the process (its cleanup now runs after the
-handler), and the gateway's ASGI entry let a timeout's cancellation surface after the error answer had been sent
-(13 tests failed), so it stays interpreted. The cache extends aiocache's ``BaseCache``, which a compiled class
-cannot, and stays interpreted too. A compiled class takes no interpreted subclass unless marked so (the router's
-``AttemptHook`` is); wrap one instead (as ``tests/test_budgets_engine.py``'s counting store does).
+Of the modules with ``async def``, all but the cache are compiled: the gateway's ASGI entry, the pipeline, the router,
+the budgets (engine and stores) and the identity stores. With mypyc 2.4.1, an ``await`` inside an ``except`` or
+``finally`` block of a compiled coroutine lost track of the exception being handled: the router's split batches
+crashed the process, and the gateway let a timeout's cancellation surface after the error answer had been sent.
+Their cleanup now runs after the handler, and ``tests/test_native.py`` keeps such awaits out of every compiled
+module. The cache extends aiocache's ``BaseCache``, which a compiled class cannot, and stays interpreted. A
+compiled class takes no interpreted subclass unless marked so (``EmbeddingGateway`` and the router's
+``AttemptHook`` are); wrap one instead (as ``tests/test_budgets_engine.py``'s counting store does).
 
 Standard library only: ``setup.py`` loads this file before anything is installed.
 """
@@ -35,8 +36,8 @@ __all__ = ["COMPILED", "LIBRARY", "STAMP", "guard", "source_digest"]
 
 #: Modules of the ``embedgate`` package compiled by the build (code on every request's path).
 COMPILED = (
-    "budget_stores", "budgets", "current_span", "identities", "lean_trace", "metrics", "observe", "outcome", "pipeline",
-    "request", "routing", "telemetry", "vectors", "wire",
+    "budget_stores", "budgets", "current_span", "gateway", "identities", "lean_trace", "metrics", "observe", "outcome",
+    "pipeline", "request", "routing", "telemetry", "vectors", "wire",
 )  # fmt: skip
 #: The file beside them holding the digest of the sources the build compiled.
 STAMP = "_native_stamp.txt"

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import orjson
 import structlog
+from mypy_extensions import mypyc_attr
 from opentelemetry.trace import TracerProvider
 
 from .budgets import BudgetEngine, budget_store
@@ -73,6 +74,7 @@ _FIRST_ITEM_HEAD = b'{"object":"embedding","index":0,"embedding":"'
 _ITEM_HEAD = b'"},{"object":"embedding","index":%d,"embedding":"'
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # compiled by the build; a host may still extend it
 class EmbeddingGateway:
     """Pure ASGI middleware serving embedding requests; everything else passes through to ``app``.
 
@@ -254,21 +256,26 @@ class EmbeddingGateway:
                 # With its length, the answer goes out as one body (no chunked framing: uvicorn would copy it
                 # into chunks, ~2 MB for a 256 batch, and every client would parse the framing).
                 out = response_headers(call, len(body), root.trace_id_hex)
+                send_failed: BaseException | None = None
                 try:
                     await send({"type": "http.response.start", "status": status, "headers": out})
                     await send({"type": "http.response.body", "body": body})
-                finally:
-                    # After the answer is on its way (none of this changes it): the budget settle (a store
-                    # round trip), the root span's end (it spans the send, as OTel's ASGI middleware's does),
-                    # metrics and the access line. Also when the send failed (the client went away).
-                    for finish in call.finish:
-                        try:
-                            await finish(call, error)
-                        except Exception:
-                            log.exception("finishing the request failed", request_id=request_id)
-                    annotate(root, call, error)
-                    root.end(status, error_type=error.code if error is not None and status >= 500 else None)
-                    account(self.metrics, self._access_log, call, status, error)
+                except BaseException as exc:  # the client went away: finished all the same, then raised
+                    send_failed = exc
+                # After the answer is on its way (none of this changes it): the budget settle (a store round
+                # trip), the root span's end (it spans the send, as OTel's ASGI middleware's does), metrics and
+                # the access line. Not in a finally block: the build compiles this module, and mypyc's coroutines
+                # lose the exception being handled across an await there (see embedgate._native).
+                for finish in call.finish:
+                    try:
+                        await finish(call, error)
+                    except Exception:
+                        log.exception("finishing the request failed", request_id=request_id)
+                annotate(root, call, error)
+                root.end(status, error_type=error.code if error is not None and status >= 500 else None)
+                account(self.metrics, self._access_log, call, status, error)
+                if send_failed is not None:
+                    raise send_failed
             finally:
                 clear_request()
 
