@@ -7,14 +7,14 @@ checkout, an edit), the extensions would run the old code, so the sources run in
 modules share one native library: never half of each), and a warning says to reinstall.
 ``EMBEDGATE_PURE_PYTHON=1`` at run time runs the sources too.
 
-Of the modules with ``async def``, all but the cache are compiled: the gateway's ASGI entry, the pipeline, the router,
-the budgets (engine and stores) and the identity stores. With mypyc 2.4.1, an ``await`` inside an ``except`` or
-``finally`` block of a compiled coroutine lost track of the exception being handled: the router's split batches
-crashed the process, and the gateway let a timeout's cancellation surface after the error answer had been sent.
-Their cleanup now runs after the handler, and ``tests/test_native.py`` keeps such awaits out of every compiled
-module. The cache extends aiocache's ``BaseCache``, which a compiled class cannot, and stays interpreted. A
-compiled class takes no interpreted subclass unless marked so (``EmbeddingGateway`` and the router's
-``AttemptHook`` are); wrap one instead (as ``tests/test_budgets_engine.py``'s counting store does).
+Of the top-level modules with ``async def``, all but the cache are compiled: the gateway's ASGI entry, the pipeline,
+the router, the budgets (engine and stores) and the identity stores (``providers/`` is not compiled). With mypyc
+2.4.1, an ``await`` inside an ``except`` or ``finally`` block of a compiled coroutine lost track of the exception
+being handled: the router's split batches crashed the process, and the gateway let a timeout's cancellation surface
+after the error answer had been sent. Their cleanup now runs after the handler, and ``tests/test_native.py`` keeps
+such awaits out of every compiled module. The cache extends aiocache's ``BaseCache``, which a compiled class cannot,
+and stays interpreted. A compiled class takes no interpreted subclass unless marked so (``EmbeddingGateway`` and the
+router's ``AttemptHook`` are); wrap one instead (as ``tests/test_budgets_engine.py``'s counting store does).
 
 Standard library only: ``setup.py`` loads this file before anything is installed.
 """
