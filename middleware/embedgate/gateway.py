@@ -46,7 +46,7 @@ from .logs import (
 )
 from .metrics import Metrics
 from .observe import ObservedAttempts
-from .outcome import account, annotate, embed_headers, response_headers
+from .outcome import JSON_CONTENT_TYPE, account, annotate, embed_headers, response_headers
 from .pipeline import Call, Pipeline
 from .providers import Http1Transport, build_adapter, sender_for
 from .routing import Router
@@ -69,7 +69,6 @@ _ROUTES = {
     "/api/v1/embeddings": Dialect.OPENROUTER,
 }
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_JSON = (b"content-type", b"application/json")
 _FIRST_ITEM_HEAD = b'{"object":"embedding","index":0,"embedding":"'
 _ITEM_HEAD = b'"},{"object":"embedding","index":%d,"embedding":"'
 
@@ -421,7 +420,7 @@ def _headers(scope: Scope) -> dict[str, str]:
 async def _send(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
     ctype = headers.pop("content-type", None)
     out = [
-        (b"content-type", ctype.encode()) if ctype else _JSON,
+        (b"content-type", ctype.encode()) if ctype else JSON_CONTENT_TYPE,
         (b"content-length", str(len(body)).encode()),
         *((k.encode(), v.encode()) for k, v in headers.items()),
     ]

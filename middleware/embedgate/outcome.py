@@ -1,8 +1,8 @@
 """What the gateway makes of one embedding request's outcome, once the pipeline is done with it: the response
 headers, the root span's attributes, the metrics and the access line. Also the few request headers it reads.
 
-Sync code run on every request, kept apart from the gateway's ASGI entry so that the build compiles it
-(``embedgate._native.COMPILED``); the entry itself stays interpreted (see ``_native``'s docstring).
+Sync code run on every request, kept apart from the gateway's ASGI entry (both are compiled by the build, see
+``embedgate._native.COMPILED``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .metrics import Metrics
 from .pipeline import Call
 from .telemetry import RequestSpan
 
-__all__ = ["account", "annotate", "embed_headers", "response_headers"]
+__all__ = ["JSON_CONTENT_TYPE", "account", "annotate", "embed_headers", "response_headers"]
 
 # The request headers an embedding POST reads: only these are decoded (an SDK sends a dozen more).
 _EMBED_HEADERS = {
@@ -26,7 +26,7 @@ _EMBED_HEADERS = {
     for name in ("authorization", "content-type", "content-length", "x-request-id", "x-orq-identity-id",
                  "x-orq-contact-id")
 }  # fmt: skip
-_JSON = (b"content-type", b"application/json")
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
 
 
 def embed_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -49,7 +49,7 @@ def response_headers(call: Call, body_length: int, trace_id_hex: str) -> list[tu
     """The answer's headers: JSON with its length (one body, no chunked framing), the request and trace ids, the
     cache outcome, then the stages' own (budget, fallback ...)."""
     out = [
-        _JSON,
+        JSON_CONTENT_TYPE,
         (b"content-length", str(body_length).encode()),
         (b"x-request-id", call.request_id.encode()),
         (b"x-embedgate-trace-id", trace_id_hex.encode()),
