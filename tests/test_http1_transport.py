@@ -283,3 +283,39 @@ async def test_https_verifies_the_server_certificate(monkeypatch: pytest.MonkeyP
         srv.close()
     assert [a.json() for a in answers] == [{"tls": True}] * 3
     assert server.connections == 2  # one kept-alive connection per transport (a failed handshake never counts)
+
+
+async def test_a_reused_connection_closed_as_the_request_goes_out_is_resent_once_on_a_new_one() -> None:
+    # The server reads the second request and closes without answering, as when its keep-alive timeout ends just
+    # as the request arrives: the call must not fail for it, and the request goes out once more, intact.
+    async with serve(lambda n: None if n == 2 else ok(b'{"n":%d}' % n)) as server:
+        transport = Http1Transport()
+        assert (await post(transport, server.url)).json() == {"n": 1}
+        response = await post(transport, server.url, b'{"input":"again"}')
+        await transport.aclose()
+    assert response.json() == {"n": 3}
+    assert server.connections == 2
+    assert [body for _, body in server.requests[1:]] == [b'{"input":"again"}'] * 2
+
+
+async def test_a_request_is_resent_at_most_once() -> None:
+    async with serve(lambda n: ok() if n == 1 else None) as server:
+        transport = Http1Transport()
+        await post(transport, server.url)
+        with pytest.raises(httpx.ReadError, match="without answering") as raised:
+            await post(transport, server.url)
+        await transport.aclose()
+    assert raised.value.request.url == server.url
+    assert (len(server.requests), server.connections) == (3, 2)
+
+
+async def test_a_reused_connection_cut_mid_answer_is_not_resent() -> None:
+    # Part of an answer came: the server did take the request, so sending it again could run it twice.
+    cut = (b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"da', True)
+    async with serve(lambda n: ok() if n == 1 else cut) as server:
+        transport = Http1Transport()
+        await post(transport, server.url)
+        with pytest.raises(httpx.ReadError, match="middle of its answer"):
+            await post(transport, server.url)
+        await transport.aclose()
+    assert len(server.requests) == 2

@@ -9,7 +9,9 @@ pooled connection and letting llhttp hand back status, headers and body costs a 
 What it does: keep-alive connections pooled per origin (``http``/``https``, most recently used first, closed after
 ``keepalive_s`` idle or when the server says ``Connection: close``), at most ``max_connections`` open at once
 (callers beyond that wait for one), bodies by ``Content-Length``, chunked or until close; httpx decodes
-``Content-Encoding`` as for any transport. What it leaves out, because no embedding API needs it: HTTP/2,
+``Content-Encoding`` as for any transport. A request is sent once more, on a new connection, when a reused one
+closes before any byte of its answer came: the server's idle timeout ended just as it went out (aiohttp's client
+does the same; httpcore raises). What it leaves out, because no embedding API needs it: HTTP/2,
 proxies, upgrades, ``Expect: 100-continue``, HEAD.
 
 Timeouts: none of its own. The caller bounds each call (the adapters run it under ``deadline``); a call
@@ -44,6 +46,9 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.keep_alive = False
+        self.reused = False  # this exchange is not the connection's first
+        self._used = False
+        self.answered = False  # a byte of this exchange's answer came
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[_Answer] | None = None
         self._status = 0
@@ -59,7 +64,8 @@ class _Connection(asyncio.Protocol):
         waiter: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
         self._status, self._headers, self._body = 0, [], []
-        self._until_close = False
+        self._until_close = self.answered = False
+        self.reused, self._used = self._used, True
         try:
             self.transport.write(data)
         except (OSError, RuntimeError) as exc:
@@ -94,6 +100,7 @@ class _Connection(asyncio.Protocol):
         if self._waiter is None:  # bytes nobody asked for: this connection can no longer be trusted
             self.close()
             return
+        self.answered = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -161,12 +168,14 @@ class Http1Transport(httpx.AsyncBaseTransport):
         data = await _serialize(request)
         conn = await self._acquire(origin, request)
         try:
-            status, headers, body = await conn.exchange(data)
-        except BaseException as exc:
-            self._discard(conn)
-            if isinstance(exc, httpx.TransportError):
-                exc.request = request  # raised by the connection, which never saw the request object
-            raise
+            status, headers, body = await self._exchange(conn, data, request)
+        except (httpx.ReadError, httpx.WriteError):
+            if not conn.reused or conn.answered:
+                raise
+            # A kept-alive connection the server closed just as the request went out (its idle timeout ending
+            # then): no byte of an answer came, so the request is sent once more, on a new connection.
+            conn = await self._acquire(origin, request, fresh=True)
+            status, headers, body = await self._exchange(conn, data, request)
         if conn.keep_alive and conn.usable and not self._closed:
             conn.idle_since = time.monotonic()
             self._idle.setdefault(origin, []).append(conn)
@@ -184,11 +193,20 @@ class Http1Transport(httpx.AsyncBaseTransport):
             response.is_stream_consumed = response.is_closed = True
         return response
 
-    async def _acquire(self, origin: _Origin, request: httpx.Request) -> _Connection:
+    async def _exchange(self, conn: _Connection, data: bytes, request: httpx.Request) -> _Answer:
+        try:
+            return await conn.exchange(data)
+        except BaseException as exc:
+            self._discard(conn)
+            if isinstance(exc, httpx.TransportError):
+                exc.request = request  # raised by the connection, which never saw the request object
+            raise
+
+    async def _acquire(self, origin: _Origin, request: httpx.Request, *, fresh: bool = False) -> _Connection:
         while True:
             idle = self._idle.get(origin)
             now = time.monotonic()
-            while idle:
+            while idle and not fresh:
                 conn = idle.pop()  # the most recently used: the least likely to have been closed by the server
                 if conn.usable and now - conn.idle_since < self._keepalive_s:
                     return conn
