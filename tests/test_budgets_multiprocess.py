@@ -46,15 +46,16 @@ class Cluster:
     token_workspace: str
 
 
-def _start(config_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _start(config_path: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {**os.environ, "OTEL_TRACES_EXPORTER": "none"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "embedgate.cli", "serve", "--config", str(config_path), "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "embedgate.cli", "serve", "--config", str(config_path), "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -72,9 +73,12 @@ def cluster(upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFact
         {"scope": "workspace", "target": rate_ws, "requests_per_minute": RPM},
         {"scope": "workspace", "target": token_ws, "token_limit": TOKEN_LIMIT, "amount_usd": 1.0},
     ]
-    path = tmp_path_factory.mktemp("budgets") / "gw.yaml"
+    directory = tmp_path_factory.mktemp("budgets")
+    path = directory / "gw.yaml"
     path.write_text(yaml.safe_dump(data))
-    started = [_start(path), _start(path)]  # start both, then wait: the two start-ups overlap
+    # start both, then wait: the two start-ups overlap. Their output (access lines, uvicorn's log) stays in the
+    # run's temporary directory, for a failure to be looked into.
+    started = [_start(path, directory / "proxy-a.log"), _start(path, directory / "proxy-b.log")]
     try:
         for proc, url in started:
             wait_serving(proc, url, "/readyz")
@@ -148,8 +152,10 @@ async def test_two_processes_never_spend_more_than_the_token_budget(cluster: Clu
     done = anyio.Event()
 
     async def watch() -> None:
-        # the counter, reservations in flight included, read while the requests run
-        async with httpx.AsyncClient(timeout=10) as client:
+        # the counter, reservations in flight included, read while the requests run. A new connection for each
+        # reading: the storms starve this loop for seconds, and a kept-alive connection idle past the server's
+        # keep-alive timeout (uvicorn's 5 s) can be closed just as the next reading goes out on it.
+        async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as client:
             while not done.is_set():
                 readings.append((await _usage(client, cluster.urls[1], cluster.token_workspace))["tokens"]["used"])
                 await anyio.sleep(0.005)
