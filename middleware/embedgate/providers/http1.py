@@ -168,14 +168,22 @@ class Http1Transport(httpx.AsyncBaseTransport):
         data = await _serialize(request)
         conn = await self._acquire(origin, request)
         try:
-            status, headers, body = await self._exchange(conn, data, request)
-        except (httpx.ReadError, httpx.WriteError):
-            if not conn.reused or conn.answered:
+            answer: _Answer | None = await conn.exchange(data)
+        except BaseException as exc:
+            self._failed(conn, exc, request)
+            if not isinstance(exc, (httpx.ReadError, httpx.WriteError)) or not conn.reused or conn.answered:
                 raise
+            answer = None
+        if answer is None:
             # A kept-alive connection the server closed just as the request went out (its idle timeout ending
             # then): no byte of an answer came, so the request is sent once more, on a new connection.
             conn = await self._acquire(origin, request, fresh=True)
-            status, headers, body = await self._exchange(conn, data, request)
+            try:
+                answer = await conn.exchange(data)
+            except BaseException as exc:
+                self._failed(conn, exc, request)
+                raise
+        status, headers, body = answer
         if conn.keep_alive and conn.usable and not self._closed:
             conn.idle_since = time.monotonic()
             self._idle.setdefault(origin, []).append(conn)
@@ -192,15 +200,6 @@ class Http1Transport(httpx.AsyncBaseTransport):
             response._content = body
             response.is_stream_consumed = response.is_closed = True
         return response
-
-    async def _exchange(self, conn: _Connection, data: bytes, request: httpx.Request) -> _Answer:
-        try:
-            return await conn.exchange(data)
-        except BaseException as exc:
-            self._discard(conn)
-            if isinstance(exc, httpx.TransportError):
-                exc.request = request  # raised by the connection, which never saw the request object
-            raise
 
     async def _acquire(self, origin: _Origin, request: httpx.Request, *, fresh: bool = False) -> _Connection:
         while True:
@@ -245,6 +244,11 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 raise httpx.ConnectError(f"{type(exc).__name__}: {exc}", request=request) from exc
             raise
         return conn
+
+    def _failed(self, conn: _Connection, exc: BaseException, request: httpx.Request) -> None:
+        self._discard(conn)
+        if isinstance(exc, httpx.TransportError):
+            exc.request = request  # raised by the connection, which never saw the request object
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:  # built on first https use: loading the CA bundle takes ~20 ms
