@@ -66,6 +66,10 @@ def test_quick_run_measures_every_scenario(quick_run: Run) -> None:
             assert row[field] is not None, (row["system"], field)
         assert row["ok"] > 0 and row["errors"] == 0 and row["rps"] > 0
         assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+        # How much CPU the machine's neighbours took during the cell (figures under heavy steal are not comparable).
+        assert 0 <= row["steal_pct"] <= 100, row
+    assert 0 <= results["meta"]["steal_pct"] <= 100
+    assert "steal %" in proc.stdout
     assert results["litellm"] == "not measured"
     assert "litellm: not measured" in proc.stdout
     assert Path(results["_out"], "results.png").stat().st_size > 10_000

@@ -386,14 +386,37 @@ def measure(opts: Options, target: Target, scenario: Scenario, nonce: str) -> di
         fresh=target.fresh,
         nonce=nonce,
     )
+    before = cpu_ticks()
     result = run_load(spec, opts.engine)
-    row = {"system": scenario.system, "case": scenario.case, "dims": DIMS, **result}
+    row = {"system": scenario.system, "case": scenario.case, "dims": DIMS, **result,
+           "steal_pct": steal_pct(before, cpu_ticks())}  # fmt: skip
     print(
         f"  {scenario.system:<15} {scenario.case:<6} c={scenario.connections:<3} "
-        f"p50={row['p50_ms']} ms p99={row['p99_ms']} ms {row['rps']} req/s errors={row['errors']}",
+        f"p50={row['p50_ms']} ms p99={row['p99_ms']} ms {row['rps']} req/s errors={row['errors']} "
+        f"steal={row['steal_pct']}%",
         flush=True,
     )
     return row
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(stolen, all) CPU ticks of the machine so far, from ``/proc/stat``; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice, already counted in user and nice]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time the hypervisor gave to others between two readings: time this
+    run's processes wanted and did not get. A cell measured under a few % of steal compares with others;
+    one at 20% measures the neighbours as much as the code."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round(100 * (after[0] - before[0]) / (after[1] - before[1]), 1)
 
 
 def upstream_stats(upstream: str) -> dict[str, int]:
@@ -756,11 +779,11 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 def print_summary(results: dict[str, Any]) -> None:
     """A readable table of the run on stdout."""
-    print("\nsystem           case    conns     p50 ms     p99 ms      req/s  errors")
+    print("\nsystem           case    conns     p50 ms     p99 ms      req/s  errors  steal %")
     for r in results["scenarios"]:
         print(
             f"{r['system']:<16} {r['case']:<7} {r['connections']:>5} {r['p50_ms']!s:>10} {r['p99_ms']!s:>10} "
-            f"{r['rps']:>10} {r['errors']:>7}"
+            f"{r['rps']:>10} {r['errors']:>7} {r.get('steal_pct')!s:>8}"
         )
     for name, info in results["systems"].items():
         if info["status"] != "measured":
@@ -803,7 +826,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(results["soak"], indent=1))
         else:
             results.update(systems={}, scenarios=[], embedgate={})
+            before = cpu_ticks()
             run_matrix(opts, upstream, results)
+            results["meta"]["steal_pct"] = steal_pct(before, cpu_ticks())
             results["ratios"] = compute_ratios(results["scenarios"])
             results["litellm"] = (
                 "measured" if results["systems"].get("litellm", {}).get("status") == "measured" else "not measured"
