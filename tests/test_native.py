@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.machinery
 import os
 import shutil
@@ -133,3 +134,30 @@ def test_compiled_coroutines_never_await_inside_a_handler() -> None:
     assert offending == {}
     seen = "async def f():\n try:\n  await g()\n except E:\n  pass\n finally:\n  async with h:\n   pass\n"
     assert _awaits_in_handlers(ast.parse(seen)) == [2]  # the check sees one
+
+
+def test_written_out_initializers_set_every_field() -> None:
+    # The request path's dataclasses write their ``__init__`` out (a generated one stays interpreted in the compiled
+    # build): a field added later but not set there would be missing on every instance, caught here.
+    from embedgate.budgets import Reservation
+    from embedgate.errors import Dialect
+    from embedgate.pipeline import Call
+    from embedgate.request import EmbeddingRequest
+    from embedgate.routing import RouteResult, _Attempts
+
+    instances = [
+        Call(dialect=Dialect.OPENAI, body=b"{}", request_id="r"),
+        EmbeddingRequest(model="m", items=("a",), input_kind="string"),
+        RouteResult(model="m", vectors=[], prompt_tokens=0, attempts=1, price_per_million_tokens=None),
+        _Attempts(),
+        Reservation("r", "none"),
+    ]
+    for instance in instances:
+        for f in dataclasses.fields(instance):
+            assert hasattr(instance, f.name), (type(instance).__name__, f.name)
+            if f.default is not dataclasses.MISSING:
+                assert getattr(instance, f.name) == f.default, (type(instance).__name__, f.name)
+            elif f.default_factory is not dataclasses.MISSING:
+                made = f.default_factory()  # a fresh empty container, or the clock's reading
+                value = getattr(instance, f.name)
+                assert type(value) is type(made) and (value == made or isinstance(made, float)), f.name

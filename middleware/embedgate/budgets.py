@@ -216,9 +216,10 @@ class _Gate:
         self.limit_text = _usd(self.limit) if self.dimension == "cost" else str(self.limit)
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(init=False, slots=True, eq=False)
 class Reservation:
-    """What one request holds on its budgets, until settled or released.
+    """What one request holds on its budgets, until settled or released (``__init__`` written out: a
+    dataclass's generated ``__init__`` stays interpreted in the compiled build).
 
     ``decision``: ``none`` (no budget applies), ``reserved``, or ``fail_open`` (store down, admitted anyway).
     """
@@ -230,6 +231,23 @@ class Reservation:
     counters: tuple[_Gate, ...] = ()
     _headers: dict[str, str] = field(default_factory=dict)
     _open: bool = True
+
+    def __init__(
+        self,
+        id: str,
+        decision: str,
+        tokens: int = 0,
+        cost_nano: int = 0,
+        counters: tuple[_Gate, ...] = (),
+        _headers: dict[str, str] | None = None,
+    ) -> None:
+        self.id = id
+        self.decision = decision
+        self.tokens = tokens
+        self.cost_nano = cost_nano
+        self.counters = counters
+        self._headers = {} if _headers is None else _headers
+        self._open = True
 
     def headers(self) -> dict[str, str]:
         """``x-ratelimit-{limit,remaining,reset}-{requests,tokens,cost}`` of the most restrictive budget per

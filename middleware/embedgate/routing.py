@@ -78,9 +78,10 @@ class ResolvedModel:
     max_request_inputs: int
 
 
-@dataclass(slots=True)
+@dataclass(init=False, slots=True)
 class RouteResult:
-    """What the router got: vectors for the asked positions, from one served model."""
+    """What the router got: vectors for the asked positions, from one served model (``__init__`` written out:
+    a dataclass's generated ``__init__`` stays interpreted in the compiled build)."""
 
     model: str
     vectors: list[bytes]
@@ -93,6 +94,27 @@ class RouteResult:
     #: Paid for, not served: chunks a model of the chain embedded before another chunk of the same batch failed
     #: on it (the whole batch then went to the next model).
     spent: list[Spent] = field(default_factory=list)
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        vectors: list[bytes],
+        prompt_tokens: int,
+        attempts: int,
+        price_per_million_tokens: float | None,
+        deployment: str = "",
+        b64: list[bytes | memoryview | None] | None = None,
+        spent: list[Spent] | None = None,
+    ) -> None:
+        self.model = model
+        self.vectors = vectors
+        self.prompt_tokens = prompt_tokens
+        self.attempts = attempts
+        self.price_per_million_tokens = price_per_million_tokens
+        self.deployment = deployment
+        self.b64 = b64
+        self.spent = [] if spent is None else spent
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -135,15 +157,23 @@ class Breaker:
         return "open" if now < self.open_until else "half_open"
 
 
-@dataclass(slots=True)
+@dataclass(init=False, slots=True)
 class _Attempts:
-    """Book-keeping of one ``embed`` call, shared by its chunks."""
+    """Book-keeping of one ``embed`` call, shared by its chunks (``__init__`` written out: a dataclass's
+    generated ``__init__`` stays interpreted in the compiled build)."""
 
     count: int = 0
     last_error: GatewayError | None = None
     skipped: list[str] = field(default_factory=list)
     models_left: int = 0  # models of the chain after the one being tried
     spent: list[Spent] = field(default_factory=list)  # see RouteResult.spent
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last_error = None
+        self.skipped = []
+        self.models_left = 0
+        self.spent = []
 
 
 @dataclass(slots=True)
