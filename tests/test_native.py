@@ -140,9 +140,10 @@ def test_written_out_initializers_set_every_field() -> None:
     # The request path's dataclasses write their ``__init__`` out (a generated one stays interpreted in the compiled
     # build): a field added later but not set there would be missing on every instance, caught here.
     from embedgate.budgets import Reservation
+    from embedgate.cache import CachedItem
     from embedgate.errors import Dialect
     from embedgate.pipeline import Call
-    from embedgate.request import EmbeddingRequest
+    from embedgate.request import CacheRequest, EmbeddingRequest
     from embedgate.routing import RouteResult, _Attempts
 
     instances = [
@@ -151,6 +152,8 @@ def test_written_out_initializers_set_every_field() -> None:
         RouteResult(model="m", vectors=[], prompt_tokens=0, attempts=1, price_per_million_tokens=None),
         _Attempts(),
         Reservation("r", "none"),
+        CacheRequest(),
+        CachedItem(b"\0\0\0\0", 1),
     ]
     for instance in instances:
         for f in dataclasses.fields(instance):

@@ -47,18 +47,22 @@ _HEADER = struct.Struct("<I")  # tokens, uint32 little-endian
 _MAX_ROUNDS = 3
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, slots=True)
 class CachedItem:
-    """One cached embedding: little-endian float32 ``vector`` bytes and the ``tokens`` it cost upstream."""
+    """One cached embedding: little-endian float32 ``vector`` bytes and the ``tokens`` it cost upstream; read,
+    never changed (not ``frozen``: one is made per item of every cache hit, and a frozen dataclass sets its fields
+    through ``object.__setattr__``)."""
 
     vector: bytes
     tokens: int
 
-    def __post_init__(self) -> None:
-        if len(self.vector) % 4:
-            raise ValueError(f"vector must be float32 bytes, got {len(self.vector)} bytes")
-        if not 0 <= self.tokens <= 0xFFFFFFFF:
-            raise ValueError(f"tokens out of range: {self.tokens}")
+    def __init__(self, vector: bytes, tokens: int) -> None:
+        if len(vector) % 4:
+            raise ValueError(f"vector must be float32 bytes, got {len(vector)} bytes")
+        if not 0 <= tokens <= 0xFFFFFFFF:
+            raise ValueError(f"tokens out of range: {tokens}")
+        self.vector = vector
+        self.tokens = tokens
 
     def array(self) -> npt.NDArray[np.float32]:
         """The vector as a read-only float32 array (no copy)."""

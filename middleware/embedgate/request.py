@@ -41,11 +41,15 @@ _PROVIDER_FIELDS = frozenset(
 )  # fmt: skip
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(init=False, kw_only=True, slots=True)
 class CacheRequest:
-    """``cache: {type: exact_match, ttl}``; ``ttl`` None means the gateway's default."""
+    """``cache: {type: exact_match, ttl}``; ``ttl`` None means the gateway's default. Read, never changed
+    (``__init__`` written out: a dataclass's generated one stays interpreted in the compiled build)."""
 
     ttl: int | None = None
+
+    def __init__(self, *, ttl: int | None = None) -> None:
+        self.ttl = ttl
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
