@@ -21,12 +21,17 @@ PACKAGE = Path(embedgate.__file__).parent
 
 @pytest.fixture
 def package(tmp_path: Path) -> Iterator[Path]:
-    """A copy of the compiled modules' sources; the finder a guard installs is removed afterwards."""
+    """A copy of the compiled modules' sources; the finder a guard installs is removed afterwards.
+
+    The guard of this process is set aside meanwhile: when it runs the sources beside installed extensions
+    (``EMBEDGATE_PURE_PYTHON=1``, or a stale build) its finder is on ``sys.meta_path``, and a guard installs none
+    while one is there. The tests that use this fixture import nothing of the package meanwhile."""
     package = tmp_path / "embedgate"
     package.mkdir()
     for name in _native.COMPILED:
         shutil.copy(PACKAGE / f"{name}.py", package / f"{name}.py")
     finders = list(sys.meta_path)
+    sys.meta_path[:] = [f for f in finders if not isinstance(f, _native._SourceFinder)]
     yield package
     sys.meta_path[:] = finders
 
