@@ -46,8 +46,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.keep_alive = False
-        self.reused = False  # this exchange is not the connection's first
-        self._used = False
+        self.exchanges = 0  # requests written on this connection, the one in flight included
         self.answered = False  # a byte of this exchange's answer came
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[_Answer] | None = None
@@ -65,7 +64,7 @@ class _Connection(asyncio.Protocol):
         self._waiter = waiter
         self._status, self._headers, self._body = 0, [], []
         self._until_close = self.answered = False
-        self.reused, self._used = self._used, True
+        self.exchanges += 1
         try:
             self.transport.write(data)
         except (OSError, RuntimeError) as exc:
@@ -171,7 +170,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
             answer: _Answer | None = await conn.exchange(data)
         except BaseException as exc:
             self._failed(conn, exc, request)
-            if not isinstance(exc, (httpx.ReadError, httpx.WriteError)) or not conn.reused or conn.answered:
+            if not isinstance(exc, (httpx.ReadError, httpx.WriteError)) or conn.exchanges == 1 or conn.answered:
                 raise
             answer = None
         if answer is None:
