@@ -219,18 +219,20 @@ def _write_direct(direct: tuple[BinaryIO, int], method: str, line: dict[str, Any
     # are flushed ``_flush_delay`` seconds after the first of them at the latest (0: once the event loop is done
     # with what is ready now), and at shutdown.
     global _flush_loop
+    pending = _flush_loop
+    if pending is not None and not pending.is_closed():
+        return  # a flush is due on a live loop: it writes this line out too (no get_running_loop(), a getpid call)
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         out.flush()
         return
     # Keyed by loop: a loop closed with its flush still pending (a test's, say) must not hold back the next one's.
-    if _flush_loop is not loop:
-        _flush_loop = loop
-        if _flush_delay > 0:
-            loop.call_later(_flush_delay, _flush, out)
-        else:
-            loop.call_soon(_flush, out)
+    _flush_loop = loop
+    if _flush_delay > 0:
+        loop.call_later(_flush_delay, _flush, out)
+    else:
+        loop.call_soon(_flush, out)
 
 
 _flush_loop: asyncio.AbstractEventLoop | None = None

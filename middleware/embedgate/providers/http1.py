@@ -40,8 +40,9 @@ _Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: one exchange at a time, the answer parsed as it arrives."""
 
-    def __init__(self, origin: _Origin) -> None:
+    def __init__(self, origin: _Origin, loop: asyncio.AbstractEventLoop) -> None:
         self.origin = origin
+        self._loop = loop  # the connection's for its life (asyncio.get_running_loop() costs a getpid call)
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -60,7 +61,7 @@ class _Connection(asyncio.Protocol):
     async def exchange(self, data: bytes) -> _Answer:
         """Write one request and wait for its whole answer."""
         assert self.transport is not None and self._waiter is None
-        waiter: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[_Answer] = self._loop.create_future()
         self._waiter = waiter
         self._status, self._headers, self._body = 0, [], []
         self._until_close = self.answered = False
@@ -229,8 +230,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._open += 1
         try:
             tls = self._ssl_context() if scheme == b"https" else None
-            _, conn = await asyncio.get_running_loop().create_connection(
-                lambda: _Connection(origin),
+            loop = asyncio.get_running_loop()
+            _, conn = await loop.create_connection(
+                lambda: _Connection(origin, loop),
                 host.decode("ascii"),
                 port,
                 ssl=tls,
