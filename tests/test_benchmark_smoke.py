@@ -68,8 +68,10 @@ def test_quick_run_measures_every_scenario(quick_run: Run) -> None:
         assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
         # How much CPU the machine's neighbours took during the cell (figures under heavy steal are not comparable).
         assert 0 <= row["steal_pct"] <= 100, row
+        # The system's own CPU time per request (its process tree: the upstream for direct, each proxy else).
+        assert row["cpu_us_per_request"] > 0, row
     assert 0 <= results["meta"]["steal_pct"] <= 100
-    assert "steal %" in proc.stdout
+    assert "steal %" in proc.stdout and "CPU us/req" in proc.stdout
     assert results["litellm"] == "not measured"
     assert "litellm: not measured" in proc.stdout
     assert Path(results["_out"], "results.png").stat().st_size > 10_000
@@ -100,10 +102,11 @@ def test_quick_run_reports_embedgate_fields(quick_run: Run) -> None:
     assert ratios["cache_hit_vs_direct_rps_16conn"]["single"] is not None
     assert ratios["batch_added_latency_pct_1conn"]["embedgate_miss"] is not None
     assert ratios["embedgate_miss_vs_litellm_rps_16conn"]["single"] is None  # LiteLLM was not run
+    assert ratios["cpu_per_request_vs_bare_16conn"]["embedgate_miss"]["single"] > 0
 
 
 def test_ratios_come_from_the_rows() -> None:
-    def row(system: str, case: str, connections: int, p50_ms: float, rps: float) -> dict[str, Any]:
+    def row(system: str, case: str, connections: int, p50_ms: float, rps: float, cpu: float = 0) -> dict[str, Any]:
         return {
             "system": system,
             "case": case,
@@ -111,6 +114,7 @@ def test_ratios_come_from_the_rows() -> None:
             "ok": 10,
             "p50_ms": p50_ms,
             "rps": rps,
+            "cpu_us_per_request": cpu or None,
         }
 
     rows = [
@@ -118,7 +122,9 @@ def test_ratios_come_from_the_rows() -> None:
         row("embedgate_miss", "single", 1, 0.5, 50.0),
         row("direct", "single", 16, 1.0, 1000.0),
         row("embedgate_hit", "single", 16, 1.0, 800.0),
-        row("litellm", "single", 16, 9.0, 100.0),
+        row("litellm", "single", 16, 9.0, 100.0, cpu=8000.0),
+        row("bare", "single", 16, 0.5, 500.0, cpu=100.0),
+        row("embedgate_miss", "single", 16, 0.9, 300.0, cpu=250.0),
         row("direct", "batch", 1, 2.0, 10.0),
         row("embedgate_miss", "batch", 1, 2.5, 8.0),
     ]
@@ -128,6 +134,11 @@ def test_ratios_come_from_the_rows() -> None:
     assert ratios["cache_hit_vs_direct_rps_16conn"]["single"] == pytest.approx(0.8)
     assert ratios["embedgate_hit_vs_litellm_rps_16conn"]["single"] == pytest.approx(8.0)
     assert ratios["batch_added_latency_pct_1conn"]["embedgate_miss"] == pytest.approx(25.0)
+    cpu = ratios["cpu_per_request_vs_bare_16conn"]
+    assert cpu["embedgate_miss"]["single"] == pytest.approx(2.5)
+    assert cpu["litellm"]["single"] == pytest.approx(80.0)
+    assert cpu["embedgate_hit"]["single"] is None  # its row has no CPU figure
+    assert cpu["embedgate_miss"]["batch"] is None  # no batch rows at 16 connections
 
 
 def test_fresh_bodies_differ_per_request_and_fixed_ones_do_not() -> None:

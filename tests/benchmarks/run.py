@@ -38,7 +38,7 @@ import yaml
 from tests.benchmarks.fake_upstream import vector
 from tests.benchmarks.loadgen import LoadSpec, body_template, wrk_available
 
-__all__ = ["Scenario", "Service", "StartError", "compute_ratios", "main", "plan", "rss_kib"]
+__all__ = ["Scenario", "Service", "StartError", "compute_ratios", "cpu_seconds", "main", "plan", "rss_kib"]
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -170,19 +170,36 @@ class Service:
             proc.wait(5)
 
 
-def rss_kib(pid: int) -> dict[str, int]:
-    """VmRSS of ``pid`` and its descendants (a CLI may fork its server), plus the main process's VmHWM."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a CLI may fork its server; embedgate has its span-export helper)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
             children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0, [pid]
+    tree, todo = [], [pid]
     while todo:
         p = todo.pop()
-        total += _status_field(p, "VmRSS")
+        tree.append(p)
         todo.extend(children.get(p, []))
+    return tree
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS of ``pid`` and its descendants, plus the main process's VmHWM."""
+    total = sum(_status_field(p, "VmRSS") for p in process_tree(pid))
     return {"rss_kib": total, "hwm_kib": _status_field(pid, "VmHWM")}
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time used so far by ``pid`` and its descendants (from ``/proc/<pid>/stat``)."""
+    total, found = 0, False
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+            found = True
+    return total / os.sysconf("SC_CLK_TCK") if found else None
 
 
 def _status_field(pid: int, name: str) -> int:
@@ -205,6 +222,7 @@ class Target:
     api_key: str | None
     cache: bool = False
     fresh: bool = True
+    pid: int | None = None  # the system's process (its descendants included) whose CPU time a cell reports
 
 
 def embedgate_config(upstream: str, key: str, redis_url: str) -> dict[str, Any]:
@@ -387,16 +405,30 @@ def measure(opts: Options, target: Target, scenario: Scenario, nonce: str) -> di
         nonce=nonce,
     )
     before = cpu_ticks()
+    cpu_before = cpu_seconds(target.pid) if target.pid else None
+    started = time.monotonic()
     result = run_load(spec, opts.engine)
+    elapsed = time.monotonic() - started
+    cpu_after = cpu_seconds(target.pid) if target.pid else None
     row = {"system": scenario.system, "case": scenario.case, "dims": DIMS, **result,
-           "steal_pct": steal_pct(before, cpu_ticks())}  # fmt: skip
+           "steal_pct": steal_pct(before, cpu_ticks()),
+           "cpu_us_per_request": cpu_per_request(cpu_before, cpu_after, elapsed, result["rps"])}  # fmt: skip
     print(
         f"  {scenario.system:<15} {scenario.case:<6} c={scenario.connections:<3} "
         f"p50={row['p50_ms']} ms p99={row['p99_ms']} ms {row['rps']} req/s errors={row['errors']} "
-        f"steal={row['steal_pct']}%",
+        f"cpu={row['cpu_us_per_request']} us/req steal={row['steal_pct']}%",
         flush=True,
     )
     return row
+
+
+def cpu_per_request(before: float | None, after: float | None, elapsed_s: float, rps: float) -> float | None:
+    """The system's CPU microseconds per request: its CPU seconds per second of load (warm-up included, at
+    the same rate) over the measured req/s. CPU time the hypervisor stole is not in it: unlike req/s, it
+    hardly moves with the neighbours' load, so it compares across cells and runs."""
+    if before is None or after is None or elapsed_s <= 0 or rps <= 0:
+        return None
+    return round((after - before) / elapsed_s / rps * 1e6, 1)
 
 
 def cpu_ticks() -> tuple[int, int] | None:
@@ -466,13 +498,20 @@ def run_matrix(opts: Options, upstream: Service, results: dict[str, Any]) -> Non
             env={"BENCH_UPSTREAM_URL": upstream.url},
         ) as service:
             service.wait_ready()
-            run_system("bare", Target(url=service.url + "/v1/embeddings", model=UPSTREAM_MODEL, api_key=None))
+            pid = service.proc.pid if service.proc else None
+            run_system("bare", Target(url=service.url + "/v1/embeddings", model=UPSTREAM_MODEL, api_key=None, pid=pid))
 
     groups: list[tuple[tuple[str, ...], Callable[[], None]]] = [
         (
             ("direct",),
             lambda: run_system(
-                "direct", Target(url=upstream.url + "/v1/embeddings", model=UPSTREAM_MODEL, api_key=None)
+                "direct",
+                Target(
+                    url=upstream.url + "/v1/embeddings",
+                    model=UPSTREAM_MODEL,
+                    api_key=None,
+                    pid=upstream.proc.pid if upstream.proc else None,
+                ),
             ),
         ),
         (("bare",), bare),
@@ -523,10 +562,11 @@ def run_embedgate(opts: Options, upstream: Service, results: dict[str, Any], run
         for inputs in CASES.values():
             probe(Target(url=url, model=model, api_key=key), inputs)
         info["rss_before"] = rss_kib(service.proc.pid)
+        pid = service.proc.pid
         if "embedgate_miss" in names:
-            run_system("embedgate_miss", Target(url=url, model=model, api_key=key))
+            run_system("embedgate_miss", Target(url=url, model=model, api_key=key, pid=pid))
         if "embedgate_hit" in names:
-            hit = Target(url=url, model=model, api_key=key, cache=True, fresh=False)
+            hit = Target(url=url, model=model, api_key=key, cache=True, fresh=False, pid=pid)
             for inputs in CASES.values():
                 probe(hit, inputs)  # the warm-up that stores the fixed inputs
             run_system("embedgate_hit", hit)
@@ -584,7 +624,8 @@ def run_litellm(opts: Options, upstream: Service, systems: dict[str, Any], run_s
     env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
     with Service("litellm", argv, port=port, health="/health/liveliness", log=opts.out / "litellm.log", env=env) as s:
         s.wait_ready(timeout_s=180)
-        run_system("litellm", Target(url=s.url + "/v1/embeddings", model=UPSTREAM_MODEL, api_key=key))
+        pid = s.proc.pid if s.proc else None
+        run_system("litellm", Target(url=s.url + "/v1/embeddings", model=UPSTREAM_MODEL, api_key=key, pid=pid))
         systems["litellm"]["version"] = _litellm_version(opts.litellm)
 
 
@@ -669,7 +710,7 @@ def compute_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     def get(system: str, case: str, conns: int, field: str) -> float | None:
         cell = _cell(rows, system, case, conns)
-        return None if cell is None else cell[field]
+        return None if cell is None else cell.get(field)
 
     added: dict[str, dict[str, float | None]] = {}
     batch_pct: dict[str, float | None] = {}
@@ -695,6 +736,15 @@ def compute_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "embedgate_hit_vs_bare_rps_16conn": rps_ratio("embedgate_hit", "bare"),
         "cache_hit_vs_direct_rps_16conn": rps_ratio("embedgate_hit", "direct"),
         "batch_added_latency_pct_1conn": batch_pct,
+        # CPU per request at 16 connections, in multiples of the bare proxy's: less moved by CPU steal than req/s
+        "cpu_per_request_vs_bare_16conn": {
+            p: {
+                case: _div(get(p, case, 16, "cpu_us_per_request"), get("bare", case, 16, "cpu_us_per_request"))
+                for case in CASES
+            }
+            for p in PROXIES
+            if p != "bare"
+        },
     }
 
 
@@ -779,11 +829,11 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 def print_summary(results: dict[str, Any]) -> None:
     """A readable table of the run on stdout."""
-    print("\nsystem           case    conns     p50 ms     p99 ms      req/s  errors  steal %")
+    print("\nsystem           case    conns     p50 ms     p99 ms      req/s  errors  CPU us/req  steal %")
     for r in results["scenarios"]:
         print(
             f"{r['system']:<16} {r['case']:<7} {r['connections']:>5} {r['p50_ms']!s:>10} {r['p99_ms']!s:>10} "
-            f"{r['rps']:>10} {r['errors']:>7} {r.get('steal_pct')!s:>8}"
+            f"{r['rps']:>10} {r['errors']:>7} {r.get('cpu_us_per_request')!s:>11} {r.get('steal_pct')!s:>8}"
         )
     for name, info in results["systems"].items():
         if info["status"] != "measured":
