@@ -49,7 +49,7 @@ from .metrics import Metrics
 from .observe import ObservedAttempts
 from .outcome import JSON_CONTENT_TYPE, account, annotate, embed_headers, response_headers
 from .pipeline import Call, Pipeline
-from .providers import Http1Transport, build_adapter, sender_for
+from .providers import build_adapter, sender_for, upstream_transport
 from .routing import Router
 from .telemetry import Telemetry
 from .vectors import bytes_to_b64, bytes_to_floats
@@ -114,7 +114,7 @@ class EmbeddingGateway:
         self.budgets: BudgetEngine | None = None
         self.identities: IdentityStore | None = None
         self._access_log = self.config.telemetry.access_log
-        self._transport: Http1Transport | None = None
+        self._transport: httpx.AsyncBaseTransport | None = None
         self._open = False
         self._opening = asyncio.Lock()
         self.router: Router | None = None
@@ -131,7 +131,7 @@ class EmbeddingGateway:
             if self._given_client is not None:
                 send = sender_for(self._given_client)
             else:
-                self._transport = Http1Transport()
+                self._transport = upstream_transport()  # through the proxies HTTPS_PROXY etc. name, if any
                 send = sender_for(self._transport)
             adapters = {name: build_adapter(p, send) for name, p in self.config.providers.items()}
             configure_logging()

@@ -6,6 +6,7 @@ from ..config import ProviderConfig
 from .base import Adapter, AiohttpTransport, Embeddings, Sender, sender_for
 from .http1 import Http1Transport
 from .openai import OpenAIAdapter
+from .proxies import ProxyRoutes, upstream_transport
 
 __all__ = [
     "Adapter",
@@ -13,9 +14,11 @@ __all__ = [
     "Embeddings",
     "Http1Transport",
     "OpenAIAdapter",
+    "ProxyRoutes",
     "Sender",
     "build_adapter",
     "sender_for",
+    "upstream_transport",
 ]
 
 
