@@ -1,10 +1,11 @@
 """The standalone gateway's allocator settings: freed memory kept for the next request.
 
-With glibc's defaults, every buffer of 128 KiB or more, or at least the ones past its adaptive threshold, is
-mapped fresh from the kernel and unmapped when freed, and free memory at the top of the heap is handed back
-as soon as a few MiB of it are free. A batch's answers are such buffers (256 x 1536 dims: 2.1 MB read from the
-upstream, 2.1 MB sent to the client), so each request paid ~1,000-1,400 page faults to touch new pages
-(measured: a 256-input miss at 1 connection took ~9.5-10.5 ms of CPU with them, ~5.2-5.5 without).
+With glibc's defaults, a buffer past the mmap threshold (128 KiB at first, raised to the size of the big buffers
+freed since) is mapped fresh from the kernel and unmapped when freed, and free memory at the top of the heap is
+handed back once it passes the trim threshold (twice the mmap one). A batch's answers are such buffers (256 x
+1536 dims: 2.1 MB read from the upstream, 2.1 MB sent to the client), so each request paid ~1,000-1,400 page
+faults to touch new pages (measured: a 256-input miss at 1 connection took ~9.5-10.5 ms of CPU with them, ~5.2-5.5
+without).
 
 :func:`keep_freed_memory` raises both limits, once, for the process: buffers up to 32 MiB come from the heap
 and are reused, and the heap keeps up to 128 MiB of free memory before trimming. The cost is that the
