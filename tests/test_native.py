@@ -29,6 +29,7 @@ def package(tmp_path: Path) -> Iterator[Path]:
     package = tmp_path / "embedgate"
     package.mkdir()
     for name in _native.COMPILED:
+        (package / name).parent.mkdir(exist_ok=True)
         shutil.copy(PACKAGE / f"{name}.py", package / f"{name}.py")
     finders = list(sys.meta_path)
     sys.meta_path[:] = [f for f in finders if not isinstance(f, _native._SourceFinder)]
@@ -72,7 +73,7 @@ def test_a_source_changed_after_the_build_makes_every_module_load_from_source(
     assert "Reinstall" in caplog.text
     (finder,) = source_finders()
     for name in _native.COMPILED:  # all of them, not only the edited one: they share one native library
-        spec = finder.find_spec(f"embedgate.{name}", None)  # type: ignore[attr-defined]
+        spec = finder.find_spec("embedgate." + name.replace("/", "."), None)  # type: ignore[attr-defined]
         assert spec is not None and spec.origin == str(package / f"{name}.py")
     assert finder.find_spec("embedgate.config", None) is None  # type: ignore[attr-defined]
 
@@ -105,8 +106,9 @@ def test_ci_runs_the_compiled_build() -> None:
         pytest.skip("EMBEDGATE_PURE_PYTHON is set")
     assert embedgate.NATIVE == "compiled"
     from embedgate import lean_trace, request
+    from embedgate.providers import http1
 
-    for module in (lean_trace, request):
+    for module in (lean_trace, request, http1):
         assert module.__file__ is not None
         assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
 

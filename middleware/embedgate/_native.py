@@ -7,8 +7,9 @@ checkout, an edit), the extensions would run the old code, so the sources run in
 modules share one native library: never half of each), and a warning says to reinstall.
 ``EMBEDGATE_PURE_PYTHON=1`` at run time runs the sources too.
 
-Of the top-level modules with ``async def``, all but the cache are compiled: the gateway's ASGI entry, the pipeline,
-the router, the budgets (engine and stores) and the identity stores (``providers/`` is not compiled). With mypyc
+Of the modules with ``async def``, all but the cache are compiled: the gateway's ASGI entry, the pipeline, the router,
+the budgets (engine and stores), the identity stores, and of ``providers/`` the upstream adapter, its transport and
+the deadline (not the proxy routing, used only when a proxy is set). With mypyc
 2.4.1, an ``await`` inside an ``except`` or ``finally`` block of a compiled coroutine lost track of the exception
 being handled: the router's split batches crashed the process, and the gateway let a timeout's cancellation surface
 after the error answer had been sent. Their cleanup now runs after the handler, and ``tests/test_native.py`` keeps
@@ -34,10 +35,12 @@ from types import ModuleType
 
 __all__ = ["COMPILED", "LIBRARY", "STAMP", "guard", "source_digest"]
 
-#: Modules of the ``embedgate`` package compiled by the build (code on every request's path).
+#: Modules of the ``embedgate`` package compiled by the build (code on every request's path), as paths under the
+#: package without ``.py``: ``providers/http1`` is ``embedgate.providers.http1``.
 COMPILED = (
     "budget_stores", "budgets", "current_span", "gateway", "identities", "lean_trace", "metrics", "observe", "outcome",
     "pipeline", "request", "routing", "telemetry", "vectors", "wire",
+    "providers/deadline", "providers/http1", "providers/openai",
 )  # fmt: skip
 #: The file beside them holding the digest of the sources the build compiled.
 STAMP = "_native_stamp.txt"
@@ -95,7 +98,8 @@ class _SourceFinder:
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        package, _, name = fullname.rpartition(".")
+        package, _, rest = fullname.partition(".")
+        name = rest.replace(".", "/")
         if package != "embedgate" or name not in COMPILED:
             return None
         return importlib.util.spec_from_file_location(fullname, self._dir / f"{name}.py")

@@ -289,8 +289,10 @@ async def _serialize(request: httpx.Request) -> bytes:
     """The request's bytes on the wire: request line, headers as given, body."""
     url = request.url
     try:
-        body = request.content
+        body: bytes | None = request.content
     except httpx.RequestNotRead:
+        body = None  # read below: compiled, an await inside an except block loses track of the exception (mypyc)
+    if body is None:
         body = await request.aread()
     headers = request.headers.raw
     chunked = any(k.lower() == b"transfer-encoding" and b"chunked" in v.lower() for k, v in headers)
