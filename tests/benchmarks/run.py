@@ -424,8 +424,8 @@ def measure(opts: Options, target: Target, scenario: Scenario, nonce: str) -> di
 
 def cpu_per_request(before: float | None, after: float | None, elapsed_s: float, rps: float) -> float | None:
     """The system's CPU microseconds per request: its CPU seconds per second of load (warm-up included, at
-    the same rate) over the measured req/s. CPU time the hypervisor stole is not in it: unlike req/s, it
-    hardly moves with the neighbours' load, so it compares across cells and runs."""
+    the same rate) over the measured req/s. CPU time the hypervisor stole is meant to be left out of it, so it
+    moves less with the neighbours' load than req/s does (but it moves: compare cells of low steal)."""
     if before is None or after is None or elapsed_s <= 0 or rps <= 0:
         return None
     return round((after - before) / elapsed_s / rps * 1e6, 1)
