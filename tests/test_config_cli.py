@@ -131,6 +131,22 @@ def test_serve_cli_serves(tmp_path: Path, upstream: FakeUpstream) -> None:
         proc.communicate(timeout=20)
 
 
+def test_serve_exits_when_the_gateway_cannot_start(tmp_path: Path) -> None:
+    """An error while the gateway opens its resources (here an unusable proxy URL) stops the server with the
+    reason, rather than serving 500s; the proxy's credentials are not shown."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD)
+    env = {**os.environ, "UPSTREAM_URL": "http://127.0.0.1:9/v1", "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none",
+           "HTTPS_PROXY": "ftp://user:pr0xy-pass@proxy.internal:2121"}  # fmt: skip
+    r = subprocess.run([*EMBEDGATE, "serve", "--config", str(path), "--port", str(free_port())], capture_output=True,
+                       text=True, timeout=60, env=env)  # fmt: skip
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "https_proxy ftp://proxy.internal:2121: not an http, https or socks5 proxy URL" in out
+    assert "Application startup failed" in out
+    assert "pr0xy-pass" not in out
+
+
 def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("keys: {}\n")

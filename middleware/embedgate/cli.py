@@ -58,6 +58,9 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         loop="uvloop",
         http="httptools",
+        # "auto" would take an error at startup (an unusable proxy URL, say) for a lifespan-less app, log it at info
+        # and serve anyway, answering every request 500: with "on", the server says why and exits instead.
+        lifespan="on",
         access_log=False,  # the gateway writes its own JSON access line per request
         proxy_headers=False,  # the gateway reads no client address: skip the per-request X-Forwarded-* parsing
         server_header=False,
