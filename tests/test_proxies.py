@@ -60,10 +60,15 @@ async def forward_proxy() -> AsyncIterator[tuple[str, list[bytes]]]:
         server.close()
 
 
-async def embed(app: object) -> httpx.Response:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as client:  # type: ignore[arg-type]
-        return await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "hello"},
-                                 headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+async def embed(config: Config) -> httpx.Response:
+    """One embedding request through a standalone gateway started (and stopped) for it."""
+    app = gateway(config)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as client:
+            return await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "hello"},
+                                     headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+    finally:
+        await app.shutdown()
 
 
 @pytest.mark.anyio
@@ -72,11 +77,7 @@ async def test_upstream_calls_go_through_the_proxy_the_environment_names(
 ) -> None:
     async with forward_proxy() as (proxy_url, seen):
         monkeypatch.setenv("HTTP_PROXY", proxy_url)
-        app = gateway(make_config())
-        try:
-            r = await embed(app)
-        finally:
-            await app.shutdown()
+        r = await embed(make_config())
     assert r.status_code == 200, r.text
     assert len(r.json()["data"]) == 1
     assert len(seen) == 1 and seen[0].startswith(b"POST http://127.0.0.1:") and b"/v1/embeddings" in seen[0]
@@ -89,11 +90,7 @@ async def test_no_proxy_hosts_are_called_directly(
     async with forward_proxy() as (proxy_url, seen):
         monkeypatch.setenv("all_proxy", proxy_url)
         monkeypatch.setenv("NO_PROXY", "localhost, 127.0.0.1")
-        app = gateway(make_config())
-        try:
-            r = await embed(app)
-        finally:
-            await app.shutdown()
+        r = await embed(make_config())
     assert r.status_code == 200, r.text
     assert seen == []
 
