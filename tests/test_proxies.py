@@ -137,3 +137,27 @@ def test_a_proxy_httpx_cannot_use_stops_the_start_without_showing_its_credential
 )
 def test_no_proxy_matching(host: str, port: int, no_proxy: str, direct: bool) -> None:
     assert bypassed(host, port, no_proxy) is direct
+
+
+@pytest.mark.anyio
+async def test_mounted_without_a_lifespan_a_gateway_that_cannot_start_answers_503_in_the_routes_shape(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embedgate import EmbeddingGateway
+
+    async def host(scope: object, receive: object, send: object) -> None:
+        raise AssertionError("the gateway's routes never reach the host app")
+
+    monkeypatch.setenv("HTTPS_PROXY", "ftp://user:s3cret-pass@proxy.internal:2121")
+    app = EmbeddingGateway(host, config=make_config())  # httpx's ASGITransport runs no lifespan
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as client:
+        auth = {"authorization": f"Bearer {KEY}"}
+        body = {"model": "local/embed-small", "input": "hello"}
+        openai = await client.post("/v1/embeddings", json=body, headers=auth)
+        orq = await client.post("/v2/router/embeddings", json=body, headers=auth)
+        models = await client.get("/v1/models", headers=auth)
+    assert openai.status_code == orq.status_code == models.status_code == 503
+    assert openai.json()["error"]["code"] == "gateway_not_started"
+    assert orq.json()["error"]["code"] == "gateway_not_started" and orq.json()["error"]["type"] == "service_unavailable"
+    assert models.json()["error"]["code"] == "gateway_not_started"
+    assert "s3cret" not in openai.text + orq.text + models.text

@@ -206,8 +206,8 @@ class EmbeddingGateway:
             elif method == "GET":
                 handler = self._get_paths.get(path)
                 if handler is not None:
-                    if not self._open:
-                        await self.startup()
+                    if not self._open and not await self._opened(send, Dialect.OPENAI):
+                        return
                     status, body, headers = await handler(scope)
                     await _send(send, status, body, headers)
                     return
@@ -216,9 +216,21 @@ class EmbeddingGateway:
             return
         await self.app(scope, receive, send)
 
-    async def _embed(self, scope: Scope, receive: Receive, send: Send, dialect: Dialect) -> None:
-        if not self._open:
+    async def _opened(self, send: Send, dialect: Dialect) -> bool:
+        """Open the resources on first use (no lifespan ran); if that fails, answer 503 in the route's shape and
+        log why (a lifespan startup raises instead, so the server stops)."""
+        try:
             await self.startup()
+        except Exception:
+            log.exception("the gateway could not start")
+            err = Unavailable("The gateway could not start; its log says why", code="gateway_not_started")
+            await _send(send, err.status, render_error(err, dialect), {})
+            return False
+        return True
+
+    async def _embed(self, scope: Scope, receive: Receive, send: Send, dialect: Dialect) -> None:
+        if not self._open and not await self._opened(send, dialect):
+            return
         assert self.pipeline is not None and self.telemetry is not None
         headers = embed_headers(scope["headers"])
         rid = headers.get("x-request-id")
