@@ -223,10 +223,13 @@ class EmbeddingGateway:
             await self.startup()
         except Exception:
             log.exception("the gateway could not start")
+            started = False
+        else:
+            started = True
+        if not started:  # answered after the handler: compiled, an await inside it loses the exception (mypyc)
             err = Unavailable("The gateway could not start; its log says why", code="gateway_not_started")
             await _send(send, err.status, render_error(err, dialect), {})
-            return False
-        return True
+        return started
 
     async def _embed(self, scope: Scope, receive: Receive, send: Send, dialect: Dialect) -> None:
         if not self._open and not await self._opened(send, dialect):
