@@ -76,8 +76,11 @@ class ProxyRoutes(httpx.AsyncBaseTransport):
         found = self._routes.get(route)
         if found is None:
             proxy = self._proxies.get(url.scheme) or self._proxies.get("all")
-            bypass = proxy is None or bypassed(url.host, port, self._proxies.get("no", ""))
-            found = self._routes[route] = self._direct if bypass or proxy is None else self._via[proxy]
+            if proxy is None or bypassed(url.host, port, self._proxies.get("no", "")):
+                found = self._direct
+            else:
+                found = self._via[proxy]
+            self._routes[route] = found
         return found
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
