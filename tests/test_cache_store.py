@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import redis.asyncio as redis
 
-from embedgate.cache import CachedItem, Coalescer, VectorCache, item_key
+from embedgate.cache import CachedItem, Coalescer, VectorCache, item_key, item_keys
 from tests.redis_util import require_redis
 
 
@@ -141,6 +141,36 @@ def test_item_key_covers_exactly_the_keyed_fields() -> None:
     part1 = {"content": [{"type": "text", "text": "x"}]}
     part2 = {"content": [{"text": "x", "type": "text"}]}
     assert item_key(**{**base, "item": part1}) == item_key(**{**base, "item": part2})
+
+
+def test_item_keys_are_stable_and_match_one_by_one() -> None:
+    # Keys already in a shared Redis must keep matching across upgrades: these were computed by the first
+    # release's item_key (sha256 of the JSON tuple, urlsafe base64 without padding).
+    assert item_key(workspace="w", model="openai/m", dimensions=None, input_type=None, item="hello") == (
+        "eg:c:Ssn7SlxxH5HmplyHlO59MwfoD0DKn8z9shueL_mRkzI"
+    )
+    items: list[Any] = ["hello", "", 'quote " and \\ and ü', [1, 2, 3], {"b": 1, "a": [{"z": 2, "y": "x"}]}, "x" * 5000]
+    fields: dict[str, Any] = {"workspace": 'é"', "model": "o/m", "dimensions": 256, "input_type": "search_query"}
+    keys = item_keys(**fields, items=items)
+    assert keys == [item_key(**fields, item=item) for item in items]
+    assert len(set(keys)) == len(items) and all(k.startswith("eg:c:") and len(k) == 48 for k in keys)
+    assert item_keys(**fields, items=[]) == []
+
+
+@pytest.mark.anyio
+async def test_memory_backend_through_aiocache_api() -> None:
+    # The memory LRU keeps items, not bytes; aiocache's own get/set on it still speak the stored form.
+    cache = VectorCache.from_config("", 1 << 20)
+    store = cache._store
+    item = CachedItem(vector=np.arange(4, dtype="<f4").tobytes(), tokens=9)
+    await store.set("k1", item, ttl=60)
+    assert await store.get("k1") == item
+    assert await store.multi_get(["k1", "k2"]) == [item, None]
+    assert await cache.get_many(["k1"]) == [item]
+    assert await store.exists("k1") and not await store.exists("k2")
+    assert cache.bytes_used() == len("k1") + len(item.dumps())
+    assert await store.delete("k1") == 1 and cache.bytes_used() == 0
+    await cache.close()
 
 
 def test_cached_item_validation_and_malformed_values() -> None:

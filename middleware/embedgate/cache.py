@@ -1,18 +1,19 @@
 """The exact-match vector cache (SPEC section 6): per-item keys, two aiocache backends, miss coalescing.
 
-    item_key(...)     -> "eg:c:<sha256>"   one key per input item; workspace + model + dimensions + input_type
+    item_keys(...)    -> ["eg:c:<sha256>"] one key per input item; workspace + model + dimensions + input_type
     CachedItem        a vector as little-endian float32 bytes plus the tokens it cost when first embedded
     VectorCache       get_many / set_many over a bounded in-memory LRU or Redis; a store failure is a miss
     Coalescer[T]      N concurrent misses of the same key make one upstream call
 
-Both backends are aiocache caches storing the same compact binary form (a 4-byte token count, then the
-vector bytes), so one entry serves float and base64 responses alike and nothing is kept as Python floats.
+Both backends are aiocache caches. Redis stores a compact binary form (a 4-byte token count, then the vector
+bytes); the in-memory LRU keeps the :class:`CachedItem` itself (same bytes counted). One entry serves float and
+base64 responses alike and nothing is kept as Python floats.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import binascii
 import hashlib
 import struct
 import time
@@ -34,7 +35,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-__all__ = ["CachedItem", "Coalescer", "VectorCache", "item_key"]
+__all__ = ["CachedItem", "Coalescer", "VectorCache", "item_key", "item_keys"]
 
 T = TypeVar("T")
 
@@ -44,6 +45,7 @@ KEY_PREFIX = "eg:c:"
 # Bumped whenever the key material or the stored format changes: old entries then simply stop matching.
 _KEY_VERSION = "v1"
 _HEADER = struct.Struct("<I")  # tokens, uint32 little-endian
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _MAX_ROUNDS = 3
 
 
@@ -89,15 +91,30 @@ def item_key(
     input_type: str | None,
     item: str | list[int] | tuple[int, ...] | dict[str, Any] | list[Any],
 ) -> str:
-    """The cache key of one input item for ``model`` (the model that serves) in ``workspace``.
+    """The cache key of one input item: :func:`item_keys` of ``[item]``."""
+    return item_keys(workspace=workspace, model=model, dimensions=dimensions, input_type=input_type, items=[item])[0]
 
-    Encoding format, name, user, identity and routing options are deliberately not part of it. The tuple is
-    serialized as JSON (strings quoted and escaped, dict keys sorted), so distinct inputs cannot encode alike
-    and a string never collides with a token array.
+
+def item_keys(
+    *,
+    workspace: str,
+    model: str,
+    dimensions: int | None,
+    input_type: str | None,
+    items: Sequence[str | list[int] | tuple[int, ...] | dict[str, Any] | list[Any]],
+) -> list[str]:
+    """The cache keys of ``items`` for ``model`` (the model that serves) in ``workspace``.
+
+    Encoding format, name, user, identity and routing options are deliberately not part of a key. The key of an
+    item is the SHA-256 of the JSON array ``[version, workspace, model, dimensions, input_type, item]`` (strings
+    quoted and escaped, dict keys sorted), so distinct inputs cannot encode alike and a string never collides with
+    a token array. The array's head is the same for every item of a request, so it is serialized once.
     """
-    material = orjson.dumps((_KEY_VERSION, workspace, model, dimensions, input_type, item), option=orjson.OPT_SORT_KEYS)
-    digest = hashlib.sha256(material).digest()
-    return KEY_PREFIX + base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+    head = orjson.dumps((_KEY_VERSION, workspace, model, dimensions, input_type))[:-1] + b","
+    sha256, b2a, dumps, sort_keys = hashlib.sha256, binascii.b2a_base64, orjson.dumps, orjson.OPT_SORT_KEYS
+    # urlsafe base64 of the 32-byte digest is 43 characters and one "=", which is left off
+    return [KEY_PREFIX + b2a(sha256(head + dumps(item, option=sort_keys) + b"]").digest(), newline=False)
+            .translate(_URLSAFE)[:43].decode("ascii") for item in items]  # fmt: skip
 
 
 class _ItemSerializer(BaseSerializer):  # type: ignore[misc]
@@ -113,10 +130,12 @@ class _ItemSerializer(BaseSerializer):  # type: ignore[misc]
 
 
 class _BoundedMemoryCache(BaseCache):  # type: ignore[misc]
-    """An aiocache backend over an ``OrderedDict``: LRU-evicted to ``max_bytes`` (key + value bytes).
+    """An aiocache backend over an ``OrderedDict``: LRU-evicted to ``max_bytes`` (key + stored-form bytes).
 
     aiocache's SimpleMemoryCache has no size bound and arms one timer per key; here TTLs are checked lazily
-    when an entry is read, and expired entries that are never read again leave through LRU eviction.
+    when an entry is read, and expired entries that are never read again leave through LRU eviction. Entries
+    are the :class:`CachedItem`\\ s themselves (read, never changed), so a hit neither parses nor copies a vector;
+    aiocache's own API (``get``, ``set``) still sees the stored bytes form.
     """
 
     NAME = "memory"
@@ -126,25 +145,30 @@ class _BoundedMemoryCache(BaseCache):  # type: ignore[misc]
         super().__init__(serializer=_ItemSerializer(), timeout=None, **kwargs)
         self.max_bytes = max_bytes
         self.bytes_used = 0
-        self._entries: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[CachedItem, float | None]] = OrderedDict()
 
-    def read_raw(self, key: str) -> bytes | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        value, expires_at = entry
-        if expires_at is not None and time.monotonic() >= expires_at:
-            self._remove(key)
-            return None
-        self._entries.move_to_end(key)
-        return value
+    def read_items(self, keys: Sequence[str]) -> list[CachedItem | None]:
+        """The live items of ``keys`` (None for a miss or an expired entry), each made the most recently used."""
+        entries, now = self._entries, time.monotonic()
+        get, touch = entries.get, entries.move_to_end
+        found: list[CachedItem | None] = []
+        for key in keys:
+            entry = get(key)
+            if entry is not None and (entry[1] is None or now < entry[1]):
+                touch(key)
+                found.append(entry[0])
+            else:
+                if entry is not None:
+                    self._remove(key)
+                found.append(None)
+        return found
 
-    def write_raw(self, key: str, value: bytes, ttl: float | None) -> None:
+    def write_item(self, key: str, item: CachedItem, ttl: float | None) -> None:
         self._remove(key)
-        size = len(key.encode()) + len(value)
+        size = _entry_size(key, item)
         if size > self.max_bytes:
             return
-        self._entries[key] = (value, time.monotonic() + ttl if ttl else None)
+        self._entries[key] = (item, time.monotonic() + ttl if ttl else None)
         self.bytes_used += size
         while self.bytes_used > self.max_bytes:
             self._remove(next(iter(self._entries)))
@@ -153,30 +177,37 @@ class _BoundedMemoryCache(BaseCache):  # type: ignore[misc]
         entry = self._entries.pop(key, None)
         if entry is None:
             return False
-        self.bytes_used -= len(key.encode()) + len(entry[0])
+        self.bytes_used -= _entry_size(key, entry[0])
         return True
 
+    def _write_raw(self, key: str, value: bytes, ttl: float | None) -> None:
+        item = CachedItem.loads(value)
+        if item is None:
+            raise ValueError(f"not a stored cache item: {len(value)} bytes")
+        self.write_item(key, item, ttl)
+
     async def _get(self, key: str, encoding: str | None = None, _conn: Any = None) -> bytes | None:
-        return self.read_raw(key)
+        item = self.read_items([key])[0]
+        return None if item is None else item.dumps()
 
     async def _multi_get(self, keys: list[str], encoding: str | None = None, _conn: Any = None) -> list[bytes | None]:
-        return [self.read_raw(key) for key in keys]
+        return [None if item is None else item.dumps() for item in self.read_items(keys)]
 
     async def _set(
         self, key: str, value: bytes, ttl: float | None = None, _cas_token: Any = None, _conn: Any = None
     ) -> bool:
         if _cas_token is not None:
             raise NotImplementedError("compare-and-set is not supported")
-        self.write_raw(key, value, ttl)
+        self._write_raw(key, value, ttl)
         return True
 
     async def _multi_set(self, pairs: list[tuple[str, bytes]], ttl: float | None = None, _conn: Any = None) -> bool:
         for key, value in pairs:
-            self.write_raw(key, value, ttl)
+            self._write_raw(key, value, ttl)
         return True
 
     async def _exists(self, key: str, _conn: Any = None) -> bool:
-        return self.read_raw(key) is not None
+        return self.read_items([key])[0] is not None
 
     async def _delete(self, key: str, _conn: Any = None) -> int:
         return int(self._remove(key))
@@ -185,6 +216,11 @@ class _BoundedMemoryCache(BaseCache):  # type: ignore[misc]
         for key in [k for k in self._entries if not namespace or k.startswith(namespace)]:
             self._remove(key)
         return True
+
+
+def _entry_size(key: str, item: CachedItem) -> int:
+    """What an entry counts against ``max_bytes``: its key's bytes and the stored form's."""
+    return len(key.encode()) + _HEADER.size + len(item.vector)
 
 
 class _RedisItemCache(RedisCache):  # type: ignore[misc]
@@ -276,8 +312,7 @@ class VectorCache:
             return []
         memory = self._memory
         if memory is not None:
-            read = memory.read_raw
-            return [None if (raw := read(key)) is None else CachedItem.loads(raw) for key in keys]
+            return memory.read_items(keys)
         if self._clock() < self._down_until:
             return [None] * len(keys)
         try:
@@ -297,7 +332,7 @@ class VectorCache:
         memory = self._memory
         if memory is not None:
             for key, item in items:
-                memory.write_raw(key, item.dumps(), ttl)
+                memory.write_item(key, item, ttl)
             return
         try:
             await self._store.multi_set(items, ttl=ttl)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .budgets import BudgetEngine, Subject, cost_usd, estimate_tokens, model_price
-from .cache import CachedItem, Coalescer, VectorCache, item_key
+from .cache import CachedItem, Coalescer, VectorCache, item_keys
 from .config import Config, KeyConfig, hash_key
 from .errors import Dialect, Forbidden, GatewayError, InvalidRequest, Spent, Unauthorized
 from .identities import IdentityStore
@@ -241,9 +241,8 @@ class Pipeline:
         req = call.request
         assert req is not None and call.key is not None
         items = req.items if positions is None else [req.items[p] for p in positions]
-        workspace = call.key.workspace
-        return [item_key(workspace=workspace, model=model, dimensions=req.dimensions, input_type=req.input_type,
-                         item=item) for item in items]  # fmt: skip
+        return item_keys(workspace=call.key.workspace, model=model, dimensions=req.dimensions,
+                         input_type=req.input_type, items=items)  # fmt: skip
 
     async def budget(self, call: Call) -> None:
         """Reserve the estimated tokens and cost of what goes upstream on every applicable budget (429 if not)."""
