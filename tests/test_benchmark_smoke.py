@@ -18,6 +18,7 @@ import pytest
 
 from tests.benchmarks.loadgen import LoadSpec, body_template
 from tests.benchmarks.run import CASES, compute_ratios, embedgate_cli_exists, plan
+from tests.redis_util import require_redis
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_FIELDS = ("requests", "ok", "errors", "statuses", "duration_s", "rps", "p50_ms", "p99_ms", "max_ms")
@@ -170,6 +171,23 @@ def test_the_transport_comparison_runs_every_candidate() -> None:
         assert set(report[case]) >= {"httpx", "aiohttp", "http1", "aiohttp-raw"}
         for row in report[case].values():
             assert row["requests"] > 0 and row["rps"] > 0 and row["cpu_us_per_request"] > 0
+
+
+def test_the_redis_client_comparison_runs_both_clients() -> None:
+    """``tests/benchmarks/redis_client.py``: the measurement behind the budget store's Redis client still runs."""
+    url = require_redis()
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.redis_client", "--url", url, "--calls", "200", "--rounds", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("round 1:")]
+    assert [row.split()[2] for row in rows] == ["redis-py", "embedgate.resp"]
+    assert all(float(row.split()[3]) > 0 for row in rows)
 
 
 def test_the_in_process_driver_reports_cpu_per_request_with_parts_switched_off() -> None:

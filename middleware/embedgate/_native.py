@@ -8,9 +8,9 @@ modules share one native library: never half of each), and a warning says to rei
 ``EMBEDGATE_PURE_PYTHON=1`` at run time runs the sources too.
 
 Of the modules with ``async def``, all but the cache are compiled: the gateway's ASGI entry, the pipeline, the router,
-the budgets (engine and stores), the identity stores, and of ``providers/`` the upstream adapter, its transport and
-the deadline (not the proxy routing, used only when a proxy is set). With mypyc
-2.4.1, an ``await`` inside an ``except`` or ``finally`` block of a compiled coroutine lost track of the exception
+the budgets (engine and stores) and their Redis client, the identity stores, and of ``providers/`` the upstream
+adapter, its transport and the deadline (not the proxy routing, used only when a proxy is set). With mypyc 2.4.1,
+an ``await`` inside an ``except`` or ``finally`` block of a compiled coroutine lost track of the exception
 being handled: the router's split batches crashed the process, and the gateway let a timeout's cancellation surface
 after the error answer had been sent. Their cleanup now runs after the handler, and ``tests/test_native.py`` keeps
 such awaits out of every compiled module. The cache extends aiocache's ``BaseCache``, which a compiled class cannot,
@@ -39,7 +39,7 @@ __all__ = ["COMPILED", "LIBRARY", "STAMP", "guard", "source_digest"]
 #: package without ``.py``: ``providers/http1`` is ``embedgate.providers.http1``.
 COMPILED = (
     "budget_stores", "budgets", "current_span", "gateway", "identities", "lean_trace", "metrics", "observe", "outcome",
-    "pipeline", "request", "routing", "telemetry", "vectors", "wire",
+    "pipeline", "request", "resp", "routing", "telemetry", "vectors", "wire",
     "providers/deadline", "providers/http1", "providers/openai",
 )  # fmt: skip
 #: The file beside them holding the digest of the sources the build compiled.

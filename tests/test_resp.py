@@ -1,0 +1,198 @@
+"""The budget store's Redis client (embedgate.resp) against the real Redis, and against sockets that misbehave."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from embedgate.resp import LeanRedis, RespError, Script, pack, parse
+from tests.redis_util import require_redis
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[LeanRedis]:
+    redis = LeanRedis(require_redis(), timeout=2.0)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+def key() -> str:
+    return f"eg:test:resp:{uuid.uuid4().hex}"
+
+
+async def test_concurrent_commands_share_one_pipelined_connection(client: LeanRedis) -> None:
+    counter = key()
+    try:
+        results = await asyncio.gather(*(client.execute("INCR", counter) for _ in range(300)))
+        assert sorted(results) == list(range(1, 301))  # every caller got its own reply
+        ids = await asyncio.gather(*(client.execute("CLIENT", "ID") for _ in range(20)))
+        assert len(set(ids)) == 1
+        assert await client.execute("GET", counter) == b"300"
+        assert await client.execute("GET", key()) is None
+        assert await client.execute("PING") == b"PONG"
+    finally:
+        await client.execute("DEL", counter)
+
+
+async def test_error_reply_raises_and_the_connection_stays_usable(client: LeanRedis) -> None:
+    name = key()
+    try:
+        await client.execute("SADD", name, "a", "b")
+        with pytest.raises(RespError, match="WRONGTYPE"):
+            await client.execute("INCR", name)
+        assert sorted(await client.execute("SMEMBERS", name)) == [b"a", b"b"]
+    finally:
+        await client.execute("DEL", name)
+
+
+async def test_evalsha_loads_a_script_the_server_forgot(client: LeanRedis) -> None:
+    script = Script(f"return {{ARGV[1] + 1, KEYS[1]}} -- {uuid.uuid4().hex}")  # a script Redis has not seen
+    assert await client.execute("SCRIPT", "EXISTS", script.sha) == [0]
+    assert await client.evalsha(script, ["k"], [41]) == [42, b"k"]
+    assert await client.execute("SCRIPT", "EXISTS", script.sha) == [1]
+    with pytest.raises(RespError, match="attempt to perform arithmetic"):
+        await client.evalsha(Script("return ARGV[1] + {}"), [], [1])
+
+
+async def test_a_killed_connection_is_reopened_by_the_next_command(client: LeanRedis) -> None:
+    first = await client.execute("CLIENT", "ID")
+    killer = LeanRedis(require_redis())
+    try:
+        assert await killer.execute("CLIENT", "KILL", "ID", first) == 1
+    finally:
+        await killer.aclose()
+    await asyncio.sleep(0.05)  # the close reaches the client
+    assert await client.execute("CLIENT", "ID") != first
+
+
+async def test_user_password_and_database_from_the_url() -> None:
+    url = require_redis()
+    admin = LeanRedis(url)
+    user, password = f"eg-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    await admin.execute("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all")
+    try:
+        host = url.split("//", 1)[1].split("/", 1)[0]
+        scoped = LeanRedis(f"redis://{user}:{password}@{host}/3")
+        try:
+            assert await scoped.execute("ACL", "WHOAMI") == user.encode()
+            assert b"db=3" in await scoped.execute("CLIENT", "INFO")
+        finally:
+            await scoped.aclose()
+        wrong = LeanRedis(f"redis://{user}:not-{password}@{host}/0")
+        with pytest.raises(RespError) as refused:
+            await wrong.execute("PING")
+        assert password not in str(refused.value)
+        await wrong.aclose()
+    finally:
+        await admin.execute("ACL", "DELUSER", user)
+        await admin.aclose()
+
+
+async def _server(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], object]) -> asyncio.Server:
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handle(reader, writer)  # type: ignore[misc]
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(run, "127.0.0.1", 0)
+
+
+async def test_a_silent_server_times_out_every_waiting_command_and_drops_the_connection() -> None:
+    connections = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while await reader.read(4096):
+            pass
+
+    server = await _server(silent)
+    port = server.sockets[0].getsockname()[1]
+    client = LeanRedis(f"redis://127.0.0.1:{port}", timeout=0.2)
+    try:
+        started = time.monotonic()
+        results = await asyncio.gather(*(client.execute("PING") for _ in range(5)), return_exceptions=True)
+        assert all(isinstance(r, TimeoutError) for r in results), results
+        assert 0.15 < time.monotonic() - started < 1.5
+        with pytest.raises(TimeoutError):
+            await client.execute("PING")  # a new connection, silent too
+        assert connections == 2
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def test_an_unreadable_reply_fails_the_command() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(4096)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        await writer.drain()
+        await reader.read(4096)
+
+    server = await _server(garbage)
+    client = LeanRedis(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        with pytest.raises(ConnectionError, match="unreadable"):
+            await client.execute("PING")
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def test_unreachable_server_and_closed_client() -> None:
+    free = await _server(lambda r, w: asyncio.sleep(0))
+    port = free.sockets[0].getsockname()[1]
+    free.close()
+    await free.wait_closed()
+    client = LeanRedis(f"redis://127.0.0.1:{port}")
+    with pytest.raises(OSError):
+        await client.execute("PING")
+    await client.aclose()
+    with pytest.raises(ConnectionError, match="closed"):
+        await client.execute("PING")
+    with pytest.raises(OSError):
+        await LeanRedis("unix:///nonexistent/embedgate-test.sock?db=2").execute("PING")
+
+
+def test_urls_that_are_not_redis_are_refused() -> None:
+    with pytest.raises(ValueError, match="redis://"):
+        LeanRedis("http://127.0.0.1:6379")
+    with pytest.raises(ValueError, match="database"):
+        LeanRedis("redis://127.0.0.1:6379/zero")
+
+
+def test_pack_and_parse() -> None:
+    assert pack(("SET", b"k", 12, 1.5)) == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n$3\r\n1.5\r\n"
+    with pytest.raises(TypeError):
+        pack(("SET", None))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        pack(("SET", True))
+    reply = b"*4\r\n:1\r\n$3\r\nabc\r\n$-1\r\n*2\r\n+OK\r\n-ERR no\r\n"
+    value, end = parse(reply, 0)  # type: ignore[misc]
+    assert end == len(reply)
+    assert value[:3] == [1, b"abc", None] and value[3][0] == b"OK" and isinstance(value[3][1], RespError)
+    for cut in range(len(reply)):  # a reply cut anywhere is not complete yet
+        assert parse(reply[:cut], 0) is None
+
+
+def test_a_client_moves_to_a_new_event_loop() -> None:
+    client = LeanRedis(require_redis())
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        id_first = first.run_until_complete(client.execute("CLIENT", "ID"))
+        # Used from another loop (a reloaded app, a test's): a connection of its own, the old one closed.
+        assert second.run_until_complete(client.execute("CLIENT", "ID")) != id_first
+        first.run_until_complete(asyncio.sleep(0))  # the old connection's close runs on its own loop
+        second.run_until_complete(client.aclose())
+    finally:
+        first.close()
+        second.close()
