@@ -173,6 +173,25 @@ async def test_memory_backend_through_aiocache_api() -> None:
     await cache.close()
 
 
+@pytest.mark.anyio
+async def test_redis_backend_through_aiocache_api() -> None:
+    cache = VectorCache.from_config(require_redis(), 1 << 20)
+    store = cache._store
+    prefix = f"eg:test:aiocache:{uuid.uuid4().hex}:"
+    item = CachedItem(vector=np.arange(4, dtype="<f4").tobytes(), tokens=9)
+    try:
+        await store.set(prefix + "k1", item, ttl=60)
+        await store.multi_set([(prefix + "k2", item)], ttl=1.5)
+        assert await store.get(prefix + "k1") == item
+        assert await store.multi_get([prefix + "k1", prefix + "k2", prefix + "k3"]) == [item, item, None]
+        assert await store.exists(prefix + "k1") and not await store.exists(prefix + "k3")
+        assert await store.delete(prefix + "k1") == 1
+        assert await store.clear(namespace=prefix) is True
+        assert await store.multi_get([prefix + "k2"]) == [None]
+    finally:
+        await cache.close()
+
+
 def test_cached_item_validation_and_malformed_values() -> None:
     item = CachedItem(vector=np.arange(3, dtype="<f4").tobytes(), tokens=5)
     assert CachedItem.loads(item.dumps()) == item

@@ -196,3 +196,16 @@ def test_a_client_moves_to_a_new_event_loop() -> None:
     finally:
         first.close()
         second.close()
+
+
+async def test_execute_many_sends_commands_together_and_waits_for_every_reply(client: LeanRedis) -> None:
+    a, b = key(), key()
+    try:
+        assert await client.execute_many([("SET", a, b"1", "EX", 60), ("INCR", a), ("TTL", a)]) == [b"OK", 2, 60]
+        await client.execute("SADD", b, "x")
+        with pytest.raises(RespError, match="WRONGTYPE"):
+            await client.execute_many([("INCR", b), ("INCR", a)])
+        assert await client.execute("GET", a) == b"3"  # the command after the failed one ran, and was read
+        assert await client.execute_many([]) == []
+    finally:
+        await client.execute("DEL", a, b)

@@ -131,6 +131,20 @@ class _Pipe(asyncio.Protocol):
             self._timer = self._loop.call_at(self._waiting[0][1], self._check_deadline)
         return future
 
+    def call_many(self, commands: Sequence[bytes]) -> list[asyncio.Future[Any]]:
+        if self.closed or self._transport is None:
+            raise ConnectionError("the connection to Redis is closed")
+        self._transport.write(b"".join(commands))
+        deadline = self._loop.time() + self._timeout
+        futures = []
+        for _ in commands:
+            future = self._loop.create_future()
+            self._waiting.append((future, deadline))
+            futures.append(future)
+        if self._timer is None and futures:
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
+        return futures
+
     def data_received(self, data: bytes) -> None:
         buf = self._pending + data if self._pending else data
         pos = 0
@@ -218,6 +232,24 @@ class LeanRedis:
         if pipe is None or pipe.closed or pipe.loop is not asyncio.get_running_loop():
             pipe = await self._connection()
         return await pipe.call(pack(args))
+
+    async def execute_many(self, commands: Sequence[Sequence[bytes | str | int | float]]) -> list[Any]:
+        """Send ``commands`` in one write and return their replies in order; raises the first failure, once
+        every reply is in (nothing is left unawaited)."""
+        pipe = self._pipe
+        if pipe is None or pipe.closed or pipe.loop is not asyncio.get_running_loop():
+            pipe = await self._connection()
+        futures = pipe.call_many([pack(c) for c in commands])
+        replies: list[Any] = []
+        failure: BaseException | None = None
+        for future in futures:
+            try:
+                replies.append(await future)
+            except (RespError, OSError, TimeoutError) as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return replies
 
     async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[bytes | str | int | float]) -> Any:
         """Run ``script`` (``EVALSHA``), loading it first if the server has not seen it (a restart flushes them)."""
