@@ -209,3 +209,49 @@ async def test_execute_many_sends_commands_together_and_waits_for_every_reply(cl
         assert await client.execute_many([]) == []
     finally:
         await client.execute("DEL", a, b)
+
+
+class _Wire:
+    """A transport that records what the protocol writes."""
+
+    def __init__(self) -> None:
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_replies_cut_anywhere_reach_their_callers_in_order() -> None:
+    import random
+
+    from embedgate.resp import _Pipe
+
+    big = [bytes([i]) * (6000 + i) for i in range(40)]  # an MGET reply of ~250 KB
+    replies = [
+        b"*40\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(v), v) for v in big),
+        b":7\r\n",
+        b"*2\r\n$1\r\n0\r\n*3\r\n$1\r\na\r\n$-1\r\n*0\r\n",  # nested, nil, empty array (a SCAN-like reply)
+        b"-ERR boom\r\n",
+        b"+OK\r\n",
+    ]
+    stream = b"".join(replies)
+    rng = random.Random(7)
+    for cuts in ([1] * 64, [3, 5, 7], [4096], [65536], [len(stream)], [rng.randint(1, 9000) for _ in range(50)]):
+        pipe = _Pipe(asyncio.get_running_loop(), timeout=5.0)
+        pipe.connection_made(_Wire())  # type: ignore[arg-type]
+        futures = pipe.call_many([b"x"] * len(replies))
+        pos, i = 0, 0
+        while pos < len(stream):
+            size = cuts[i % len(cuts)]
+            pipe.data_received(stream[pos : pos + size])
+            pos, i = pos + size, i + 1
+        assert await futures[0] == big
+        assert await futures[1] == 7
+        assert await futures[2] == [b"0", [b"a", None, []]]
+        with pytest.raises(RespError, match="boom"):
+            await futures[3]
+        assert await futures[4] == b"OK"
+        assert not pipe.closed
