@@ -516,3 +516,36 @@ def test_memory_window_trims_compacts_and_keeps_order() -> None:
     assert _mark(w, 2000) == 3001  # one more is admitted once the entry at rank count - limit leaves
     w.trim(10_000)
     assert len(w) == 0 and _mark(w, 5) is None
+
+
+@pytest.mark.anyio
+async def test_redis_store_fails_while_redis_is_down_and_recovers_after_a_restart(tmp_path: Any) -> None:
+    # A private redis-server with a password, killed and started again empty (no persistence): the store's
+    # connection is lost, commands fail as BudgetStoreError meanwhile, and after the restart the next reserve
+    # reconnects, authenticates and loads its script again (Redis forgot it: NOSCRIPT).
+    import shutil
+
+    from embedgate.budget_stores import BudgetStoreError
+    from tests.test_cache_redis_outage import ThrowawayRedis
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    server = ThrowawayRedis(tmp_path)
+    server.start()
+    store = RedisBudgetStore(server.url, socket_timeout=0.5)
+    counter = [CounterSpec("c:tokens", 5, 100, 60)]
+    try:
+        assert (await store.reserve(counter, [], now_ms=1, window_ms=WINDOW_MS, member="r1")).failed == -1
+        server.stop()
+        with pytest.raises(BudgetStoreError):
+            await store.reserve(counter, [], now_ms=2, window_ms=WINDOW_MS, member="r2")
+        assert await store.ping() is False
+        server.start()
+        result = await store.reserve(counter, [], now_ms=3, window_ms=WINDOW_MS, member="r3")
+        assert result.failed == -1 and result.values == (5,)  # the restarted server starts from nothing
+        assert await store.ping() is True
+    finally:
+        await store.aclose()
+        server.stop()
