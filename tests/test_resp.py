@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
@@ -255,3 +259,31 @@ async def test_replies_cut_anywhere_reach_their_callers_in_order() -> None:
             await futures[3]
         assert await futures[4] == b"OK"
         assert not pipe.closed
+
+
+def test_a_unix_socket_url_with_a_database(tmp_path: Path) -> None:
+    require_redis()  # the same redis-server binary runs a private instance here
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    sock = tmp_path / "redis.sock"
+    command = ["redis-server", "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"]
+    server = subprocess.Popen([*command, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        async def check() -> None:
+            client = LeanRedis(f"unix://{sock}?db=2")
+            try:
+                assert b"db=2" in await client.execute("CLIENT", "INFO")
+                assert await client.execute("PING") == b"PONG"
+            finally:
+                await client.aclose()
+
+        asyncio.run(check())
+    finally:
+        server.kill()
+        server.wait(timeout=10)
