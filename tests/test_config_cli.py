@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,39 @@ def test_serve_refuses_workers_with_budgets_in_memory(tmp_path: Path) -> None:
                        text=True, timeout=60, env=env)  # fmt: skip
     assert r.returncode == 1
     assert "needs redis_url" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://:s3cret@cache:6379/0", "starts with redis://"),
+        ("redis://:s3cret@cache:6379/zero", "database in the URL must be a number"),
+        ("redis://:s3cret@cache:6379/0?socket_timeout=5", "option 'socket_timeout' is not supported"),
+        ("redis://:s3cret@cache:6379/0?ssl_cert_reqs=none", "option 'ssl_cert_reqs' is not supported"),
+        ("rediss://:s3cret@cache:6379/0?ssl_cert_reqs=maybe", "ssl_cert_reqs in the Redis URL must be"),
+        ("redis://:s3cret@cache:99999/0", "port in the URL must be a number"),
+        ("unix://:s3cret@", "needs the socket's path"),
+    ],
+)
+def test_bad_redis_urls_are_refused_without_showing_the_url(url: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"redis_url": url}, env={})
+    text = str(info.value)
+    assert "redis_url" in text and message in text
+    assert "s3cret" not in text and "cache:" not in text
+
+
+def test_redis_url_forms_that_are_read() -> None:
+    from embedgate.resp import parse_url
+
+    plain = parse_url("redis://user:p%40ss@cache.internal:6380/4")
+    assert (plain.host, plain.port, plain.db, plain.username, plain.password, plain.tls) == (
+        "cache.internal", 6380, 4, "user", "p@ss", False,
+    )  # fmt: skip
+    assert parse_url("redis://cache?db=3").db == 3 and parse_url("redis://cache").port == 6379
+    tls = parse_url("rediss://:pw@cache:6380/0?ssl_cert_reqs=none&ssl_ca_certs=/etc/ca.pem")
+    assert tls.tls and tls.cert_reqs == ssl.CERT_NONE and tls.ca_file == "/etc/ca.pem" and tls.username is None
+    assert parse_url("rediss://cache").cert_reqs == ssl.CERT_REQUIRED
+    sock = parse_url("unix:///run/redis.sock?db=2")
+    assert (sock.unix_path, sock.db) == ("/run/redis.sock", 2)
+    assert parse_config({"redis_url": "rediss://:pw@cache:6380/1?ssl_cert_reqs=optional"}, env={}).redis_url

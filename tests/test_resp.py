@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -284,6 +286,65 @@ def test_a_unix_socket_url_with_a_database(tmp_path: Path) -> None:
                 await client.aclose()
 
         asyncio.run(check())
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+
+def _tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a server certificate for 127.0.0.1 it signed (made with the openssl command)."""
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    ext = directory / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for command in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
+         "-subj", "/CN=embedgate-test-ca"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "2",
+         "-extfile", ext],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True)
+    return ca, cert, key
+
+
+def test_tls_with_the_url_s_ca_file_or_without_verification(tmp_path: Path) -> None:
+    require_redis()
+    if shutil.which("redis-server") is None or shutil.which("openssl") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server or openssl is not installed")
+        pytest.skip("redis-server or openssl is not installed")
+    ca, cert, key = _tls_files(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+               "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no", "--dir", str(tmp_path)]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if server.poll() is not None:
+                    pytest.skip("this redis-server was built without TLS")
+                time.sleep(0.05)
+
+        async def ping(url: str) -> bytes:
+            client = LeanRedis(url, timeout=2.0)
+            try:
+                reply: bytes = await client.execute("PING")
+                return reply
+            finally:
+                await client.aclose()
+
+        base = f"rediss://127.0.0.1:{port}/0"
+        assert asyncio.run(ping(f"{base}?ssl_ca_certs={ca}")) == b"PONG"
+        assert asyncio.run(ping(f"{base}?ssl_cert_reqs=none")) == b"PONG"
+        with pytest.raises(ssl.SSLCertVerificationError):
+            asyncio.run(ping(base))  # the system's CAs do not know this one
     finally:
         server.kill()
         server.wait(timeout=10)

@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from .resp import parse_url as parse_redis_url
+
 __all__ = [
     "BudgetConfig",
     "CacheConfig",
@@ -588,8 +590,11 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     root.seen.update(("telemetry", "admin", "budget_options"))
     providers = _providers(root.data.get("providers"), errors)
     redis_url = root.data.get("redis_url") or ""
-    if redis_url and not re.match(r"^(redis|rediss|unix)://", str(redis_url)):
-        errors.append(f"redis_url: must be a redis:// URL, got {redis_url!r}")
+    if redis_url:
+        try:
+            parse_redis_url(str(redis_url))
+        except ValueError as exc:  # the message never repeats the URL: it may hold a password
+            errors.append(f"redis_url: {exc}")
     config = Config(
         server=_server(root.data.get("server"), errors),
         redis_url=str(redis_url),

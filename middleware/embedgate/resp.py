@@ -12,8 +12,10 @@ resolves the oldest waiting future with each reply. A command that gets no reply
 answering is not asked again on the same socket. The next command connects again. Commands are never retried,
 except an ``EVALSHA`` refused with ``NOSCRIPT`` (not run), which loads the script and runs it once more.
 
-URLs: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS, the system's CAs), and
-``unix://[[user]:password@]/path/to/socket[?db=N]``, as redis-py reads them; other query options are not read.
+URLs: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS), and
+``unix://[[user]:password@]/path/to/socket[?db=N]``, as redis-py reads them. Query options: ``db``, and for
+``rediss://`` ``ssl_cert_reqs`` (``required``, the default, ``optional`` or ``none``) and ``ssl_ca_certs`` (a CA
+file; the system's CAs otherwise). Any other option is refused (:func:`parse_url`), not ignored.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import hashlib
 import ssl
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["LeanRedis", "RespError", "Script"]
+__all__ = ["LeanRedis", "RedisAddress", "RespError", "Script", "parse_url"]
 
 _CRLF = b"\r\n"
 
@@ -249,25 +251,72 @@ class _Pipe(asyncio.Protocol):
         self._fail(ConnectionError("the Redis client was closed"))
 
 
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+class RedisAddress(NamedTuple):
+    """Where and how to connect, from a Redis URL (see the module)."""
+
+    host: str
+    port: int
+    unix_path: str | None
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+    cert_reqs: ssl.VerifyMode
+    ca_file: str | None
+
+
+def parse_url(url: str) -> RedisAddress:
+    """Read a Redis URL; ``ValueError`` names what is wrong (never the URL itself: it may hold a password)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    allowed = {"db", "ssl_cert_reqs", "ssl_ca_certs"} if parts.scheme == "rediss" else {"db"}
+    for name in query:
+        if name not in allowed:
+            raise ValueError(f"the Redis URL option {name!r} is not supported (only {', '.join(sorted(allowed))})")
+    db = parts.path.lstrip("/") if parts.scheme != "unix" else ""
+    db = db or query.get("db", ["0"])[-1]
+    if not db.isdigit():
+        raise ValueError("the Redis database in the URL must be a number")
+    cert_reqs = query.get("ssl_cert_reqs", ["required"])[-1].lower()
+    if cert_reqs not in _CERT_REQS:
+        raise ValueError("ssl_cert_reqs in the Redis URL must be required, optional or none")
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError("a unix:// Redis URL needs the socket's path")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError("the Redis port in the URL must be a number from 1 to 65535") from None
+    return RedisAddress(
+        host=parts.hostname or "localhost",
+        port=port,
+        unix_path=parts.path if parts.scheme == "unix" else None,
+        db=int(db),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        tls=parts.scheme == "rediss",
+        cert_reqs=_CERT_REQS[cert_reqs],
+        ca_file=query["ssl_ca_certs"][-1] if "ssl_ca_certs" in query else None,
+    )
+
+
+def _tls_context(address: RedisAddress) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=address.ca_file)
+    if address.cert_reqs != ssl.CERT_REQUIRED:
+        context.check_hostname = False
+        context.verify_mode = address.cert_reqs
+    return context
+
+
 class LeanRedis:
     """Commands to one Redis over one pipelined connection, (re)connected on first use (see the module)."""
 
     def __init__(self, url: str, *, timeout: float = 1.0) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
-        query = parse_qs(parts.query)
-        db = parts.path.lstrip("/") if parts.scheme != "unix" else ""
-        db = db or (query.get("db") or ["0"])[0]
-        if not db.isdigit():
-            raise ValueError("the Redis database in the URL must be a number")
-        self._db = int(db)
-        self._unix_path = parts.path if parts.scheme == "unix" else None
-        self._host = parts.hostname or "localhost"
-        self._port = parts.port or 6379
-        self._tls = parts.scheme == "rediss"
-        self._username = unquote(parts.username) if parts.username else None
-        self._password = unquote(parts.password) if parts.password is not None else None
+        self._address = parse_url(url)
         self._timeout = timeout
         self._pipe: _Pipe | None = None
         self._connecting: asyncio.Future[_Pipe] | None = None
@@ -335,18 +384,19 @@ class LeanRedis:
     async def _connect(self) -> _Pipe:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._timeout):
-            if self._unix_path is not None:
-                _, pipe = await loop.create_unix_connection(lambda: _Pipe(loop, self._timeout), self._unix_path)
+            address = self._address
+            if address.unix_path is not None:
+                _, pipe = await loop.create_unix_connection(lambda: _Pipe(loop, self._timeout), address.unix_path)
             else:
-                tls = ssl.create_default_context() if self._tls else None
-                _, pipe = await loop.create_connection(lambda: _Pipe(loop, self._timeout), self._host, self._port,
-                                                       ssl=tls)  # fmt: skip
+                tls = _tls_context(address) if address.tls else None
+                _, pipe = await loop.create_connection(lambda: _Pipe(loop, self._timeout), address.host,
+                                                       address.port, ssl=tls)  # fmt: skip
             try:
-                if self._password is not None:
-                    auth = ("AUTH", self._username, self._password) if self._username else ("AUTH", self._password)
-                    await pipe.call(pack(auth))
-                if self._db:
-                    await pipe.call(pack(("SELECT", self._db)))
+                if address.password is not None:
+                    user = address.username
+                    await pipe.call(pack(("AUTH", user, address.password) if user else ("AUTH", address.password)))
+                if address.db:
+                    await pipe.call(pack(("SELECT", address.db)))
             except BaseException:
                 pipe.close()
                 raise
