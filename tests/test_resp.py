@@ -182,6 +182,12 @@ def test_pack_and_parse() -> None:
         pack(("SET", None))  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         pack(("SET", True))
+    import enum
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    assert pack((Level.HIGH, 0.25)) == b"*2\r\n$1\r\n3\r\n$4\r\n0.25\r\n"
     reply = b"*4\r\n:1\r\n$3\r\nabc\r\n$-1\r\n*2\r\n+OK\r\n-ERR no\r\n"
     value, end = parse(reply, 0)  # type: ignore[misc]
     assert end == len(reply)

@@ -1,10 +1,10 @@
-"""A lean Redis client for the budget store: one pipelined connection, RESP2, the few commands it sends.
+"""A lean Redis client for the budget store and the cache: one pipelined connection, RESP2, the commands they send.
 
 Every request with a budget runs two Lua scripts in Redis (reserve, then settle). Through redis-py's asyncio
-client each call cost ~110 us of CPU on this machine (its connection pool and lock, retry wrapper, stream
-reader and pure-Python reply parser; ~77 us with hiredis); here a call is a write of the packed command and a
-future resolved by the protocol when its reply arrives, ~20 us. Measured with ``EVALSHA`` at 16 concurrent
-callers against the local Redis.
+client each call cost ~80-110 us of CPU on this machine (its connection pool and lock, retry wrapper, stream
+reader and pure-Python reply parser; ~73-81 us with hiredis); here a call is a write of the packed command and a
+future resolved by the protocol when its reply arrives, ~10-17 us compiled (``python -m
+tests.benchmarks.redis_client``: ``EVALSHA`` at 16 concurrent callers against the local Redis).
 
 One connection carries every caller's commands at once (pipelining): Redis answers in order, so the protocol
 resolves the oldest waiting future with each reply. A command that gets no reply within ``timeout`` fails with
@@ -57,10 +57,16 @@ def pack(args: Sequence[bytes | str | int | float]) -> bytes:
             data = arg.encode()
         elif type(arg) is int:
             data = b"%d" % arg
-        elif isinstance(arg, int | float) and not isinstance(arg, bool):
-            data = repr(arg).encode()
-        elif isinstance(arg, bytes | str):
-            data = bytes(arg) if isinstance(arg, bytes) else str(arg).encode()
+        elif isinstance(arg, bool):
+            raise TypeError("a Redis command argument must be bytes, str, int or float, not bool")
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        elif isinstance(arg, float):
+            data = repr(float(arg)).encode()
+        elif isinstance(arg, bytes):
+            data = bytes(arg)
+        elif isinstance(arg, str):
+            data = str(arg).encode()
         else:
             raise TypeError(f"a Redis command argument must be bytes, str, int or float, not {type(arg).__name__}")
         out.append(b"$%d\r\n" % len(data))
