@@ -281,3 +281,31 @@ def test_values_otlp_cannot_carry_are_dropped_and_the_span_kept(monkeypatch: pyt
     assert set(spans) == {"too-big", "fine", "after"}  # no span lost for one value
     assert spans["too-big"].attributes == {"ok": 2**63 - 1, "level": 2}  # the values OTLP cannot carry are left out
     assert math.isnan(spans["fine"].attributes["nan"])  # as the SDK's encoder writes it
+
+
+def test_a_lean_span_s_w3c_headers_are_what_the_propagators_write() -> None:
+    from opentelemetry import baggage, propagate
+    from opentelemetry import context as otel_context
+    from opentelemetry.trace.span import TraceState
+
+    from embedgate.current_span import has_baggage
+    from embedgate.telemetry import AttemptSpan
+
+    tracer = LeanTracer(Captured(), ["embedgate", None])  # type: ignore[arg-type]
+    state = TraceState([("vendor", "abc"), ("other", "x-1")])
+    remote = SpanContext(0xABC << 64 | 0x123, 0xDEF, is_remote=True, trace_flags=TraceFlags(1), trace_state=state)
+    for parent in (None, trace.set_span_in_context(NonRecordingSpan(remote))):
+        with tracer.start_as_current_span("root", context=parent):
+            with tracer.start_as_current_span("embeddings m", kind=SpanKind.CLIENT) as span:
+                carrier: dict[str, str] = {}
+                propagate.inject(carrier)
+                assert not has_baggage()
+                assert span.w3c_headers() == carrier  # type: ignore[attr-defined]
+                assert AttemptSpan(span).trace_headers() == carrier
+                assert ("tracestate" in carrier) == (parent is not None)
+                token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+                try:
+                    assert has_baggage()
+                    assert AttemptSpan(span).trace_headers()["baggage"] == "tenant=acme"  # left to the propagators
+                finally:
+                    otel_context.detach(token)

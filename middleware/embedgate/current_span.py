@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar, Token
 
+from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -18,7 +19,7 @@ from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.trace import INVALID_SPAN, Span
 from opentelemetry.trace import propagation as _propagation
 
-__all__ = ["attach_span", "current_span", "detach"]
+__all__ = ["attach_span", "current_span", "detach", "has_baggage"]
 
 
 def _fast_path() -> tuple[ContextVar[Context], str] | None:
@@ -29,6 +30,7 @@ def _fast_path() -> tuple[ContextVar[Context], str] | None:
 
 
 _FAST = _fast_path()
+_BAGGAGE_KEY = getattr(otel_baggage, "_BAGGAGE_KEY", None)  # where the API keeps the baggage in a Context
 # Span classes seen in the context: ``isinstance`` against the ``Span`` ABC goes through ``ABCMeta`` in Python
 # (~1% of a request's CPU, called for every span); a class already checked is found in this set instead.
 _SPAN_TYPES: set[type] = set()
@@ -66,3 +68,11 @@ def detach(token: Token[Context]) -> None:
         _FAST[0].reset(token)
     except ValueError:
         otel_context.detach(token)
+
+
+def has_baggage() -> bool:
+    """``bool(baggage.get_all())``: whether the current context carries baggage."""
+    if _FAST is None or not isinstance(_BAGGAGE_KEY, str):
+        return bool(otel_baggage.get_all())
+    value = _FAST[0].get().get(_BAGGAGE_KEY)
+    return isinstance(value, dict) and bool(value)

@@ -126,6 +126,14 @@ class LeanSpan(Span):
             ctx = self._ctx = SpanContext(self._trace_id, self._span_id, False, _SAMPLED, self._trace_state)
         return ctx
 
+    def w3c_headers(self) -> dict[str, str]:
+        """What OTel's W3C trace-context propagator writes for this span (sampled, its ids valid), without
+        building its ``SpanContext``."""
+        carrier = {"traceparent": f"00-{self._trace_id:032x}-{self._span_id:016x}-01"}
+        if self._trace_state:
+            carrier["tracestate"] = self._trace_state.to_header()
+        return carrier
+
     def is_recording(self) -> bool:
         return self._end is None
 

@@ -22,7 +22,7 @@ from random import getrandbits
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
 
-from opentelemetry import baggage, propagate, trace
+from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
@@ -42,7 +42,8 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
-from .current_span import attach_span, current_span, detach
+from .current_span import attach_span, current_span, detach, has_baggage
+from .lean_trace import LeanSpan
 
 if TYPE_CHECKING:
     from .lean_trace import LeanTracerProvider
@@ -261,8 +262,10 @@ class AttemptSpan(_Scoped):
 
     def trace_headers(self) -> dict[str, str]:
         """The propagation headers (``traceparent``, ...) carrying this attempt's context, for upstream."""
-        if _default_propagation() and not baggage.get_all():
+        if _default_propagation() and not has_baggage():
             # What the default propagators write (W3C trace context; baggage, here empty), without their layers.
+            if type(self._span) is LeanSpan:
+                return self._span.w3c_headers()
             ctx = self._span.get_span_context()
             if ctx == trace.INVALID_SPAN_CONTEXT:
                 return {}
