@@ -6,6 +6,7 @@ Under CI (``CI=true``) a missing server fails the test; elsewhere it skips it.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -30,3 +31,14 @@ def require_redis() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return REDIS_URL
+
+
+def require_programs(*names: str) -> None:
+    """Programs a test runs itself (a private ``redis-server``, ``openssl``): under CI a missing one fails the
+    test; elsewhere it skips it."""
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        message = f"not installed: {', '.join(missing)}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)

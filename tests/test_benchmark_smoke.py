@@ -155,16 +155,15 @@ def test_fresh_bodies_differ_per_request_and_fixed_ones_do_not() -> None:
     assert body["cache"] == {"type": "exact_match"} and isinstance(body["input"], str)
 
 
+def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m tests.benchmarks.<module> <args>`` from the repository, its output captured."""
+    return subprocess.run([sys.executable, "-m", f"tests.benchmarks.{module}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, check=False)  # fmt: skip
+
+
 def test_the_transport_comparison_runs_every_candidate() -> None:
     """``tests/benchmarks/transports.py``: the measurement that chose the upstream transport still runs."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.transports", "--seconds", "0.2", "--connections", "4"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run_module("transports", "--seconds", "0.2", "--connections", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     for case in ("inputs_1", "inputs_256"):
@@ -175,15 +174,7 @@ def test_the_transport_comparison_runs_every_candidate() -> None:
 
 def test_the_redis_client_comparison_runs_both_clients() -> None:
     """``tests/benchmarks/redis_client.py``: the measurement behind the budget store's Redis client still runs."""
-    url = require_redis()
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.redis_client", "--url", url, "--calls", "200", "--rounds", "1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run_module("redis_client", "--url", require_redis(), "--calls", "200", "--rounds", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("round 1:")]
     assert [row.split()[2] for row in rows] == ["redis-py", "embedgate.resp"]
@@ -191,18 +182,9 @@ def test_the_redis_client_comparison_runs_both_clients() -> None:
 
 
 def test_the_in_process_driver_reports_cpu_per_request_with_parts_switched_off() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.inprocess", "--requests", "40", "--warmup", "5", "--rounds", "1",
-         "--off", "budgets,access_log"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )  # fmt: skip
+    proc = run_module("inprocess", "--requests", "40", "--warmup", "5", "--rounds", "1", "--off", "budgets,access_log")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "off: access_log,budgets: CPU us per request" in proc.stderr
     assert "embedgate.access" not in proc.stdout  # access lines off
-    bad = subprocess.run([sys.executable, "-m", "tests.benchmarks.inprocess", "--off", "caching"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    bad = run_module("inprocess", "--off", "caching", timeout=60)
     assert bad.returncode == 2 and "unknown parts: caching" in bad.stderr

@@ -32,7 +32,7 @@ from embedgate.config import BudgetConfig
 from embedgate.errors import BudgetExceeded
 from embedgate.identities import IdentityStore, MemoryIdentityStore, RedisIdentityStore
 from tests.budget_util import T0, Clock
-from tests.redis_util import require_redis
+from tests.redis_util import require_programs, require_redis
 
 WINDOW_MS = 60_000
 SUBJECT = Subject(
@@ -523,15 +523,10 @@ async def test_redis_store_fails_while_redis_is_down_and_recovers_after_a_restar
     # A private redis-server with a password, killed and started again empty (no persistence): the store's
     # connection is lost, commands fail as BudgetStoreError meanwhile, and after the restart the next reserve
     # reconnects, authenticates and loads its script again (Redis forgot it: NOSCRIPT).
-    import shutil
-
     from embedgate.budget_stores import BudgetStoreError
     from tests.test_cache_redis_outage import ThrowawayRedis
 
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server is not installed")
+    require_programs("redis-server")
     server = ThrowawayRedis(tmp_path)
     server.start()
     store = RedisBudgetStore(server.url, socket_timeout=0.5)

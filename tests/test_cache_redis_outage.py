@@ -5,8 +5,6 @@ The shared Redis on 6379 is never touched: these tests start a private server on
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -19,6 +17,7 @@ import redis.asyncio as redis
 from structlog.testing import capture_logs
 
 from embedgate.cache import CachedItem, VectorCache, item_key
+from tests.redis_util import require_programs
 
 PASSWORD = "s3cret-cache-pw"
 WARNING = "cache store unavailable; serving misses"
@@ -70,10 +69,7 @@ class ThrowawayRedis:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ThrowawayRedis]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server is not installed")
+    require_programs("redis-server")
     server = ThrowawayRedis(tmp_path)
     server.start()
     try:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -16,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from embedgate.resp import LeanRedis, RespError, Script, pack, parse
-from tests.redis_util import require_redis
+from tests.redis_util import require_programs, require_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -270,11 +268,7 @@ async def test_replies_cut_anywhere_reach_their_callers_in_order() -> None:
 
 
 def test_a_unix_socket_url_with_a_database(tmp_path: Path) -> None:
-    require_redis()  # the same redis-server binary runs a private instance here
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server is not installed")
+    require_programs("redis-server")  # a private instance, on a unix socket
     sock = tmp_path / "redis.sock"
     command = ["redis-server", "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"]
     server = subprocess.Popen([*command, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -314,11 +308,7 @@ def _tls_files(directory: Path) -> tuple[Path, Path, Path]:
 
 
 def test_tls_with_the_url_s_ca_file_or_without_verification(tmp_path: Path) -> None:
-    require_redis()
-    if shutil.which("redis-server") is None or shutil.which("openssl") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server or openssl is not installed")
-        pytest.skip("redis-server or openssl is not installed")
+    require_programs("redis-server", "openssl")  # a private instance with a CA of its own
     ca, cert, key = _tls_files(tmp_path)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
