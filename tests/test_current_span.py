@@ -18,9 +18,9 @@ def span(n: int) -> NonRecordingSpan:
 @pytest.fixture(params=["direct", "api"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "api":
-        monkeypatch.setattr(cs, "_FAST", None)
+        monkeypatch.setattr(cs._RUNTIME, "fast", None)
     else:
-        assert cs._FAST is not None  # the default runtime context: the direct path is the one in use
+        assert cs._RUNTIME.fast is not None  # the default runtime context: the direct path is the one in use
     return str(request.param)
 
 

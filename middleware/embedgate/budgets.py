@@ -22,12 +22,12 @@ operation, run with EVALSHA, so the check-and-reserve is atomic across any numbe
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from random import getrandbits
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -69,16 +69,17 @@ __all__ = [
 
 log = structlog.get_logger("embedgate.budgets")
 
-NANO = 1_000_000_000  # nano-dollars per USD
+_getrandbits: Final = random.getrandbits
+NANO: Final = 1_000_000_000  # nano-dollars per USD
 # Counters outlive their period by this much, so a request spanning the rollover still settles.
-PERIOD_GRACE_S = 3600
+PERIOD_GRACE_S: Final = 3600
 # BOS/EOS, or a leading-space piece, that some tokenizers add on top of the text's bytes.
-SPECIAL_TOKENS_PER_ITEM = 2
+SPECIAL_TOKENS_PER_ITEM: Final = 2
 # Tokens reserved per image of a multimodal input; settle corrects to the real count.
-IMAGE_TOKEN_ALLOWANCE = 1024
+IMAGE_TOKEN_ALLOWANCE: Final = 1024
 
 # List prices, USD per million input tokens, used when the config sets no price for a model.
-BUILTIN_PRICES: dict[str, float] = {
+BUILTIN_PRICES: Final[dict[str, float]] = {
     "openai/text-embedding-3-small": 0.02,
     "openai/text-embedding-3-large": 0.13,
     "openai/text-embedding-ada-002": 0.10,
@@ -373,7 +374,7 @@ class BudgetEngine:
         """
         # Unique per reservation (a member of the Redis request windows). Python's random is seeded from the OS
         # and reseeded in a forked child; os.urandom would be a system call per request.
-        rid = f"{getrandbits(128):032x}"
+        rid = f"{_getrandbits(128):032x}"
         now = self._clock()
         counters, windows, index = self._gates(subject, now, cached)
         if not counters and not windows:

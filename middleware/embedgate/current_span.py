@@ -10,6 +10,7 @@ contents, the same token semantics. With any other runtime context (``OTEL_PYTHO
 from __future__ import annotations
 
 from contextvars import ContextVar, Token
+from typing import Final
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
@@ -29,23 +30,36 @@ def _fast_path() -> tuple[ContextVar[Context], str] | None:
     return (var, key) if isinstance(var, ContextVar) and isinstance(key, str) else None
 
 
-_FAST = _fast_path()
-_BAGGAGE_KEY = getattr(otel_baggage, "_BAGGAGE_KEY", None)  # where the API keeps the baggage in a Context
+class _Runtime:
+    """Where the direct path finds OTel's context (``fast``: its ``ContextVar`` and the span's key), or None."""
+
+    __slots__ = ("fast",)
+
+    def __init__(self) -> None:
+        self.fast = _fast_path()
+
+
+# Final: the compiled build keeps these in C variables (a plain module global is a dict lookup on every use).
+_RUNTIME: Final = _Runtime()
+_BAGGAGE_KEY: Final = getattr(otel_baggage, "_BAGGAGE_KEY", None)  # where the API keeps the baggage in a Context
+_INVALID_SPAN: Final = INVALID_SPAN
+_Context: Final = Context
 # Span classes seen in the context: ``isinstance`` against the ``Span`` ABC goes through ``ABCMeta`` in Python
 # (~1% of a request's CPU, called for every span); a class already checked is found in this set instead.
-_SPAN_TYPES: set[type] = set()
+_SPAN_TYPES: Final[set[type]] = set()
 
 
 def current_span(context: Context | None = None) -> Span:
     """``trace.get_current_span(context)``."""
-    if _FAST is None:
+    fast = _RUNTIME.fast
+    if fast is None:
         return trace.get_current_span(context)
-    var, key = _FAST
+    var, key = fast
     span = (var.get() if context is None else context).get(key)
     if type(span) in _SPAN_TYPES:
         return span  # type: ignore[return-value]
     if span is None or not isinstance(span, Span):
-        return INVALID_SPAN
+        return _INVALID_SPAN
     if len(_SPAN_TYPES) < 64:  # bounded: span classes are few, but a context is anyone's to fill
         _SPAN_TYPES.add(type(span))
     return span
@@ -53,26 +67,29 @@ def current_span(context: Context | None = None) -> Span:
 
 def attach_span(span: Span) -> Token[Context]:
     """``context.attach(trace.set_span_in_context(span))``: ``span`` is current until :func:`detach`."""
-    if _FAST is None:
+    fast = _RUNTIME.fast
+    if fast is None:
         return otel_context.attach(trace.set_span_in_context(span))
-    var, key = _FAST
-    return var.set(Context({**var.get(), key: span}))
+    var, key = fast
+    return var.set(_Context({**var.get(), key: span}))
 
 
 def detach(token: Token[Context]) -> None:
     """``context.detach(token)`` (a token of another context is logged by the API, not raised)."""
-    if _FAST is None:
+    fast = _RUNTIME.fast
+    if fast is None:
         otel_context.detach(token)
         return
     try:
-        _FAST[0].reset(token)
+        fast[0].reset(token)
     except ValueError:
         otel_context.detach(token)
 
 
 def has_baggage() -> bool:
     """``bool(baggage.get_all())``: whether the current context carries baggage."""
-    if _FAST is None or not isinstance(_BAGGAGE_KEY, str):
+    fast = _RUNTIME.fast
+    if fast is None or not isinstance(_BAGGAGE_KEY, str):
         return bool(otel_baggage.get_all())
-    value = _FAST[0].get().get(_BAGGAGE_KEY)
+    value = fast[0].get().get(_BAGGAGE_KEY)
     return isinstance(value, dict) and bool(value)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
-from random import getrandbits
-from typing import Any
+from typing import Any, Final
 
 import httpx
 import orjson
@@ -64,14 +64,15 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = structlog.get_logger("embedgate")
 
-_ROUTES = {
+_ROUTES: Final = {
     "/v1/embeddings": Dialect.OPENAI,
     "/v2/router/embeddings": Dialect.ORQ,
     "/api/v1/embeddings": Dialect.OPENROUTER,
 }
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_FIRST_ITEM_HEAD = b'{"object":"embedding","index":0,"embedding":"'
-_ITEM_HEAD = b'"},{"object":"embedding","index":%d,"embedding":"'
+_getrandbits: Final = random.getrandbits
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_FIRST_ITEM_HEAD: Final = b'{"object":"embedding","index":0,"embedding":"'
+_ITEM_HEAD: Final = b'"},{"object":"embedding","index":%d,"embedding":"'
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # compiled by the build; a host may still extend it
@@ -237,7 +238,7 @@ class EmbeddingGateway:
         assert self.pipeline is not None and self.telemetry is not None
         headers = embed_headers(scope["headers"])
         rid = headers.get("x-request-id")
-        request_id = rid if rid and _REQUEST_ID.fullmatch(rid) else f"{getrandbits(128):032x}"
+        request_id = rid if rid and _REQUEST_ID.fullmatch(rid) else f"{_getrandbits(128):032x}"
         call = Call(
             dialect=dialect,
             body=b"",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Final
 
 from opentelemetry.util.types import AttributeValue
 
@@ -21,12 +22,12 @@ from .telemetry import RequestSpan
 __all__ = ["JSON_CONTENT_TYPE", "account", "annotate", "embed_headers", "response_headers"]
 
 # The request headers an embedding POST reads: only these are decoded (an SDK sends a dozen more).
-_EMBED_HEADERS = {
+_EMBED_HEADERS: Final = {
     name.encode(): name
     for name in ("authorization", "content-type", "content-length", "x-request-id", "x-orq-identity-id",
                  "x-orq-contact-id")
 }  # fmt: skip
-JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+JSON_CONTENT_TYPE: Final = (b"content-type", b"application/json")
 
 
 def embed_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:

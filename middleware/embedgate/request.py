@@ -10,7 +10,7 @@ given, a list-form ``load_balancer`` becomes the object form, and the ``X-ORQ-ID
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
 
@@ -20,20 +20,20 @@ from .errors import InvalidRequest
 __all__ = ["CacheRequest", "EmbeddingRequest", "ProviderPreferences", "parse_request"]
 
 InputItem = str | tuple[int, ...] | dict[str, Any]
-HARD_MAX_ITEMS = 1_000_000  # a sanity ceiling; the per-model limit is checked once the model is known
+HARD_MAX_ITEMS: Final = 1_000_000  # a sanity ceiling; the per-model limit is checked once the model is known
 
-_TOP_FIELDS = frozenset(
+_TOP_FIELDS: Final = frozenset(
     {
         "model", "input", "encoding_format", "dimensions", "user", "name", "input_type", "cache", "fallbacks",
         "fallback_on_codes", "retry", "load_balancer", "timeout", "identity", "orq", "provider", "session_id",
         "trace",
     }
 )  # fmt: skip
-_ORQ_FIELDS = frozenset(
+_ORQ_FIELDS: Final = frozenset(
     {"cache", "fallbacks", "retry", "load_balancer", "timeout", "name", "identity", "contact", "fallback_on_codes"}
 )
-_IDENTITY_FIELDS = frozenset({"id", "display_name", "email", "metadata", "logo_url", "tags"})
-_PROVIDER_FIELDS = frozenset(
+_IDENTITY_FIELDS: Final = frozenset({"id", "display_name", "email", "metadata", "logo_url", "tags"})
+_PROVIDER_FIELDS: Final = frozenset(
     {
         "order", "only", "ignore", "allow_fallbacks", "sort", "max_price", "require_parameters", "data_collection",
         "zdr", "quantizations", "preferred_min_throughput", "preferred_max_latency", "enforce_distillable_text",

@@ -39,7 +39,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from mypy_extensions import mypyc_attr
@@ -62,9 +62,9 @@ __all__ = ["AttemptHook", "Breaker", "ResolvedModel", "RouteResult", "Router"]
 
 log = structlog.get_logger("embedgate.routing")
 
-_INPUT_ERRORS = frozenset({400, 413, 422})
-_KEY_ERRORS = frozenset({401, 403})
-_DIMS_ADOPT_STREAK = 3  # agreeing answers with a new dimension count that replace the remembered one
+_INPUT_ERRORS: Final = frozenset({400, 413, 422})
+_KEY_ERRORS: Final = frozenset({401, 403})
+_DIMS_ADOPT_STREAK: Final = 3  # agreeing answers with a new dimension count that replace the remembered one
 
 
 @dataclass(frozen=True, slots=True)

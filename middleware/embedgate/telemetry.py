@@ -114,23 +114,37 @@ _TRACER_NAME = "embedgate"
 _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
 
-_default_checked: object = None
-_default_is_w3c = False
+class _Propagation:
+    """The global propagator last checked, and whether it was OTel's default."""
+
+    __slots__ = ("checked", "is_w3c")
+
+    def __init__(self) -> None:
+        self.checked: object = None
+        self.is_w3c = False
+
+
+# Final: the compiled build keeps these in C variables (a plain module global is a dict lookup on every use).
+_PROPAGATION: Final = _Propagation()
+_get_global_textmap: Final = propagate.get_global_textmap
+_SERVER: Final = SpanKind.SERVER
+_INTERNAL: Final = SpanKind.INTERNAL
+_CLIENT: Final = SpanKind.CLIENT
 
 
 def _default_propagation() -> bool:
     """Whether the global propagator is OTel's default: W3C trace context, then W3C baggage (checked once per
     propagator object: a host may install its own at any time)."""
-    global _default_checked, _default_is_w3c
-    propagator = propagate.get_global_textmap()
-    if propagator is not _default_checked:
+    propagator = _get_global_textmap()
+    seen = _PROPAGATION
+    if propagator is not seen.checked:
         parts = getattr(propagator, "_propagators", None) if type(propagator) is CompositePropagator else None
-        _default_is_w3c = parts is not None and [type(p) for p in parts] == [
+        seen.is_w3c = parts is not None and [type(p) for p in parts] == [
             TraceContextTextMapPropagator,
             W3CBaggagePropagator,
         ]
-        _default_checked = propagator
-    return _default_is_w3c
+        seen.checked = propagator
+    return seen.is_w3c
 
 
 def _check(key: str) -> None:
@@ -394,7 +408,7 @@ class Telemetry:
         parent: Context | None = None
         if not current_span().get_span_context().is_valid:
             parent = self._extract(headers)
-        span = self._tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+        span = self._tracer.start_span(name, context=parent, kind=_SERVER, attributes=attributes)
         if not span.get_span_context().is_valid:
             # No SDK anywhere and no caller trace: a random, unsampled context still gives the response
             # header, the logs and the upstream traceparent one shared trace id.
@@ -410,7 +424,7 @@ class Telemetry:
 
     def stage(self, name: str) -> StageSpan:
         """An INTERNAL child span of the current span, for ``with telemetry.stage("budget") as s: ...``."""
-        return StageSpan(self._tracer.start_span(name, kind=SpanKind.INTERNAL))
+        return StageSpan(self._tracer.start_span(name, kind=_INTERNAL))
 
     def attempt(
         self,
@@ -429,7 +443,7 @@ class Telemetry:
         the upstream host, ``attempt`` counts from 1 within a model, ``fallback_index`` is 0 for the requested
         model and n for the n-th fallback, ``encoding_format`` the format asked of the upstream.
         """
-        span = self._tracer.start_span(f"embeddings {request_model}", kind=SpanKind.CLIENT)
+        span = self._tracer.start_span(f"embeddings {request_model}", kind=_CLIENT)
         if span.is_recording():
             if "@" in server_address:  # never let userinfo from a base URL through
                 server_address = server_address.rsplit("@", 1)[1]
@@ -454,7 +468,7 @@ class Telemetry:
             self._owned = None
 
     def _extract(self, headers: Iterable[tuple[bytes, bytes]]) -> Context | None:
-        propagator = propagate.get_global_textmap()
+        propagator = _get_global_textmap()
         if propagator is not self._propagator:
             # The host may install its own propagator (B3, ...) after us: follow it, computing fields once.
             self._fields = frozenset(field.lower().encode("latin-1") for field in propagator.fields)

@@ -5,7 +5,7 @@ JSON, every item checked. Sync code on every cache miss, compiled with mypyc (``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -70,8 +70,8 @@ def read_answer(content: bytes, n_items: int, dimensions: int | None) -> Answer:
     return whole, b64, dims, prompt, total
 
 
-_KEY = b'"embedding":"'
-_MARK = "#"  # never in a base64 string: a marker in the skeleton can only be one this module wrote
+_KEY: Final = b'"embedding":"'
+_MARK: Final = "#"  # never in a base64 string: a marker in the skeleton can only be one this module wrote
 
 
 def cut_vectors(content: bytes) -> tuple[bytes, list[bytes | None], list[memoryview | None]]:

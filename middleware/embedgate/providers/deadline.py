@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 from types import TracebackType
+from typing import Final
 
 __all__ = ["deadline"]
 
-_EARLY_S = 0.001  # a timer may fire up to a clock tick early: a deadline this close counts as due
+_EARLY_S: Final = 0.001  # a timer may fire up to a clock tick early: a deadline this close counts as due
 
 
 class _Watch:
@@ -71,7 +72,7 @@ class _Watch:
             self.timer = self.loop.call_at(self.timer_at, self._fire)
 
 
-_watches: dict[asyncio.AbstractEventLoop, _Watch] = {}
+_watches: Final[dict[asyncio.AbstractEventLoop, _Watch]] = {}
 
 
 def _watch(loop: asyncio.AbstractEventLoop) -> _Watch:

@@ -8,7 +8,7 @@ per input becomes ``UpstreamError(code="upstream_malformed")``: never passed on 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import httpx
@@ -22,7 +22,7 @@ from .deadline import deadline
 
 __all__ = ["OpenAIAdapter", "cut_vectors", "take_cut"]
 
-_MAX_MESSAGE = 500
+_MAX_MESSAGE: Final = 500
 
 
 class OpenAIAdapter:
