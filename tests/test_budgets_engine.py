@@ -11,6 +11,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from embedgate import budgets as budgets_module
 from embedgate.budgets import (
     BUILTIN_PRICES,
     IMAGE_TOKEN_ALLOWANCE,
@@ -451,3 +452,20 @@ def test_period_bounds_are_utc_calendar_periods(period: str, at: datetime, stamp
 
 def test_one_time_period_never_ends() -> None:
     assert period_bounds("one_time", T0) == ("all", None)
+
+
+@pytest.mark.parametrize(
+    ("nano", "text"),
+    [
+        (0, "0"),
+        (40, "0.00000004"),
+        (1_000_000_000, "1"),
+        (1_500_000_000, "1.5"),
+        (999_999_999, "0.999999999"),
+        (123_000_000_050, "123.00000005"),
+        (10**16 + 5, "10000000.000000005"),  # past 2**53: exact, never through a float
+    ],
+)
+def test_usd_text_of_nano_dollars(nano: int, text: str) -> None:
+    """The x-ratelimit-*-cost headers' USD text: no trailing zeros, no float rounding."""
+    assert budgets_module._usd(nano) == text

@@ -185,34 +185,39 @@ class MemoryBudgetStore:
         self._ops += 1
         if self._ops % self.SWEEP_EVERY == 0:
             self._sweep(now_ms)
-        # Plain loops, no generators: this runs on every request (a few specs each).
+        # Plain index loops, no generators or zip(): this runs on every request (a few specs each).
         failed = -1
+        n, m = len(counters), len(windows)
         values: list[int] = []
-        for i, c in enumerate(counters):
+        for i in range(n):
+            c = counters[i]
             value = self._value(c.key, now_ms)
             values.append(value)
             if failed < 0 and value + c.amount > c.limit:
                 failed = i
-        logs = [self._window(w.key, now_ms, window_ms) for w in windows]
+        logs = [self._window(windows[j].key, now_ms, window_ms) for j in range(m)]
         if failed < 0:
-            for j, w in enumerate(windows):
-                if len(logs[j]) + 1 > w.limit:
-                    failed = len(counters) + j
+            for j in range(m):
+                if len(logs[j]) + 1 > windows[j].limit:
+                    failed = n + j
                     break
         if failed < 0:
-            for i, c in enumerate(counters):
+            for i in range(n):
+                c = counters[i]
                 values[i] += c.amount
                 self._counters[c.key] = (values[i], now_ms + c.ttl_s * 1000 if c.ttl_s > 0 else None)
-            for w, lg in zip(windows, logs, strict=True):
+            for j in range(m):
+                lg = logs[j]
                 lg.add(now_ms)
-                self._windows[w.key] = lg
+                self._windows[windows[j].key] = lg
             for set_key, member_id in index:
                 self._sets.setdefault(set_key, set()).add(member_id)
         counts: list[int] = []
         marks: list[int | None] = []
-        for w, lg in zip(windows, logs, strict=True):
+        for j in range(m):
+            lg = logs[j]
             counts.append(len(lg))
-            marks.append(_mark(lg, w.limit))
+            marks.append(_mark(lg, windows[j].limit))
         return ReserveResult(failed, tuple(values), tuple(counts), tuple(marks))
 
     async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int) -> None:

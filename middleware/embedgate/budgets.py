@@ -257,8 +257,13 @@ class Reservation:
 
 
 def _usd(nano: int) -> str:
-    whole, frac = divmod(nano, NANO)
-    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".")
+    """Nano-dollars as USD text, without trailing zeros: ``1500000000`` is ``1.5``."""
+    whole = nano // NANO  # floor division and modulo, as divmod: frac is in [0, NANO)
+    frac = nano % NANO
+    if frac == 0:
+        return str(whole)
+    # frac + NANO is "1" and frac's nine digits, leading zeros included (what f"{frac:09d}" wrote, in int ops)
+    return f"{whole}.{str(frac + NANO)[1:].rstrip('0')}"
 
 
 def _project_id(subject: Subject) -> str:
@@ -419,39 +424,50 @@ class BudgetEngine:
         # Plain loops and one slot per dimension: this runs on every request.
         headers: dict[str, str] = {}
         now = now_ms / 1000
-        tokens: tuple[int, float, _Gate] | None = None
-        cost: tuple[int, float, _Gate] | None = None
-        for g, value in zip(counters, res.values, strict=True):
+        tokens: _Gate | None = None
+        tokens_left = cost_left = 0  # ints: nano-dollar amounts can pass 2**53
+        tokens_reset = cost_reset = 0.0
+        cost: _Gate | None = None
+        values = res.values
+        for i in range(len(counters)):
+            g = counters[i]
+            value = values[i]
             remaining = g.limit - value if value < g.limit else 0
             reset = math.inf if g.reset_at is None else g.reset_at - now
-            seen = tokens if g.dimension == "tokens" else cost
-            if seen is None or remaining < seen[0] or (remaining == seen[0] and reset > seen[1]):
-                if g.dimension == "tokens":
-                    tokens = (remaining, reset, g)
-                else:
-                    cost = (remaining, reset, g)
+            if g.dimension == "tokens":
+                if tokens is None or remaining < tokens_left or (remaining == tokens_left and reset > tokens_reset):
+                    tokens, tokens_left, tokens_reset = g, remaining, reset
+            elif cost is None or remaining < cost_left or (remaining == cost_left and reset > cost_reset):
+                cost, cost_left, cost_reset = g, remaining, reset
         if tokens is not None:
-            remaining, reset, g = tokens
-            headers["x-ratelimit-limit-tokens"] = g.limit_text
-            headers["x-ratelimit-remaining-tokens"] = str(remaining)
-            if reset != math.inf:  # one_time budgets never reset: no reset header
-                headers["x-ratelimit-reset-tokens"] = str(max(0, math.ceil(reset)))
+            headers["x-ratelimit-limit-tokens"] = tokens.limit_text
+            headers["x-ratelimit-remaining-tokens"] = str(tokens_left)
+            if tokens_reset != math.inf:  # one_time budgets never reset: no reset header
+                headers["x-ratelimit-reset-tokens"] = str(max(0, math.ceil(tokens_reset)))
         if cost is not None:
-            remaining, reset, g = cost
-            headers["x-ratelimit-limit-cost"] = g.limit_text
-            headers["x-ratelimit-remaining-cost"] = _usd(remaining)
-            if reset != math.inf:
-                headers["x-ratelimit-reset-cost"] = str(max(0, math.ceil(reset)))
-        best_w: tuple[int, int, _Gate] | None = None
-        for g, count, mark in zip(windows, res.counts, res.marks, strict=True):
-            remaining = g.limit - count if count < g.limit else 0
+            headers["x-ratelimit-limit-cost"] = cost.limit_text
+            headers["x-ratelimit-remaining-cost"] = _usd(cost_left)
+            if cost_reset != math.inf:
+                headers["x-ratelimit-reset-cost"] = str(max(0, math.ceil(cost_reset)))
+        best: _Gate | None = None
+        best_left = best_reset_ms = 0
+        counts, marks = res.counts, res.marks
+        for i in range(len(windows)):
+            g = windows[i]
+            count = counts[i]
+            mark = marks[i]
+            remaining_requests = g.limit - count if count < g.limit else 0
             reset_ms = 0 if mark is None else max(0, mark + self._window_ms - now_ms)
-            if best_w is None or remaining < best_w[0] or (remaining == best_w[0] and reset_ms > best_w[1]):
-                best_w = (remaining, reset_ms, g)
-        if best_w is not None:
-            headers["x-ratelimit-limit-requests"] = best_w[2].limit_text
-            headers["x-ratelimit-remaining-requests"] = str(best_w[0])
-            headers["x-ratelimit-reset-requests"] = str(math.ceil(best_w[1] / 1000))
+            if (
+                best is None
+                or remaining_requests < best_left
+                or (remaining_requests == best_left and reset_ms > best_reset_ms)
+            ):
+                best, best_left, best_reset_ms = g, remaining_requests, reset_ms
+        if best is not None:
+            headers["x-ratelimit-limit-requests"] = best.limit_text
+            headers["x-ratelimit-remaining-requests"] = str(best_left)
+            headers["x-ratelimit-reset-requests"] = str(math.ceil(best_reset_ms / 1000))
         return headers
 
     def _refusal(
