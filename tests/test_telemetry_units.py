@@ -28,12 +28,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import NoOpTracerProvider, SpanKind, StatusCode
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.typing import Processor
 
 from embedgate import logs
 from embedgate.errors import BudgetExceeded, UpstreamTimeout
-from embedgate.metrics import Metrics
+from embedgate.metrics import LATENCY_BUCKETS, Metrics
 from embedgate.telemetry import Telemetry, build_tracer_provider
 from tests.otlp_receiver import OtlpReceiver
 
@@ -489,6 +490,67 @@ def test_metrics_move_and_render() -> None:
     assert value("embedgate_cache_items_total", result="hit") == 3
     assert value("embedgate_cache_items_total", result="miss") == 1
     assert value("embedgate_cache_bytes") == 4096
+
+
+FAST_SERIES = (
+    "embedgate_requests",
+    "embedgate_upstream",
+    "embedgate_tokens",
+    "embedgate_spend",
+    "embedgate_cache_items",
+)
+
+
+def test_metrics_expose_what_prometheus_clients_own_metrics_would() -> None:
+    """The request path's series are counted by embedgate (prometheus_client's inc/observe cost microseconds);
+    the scrape must read as prometheus_client's own Counter and Histogram would write the same observations."""
+    metrics = Metrics(max_series=3)
+    reference = CollectorRegistry()
+    requests = Counter("embedgate_requests_total", "r", ("route", "model", "status", "cache"), registry=reference)
+    attempts = Counter("embedgate_upstream_attempts_total", "a", ("provider", "model", "status"), registry=reference)
+    latency = Histogram("embedgate_upstream_latency_seconds", "l", ("provider", "model"), registry=reference,
+                        buckets=LATENCY_BUCKETS)  # fmt: skip
+    tokens = Counter("embedgate_tokens_total", "t", ("key", "model"), registry=reference)
+    spend = Counter("embedgate_spend_usd_total", "s", ("key", "model"), registry=reference)
+    items = Counter("embedgate_cache_items_total", "c", ("result",), registry=reference)
+    for seconds in (0.0, 0.001, 0.0010001, 0.3, 29.9, 30.0, 31.0):  # bounds, between them, past the last
+        metrics.observe_attempt("openai", "te3", 200, seconds)
+        attempts.labels("openai", "te3", "200").inc()
+        latency.labels("openai", "te3").observe(seconds)
+    metrics.observe_attempt("voyage", "v3", "timeout", 2.0)
+    attempts.labels("voyage", "v3", "timeout").inc()
+    latency.labels("voyage", "v3").observe(2.0)
+    for model, status in (("m1", 200), ("m1", "200"), ("m2", 404), ("m3", 200), ("m4", 200), ("m5", 500)):
+        metrics.observe_request("/v1/embeddings", model, status, "miss")
+    # 200 and "200" are one series; past max_series=3, new label sets fold into one "other" series
+    requests.labels("/v1/embeddings", "m1", "200", "miss").inc(2)
+    requests.labels("/v1/embeddings", "m2", "404", "miss").inc()
+    requests.labels("/v1/embeddings", "m3", "200", "miss").inc()
+    requests.labels("other", "other", "other", "other").inc(2)
+    metrics.observe_usage("team-a", "openai/te3", 120, 0.0024)
+    metrics.observe_usage("team-a", "openai/te3", 30, 0.0006)
+    tokens.labels("team-a", "openai/te3").inc(150)
+    spend.labels("team-a", "openai/te3").inc(0.0024)
+    spend.labels("team-a", "openai/te3").inc(0.0006)
+    metrics.observe_cache_items(hits=3, misses=1)
+    items.labels("hit").inc(3)
+    items.labels("miss").inc(1)
+
+    def series(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in registry.collect()
+            if family.name.startswith(FAST_SERIES)
+            for sample in family.samples
+            if not sample.name.endswith("_created")
+        }
+
+    ours, theirs = series(metrics.registry), series(reference)
+    assert ours.keys() == theirs.keys()
+    assert ours == pytest.approx(theirs)
+    assert any(s.name.endswith("_created") for f in metrics.registry.collect() for s in f.samples)
+    types = {f.name: f.type for f in metrics.registry.collect()}
+    assert types["embedgate_requests"] == "counter" and types["embedgate_upstream_latency_seconds"] == "histogram"
 
 
 def test_two_gateways_have_separate_registries() -> None:
