@@ -113,6 +113,37 @@ def test_sampling_decides_at_the_root_and_children_follow() -> None:
     assert 40 < names.count("root") < 160
 
 
+def test_the_default_sampler_decides_as_the_sdk_does() -> None:
+    """The SDK's default sampler (``DEFAULT_ON``, ParentBased(ALWAYS_ON)) is decided by the tracer itself: the same
+    outcome as asking it, for a root, a sampled remote parent and an unsampled one, trace state included."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, DEFAULT_ON, ParentBased
+    from opentelemetry.trace.span import TraceState
+
+    state = TraceState([("vendor", "v1")])
+    parents = [
+        None,
+        SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED), trace_state=state),
+        SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(TraceFlags.DEFAULT), trace_state=state),
+    ]
+
+    def outcome(sampler: Any, parent: SpanContext | None) -> tuple[Any, ...]:
+        sink = Captured(sampler)
+        context = None if parent is None else trace.set_span_in_context(NonRecordingSpan(parent))
+        span = LeanTracer(sink, ["embedgate", None]).start_span(  # type: ignore[arg-type]
+            "root", context=context, kind=SpanKind.SERVER, attributes={"embedgate.cache": "hit"}
+        )
+        ctx = span.get_span_context()
+        span.end()
+        packed = [(p[0], p[5], p[6], p[9]) for p in sink.packed]
+        return type(span).__name__, ctx.trace_id if parent else None, ctx.trace_state, packed
+
+    for parent in parents:
+        assert outcome(DEFAULT_ON, parent) == outcome(ParentBased(ALWAYS_ON), parent)
+    assert outcome(DEFAULT_ON, parents[1])[2] == state  # a caller's trace state carries on
+    assert outcome(DEFAULT_ON, parents[2])[3] == []  # an unsampled caller: nothing recorded
+    assert outcome(DEFAULT_ON, None)[3] == [("root", None, SpanKind.SERVER.value, {"embedgate.cache": "hit"})]
+
+
 def test_the_helper_process_exports_to_a_real_receiver(monkeypatch: pytest.MonkeyPatch) -> None:
     with OtlpReceiver() as receiver:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)

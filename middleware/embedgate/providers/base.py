@@ -125,6 +125,11 @@ def sender_for(upstream: httpx.AsyncClient | httpx.AsyncBaseTransport) -> Sender
     """How adapters send a request: through a transport directly, or an injected client's ``send``."""
     if isinstance(upstream, httpx.AsyncClient):
         return upstream.send
+    from .http1 import Http1Transport  # here: http1 is compiled with the package, base is not
+
+    if type(upstream) is Http1Transport:
+        # Its answers come with their body read: no coroutine of this (interpreted) module around each call.
+        return upstream.handle_async_request
 
     async def send(request: httpx.Request) -> httpx.Response:
         response = await upstream.handle_async_request(request)
