@@ -38,7 +38,8 @@ __all__ = ["COMPILED", "LIBRARY", "STAMP", "guard", "source_digest"]
 #: Modules of the ``embedgate`` package compiled by the build (code on every request's path), as paths under the
 #: package without ``.py``: ``providers/http1`` is ``embedgate.providers.http1``.
 COMPILED = (
-    "budget_stores", "budgets", "current_span", "gateway", "identities", "lean_trace", "metrics", "observe", "outcome",
+    "budget_stores", "budgets", "current_span", "gateway", "identities", "lean_trace", "logs", "metrics", "observe",
+    "outcome",
     "pipeline", "request", "resp", "routing", "telemetry", "vectors", "wire",
     "providers/deadline", "providers/http1", "providers/openai",
 )  # fmt: skip

@@ -137,7 +137,8 @@ def clear_request() -> None:
     bindings = _bound.get()
     if not bindings:
         return
-    for tokens in reversed(bindings):
+    for i in range(len(bindings) - 1, -1, -1):  # newest first (an index loop: mypyc 2.4.1 fails on reversed() here)
+        tokens = bindings[i]
         try:
             structlog.contextvars.reset_contextvars(**tokens)
         except ValueError:
