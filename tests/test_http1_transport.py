@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,7 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from embedgate.providers import Http1Transport
+from embedgate.config import ProviderConfig
+from embedgate.errors import UpstreamError
+from embedgate.providers import Embeddings, Http1Transport, OpenAIAdapter, sender_for
 
 pytestmark = pytest.mark.anyio
 
@@ -319,3 +322,76 @@ async def test_a_reused_connection_cut_mid_answer_is_not_resent() -> None:
             await post(transport, server.url)
         await transport.aclose()
     assert len(server.requests) == 2
+
+
+# --- the adapter on this transport: the request as bytes, no httpx objects -------------------------------------
+
+_VECTOR = b"AACAPwAAAEA="  # float32 [1.0, 2.0], base64
+_ANSWER = b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":"%s"}],"model":"m",' % _VECTOR
+_ANSWER += b'"usage":{"prompt_tokens":1,"total_tokens":1}}'
+_TRACE = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+
+
+def _adapters(server: Server, transport: Http1Transport) -> dict[str, OpenAIAdapter]:
+    """The same provider behind the transport itself (as the gateway wires it) and behind a plain function that
+    hands it httpx objects (as any other transport or client gets them)."""
+
+    async def through_httpx(request: httpx.Request) -> httpx.Response:
+        return await transport.handle_async_request(request)
+
+    provider = ProviderConfig(name="up", type="openai", base_url=f"http://127.0.0.1:{server.port}/v1", api_key="sk-up")
+    return {"direct": OpenAIAdapter(provider, sender_for(transport)), "httpx": OpenAIAdapter(provider, through_httpx)}
+
+
+async def _embed(adapter: OpenAIAdapter) -> Embeddings:
+    return await adapter.embed(upstream_model="m", input=["hi"], n_items=1, dimensions=2, user="u", input_type=None,
+                               timeout_s=5, headers=_TRACE)  # fmt: skip
+
+
+async def test_the_adapter_writes_the_same_request_without_httpx_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serve(lambda n: ok(_ANSWER)) as server:
+        transport = Http1Transport()
+        adapters = _adapters(server, transport)
+        through_httpx = await _embed(adapters["httpx"])
+        for name in ("Request", "Response"):  # the direct path must build neither
+
+            def refuse(*args: object, _name: str = name, **kwargs: object) -> None:
+                raise AssertionError(f"httpx.{_name} built on the direct path")
+
+            monkeypatch.setattr(httpx, name, refuse)
+        direct = await _embed(adapters["direct"])
+        monkeypatch.undo()
+        await transport.aclose()
+    assert direct == through_httpx and direct.vectors == [struct.pack("<2f", 1.0, 2.0)]
+    (head_httpx, body_httpx), (head_direct, body_direct) = server.requests
+    assert head_direct == head_httpx  # request line, headers, their order and case: byte for byte
+    sent = b'{"model":"m","input":["hi"],"encoding_format":"base64","dimensions":2,"user":"u"}'
+    assert body_direct == body_httpx == sent
+    assert head_direct.startswith(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % server.port)
+    assert b"\r\nAuthorization: Bearer sk-up\r\n" in head_direct
+    assert b"\r\ntraceparent: %s\r\n" % _TRACE["traceparent"].encode() in head_direct
+    assert b"\r\nContent-Length: %d\r\n" % len(body_direct) in head_direct
+    assert server.connections == 1  # both paths share the transport's pool
+
+
+@pytest.mark.parametrize("path", ["direct", "httpx"])
+async def test_the_adapter_reads_gzip_retry_after_and_bad_gzip_alike_on_both_paths(path: str) -> None:
+    limited_head = b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 2\r\nContent-Length: 30\r\n\r\n"
+    answers = [
+        ok(gzip.compress(_ANSWER), b"Content-Encoding: gzip"),
+        (limited_head + b'{"error":{"message":"slow!!"}}', False),
+        ok(b"this is not gzip", b"Content-Encoding: gzip"),
+    ]
+    async with serve(lambda n: answers[n - 1]) as server:
+        transport = Http1Transport()
+        adapter = _adapters(server, transport)[path]
+        decoded = await _embed(adapter)
+        with pytest.raises(UpstreamError) as limited:
+            await _embed(adapter)
+        with pytest.raises(UpstreamError) as corrupt:
+            await _embed(adapter)
+        await transport.aclose()
+    assert decoded.vectors == [struct.pack("<2f", 1.0, 2.0)]
+    assert (limited.value.upstream_status, limited.value.retry_after_s) == (429, 2.0)
+    assert "answered 429: slow!!" in str(limited.value)
+    assert str(corrupt.value).startswith("up: connection failed (")  # an upstream error, not a 500

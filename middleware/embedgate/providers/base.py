@@ -7,7 +7,8 @@ measurement (``python -m tests.benchmarks.transports``): at 16 concurrent calls 
 :class:`AiohttpTransport` ~300, aiohttp's own client with no httpx objects ~160, and
 :class:`~embedgate.providers.http1.Http1Transport` ~130: embedgate uses the last. Adapters send through the
 transport directly (the client's per-request machinery, cookies, auth, redirects, hooks, is nothing an embedding
-call needs), and transports read the whole (JSON) answer in one go.
+call needs), and transports read the whole (JSON) answer in one go. With ``Http1Transport`` itself (the default)
+the adapter hands it the request's bytes (``Http1Transport.exchange``) and builds no httpx objects at all.
 """
 
 from __future__ import annotations

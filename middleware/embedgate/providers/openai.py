@@ -19,6 +19,7 @@ from ..errors import UpstreamError, UpstreamTimeout
 from ..wire import MalformedAnswer, cut_vectors, read_answer, take_cut
 from .base import Embeddings, Sender
 from .deadline import deadline
+from .http1 import Http1Transport
 
 __all__ = ["OpenAIAdapter", "cut_vectors", "take_cut"]
 
@@ -45,6 +46,17 @@ class OpenAIAdapter:
         ]
         if provider.api_key:
             self._headers.append((b"Authorization", f"Bearer {provider.api_key}".encode("latin-1")))
+        # Sending through embedgate's own transport (the default), the request goes as bytes: its line and fixed
+        # headers written once here, no httpx.Request or httpx.Response per call. Any other transport or client
+        # (an httpx.MockTransport, an injected AsyncClient, the proxy routes) gets httpx objects.
+        owner = getattr(send, "__self__", None)
+        self._direct: Http1Transport | None = owner if type(owner) is Http1Transport else None
+        url = self._url
+        self._origin = (url.raw_scheme, url.raw_host, url.port or (443 if url.raw_scheme == b"https" else 80))
+        head = [b"POST ", url.raw_path, b" HTTP/1.1\r\n"]
+        for name, value in self._headers:
+            head += (name, b": ", value, b"\r\n")
+        self._head = b"".join(head)
 
     async def embed(
         self,
@@ -67,26 +79,50 @@ class OpenAIAdapter:
         if input_type is not None:
             body["input_type"] = input_type
         payload = orjson.dumps(body)
-        send_headers = [*self._headers, (b"Content-Length", str(len(payload)).encode())]
-        if headers:
-            send_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        request = httpx.Request("POST", self._url, headers=send_headers, stream=httpx.ByteStream(payload))
-        request.read()  # so that ``request.content`` is there for any transport (one chunk: no copy)
+        direct = self._direct
+        request: httpx.Request | None = None
+        if direct is not None:
+            wire = [self._head, b"Content-Length: ", str(len(payload)).encode(), b"\r\n"]
+            if headers:
+                for k, v in headers.items():
+                    wire += (k.encode("latin-1"), b": ", v.encode("latin-1"), b"\r\n")
+            wire += (b"\r\n", payload)
+            data = b"".join(wire)
+        else:
+            send_headers = [*self._headers, (b"Content-Length", str(len(payload)).encode())]
+            if headers:
+                send_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+            request = httpx.Request("POST", self._url, headers=send_headers, stream=httpx.ByteStream(payload))
+            request.read()  # so that ``request.content`` is there for any transport (one chunk: no copy)
+            data = b""
+        raw_headers: list[tuple[bytes, bytes]] | None = None
+        response: httpx.Response | None = None
         try:
             async with deadline(timeout_s):
-                response = await self._send(request)
-                content = response.content
+                if direct is not None:
+                    status, raw_headers, content = await direct.exchange(self._origin, data)
+                    if _has_header(raw_headers, b"content-encoding"):
+                        content = _decoded(status, raw_headers, content)  # may raise httpx.DecodingError
+                else:
+                    assert request is not None
+                    response = await self._send(request)
+                    status, content = response.status_code, response.content
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, httpx.TimeoutException) and not _is_timeout(exc):
                 raise UpstreamError(f"{self.name}: connection failed ({_describe(exc)})") from None
             raise UpstreamTimeout(f"{self.name}: no answer within {timeout_s * 1000:.0f} ms") from None
         except httpx.HTTPError as exc:
             raise UpstreamError(f"{self.name}: connection failed ({_describe(exc)})") from None
-        if response.status_code != 200:
+        if status != 200:
+            if response is not None:
+                retry_after = response.headers.get("retry-after")
+            else:
+                assert raw_headers is not None
+                retry_after = _header(raw_headers, b"retry-after")
             raise UpstreamError(
-                f"{self.name} answered {response.status_code}: {self._message(content)}",
-                upstream_status=response.status_code,
-                retry_after_s=_retry_after(response.headers.get("retry-after")),
+                f"{self.name} answered {status}: {self._message(content)}",
+                upstream_status=status,
+                retry_after_s=_retry_after(retry_after),
             )
         return self._parse(content, n_items, dimensions)
 
@@ -109,6 +145,27 @@ class OpenAIAdapter:
         except MalformedAnswer as exc:
             raise UpstreamError(f"{self.name} sent a malformed answer: {exc}", code="upstream_malformed") from None
         return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total, b64=b64)
+
+
+def _has_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bool:
+    for k, _ in headers:
+        if len(k) == len(name) and k.lower() == name:
+            return True
+    return False
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case) as text, as ``httpx.Headers.get`` reads it."""
+    for k, v in headers:
+        if len(k) == len(name) and k.lower() == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _decoded(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """A compressed answer's body, decoded as httpx decodes it (gzip, deflate, br, zstd where installed)."""
+    response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body))
+    return response.read()
 
 
 def _retry_after(value: str | None) -> float | None:
