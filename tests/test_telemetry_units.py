@@ -7,6 +7,7 @@ the standalone set-up from OTEL_* variables runs in subprocesses exporting to a 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import os
 import re
@@ -893,6 +894,27 @@ def test_clear_request_restores_the_hosts_own_bindings(log_output: io.BytesIO) -
     access, host = lines(log_output)
     assert access["request_id"] == "gw-rid" and access["level"] == "warning"
     assert host["request_id"] == "host-rid" and host["tenant"] == "acme"
+
+
+def test_bound_fields_follow_structlogs_contextvars_through_unbinds_and_other_contexts(log_output: io.BytesIO) -> None:
+    """The access line's bound fields are structlog's ``get_contextvars()``: a key the host unbound is left out,
+    and bindings cleared from a context other than the one that made them are unbound, not left behind."""
+    structlog.contextvars.bind_contextvars(tenant="acme", region="eu")
+    structlog.contextvars.unbind_contextvars("region")
+    try:
+        logs.bind_request(request_id="gw-1", key_id="k")
+        assert logs._bound_fields() == structlog.contextvars.get_contextvars()
+        logs.access_log(status=200, latency_ms=1.0)
+        other = contextvars.copy_context()
+        other.run(logs.clear_request)  # its tokens cannot be reset there
+        assert other.run(structlog.contextvars.get_contextvars) == {"tenant": "acme"}
+        logs.clear_request()
+        assert structlog.contextvars.get_contextvars() == {"tenant": "acme"}
+    finally:
+        structlog.contextvars.unbind_contextvars("tenant")
+    (access,) = lines(log_output)
+    assert (access["tenant"], access["request_id"], access["key_id"]) == ("acme", "gw-1", "k")
+    assert "region" not in access
 
 
 def test_configure_logging_is_idempotent_and_keeps_a_host_configuration(fresh_structlog: None) -> None:

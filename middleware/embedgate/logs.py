@@ -49,6 +49,11 @@ _LEVELS: Final = {"info": logging.INFO, "warning": logging.WARNING}
 _bound: contextvars.ContextVar[tuple[Mapping[str, contextvars.Token[Any]], ...]] = contextvars.ContextVar(
     "embedgate_log_bindings", default=()
 )
+# structlog's context variable of each key bound so far (taken from the first binding's token: structlog keeps one
+# variable per key for good), and the prefix of their names.
+_vars: dict[str, contextvars.ContextVar[Any]] = {}
+_PREFIX: Final[str] = getattr(structlog.contextvars, "STRUCTLOG_KEY_PREFIX", "structlog_")
+_PREFIX_LEN: Final = len(_PREFIX)
 
 
 def configure_logging(
@@ -128,7 +133,15 @@ def bind_request(**fields: Any) -> None:
     May be called several times per request (ids first, key id after authentication); ``clear_request``
     undoes them all. Bind ids, never secrets or input text.
     """
-    tokens = structlog.contextvars.bind_contextvars(**fields)
+    tokens: dict[str, contextvars.Token[Any]] = {}
+    for key, value in fields.items():
+        var = _vars.get(key)
+        if var is None:  # structlog makes the key's variable on its first binding; it keeps it for good
+            token = structlog.contextvars.bind_contextvars(**{key: value})[key]
+            _vars[key] = token.var
+        else:  # what bind_contextvars does, without its Python call and key formatting per request
+            token = var.set(value)
+        tokens[key] = token
     _bound.set((*_bound.get(), tokens))
 
 
@@ -138,13 +151,26 @@ def clear_request() -> None:
     if not bindings:
         return
     for i in range(len(bindings) - 1, -1, -1):  # newest first (an index loop: mypyc 2.4.1 fails on reversed() here)
-        tokens = bindings[i]
-        try:
-            structlog.contextvars.reset_contextvars(**tokens)
-        except ValueError:
-            # Bound in another context (a token resets only where it was made): unbind the keys instead.
-            structlog.contextvars.unbind_contextvars(*tokens)
+        for key, token in bindings[i].items():
+            try:
+                token.var.reset(token)  # what structlog's reset_contextvars does with it
+            except ValueError:
+                # Bound in another context (a token resets only where it was made): unbind the key instead.
+                structlog.contextvars.unbind_contextvars(key)
     _bound.set(())
+
+
+def _bound_fields() -> dict[str, Any]:
+    """structlog's ``get_contextvars()``, the same loop compiled: the fields bound in this context."""
+    fields: dict[str, Any] = {}
+    ctx = contextvars.copy_context()
+    for var in ctx:
+        name: str = var.name
+        if name.startswith(_PREFIX):
+            value = ctx[var]
+            if value is not Ellipsis:
+                fields[name[_PREFIX_LEN:]] = value
+    return fields
 
 
 def access_log(
@@ -207,7 +233,7 @@ def _write_direct(direct: tuple[BinaryIO, int], method: str, line: dict[str, Any
     if _LEVELS[method] < min_level:
         return
     line["event"] = "request"
-    for key, value in structlog.contextvars.get_contextvars().items():
+    for key, value in _bound_fields().items():
         line.setdefault(key, value)
     line["level"] = method
     line["timestamp"] = _utc_now_iso()
