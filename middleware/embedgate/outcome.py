@@ -69,7 +69,7 @@ def annotate(root: RequestSpan, call: Call, error: GatewayError | None) -> None:
     attrs: dict[str, AttributeValue] = {
         "gen_ai.operation.name": "embeddings",
         "embedgate.request_id": call.request_id,
-        "embedgate.route": call.dialect.value,
+        "embedgate.route": call.dialect._value_,  # the member's value without Enum's Python-level property
         "embedgate.cache": call.cache_status,
         "embedgate.budget.decision": "rejected" if isinstance(error, BudgetExceeded) else call.budget_decision,
         "embedgate.attempts": call.attempts,
@@ -100,7 +100,8 @@ def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, 
     """Metrics and the one access line of the request."""
     req, key = call.request, call.key
     model = call.served_model or (req.model if req is not None else "")
-    metrics.observe_request(call.dialect.value, model if key is not None else "", status, call.cache_status)
+    route: str = call.dialect._value_  # the member's value without Enum's Python-level property
+    metrics.observe_request(route, model if key is not None else "", status, call.cache_status)
     if key is not None and call.billed_tokens:
         metrics.observe_usage(key.id, model, call.billed_tokens, call.cost_usd)
     if call.cache_status != "bypass" and error is None:
@@ -109,7 +110,7 @@ def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, 
         access_log(
             status=status,
             latency_ms=round((time.perf_counter() - call.started) * 1000, 3),
-            route=call.dialect.value,
+            route=route,
             key_id=key.id if key is not None else None,
             identity=req.identity["id"] if req is not None and req.identity else None,
             model=call.served_model or (req.model if req is not None else None),

@@ -219,11 +219,15 @@ class RequestSpan(_Scoped):
 
     def __init__(self, span: Span) -> None:
         super().__init__(span)
-        ctx = span.get_span_context()
+        if type(span) is LeanSpan:  # its ids at hand, without building its SpanContext (Python in the OTel API)
+            trace_id, span_id = span._trace_id, span._span_id
+        else:
+            ctx = span.get_span_context()
+            trace_id, span_id = ctx.trace_id, ctx.span_id
         #: 32 lowercase hex chars, for ``x-embedgate-trace-id`` and the logs.
-        self.trace_id_hex = format(ctx.trace_id, "032x")
+        self.trace_id_hex = format(trace_id, "032x")
         #: 16 lowercase hex chars, for the logs.
-        self.span_id_hex = format(ctx.span_id, "016x")
+        self.span_id_hex = format(span_id, "016x")
 
     def end(self, status_code: int, *, error_type: str | None = None) -> None:
         """End the span with the HTTP status answered; a 5xx (or an ``error_type``) marks it as an error."""
@@ -409,7 +413,7 @@ class Telemetry:
         if not current_span().get_span_context().is_valid:
             parent = self._extract(headers)
         span = self._tracer.start_span(name, context=parent, kind=_SERVER, attributes=attributes)
-        if not span.get_span_context().is_valid:
+        if type(span) is not LeanSpan and not span.get_span_context().is_valid:  # a LeanSpan's ids are valid
             # No SDK anywhere and no caller trace: a random, unsampled context still gives the response
             # header, the logs and the upstream traceparent one shared trace id.
             span = NonRecordingSpan(
