@@ -26,7 +26,6 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from typing import Any
 
 import httptools
 import httpx
@@ -163,12 +162,10 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` on a pooled connection and return the answer with its body read."""
-        url = request.url
-        origin: _Origin = (url.raw_scheme, url.raw_host, url.port or (443 if url.raw_scheme == b"https" else 80))
-        status, headers, body = await self.exchange(origin, await _serialize(request), request)
+        status, headers, body = await self.exchange(origin_of(request.url), await _serialize(request), request)
         response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body), request=request,
                                   extensions={"http_version": b"HTTP/1.1"})  # fmt: skip
-        if any(k.lower() == b"content-encoding" for k, _ in headers):
+        if header_value(headers, b"content-encoding") is not None:
             response.read()  # httpx decodes gzip/deflate/... as it reads, once
         else:
             # The body as it came, which is what read() would produce through its decoder and chunker objects
@@ -296,9 +293,29 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._idle.clear()
 
 
+def origin_of(url: httpx.URL) -> _Origin:
+    """The pool's key for ``url``: scheme, host, port (the scheme's default when the URL names none)."""
+    return (url.raw_scheme, url.raw_host, url.port or (443 if url.raw_scheme == b"https" else 80))
+
+
+def request_head(method: bytes, raw_path: bytes, headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """A request's line and header lines as written on the wire (without the blank line that ends them)."""
+    head = [method, b" ", raw_path, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        head += (name, b": ", value, b"\r\n")
+    return head
+
+
+def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case) among raw pairs, whatever their case."""
+    for key, value in headers:
+        if len(key) == len(name) and key.lower() == name:
+            return value
+    return None
+
+
 async def _serialize(request: httpx.Request) -> bytes:
     """The request's bytes on the wire: request line, headers as given, body."""
-    url = request.url
     try:
         body: bytes | None = request.content
     except httpx.RequestNotRead:
@@ -309,8 +326,6 @@ async def _serialize(request: httpx.Request) -> bytes:
     chunked = any(k.lower() == b"transfer-encoding" and b"chunked" in v.lower() for k, v in headers)
     if chunked:  # a stream of unknown length, now read: sent as one chunk
         body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
-    head: list[Any] = [request.method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        head += (name, b": ", value, b"\r\n")
+    head = request_head(request.method.encode("ascii"), request.url.raw_path, headers)
     head += (b"\r\n", body)
     return b"".join(head)

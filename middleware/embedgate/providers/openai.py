@@ -19,7 +19,7 @@ from ..errors import UpstreamError, UpstreamTimeout
 from ..wire import MalformedAnswer, cut_vectors, read_answer, take_cut
 from .base import Embeddings, Sender
 from .deadline import deadline
-from .http1 import Http1Transport
+from .http1 import Http1Transport, header_value, origin_of, request_head
 
 __all__ = ["OpenAIAdapter", "cut_vectors", "take_cut"]
 
@@ -51,12 +51,8 @@ class OpenAIAdapter:
         # (an httpx.MockTransport, an injected AsyncClient, the proxy routes) gets httpx objects.
         owner = getattr(send, "__self__", None)
         self._direct: Http1Transport | None = owner if type(owner) is Http1Transport else None
-        url = self._url
-        self._origin = (url.raw_scheme, url.raw_host, url.port or (443 if url.raw_scheme == b"https" else 80))
-        head = [b"POST ", url.raw_path, b" HTTP/1.1\r\n"]
-        for name, value in self._headers:
-            head += (name, b": ", value, b"\r\n")
-        self._head = b"".join(head)
+        self._origin = origin_of(self._url)
+        self._head = b"".join(request_head(b"POST", self._url.raw_path, self._headers))
 
     async def embed(
         self,
@@ -79,34 +75,22 @@ class OpenAIAdapter:
         if input_type is not None:
             body["input_type"] = input_type
         payload = orjson.dumps(body)
+        length = str(len(payload)).encode()
         direct = self._direct
-        request: httpx.Request | None = None
-        if direct is not None:
-            wire = [self._head, b"Content-Length: ", str(len(payload)).encode(), b"\r\n"]
-            if headers:
-                for k, v in headers.items():
-                    wire += (k.encode("latin-1"), b": ", v.encode("latin-1"), b"\r\n")
-            wire += (b"\r\n", payload)
-            data = b"".join(wire)
-        else:
-            send_headers = [*self._headers, (b"Content-Length", str(len(payload)).encode())]
-            if headers:
-                send_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-            request = httpx.Request("POST", self._url, headers=send_headers, stream=httpx.ByteStream(payload))
-            request.read()  # so that ``request.content`` is there for any transport (one chunk: no copy)
-            data = b""
-        raw_headers: list[tuple[bytes, bytes]] | None = None
-        response: httpx.Response | None = None
         try:
             async with deadline(timeout_s):
-                if direct is not None:
-                    status, raw_headers, content = await direct.exchange(self._origin, data)
-                    if _has_header(raw_headers, b"content-encoding"):
-                        content = _decoded(status, raw_headers, content)  # may raise httpx.DecodingError
+                if direct is not None:  # the request's bytes straight to the transport: no httpx objects
+                    wire = [self._head, b"Content-Length: ", length, b"\r\n"]
+                    if headers:
+                        for k, v in headers.items():
+                            wire += (k.encode("latin-1"), b": ", v.encode("latin-1"), b"\r\n")
+                    wire += (b"\r\n", payload)
+                    status, answer_headers, content = await direct.exchange(self._origin, b"".join(wire))
+                    if header_value(answer_headers, b"content-encoding") is not None:
+                        content = _decoded(status, answer_headers, content)  # may raise httpx.DecodingError
                 else:
-                    assert request is not None
-                    response = await self._send(request)
-                    status, content = response.status_code, response.content
+                    response = await self._send(self._request(length, headers, payload))
+                    status, answer_headers, content = response.status_code, response.headers.raw, response.content
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, httpx.TimeoutException) and not _is_timeout(exc):
                 raise UpstreamError(f"{self.name}: connection failed ({_describe(exc)})") from None
@@ -114,17 +98,23 @@ class OpenAIAdapter:
         except httpx.HTTPError as exc:
             raise UpstreamError(f"{self.name}: connection failed ({_describe(exc)})") from None
         if status != 200:
-            if response is not None:
-                retry_after = response.headers.get("retry-after")
-            else:
-                assert raw_headers is not None
-                retry_after = _header(raw_headers, b"retry-after")
+            retry_after = header_value(answer_headers, b"retry-after")
             raise UpstreamError(
                 f"{self.name} answered {status}: {self._message(content)}",
                 upstream_status=status,
-                retry_after_s=_retry_after(retry_after),
+                retry_after_s=_retry_after(retry_after.decode("latin-1") if retry_after is not None else None),
             )
         return self._parse(content, n_items, dimensions)
+
+    def _request(self, length: bytes, headers: dict[str, str] | None, payload: bytes) -> httpx.Request:
+        """The call as an httpx request, for a transport or client other than ``Http1Transport`` itself: the
+        same headers in the same order as the bytes of the direct path."""
+        send_headers = [*self._headers, (b"Content-Length", length)]
+        if headers:
+            send_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        request = httpx.Request("POST", self._url, headers=send_headers, stream=httpx.ByteStream(payload))
+        request.read()  # so that ``request.content`` is there for any transport (one chunk: no copy)
+        return request
 
     def _message(self, content: bytes) -> str:
         """The upstream's error message, short, and scrubbed of our provider key should it echo it."""
@@ -145,21 +135,6 @@ class OpenAIAdapter:
         except MalformedAnswer as exc:
             raise UpstreamError(f"{self.name} sent a malformed answer: {exc}", code="upstream_malformed") from None
         return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total, b64=b64)
-
-
-def _has_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bool:
-    for k, _ in headers:
-        if len(k) == len(name) and k.lower() == name:
-            return True
-    return False
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
-    """The first value of header ``name`` (lower case) as text, as ``httpx.Headers.get`` reads it."""
-    for k, v in headers:
-        if len(k) == len(name) and k.lower() == name:
-            return v.decode("latin-1")
-    return None
 
 
 def _decoded(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
