@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -9,6 +11,7 @@ from typing import Any
 
 import anyio
 import numpy as np
+import orjson
 import pytest
 import redis.asyncio as redis
 
@@ -155,6 +158,20 @@ def test_item_keys_are_stable_and_match_one_by_one() -> None:
     assert keys == [item_key(**fields, item=item) for item in items]
     assert len(set(keys)) == len(items) and all(k.startswith("eg:c:") and len(k) == 48 for k in keys)
     assert item_keys(**fields, items=[]) == []
+
+
+def test_item_keys_of_a_batch_are_each_items_own_digest() -> None:
+    # A batch's keys are hashed from a shared head state and base64-encoded in one pass: each must still be the
+    # documented key of its item alone, whatever the batch's size (a misaligned pass would shift the characters).
+    def reference(item: Any) -> str:
+        material = orjson.dumps(["v1", "w", "o/m", None, None, item], option=orjson.OPT_SORT_KEYS)
+        return "eg:c:" + base64.urlsafe_b64encode(hashlib.sha256(material).digest()).rstrip(b"=").decode()
+
+    for size in (1, 2, 3, 4, 257):
+        items: list[Any] = [f"item {i}" if i % 3 else [i, i + 1] for i in range(size)]
+        assert item_keys(workspace="w", model="o/m", dimensions=None, input_type=None, items=items) == [
+            reference(item) for item in items
+        ]
 
 
 @pytest.mark.anyio

@@ -14,8 +14,9 @@ an ``await`` inside an ``except`` or ``finally`` block of a compiled coroutine l
 being handled: the router's split batches crashed the process, and the gateway let a timeout's cancellation surface
 after the error answer had been sent. Their cleanup now runs after the handler, and ``tests/test_native.py`` keeps
 such awaits out of every compiled module. The cache extends aiocache's ``BaseCache``, which a compiled class cannot,
-and stays interpreted. A compiled class takes no interpreted subclass unless marked so (``EmbeddingGateway`` and the
-router's ``AttemptHook`` are); wrap one instead (as ``tests/test_budgets_engine.py``'s counting store does).
+and stays interpreted; its keys (``cache_keys``, one per item of a batch) are compiled. A compiled class takes no
+interpreted subclass unless marked so (``EmbeddingGateway`` and the router's ``AttemptHook`` are); wrap one instead
+(as ``tests/test_budgets_engine.py``'s counting store does).
 
 Standard library only: ``setup.py`` loads this file before anything is installed.
 """
@@ -38,9 +39,8 @@ __all__ = ["COMPILED", "LIBRARY", "STAMP", "guard", "source_digest"]
 #: Modules of the ``embedgate`` package compiled by the build (code on every request's path), as paths under the
 #: package without ``.py``: ``providers/http1`` is ``embedgate.providers.http1``.
 COMPILED = (
-    "budget_stores", "budgets", "current_span", "gateway", "identities", "lean_trace", "logs", "metrics", "observe",
-    "outcome",
-    "pipeline", "request", "resp", "routing", "telemetry", "vectors", "wire",
+    "budget_stores", "budgets", "cache_keys", "current_span", "gateway", "identities", "lean_trace", "logs", "metrics",
+    "observe", "outcome", "pipeline", "request", "resp", "routing", "telemetry", "vectors", "wire",
     "providers/deadline", "providers/http1", "providers/openai",
 )  # fmt: skip
 #: The file beside them holding the digest of the sources the build compiled.

@@ -1,6 +1,6 @@
 """The exact-match vector cache (SPEC section 6): per-item keys, two aiocache backends, miss coalescing.
 
-    item_keys(...)    -> ["eg:c:<sha256>"] one key per input item; workspace + model + dimensions + input_type
+    item_keys(...)    -> ["eg:c:<sha256>"] one key per input item (from the compiled `cache_keys`)
     CachedItem        a vector as little-endian float32 bytes plus the tokens it cost when first embedded
     VectorCache       get_many / set_many over a bounded in-memory LRU or Redis; a store failure is a miss
     Coalescer[T]      N concurrent misses of the same key make one upstream call
@@ -13,8 +13,6 @@ base64 responses alike and nothing is kept as Python floats.
 from __future__ import annotations
 
 import asyncio
-import binascii
-import hashlib
 import struct
 import time
 from collections import OrderedDict
@@ -25,11 +23,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import numpy.typing as npt
-import orjson
 import structlog
 from aiocache import BaseCache  # type: ignore[import-untyped]
 from aiocache.serializers import BaseSerializer  # type: ignore[import-untyped]
 
+from .cache_keys import KEY_PREFIX, item_keys
 from .resp import LeanRedis
 
 __all__ = ["CachedItem", "Coalescer", "VectorCache", "item_key", "item_keys"]
@@ -38,11 +36,7 @@ T = TypeVar("T")
 
 _log = structlog.get_logger("embedgate.cache")
 
-KEY_PREFIX = "eg:c:"
-# Bumped whenever the key material or the stored format changes: old entries then simply stop matching.
-_KEY_VERSION = "v1"
 _HEADER = struct.Struct("<I")  # tokens, uint32 little-endian
-_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _MAX_ROUNDS = 3
 
 
@@ -90,28 +84,6 @@ def item_key(
 ) -> str:
     """The cache key of one input item: :func:`item_keys` of ``[item]``."""
     return item_keys(workspace=workspace, model=model, dimensions=dimensions, input_type=input_type, items=[item])[0]
-
-
-def item_keys(
-    *,
-    workspace: str,
-    model: str,
-    dimensions: int | None,
-    input_type: str | None,
-    items: Sequence[str | list[int] | tuple[int, ...] | dict[str, Any] | list[Any]],
-) -> list[str]:
-    """The cache keys of ``items`` for ``model`` (the model that serves) in ``workspace``.
-
-    Encoding format, name, user, identity and routing options are deliberately not part of a key. The key of an
-    item is the SHA-256 of the JSON array ``[version, workspace, model, dimensions, input_type, item]`` (strings
-    quoted and escaped, dict keys sorted), so distinct inputs cannot encode alike and a string never collides with
-    a token array. The array's head is the same for every item of a request, so it is serialized once.
-    """
-    head = orjson.dumps((_KEY_VERSION, workspace, model, dimensions, input_type))[:-1] + b","
-    sha256, b2a, dumps, sort_keys = hashlib.sha256, binascii.b2a_base64, orjson.dumps, orjson.OPT_SORT_KEYS
-    # urlsafe base64 of the 32-byte digest is 43 characters and one "=", which is left off
-    return [KEY_PREFIX + b2a(sha256(head + dumps(item, option=sort_keys) + b"]").digest(), newline=False)
-            .translate(_URLSAFE)[:43].decode("ascii") for item in items]  # fmt: skip
 
 
 class _ItemSerializer(BaseSerializer):  # type: ignore[misc]

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .budgets import BudgetEngine, Subject, cost_usd, estimate_tokens, model_price
-from .cache import CachedItem, Coalescer, VectorCache, item_keys
+from .cache import CachedItem, Coalescer, VectorCache
+from .cache_keys import item_keys
 from .config import Config, KeyConfig, hash_key
 from .errors import Dialect, Forbidden, GatewayError, InvalidRequest, Spent, Unauthorized
 from .identities import IdentityStore
