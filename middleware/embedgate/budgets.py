@@ -379,7 +379,7 @@ class BudgetEngine:
         """
         # Unique per reservation (a member of the Redis request windows). Python's random is seeded from the OS
         # and reseeded in a forked child; os.urandom would be a system call per request.
-        rid = f"{_getrandbits(128):032x}"
+        rid = _getrandbits(128).to_bytes(16, "big").hex()  # as f"{n:032x}", at half its cost
         now = self._clock()
         counters, windows, index = self._gates(subject, now, cached)
         if not counters and not windows:

@@ -238,7 +238,7 @@ class EmbeddingGateway:
         assert self.pipeline is not None and self.telemetry is not None
         headers = embed_headers(scope["headers"])
         rid = headers.get("x-request-id")
-        request_id = rid if rid and _REQUEST_ID.fullmatch(rid) else f"{_getrandbits(128):032x}"
+        request_id = rid if rid and _REQUEST_ID.fullmatch(rid) else _getrandbits(128).to_bytes(16, "big").hex()
         call = Call(
             dialect=dialect,
             body=b"",

@@ -143,7 +143,8 @@ class LeanSpan(Span):
     def w3c_headers(self) -> dict[str, str]:
         """What OTel's W3C trace-context propagator writes for this span (sampled, its ids valid), without
         building its ``SpanContext``."""
-        carrier = {"traceparent": f"00-{self._trace_id:032x}-{self._span_id:016x}-01"}
+        tid, sid = self._trace_id.to_bytes(16, "big").hex(), self._span_id.to_bytes(8, "big").hex()  # no format specs
+        carrier = {"traceparent": f"00-{tid}-{sid}-01"}
         if self._trace_state:
             carrier["tracestate"] = self._trace_state.to_header()
         return carrier
