@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 __all__ = ["encode_request"]
 
-_MASK64 = (1 << 64) - 1
-_DOUBLE = struct.Struct("<d")
-_FIXED64 = struct.Struct("<Q")
-_FIXED32 = struct.Struct("<I")
-_TRACE_ID = struct.Struct(">QQ")  # high and low halves, big-endian, as OTLP wants
-_SPAN_ID = struct.Struct(">Q")
-_FLAGS_LOCAL = b"\x85\x01" + _FIXED32.pack(0x100)  # field 16: "has is_remote", parent not remote
-_FLAGS_REMOTE = b"\x85\x01" + _FIXED32.pack(0x300)  # ... and the parent is remote
+_MASK64: Final = (1 << 64) - 1
+_DOUBLE: Final = struct.Struct("<d")
+_FIXED64: Final = struct.Struct("<Q")
+_FIXED32: Final = struct.Struct("<I")
+_TRACE_ID: Final = struct.Struct(">QQ")  # high and low halves, big-endian, as OTLP wants
+_SPAN_ID: Final = struct.Struct(">Q")
+_FLAGS_LOCAL: Final = b"\x85\x01" + _FIXED32.pack(0x100)  # field 16: "has is_remote", parent not remote
+_FLAGS_REMOTE: Final = b"\x85\x01" + _FIXED32.pack(0x300)  # ... and the parent is remote
 
 
 def _varint(n: int) -> bytes:
@@ -61,29 +61,29 @@ def _any_value(value: Any) -> bytes:
     return _field(b"\x0a", str(value).encode("utf-8", "replace"))
 
 
-class _Keys(dict[str, bytes]):
-    """Encoded ``KeyValue.key`` fields, by key (the same few dozen names repeat in every span)."""
+# Encoded ``KeyValue.key`` fields, by key (the same few dozen names repeat in every span).
+_KEYS: Final[dict[str, bytes]] = {}
 
-    def __missing__(self, key: str) -> bytes:
+
+def _key(key: str) -> bytes:
+    encoded = _KEYS.get(key)
+    if encoded is None:
         encoded = _field(b"\x0a", key.encode("utf-8", "replace"))
-        if len(self) < 4096:
-            self[key] = encoded
-        return encoded
-
-
-_KEYS = _Keys()
+        if len(_KEYS) < 4096:
+            _KEYS[key] = encoded
+    return encoded
 
 
 # Whole encoded ``KeyValue`` fields of str and int attributes, by (tag, key, value): most attribute values repeat
 # from span to span (operation, route, model, provider, cache outcome, status code). Not bools: True == 1 as a dict
 # key. Cleared when full, so that unique values (request ids) cannot crowd it out for good.
-_PAIRS: dict[tuple[bytes, str, Any], bytes] = {}
-_MAX_PAIRS = 8192
+_PAIRS: Final[dict[tuple[bytes, str, Any], bytes]] = {}
+_MAX_PAIRS: Final = 8192
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any]) -> bytes:
     """Repeated ``KeyValue`` fields under ``tag``."""
-    keys, pairs = _KEYS, _PAIRS
+    pairs = _PAIRS
     out = []
     for k, v in attributes.items():
         kind = type(v)
@@ -91,12 +91,12 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any]) -> bytes:
             pair = (tag, k, v)
             encoded = pairs.get(pair)
             if encoded is None:
-                encoded = _field(tag, keys[k] + _field(b"\x12", _any_value(v)))
+                encoded = _field(tag, _key(k) + _field(b"\x12", _any_value(v)))
                 if len(pairs) >= _MAX_PAIRS:
                     pairs.clear()
                 pairs[pair] = encoded
         else:
-            encoded = _field(tag, keys[k] + _field(b"\x12", _any_value(v)))
+            encoded = _field(tag, _key(k) + _field(b"\x12", _any_value(v)))
         out.append(encoded)
     return b"".join(out)
 
