@@ -78,11 +78,11 @@ def make_config(upstream: FakeUpstream) -> Callable[..., Config]:
 
 
 @contextmanager
-def serve(app: Any, port: int | None = None) -> Iterator[str]:
+def serve(app: Any, port: int | None = None, http: Any = "auto") -> Iterator[str]:
     """Run an ASGI app under uvicorn in a thread; yields its base URL."""
     port = port or free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning", loop="asyncio")
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning", loop="asyncio", http=http)
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -114,10 +114,11 @@ def wait_serving(proc: subprocess.Popen[bytes], url: str, path: str = "/healthz"
 
 @pytest.fixture
 def proxy(make_config: Callable[..., Config]) -> Iterator[str]:
-    """A real running proxy (uvicorn) in front of the fake upstream; yields its base URL."""
+    """A real running proxy (uvicorn, with ``embedgate serve``'s HTTP protocol) in front of the fake upstream."""
     from embedgate.app import create_app
+    from embedgate.serve_protocol import GatewayHttpProtocol
 
-    with serve(create_app(make_config())) as url:
+    with serve(create_app(make_config()), http=GatewayHttpProtocol) as url:
         yield url
 
 

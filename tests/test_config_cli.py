@@ -114,12 +114,13 @@ def test_hash_key_cli() -> None:
     assert r.stdout.strip() == hashlib.sha256(b"sk-secret").hexdigest()
 
 
-def test_serve_cli_serves(tmp_path: Path, upstream: FakeUpstream) -> None:
+@pytest.mark.parametrize("http", [[], ["--http", "httptools"]], ids=["embedgate-protocol", "uvicorn-httptools"])
+def test_serve_cli_serves(tmp_path: Path, upstream: FakeUpstream, http: list[str]) -> None:
     path = tmp_path / "gw.yaml"
     path.write_text(GOOD)
     port = free_port()
     env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
-    proc = subprocess.Popen([*EMBEDGATE, "serve", "--config", str(path), "--port", str(port)], env=env,
+    proc = subprocess.Popen([*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), *http], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         wait_serving(proc, f"http://127.0.0.1:{port}")
@@ -130,6 +131,13 @@ def test_serve_cli_serves(tmp_path: Path, upstream: FakeUpstream) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
+
+
+def test_serve_refuses_an_unknown_http_protocol(tmp_path: Path) -> None:
+    r = subprocess.run([*EMBEDGATE, "serve", "--config", str(tmp_path / "gw.yaml"), "--http", "h3"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2
+    assert "--http" in r.stderr and "'h3'" in r.stderr
 
 
 def test_serve_exits_when_the_gateway_cannot_start(tmp_path: Path) -> None:

@@ -40,7 +40,8 @@ __all__ = ["COMPILED", "LIBRARY", "STAMP", "guard", "source_digest"]
 #: helper's encoder), as paths under the package without ``.py``: ``providers/http1`` is ``embedgate.providers.http1``.
 COMPILED = (
     "budget_stores", "budgets", "cache_keys", "current_span", "gateway", "identities", "lean_trace", "logs", "metrics",
-    "observe", "otlp_encode", "outcome", "pipeline", "request", "resp", "routing", "telemetry", "vectors", "wire",
+    "observe", "otlp_encode", "outcome", "pipeline", "request", "resp", "routing", "serve_protocol", "telemetry",
+    "vectors", "wire",
     "providers/deadline", "providers/http1", "providers/openai",
 )  # fmt: skip
 #: The file beside them holding the digest of the sources the build compiled.

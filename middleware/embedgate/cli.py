@@ -43,6 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     import uvicorn
 
+    from .serve_protocol import GatewayHttpProtocol
+
     os.environ["EMBEDGATE_CONFIG"] = os.path.abspath(args.config)
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Each worker is a process: /metrics sums them through prometheus_client's multiprocess mode, which
@@ -57,7 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         loop="uvloop",
-        http="httptools",
+        # embedgate's compiled HTTP/1.1 protocol (embedgate.serve_protocol), or uvicorn's own ("httptools", "h11").
+        http=GatewayHttpProtocol if args.http == "embedgate" else args.http,
         # "auto" would take an error at startup (an unusable proxy URL, say) for a lifespan-less app, log it at info
         # and serve anyway, answering every request 500: with "on", the server says why and exits instead.
         lifespan="on",
@@ -99,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--http", choices=("embedgate", "httptools", "h11"), default="embedgate",
+                       help="the HTTP/1.1 protocol: embedgate's compiled one (default), or uvicorn's")  # fmt: skip
     serve.add_argument("--log-level", default="warning", help="uvicorn's own log level (default: warning)")
     check = sub.add_parser("check-config", help="validate a config file; prints every error with its YAML path")
     check.add_argument("config")

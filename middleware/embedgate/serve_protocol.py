@@ -1,0 +1,517 @@
+"""``embedgate serve``'s HTTP/1.1 protocol for uvicorn: uvicorn's httptools protocol, compiled and leaner.
+
+``uvicorn.run(..., http=GatewayHttpProtocol)``: uvicorn still runs the server (sockets, workers, lifespan,
+signals, the ``date`` header, graceful shutdown); this class parses each connection's requests with httptools
+(llhttp, as uvicorn's does) and runs the ASGI app for each, as ``uvicorn.protocols.http.httptools_impl`` does.
+Measured on the served gateway (py-spy under wrk, 2026-12-04), uvicorn's protocol ran as Python on every request:
+its header callbacks, scope and cycle objects, an ``asyncio.Event`` per request, two regular expressions per
+response header and a keep-alive timer armed and cancelled per request. Here the build compiles it (see
+``embedgate._native``), and:
+
+- the answer's head waits for its first body message, and both leave in one write (``writelines``);
+- the keep-alive timeout is one timer per idle period that re-arms itself, not a timer per request;
+- a body already received is handed over without waiting on an event, as bytes without a copy;
+- response header names are checked once per distinct name (values on every answer, as uvicorn does), and a
+  header that fails the check is refused before anything is sent: the client gets a 500, not half a head.
+
+What it does not do: WebSocket upgrades (an ``Upgrade`` request is served as plain HTTP and the connection closed
+after it; the gateway serves no WebSocket route) and uvicorn's own access log (the gateway writes its own line;
+``embedgate serve`` turns uvicorn's off). Everything else an HTTP/1.1 client sees is uvicorn's behaviour:
+keep-alive, pipelining, ``Expect: 100-continue``, chunked bodies both ways, ``HEAD``, flow control both ways,
+``limit_concurrency``, 400 on a malformed request, 500 when the app fails before answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import re
+import urllib.parse
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
+
+import httptools
+
+__all__ = ["GatewayHttpProtocol"]
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
+
+HIGH_WATER: Final = 65536  # request body bytes held before reading pauses (uvicorn's HIGH_WATER_LIMIT)
+_NAME_CACHE_MAX: Final = 512
+_BAD_NAME: Final = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')  # uvicorn's checks, the same bytes
+_BAD_VALUE: Final = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CLOSE: Final = b"connection: close\r\n"
+_CHUNKED: Final = b"transfer-encoding: chunked\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_NO_BODY_STATUS: Final = (204, 304)
+
+_log: Final = logging.getLogger("uvicorn.error")  # where uvicorn's protocol reports the app's failures
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        phrase = b""
+    return b"HTTP/1.1 %d %s\r\n" % (status, phrase)
+
+
+_STATUS_LINES: Final = {status: _status_line(status) for status in range(100, 600)}
+_good_names: Final[dict[bytes, bytes]] = {}  # response header names seen valid, to their lower case
+
+
+def _header_name(name: bytes) -> bytes:
+    lowered = _good_names.get(name)
+    if lowered is not None:
+        return lowered
+    if _BAD_NAME.search(name):
+        raise RuntimeError("Invalid HTTP header name.")
+    lowered = name.lower()
+    if len(_good_names) < _NAME_CACHE_MAX:
+        _good_names[name] = lowered
+    return lowered
+
+
+def _plain_headers(length: int) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % length),
+            (b"connection", b"close")]  # fmt: skip
+
+
+async def _service_unavailable(scope: Any, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 503, "headers": _plain_headers(19)})
+    await send({"type": "http.response.body", "body": b"Service Unavailable"})
+
+
+class GatewayHttpProtocol(asyncio.Protocol):
+    """One client connection (uvicorn makes one per connection with its config and server state)."""
+
+    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:  # fmt: skip
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.app: App = config.loaded_app
+        self.loop = _loop or asyncio.get_event_loop()
+        self.server_state = server_state
+        self.connections: set[Any] = server_state.connections
+        self.tasks: set[Any] = server_state.tasks
+        self.app_state = app_state
+        self.root_path: str = config.root_path
+        self.asgi_version: str = config.asgi_version
+        self.limit_concurrency: int | None = config.limit_concurrency
+        self.timeout_keep_alive: float = config.timeout_keep_alive
+        self.parser = httptools.HttpRequestParser(self)
+        try:  # answer the first of pipelined requests even when data follows a "connection: close" one
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        except AttributeError:  # httptools < 0.6.3
+            pass
+        self.transport: asyncio.Transport | None = None
+        self.server: tuple[str, int | None] | None = None
+        self.client: tuple[str, int] | None = None
+        self.scheme = "http"
+        self.read_paused = False
+        self.write_paused = False
+        self.drain_waiters: list[asyncio.Future[None]] = []
+        self.pipeline: deque[tuple[RequestCycle, App]] = deque()
+        self.cycle: RequestCycle | None = None
+        self.in_message = False  # between a request's first byte and its last
+        self.upgrade = False  # this request asked for a protocol upgrade: served as HTTP, then the connection closes
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.expect_continue = False
+        self.idle_since = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.connections.add(self)
+        self.transport = transport  # type: ignore[assignment]
+        self.server = _local_addr(transport)
+        self.client = _remote_addr(transport)
+        self.scheme = "https" if transport.get_extra_info("sslcontext") else "http"
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+        self.closed = True
+        cycle = self.cycle
+        if cycle is not None:
+            if not cycle.complete:
+                cycle.disconnected = True
+            cycle.wake()
+        self.resume_writing()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        if exc is None and self.transport is not None:
+            self.transport.close()
+
+    def eof_received(self) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Served as plain HTTP (no WebSocket here); whatever follows the head is not HTTP: close after it.
+            self.upgrade = True
+            if self.cycle is not None:
+                self.cycle.keep_alive = False
+                self.cycle.more_body = False
+                self.cycle.wake()
+        except httptools.HttpParserError:
+            _log.warning("Invalid HTTP request received.")
+            self._send_400("Invalid HTTP request received.")
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        if self.write_paused:
+            self.write_paused = False
+            waiters, self.drain_waiters = self.drain_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the transport takes writes again (or the connection is gone)."""
+        if self.write_paused and not self.closed:
+            waiter: asyncio.Future[None] = self.loop.create_future()
+            self.drain_waiters.append(waiter)
+            await waiter
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and self.transport is not None:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    # --- httptools callbacks ----------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self.url = b""
+        self.headers = []
+        self.expect_continue = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace, which is not part of the value (RFC 9110)
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_continue = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        version = parser.get_http_version()
+        url = self.url
+        if url[:1] == b"/" and b"?" not in url and b"#" not in url:
+            raw_path, query = url, b""
+        else:
+            parsed = httptools.parse_url(url)
+            raw_path, query = parsed.path, parsed.query or b""
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": version,
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "method": parser.get_method().decode("ascii"),
+            "root_path": self.root_path,
+            "path": self.root_path + path,
+            "raw_path": self.root_path.encode("ascii") + raw_path,
+            "query_string": query,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
+        app = self.app
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            _log.warning("Exceeded concurrency limit.")
+            app = _service_unavailable
+        keep_alive = version != "1.0" and parser.should_keep_alive() and not parser.should_upgrade()
+        previous = self.cycle
+        cycle = RequestCycle(self, scope, keep_alive, self.expect_continue)
+        self.cycle = cycle
+        if previous is None or previous.complete:
+            self._start(cycle, app)
+        else:  # pipelined behind an answer still being written: it waits its turn
+            self.pause_reading()
+            self.pipeline.appendleft((cycle, app))
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if cycle is None or cycle.complete:
+            return
+        cycle.body.append(body)
+        cycle.body_size += len(body)
+        if cycle.body_size > HIGH_WATER:
+            self.pause_reading()
+        cycle.wake()
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        cycle = self.cycle
+        if cycle is None or cycle.complete:
+            return
+        cycle.more_body = False
+        cycle.wake()
+
+    # --- requests and answers ---------------------------------------------------------------------------------
+
+    def _start(self, cycle: RequestCycle, app: App) -> None:
+        task = self.loop.create_task(cycle.run(app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def response_complete(self) -> None:
+        """The cycle's answer is written: start a pipelined request, or wait for the next one."""
+        self.server_state.total_requests += 1
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start(cycle, app)
+            return
+        self.idle_since = self.loop.time()
+        if self.idle_timer is None:
+            self.idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
+
+    def _idle_check(self) -> None:
+        # uvicorn's keep-alive timeout without a timer per request: one timer per idle period, re-armed while
+        # requests keep coming; the connection closes once it has been idle for timeout_keep_alive seconds.
+        self.idle_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        cycle = self.cycle
+        if self.in_message or (cycle is not None and not cycle.complete) or self.pipeline:
+            return  # busy: the next answer re-arms it
+        remaining = self.idle_since + self.timeout_keep_alive - self.loop.time()
+        if remaining > 0:
+            self.idle_timer = self.loop.call_later(remaining, self._idle_check)
+        else:
+            transport.close()
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown: an idle connection closes now, a busy one after its answer."""
+        cycle = self.cycle
+        if cycle is None or cycle.complete:
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            cycle.keep_alive = False
+
+    def _send_400(self, msg: str) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        body = msg.encode("ascii")
+        head = [_STATUS_LINES[400]]
+        for name, value in self.server_state.default_headers:
+            head.append(name + b": " + value + b"\r\n")
+        head.append(b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % len(body))
+        head.append(b"connection: close\r\n\r\n")
+        head.append(body)
+        transport.write(b"".join(head))
+        transport.close()
+
+
+class RequestCycle:
+    """One request and its answer: the ASGI ``receive`` and ``send`` the app is given."""
+
+    def __init__(self, conn: GatewayHttpProtocol, scope: dict[str, Any], keep_alive: bool,
+                 expect_continue: bool) -> None:  # fmt: skip
+        self.conn = conn
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.waiting_for_continue = expect_continue
+        self.head_request = scope["method"] == "HEAD"
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.more_body = True
+        self.body_done = False  # the last of the body was handed to the app
+        self.waiter: asyncio.Future[None] | None = None
+        self.disconnected = False
+        self.started = False
+        self.complete = False
+        self.head: bytes | None = None  # the answer's head, written with its first body message
+        self.chunked = False
+        self.length = -1  # Content-Length still to come; -1: not given
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def run(self, app: App) -> None:
+        failed: BaseException | None = None
+        try:
+            await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            failed = exc
+        # What follows awaits: outside the handler (a compiled coroutine loses the exception across an await in it).
+        # The head waits for the body, so an app that fails after its "http.response.start" has sent nothing yet:
+        # the client still gets a whole 500 answer, where uvicorn's protocol can only close the connection.
+        nothing_sent = not self.started or self.head is not None
+        transport = self.conn.transport
+        if failed is not None:
+            _log.error("Exception in ASGI application\n", exc_info=failed)
+        elif not self.started:
+            _log.error("ASGI callable returned without starting response.")
+        elif not self.complete:
+            _log.error("ASGI callable returned without completing response.")
+        else:
+            return
+        if self.disconnected or self.complete:
+            return
+        if nothing_sent:
+            await self._send_500()
+        elif transport is not None:
+            transport.close()
+
+    async def _send_500(self) -> None:
+        self.head = None
+        self.started = False
+        await self.send({"type": "http.response.start", "status": 500, "headers": _plain_headers(21)})
+        await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
+
+    async def receive(self) -> Message:
+        conn = self.conn
+        if self.waiting_for_continue:
+            self.waiting_for_continue = False
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.transport.write(_CONTINUE)
+        if not self.disconnected and not self.complete and (self.body_done or (not self.body and self.more_body)):
+            conn.resume_reading()
+            waiter: asyncio.Future[None] = conn.loop.create_future()
+            self.waiter = waiter
+            await waiter
+        if self.disconnected or self.complete:
+            return {"type": "http.disconnect"}
+        chunks = self.body
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.body = []
+        self.body_size = 0
+        if not self.more_body:
+            self.body_done = True
+        return {"type": "http.request", "body": body, "more_body": self.more_body}
+
+    async def send(self, message: Message) -> None:
+        conn = self.conn
+        if conn.write_paused and not self.disconnected:
+            await conn.drain()
+        if self.disconnected:
+            return
+        kind = message["type"]
+        if not self.started:
+            if kind != "http.response.start":
+                raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{kind}'.")
+            self.head = self._head(message["status"], message.get("headers", ()))
+            self.started = True
+            self.waiting_for_continue = False
+            return
+        if self.complete:
+            raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
+        if kind != "http.response.body":
+            raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{kind}'.")
+        body: bytes = message.get("body", b"")
+        more_body: bool = message.get("more_body", False)
+        head, self.head = self.head, None
+        out: list[bytes] = [] if head is None else [head]
+        if self.head_request:
+            self.length = 0
+        elif self.chunked:
+            if body:
+                out += [b"%x\r\n" % len(body), body, b"\r\n"]
+            if not more_body:
+                out.append(_LAST_CHUNK)
+        elif body:
+            if self.length >= 0:
+                if len(body) > self.length:
+                    raise RuntimeError("Response content longer than Content-Length")
+                self.length -= len(body)
+            out.append(body)
+        transport = conn.transport
+        if out and transport is not None:
+            if len(out) == 1:
+                transport.write(out[0])
+            else:
+                transport.writelines(out)  # the head and the body in one send
+        if not more_body:
+            if self.length > 0:
+                raise RuntimeError("Response content shorter than Content-Length")
+            self.complete = True
+            self.wake()
+            if not self.keep_alive and transport is not None:
+                transport.close()
+            conn.response_complete()
+
+    def _head(self, status: int, headers: Any) -> bytes:
+        line = _STATUS_LINES.get(status)
+        out = [line if line is not None else _status_line(status)]
+        for name, value in self.conn.server_state.default_headers:
+            out += [name, b": ", value, b"\r\n"]
+        closing = False
+        length = -1
+        chunked = False
+        for raw_name, value in headers:
+            name = _header_name(raw_name)
+            if _BAD_VALUE.search(value):
+                raise RuntimeError("Invalid HTTP header value.")
+            if name == b"content-length" and length < 0 and not chunked:
+                length = int(value.decode())
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                length, chunked = -1, True
+            elif name == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
+                self.keep_alive = False
+                closing = True
+            out += [name, b": ", value, b"\r\n"]
+        if not self.keep_alive and not closing:
+            out.append(_CLOSE)
+        if length < 0 and not chunked and not self.head_request and status not in _NO_BODY_STATUS:
+            chunked = True
+            out.append(_CHUNKED)
+        out.append(b"\r\n")
+        self.length = length
+        self.chunked = chunked
+        return b"".join(out)
+
+
+def _remote_addr(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+    info = transport.get_extra_info("peername")
+    if isinstance(info, (list, tuple)) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    return None
+
+
+def _local_addr(transport: asyncio.BaseTransport) -> tuple[str, int | None] | None:
+    info = transport.get_extra_info("sockname")
+    if isinstance(info, (list, tuple)) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    if isinstance(info, str):
+        return (info, None)
+    return None

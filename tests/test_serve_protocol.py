@@ -1,0 +1,361 @@
+"""``embedgate serve``'s HTTP/1.1 protocol (``embedgate.serve_protocol``) on real sockets, under uvicorn.
+
+Each raw exchange also goes to uvicorn's own httptools protocol with the same app: a client must not be able to
+tell them apart, but for the ``date`` header and the cases where ours answers 500 where uvicorn's can only close
+the connection (the app failed after its response start, a header value that would split the head).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+import pytest
+import uvicorn
+
+from embedgate.serve_protocol import HIGH_WATER, GatewayHttpProtocol
+
+from .conftest import free_port
+
+Response = tuple[int, list[tuple[str, str]], bytes]
+EVENTS: list[Any] = []  # what the test apps saw, for the tests that look at it
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Echoes what it was asked; ``/chunked`` answers without a length, ``/fail*`` and ``/bad-header`` misbehave."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    path = scope["path"]
+    body = b""
+    sizes = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            EVENTS.append(("disconnect", path))
+            return
+        body += message["body"]
+        sizes.append(len(message["body"]))
+        if not message.get("more_body", False):
+            break
+    if path == "/fail-before":
+        raise RuntimeError("the app failed")
+    if path == "/silent":
+        return
+    if path == "/wait-disconnect":
+        EVENTS.append(("waiting", path))
+        message = await receive()  # nothing more to read: this waits for the client to go away
+        EVENTS.append((message["type"], path))
+        return
+    if path == "/slow":
+        await asyncio.sleep(0.3)
+    out = orjson.dumps({
+        "method": scope["method"], "path": path, "raw_path": scope["raw_path"].decode(),
+        "query": scope["query_string"].decode(), "http_version": scope["http_version"], "root_path": scope["root_path"],
+        "headers": [[k.decode(), v.decode()] for k, v in scope["headers"]], "body_len": len(body),
+        "body_sha": hashlib.sha256(body).hexdigest(), "client": scope["client"] is not None, "scheme": scope["scheme"],
+    })  # fmt: skip
+    if path == "/chunked":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": out[:10], "more_body": True})
+        await send({"type": "http.response.body", "body": out[10:], "more_body": False})
+        return
+    headers = [(b"Content-Type", b"application/json"), (b"content-length", b"%d" % len(out)), (b"X-Test", b"a b ")]
+    if path == "/bad-header":
+        headers.append((b"x-injected", b"ok\r\nset-cookie: stolen=1"))
+    if path == "/close":
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": 201 if path == "/created" else 200, "headers": headers})
+    if path == "/fail-after-start":
+        raise RuntimeError("the app failed after starting its answer")
+    if path == "/no-body":
+        return
+    await send({"type": "http.response.body", "body": out})
+
+
+@contextmanager
+def served(http: Any, **config: Any) -> Iterator[tuple[int, uvicorn.Server]]:
+    """``app`` under uvicorn in a thread, with the given HTTP protocol; yields the port and the server."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=http, lifespan="on",
+                                           log_level="critical", access_log=False, **config))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield port, server
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+class Client:
+    """A raw HTTP/1.1 client connection that reads whole answers (length, chunked or until close)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(1 << 20)
+        self.buf += chunk
+        return bool(chunk)
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self._fill():
+                raise ConnectionError("closed in the middle of an answer")
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            if not self._fill():
+                raise ConnectionError("closed before a whole line")
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def response(self, head_request: bool = False) -> Response:
+        status_line = self._line()
+        status = int(status_line.split()[1])
+        headers = []
+        while line := self._line():
+            name, _, value = line.decode().partition(":")
+            headers.append((name, value.strip()))
+        if status == 100:
+            return status, headers, b""
+        found = {k: v for k, v in headers}
+        if head_request or status in (204, 304):
+            body = b""
+        elif "content-length" in found:
+            body = self._take(int(found["content-length"]))
+        elif found.get("transfer-encoding") == "chunked":
+            body = b""
+            while size := int(self._line(), 16):
+                body += self._take(size)
+                assert self._take(2) == b"\r\n"
+            assert self._line() == b""
+        else:
+            while self._fill():
+                pass
+            body, self.buf = self.buf, b""
+        return status, headers, body
+
+    def closed(self, wait: float = 2.0) -> bool:
+        """Whether the server closed the connection (within ``wait`` seconds, with nothing more to read)."""
+        self.sock.settimeout(wait)
+        try:
+            return self.sock.recv(1) == b""
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def without_date(response: Response) -> Response:
+    status, headers, body = response
+    return status, [(k, v) for k, v in headers if k != "date"], body
+
+
+def exchange(port: int, data: bytes, answers: int, head: bool = False) -> tuple[list[Response], bool]:
+    """Send ``data`` on a new connection, read ``answers`` answers; also whether the server then closed it."""
+    client = Client(port)
+    try:
+        client.send(data)
+        out = [without_date(client.response(head_request=head)) for _ in range(answers)]
+        return out, client.closed(wait=0.3)
+    finally:
+        client.close()
+
+
+POST = b'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"a": "b"}\n'
+CASES: dict[str, tuple[bytes, int, bool]] = {
+    "get with a query": (b"GET /echo?x=1&y=%20 HTTP/1.1\r\nHost: x\r\nX-Trailing: v \t\r\n\r\n", 1, False),
+    "post with a length": (POST, 1, False),
+    "post chunked": (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"4\r\nabcd\r\n3\r\nefg\r\n0\r\n\r\n", 1, False),
+    "answer without a length": (b"GET /chunked HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
+    "head": (b"HEAD /echo HTTP/1.1\r\nHost: x\r\n\r\n", 1, True),
+    "http/1.0": (b"GET /echo HTTP/1.0\r\nHost: x\r\n\r\n", 1, False),
+    "pipelined": (POST + b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" + POST.replace(b"/echo", b"/created"), 3, False),
+    "percent-encoded path": (b"GET /a%20b/%C3%A9 HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
+    "absolute-form target": (b"GET http://x/abs?q=1#frag HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
+    "connection close": (b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 1, False),
+    "app closes": (b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
+    "malformed": (b"GET /echo HTTP/1.1\r\nHost x\r\n\r\n", 1, False),
+    "app fails before answering": (b"GET /fail-before HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
+    "app returns without answering": (b"GET /silent HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def both() -> Iterator[tuple[int, int]]:
+    with served(GatewayHttpProtocol) as (ours, _), served("httptools") as (theirs, _):
+        yield ours, theirs
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_client_sees_what_uvicorns_protocol_answers(both: tuple[int, int], case: str) -> None:
+    data, answers, head = CASES[case]
+    ours, theirs = both
+    got = exchange(ours, data, answers, head)
+    assert got == exchange(theirs, data, answers, head)
+    responses, _ = got
+    if case == "malformed":
+        assert responses[0][0] == 400
+    elif case in ("app fails before answering", "app returns without answering"):
+        assert responses[0][0] == 500
+    elif answers:
+        assert all(status in (200, 201) for status, _, _ in responses)
+
+
+def test_requests_arrive_whole_and_answers_carry_uvicorns_headers(both: tuple[int, int]) -> None:
+    ours, _ = both
+    client = Client(ours)
+    try:
+        client.send(POST)
+        status, headers, body = client.response()
+        echoed = orjson.loads(body)
+        assert status == 200 and echoed["body_len"] == 11 and echoed["method"] == "POST"
+        assert echoed["body_sha"] == hashlib.sha256(b'{"a": "b"}\n').hexdigest()
+        assert ["content-type", "application/json"] in echoed["headers"]  # names in lower case
+        names = [k for k, _ in headers]
+        assert names[0] == "date" and "content-type" in names and ("x-test", "a b") in headers
+        # keep-alive: the same connection serves the next request
+        client.send(b"GET /echo?q=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = client.response()
+        assert status == 200 and orjson.loads(body)["query"] == "q=2"
+        assert not client.closed(wait=0.2)
+    finally:
+        client.close()
+
+
+def test_a_large_body_in_pieces_arrives_whole(both: tuple[int, int]) -> None:
+    ours, _ = both
+    payload = bytes(range(256)) * (4 * HIGH_WATER // 256)  # 4x what is held before reading pauses
+    client = Client(ours)
+    try:
+        client.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(payload))
+        for i in range(0, len(payload), 10_000):
+            client.send(payload[i : i + 10_000])
+        status, _, body = client.response()
+        assert status == 200
+        assert orjson.loads(body)["body_sha"] == hashlib.sha256(payload).hexdigest()
+    finally:
+        client.close()
+
+
+def test_expect_100_continue_is_answered_when_the_app_reads(both: tuple[int, int]) -> None:
+    ours, _ = both
+    client = Client(ours)
+    try:
+        client.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        status, _, _ = client.response()
+        assert status == 100
+        client.send(b"hello")
+        status, _, body = client.response()
+        assert status == 200 and orjson.loads(body)["body_len"] == 5
+    finally:
+        client.close()
+
+
+def test_the_app_learns_that_the_client_went_away(both: tuple[int, int]) -> None:
+    ours, _ = both
+    EVENTS.clear()
+    client = Client(ours)
+    client.send(b"GET /wait-disconnect HTTP/1.1\r\nHost: x\r\n\r\n")
+    deadline = time.monotonic() + 5
+    while ("waiting", "/wait-disconnect") not in EVENTS:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client.close()
+    while ("http.disconnect", "/wait-disconnect") not in EVENTS:
+        assert time.monotonic() < deadline, EVENTS
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("path", ["/fail-after-start", "/no-body", "/bad-header"])
+def test_an_app_that_fails_after_starting_its_answer_still_gets_a_whole_500(both: tuple[int, int], path: str) -> None:
+    """The head waits for the body, so nothing was sent yet: a 500 instead of uvicorn's closed connection, and a
+    header value holding CR LF never reaches the client."""
+    ours, theirs = both
+    (response,), closed = exchange(ours, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode(), 1)
+    assert response[0] == 500 and response[2] == b"Internal Server Error" and closed
+    assert all(k != "set-cookie" and k != "x-injected" for k, _ in response[1])
+    client = Client(theirs)  # uvicorn's: the head may be out, then the connection closes
+    try:
+        client.send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+        with pytest.raises(ConnectionError):
+            client.response()
+    finally:
+        client.close()
+
+
+def test_an_idle_connection_closes_after_the_keep_alive_timeout() -> None:
+    with served(GatewayHttpProtocol, timeout_keep_alive=1) as (port, _):
+        client = Client(port)
+        try:
+            for _ in range(3):  # requests keep it open past the timeout
+                client.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert client.response()[0] == 200
+                time.sleep(0.5)
+            started = time.monotonic()
+            assert client.closed(wait=3.0)
+            assert 0.3 < time.monotonic() - started < 1.5  # 1 s after the last answer, 0.5 s of it slept above
+        finally:
+            client.close()
+
+
+def test_over_the_concurrency_limit_the_answer_is_503() -> None:
+    with served(GatewayHttpProtocol, limit_concurrency=2) as (port, _):  # uvicorn counts connections and tasks
+        first = Client(port)
+        first.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.1)
+        second = Client(port)
+        try:
+            second.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, body = second.response()
+            assert status == 503 and body == b"Service Unavailable"
+            assert first.response()[0] == 200
+        finally:
+            first.close()
+            second.close()
+
+
+def test_shutdown_lets_an_answer_in_flight_finish_and_closes_idle_connections() -> None:
+    with served(GatewayHttpProtocol) as (port, server):
+        busy, idle = Client(port), Client(port)
+        try:
+            idle.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle.response()[0] == 200
+            busy.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.1)
+            server.should_exit = True
+            assert idle.closed(wait=2.0)
+            status, headers, _ = busy.response()
+            assert status == 200 and ("connection", "close") in headers
+            assert busy.closed(wait=2.0)
+        finally:
+            busy.close()
+            idle.close()
