@@ -197,3 +197,22 @@ async def test_integral_floats_are_integers(client: httpx.AsyncClient, upstream:
     assert r.status_code == 200, r.text
     assert upstream.calls[0].body["dimensions"] == 16
     assert upstream.calls[0].body["input"] == [[1, 2]]
+
+
+def test_a_key_is_matched_again_without_holding_what_failed(make_config: Callable[..., Config]) -> None:
+    """Matched keys are remembered by their text (no sha256 per request); bogus ones never are, so clients
+    cannot grow that memory, and a bogus key stays refused however often it comes."""
+    from embedgate.errors import Unauthorized
+    from embedgate.pipeline import KeyIndex
+
+    config = make_config()
+    index = KeyIndex(config.keys)
+    for i in range(200):
+        with pytest.raises(Unauthorized):
+            index.authenticate(f"Bearer sk-bogus-{i}")
+    first = index.authenticate(f"Bearer {KEY}")
+    assert index.authenticate(f"Bearer  {KEY} ") is first
+    assert index.authenticate(f"bearer {OTHER_KEY}").id != first.id
+    with pytest.raises(Unauthorized):
+        index.authenticate(f"Bearer {KEY}x")
+    assert len(index._by_token) == 2 <= len(config.keys)
