@@ -359,3 +359,22 @@ def test_shutdown_lets_an_answer_in_flight_finish_and_closes_idle_connections() 
         finally:
             busy.close()
             idle.close()
+
+
+def test_connections_that_come_and_go_leave_nothing_behind() -> None:
+    """Answered, closed by the client mid-request or right after connecting: every connection leaves uvicorn's
+    registry and no task is left running (what graceful shutdown waits for, and what a long run would leak)."""
+    with served(GatewayHttpProtocol) as (port, server):
+        for i in range(150):
+            client = Client(port)
+            if i % 3 == 0:
+                client.send(b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert client.response()[0] == 200
+            elif i % 3 == 1:
+                client.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\npartial")
+            client.close()
+        deadline = time.monotonic() + 5
+        while server.server_state.connections or server.server_state.tasks:
+            assert time.monotonic() < deadline, (len(server.server_state.connections), len(server.server_state.tasks))
+            time.sleep(0.02)
+        assert server.server_state.total_requests >= 50
