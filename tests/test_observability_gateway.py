@@ -264,6 +264,10 @@ async def test_cache_hit_and_budget_rejection_are_root_attributes(
     assert [dict(s.attributes or {})["embedgate.cache"] for s in (miss, hit)] == ["miss", "hit"]
     assert len(attempts_of(trace_of(exporter, miss))) == 1
     assert attempts_of(trace_of(exporter, hit)) == []  # answered from the cache: nothing upstream
+    # ... and nothing routed: no empty routing span in the hit's trace, while the miss's has one
+    assert {s.name for s in trace_of(exporter, hit)} >= {"auth", "cache", "budget"}
+    assert "routing" not in {s.name for s in trace_of(exporter, hit)}
+    assert "routing" in {s.name for s in trace_of(exporter, miss)}
     assert dict(hit.attributes or {})["embedgate.budget.decision"] == "none"  # no budget applies to team-a
 
     assert dict(admitted.attributes or {})["embedgate.budget.decision"] == "reserved"

@@ -183,9 +183,12 @@ class Pipeline:
         return self._keys
 
     async def run(self, call: Call) -> None:
-        """Run the stages after ``normalize``, each in its own span."""
+        """Run the stages after ``normalize``, each in its own span; a stage with nothing to do is skipped, span
+        and all (``routing`` when the cache answered every item)."""
         stage_span = self._telemetry.stage
         for name, stage in self.stages:
+            if name == "routing" and call.cache_status == "hit":
+                continue
             with stage_span(name):
                 await stage(call)
 
