@@ -26,6 +26,9 @@ from .conftest import free_port
 
 Response = tuple[int, list[tuple[str, str]], bytes]
 EVENTS: list[Any] = []  # what the test apps saw, for the tests that look at it
+#: Header values the protocol must refuse (a line break of their own, or a control but tab).
+BAD_VALUES = {"crlf": b"ok\r\nset-cookie: stolen=1", "lf": b"ok\nset-cookie: stolen=1", "cr": b"ok\rx",
+              "nul": b"a\x00b", "esc": b"\x1b[31m", "del": b"\x7f"}  # fmt: skip
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -73,8 +76,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": out[10:], "more_body": False})
         return
     headers = [(b"Content-Type", b"application/json"), (b"content-length", b"%d" % len(out)), (b"X-Test", b"a b ")]
-    if path == "/bad-header":
-        headers.append((b"x-injected", b"ok\r\nset-cookie: stolen=1"))
+    if path.startswith("/bad-header-"):
+        headers.append((b"x-injected", BAD_VALUES[path.removeprefix("/bad-header-")]))
+    if path == "/tab-header":
+        headers.append((b"x-tab", b"a\tb"))
     if path == "/close":
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": 201 if path == "/created" else 200, "headers": headers})
@@ -203,6 +208,7 @@ CASES: dict[str, tuple[bytes, int, bool]] = {
     "absolute-form target": (b"GET http://x/abs?q=1#frag HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
     "connection close": (b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 1, False),
     "app closes": (b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
+    "a tab in a header value": (b"GET /tab-header HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
     "malformed": (b"GET /echo HTTP/1.1\r\nHost x\r\n\r\n", 1, False),
     "app fails before answering": (b"GET /fail-before HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
     "app returns without answering": (b"GET /silent HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
@@ -295,7 +301,7 @@ def test_the_app_learns_that_the_client_went_away(both: tuple[int, int]) -> None
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("path", ["/fail-after-start", "/no-body", "/bad-header"])
+@pytest.mark.parametrize("path", ["/fail-after-start", "/no-body", *(f"/bad-header-{k}" for k in BAD_VALUES)])
 def test_an_app_that_fails_after_starting_its_answer_still_gets_a_whole_500(both: tuple[int, int], path: str) -> None:
     """The head waits for the body, so nothing was sent yet: a 500 instead of uvicorn's closed connection, and a
     header value holding CR LF never reaches the client."""

@@ -11,8 +11,9 @@ response header and a keep-alive timer armed and cancelled per request. Here the
 - the answer's head waits for its first body message, and both leave in one write (``writelines``);
 - the keep-alive timeout is one timer per idle period that re-arms itself, not a timer per request;
 - a body already received is handed over without waiting on an event, as bytes without a copy;
-- response header names are checked once per distinct name (values on every answer, as uvicorn does), and a
-  header that fails the check is refused before anything is sent: the client gets a 500, not half a head.
+- response header names are checked once per distinct name, and the values of a head in one pass over it (no
+  line break of their own, no control but tab: uvicorn's check per value), before anything is sent: a header
+  that fails it gets the client a 500, not half a head.
 
 What it does not do: WebSocket upgrades (an ``Upgrade`` request is served as plain HTTP and the connection closed
 after it; the gateway serves no WebSocket route) and uvicorn's own access log (the gateway writes its own line;
@@ -44,7 +45,9 @@ App = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 HIGH_WATER: Final = 65536  # request body bytes held before reading pauses (uvicorn's HIGH_WATER_LIMIT)
 _NAME_CACHE_MAX: Final = 512
 _BAD_NAME: Final = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')  # uvicorn's checks, the same bytes
-_BAD_VALUE: Final = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+#: What no head may hold but for the line ends it is made of: a CR or LF of its own, a control other than tab.
+#: With the count of its CRLFs, this is uvicorn's check of each value (no control but tab), done once per head.
+_BAD_HEAD: Final = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CLOSE: Final = b"connection: close\r\n"
 _CHUNKED: Final = b"transfer-encoding: chunked\r\n"
@@ -473,15 +476,16 @@ class RequestCycle:
     def _head(self, status: int, headers: Any) -> bytes:
         line = _STATUS_LINES.get(status)
         out = [line if line is not None else _status_line(status)]
+        lines = 1
         for name, value in self.conn.server_state.default_headers:
             out += [name, b": ", value, b"\r\n"]
+            lines += 1
         closing = False
         length = -1
         chunked = False
         for raw_name, value in headers:
             name = _header_name(raw_name)
-            if _BAD_VALUE.search(value):
-                raise RuntimeError("Invalid HTTP header value.")
+            lines += 1
             if name == b"content-length" and length < 0 and not chunked:
                 length = int(value.decode())
             elif name == b"transfer-encoding" and value.lower() == b"chunked":
@@ -492,13 +496,20 @@ class RequestCycle:
             out += [name, b": ", value, b"\r\n"]
         if not self.keep_alive and not closing:
             out.append(_CLOSE)
+            lines += 1
         if length < 0 and not chunked and not self.head_request and status not in _NO_BODY_STATUS:
             chunked = True
             out.append(_CHUNKED)
+            lines += 1
         out.append(b"\r\n")
+        head = b"".join(out)
+        # Every line ends with the CRLF written here, and the head with one more: a value holding its own line
+        # break, or any control but tab, would show in one of these two checks (names were checked above).
+        if head.count(b"\r\n") != lines + 1 or _BAD_HEAD.search(head) is not None:
+            raise RuntimeError("Invalid HTTP header value.")
         self.length = length
         self.chunked = chunked
-        return b"".join(out)
+        return head
 
 
 def _remote_addr(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
