@@ -19,6 +19,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
+from embedgate.budget_stores import ReadResult, ReserveResult
 from embedgate.budgets import (
     BudgetEngine,
     BudgetStore,
@@ -544,3 +545,14 @@ async def test_redis_store_fails_while_redis_is_down_and_recovers_after_a_restar
     finally:
         await store.aclose()
         server.stop()
+
+
+def test_store_records_compare_by_their_fields() -> None:
+    """What a store of one's own builds and returns: constructed positionally, equal by value, readable in a
+    failed assertion."""
+    assert CounterSpec("c:a", 1, 10, 60) == CounterSpec("c:a", 1, 10, 60)
+    assert CounterSpec("c:a", 1, 10, 60) != CounterSpec("c:a", 2, 10, 60)
+    assert WindowSpec("w:a", 5) != CounterSpec("w:a", 5, 0, 0)
+    assert ReserveResult(-1, (1,), (2,), (None,)) == ReserveResult(-1, (1,), (2,), (None,))
+    assert repr(WindowSpec("w:a", 5)) == "WindowSpec(key='w:a', limit=5)"
+    assert ReadResult((1,), (0,), (None,)).oldest == (None,)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, Protocol
 
 from .resp import LeanRedis, RespError, Script
 
@@ -31,41 +31,73 @@ class BudgetStoreError(Exception):
     """The budget store could not be reached or answered an error (foreign errors are translated to this)."""
 
 
-class CounterSpec(NamedTuple):
-    """A period counter to check and increment: admitted when ``value + amount <= limit``."""
+class _Record:
+    """Equality and repr over ``_fields`` (as a NamedTuple names them), for the small value classes below.
 
-    key: str
-    amount: int
-    limit: int
-    ttl_s: int  # expiry set on every write; 0: never expires (one_time budgets)
+    They were NamedTuples, whose ``__new__`` runs as Python (four calls on every budgeted request); as plain
+    classes they compile with the module and keep their fields, positional construction, equality and repr (not
+    tuple unpacking)."""
+
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(getattr(self, f) == getattr(other, f) for f in self._fields)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
+        return f"{type(self).__name__}({fields})"
 
 
-class WindowSpec(NamedTuple):
+class CounterSpec(_Record):
+    """A period counter to check and increment: admitted when ``value + amount <= limit``.
+
+    ``ttl_s``: the expiry set on every write; 0: never expires (one_time budgets)."""
+
+    _fields = ("key", "amount", "limit", "ttl_s")
+
+    def __init__(self, key: str, amount: int, limit: int, ttl_s: int) -> None:
+        self.key = key
+        self.amount = amount
+        self.limit = limit
+        self.ttl_s = ttl_s
+
+
+class WindowSpec(_Record):
     """A rolling request window: admitted when fewer than ``limit`` requests are in the last ``window_ms``."""
 
-    key: str
-    limit: int
+    _fields = ("key", "limit")
+
+    def __init__(self, key: str, limit: int) -> None:
+        self.key = key
+        self.limit = limit
 
 
-class ReserveResult(NamedTuple):
+class ReserveResult(_Record):
     """What a reserve saw. ``failed``: the first refusing spec (counters, then windows), -1 if admitted.
 
     ``values``/``counts`` are after the reservation when admitted, unchanged when refused. ``marks[i]`` is the
     timestamp (ms) of the request whose leaving lets window ``i`` admit one more (None: the window is empty).
     """
 
-    failed: int
-    values: tuple[int, ...]
-    counts: tuple[int, ...]
-    marks: tuple[int | None, ...]
+    _fields = ("failed", "values", "counts", "marks")
+
+    def __init__(self, failed: int, values: tuple[int, ...], counts: tuple[int, ...],
+                 marks: tuple[int | None, ...]) -> None:  # fmt: skip
+        self.failed = failed
+        self.values = values
+        self.counts = counts
+        self.marks = marks
 
 
-class ReadResult(NamedTuple):
+class ReadResult(_Record):
     """Current counter values, window counts and oldest timestamps (ms) in each window."""
 
-    values: tuple[int, ...]
-    counts: tuple[int, ...]
-    oldest: tuple[int | None, ...]
+    _fields = ("values", "counts", "oldest")
+
+    def __init__(self, values: tuple[int, ...], counts: tuple[int, ...], oldest: tuple[int | None, ...]) -> None:
+        self.values = values
+        self.counts = counts
+        self.oldest = oldest
 
 
 class BudgetStore(Protocol):
