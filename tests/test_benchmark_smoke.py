@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.benchmarks.loadgen import LoadSpec, body_template
 from tests.benchmarks.run import CASES, compute_ratios, embedgate_cli_exists, plan
@@ -188,3 +189,21 @@ def test_the_in_process_driver_reports_cpu_per_request_with_parts_switched_off()
     assert "embedgate.access" not in proc.stdout  # access lines off
     bad = run_module("inprocess", "--off", "caching", timeout=60)
     assert bad.returncode == 2 and "unknown parts: caching" in bad.stderr
+
+
+def test_parts_run_serves_every_variant(tmp_path: Path) -> None:
+    """``python -m tests.benchmarks.parts``: each variant is a served gateway that answers (no speed asserted)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.parts", "--rounds", "1", "--duration", "0.5", "--warmup", "0.2",
+         "--variants", "all,-all,http=httptools", "--engine", "python", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    report = json.loads((tmp_path / "parts.json").read_text())
+    assert [r["variant"] for r in report["rows"]] == ["all", "-all", "http=httptools"]
+    for row in report["rows"]:
+        assert row["rps"] > 0 and row["errors"] == 0 and row["main_us"] > 0, row
+    on = yaml.safe_load((tmp_path / "parts-on.yaml").read_text())
+    assert on["budgets"] and on["telemetry"].get("access_log", True)  # everything on, as deployed
+    off = yaml.safe_load((tmp_path / "parts-off-all.yaml").read_text())
+    assert off["budgets"] == [] and off["telemetry"]["access_log"] is False
