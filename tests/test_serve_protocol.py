@@ -42,6 +42,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     path = scope["path"]
+    if path == "/early":  # answers without reading the body it was sent
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"no"})
+        return
     body = b""
     sizes = []
     while True:
@@ -70,6 +74,12 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         "headers": [[k.decode(), v.decode()] for k, v in scope["headers"]], "body_len": len(body),
         "body_sha": hashlib.sha256(body).hexdigest(), "client": scope["client"] is not None, "scheme": scope["scheme"],
     })  # fmt: skip
+    if path == "/big":  # more than a transport buffers before it asks the app to wait
+        big = bytes(range(256)) * (16 * 1024)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(big))]})
+        await send({"type": "http.response.body", "body": big[: len(big) // 2], "more_body": True})
+        await send({"type": "http.response.body", "body": big[len(big) // 2 :]})
+        return
     if path == "/chunked":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": out[:10], "more_body": True})
@@ -114,7 +124,7 @@ class Client:
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.buf = b""
+        self.buf = bytearray()
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -128,14 +138,17 @@ class Client:
         while len(self.buf) < n:
             if not self._fill():
                 raise ConnectionError("closed in the middle of an answer")
-        out, self.buf = self.buf[:n], self.buf[n:]
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
         return out
 
     def _line(self) -> bytes:
         while b"\r\n" not in self.buf:
             if not self._fill():
                 raise ConnectionError("closed before a whole line")
-        line, _, self.buf = self.buf.partition(b"\r\n")
+        at = self.buf.index(b"\r\n")
+        line = bytes(self.buf[:at])
+        del self.buf[: at + 2]
         return line
 
     def response(self, head_request: bool = False) -> Response:
@@ -161,7 +174,8 @@ class Client:
         else:
             while self._fill():
                 pass
-            body, self.buf = self.buf, b""
+            body = bytes(self.buf)
+            self.buf.clear()
         return status, headers, body
 
     def closed(self, wait: float = 2.0) -> bool:
@@ -209,6 +223,8 @@ CASES: dict[str, tuple[bytes, int, bool]] = {
     "connection close": (b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 1, False),
     "app closes": (b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
     "a tab in a header value": (b"GET /tab-header HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
+    "answered before its body is read": (b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n"
+                                         + b"z" * 20000 + b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n", 2, False),
     "malformed": (b"GET /echo HTTP/1.1\r\nHost x\r\n\r\n", 1, False),
     "app fails before answering": (b"GET /fail-before HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
     "app returns without answering": (b"GET /silent HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
@@ -232,6 +248,8 @@ def test_a_client_sees_what_uvicorns_protocol_answers(both: tuple[int, int], cas
         assert responses[0][0] == 400
     elif case in ("app fails before answering", "app returns without answering"):
         assert responses[0][0] == 500
+    elif case == "answered before its body is read":
+        assert [status for status, _, _ in responses] == [413, 200]
     elif answers:
         assert all(status in (200, 201) for status, _, _ in responses)
 
@@ -384,3 +402,20 @@ def test_connections_that_come_and_go_leave_nothing_behind() -> None:
             assert time.monotonic() < deadline, (len(server.server_state.connections), len(server.server_state.tasks))
             time.sleep(0.02)
         assert server.server_state.total_requests >= 50
+
+
+def test_a_large_answer_to_a_slow_reader_arrives_whole(both: tuple[int, int]) -> None:
+    """4 MB in two body messages (the first more than the transport holds before it pauses the writer) to a
+    client that waits before reading: all of it arrives, and the connection serves its next request."""
+    ours, _ = both
+    client = Client(ours)
+    try:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.send(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        status, _, body = client.response()
+        assert status == 200 and body == bytes(range(256)) * (16 * 1024)
+        client.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.response()[0] == 200
+    finally:
+        client.close()
