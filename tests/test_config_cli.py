@@ -133,6 +133,27 @@ def test_serve_cli_serves(tmp_path: Path, upstream: FakeUpstream, http: list[str
         proc.communicate(timeout=20)
 
 
+def test_uvicorn_serves_the_app_on_embedgates_http_protocol(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """The README's ``uvicorn 'embedgate:create_app' --factory --http embedgate.serve_protocol:GatewayHttpProtocol``."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD)
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none",
+           "EMBEDGATE_CONFIG": str(path)}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "embedgate:create_app", "--factory", "--port", str(port),
+                             "--http", "embedgate.serve_protocol:GatewayHttpProtocol"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_serving(proc, f"http://127.0.0.1:{port}")
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "local/embed-small", "input": "x"},
+                       headers={"authorization": "Bearer sk-a"}, timeout=10)  # fmt: skip
+        assert r.status_code == 200, r.text
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert b"Traceback" not in out
+
+
 def test_serve_refuses_an_unknown_http_protocol(tmp_path: Path) -> None:
     r = subprocess.run([*EMBEDGATE, "serve", "--config", str(tmp_path / "gw.yaml"), "--http", "h3"],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
