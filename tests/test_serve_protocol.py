@@ -419,3 +419,12 @@ def test_a_large_answer_to_a_slow_reader_arrives_whole(both: tuple[int, int]) ->
         assert client.response()[0] == 200
     finally:
         client.close()
+
+
+def test_an_upgrade_request_is_answered_as_http_then_the_connection_closes(both: tuple[int, int]) -> None:
+    ours, _ = both
+    (response,), closed = exchange(ours, b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                                         b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", 1)  # fmt: skip
+    assert response[0] == 200 and orjson.loads(response[2])["path"] == "/echo"
+    assert closed

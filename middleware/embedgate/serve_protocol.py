@@ -124,7 +124,6 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.pipeline: deque[tuple[RequestCycle, App]] = deque()
         self.cycle: RequestCycle | None = None
         self.in_message = False  # between a request's first byte and its last
-        self.upgrade = False  # this request asked for a protocol upgrade: served as HTTP, then the connection closes
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.expect_continue = False
@@ -164,7 +163,6 @@ class GatewayHttpProtocol(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # Served as plain HTTP (no WebSocket here); whatever follows the head is not HTTP: close after it.
-            self.upgrade = True
             if self.cycle is not None:
                 self.cycle.keep_alive = False
                 self.cycle.more_body = False
