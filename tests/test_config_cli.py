@@ -203,6 +203,29 @@ def test_serve_refuses_workers_with_budgets_in_memory(tmp_path: Path) -> None:
     assert "needs redis_url" in r.stderr
 
 
+def test_serve_with_two_workers_serves(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """``--workers 2`` spawns worker processes that take uvicorn's config, the HTTP protocol class included
+    (no budget here: in memory, workers would each count their own)."""
+    budget = "budgets:\n  - {scope: api_key, target: team-a, period: daily, token_limit: 1000}\n"
+    assert budget in GOOD
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD.replace(budget, ""))
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
+    proc = subprocess.Popen([*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), "--workers", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_serving(proc, f"http://127.0.0.1:{port}")
+        for _ in range(6):  # new connections: the kernel spreads them over the workers
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "local/embed-small", "input": "x"},
+                           headers={"authorization": "Bearer sk-a"}, timeout=10)  # fmt: skip
+            assert r.status_code == 200, r.text
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert b"Traceback" not in out
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
