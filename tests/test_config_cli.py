@@ -7,6 +7,8 @@ import os
 import ssl
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -114,23 +116,37 @@ def test_hash_key_cli() -> None:
     assert r.stdout.strip() == hashlib.sha256(b"sk-secret").hexdigest()
 
 
+@contextmanager
+def serving(argv: list[str], port: int, env: dict[str, str], output: list[bytes] | None = None) -> Iterator[str]:
+    """Run a serving command on ``port`` until the block ends; yields its URL once it answers. What it printed
+    is appended to ``output``."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_serving(proc, f"http://127.0.0.1:{port}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        if output is not None:
+            output.append(out)
+
+
+def embed(url: str) -> httpx.Response:
+    """One embedding request with team-a's key."""
+    return httpx.post(f"{url}/v1/embeddings", json={"model": "local/embed-small", "input": "x"},
+                      headers={"authorization": "Bearer sk-a"}, timeout=10)  # fmt: skip
+
+
 @pytest.mark.parametrize("http", [[], ["--http", "httptools"]], ids=["embedgate-protocol", "uvicorn-httptools"])
 def test_serve_cli_serves(tmp_path: Path, upstream: FakeUpstream, http: list[str]) -> None:
     path = tmp_path / "gw.yaml"
     path.write_text(GOOD)
     port = free_port()
     env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
-    proc = subprocess.Popen([*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), *http], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        wait_serving(proc, f"http://127.0.0.1:{port}")
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "local/embed-small", "input": "x"},
-                       headers={"authorization": "Bearer sk-a"}, timeout=10)  # fmt: skip
+    with serving([*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), *http], port, env) as url:
+        r = embed(url)
         assert r.status_code == 200, r.text
         assert r.json()["model"] == "local/embed-small"
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=20)
 
 
 def test_uvicorn_serves_the_app_on_embedgates_http_protocol(tmp_path: Path, upstream: FakeUpstream) -> None:
@@ -140,18 +156,13 @@ def test_uvicorn_serves_the_app_on_embedgates_http_protocol(tmp_path: Path, upst
     port = free_port()
     env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none",
            "EMBEDGATE_CONFIG": str(path)}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "embedgate:create_app", "--factory", "--port", str(port),
-                             "--http", "embedgate.serve_protocol:GatewayHttpProtocol"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        wait_serving(proc, f"http://127.0.0.1:{port}")
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "local/embed-small", "input": "x"},
-                       headers={"authorization": "Bearer sk-a"}, timeout=10)  # fmt: skip
+    argv = [sys.executable, "-m", "uvicorn", "embedgate:create_app", "--factory", "--port", str(port),
+            "--http", "embedgate.serve_protocol:GatewayHttpProtocol"]  # fmt: skip
+    output: list[bytes] = []
+    with serving(argv, port, env, output) as url:
+        r = embed(url)
         assert r.status_code == 200, r.text
-    finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=20)
-    assert b"Traceback" not in out
+    assert b"Traceback" not in output[0]
 
 
 def test_serve_refuses_an_unknown_http_protocol(tmp_path: Path) -> None:
@@ -212,18 +223,13 @@ def test_serve_with_two_workers_serves(tmp_path: Path, upstream: FakeUpstream) -
     path.write_text(GOOD.replace(budget, ""))
     port = free_port()
     env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
-    proc = subprocess.Popen([*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), "--workers", "2"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        wait_serving(proc, f"http://127.0.0.1:{port}")
+    output: list[bytes] = []
+    with serving([*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), "--workers", "2"], port, env,
+                 output) as url:  # fmt: skip
         for _ in range(6):  # new connections: the kernel spreads them over the workers
-            r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "local/embed-small", "input": "x"},
-                           headers={"authorization": "Bearer sk-a"}, timeout=10)  # fmt: skip
+            r = embed(url)
             assert r.status_code == 200, r.text
-    finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=30)
-    assert b"Traceback" not in out
+    assert b"Traceback" not in output[0]
 
 
 @pytest.mark.parametrize(

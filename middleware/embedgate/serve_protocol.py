@@ -25,15 +25,17 @@ keep-alive, pipelining, ``Expect: 100-continue``, chunked bodies both ways, ``HE
 from __future__ import annotations
 
 import asyncio
-import http
 import logging
 import re
 import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import httptools
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, STATUS_LINE
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 __all__ = ["GatewayHttpProtocol"]
 
@@ -42,9 +44,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 App = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
-HIGH_WATER: Final = 65536  # request body bytes held before reading pauses (uvicorn's HIGH_WATER_LIMIT)
+HIGH_WATER: Final = HIGH_WATER_LIMIT  # request body bytes held before reading pauses, as in uvicorn
 _NAME_CACHE_MAX: Final = 512
-_BAD_NAME: Final = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')  # uvicorn's checks, the same bytes
 #: What no head may hold but for the line ends it is made of: a CR or LF of its own, a control other than tab.
 #: With the count of its CRLFs, this is uvicorn's check of each value (no control but tab), done once per head.
 _BAD_HEAD: Final = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
@@ -53,19 +54,12 @@ _CLOSE: Final = b"connection: close\r\n"
 _CHUNKED: Final = b"transfer-encoding: chunked\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _NO_BODY_STATUS: Final = (204, 304)
+_ERROR_HEADERS: Final = ((b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"),
+                         (b"connection", b"close"))  # fmt: skip
 
 _log: Final = logging.getLogger("uvicorn.error")  # where uvicorn's protocol reports the app's failures
 
 
-def _status_line(status: int) -> bytes:
-    try:
-        phrase = http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        phrase = b""
-    return b"HTTP/1.1 %d %s\r\n" % (status, phrase)
-
-
-_STATUS_LINES: Final = {status: _status_line(status) for status in range(100, 600)}
 _good_names: Final[dict[bytes, bytes]] = {}  # response header names seen valid, to their lower case
 
 
@@ -73,22 +67,12 @@ def _header_name(name: bytes) -> bytes:
     lowered = _good_names.get(name)
     if lowered is not None:
         return lowered
-    if _BAD_NAME.search(name):
+    if HEADER_RE.search(name):
         raise RuntimeError("Invalid HTTP header name.")
     lowered = name.lower()
     if len(_good_names) < _NAME_CACHE_MAX:
         _good_names[name] = lowered
     return lowered
-
-
-def _plain_headers(length: int) -> list[tuple[bytes, bytes]]:
-    return [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % length),
-            (b"connection", b"close")]  # fmt: skip
-
-
-async def _service_unavailable(scope: Any, receive: Receive, send: Send) -> None:
-    await send({"type": "http.response.start", "status": 503, "headers": _plain_headers(19)})
-    await send({"type": "http.response.body", "body": b"Service Unavailable"})
 
 
 class GatewayHttpProtocol(asyncio.Protocol):
@@ -136,9 +120,9 @@ class GatewayHttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.connections.add(self)
         self.transport = transport  # type: ignore[assignment]
-        self.server = _local_addr(transport)
-        self.client = _remote_addr(transport)
-        self.scheme = "https" if transport.get_extra_info("sslcontext") else "http"
+        self.server = get_local_addr(transport)  # type: ignore[arg-type]
+        self.client = get_remote_addr(transport)  # type: ignore[arg-type]
+        self.scheme = "https" if is_ssl(transport) else "http"  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
@@ -248,7 +232,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             _log.warning("Exceeded concurrency limit.")
-            app = _service_unavailable
+            app = cast(App, service_unavailable)
         keep_alive = version != "1.0" and parser.should_keep_alive() and not parser.should_upgrade()
         previous = self.cycle
         cycle = RequestCycle(self, scope, keep_alive, self.expect_continue)
@@ -329,7 +313,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if transport is None:
             return
         body = msg.encode("ascii")
-        head = [_STATUS_LINES[400]]
+        head = [STATUS_LINE[400]]
         for name, value in self.server_state.default_headers:
             head.append(name + b": " + value + b"\r\n")
         head.append(b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % len(body))
@@ -397,7 +381,7 @@ class RequestCycle:
     async def _send_500(self) -> None:
         self.head = None
         self.started = False
-        await self.send({"type": "http.response.start", "status": 500, "headers": _plain_headers(21)})
+        await self.send({"type": "http.response.start", "status": 500, "headers": list(_ERROR_HEADERS)})
         await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
 
     async def receive(self) -> Message:
@@ -472,8 +456,8 @@ class RequestCycle:
             conn.response_complete()
 
     def _head(self, status: int, headers: Any) -> bytes:
-        line = _STATUS_LINES.get(status)
-        out = [line if line is not None else _status_line(status)]
+        line = STATUS_LINE.get(status)
+        out = [line if line is not None else b"HTTP/1.1 %d \r\n" % status]
         lines = 1
         for name, value in self.conn.server_state.default_headers:
             out += [name, b": ", value, b"\r\n"]
@@ -508,19 +492,3 @@ class RequestCycle:
         self.length = length
         self.chunked = chunked
         return head
-
-
-def _remote_addr(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
-    info = transport.get_extra_info("peername")
-    if isinstance(info, (list, tuple)) and len(info) >= 2:
-        return (str(info[0]), int(info[1]))
-    return None
-
-
-def _local_addr(transport: asyncio.BaseTransport) -> tuple[str, int | None] | None:
-    info = transport.get_extra_info("sockname")
-    if isinstance(info, (list, tuple)) and len(info) >= 2:
-        return (str(info[0]), int(info[1]))
-    if isinstance(info, str):
-        return (info, None)
-    return None
