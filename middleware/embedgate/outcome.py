@@ -109,7 +109,7 @@ def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, 
     if write_access_line:
         access_log(
             status=status,
-            latency_ms=round((time.perf_counter() - call.started) * 1000, 3),
+            latency_ms=(time.perf_counter() - call.started) * 1000,  # rounded by access_log
             route=route,
             key_id=key.id if key is not None else None,
             identity=req.identity["id"] if req is not None and req.identity else None,
