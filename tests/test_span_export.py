@@ -144,10 +144,13 @@ def test_the_default_sampler_decides_as_the_sdk_does() -> None:
     assert outcome(DEFAULT_ON, None)[3] == [("root", None, SpanKind.SERVER.value, {"embedgate.cache": "hit"})]
 
 
-def test_the_helper_process_exports_to_a_real_receiver(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_the_helper_process_exports_to_a_real_receiver(monkeypatch: pytest.MonkeyPatch, compression: str) -> None:
+    # The OTLP/HTTP exporter sends the bytes the helper encoded (no message object in between): compressed too.
     with OtlpReceiver() as receiver:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", compression)
         provider = LeanTracerProvider(["otlp"], "span-export-test")
         record(provider.get_tracer("embedgate", "1.2.3"))
         provider.shutdown()  # flushes; the helper exports before it exits
@@ -284,6 +287,25 @@ def test_direct_otlp_encoding_is_what_the_sdk_encoder_writes() -> None:
 
     assert by_span(ours) == by_span(sdk)
     assert len(by_span(ours)) == 40
+
+
+def test_an_encoded_batch_is_what_each_otlp_exporter_expects() -> None:
+    """The OTLP/HTTP exporter is handed the encoded bytes as they are; gRPC's stub, a real message of them."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from embedgate.otlp_encode import encode_request
+    from embedgate.span_export import _Encoded, _Wire
+
+    packed = [["s", 0, 1, 2, 1, None, 0, 1, 2, {"embedgate.cache": "miss"}, [0, None], [], ["embedgate", None]]]
+    data = encode_request(packed, {"service.name": "svc"})
+    encoded = _Encoded(packed, data)
+    wire = _Wire(encoded)
+    assert wire.SerializePartialToString() is data and wire.SerializeToString() is data
+    assert wire.ByteSize() == len(data)  # anything else asked of it is the parsed message's
+    message = encoded.message
+    assert isinstance(message, ExportTraceServiceRequest) and message.SerializeToString() == data
+    assert message.resource_spans[0].scope_spans[0].spans[0].name == "s"
+    assert list(encoded) == packed
 
 
 class Level(enum.IntEnum):
