@@ -289,6 +289,28 @@ def test_direct_otlp_encoding_is_what_the_sdk_encoder_writes() -> None:
     assert len(by_span(ours)) == 40
 
 
+def test_the_encoder_pauses_between_spans_and_writes_the_same_bytes() -> None:
+    # The helper passes os.sched_yield: a process waiting for the helper's core gets it between spans.
+    from embedgate.otlp_encode import PAUSE_EVERY, encode_request
+
+    packed = [["s", 0, 1, 2 + i, 1, None, 0, 1, 2, {"i": i}, [0, None], [], ["embedgate", None]] for i in range(100)]
+    pauses: list[int] = []
+    paused = encode_request(packed, {"service.name": "svc"}, lambda: pauses.append(1))
+    assert paused == encode_request(packed, {"service.name": "svc"})
+    assert len(pauses) == 100 // PAUSE_EVERY >= 3
+
+
+def test_the_helper_runs_below_the_gateway_s_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its exports wait for the requests: a process woken on its core is not kept waiting for an export to end.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    pipe = SpanPipe(["otlp"], "priority")
+    try:
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, pipe._child.pid) == min(19, mine + 10)
+    finally:
+        pipe.close()
+
+
 def test_an_encoded_batch_is_what_each_otlp_exporter_expects() -> None:
     """The OTLP/HTTP exporter is handed the encoded bytes as they are; gRPC's stub, a real message of them."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest

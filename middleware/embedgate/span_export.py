@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any, Final
 
 import structlog
@@ -267,6 +267,23 @@ def _encode_directly() -> set[str]:
     return wrapped
 
 
+def _yield_to_requests() -> Callable[[], object] | None:
+    """Lower this process's priority (nice +10), and return the call that hands the CPU to a waiting process
+    (``os.sched_yield``), for the encoder to make between spans and the export before it posts.
+
+    The gateway's requests come first. An export is a few milliseconds of CPU (512 spans encoded, then the POST):
+    on a kernel that does not preempt a running process's user code at once (``PREEMPT_NONE``, as on the benchmark
+    machine), a process woken on the helper's core (the gateway's client, its upstream, the gateway itself) waited
+    for the export to end. Measured on 2 cores, a miss at 1 connection: p99 2.2-2.6 ms -> 0.8 ms; at 16
+    connections 4,670-4,770 -> 4,920-5,070 req/s. At nice +10 the helper still gets ~10% of a core a busy
+    process leaves it (an idle-priority helper would get nothing on a saturated machine, and drop every span)."""
+    try:
+        os.nice(10)
+    except OSError:  # not permitted (a sandbox's policy, say): the yields still help
+        pass
+    return getattr(os, "sched_yield", None)  # POSIX
+
+
 def _serve(exporter_names: str, service_name: str, ready_fd: int) -> None:
     import signal
 
@@ -280,6 +297,7 @@ def _serve(exporter_names: str, service_name: str, ready_fd: int) -> None:
     # before the gateway's last flush: it ends when the gateway closes the pipe (or dies), after exporting.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pause = _yield_to_requests()
     resource = _resource(service_name)
     exporters: list[_SpanExporter] = [_exporter(n) for n in exporter_names.split(",") if n]
     direct = _encode_directly()
@@ -316,11 +334,15 @@ def _serve(exporter_names: str, service_name: str, ready_fd: int) -> None:
         for exporter in exporters:
             if type(exporter).__module__ in direct:
                 if encoded is None:
-                    encoded = _Encoded(packed, encode_request(packed, resource.attributes))
+                    encoded = _Encoded(packed, encode_request(packed, resource.attributes, pause))
+                if pause is not None:
+                    pause()
                 exporter.export(encoded)  # a list of packed spans, with what the wrapped encoder returns
             else:
                 if spans is None:
                     spans = [unpack(item, resource) for item in packed]
+                if pause is not None:
+                    pause()
                 exporter.export(spans)
 
     try:
