@@ -274,9 +274,9 @@ def _yield_to_requests() -> Callable[[], object] | None:
     The gateway's requests come first. An export is a few milliseconds of CPU (512 spans encoded, then the POST):
     on a kernel that does not preempt a running process's user code at once (``PREEMPT_NONE``, as on the benchmark
     machine), a process woken on the helper's core (the gateway's client, its upstream, the gateway itself) waited
-    for the export to end. Measured on 2 cores, a miss at 1 connection: p99 2.2-2.6 ms -> 0.8 ms; at 16
-    connections 4,670-4,770 -> 4,920-5,070 req/s. At nice +10 the helper still gets ~10% of a core a busy
-    process leaves it (an idle-priority helper would get nothing on a saturated machine, and drop every span)."""
+    for the export to end. Measured on 2 cores, a miss at 1 connection: p99 2.2-2.6 ms -> 0.7-0.8 ms; at 16
+    connections 4,670-4,770 -> 4,900-5,010 req/s. At nice +10 the helper still gets ~10% of a core a busy
+    process leaves it (an idle-priority helper would get next to nothing on a saturated machine, and drop spans)."""
     try:
         os.nice(10)
     except OSError:  # not permitted (a sandbox's policy, say): the yields still help
