@@ -195,6 +195,40 @@ def test_a_full_queue_drops_and_counts_spans(monkeypatch: pytest.MonkeyPatch) ->
     provider.shutdown()
 
 
+def test_dropped_spans_are_told_while_it_happens(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not only at shutdown: an operator sees spans go missing while the gateway runs (at most once a schedule delay).
+    import embedgate.lean_trace as lean_trace
+
+    told: list[tuple[str, dict[str, Any]]] = []
+
+    class Log:
+        def warning(self, event: str, **fields: Any) -> None:
+            told.append((event, fields))
+
+        def exception(self, event: str, **fields: Any) -> None:
+            raise AssertionError(event)
+
+    monkeypatch.setattr(lean_trace, "_log", Log())
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")  # the helper's exports to nowhere give up fast
+    provider = LeanTracerProvider(["otlp"], "told")
+    try:
+        tracer = provider.get_tracer("embedgate")
+        with provider._flush_lock:
+            for _ in range(10):
+                tracer.start_span("s").end()
+        deadline = time.monotonic() + 5
+        while not told and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # a few more schedule delays: nothing new was dropped, nothing more is told
+        assert told == [("spans dropped: the export queue was full or the helper fell behind",
+                         {"dropped": 6, "dropped_total": 6})]  # fmt: skip
+    finally:
+        provider.shutdown()
+
+
 def test_spans_a_dead_helper_cannot_take_are_dropped_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")

@@ -329,6 +329,7 @@ class LeanTracerProvider(trace.TracerProvider):
         self._flush_lock = threading.Lock()
         self._closed = False
         self.dropped = 0
+        self._reported_drops = 0  # spans dropped (here and in the pipe) already told in a warning
         self._pipe = SpanPipe(exporters, service_name)
         self._worker = threading.Thread(target=self._run, name="embedgate-span-export", daemon=True)
         self._worker.start()
@@ -382,6 +383,15 @@ class LeanTracerProvider(trace.TracerProvider):
                 self.force_flush(int(self._delay_s * 1000))
             except Exception:  # never let the export thread die: later spans would only pile up and drop
                 _log.exception("exporting spans failed")
+            self._report_drops()
+
+    def _report_drops(self) -> None:
+        """Warn of the spans dropped since the last warning, while it happens (at most once a schedule delay)."""
+        dropped = self.dropped + self._pipe.dropped
+        if dropped > self._reported_drops:
+            _log.warning("spans dropped: the export queue was full or the helper fell behind",
+                         dropped=dropped - self._reported_drops, dropped_total=dropped)  # fmt: skip
+            self._reported_drops = dropped
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Hand every queued span to the helper, waiting up to ``timeout_millis`` for the pipe to take them."""
