@@ -337,15 +337,14 @@ def _serve(exporter_names: str, service_name: str, ready_fd: int) -> None:
             if type(exporter).__module__ in direct:
                 if encoded is None:
                     encoded = _Encoded(packed, encode_request(packed, resource.attributes, pause))
-                if pause is not None:
-                    pause()
-                exporter.export(encoded)  # a list of packed spans, with what the wrapped encoder returns
+                batch: list[Any] = encoded  # a list of packed spans, with what the wrapped encoder returns
             else:
                 if spans is None:
                     spans = [unpack(item, resource) for item in packed]
-                if pause is not None:
-                    pause()
-                exporter.export(spans)
+                batch = spans
+            if pause is not None:
+                pause()
+            exporter.export(batch)
 
     try:
         # The gateway writes small frames (short bursts under its GIL). An export gathers frames for up to
