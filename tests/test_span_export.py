@@ -345,6 +345,22 @@ def test_the_helper_runs_below_the_gateway_s_priority(monkeypatch: pytest.Monkey
         pipe.close()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the helper's mappings from /proc")
+def test_the_helper_loads_only_what_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The helper lives as long as the gateway: the gateway's own modules (numpy, the HTTP client, the ASGI stack)
+    # would only take its memory. Its native libraries tell what it imported, once it is ready to export.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    pipe = SpanPipe(["otlp"], "imports")
+    try:
+        assert pipe._child.poll() is None  # ready (SpanPipe waited for it), its exporter built
+        with open(f"/proc/{pipe._child.pid}/maps") as maps:
+            loaded = maps.read()
+    finally:
+        pipe.close()
+    for gateway_only in ("numpy", "orjson", "httptools", "uvloop"):
+        assert gateway_only not in loaded, gateway_only
+
+
 def test_an_encoded_batch_is_what_each_otlp_exporter_expects() -> None:
     """The OTLP/HTTP exporter is handed the encoded bytes as they are; gRPC's stub, a real message of them."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
