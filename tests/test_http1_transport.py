@@ -395,3 +395,94 @@ async def test_the_adapter_reads_gzip_retry_after_and_bad_gzip_alike_on_both_pat
     assert (limited.value.upstream_status, limited.value.retry_after_s) == (429, 2.0)
     assert "answered 429: slow!!" in str(limited.value)
     assert str(corrupt.value).startswith("up: connection failed (")  # an upstream error, not a 500
+
+
+# --- bodies read by their length ---------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def serve_in_pieces(data: bytes, piece: int, pause_s: float = 0.001) -> AsyncIterator[Server]:
+    """Answers every request with ``data`` written ``piece`` bytes at a time, each piece sent on its own."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                for at in range(0, len(data), piece):
+                    writer.write(data[at : at + piece])
+                    await writer.drain()
+                    await asyncio.sleep(pause_s)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    server = Server(lambda n: None)
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server.port = srv.sockets[0].getsockname()[1]
+    try:
+        yield server
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "body", "reused"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"", True),
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", b"", True),  # no body, whatever the length says
+        (b"HTTP/1.1 200 OK\r\nX-A:  spaced  \r\nContent-Length: 02\r\n\r\nhi", b"hi", True),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nhi", b"hi", False),  # HTTP/1.0: closed after the answer
+        (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 2\r\n\r\nhi", b"hi", False),
+    ],
+)
+async def test_heads_are_read_by_llhttp_and_bodies_by_their_length(answer: bytes, body: bytes, reused: bool) -> None:
+    async with serve_in_pieces(answer, 3) as server:  # the head first, the body in later reads
+        transport = Http1Transport()
+        first = await post(transport, server.url)
+        second = await post(transport, server.url)
+        await transport.aclose()
+    assert first.content == second.content == body
+    assert server.connections == (1 if reused else 2)
+    if b"X-A" in answer:
+        assert first.headers.raw[0] == (b"X-A", b"spaced  ")  # as llhttp gives it: leading blanks only dropped
+
+
+async def test_an_invalid_head_is_a_protocol_error_whatever_its_length() -> None:
+    async with serve(lambda n: (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi", False)) as s:
+        transport = Http1Transport()
+        with pytest.raises(httpx.RemoteProtocolError, match="Content-Length"):
+            await post(transport, s.url)
+        await transport.aclose()
+
+
+@pytest.mark.parametrize("piece", [1, 7, 65_536])
+async def test_an_answer_in_many_reads_arrives_whole_and_the_connection_is_reused(piece: int) -> None:
+    body = bytes(range(256)) * (8200 if piece > 1000 else 1)  # 2.1 MB (a 256 batch), or 256 B a few bytes at a time
+    answer = b"HTTP/1.1 200 OK\r\nX-Big: 1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    async with serve_in_pieces(answer, piece, pause_s=0.001 if len(answer) // piece < 1000 else 0) as server:
+        transport = Http1Transport()
+        origin = (b"http", b"127.0.0.1", server.port)
+        request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+        first = await transport.exchange(origin, request)
+        second = await transport.exchange(origin, request)
+        over_httpx = await post(transport, server.url, b"{}")
+        await transport.aclose()
+    for status, headers, content in (first, second):
+        assert (status, headers) == (200, [(b"X-Big", b"1"), (b"Content-Length", b"%d" % len(body))])
+        assert content == body
+    assert type(first[2]) is bytearray  # the buffer the socket filled, not a copy of it
+    assert over_httpx.content == body and type(over_httpx.content) is bytes
+    assert server.connections == 1
+
+
+async def test_an_answer_cut_in_a_body_read_by_its_length_is_a_read_error() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 50_000
+    async with serve(lambda n: (answer, True)) as server:
+        transport = Http1Transport()
+        with pytest.raises(httpx.ReadError, match="middle of its answer"):
+            await post(transport, server.url)
+        await transport.aclose()

@@ -69,6 +69,20 @@ async def test_a_batch_is_cut_into_a_small_skeleton_and_read_back_in_index_order
     assert [bytes(t) for t in result.b64 or [] if t is not None] == [b64(i, 1536).encode() for i in range(256)]
 
 
+def test_vectors_of_other_lengths_are_cut_whole_where_the_last_length_is_guessed() -> None:
+    # After the first vector, the next text's end is looked for where a text of the same length would end; a
+    # shorter one, even with a quote just there (the end of the next value), or a longer one are cut all the same.
+    first, short, long = b64(0), b64(1, 4), b64(2, 12)
+    trap = "A" * (len(first) - len(short) - len('","y":"'))  # "y" ends where a text as long as first's would
+    items = [f'{{"embedding":"{first}"}}', f'{{"embedding":"{short}","y":"{trap}"}}', f'{{"embedding":"{long}"}}',
+             f'{{"embedding":"{first}"}}']  # fmt: skip
+    body = ('{"data":[' + ",".join(items) + "]}").encode()
+    skeleton, cut, texts = cut_vectors(body)
+    assert cut == [vec(0), vec(1, 4), vec(2, 12), vec(0)]
+    assert [bytes(t) for t in texts if t is not None] == [t.encode() for t in (first, short, long, first)]
+    assert orjson.loads(skeleton)["data"][1] == {"embedding": "#1", "y": trap}
+
+
 async def test_only_a_canonical_base64_text_is_kept_for_passing_on() -> None:
     canonical = b64(0)  # 32 bytes: a padded last group, whose unused bits a lenient encoder may set
     assert canonical.endswith("=")

@@ -21,7 +21,7 @@ class MalformedAnswer(ValueError):
     """The answer is not one well-formed vector per input; the message says what is wrong."""
 
 
-def read_answer(content: bytes, n_items: int, dimensions: int | None) -> Answer:
+def read_answer(content: bytes | bytearray, n_items: int, dimensions: int | None) -> Answer:
     """The validated vectors of an answer to ``n_items`` inputs, in input order; :class:`MalformedAnswer` if not."""
     skeleton, cut, texts = cut_vectors(content)
     try:
@@ -74,7 +74,7 @@ _KEY: Final = b'"embedding":"'
 _MARK: Final = "#"  # never in a base64 string: a marker in the skeleton can only be one this module wrote
 
 
-def cut_vectors(content: bytes) -> tuple[bytes, list[bytes | None], list[memoryview | None]]:
+def cut_vectors(content: bytes | bytearray) -> tuple[bytes | bytearray, list[bytes | None], list[memoryview | None]]:
     """The answer with every base64 vector cut out and decoded: ``(skeleton, vectors, texts)``.
 
     A batch answer is ~2 MB of base64 strings; parsing it as JSON made a Python str of every vector (~1 ms for
@@ -95,16 +95,27 @@ def cut_vectors(content: bytes) -> tuple[bytes, list[bytes | None], list[memoryv
     vectors: list[bytes | None] = []
     texts: list[memoryview | None] = []
     copied = 0  # content[:copied] is in parts
+    width = -1  # the length of the last vector's text: the next one is most likely as long
     while at >= 0:
         start = at + len(_KEY)
-        end = find(b'"', start)
-        if end < 0:
-            break
+        end = start + width
+        raw: bytes | None = None
+        if width > 0 and end < len(content) and content[end] == 0x22:  # '"' where the same length would end
+            # No search for the quote: a shorter string would put its quote (not base64) inside the text, which
+            # the decoding refuses; then the quote is searched for as usual.
+            try:
+                raw = b64_to_bytes(view[start:end])
+            except VectorError:
+                pass
+        if raw is None:
+            end = find(b'"', start)
+            if end < 0:
+                break
+            try:
+                raw = b64_to_bytes(view[start:end])
+            except VectorError:
+                pass
         text = view[start:end]
-        try:
-            raw = b64_to_bytes(text)
-        except VectorError:
-            raw = None
         if raw is not None:
             parts.append(view[copied:start])
             parts.append(b"#%d" % len(vectors))
@@ -114,6 +125,7 @@ def cut_vectors(content: bytes) -> tuple[bytes, list[bytes | None], list[memoryv
             tail = len(raw) % 3
             texts.append(text if not tail or bytes_to_b64(raw[-tail:]) == text[-4:] else None)
             copied = end
+            width = end - start
         at = find(_KEY, end)
     if not vectors:
         return content, [], []

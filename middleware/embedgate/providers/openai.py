@@ -116,7 +116,7 @@ class OpenAIAdapter:
         request.read()  # so that ``request.content`` is there for any transport (one chunk: no copy)
         return request
 
-    def _message(self, content: bytes) -> str:
+    def _message(self, content: bytes | bytearray) -> str:
         """The upstream's error message, short, and scrubbed of our provider key should it echo it."""
         try:
             data = orjson.loads(content)
@@ -129,7 +129,7 @@ class OpenAIAdapter:
             text = text.replace(self._secret, "[redacted]")
         return text[:_MAX_MESSAGE] or "(empty body)"
 
-    def _parse(self, content: bytes, n_items: int, dimensions: int | None) -> Embeddings:
+    def _parse(self, content: bytes | bytearray, n_items: int, dimensions: int | None) -> Embeddings:
         try:
             vectors, b64, dims, prompt, total = read_answer(content, n_items, dimensions)
         except MalformedAnswer as exc:
@@ -137,9 +137,9 @@ class OpenAIAdapter:
         return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total, b64=b64)
 
 
-def _decoded(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+def _decoded(status: int, headers: list[tuple[bytes, bytes]], body: bytes | bytearray) -> bytes:
     """A compressed answer's body, decoded as httpx decodes it (gzip, deflate, br, zstd where installed)."""
-    response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body))
+    response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(bytes(body)))
     return response.read()
 
 
