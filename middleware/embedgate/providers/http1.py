@@ -37,7 +37,7 @@ _Origin = tuple[bytes, bytes, int]  # scheme, host, port
 #: An answer: status, headers as sent, body as sent (a bytearray when it came in several reads: see _Connection).
 _Answer = tuple[int, list[tuple[bytes, bytes]], bytes | bytearray]
 
-_SCRATCH: Final = 32 * 1024  # what one read takes while a head is awaited: a single-input answer fits whole
+_SCRATCH: Final = 32 * 1024  # the buffer each read of what llhttp reads fills: a single-input answer fits whole
 
 
 class _Connection(asyncio.BufferedProtocol):
