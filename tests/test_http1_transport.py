@@ -479,6 +479,17 @@ async def test_an_answer_in_many_reads_arrives_whole_and_the_connection_is_reuse
     assert server.connections == 1
 
 
+async def test_bytes_beyond_an_answer_keep_its_connection_from_being_reused() -> None:
+    # A body longer than its Content-Length: read on the same connection, the next answer would start with the rest.
+    async with serve(lambda n: (ok(b'{"n":%d}' % n)[0] + b"HTTP/1.1 200 OK\r\n", False)) as server:  # type: ignore[index]
+        transport = Http1Transport()
+        first = await post(transport, server.url)
+        second = await post(transport, server.url)
+        await transport.aclose()
+    assert (first.json(), second.json()) == ({"n": 1}, {"n": 2})
+    assert server.connections == 2
+
+
 async def test_an_answer_cut_in_a_body_read_by_its_length_is_a_read_error() -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 50_000
     async with serve(lambda n: (answer, True)) as server:

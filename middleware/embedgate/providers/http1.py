@@ -7,12 +7,12 @@ pooled connection and letting llhttp hand back status, headers and body costs a 
 (``tests/benchmarks/transports.py`` measures all the candidates side by side).
 
 What it does: keep-alive connections pooled per origin (``http``/``https``, most recently used first, closed after
-``keepalive_s`` idle or when the server says ``Connection: close``), at most ``max_connections`` open at once
-(callers beyond that wait for one), bodies by ``Content-Length``, chunked or until close; httpx decodes
-``Content-Encoding`` as for any transport. A request is sent once more, on a new connection, when a reused one
-closes before any byte of its answer came: the server's idle timeout ended just as it went out (aiohttp's client
-does the same; httpcore raises). What it leaves out, because no embedding API needs it: HTTP/2,
-proxies, upgrades, ``Expect: 100-continue``, HEAD.
+``keepalive_s`` idle, when the server says ``Connection: close``, or when an answer came with bytes beyond its end),
+at most ``max_connections`` open at once (callers beyond that wait for one), bodies by ``Content-Length``, chunked
+or until close; httpx decodes ``Content-Encoding`` as for any transport. A request is sent once more, on a new
+connection, when a reused one closes before any byte of its answer came: the server's idle timeout ended just as it
+went out (aiohttp's client does the same; httpcore raises). What it leaves out, because no embedding API needs it:
+HTTP/2, proxies, upgrades, ``Expect: 100-continue``, HEAD.
 
 Timeouts: none of its own. The caller bounds each call (the adapters run it under ``deadline``); a call
 cancelled mid-way closes its connection, since an answer may still be on its way. Errors keep httpx's types:
@@ -168,6 +168,13 @@ class _Connection(asyncio.BufferedProtocol):
             waiter.set_exception(httpx.ReadError("the server closed the connection without answering"))
 
     # --- httptools callbacks --------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and waiter.done():
+            # More bytes after the answer (a body longer than its Content-Length, say): the next answer on this
+            # connection could not be told from them, so it is not reused.
+            self.keep_alive = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
