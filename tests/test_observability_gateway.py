@@ -286,6 +286,22 @@ async def test_cache_hit_and_budget_rejection_are_root_attributes(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("enabled_by_default", [False, True])
+async def test_a_request_that_bypasses_the_cache_has_no_cache_span(
+    upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter, enabled_by_default: bool
+) -> None:
+    # Nothing looked up, nothing to show: the stage is skipped, span and all, as routing is on a full hit.
+    config = make_config(upstream, cache={"enabled_by_default": enabled_by_default})
+    gw = EmbeddingGateway(host_404, config=config, tracer_provider=provider)
+    async with client_for(gw) as client:
+        answer = await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "x"}, headers=AUTH)
+    assert answer.headers["x-embedgate-cache"] == ("miss" if enabled_by_default else "bypass")
+    (root,) = roots(exporter)
+    stages = {s.name for s in trace_of(exporter, root) if s.kind is SpanKind.INTERNAL}
+    assert stages == ({"auth", "cache", "budget", "routing"} if enabled_by_default else {"auth", "budget", "routing"})
+
+
+@pytest.mark.anyio
 async def test_caller_traceparent_is_continued_and_each_attempt_injects_its_own(
     upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:

@@ -272,8 +272,9 @@ def test_spans_queued_at_a_sigterm_to_the_process_group_still_reach_the_collecto
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-        spans = receiver.wait_for_spans(6, timeout=15)
-    assert {s.name for s in spans} == {"last", "auth", "cache", "budget", "routing", "embeddings embed-small"}
+        spans = receiver.wait_for_spans(5, timeout=15)
+    # no "cache" span: the request bypasses the cache (it asks for none, and the config does not cache by default)
+    assert {s.name for s in spans} == {"last", "auth", "budget", "routing", "embeddings embed-small"}
     upstream_server.reset()
 
 

@@ -184,13 +184,20 @@ class Pipeline:
 
     async def run(self, call: Call) -> None:
         """Run the stages after ``normalize``, each in its own span; a stage with nothing to do is skipped, span
-        and all (``routing`` when the cache answered every item)."""
+        and all (``cache`` when the request bypasses the cache, ``routing`` when the cache answered every item)."""
         stage_span = self._telemetry.stage
         for name, stage in self.stages:
             if name == "routing" and call.cache_status == "hit":
                 continue
+            if name == "cache" and self._bypasses_cache(call):
+                continue
             with stage_span(name):
                 await stage(call)
+
+    def _bypasses_cache(self, call: Call) -> bool:
+        req = call.request
+        assert req is not None
+        return req.cache is None and not self._cache_cfg.enabled_by_default
 
     async def normalize(self, call: Call) -> None:
         """Parse, validate and normalize the body (400 naming the parameter)."""
@@ -228,8 +235,8 @@ class Pipeline:
         req = call.request
         assert req is not None and call.key is not None
         cfg = self._cache_cfg
-        if req.cache is None and not cfg.enabled_by_default:
-            return  # bypass
+        if self._bypasses_cache(call):
+            return
         ttl = req.cache.ttl if req.cache is not None and req.cache.ttl is not None else cfg.default_ttl
         if ttl > cfg.max_ttl:
             raise InvalidRequest(f"Invalid 'cache.ttl': {ttl} s is above the maximum of {cfg.max_ttl} s",
