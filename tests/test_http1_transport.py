@@ -479,15 +479,26 @@ async def test_an_answer_in_many_reads_arrives_whole_and_the_connection_is_reuse
     assert server.connections == 1
 
 
-async def test_bytes_beyond_an_answer_keep_its_connection_from_being_reused() -> None:
+@pytest.mark.parametrize("beyond", [b"HTTP/1.1 200 OK\r\n", ok(b"{}")[0]], ids=["a part", "a whole answer"])  # type: ignore[index]
+async def test_bytes_beyond_an_answer_keep_its_connection_from_being_reused(beyond: bytes) -> None:
     # A body longer than its Content-Length: read on the same connection, the next answer would start with the rest.
-    async with serve(lambda n: (ok(b'{"n":%d}' % n)[0] + b"HTTP/1.1 200 OK\r\n", False)) as server:  # type: ignore[index]
+    async with serve(lambda n: (ok(b'{"n":%d}' % n)[0] + beyond, False)) as server:  # type: ignore[index]
         transport = Http1Transport()
         first = await post(transport, server.url)
         second = await post(transport, server.url)
         await transport.aclose()
     assert (first.json(), second.json()) == ({"n": 1}, {"n": 2})
     assert server.connections == 2
+
+
+async def test_an_announced_length_beyond_the_buffered_bound_is_read_as_it_comes() -> None:
+    # No buffer of that size is allocated up front: the bytes that come are read, then the cut is a read error.
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 40) + b"x" * 50_000
+    async with serve(lambda n: (answer, True)) as server:
+        transport = Http1Transport()
+        with pytest.raises(httpx.ReadError, match="middle of its answer"):
+            await post(transport, server.url)
+        await transport.aclose()
 
 
 async def test_an_answer_cut_in_a_body_read_by_its_length_is_a_read_error() -> None:
