@@ -103,18 +103,12 @@ def cut_vectors(content: bytes | bytearray) -> tuple[bytes | bytearray, list[byt
         if width > 0 and end < len(content) and content[end] == 0x22:  # '"' where the same length would end
             # No search for the quote: a shorter string would put its quote (not base64) inside the text, which
             # the decoding refuses; then the quote is searched for as usual.
-            try:
-                raw = b64_to_bytes(view[start:end])
-            except VectorError:
-                pass
+            raw = _vector_or_none(view[start:end])
         if raw is None:
             end = find(b'"', start)
             if end < 0:
                 break
-            try:
-                raw = b64_to_bytes(view[start:end])
-            except VectorError:
-                pass
+            raw = _vector_or_none(view[start:end])
         text = view[start:end]
         if raw is not None:
             parts.append(view[copied:start])
@@ -131,6 +125,13 @@ def cut_vectors(content: bytes | bytearray) -> tuple[bytes | bytearray, list[byt
         return content, [], []
     parts.append(view[copied:])
     return b"".join(parts), vectors, texts
+
+
+def _vector_or_none(text: memoryview) -> bytes | None:
+    try:
+        return b64_to_bytes(text)
+    except VectorError:
+        return None
 
 
 def take_cut(vectors: list[bytes | None], marker: str) -> tuple[bytes, int]:
