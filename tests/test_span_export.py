@@ -434,3 +434,33 @@ def test_a_lean_span_s_w3c_headers_are_what_the_propagators_write() -> None:
                     assert AttemptSpan(span).trace_headers()["baggage"] == "tenant=acme"  # left to the propagators
                 finally:
                     otel_context.detach(token)
+
+
+def test_a_request_span_s_attributes_set_as_a_dict_are_what_the_api_calls_keep() -> None:
+    """``RequestSpan.set_many`` hands a dict of plain values to a lean span in one update: the span keeps exactly
+    what ``set_attributes`` (the API's way) keeps, odd values included, and never more than 128 attributes."""
+    from embedgate.telemetry import ALLOWED_ATTRIBUTES, RequestSpan
+
+    allowed = sorted(ALLOWED_ATTRIBUTES)
+    plain = {"embedgate.model": "m", "embedgate.input_count": 3, "embedgate.cost_usd": 1.5e-7, "embedgate.cache": "hit"}
+    odd = {"embedgate.model": None, "embedgate.input_count": 2**63, "embedgate.attempts": Level.HIGH,
+           "embedgate.route": Name("openai"), "gen_ai.request.encoding_formats": ["base64"]}  # fmt: skip
+    every = {key: i for i, key in enumerate(allowed)}  # every allowed name, on a span that already has 100
+    cases: list[dict[str, Any]] = [plain, odd, every]
+    for attributes in cases:
+        kept = []
+        for via_set_many in (True, False):
+            sink = Captured()
+            span = LeanTracer(sink, ["embedgate", None]).start_span(  # type: ignore[arg-type]
+                "root", attributes={f"preset.{i}": i for i in range(100)}
+            )
+            if via_set_many:
+                RequestSpan(span).set_many(attributes)
+            else:
+                span.set_attributes(attributes)
+            span.end()
+            kept.append(sink.packed[0][9])
+        assert kept[0] == kept[1]
+        assert all(type(v) in (str, int, float, bool, tuple) for v in kept[0].values())
+        assert len(kept[0]) == min(128, 100 + len(attributes) - list(attributes.values()).count(None)
+                                   - (2**63 in attributes.values()))  # fmt: skip

@@ -162,6 +162,28 @@ def test_stage_and_attempt_spans_are_children_with_genai_attributes(
     assert injected["traceparent"] == f"00-{CALLER_TRACE}-{span_id(attempt_span):016x}-01"
 
 
+def test_a_stage_not_made_current_is_still_the_roots_child_and_leaves_the_context_alone(
+    telemetry: Telemetry, exporter: InMemorySpanExporter
+) -> None:
+    """The pipeline's stages that start no span of their own (auth, cache, budget) are not made current."""
+    with telemetry.start_request("req", headers=[]) as root:
+        outside = trace.get_current_span()
+        with telemetry.stage("budget", current=False):
+            assert trace.get_current_span() is outside
+            sibling = telemetry.attempt(**attempt_kwargs())  # started within it: its sibling, not its child
+            sibling.end()
+        with pytest.raises(BudgetExceeded), telemetry.stage("auth", current=False):
+            raise BudgetExceeded("over", code="token_limit_exceeded", scope_kind="api_key", scope_target_id="k",
+                                 dimension="tokens")  # fmt: skip
+        assert trace.get_current_span() is outside
+        root.end(200)
+    spans = by_name(exporter)
+    assert parent_id(spans["budget"]) == parent_id(spans["embeddings text-embedding-3-small"]) == span_id(spans["req"])
+    assert spans["budget"].kind is SpanKind.INTERNAL
+    assert spans["auth"].attributes == {"error.type": "token_limit_exceeded"}  # a 4xx: no error status
+    assert spans["auth"].status.status_code is StatusCode.UNSET
+
+
 def test_attempt_outside_a_stage_parents_to_the_root(telemetry: Telemetry, exporter: InMemorySpanExporter) -> None:
     with telemetry.start_request("req", headers=[]) as root:
         attempt = telemetry.attempt(**attempt_kwargs())

@@ -166,6 +166,22 @@ class LeanSpan(Span):
                 if v is not None and (key in attrs or len(attrs) < _MAX_ATTRIBUTES):
                     attrs[key] = v
 
+    def set_plain(self, attributes: dict[str, Any]) -> None:
+        """``set_attributes`` for a dict: a value of a plain type (str, bool, float, an int within int64) is stored
+        as it is, in one update when all are plain and the span has room; the rest go through ``set_attribute``."""
+        if self._end is not None:
+            return
+        attrs = self._attrs
+        if len(attrs) + len(attributes) <= _MAX_ATTRIBUTES:
+            for value in attributes.values():
+                if not _plain(value):
+                    break
+            else:
+                attrs.update(attributes)
+                return
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
     def add_event(self, name: str, attributes: Attributes = None, timestamp: int | None = None) -> None:
         if self._end is None:
             if self._events is _NO_EVENTS:

@@ -169,12 +169,13 @@ class Pipeline:
         self._unknown = config.server.unknown_fields
         self._default_retry = config.routing.default_retry
         self._cache_cfg = config.cache
-        # normalize runs first, on its own: the request's name names the trace that spans the other stages
-        self.stages: list[tuple[str, Stage]] = [
-            ("auth", self.authenticate),
-            ("cache", self.cache_lookup),
-            ("budget", self.budget),
-            ("routing", self.route),
+        # normalize runs first, on its own: the request's name names the trace that spans the other stages. The
+        # flag: whether the stage's span is made current, for the spans started within it (routing's attempts).
+        self.stages: list[tuple[str, Stage, bool]] = [
+            ("auth", self.authenticate, False),
+            ("cache", self.cache_lookup, False),
+            ("budget", self.budget, False),
+            ("routing", self.route, True),
         ]
 
     @property
@@ -185,13 +186,13 @@ class Pipeline:
     async def run(self, call: Call) -> None:
         """Run the stages after ``normalize``, each in its own span; a stage with nothing to do is skipped, span
         and all (``cache`` when the request bypasses the cache, ``routing`` when the cache answered every item)."""
-        stage_span = self._telemetry.stage
-        for name, stage in self.stages:
+        telemetry = self._telemetry
+        for name, stage, current in self.stages:
             if name == "routing" and call.cache_status == "hit":
                 continue
             if name == "cache" and self._bypasses_cache(call):
                 continue
-            with stage_span(name):
+            with telemetry.stage(name, current=current):
                 await stage(call)
 
     def _bypasses_cache(self, call: Call) -> bool:

@@ -197,7 +197,11 @@ class _Scoped:
             for key in attributes:
                 _check(key)
         if self._recording:
-            self._span.set_attributes(attributes)
+            span = self._span
+            if type(span) is LeanSpan and type(attributes) is dict:
+                span.set_plain(attributes)  # one dict update, not the API's call per attribute
+            else:
+                span.set_attributes(attributes)
 
     def __enter__(self) -> Self:
         self._attach()
@@ -253,9 +257,19 @@ class RequestSpan(_Scoped):
 
 
 class StageSpan(_Scoped):
-    """An INTERNAL span around one pipeline stage; made current for its duration."""
+    """An INTERNAL span around one pipeline stage; made current for its duration, unless it was started with
+    ``current=False`` (a stage that starts no span of its own needs no context of its own)."""
 
-    __slots__ = ()
+    __slots__ = ("_current",)
+
+    def __init__(self, span: Span, current: bool = True) -> None:
+        super().__init__(span)
+        self._current = current
+
+    def __enter__(self) -> Self:
+        if self._current:
+            self._attach()
+        return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -426,9 +440,13 @@ class Telemetry:
             )
         return RequestSpan(span)
 
-    def stage(self, name: str) -> StageSpan:
-        """An INTERNAL child span of the current span, for ``with telemetry.stage("budget") as s: ...``."""
-        return StageSpan(self._tracer.start_span(name, kind=_INTERNAL))
+    def stage(self, name: str, *, current: bool = True) -> StageSpan:
+        """An INTERNAL child span of the current span, for ``with telemetry.stage("budget") as s: ...``.
+
+        With ``current=False`` the span is not made current: a span started within the stage would be its sibling,
+        not its child. For stages that start none (attaching a span to the context and detaching it cost more
+        than starting and ending it)."""
+        return StageSpan(self._tracer.start_span(name, kind=_INTERNAL), current)
 
     def attempt(
         self,
