@@ -8,6 +8,7 @@ the connection (the app failed after its response start, a header value that wou
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import socket
 import threading
@@ -20,6 +21,7 @@ import orjson
 import pytest
 import uvicorn
 
+from embedgate.logs import REQUEST_TASK
 from embedgate.serve_protocol import HIGH_WATER, GatewayHttpProtocol
 
 from .conftest import free_port
@@ -428,3 +430,43 @@ def test_an_upgrade_request_is_answered_as_http_then_the_connection_closes(both:
                                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", 1)  # fmt: skip
     assert response[0] == 200 and orjson.loads(response[2])["path"] == "/echo"
     assert closed
+
+
+LAST_SEEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("last_seen", default=None)
+
+
+async def context_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers what its context held when the request came (and what its scope's extensions are), then sets it."""
+    if scope["type"] != "http":
+        return
+    out = orjson.dumps({"seen": LAST_SEEN.get(), "extensions": sorted(scope.get("extensions") or {})})
+    LAST_SEEN.set(scope["path"])
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(out))]})
+    await send({"type": "http.response.body", "body": out})
+
+
+def test_each_request_runs_in_a_context_of_its_own_and_the_scope_says_so() -> None:
+    """What a request sets in its context (the gateway's log bindings) never reaches the next request on the same
+    connection: the promise of the ``embedgate.request_task`` extension, which lets the gateway skip undoing them."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(context_app, host="127.0.0.1", port=port, http=GatewayHttpProtocol,
+                                           lifespan="off", log_level="critical", access_log=False))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            answers = []
+            for path in ("/first", "/second"):
+                sock.sendall(b"GET %s HTTP/1.1\r\nhost: t\r\n\r\n" % path.encode())
+                data = b""
+                while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+                    data += sock.recv(65536)
+                answers.append(orjson.loads(data.partition(b"\r\n\r\n")[2]))
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert answers == [{"seen": None, "extensions": [REQUEST_TASK]}] * 2

@@ -38,7 +38,9 @@ from .errors import (
 )
 from .identities import IdentityStore, identity_store
 from .logs import (
+    REQUEST_TASK,
     bind_request,
+    bind_task,
     clear_request,
     configure_logging,
     flush_access_lines,
@@ -255,7 +257,12 @@ class EmbeddingGateway:
         req = call.request
         name = (req.name or f"embeddings {req.model}") if req is not None else "embeddings"
         with self.telemetry.start_request(name, headers=scope["headers"]) as root:
-            bind_request(request_id=request_id, trace_id=root.trace_id_hex, span_id=root.span_id_hex)
+            extensions = scope.get("extensions")
+            own_task = extensions is not None and REQUEST_TASK in extensions
+            if own_task:  # the bindings end with the request's task: nothing to undo
+                bind_task(request_id=request_id, trace_id=root.trace_id_hex, span_id=root.span_id_hex)
+            else:
+                bind_request(request_id=request_id, trace_id=root.trace_id_hex, span_id=root.span_id_hex)
             try:
                 if error is None:
                     try:
@@ -296,7 +303,8 @@ class EmbeddingGateway:
                 if send_failed is not None:
                     raise send_failed
             finally:
-                clear_request()
+                if not own_task:
+                    clear_request()
 
     async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
         ctype = headers.get("content-type")

@@ -24,8 +24,10 @@ from structlog.typing import Processor
 
 __all__ = [
     "ACCESS_LOGGER",
+    "REQUEST_TASK",
     "access_log",
     "bind_request",
+    "bind_task",
     "clear_request",
     "configure_logging",
     "flush_access_lines",
@@ -33,6 +35,9 @@ __all__ = [
 ]
 
 ACCESS_LOGGER: Final = "embedgate.access"
+#: The ASGI scope extension of a server that runs each request in an asyncio task of its own (``embedgate serve``'s
+#: protocol): what the request binds in its context ends with the task, so the gateway binds with ``bind_task``.
+REQUEST_TASK: Final = "embedgate.request_task"
 
 # The processor list of the configuration this module installed, to tell ours from a host app's later one.
 _installed: list[Processor] | None = None
@@ -145,6 +150,17 @@ def bind_request(**fields: Any) -> None:
     _bound.set((*_bound.get(), tokens))
 
 
+def bind_task(**fields: Any) -> None:
+    """``bind_request`` for a request that runs in an asyncio task of its own (``embedgate serve``'s): the
+    bindings end with the task's context, so nothing is kept to undo them (``clear_request`` leaves them)."""
+    for key, value in fields.items():
+        var = _vars.get(key)
+        if var is None:
+            _vars[key] = structlog.contextvars.bind_contextvars(**{key: value})[key].var
+        else:
+            var.set(value)
+
+
 def clear_request() -> None:
     """Undo this request's ``bind_request`` calls, restoring any value a host app had bound on those keys."""
     bindings = _bound.get()
@@ -195,25 +211,37 @@ def access_log(
     Fields already bound with ``bind_request`` appear too, so the ids need not be repeated here. A 5xx is
     logged at warning level, the rest at info.
     """
-    line: dict[str, Any] = {
-        # Named in the line itself: with structlog's non-stdlib loggers the logger name is not rendered.
-        "logger": ACCESS_LOGGER,
-        "status": status,
-        "latency_ms": round(latency_ms, 3),
-        "request_id": request_id,
-        "trace_id": trace_id,
-        "span_id": span_id,
-        "route": route,
-        "key_id": key_id,
-        "identity": identity,
-        "model": model,
-        "cache": cache,
-        "tokens": tokens,
-        "cost_usd": cost_usd,
-        "attempts": attempts,
-    }
-    line.update(fields)
-    line = {key: value for key, value in line.items() if value is not None}
+    # Named in the line itself: with structlog's non-stdlib loggers the logger name is not rendered.
+    line: dict[str, Any] = {"logger": ACCESS_LOGGER, "status": status, "latency_ms": round(latency_ms, 3)}
+    # Set one by one, each only when given (as a comprehension over a full dict would keep them), in this order.
+    if request_id is not None:
+        line["request_id"] = request_id
+    if trace_id is not None:
+        line["trace_id"] = trace_id
+    if span_id is not None:
+        line["span_id"] = span_id
+    if route is not None:
+        line["route"] = route
+    if key_id is not None:
+        line["key_id"] = key_id
+    if identity is not None:
+        line["identity"] = identity
+    if model is not None:
+        line["model"] = model
+    if cache is not None:
+        line["cache"] = cache
+    if tokens is not None:
+        line["tokens"] = tokens
+    if cost_usd is not None:
+        line["cost_usd"] = cost_usd
+    if attempts is not None:
+        line["attempts"] = attempts
+    if fields:
+        for key, value in fields.items():
+            if value is not None:
+                line[key] = value
+            else:
+                line.pop(key, None)  # as the update then the filter did: None for a named field leaves it out
     method = "warning" if status >= 500 else "info"
     direct = _direct
     if direct is not None and tuple(structlog.get_config()["processors"]) == _direct_chain:
@@ -292,14 +320,19 @@ def _flush(out: BinaryIO) -> None:
 
 _stamp_second = -1
 _stamp_prefix = ""
+_time: Final = time.time
 
 
 def _utc_now_iso() -> str:
     """``TimeStamper(fmt="iso", utc=True)``'s text for now (no fraction on a whole second, as isoformat)."""
     global _stamp_second, _stamp_prefix
-    now = time.time()
+    now = _time()
     second = int(now)
     micros = int((now - second) * 1_000_000)
     if second != _stamp_second:
         _stamp_second, _stamp_prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_stamp_prefix}.{micros:06d}Z" if micros else f"{_stamp_prefix}Z"
+    if not micros:
+        return _stamp_prefix + "Z"
+    # The six digits as str(1_000_000 + micros) without its leading 1: a format spec ("06d") is the slow path of
+    # an f-string in the compiled build (~a third of the access line's own cost, measured with callgrind).
+    return _stamp_prefix + "." + str(1_000_000 + micros)[1:] + "Z"

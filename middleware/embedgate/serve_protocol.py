@@ -11,6 +11,8 @@ response header and a keep-alive timer armed and cancelled per request. Here the
 - the answer's head waits for its first body message, and both leave in one write (``writelines``);
 - the keep-alive timeout is one timer per idle period that re-arms itself, not a timer per request;
 - a body already received is handed over without waiting on an event, as bytes without a copy;
+- the scope carries the extension ``embedgate.request_task`` (``embedgate.logs.REQUEST_TASK``): each request runs
+  in a task of its own, so the gateway need not undo its context bindings at the end;
 - response header names are checked once per distinct name, and the values of a head in one pass over it (no
   line break of their own, no control but tab: uvicorn's check per value), before anything is sent: a header
   that fails it gets the client a 500, not half a head.
@@ -35,6 +37,8 @@ import httptools
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, STATUS_LINE
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
+
+from .logs import REQUEST_TASK
 
 __all__ = ["GatewayHttpProtocol"]
 
@@ -227,6 +231,8 @@ class GatewayHttpProtocol(asyncio.Protocol):
             "query_string": query,
             "headers": self.headers,
             "state": self.app_state.copy(),
+            # Each request runs in an asyncio task of its own: what the app sets in its context ends with it.
+            "extensions": {REQUEST_TASK: {}},
         }
         app = self.app
         limit = self.limit_concurrency
