@@ -41,12 +41,16 @@ def item_keys(
     """
     if not items:
         return []
-    head = hashlib.sha256(orjson.dumps((KEY_VERSION, workspace, model, dimensions, input_type))[:-1] + b",")
+    head_json = orjson.dumps((KEY_VERSION, workspace, model, dimensions, input_type))[:-1] + b","
     digests: list[bytes] = []
-    for item in items:
-        h = head.copy()
-        h.update(orjson.dumps(item, option=_SORT_KEYS) + b"]")
-        digests.append(h.digest())
+    if len(items) == 1:  # one item (most requests): one hash of the whole array, no state to copy
+        digests.append(hashlib.sha256(head_json + orjson.dumps(items[0], option=_SORT_KEYS) + b"]").digest())
+    else:
+        head = hashlib.sha256(head_json)
+        for item in items:
+            h = head.copy()
+            h.update(orjson.dumps(item, option=_SORT_KEYS) + b"]")
+            digests.append(h.digest())
     # One base64 pass for all of them: each 32-byte digest and a zero byte are 33 bytes, 44 characters, so the
     # encodings sit side by side; the first 43 of each are the digest's own unpadded encoding (the 43rd holds the
     # digest's last 4 bits and 2 zero bits, as the padded encoding's does).

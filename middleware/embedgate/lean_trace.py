@@ -45,7 +45,18 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.sampling import DEFAULT_ON, Decision, Sampler
-from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    INVALID_SPAN_CONTEXT,
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes, AttributeValue
 
@@ -69,7 +80,9 @@ _FRAME_SPANS: Final = 64  # spans per frame handed to the helper (measured: 64 v
 _time_ns: Final = time.time_ns
 getrandbits: Final = random.getrandbits
 _DEFAULT_ON: Final = DEFAULT_ON
-_NO_TRACE_STATE: Final = TraceState()  # immutable: shared by the root spans without a caller's trace state
+_NO_TRACE_STATE: Final = TraceState()
+_INVALID_SPAN: Final = INVALID_SPAN
+_INVALID_CONTEXT: Final = INVALID_SPAN_CONTEXT  # immutable: shared by the root spans without a caller's trace state
 
 
 def _plain(value: object) -> bool:
@@ -254,8 +267,11 @@ class LeanTracer(trace.Tracer):
             attrs = _clean_all(attributes) if attributes else {}
             return LeanSpan(self, name, current._trace_id, getrandbits(64) or 1, current._trace_state,
                             [current._span_id, False], kind, attrs, start_time or _time_ns())  # fmt: skip
-        parent = current.get_span_context()
-        if parent.is_valid and not parent.is_remote:
+        # No span in the context at all (a request without traceparent): no parent, without asking the API's
+        # INVALID_SPAN for its context and that context's is_valid (Python, four times a root span).
+        parent = _INVALID_CONTEXT if current is _INVALID_SPAN else current.get_span_context()
+        valid = parent is not _INVALID_CONTEXT and parent.is_valid
+        if valid and not parent.is_remote:
             # Another local parent (a non-recording span, a host's span): its trace's decision stands.
             if not parent.trace_flags.sampled:
                 return NonRecordingSpan(SpanContext(parent.trace_id, getrandbits(64) or 1, False, _NOT_SAMPLED,
@@ -263,23 +279,23 @@ class LeanTracer(trace.Tracer):
             attrs = _clean_all(attributes) if attributes else {}
             return LeanSpan(self, name, parent.trace_id, getrandbits(64) or 1, parent.trace_state,
                             [parent.span_id, False], kind, attrs, start_time or _time_ns())  # fmt: skip
-        trace_id = parent.trace_id if parent.is_valid else (getrandbits(128) or 1)
+        trace_id = parent.trace_id if valid else (getrandbits(128) or 1)
         if self.provider.sampler is _DEFAULT_ON:
             # The SDK's default sampler, ParentBased(ALWAYS_ON), decided here as it decides (its Python costs
             # ~1 us a root span): a remote parent's flag, else sampled; the parent's trace state; the attributes.
-            if parent.is_valid and not parent.trace_flags.sampled:
+            if valid and not parent.trace_flags.sampled:
                 return NonRecordingSpan(SpanContext(trace_id, getrandbits(64) or 1, False, _NOT_SAMPLED,
                                                     parent.trace_state))  # fmt: skip
             return LeanSpan(self, name, trace_id, getrandbits(64) or 1,
-                            parent.trace_state if parent.is_valid else _NO_TRACE_STATE,
-                            [parent.span_id, True] if parent.is_valid else None,  # here a valid parent is remote
+                            parent.trace_state if valid else _NO_TRACE_STATE,
+                            [parent.span_id, True] if valid else None,  # here a valid parent is remote
                             kind, _clean_all(attributes), start_time or _time_ns())  # fmt: skip
         result = self.provider.sampler.should_sample(context, trace_id, name, kind, attributes, links)
         trace_state = result.trace_state if result.trace_state is not None else TraceState()
         if result.decision is not Decision.RECORD_AND_SAMPLE:
             return NonRecordingSpan(SpanContext(trace_id, getrandbits(64) or 1, False, _NOT_SAMPLED, trace_state))
         attrs = _clean_all(result.attributes or attributes)
-        packed_parent = [parent.span_id, True] if parent.is_valid else None  # here a valid parent is remote
+        packed_parent = [parent.span_id, True] if valid else None  # here a valid parent is remote
         return LeanSpan(self, name, trace_id, getrandbits(64) or 1, trace_state, packed_parent, kind, attrs,
                         start_time or _time_ns())  # fmt: skip
 

@@ -130,6 +130,7 @@ _get_global_textmap: Final = propagate.get_global_textmap
 _SERVER: Final = SpanKind.SERVER
 _INTERNAL: Final = SpanKind.INTERNAL
 _CLIENT: Final = SpanKind.CLIENT
+_INVALID_SPAN: Final = trace.INVALID_SPAN
 
 
 def _default_propagation() -> bool:
@@ -424,7 +425,8 @@ class Telemetry:
             for key in attributes:
                 _check(key)
         parent: Context | None = None
-        if not current_span().get_span_context().is_valid:
+        current = current_span()
+        if current is _INVALID_SPAN or not current.get_span_context().is_valid:  # the first: no Python to ask it
             parent = self._extract(headers)
         span = self._tracer.start_span(name, context=parent, kind=_SERVER, attributes=attributes)
         if type(span) is not LeanSpan and not span.get_span_context().is_valid:  # a LeanSpan's ids are valid
