@@ -43,7 +43,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from .current_span import attach_span, current_span, detach, has_baggage
-from .lean_trace import LeanSpan
+from .lean_trace import LeanSpan, LeanTracer
 
 if TYPE_CHECKING:
     from .lean_trace import LeanTracerProvider
@@ -172,7 +172,8 @@ class _Scoped:
 
     def __init__(self, span: Span) -> None:
         self._span = span
-        self._recording = span.is_recording()
+        # A lean span is asked directly: through the API's Span type the call is a Python method call.
+        self._recording = span._end is None if type(span) is LeanSpan else span.is_recording()
         self._token: Token[Context] | None = None
         self._ended = False
 
@@ -276,12 +277,16 @@ class StageSpan(_Scoped):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._detach()
+        span = self._span
         if exc is not None and self._recording:
             # Only the error's code or class: its message may quote the input or an upstream's reply.
-            self._span.set_attribute("error.type", _error_type(exc))
+            span.set_attribute("error.type", _error_type(exc))
             if _is_server_fault(exc):
-                self._span.set_status(Status(StatusCode.ERROR))
-        self._span.end()
+                span.set_status(Status(StatusCode.ERROR))
+        if type(span) is LeanSpan:
+            span.end()  # typed LeanSpan here: a direct call in the compiled build
+        else:
+            span.end()
 
 
 class AttemptSpan(_Scoped):
@@ -401,6 +406,9 @@ class Telemetry:
             self._tracer = tracer_provider.get_tracer(_TRACER_NAME)
         else:
             self._tracer = trace.get_tracer(_TRACER_NAME)
+        # The lean tracer, when it is ours: its start_span called directly (through the API's Tracer type it is a
+        # Python call with keyword arguments). Not so for a proxy tracer, which must follow a later provider.
+        self._lean: LeanTracer | None = self._tracer if type(self._tracer) is LeanTracer else None
         self._propagator: object | None = None
         self._fields: frozenset[bytes] = frozenset()
 
@@ -428,7 +436,11 @@ class Telemetry:
         current = current_span()
         if current is _INVALID_SPAN or not current.get_span_context().is_valid:  # the first: no Python to ask it
             parent = self._extract(headers)
-        span = self._tracer.start_span(name, context=parent, kind=_SERVER, attributes=attributes)
+        lean = self._lean
+        if lean is not None:
+            span: Span = lean.start_span(name, parent, _SERVER, attributes)
+        else:
+            span = self._tracer.start_span(name, context=parent, kind=_SERVER, attributes=attributes)
         if type(span) is not LeanSpan and not span.get_span_context().is_valid:  # a LeanSpan's ids are valid
             # No SDK anywhere and no caller trace: a random, unsampled context still gives the response
             # header, the logs and the upstream traceparent one shared trace id.
@@ -448,7 +460,13 @@ class Telemetry:
         With ``current=False`` the span is not made current: a span started within the stage would be its sibling,
         not its child. For stages that start none (attaching a span to the context and detaching it cost more
         than starting and ending it)."""
-        return StageSpan(self._tracer.start_span(name, kind=_INTERNAL), current)
+        lean = self._lean
+        span = (
+            lean.start_span(name, None, _INTERNAL)
+            if lean is not None
+            else self._tracer.start_span(name, kind=_INTERNAL)
+        )
+        return StageSpan(span, current)
 
     def attempt(
         self,
@@ -467,7 +485,9 @@ class Telemetry:
         the upstream host, ``attempt`` counts from 1 within a model, ``fallback_index`` is 0 for the requested
         model and n for the n-th fallback, ``encoding_format`` the format asked of the upstream.
         """
-        span = self._tracer.start_span(f"embeddings {request_model}", kind=_CLIENT)
+        lean = self._lean
+        name = f"embeddings {request_model}"
+        span = lean.start_span(name, None, _CLIENT) if lean is not None else self._tracer.start_span(name, kind=_CLIENT)
         if span.is_recording():
             if "@" in server_address:  # never let userinfo from a base URL through
                 server_address = server_address.rsplit("@", 1)[1]
