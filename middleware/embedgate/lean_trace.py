@@ -80,9 +80,9 @@ _FRAME_SPANS: Final = 64  # spans per frame handed to the helper (measured: 64 v
 _time_ns: Final = time.time_ns
 getrandbits: Final = random.getrandbits
 _DEFAULT_ON: Final = DEFAULT_ON
-_NO_TRACE_STATE: Final = TraceState()
+_NO_TRACE_STATE: Final = TraceState()  # immutable: shared by the root spans without a caller's trace state
 _INVALID_SPAN: Final = INVALID_SPAN
-_INVALID_CONTEXT: Final = INVALID_SPAN_CONTEXT  # immutable: shared by the root spans without a caller's trace state
+_INVALID_CONTEXT: Final = INVALID_SPAN_CONTEXT
 
 
 def _plain(value: object) -> bool:

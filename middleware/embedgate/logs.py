@@ -212,7 +212,7 @@ def access_log(
     latency = int(latency_ms * 1000.0 + 0.5) / 1000.0
     # Named in the line itself: with structlog's non-stdlib loggers the logger name is not rendered.
     line: dict[str, Any] = {"logger": ACCESS_LOGGER, "status": status, "latency_ms": latency}
-    # Set one by one, each only when given (as a comprehension over a full dict would keep them), in this order.
+    # Only the fields given, each set in its turn (not a full dict filtered afterwards).
     if request_id is not None:
         line["request_id"] = request_id
     if trace_id is not None:
