@@ -466,7 +466,13 @@ def test_each_request_runs_in_a_context_of_its_own_and_the_scope_says_so() -> No
                 while b"\r\n\r\n" not in data or not data.endswith(b"}"):
                     data += sock.recv(65536)
                 answers.append(orjson.loads(data.partition(b"\r\n\r\n")[2]))
+            # Pipelined: the second is started from within the first one's task, as its answer goes out.
+            sock.sendall(b"GET /third HTTP/1.1\r\nhost: t\r\n\r\nGET /fourth HTTP/1.1\r\nhost: t\r\n\r\n")
+            data = b""
+            while data.count(b"}") < 2:
+                data += sock.recv(65536)
+            answers += [orjson.loads(part.partition(b"\r\n\r\n")[2]) for part in data.split(b"HTTP/1.1 ")[1:]]
     finally:
         server.should_exit = True
         thread.join(10)
-    assert answers == [{"seen": None, "extensions": [REQUEST_TASK]}] * 2
+    assert answers == [{"seen": None, "extensions": [REQUEST_TASK]}] * 4

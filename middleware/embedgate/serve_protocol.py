@@ -12,7 +12,8 @@ response header and a keep-alive timer armed and cancelled per request. Here the
 - the keep-alive timeout is one timer per idle period that re-arms itself, not a timer per request;
 - a body already received is handed over without waiting on an event, as bytes without a copy;
 - the scope carries the extension ``embedgate.request_task`` (``embedgate.logs.REQUEST_TASK``): each request runs
-  in a task of its own, so the gateway need not undo its context bindings at the end;
+  in a task of its own, started from a copy of the connection's context (a pipelined request too, though its
+  predecessor's task starts it), so the gateway need not undo its context bindings at the end;
 - response header names are checked once per distinct name, and the values of a head in one pass over it (no
   line break of their own, no control but tab: uvicorn's check per value), before anything is sent: a header
   that fails it gets the client a 500, not half a head.
@@ -27,6 +28,7 @@ keep-alive, pipelining, ``Expect: 100-continue``, chunked bodies both ways, ``HE
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import urllib.parse
 from collections import deque
@@ -118,6 +120,9 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.idle_since = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
         self.closed = False
+        # The context the connection's callbacks run in: each request's task starts from a copy of it, never
+        # from the task of the request before it (whose send starts a pipelined request).
+        self.context = contextvars.copy_context()
 
     # --- asyncio.Protocol -------------------------------------------------------------------------------------
 
@@ -270,7 +275,9 @@ class GatewayHttpProtocol(asyncio.Protocol):
     # --- requests and answers ---------------------------------------------------------------------------------
 
     def _start(self, cycle: RequestCycle, app: App) -> None:
-        task = self.loop.create_task(cycle.run(app))
+        # A copy of the connection's context: a pipelined request is started from within its predecessor's task
+        # (its last send), whose context holds that request's own state (its span, its log bindings).
+        task = self.loop.create_task(cycle.run(app), context=self.context.copy())
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
