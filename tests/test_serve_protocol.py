@@ -445,6 +445,37 @@ async def context_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": out})
 
 
+@pytest.mark.parametrize("reset", [False, True])
+def test_uvicorns_reset_contextvars_starts_every_request_from_an_empty_context(reset: bool) -> None:
+    """What the server's own context holds reaches the requests, unless ``--reset-contextvars`` says otherwise."""
+    port = free_port()
+    config = uvicorn.Config(context_app, host="127.0.0.1", port=port, http=GatewayHttpProtocol, lifespan="off",
+                            log_level="critical", access_log=False, reset_contextvars=reset)  # fmt: skip
+    server = uvicorn.Server(config)
+
+    def run() -> None:
+        LAST_SEEN.set("set by the server's thread")
+        server.run()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /one HTTP/1.1\r\nhost: t\r\n\r\n")
+            data = b""
+            while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+                data += sock.recv(65536)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    seen = orjson.loads(data.partition(b"\r\n\r\n")[2])["seen"]
+    assert seen == (None if reset else "set by the server's thread")
+
+
 def test_each_request_runs_in_a_context_of_its_own_and_the_scope_says_so() -> None:
     """What a request sets in its context (the gateway's log bindings) never reaches the next request on the same
     connection: the promise of the ``embedgate.request_task`` extension, which lets the gateway skip undoing them."""

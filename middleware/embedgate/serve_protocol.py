@@ -121,8 +121,10 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.closed = False
         # The context the connection's callbacks run in: each request's task starts from a copy of it, never
-        # from the task of the request before it (whose send starts a pipelined request).
-        self.context = contextvars.copy_context()
+        # from the task of the request before it (whose send starts a pipelined request). With uvicorn's
+        # ``--reset-contextvars`` (newer uvicorns), an empty one, as uvicorn's own protocol then does.
+        reset = getattr(config, "reset_contextvars", False)
+        self.context = contextvars.Context() if reset else contextvars.copy_context()
 
     # --- asyncio.Protocol -------------------------------------------------------------------------------------
 
