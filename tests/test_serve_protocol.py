@@ -13,7 +13,7 @@ import hashlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -103,12 +103,20 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @contextmanager
-def served(http: Any, **config: Any) -> Iterator[tuple[int, uvicorn.Server]]:
-    """``app`` under uvicorn in a thread, with the given HTTP protocol; yields the port and the server."""
+def served(http: Any, *, served_app: Any = app, lifespan: str = "on", before: Callable[[], None] | None = None,
+           **config: Any) -> Iterator[tuple[int, uvicorn.Server]]:  # fmt: skip
+    """``served_app`` (``app``) under uvicorn in a thread, with the given HTTP protocol; yields the port and the
+    server. ``before`` runs in that thread before the server does."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=http, lifespan="on",
+    server = uvicorn.Server(uvicorn.Config(served_app, host="127.0.0.1", port=port, http=http, lifespan=lifespan,
                                            log_level="critical", access_log=False, **config))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
+
+    def run() -> None:
+        if before is not None:
+            before()
+        server.run()
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
@@ -448,30 +456,17 @@ async def context_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 @pytest.mark.parametrize("reset", [False, True])
 def test_uvicorns_reset_contextvars_starts_every_request_from_an_empty_context(reset: bool) -> None:
     """What the server's own context holds reaches the requests, unless ``--reset-contextvars`` says otherwise."""
-    port = free_port()
-    config = uvicorn.Config(context_app, host="127.0.0.1", port=port, http=GatewayHttpProtocol, lifespan="off",
-                            log_level="critical", access_log=False, reset_contextvars=reset)  # fmt: skip
-    server = uvicorn.Server(config)
 
-    def run() -> None:
+    def before() -> None:
         LAST_SEEN.set("set by the server's thread")
-        server.run()
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
+    with served(GatewayHttpProtocol, served_app=context_app, lifespan="off", before=before,
+                reset_contextvars=reset) as (port, _):  # fmt: skip
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(b"GET /one HTTP/1.1\r\nhost: t\r\n\r\n")
             data = b""
             while b"\r\n\r\n" not in data or not data.endswith(b"}"):
                 data += sock.recv(65536)
-    finally:
-        server.should_exit = True
-        thread.join(10)
     seen = orjson.loads(data.partition(b"\r\n\r\n")[2])["seen"]
     assert seen == (None if reset else "set by the server's thread")
 
@@ -479,16 +474,7 @@ def test_uvicorns_reset_contextvars_starts_every_request_from_an_empty_context(r
 def test_each_request_runs_in_a_context_of_its_own_and_the_scope_says_so() -> None:
     """What a request sets in its context (the gateway's log bindings) never reaches the next request on the same
     connection: the promise of the ``embedgate.request_task`` extension, which lets the gateway skip undoing them."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(context_app, host="127.0.0.1", port=port, http=GatewayHttpProtocol,
-                                           lifespan="off", log_level="critical", access_log=False))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
+    with served(GatewayHttpProtocol, served_app=context_app, lifespan="off") as (port, _):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             answers = []
             for path in ("/first", "/second"):
@@ -503,7 +489,4 @@ def test_each_request_runs_in_a_context_of_its_own_and_the_scope_says_so() -> No
             while data.count(b"}") < 2:
                 data += sock.recv(65536)
             answers += [orjson.loads(part.partition(b"\r\n\r\n")[2]) for part in data.split(b"HTTP/1.1 ")[1:]]
-    finally:
-        server.should_exit = True
-        thread.join(10)
     assert answers == [{"seen": None, "extensions": [REQUEST_TASK]}] * 4
