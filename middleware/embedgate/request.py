@@ -402,6 +402,18 @@ def _provider(v: Any, strict: bool) -> ProviderPreferences:
 # --- the whole body -----------------------------------------------------------------------------------------
 
 
+def _pick(data: dict[str, Any], orq: dict[str, Any], key: str) -> tuple[Any, str]:
+    """A field's value and the parameter it came from: the top level wins; the deprecated ``orq.X`` fills in only
+    what the top level leaves unset (a module function, not a closure: a compiled closure's call costs ~2x)."""
+    value = data.get(key)
+    if value is not None:
+        return value, key
+    value = orq.get(key)
+    if value is not None:
+        return value, f"orq.{key}"
+    return None, key
+
+
 def parse_request(
     body: bytes,
     *,
@@ -441,22 +453,14 @@ def parse_request(
     if data.get("orq") is not None:
         orq = _obj(data["orq"], "orq", _ORQ_FIELDS, strict)
 
-    def pick(key: str) -> tuple[Any, str]:
-        # Top level wins; the deprecated orq.X fills in only what the top level leaves unset.
-        if data.get(key) is not None:
-            return data[key], key
-        if orq.get(key) is not None:
-            return orq[key], f"orq.{key}"
-        return None, key
-
-    cache_v, cache_p = pick("cache")
-    fb_v, fb_p = pick("fallbacks")
-    codes_v, codes_p = pick("fallback_on_codes")
-    retry_v, retry_p = pick("retry")
-    lb_v, lb_p = pick("load_balancer")
-    to_v, to_p = pick("timeout")
-    name_v, name_p = pick("name")
-    ident_v, ident_p = pick("identity")
+    cache_v, cache_p = _pick(data, orq, "cache")
+    fb_v, fb_p = _pick(data, orq, "fallbacks")
+    codes_v, codes_p = _pick(data, orq, "fallback_on_codes")
+    retry_v, retry_p = _pick(data, orq, "retry")
+    lb_v, lb_p = _pick(data, orq, "load_balancer")
+    to_v, to_p = _pick(data, orq, "timeout")
+    name_v, name_p = _pick(data, orq, "name")
+    ident_v, ident_p = _pick(data, orq, "identity")
     if ident_v is None and orq.get("contact") is not None:
         ident_v, ident_p = orq["contact"], "orq.contact"
     identity = _identity(ident_v, ident_p, strict) if ident_v is not None else None
