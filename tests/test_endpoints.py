@@ -83,3 +83,62 @@ async def test_standalone_startup_freezes_its_objects_out_of_the_gc_and_mounted_
     finally:
         await app.shutdown()
         gc.unfreeze()
+
+
+@pytest.mark.anyio
+async def test_head_answers_a_get_endpoint_with_its_status_and_length_and_no_body(
+    make_config: Callable[..., Config],
+) -> None:
+    """Load balancers probe with HEAD: the GET endpoints answer it (RFC 9110) instead of a 404."""
+    app = gateway(make_config())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        got, head = await c.get("/healthz"), await c.head("/healthz")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == str(len(got.content))
+        assert head.headers["content-type"] == "application/json"
+        refused = await c.head("/v1/models")  # no key: GET's 401, its body left out
+        assert refused.status_code == 401 and refused.content == b""
+        assert int(refused.headers["content-length"]) == len((await c.get("/v1/models")).content) > 0
+    await app.shutdown()
+
+
+def test_head_through_embedgate_serve_protocol(proxy: str) -> None:
+    with httpx.Client(base_url=proxy) as c:
+        head = c.head("/readyz")
+        assert head.status_code == 200 and head.content == b""
+        assert int(head.headers["content-length"]) > 0
+        assert c.get("/healthz").json() == {"status": "ok"}  # the connection still serves what follows
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/v1/embeddings", "POST"),
+        ("PUT", "/v2/router/embeddings", "POST"),
+        ("DELETE", "/api/v1/embeddings", "POST"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/v1/models", "GET, HEAD"),
+    ],
+)
+async def test_standalone_a_wrong_method_is_405_with_allow_in_the_route_shape(
+    make_config: Callable[..., Config], method: str, path: str, allow: str
+) -> None:
+    app = gateway(make_config())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        r = await c.request(method, path)
+        assert r.status_code == 405
+        assert r.headers["allow"] == allow
+        error = r.json()["error"]
+        message = f"{method} is not allowed on {path}; allowed: {allow}"
+        if path == "/api/v1/embeddings":  # OpenRouter's shape: the status as code, the rest in metadata
+            assert error == {"code": 405, "message": message,
+                             "metadata": {"type": "invalid_request_error", "code": "method_not_allowed"}}  # fmt: skip
+        else:  # OpenAI's, and orq's (the same four keys, code a string)
+            assert error == {"message": message, "type": "invalid_request_error", "param": None,
+                             "code": "method_not_allowed"}  # fmt: skip
+        head = await c.head("/v1/embeddings")
+        assert head.status_code == 405 and head.content == b"" and head.headers["allow"] == "POST"
+        unknown = await c.get("/v1/nothing")  # not a path of the gateway: still 404
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+    await app.shutdown()

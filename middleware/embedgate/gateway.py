@@ -29,6 +29,7 @@ from .errors import (
     Dialect,
     GatewayError,
     InvalidRequest,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
@@ -206,18 +207,34 @@ class EmbeddingGateway:
                 if dialect is not None:
                     await self._embed(scope, receive, send, dialect)
                     return
-            elif method == "GET":
+            elif method == "GET" or method == "HEAD":  # HEAD: GET's status and headers, no body (RFC 9110)
                 handler = self._get_paths.get(path)
                 if handler is not None:
                     if not self._open and not await self._opened(send, Dialect.OPENAI):
                         return
                     status, body, headers = await handler(scope)
-                    await _send(send, status, body, headers)
+                    await _send(send, status, body, headers, head=method == "HEAD")
                     return
+            if self._standalone and await self._wrong_method(send, method, path):
+                return
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    async def _wrong_method(self, send: Send, method: str, path: str) -> bool:
+        """Standalone, a path of the gateway asked with a method it does not serve: 405 with ``allow``, in the
+        route's error shape. False for any other path (mounted, the host app answers all of these)."""
+        dialect = self._embed_paths.get(path)
+        if dialect is not None:
+            allow = "POST"
+        elif path in self._get_paths:
+            allow, dialect = "GET, HEAD", Dialect.OPENAI
+        else:
+            return False
+        err = MethodNotAllowed(f"{method} is not allowed on {path}; allowed: {allow}")
+        await _send(send, err.status, render_error(err, dialect), {"allow": allow}, head=method == "HEAD")
+        return True
 
     async def _opened(self, send: Send, dialect: Dialect) -> bool:
         """Open the resources on first use (no lifespan ran); if that fails, answer 503 in the route's shape and
@@ -445,7 +462,8 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
 
 
-async def _send(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+async def _send(send: Send, status: int, body: bytes, headers: dict[str, str], *, head: bool = False) -> None:
+    """A whole answer; ``head``: the body's length announced, no body sent (a HEAD request's answer)."""
     ctype = headers.pop("content-type", None)
     out = [
         (b"content-type", ctype.encode()) if ctype else JSON_CONTENT_TYPE,
@@ -453,4 +471,4 @@ async def _send(send: Send, status: int, body: bytes, headers: dict[str, str]) -
         *((k.encode(), v.encode()) for k, v in headers.items()),
     ]
     await send({"type": "http.response.start", "status": status, "headers": out})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": b"" if head else body})
