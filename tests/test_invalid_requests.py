@@ -43,6 +43,17 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
     ("input-negative-token", body(input=[1, -2]), {}, 400, "input[1]", None),
     ("input-fractional-token", body(input=[1, 2.5]), {}, 400, "input[1]", None),
     ("input-empty-token-array", body(input=[[1], []]), {}, 400, "input[1]", None),
+    # Above 64 bits the JSON encoder stops: such an id used to fail as a 500 on its way upstream.
+    (
+        "input-huge-token",
+        b'{"model": "local/embed-small", "input": [99999999999999999999999]}',
+        {},
+        400,
+        "input[0]",
+        None,
+    ),
+    ("input-huge-token-float", body(input=[[7, 1e20]]), {}, 400, "input[0][1]", None),
+    ("input-token-above-uint32", body(input=[2**32]), {}, 400, "input[0]", None),
     ("input-bad-multimodal", body(input=[{"content": [{"type": "audio"}]}]), {}, 400, "input[0].content[0].type", None),
     (
         "input-multimodal-no-provider",
@@ -66,7 +77,7 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
     ("retry-count-high", body(retry={"count": 6, "on_codes": [500]}), {}, 400, "retry.count", None),
     ("retry-code-bad", body(retry={"count": 1, "on_codes": [700]}), {}, 400, "retry.on_codes[0]", None),
     ("orq-retry-count", body(orq={"retry": {"count": -1, "on_codes": []}}), {}, 400, "orq.retry.count", None),
-    ("orq-unknown-key", body(orq={"colour": "red"}), {}, 400, "orq.colour", None),
+    ("orq-unknown-key", body(orq={"colour": "red"}), {}, 400, "orq.colour", "unknown_parameter"),
     ("orq-not-object", body(orq="x"), {}, 400, "orq", None),
     ("fallbacks-not-list", body(fallbacks={"model": "x"}), {}, 400, "fallbacks", None),
     ("fallback-no-model", body(fallbacks=[{}]), {}, 400, "fallbacks[0].model", None),
@@ -117,6 +128,7 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
     ("basic-auth", OK, {"authorization": "Basic abc"}, 401, "authorization", "invalid_api_key"),
     ("model-not-granted", OK, {"authorization": f"Bearer {OTHER_KEY}"}, 403, "model", "model_not_allowed"),
     ("not-json-content-type", OK, {"content-type": "text/plain"}, 415, "content-type", "unsupported_media_type"),
+    ("compressed-body", OK, {"content-encoding": "gzip"}, 415, "content-encoding", "unsupported_media_type"),
     ("body-too-large", {"model": "local/embed-small", "input": "x" * 70000}, {}, 413, "body", "request_too_large"),
 ]
 ROUTES = ["/v1/embeddings", "/v2/router/embeddings", "/api/v1/embeddings"]

@@ -330,6 +330,13 @@ class EmbeddingGateway:
                 f"The body must be JSON ('Content-Type: application/json'), got '{ctype[:100]}'",
                 param="content-type",
             )
+        coding = headers.get("content-encoding")
+        if coding is not None and coding.strip().lower() not in ("", "identity"):
+            # A compressed body would otherwise fail as "not valid JSON", which does not say what to change.
+            raise UnsupportedMediaType(
+                f"The body must not be compressed (no Content-Encoding), got '{coding[:100]}'",
+                param="content-encoding",
+            )
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body:
             raise PayloadTooLarge(f"The body is larger than {self._max_body} bytes", param="body")

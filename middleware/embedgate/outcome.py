@@ -24,8 +24,8 @@ __all__ = ["JSON_CONTENT_TYPE", "account", "annotate", "embed_headers", "respons
 # The request headers an embedding POST reads: only these are decoded (an SDK sends a dozen more).
 _EMBED_HEADERS: Final = {
     name.encode(): name
-    for name in ("authorization", "content-type", "content-length", "x-request-id", "x-orq-identity-id",
-                 "x-orq-contact-id")
+    for name in ("authorization", "content-type", "content-length", "content-encoding", "x-request-id",
+                 "x-orq-identity-id", "x-orq-contact-id")
 }  # fmt: skip
 JSON_CONTENT_TYPE: Final = (b"content-type", b"application/json")
 

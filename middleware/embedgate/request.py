@@ -190,7 +190,8 @@ def _obj(v: Any, param: str, allowed: frozenset[str], strict: bool) -> dict[str,
     if strict:
         for key in v:
             if key not in allowed:
-                raise InvalidRequest(f"Unrecognized request argument supplied: {param}.{key}", param=f"{param}.{key}")
+                raise InvalidRequest(f"Unrecognized request argument supplied: {param}.{key}", param=f"{param}.{key}",
+                                     code="unknown_parameter")  # fmt: skip
     return v
 
 
@@ -213,6 +214,11 @@ def _strings(v: Any, param: str) -> tuple[str, ...]:
 # --- input --------------------------------------------------------------------------------------------------
 
 
+#: The largest token id taken (uint32: any tokenizer's vocabulary fits many times over). A larger one would reach
+#: no upstream: the JSON encoder stops at 64 bits, and beyond that the request failed as an internal error.
+_MAX_TOKEN_ID: Final = 0xFFFFFFFF
+
+
 def _token_list(v: list[Any], param: str) -> tuple[int, ...]:
     if not v:
         raise _bad(param, "token arrays must not be empty")
@@ -220,8 +226,8 @@ def _token_list(v: list[Any], param: str) -> tuple[int, ...]:
     for i, t in enumerate(v):
         if isinstance(t, float) and t.is_integer():
             t = int(t)
-        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-            raise _bad(f"{param}[{i}]", f"token ids are integers >= 0, got {t!r}"[:200])
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0 or t > _MAX_TOKEN_ID:
+            raise _bad(f"{param}[{i}]", f"token ids are integers from 0 to {_MAX_TOKEN_ID}, got {t!r}"[:200])
         out.append(t)
     return tuple(out)
 
