@@ -139,6 +139,7 @@ async def test_standalone_a_wrong_method_is_405_with_allow_in_the_route_shape(
                              "code": "method_not_allowed"}  # fmt: skip
         head = await c.head("/v1/embeddings")
         assert head.status_code == 405 and head.content == b"" and head.headers["allow"] == "POST"
-        unknown = await c.get("/v1/nothing")  # not a path of the gateway: still 404
+        unknown = await c.get("/v1/nothing")  # not a path of the gateway: still 404, with its length
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+        assert unknown.headers["content-length"] == str(len(unknown.content))
     await app.shutdown()

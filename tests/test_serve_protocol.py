@@ -230,6 +230,7 @@ CASES: dict[str, tuple[bytes, int, bool]] = {
     "pipelined": (POST + b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" + POST.replace(b"/echo", b"/created"), 3, False),
     "percent-encoded path": (b"GET /a%20b/%C3%A9 HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
     "absolute-form target": (b"GET http://x/abs?q=1#frag HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
+    "absolute-form target without a query": (b"GET http://x/abs#frag HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
     "connection close": (b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 1, False),
     "app closes": (b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),
     "a tab in a header value": (b"GET /tab-header HTTP/1.1\r\nHost: x\r\n\r\n", 1, False),

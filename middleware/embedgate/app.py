@@ -35,7 +35,8 @@ async def _not_found(scope: MutableMapping[str, Any], receive: Receive, send: Se
             }
         }
     )
-    await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"application/json")]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 404, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
