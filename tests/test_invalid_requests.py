@@ -73,6 +73,7 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
     ("unknown-field", body(temperature=0.2), {}, 400, "temperature", "unknown_parameter"),
     ("cache-type", body(cache={"type": "semantic"}), {}, 400, "cache.type", None),
     ("cache-ttl-zero", body(cache={"type": "exact_match", "ttl": 0}), {}, 400, "cache.ttl", None),
+    ("cache-ttl-inexact", body(cache={"type": "exact_match", "ttl": 1e300}), {}, 400, "cache.ttl", None),
     ("cache-unknown-key", body(cache={"type": "exact_match", "size": 1}), {}, 400, "cache.size", None),
     ("retry-count-high", body(retry={"count": 6, "on_codes": [500]}), {}, 400, "retry.count", None),
     ("retry-code-bad", body(retry={"count": 1, "on_codes": [700]}), {}, 400, "retry.on_codes[0]", None),
@@ -228,3 +229,25 @@ def test_a_key_is_matched_again_without_holding_what_failed(make_config: Callabl
     with pytest.raises(Unauthorized):
         index.authenticate(f"Bearer {KEY}x")
     assert len(index._by_token) == 2 <= len(config.keys)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b'"dimensions": 1e300', "Invalid 'dimensions': must be <= 65536, got 1e+300"),
+        (b'"dimensions": 0.0', "Invalid 'dimensions': must be >= 1, got 0.0"),
+        (b'"retry": {"count": 99999999999999999999999}', "Invalid 'retry.count': must be <= 5, got 1e+23"),
+        (
+            b'"cache": {"type": "exact_match", "ttl": 1e300}',
+            "Invalid 'cache.ttl': must be an integer within +-9007199254740992, got 1e+300",
+        ),
+    ],
+)
+async def test_a_number_out_of_range_is_quoted_as_parsed(client: httpx.AsyncClient, raw: bytes, message: str) -> None:
+    """Not as its integer conversion: 1e300 used to come back as an integer of 301 digits."""
+    content = b'{"model": "local/embed-small", "input": "hello", ' + raw + b"}"
+    r = await client.post("/v1/embeddings", content=content,
+                          headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == message

@@ -158,16 +158,25 @@ def _type_name(v: Any) -> str:
 
 
 def _int(v: Any, param: str, lo: int | None = None, hi: int | None = None) -> int:
-    # Older SDKs send integers as floats ("3.0"): integral floats are accepted, others are not.
+    # Older SDKs send integers as floats ("3.0"): integral floats are accepted, others are not. The messages quote
+    # the value as parsed (3.0, 1e+300), not its conversion (an integer of 301 digits).
+    given = v
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool):
         raise _bad(param, f"expected an integer, got {_type_name(v)}")
     if lo is not None and v < lo:
-        raise _bad(param, f"must be >= {lo}, got {v}")
+        raise _bad(param, f"must be >= {lo}, got {given!r}")
     if hi is not None and v > hi:
-        raise _bad(param, f"must be <= {hi}, got {v}")
+        raise _bad(param, f"must be <= {hi}, got {given!r}")
+    if given is not v and not -_EXACT <= v <= _EXACT:
+        # Beyond 2**53 a float is not the integer it was written as (and JSON integers of more than 64 bits
+        # arrive as floats): refused rather than taken as some other number.
+        raise _bad(param, f"must be an integer within +-{_EXACT}, got {given!r}")
     return v
+
+
+_EXACT: Final = 2**53
 
 
 def _str(v: Any, param: str, *, nonempty: bool = False) -> str:
