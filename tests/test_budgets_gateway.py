@@ -505,6 +505,17 @@ async def test_unreachable_store_with_fail_open_admits(upstream: FakeUpstream) -
 
 
 @pytest.mark.anyio
+async def test_admin_usage_refuses_an_unknown_scope(upstream: FakeUpstream) -> None:
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 10}])
+    async with running(config) as (_, c):
+        assert [row["scope"] for row in await admin_usage(c, scope="api_key")] == ["api_key"]
+        assert await admin_usage(c, scope="identity") == []  # a known scope without budgets: nothing to show
+        r = await c.get("/admin/usage", params={"scope": "apikey"}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert r.status_code == 400  # not an empty list, as if nothing were spent
+        assert error_of(r)["param"] == "scope" and "api_key" in error_of(r)["message"]
+
+
+@pytest.mark.anyio
 async def test_admin_endpoints_are_off_without_an_admin_key(upstream: FakeUpstream) -> None:
     config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 10}], admin={})
     async with running(config) as (_, c):

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .config import ConfigError, hash_key, load_config
+from .config import BUDGET_SCOPES, ConfigError, hash_key, load_config
 
 __all__ = ["main"]
 
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--url", default="http://127.0.0.1:8080", help="the running gateway (with its path prefix)")
         p.add_argument("--admin-key", default=None, help="the admin key (default: $EMBEDGATE_ADMIN_KEY)")
         if name == "usage":
-            p.add_argument("--scope", default=None, help="only budgets of this scope")
+            p.add_argument("--scope", default=None, choices=BUDGET_SCOPES, help="only budgets of this scope")
         else:
             p.add_argument("--limit", type=int, default=100)
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ from opentelemetry.trace import TracerProvider
 
 from .budgets import BudgetEngine, budget_store
 from .cache import VectorCache
-from .config import Config, hash_key, load_config
+from .config import BUDGET_SCOPES, Config, hash_key, load_config
 from .errors import (
     BudgetExceeded,
     Dialect,
@@ -421,6 +421,10 @@ class EmbeddingGateway:
             self._admin(scope)
             query = _query(scope)
             scope_filter = query.get("scope")
+            if scope_filter is not None and scope_filter not in BUDGET_SCOPES:
+                # A misspelt scope would otherwise answer an empty list, as if nothing were spent.
+                raise InvalidRequest(f"Invalid 'scope': expected one of {', '.join(BUDGET_SCOPES)}, "
+                                     f"got {scope_filter[:100]!r}", param="scope")  # fmt: skip
             rows = await self.budgets.usage(scope=scope_filter)
         except GatewayError as err:
             return err.status, render_error(err, Dialect.OPENAI), {}
