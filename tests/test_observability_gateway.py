@@ -356,6 +356,22 @@ def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 
 
 @pytest.mark.anyio
+async def test_a_model_that_resolves_to_nothing_is_no_metric_label(
+    upstream: FakeUpstream, provider: TracerProvider
+) -> None:
+    """A client's made-up names would use up the label sets (capped at 10,000, then folded into ``other``)."""
+    gw = EmbeddingGateway(host_404, config=make_config(upstream), tracer_provider=provider)
+    async with client_for(gw) as client:
+        for i in range(3):
+            r = await client.post("/v1/embeddings", json={"model": f"nowhere/made-up-{i}", "input": "x"}, headers=AUTH)
+            assert r.status_code == 404
+        samples = scrape((await client.get("/metrics")).text)
+    assert value(samples, "embedgate_requests_total", route="openai", model="", status="404", cache="bypass") == 3
+    assert not any("made-up" in label for _, labels in samples for _, label in labels)
+    assert not upstream.calls
+
+
+@pytest.mark.anyio
 async def test_metrics_move_with_traffic(upstream: FakeUpstream, provider: TracerProvider) -> None:
     budgets = [{"scope": "api_key", "target": "team-b", "requests_per_minute": 1}]
     gw = EmbeddingGateway(host_404, config=make_config(upstream, budgets=budgets), tracer_provider=provider)

@@ -99,7 +99,9 @@ def annotate(root: RequestSpan, call: Call, error: GatewayError | None) -> None:
 def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, error: GatewayError | None) -> None:
     """Metrics and the one access line of the request."""
     req, key = call.request, call.key
-    model = call.served_model or (req.model if req is not None else "")
+    # Labelled only with a model that resolved (or served): a name that resolved to nothing (a 404) is the client's
+    # own string, and spraying such names would use up the metric's label sets (capped, then folded into "other").
+    model = call.served_model or (call.chain[0].id if call.chain else "")
     route: str = call.dialect._value_  # the member's value without Enum's Python-level property
     metrics.observe_request(route, model if key is not None else "", status, call.cache_status)
     if key is not None and call.billed_tokens:
