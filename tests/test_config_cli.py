@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from embedgate.config import ConfigError, load_config, parse_config
+from embedgate.config import ConfigError, hash_key, load_config, parse_config
 from tests.conftest import wait_serving
 from tests.fake_upstream import FakeUpstream, free_port
 
@@ -88,6 +88,20 @@ def test_every_error_has_its_yaml_path() -> None:
         "telemetry.access_log_flush_ms: must be",
     ]:
         assert expected in errors, f"{expected!r} missing from:\n{errors}"
+
+
+def test_two_keys_with_one_secret_are_an_error() -> None:
+    """A client would authenticate as only one of them: its budgets and usage would go to the wrong key."""
+    secret = "sk-shared-secret-123"
+    keys = [{"id": "a", "key": secret}, {"id": "b", "sha256": hash_key(secret).upper()}, {"id": "c", "key": secret}]
+    with pytest.raises(ConfigError) as info:
+        parse_config({"keys": keys}, env={})
+    assert info.value.errors == [
+        "keys[1].sha256: the same secret as keys[0]",
+        "keys[2].key: the same secret as keys[0]",
+    ]
+    assert secret not in str(info.value) and hash_key(secret) not in str(info.value)
+    parse_config({"keys": [keys[0], {"id": "b", "key": secret + "-other"}]}, env={})  # distinct secrets: fine
 
 
 def test_missing_env_var_is_an_error() -> None:

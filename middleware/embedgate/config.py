@@ -454,6 +454,7 @@ def _keys(data: Any, errors: list[str]) -> tuple[KeyConfig, ...]:
         return ()
     out: list[KeyConfig] = []
     ids: set[str] = set()
+    secrets: dict[str, int] = {}  # sha256 -> the first key holding it
     for i, body in enumerate(data):
         s = _Section(body, f"keys[{i}]", errors)
         kid = s.required("id", s.string, f"key-{i}")
@@ -462,12 +463,17 @@ def _keys(data: Any, errors: list[str]) -> tuple[KeyConfig, ...]:
         ids.add(kid)
         clear = s.get("key", s.string, None)
         digest = s.get("sha256", _sha256_hex(s), None)
+        sha = digest or hash_key(clear or "")
         if clear is not None and digest is not None:
             s.error(s.path, "give either key or sha256, not both")
         elif clear is None and digest is None:
             s.error(s.path, "needs key or sha256")
         elif clear == "":
             s.error(s.at("key"), "is empty (is its environment variable set?)")
+        else:
+            first = secrets.setdefault(sha, i)
+            if first != i:  # one secret, two keys: a client would be counted (budgets, usage) as only one of them
+                s.error(s.at("key" if clear is not None else "sha256"), f"the same secret as keys[{first}]")
         models = s.get("models", lambda v, p: v, None)
         if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
             s.error(s.at("models"), "must be a list of model globs")
@@ -475,7 +481,7 @@ def _keys(data: Any, errors: list[str]) -> tuple[KeyConfig, ...]:
         out.append(
             KeyConfig(
                 id=kid,
-                sha256=digest or hash_key(clear or ""),
+                sha256=sha,
                 workspace=s.get("workspace", s.string, "default"),
                 project=s.get("project", s.string, "default"),
                 models=tuple(models) if models is not None else None,
