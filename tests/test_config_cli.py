@@ -104,6 +104,19 @@ def test_two_keys_with_one_secret_are_an_error() -> None:
     parse_config({"keys": [keys[0], {"id": "b", "key": secret + "-other"}]}, env={})  # distinct secrets: fine
 
 
+def test_the_admin_key_is_no_client_key() -> None:
+    """A client holding it would also read every key's usage and every identity."""
+    secret = "sk-shared-secret-123"
+    with pytest.raises(ConfigError) as info:
+        parse_config({"keys": [{"id": "a", "key": "sk-other"}, {"id": "b", "key": secret}],
+                      "admin": {"key": secret}}, env={})  # fmt: skip
+    assert info.value.errors == ["admin: the same secret as keys[1]"]
+    with pytest.raises(ConfigError) as info:
+        parse_config({"admin": {"key": secret, "sha256": hash_key(secret)}}, env={})
+    assert info.value.errors == ["admin: give either key or sha256, not both"]
+    assert parse_config({"keys": [{"id": "a", "key": "sk-other"}], "admin": {"key": secret}}, env={}).admin.sha256
+
+
 def test_missing_env_var_is_an_error() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"keys": [{"id": "a", "key": "${NOT_SET_ANYWHERE}"}]}, env={})

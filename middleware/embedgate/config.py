@@ -574,6 +574,8 @@ def _admin(data: Any, errors: list[str]) -> AdminConfig:
     clear = s.get("key", s.string, None)
     digest = s.get("sha256", _sha256_hex(s), None)
     s.finish()
+    if clear and digest is not None:
+        s.error(s.path, "give either key or sha256, not both")
     if clear:
         return AdminConfig(sha256=hash_key(clear))
     return AdminConfig(sha256=digest)
@@ -615,6 +617,10 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         budget_options=_budget_options(root.data.get("budget_options"), errors),
     )
     root.finish()
+    for i, client in enumerate(config.keys):
+        if config.admin.sha256 is not None and client.sha256 == config.admin.sha256:
+            # That client would also read the operator endpoints (every key's usage, every identity).
+            errors.append(f"admin: the same secret as keys[{i}]")
     if errors:
         raise ConfigError(errors)
     return config
