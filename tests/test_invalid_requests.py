@@ -119,6 +119,10 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
         None,
     ),
     ("identity-no-id", body(identity={"display_name": "x"}), {}, 400, "identity.id", None),
+    ("identity-id-too-long", body(identity={"id": "u" * 257}), {}, 400, "identity.id", None),
+    ("identity-too-large", body(identity={"id": "u", "metadata": [{"k": "v" * 9000}]}), {}, 400, "identity", None),
+    ("contact-too-large", body(orq={"contact": {"id": "u", "tags": ["t" * 100] * 90}}), {}, 400, "orq.contact", None),
+    ("identity-header-too-long", OK, {"x-orq-identity-id": "u" * 257}, 400, "x-orq-identity-id", None),
     ("contact-tags", body(orq={"contact": {"id": "c1", "tags": "vip"}}), {}, 400, "orq.contact.tags", None),
     ("provider-sort", body(provider={"sort": "random"}), {}, 400, "provider.sort", None),
     ("provider-order-type", body(provider={"order": "local"}), {}, 400, "provider.order", None),
@@ -251,3 +255,17 @@ async def test_a_number_out_of_range_is_quoted_as_parsed(client: httpx.AsyncClie
                           headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})  # fmt: skip
     assert r.status_code == 400
     assert r.json()["error"]["message"] == message
+
+
+@pytest.mark.anyio
+async def test_an_identity_within_its_bounds_is_taken(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    """256 characters of id and 8 KiB of profile as JSON are the limits, not below them."""
+    meta = {"k": "v" * 8000}
+    identity = {"id": "u" * 256, "metadata": [meta]}
+    meta["k"] = "v" * (8000 - (len(orjson.dumps(identity)) - 8192))
+    assert len(orjson.dumps(identity)) == 8192
+    r = await client.post("/v1/embeddings", json=body(identity=identity), headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200, r.text
+    r = await client.post("/v1/embeddings", json=OK,
+                          headers={"authorization": f"Bearer {KEY}", "x-orq-identity-id": "h" * 256})  # fmt: skip
+    assert r.status_code == 200, r.text

@@ -363,6 +363,12 @@ def _timeout(v: Any, p: str, strict: bool) -> int:
     return _int(t["call_timeout"], f"{p}.call_timeout", 1, 600000)
 
 
+#: An identity is kept (the in-memory store holds up to 100,000, Redis all) and its id names spans, log lines and
+#: budget counters: bounded, so that one client cannot fill the gateway's memory with made-up profiles.
+_MAX_IDENTITY_ID: Final = 256  # characters: an email address (254 at most), a UUID, an orq contact id all fit
+_MAX_IDENTITY_BYTES: Final = 8192  # the whole profile, as JSON
+
+
 def _identity(v: Any, p: str, strict: bool) -> dict[str, Any]:
     ident = _obj(v, p, _IDENTITY_FIELDS, strict)
     if "id" not in ident:
@@ -379,6 +385,11 @@ def _identity(v: Any, p: str, strict: bool) -> dict[str, Any]:
         out["metadata"] = meta
     if ident.get("tags") is not None:
         out["tags"] = list(_strings(ident["tags"], f"{p}.tags"))
+    if len(out["id"]) > _MAX_IDENTITY_ID:
+        raise _bad(f"{p}.id", f"at most {_MAX_IDENTITY_ID} characters, got {len(out['id'])}")
+    size = len(orjson.dumps(out))
+    if size > _MAX_IDENTITY_BYTES:
+        raise _bad(p, f"at most {_MAX_IDENTITY_BYTES} bytes as JSON, got {size}")
     return out
 
 
@@ -480,6 +491,9 @@ def parse_request(
         ident_v, ident_p = orq["contact"], "orq.contact"
     identity = _identity(ident_v, ident_p, strict) if ident_v is not None else None
     if identity is None and identity_header:
+        if len(identity_header) > _MAX_IDENTITY_ID:
+            raise InvalidRequest(f"Invalid 'x-orq-identity-id': at most {_MAX_IDENTITY_ID} characters, got "
+                                 f"{len(identity_header)}", param="x-orq-identity-id")  # fmt: skip
         identity = {"id": identity_header}
 
     if data.get("trace") is not None:
