@@ -363,6 +363,17 @@ def _timeout(v: Any, p: str, strict: bool) -> int:
     return _int(t["call_timeout"], f"{p}.call_timeout", 1, 600000)
 
 
+#: The longest ``name`` taken: it names the request's trace, sent to the tracing backend with every span of it.
+_MAX_NAME: Final = 1024
+
+
+def _name(v: Any, p: str) -> str:
+    name = _str(v, p)
+    if len(name) > _MAX_NAME:
+        raise _bad(p, f"at most {_MAX_NAME} characters, got {len(name)}")
+    return name
+
+
 #: An identity is kept (the in-memory store holds up to 100,000, Redis all) and its id names spans, log lines and
 #: budget counters: bounded, so that one client cannot fill the gateway's memory with made-up profiles.
 _MAX_IDENTITY_ID: Final = 256  # characters: an email address (254 at most), a UUID, an orq contact id all fit
@@ -506,7 +517,7 @@ def parse_request(
         encoding_format="base64" if fmt == "base64" else "float",
         dimensions=None if dims is None else _int(dims, "dimensions", 1, 65536),
         user=None if data.get("user") is None else _str(data["user"], "user"),
-        name=None if name_v is None else _str(name_v, name_p),
+        name=None if name_v is None else _name(name_v, name_p),
         input_type=None if data.get("input_type") is None else _str(data["input_type"], "input_type", nonempty=True),
         cache=None if cache_v is None else _cache(cache_v, cache_p, strict),
         fallbacks=_fallbacks(fb_v, fb_p, strict),
