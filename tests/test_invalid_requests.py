@@ -84,6 +84,15 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
     ("orq-not-object", body(orq="x"), {}, 400, "orq", None),
     ("fallbacks-not-list", body(fallbacks={"model": "x"}), {}, 400, "fallbacks", None),
     ("fallback-no-model", body(fallbacks=[{}]), {}, 400, "fallbacks[0].model", None),
+    ("fallbacks-too-many", body(fallbacks=[{"model": "local/embed-small"}] * 11), {}, 400, "fallbacks", None),
+    (
+        "orq-fallbacks-too-many",
+        body(orq={"fallbacks": [{"model": "local/embed-small"}] * 11}),
+        {},
+        400,
+        "orq.fallbacks",
+        None,
+    ),
     (
         "fallback-unknown-model",
         body(fallbacks=[{"model": "nowhere/x"}]),
@@ -270,4 +279,11 @@ async def test_an_identity_within_its_bounds_is_taken(client: httpx.AsyncClient,
     assert r.status_code == 200, r.text
     r = await client.post("/v1/embeddings", json=OK,
                           headers={"authorization": f"Bearer {KEY}", "x-orq-identity-id": "h" * 256})  # fmt: skip
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.anyio
+async def test_ten_fallbacks_are_taken(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    r = await client.post("/v1/embeddings", json=body(fallbacks=[{"model": "local/embed-small"}] * 10),
+                          headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
     assert r.status_code == 200, r.text

@@ -308,11 +308,19 @@ def _cache(v: Any, p: str, strict: bool) -> CacheRequest:
     return CacheRequest(ttl=None if ttl is None else _int(ttl, f"{p}.ttl", 1))
 
 
+#: The most fallback models a request may name: each can cost its own attempts (and retries) upstream, so an
+#: unbounded list let one request make thousands of upstream calls.
+_MAX_FALLBACKS: Final = 10
+
+
 def _fallbacks(v: Any, p: str, strict: bool) -> tuple[str, ...]:
     if v is None:
         return ()
+    given = _list(v, p)
+    if len(given) > _MAX_FALLBACKS:
+        raise _bad(p, f"at most {_MAX_FALLBACKS} models, got {len(given)}")
     out = []
-    for i, f in enumerate(_list(v, p)):
+    for i, f in enumerate(given):
         f = _obj(f, f"{p}[{i}]", frozenset({"model"}), strict)
         if "model" not in f:
             raise _bad(f"{p}[{i}].model", "is required")
