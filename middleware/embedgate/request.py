@@ -223,8 +223,8 @@ def _strings(v: Any, param: str) -> tuple[str, ...]:
 # --- input --------------------------------------------------------------------------------------------------
 
 
-#: The largest token id taken (uint32: any tokenizer's vocabulary fits many times over). A larger one would reach
-#: no upstream: the JSON encoder stops at 64 bits, and beyond that the request failed as an internal error.
+#: The largest token id taken (uint32: any tokenizer's vocabulary fits many times over). Unbounded, an id above 64
+#: bits failed as an internal error on its way upstream (the JSON encoder stops there).
 _MAX_TOKEN_ID: Final = 0xFFFFFFFF
 
 
