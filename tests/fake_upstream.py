@@ -56,8 +56,9 @@ def tokens_of(item: Any) -> int:
 @dataclass
 class Fault:
     """One scripted behaviour: ``status`` (with ``code``, ``retry_after``), ``drop``, ``slow``, ``malformed``,
-    ``wrong_count``, ``wrong_dims``, ``floats`` (answer float lists whatever was asked), ``ok`` (answer normally:
-    a place in the script)."""
+    ``wrong_count``, ``wrong_dims``, ``floats`` (answer float lists whatever was asked), ``usage`` (answer
+    normally with ``usage`` as its usage, none if None), ``raw`` (``code``, ``headers`` and ``body`` as given),
+    ``ok`` (answer normally: a place in the script)."""
 
     kind: str
     code: int = 500
@@ -65,6 +66,9 @@ class Fault:
     delay: float = 0.0
     model: str | None = None  # only for requests for this upstream model
     message: str = "scripted failure"
+    usage: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
 
 
 @dataclass
@@ -171,6 +175,8 @@ class FakeUpstream:
                 return resp
             if fault.kind == "malformed":
                 return web.Response(body=b'{"object": "list", "data": [', content_type="application/json")
+            if fault.kind == "raw":
+                return web.Response(body=fault.body, status=fault.code, headers=fault.headers)
         inputs = body.get("input")
         items = [inputs] if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)) else list(inputs)
         dims = int(body.get("dimensions") or self.dims)
@@ -192,6 +198,10 @@ class FakeUpstream:
         tokens = sum(tokens_of(i) for i in items)
         answer = {"object": "list", "data": data, "model": model,
                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+        if fault is not None and fault.kind == "usage":
+            del answer["usage"]
+            if fault.usage is not None:
+                answer["usage"] = fault.usage
         if self.compress and "gzip" in request.headers.get("Accept-Encoding", ""):
             return web.Response(body=gzip.compress(orjson.dumps(answer)), content_type="application/json",
                                 headers={"Content-Encoding": "gzip"})  # fmt: skip

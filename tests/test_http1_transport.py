@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import struct
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import pytest
 from embedgate.config import ProviderConfig
 from embedgate.errors import UpstreamError
 from embedgate.providers import Embeddings, Http1Transport, OpenAIAdapter, sender_for
+from embedgate.providers.openai import _decoded
 
 pytestmark = pytest.mark.anyio
 
@@ -394,7 +396,61 @@ async def test_the_adapter_reads_gzip_retry_after_and_bad_gzip_alike_on_both_pat
     assert decoded.vectors == [struct.pack("<2f", 1.0, 2.0)]
     assert (limited.value.upstream_status, limited.value.retry_after_s) == (429, 2.0)
     assert "answered 429: slow!!" in str(limited.value)
-    assert str(corrupt.value).startswith("up: connection failed (")  # an upstream error, not a 500
+    assert corrupt.value.code == "upstream_malformed"  # an upstream error, not a 500
+    assert str(corrupt.value).startswith("up sent a malformed answer: its body could not be decoded (")
+
+
+@pytest.mark.parametrize("path", ["direct", "httpx"])
+async def test_a_key_echoed_at_the_cut_of_a_long_error_is_redacted_whole(path: str) -> None:
+    # The first 500 characters were cut before the key was looked for: 30 of its 35 characters went to the client.
+    secret = "sk-upstream-SECRET-1234567890abcdef"
+    text = b"y" * 470 + secret.encode() + b" trailing"
+    answer = b"HTTP/1.1 500 Oops\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text)
+    async with serve(lambda n: (answer, False)) as server:
+        transport = Http1Transport()
+        provider = ProviderConfig(name="up", type="openai", base_url=f"http://127.0.0.1:{server.port}/v1",
+                                  api_key=secret)  # fmt: skip
+        adapter = {"direct": OpenAIAdapter(provider, sender_for(transport)),
+                   "httpx": OpenAIAdapter(provider, transport.handle_async_request)}[path]  # fmt: skip
+        with pytest.raises(UpstreamError) as failed:
+            await _embed(adapter)
+        await transport.aclose()
+    message = str(failed.value)
+    assert "[redacted]" in message and secret[:8] not in message
+    assert len(message) <= len("up answered 500: ") + 500
+
+
+async def test_a_protocol_upgrade_is_a_protocol_error_not_a_transport_crash() -> None:
+    # httptools raises HttpParserUpgrade, no HttpParserError: it escaped the protocol's callback (asyncio logged a
+    # fatal transport error with a traceback) and the call failed as "answered 0".
+    upgrade = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    crashes: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: crashes.append(context))
+    async with serve(lambda n: (upgrade, False) if n == 1 else ok()) as server:
+        transport = Http1Transport()
+        with pytest.raises(httpx.RemoteProtocolError, match="protocol upgrade"):
+            await post(transport, server.url)
+        assert (await post(transport, server.url)).status_code == 200  # the pool goes on
+        await transport.aclose()
+    assert crashes == []
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "raw-deflate", "gzip, gzip", "identity"])
+def test_a_compressed_answer_is_decoded_up_to_a_bound(coding: str) -> None:
+    compress = {
+        "gzip": gzip.compress,
+        "deflate": zlib.compress,
+        "raw-deflate": lambda d: zlib.compress(d, wbits=-zlib.MAX_WBITS),
+        "gzip, gzip": lambda d: gzip.compress(gzip.compress(d)),
+        "identity": lambda d: d,
+    }[coding]
+    name = b"deflate" if coding == "raw-deflate" else coding.encode()
+    data = b"0" * 3_000_000  # 3 MB that gzip makes ~3 KB of
+    headers = [(b"Content-Encoding", name)]
+    assert _decoded(200, headers, compress(data), limit=3_000_000) == data
+    if coding != "identity":  # the bound holds before the whole is made
+        with pytest.raises(httpx.DecodingError, match="more than 2999999 bytes"):
+            _decoded(200, headers, compress(data), limit=2_999_999)
 
 
 # --- bodies read by their length ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Backoff is kept small (``backoff_base_ms: 10``) and attempts short (``timeout.ca
 from __future__ import annotations
 
 import base64
+import email.utils
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
+from embedgate.app import create_app
 from embedgate.config import Config, parse_config
 from embedgate.gateway import EmbeddingGateway
 from tests.conftest import KEY, config_dict, gateway
@@ -350,3 +352,83 @@ async def test_a_gzip_compressed_upstream_answer_is_decoded_once(upstream: FakeU
     assert_served(r, PRIMARY, PRIMARY_UP)
     assert len(upstream.calls) == 1
     assert "gzip" in upstream.calls[0].headers.get("accept-encoding", "")
+
+
+# --- the upstream's token counts ---------------------------------------------------------------------------------
+
+ESTIMATE = sum(len(t.encode()) + 2 for t in TEXTS)  # the request's upper bound: UTF-8 bytes + 2 a string
+TOKEN_BUDGET = {"scope": "api_key", "target": "team-a", "period": "daily", "token_limit": 1000}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("usage", "charged"),
+    [
+        ({"prompt_tokens": 5, "total_tokens": 5}, 5),  # what the upstream counted, within the bound
+        (None, ESTIMATE),  # no usage: the estimate, not nothing
+        ({"prompt_tokens": 0, "total_tokens": 0}, ESTIMATE),  # fewer than one token an input
+        ({"prompt_tokens": "12"}, ESTIMATE),
+        ({"prompt_tokens": 1e30, "total_tokens": 1e30}, ESTIMATE),  # was a 500, and the budget never settled
+        ({"prompt_tokens": 10**15, "total_tokens": 10**15}, ESTIMATE),  # would have used up the day's budget
+    ],
+    ids=["counted", "missing", "zero", "string", "float-1e30", "beyond-the-estimate"],
+)
+async def test_an_upstream_token_count_is_charged_only_within_the_estimate(
+    upstream: FakeUpstream, usage: Any, charged: int
+) -> None:
+    upstream.script.append(Fault("usage", usage=usage, model=PRIMARY_UP))
+    config = routing_config(upstream, budgets=[TOKEN_BUDGET])
+    with capture_logs() as logs:
+        async with running(config) as (c, _):
+            r, _ = await timed_post(c, body_for())
+            after, _ = await timed_post(c, body_for())  # answered with the upstream's own count (words: 3)
+    assert_served(r, PRIMARY, PRIMARY_UP)
+    assert r.json()["usage"] == {"prompt_tokens": charged, "total_tokens": charged}
+    # the second request's headers: the first one's settled tokens and its own reservation are taken
+    assert int(after.headers["x-ratelimit-remaining-tokens"]) == 1000 - charged - ESTIMATE
+    told = [e for e in logs if "token count" in e["event"]]
+    assert len(told) == (0 if charged == 5 else 1) and all(e["provider"] == "local" for e in told)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("value", ["-5", "nan", "soon"])
+async def test_a_retry_after_that_is_no_wait_leaves_the_backoff_to_apply(upstream: FakeUpstream, value: str) -> None:
+    # "-5" and "nan" were read as 0 s: the retries went out at once, with no backoff.
+    headers = {"Retry-After": value, "Content-Type": "application/json"}
+    upstream.script.append(Fault("raw", 429, headers=headers, body=b'{"error":{"message":"slow down"}}',
+                                 model=PRIMARY_UP))  # fmt: skip
+    async with running(routing_config(upstream, routing={"backoff_base_ms": 300})) as (c, _):
+        r, elapsed = await timed_post(c, body_for())
+    assert_served(r, PRIMARY, PRIMARY_UP)
+    assert 0.225 <= elapsed < 1.5  # the 300 ms backoff, +-25%
+
+
+@pytest.mark.anyio
+async def test_a_retry_after_http_date_is_waited_for(upstream: FakeUpstream) -> None:
+    when = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds: 1 to 2 s from now
+    upstream.script.append(Fault("raw", 429, headers={"Retry-After": when}, body=b"{}", model=PRIMARY_UP))
+    async with running(routing_config(upstream, routing={"max_retry_after_ms": 5000})) as (c, _):
+        r, elapsed = await timed_post(c, body_for())
+    assert_served(r, PRIMARY, PRIMARY_UP)
+    assert 0.9 <= elapsed < 3.5  # was ignored: the 10 ms backoff
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("route", ["/v1/embeddings", "/v2/router/embeddings", "/api/v1/embeddings"])
+async def test_an_error_while_writing_the_answer_is_a_500_in_the_routes_shape(upstream: FakeUpstream,
+                                                                              route: str) -> None:  # fmt: skip
+    class Failing(EmbeddingGateway):
+        def _render(self, call: Any) -> bytes:
+            raise TypeError("Integer exceeds 64-bit range")
+
+    config = routing_config(upstream, budgets=[TOKEN_BUDGET])
+    app = Failing(create_app(config).app, config=config, standalone=True)
+    with capture_logs() as logs:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+            r = await c.post(route, json=body_for(), headers=AUTH)
+            usage = await app.budgets.usage(scope="api_key") if app.budgets else None
+        await app.shutdown()
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert "error" in r.json() and "Integer" not in r.text  # the route's shape, no traceback
+    assert any(e["event"] == "request" and e["status"] == 500 for e in logs)  # the access line was written
+    assert usage is not None and usage[0]["tokens"]["used"] == 3  # the upstream's tokens settled, not left reserved

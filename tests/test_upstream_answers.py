@@ -102,7 +102,7 @@ async def test_only_a_canonical_base64_text_is_kept_for_passing_on() -> None:
         b'{"data":[{"index":0,"embedding": "%s"},{"index":1,"embedding":"%s"}]}' % (b64(0).encode(), b64(1).encode()),
         # an escaped "/" inside the base64 (valid JSON): left to the JSON parse, which unescapes it
         b'{"data":[{"index":0,"embedding":"%s"},{"index":1,"embedding":"%s"}]}'
-        % (base64.b64encode(b"\xff" * 4 * DIMS).replace(b"/", b"\\/"), b64(1).encode()),
+        % (base64.b64encode(b"\xff\xff\x7f\x3f" * DIMS).replace(b"/", b"\\/"), b64(1).encode()),  # 0.99999994
         # float lists (a provider ignoring encoding_format) beside a base64 item
         b'{"data":[{"index":0,"embedding":%s},{"index":1,"embedding":"%s"}]}'
         % (orjson.dumps(np.frombuffer(vec(0), "<f4").tolist()), b64(1).encode()),
@@ -139,3 +139,50 @@ async def test_malformed_answers_are_refused_as_upstream_malformed(body: bytes, 
         await embed(body, 2)
     assert caught.value.code == "upstream_malformed"
     assert why in caught.value.message
+
+
+_NAN_INF = base64.b64encode(np.array([np.nan, np.inf, -np.inf, 1.0] * (DIMS // 4), "<f4").tobytes()).decode()
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (pair(f'"{b64(0)}"', f'"{_NAN_INF}"'), "NaN or infinity"),  # cut out and decoded
+        (pair(f'"{b64(0)}"', f' "{_NAN_INF}"'), "NaN or infinity"),  # left to the JSON parse
+        (pair(f'"{b64(0)}"', str([0.5] * (DIMS - 1) + [1e39])), "beyond float32"),  # inf once a float32
+        (pair(f'"{b64(0)}"', "[0.5" + ",0.5" * (DIMS - 2) + ",null]"), "list of numbers"),
+        (pair(f'"{b64(0)}"', '["0.5"' + ',"0.5"' * (DIMS - 1) + "]"), "list of numbers"),
+        (pair(f'"{b64(0)}"', "[true" + ",false" * (DIMS - 1) + "]"), "list of numbers"),
+    ],
+    ids=["nan-inf-base64", "nan-inf-parsed", "float32-overflow", "null", "strings", "booleans"],
+)
+async def test_vectors_that_are_not_all_finite_numbers_are_refused(body: bytes, why: str) -> None:
+    # A NaN reached a float client as null (and the cache kept it); strings and booleans were taken as numbers.
+    with pytest.raises(UpstreamError) as caught:
+        await embed(body, 2)
+    assert caught.value.code == "upstream_malformed"
+    assert why in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("usage", "prompt", "total"),
+    [
+        (b'{"prompt_tokens":7,"total_tokens":9}', 7, 9),
+        (b'{"prompt_tokens":7.0}', 7, 7),  # integral floats are counts; total falls back to prompt
+        (b'{"prompt_tokens":4294967295}', 4294967295, 4294967295),
+        (b"null", -1, -1),
+        (b'{"total_tokens":5}', -1, 5),
+        (b'{"prompt_tokens":"12"}', -1, -1),
+        (b'{"prompt_tokens":-5}', -1, -1),
+        (b'{"prompt_tokens":3.7}', -1, -1),
+        (b'{"prompt_tokens":true}', -1, -1),
+        (b'{"prompt_tokens":4294967296}', -1, -1),
+        (b'{"prompt_tokens":1e30}', -1, -1),
+        (b'{"prompt_tokens":99999999999999999999999}', -1, -1),  # beyond 64 bits: was a 500 when answered
+    ],
+)
+async def test_token_counts_are_whole_numbers_in_range_or_minus_one(usage: bytes, prompt: int, total: int) -> None:
+    # -1 tells the router that the upstream gave no count it can charge: it puts its estimate instead.
+    body = pair(f'"{b64(0)}"', f'"{b64(1)}"')[:-1] + b',"usage":' + usage + b"}"
+    result = await answered(body, 2)
+    assert (result.prompt_tokens, result.total_tokens) == (prompt, total)

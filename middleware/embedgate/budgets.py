@@ -63,6 +63,7 @@ __all__ = [
     "budget_store",
     "cost_usd",
     "estimate_tokens",
+    "is_bounded",
     "model_price",
     "period_bounds",
 ]
@@ -114,6 +115,11 @@ def estimate_tokens(items: str | Iterable[Any], *, image_tokens: int = IMAGE_TOK
     if all(type(item) is str for item in seq):  # the usual batch of texts, without a call per item
         return sum(len(item.encode()) for item in seq) + SPECIAL_TOKENS_PER_ITEM * len(seq)
     return sum(_item_tokens(item, image_tokens) for item in seq)
+
+
+def is_bounded(items: str | Iterable[Any]) -> bool:
+    """Whether :func:`estimate_tokens` of ``items`` is a bound, not an allowance: no multimodal item in them."""
+    return isinstance(items, str) or not any(isinstance(item, Mapping) for item in items)
 
 
 def _item_tokens(item: Any, image_tokens: int) -> int:

@@ -44,7 +44,7 @@ from typing import Any, Final
 import structlog
 from mypy_extensions import mypyc_attr
 
-from .budgets import BUILTIN_PRICES
+from .budgets import BUILTIN_PRICES, estimate_tokens, is_bounded
 from .config import Config, Deployment, ModelConfig, RetryPolicy
 from .errors import (
     GatewayError,
@@ -215,6 +215,7 @@ class Router:
         self._sleep = sleep
         self._models: dict[str, ResolvedModel] = {m.id: self._resolved(m) for m in config.models.values()}
         self._dims: dict[str, _Dims] = {}
+        self._usage_warned: set[str] = set()  # providers whose usage was replaced, told once each
         # Every configured endpoint is listed at /readyz from the start, not only once it has been used.
         self.breakers: dict[str, Breaker] = {
             _deployment_id(d): Breaker() for m in config.models.values() for d in m.deployments
@@ -561,6 +562,7 @@ class Router:
             )
             if request.dimensions is None:
                 self._check_dims(model.id, deployment, result)
+            self._check_usage(deployment.provider, payload, n_items, result)
         except (UpstreamError, UpstreamTimeout) as err:
             elapsed = self._clock() - started
             self._hook.end(token, error=err, result=None, seconds=elapsed, outcome=next_step(err))
@@ -576,6 +578,20 @@ class Router:
         self._hook.end(token, error=None, result=result, seconds=elapsed)
         self._record(deployment, ok=True, seconds=elapsed, error=None)
         return result
+
+    def _check_usage(self, provider: str, payload: Any, n_items: int, result: Embeddings) -> None:
+        """The answer's token count as budgets will charge it: the upstream's, unless it gave none (or fewer than
+        one per input, or one not a whole number), or more than the estimate's upper bound for text and token ids
+        (an image's allowance is no bound): then the estimate, which the request reserved."""
+        tokens = result.prompt_tokens
+        estimate = estimate_tokens(payload)
+        if tokens >= n_items and (tokens <= estimate or not is_bounded(payload)):
+            return
+        if provider not in self._usage_warned and len(self._usage_warned) < 1000:
+            self._usage_warned.add(provider)
+            log.warning("the upstream's token count was missing or out of bounds: the estimate is charged instead "
+                        "(told once per provider)", provider=provider, reported=tokens, estimate=estimate)  # fmt: skip
+        result.prompt_tokens = result.total_tokens = estimate
 
     def _check_dims(self, model_id: str, deployment: Deployment, result: Embeddings) -> None:
         """Reject an answer whose dimension count differs from the model's (see the module docstring)."""

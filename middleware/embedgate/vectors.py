@@ -37,13 +37,21 @@ def floats_to_bytes(values: Any) -> bytes:
     """Pack a JSON float list into float32 bytes, rejecting anything that is not a flat list of numbers."""
     if not isinstance(values, list) or not values:
         raise VectorError("an embedding must be a non-empty list of numbers")
+    # Without a dtype, numpy tells the values' kinds: a string, null or true (which a float32 conversion would
+    # take as a number, NaN or 1.0) makes it text, object or bool, a number too large for a float64 infinite.
     try:
-        arr = np.asarray(values, dtype=_F32)
+        arr = np.asarray(values)
     except (TypeError, ValueError):
         raise VectorError("an embedding must be a list of numbers") from None
     if arr.ndim != 1:
         raise VectorError("an embedding must be a flat list of numbers")
-    return arr.tobytes()
+    if arr.dtype.kind not in "fiu":
+        raise VectorError("an embedding must be a list of numbers")
+    with np.errstate(over="ignore"):  # an overflow is refused just below, not warned about
+        out = arr.astype(_F32)
+    if not np.isfinite(out).all():  # NaN, infinity, or a number beyond float32's range
+        raise VectorError("an embedding holds NaN, infinity or a number beyond float32's range")
+    return out.tobytes()
 
 
 def bytes_to_b64(vector: bytes) -> bytes:

@@ -8,13 +8,17 @@ from __future__ import annotations
 from typing import Any, Final
 
 import orjson
+from numpy import dtype, frombuffer, isfinite
 
 from .vectors import VectorError, b64_to_bytes, bytes_to_b64, floats_to_bytes
 
 __all__ = ["MalformedAnswer", "count", "cut_vectors", "read_answer", "take_cut"]
 
-#: What :func:`read_answer` returns: vectors, their base64 texts, dimensions, prompt tokens, total tokens.
+#: What :func:`read_answer` returns: vectors, their base64 texts, dimensions, prompt tokens (-1 where the upstream
+#: gave no whole number from 0 to ``MAX_COUNT``: the router puts its estimate), total tokens (else the prompt's).
 Answer = tuple[list[bytes], list[bytes | memoryview | None], int, int, int]
+#: The largest token count read from an answer (a 2048-item batch of 8k-token texts is ~16.8M).
+MAX_COUNT: Final = 2**32 - 1
 
 
 class MalformedAnswer(ValueError):
@@ -62,14 +66,19 @@ def read_answer(content: bytes | bytearray, n_items: int, dimensions: int | None
     dims = size // 4
     if dimensions is not None and dims != dimensions:
         raise MalformedAnswer(f"{dims} dimensions where {dimensions} were asked for")
+    # One pass over all of them (~0.1 ms for 256 x 1536): a NaN or an infinity would reach a float client as
+    # null, and the cache would keep it.
+    if not isfinite(frombuffer(whole[0] if len(whole) == 1 else b"".join(whole), _F32)).all():
+        raise MalformedAnswer("a vector holds NaN or infinity")
     usage: Any = data.get("usage")
     if not isinstance(usage, dict):
         usage = {}
     prompt = count(usage.get("prompt_tokens"))
-    total = count(usage.get("total_tokens"), prompt)
-    return whole, b64, dims, prompt, total
+    total = count(usage.get("total_tokens"))
+    return whole, b64, dims, prompt, total if total >= 0 else prompt
 
 
+_F32: Final = dtype("<f4")
 _KEY: Final = b'"embedding":"'
 _MARK: Final = "#"  # never in a base64 string: a marker in the skeleton can only be one this module wrote
 
@@ -144,7 +153,8 @@ def take_cut(vectors: list[bytes | None], marker: str) -> tuple[bytes, int]:
     return vector, k
 
 
-def count(v: Any, default: int = 0) -> int:
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else default
+def count(v: Any) -> int:
+    """A token count as the upstream wrote it: a whole number from 0 to ``MAX_COUNT`` (``3.0`` too), else -1."""
+    if type(v) is float and v.is_integer() and 0 <= v <= MAX_COUNT:
+        return int(v)
+    return v if type(v) is int and 0 <= v <= MAX_COUNT else -1

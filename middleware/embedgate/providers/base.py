@@ -29,12 +29,13 @@ _DECODED_HEADERS = frozenset({b"content-encoding", b"content-length"})
 
 @dataclass(slots=True)
 class Embeddings:
-    """A validated upstream answer: one float32 vector per input item, in input order; read, never changed (not
-    ``frozen``: a frozen dataclass sets each field through ``object.__setattr__``, ~1 us more per answer)."""
+    """A validated upstream answer: one float32 vector per input item, in input order; read, never changed but for
+    its token counts, which the router settles (not ``frozen``: a frozen dataclass sets each field through
+    ``object.__setattr__``, ~1 us more per answer)."""
 
     vectors: list[bytes]
     dimensions: int
-    prompt_tokens: int
+    prompt_tokens: int  # -1 from an adapter when the upstream gave no usable count; the router then puts its own
     total_tokens: int
     #: Per item, the upstream's own base64 text of the vector when it sent one that decoded as is (ASCII, to be
     #: passed on to a base64 client without encoding it again); None where it did not.

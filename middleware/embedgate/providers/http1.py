@@ -142,8 +142,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.answered = True
         try:
             self._parser.feed_data(self._scratch_view[:nbytes])
-        except httptools.HttpParserError as exc:
-            self._fail(httpx.RemoteProtocolError(f"invalid HTTP answer: {exc}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # the second is no subclass
+            reason = "a protocol upgrade" if isinstance(exc, httptools.HttpParserUpgrade) else exc
+            self._fail(httpx.RemoteProtocolError(f"invalid HTTP answer: {reason}"))
             self.close()
             return
         length = self._length

@@ -8,6 +8,10 @@ per input becomes ``UpstreamError(code="upstream_malformed")``: never passed on 
 
 from __future__ import annotations
 
+import time
+import zlib
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -24,6 +28,10 @@ from .http1 import Http1Transport, header_value, origin_of, request_head
 __all__ = ["OpenAIAdapter", "cut_vectors", "take_cut"]
 
 _MAX_MESSAGE: Final = 500
+#: The most a compressed answer may decode to (the largest real answer, 2048 x 3072 floats as JSON, is ~80 MB).
+MAX_DECODED: Final = 256 * 1024 * 1024
+_ZLIB_CODINGS: Final = frozenset({"gzip", "deflate", "identity", ""})
+_INFLATE_STEP: Final = 4 * 1024 * 1024  # decoded bytes made at a time
 
 
 class OpenAIAdapter:
@@ -95,6 +103,9 @@ class OpenAIAdapter:
             if isinstance(exc, httpx.TimeoutException) and not _is_timeout(exc):
                 raise UpstreamError(f"{self.name}: connection failed ({_describe(exc)})") from None
             raise UpstreamTimeout(f"{self.name}: no answer within {timeout_s * 1000:.0f} ms") from None
+        except httpx.DecodingError as exc:
+            raise UpstreamError(f"{self.name} sent a malformed answer: its body could not be decoded ({exc})",
+                                code="upstream_malformed") from None  # fmt: skip
         except httpx.HTTPError as exc:
             raise UpstreamError(f"{self.name}: connection failed ({_describe(exc)})") from None
         if status != 200:
@@ -118,15 +129,19 @@ class OpenAIAdapter:
 
     def _message(self, content: bytes | bytearray) -> str:
         """The upstream's error message, short, and scrubbed of our provider key should it echo it."""
+        secret = self._secret if self._secret and len(self._secret) >= 4 else ""
+        # Cut after the key is taken out, and with room for a key that starts before the cut: a key cut in two
+        # would no longer be found.
+        head = content[: _MAX_MESSAGE + len(secret)]
         try:
             data = orjson.loads(content)
             err = data.get("error") if isinstance(data, dict) else None
             message = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
-            text = str(message) if message else content[:_MAX_MESSAGE].decode("utf-8", "replace")
+            text = str(message) if message else head.decode("utf-8", "replace")
         except orjson.JSONDecodeError:
-            text = content[:_MAX_MESSAGE].decode("utf-8", "replace")
-        if self._secret and len(self._secret) >= 4:
-            text = text.replace(self._secret, "[redacted]")
+            text = head.decode("utf-8", "replace")
+        if secret:
+            text = text.replace(secret, "[redacted]")
         return text[:_MAX_MESSAGE] or "(empty body)"
 
     def _parse(self, content: bytes | bytearray, n_items: int, dimensions: int | None) -> Embeddings:
@@ -137,19 +152,70 @@ class OpenAIAdapter:
         return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total, b64=b64)
 
 
-def _decoded(status: int, headers: list[tuple[bytes, bytes]], body: bytes | bytearray) -> bytes:
-    """A compressed answer's body, decoded as httpx decodes it (gzip, deflate, br, zstd where installed)."""
-    response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(bytes(body)))
-    return response.read()
+def _decoded(
+    status: int, headers: list[tuple[bytes, bytes]], body: bytes | bytearray, limit: int = MAX_DECODED
+) -> bytes:
+    """A compressed answer's body, at most ``limit`` bytes once decoded (a few KB of gzip can hold gigabytes
+    of zeros): gzip and deflate (what the gateway asks for) decoded here in bounded steps, any other coding by
+    httpx (br, zstd where installed), then measured."""
+    named = header_value(headers, b"content-encoding") or b""
+    codings = [c.strip().lower() for c in named.decode("latin-1").split(",")]
+    data = bytes(body)
+    if any(c not in _ZLIB_CODINGS for c in codings):
+        data = httpx.Response(status, headers=headers, stream=httpx.ByteStream(data)).read()
+        if len(data) > limit:
+            raise httpx.DecodingError(f"more than {limit} bytes once decompressed")
+        return data
+    try:
+        for coding in reversed(codings):  # the last coding applied is the first undone
+            if coding == "gzip":
+                data = _inflate(data, 16 + zlib.MAX_WBITS, limit)
+            elif coding == "deflate":  # zlib-wrapped as the RFC says, or raw deflate as some servers send it
+                try:
+                    data = _inflate(data, zlib.MAX_WBITS, limit)
+                except zlib.error:
+                    data = _inflate(data, -zlib.MAX_WBITS, limit)
+    except zlib.error as exc:
+        raise httpx.DecodingError(f"not valid {coding}: {exc}") from None
+    return data
+
+
+def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
+    """``data`` decompressed (``wbits`` as zlib takes it), refused beyond ``limit`` bytes before they are all
+    made."""
+    inflater = zlib.decompressobj(wbits)
+    pieces: list[bytes] = []
+    size = 0
+    while data:
+        piece = inflater.decompress(data, _INFLATE_STEP)
+        size += len(piece)
+        if size > limit:
+            raise httpx.DecodingError(f"more than {limit} bytes once decompressed")
+        pieces.append(piece)
+        if inflater.eof:
+            break
+        data = inflater.unconsumed_tail
+    if not inflater.eof:
+        pieces.append(inflater.flush())
+    return b"".join(pieces)
 
 
 def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value: a number of seconds or an HTTP date (RFC 9110); None for
+    anything else (a negative number, NaN, garbage), so the router's own backoff applies. The router caps it."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        return None  # an HTTP date: rare for APIs; the router's own backoff applies
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC, as the RFC's dates are
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, when.timestamp() - time.time())
+    return seconds if seconds >= 0.0 else None  # NaN is not >= 0
 
 
 def _is_timeout(exc: BaseException) -> bool:
