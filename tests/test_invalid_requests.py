@@ -138,6 +138,75 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
     ("provider-sort", body(provider={"sort": "random"}), {}, 400, "provider.sort", None),
     ("provider-order-type", body(provider={"order": "local"}), {}, 400, "provider.order", None),
     ("provider-unknown-key", body(provider={"favourite": "local"}), {}, 400, "provider.favourite", None),
+    # OpenRouter's own types for the keys that have no effect here (each was accepted whatever it held)
+    ("provider-zdr-string", body(provider={"zdr": "yes"}), {}, 400, "provider.zdr", None),
+    (
+        "provider-require-parameters",
+        body(provider={"require_parameters": "x"}),
+        {},
+        400,
+        "provider.require_parameters",
+        None,
+    ),
+    (
+        "provider-distillable-number",
+        body(provider={"enforce_distillable_text": 3}),
+        {},
+        400,
+        "provider.enforce_distillable_text",
+        None,
+    ),
+    (
+        "provider-data-collection",
+        body(provider={"data_collection": "maybe"}),
+        {},
+        400,
+        "provider.data_collection",
+        None,
+    ),
+    ("provider-quantizations-string", body(provider={"quantizations": "fp8"}), {}, 400, "provider.quantizations", None),
+    (
+        "provider-quantization-unknown",
+        body(provider={"quantizations": ["fp8", "fp7"]}),
+        {},
+        400,
+        "provider.quantizations[1]",
+        None,
+    ),
+    ("provider-options-list", body(provider={"options": []}), {}, 400, "provider.options", None),
+    # a price was float()'d: true was 1.0, "nan" and -1 excluded every deployment (a 503)
+    (
+        "provider-max-price-bool",
+        body(provider={"max_price": {"prompt": True}}),
+        {},
+        400,
+        "provider.max_price.prompt",
+        None,
+    ),
+    (
+        "provider-max-price-nan",
+        body(provider={"max_price": {"prompt": "nan"}}),
+        {},
+        400,
+        "provider.max_price.prompt",
+        None,
+    ),
+    (
+        "provider-max-price-negative",
+        body(provider={"max_price": {"prompt": -1}}),
+        {},
+        400,
+        "provider.max_price.prompt",
+        None,
+    ),
+    (
+        "provider-max-price-word",
+        body(provider={"max_price": {"prompt": "cheap"}}),
+        {},
+        400,
+        "provider.max_price.prompt",
+        None,
+    ),
     ("unknown-model", body(model="nowhere/x"), {}, 404, "model", "model_not_found"),
     ("no-key", OK, {"authorization": ""}, 401, "authorization", "invalid_api_key"),
     ("wrong-key", OK, {"authorization": "Bearer sk-nope"}, 401, "authorization", "invalid_api_key"),
@@ -287,3 +356,20 @@ async def test_ten_fallbacks_are_taken(client: httpx.AsyncClient, upstream: Fake
     r = await client.post("/v1/embeddings", json=body(fallbacks=[{"model": "local/embed-small"}] * 10),
                           headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("changes", "shown"),
+    [
+        ({"load_balancer": {}}, "got null"),  # was Python's None
+        ({"encoding_format": True}, "got true"),
+        ({"cache": {"type": "semantic"}}, 'got "semantic"'),
+        ({"provider": {"sort": ["price"]}}, 'got ["price"]'),
+    ],
+)
+async def test_a_value_in_a_message_is_quoted_as_the_client_wrote_it(
+    client: httpx.AsyncClient, changes: dict[str, Any], shown: str
+) -> None:
+    r = await client.post("/v1/embeddings", json=body(**changes), headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["message"].endswith(shown)

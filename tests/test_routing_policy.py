@@ -225,6 +225,23 @@ def calls_per_deployment(upstream: FakeUpstream) -> dict[str, int]:
         ({"max_price": {"prompt": 0.04}, "order": ["third"]}, "d-third", 0.03),
         ({"max_price": {"prompt": 0.02}, "order": ["third"]}, "d-backup", 0.01),
         ({"allow_fallbacks": False, "order": ["backup"]}, "d-backup", 0.01),
+        ({"max_price": {"prompt": "0.04"}}, "d-backup", 0.01),  # OpenRouter writes big numbers as strings
+        # the keys without effect here, with values OpenRouter's SDK sends: accepted, the config order kept
+        (
+            {
+                "sort": "exacto",
+                "zdr": True,
+                "require_parameters": False,
+                "enforce_distillable_text": None,
+                "data_collection": "allow",
+                "quantizations": ["fp8", "bf16"],
+                "options": {"x": {"y": 1}},
+                "preferred_min_throughput": {"p50": 10},
+                "preferred_max_latency": 2.5,
+            },
+            "d-local",
+            0.05,
+        ),
     ],
 )
 async def test_provider_preferences_choose_the_deployment(
@@ -239,6 +256,15 @@ async def test_provider_preferences_choose_the_deployment(
     assert calls_per_deployment(upstream) == {d: int(d == served) for d in DEPLOYMENTS}
     usage = r.json()["usage"]
     assert usage["cost"] == pytest.approx(usage["prompt_tokens"] * price / 1_000_000)  # the serving deployment's
+
+
+@pytest.mark.anyio
+async def test_a_load_balancer_without_models_is_none(upstream: FakeUpstream) -> None:
+    # orq types load_balancer.models [array, null]: null was "expected an array, got null"
+    async with running(deployed_config(upstream)) as (c, _):
+        r = await post(c, {"model": "acme/embed", "input": TEXTS,
+                           "load_balancer": {"type": "weight_based", "models": None}})  # fmt: skip
+    assert_served(r, "acme/embed", "d-local")
 
 
 @pytest.mark.anyio

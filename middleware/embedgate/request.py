@@ -9,6 +9,7 @@ given, a list-form ``load_balancer`` becomes the object form, and the ``X-ORQ-ID
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -37,8 +38,11 @@ _PROVIDER_FIELDS: Final = frozenset(
     {
         "order", "only", "ignore", "allow_fallbacks", "sort", "max_price", "require_parameters", "data_collection",
         "zdr", "quantizations", "preferred_min_throughput", "preferred_max_latency", "enforce_distillable_text",
+        "options",
     }
 )  # fmt: skip
+_QUANTIZATIONS: Final = frozenset({"int4", "int8", "fp4", "fp6", "fp8", "fp16", "bf16", "fp32", "unknown"})
+_SORTS: Final = ("price", "latency", "throughput", "exacto")
 
 
 @dataclass(init=False, kw_only=True, slots=True)
@@ -60,7 +64,7 @@ class ProviderPreferences:
     only: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
     allow_fallbacks: bool = True
-    sort: str | None = None  # "price" | "latency" | "throughput"
+    sort: str | None = None  # "price" | "latency" | "throughput" | "exacto" (accepted, no effect)
     max_price: float | None = None  # USD per million prompt tokens
 
 
@@ -150,6 +154,15 @@ def _bad(param: str, message: str) -> InvalidRequest:
     return InvalidRequest(f"Invalid '{param}': {message}", param=param)
 
 
+def _shown(v: Any) -> str:
+    """A client's value as it wrote it (JSON: ``null``, ``true``, ``"text"``) for a message, at most 100 characters."""
+    try:
+        text = orjson.dumps(v).decode()
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits
+        text = str(v)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def _type_name(v: Any) -> str:
     if v is None:
         return "null"
@@ -236,7 +249,7 @@ def _token_list(v: list[Any], param: str) -> tuple[int, ...]:
         if isinstance(t, float) and t.is_integer():
             t = int(t)
         if not isinstance(t, int) or isinstance(t, bool) or t < 0 or t > _MAX_TOKEN_ID:
-            raise _bad(f"{param}[{i}]", f"token ids are integers from 0 to {_MAX_TOKEN_ID}, got {t!r}"[:200])
+            raise _bad(f"{param}[{i}]", f"token ids are integers from 0 to {_MAX_TOKEN_ID}, got {_shown(t)}"[:200])
         out.append(t)
     return tuple(out)
 
@@ -258,7 +271,7 @@ def _multimodal(v: Any, param: str) -> dict[str, Any]:
             img = _obj(part.get("image_url"), f"{p}.image_url", frozenset({"url", "detail"}), True)
             _str(img.get("url"), f"{p}.image_url.url", nonempty=True)
         else:
-            raise _bad(f"{p}.type", f"expected 'text' or 'image_url', got {kind!r}"[:200])
+            raise _bad(f"{p}.type", f"expected 'text' or 'image_url', got {_shown(kind)}"[:200])
     return v
 
 
@@ -303,7 +316,7 @@ def _cache(v: Any, p: str, strict: bool) -> CacheRequest:
     if "type" not in c:
         raise _bad(f"{p}.type", "is required ('exact_match')")
     if c["type"] != "exact_match":
-        raise _bad(f"{p}.type", f"expected 'exact_match', got {c['type']!r}"[:200])
+        raise _bad(f"{p}.type", f"expected 'exact_match', got {_shown(c['type'])}"[:200])
     ttl = c.get("ttl")
     return CacheRequest(ttl=None if ttl is None else _int(ttl, f"{p}.ttl", 1))
 
@@ -341,12 +354,14 @@ def _load_balancer(v: Any, p: str, strict: bool) -> tuple[tuple[str, float], ...
         for i, e in enumerate(v):
             e = _obj(e, f"{p}[{i}]", frozenset({"type", "model", "weight"}), strict)
             if e.get("type", "weight_based") != "weight_based":
-                raise _bad(f"{p}[{i}].type", f"expected 'weight_based', got {e.get('type')!r}"[:200])
+                raise _bad(f"{p}[{i}].type", f"expected 'weight_based', got {_shown(e.get('type'))}"[:200])
             entries.append((f"{p}[{i}]", e))
     else:
         lb = _obj(v, p, frozenset({"type", "models"}), strict)
         if lb.get("type") != "weight_based":
-            raise _bad(f"{p}.type", f"expected 'weight_based', got {lb.get('type')!r}"[:200])
+            raise _bad(f"{p}.type", f"expected 'weight_based', got {_shown(lb.get('type'))}"[:200])
+        if lb.get("models") is None:  # orq types it [array, null]: no models, no load balancing
+            return ()
         models = _list(lb.get("models"), f"{p}.models")
         entries = [(f"{p}.models[{i}]", _obj(e, f"{p}.models[{i}]", frozenset({"model", "weight"}), strict))
                    for i, e in enumerate(models)]  # fmt: skip
@@ -357,7 +372,7 @@ def _load_balancer(v: Any, p: str, strict: bool) -> tuple[tuple[str, float], ...
         model = _str(e.get("model"), f"{ep}.model", nonempty=True)
         weight = e.get("weight")
         if not isinstance(weight, int | float) or isinstance(weight, bool) or weight < 0 or weight != weight:
-            raise _bad(f"{ep}.weight", f"expected a number >= 0, got {weight!r}"[:200])
+            raise _bad(f"{ep}.weight", f"expected a number >= 0, got {_shown(weight)}"[:200])
         out.append((model, float(weight)))
     if sum(w for _, w in out) <= 0:
         raise _bad(p, "the weights must not all be zero")
@@ -412,6 +427,22 @@ def _identity(v: Any, p: str, strict: bool) -> dict[str, Any]:
     return out
 
 
+def _price(v: Any, param: str) -> float:
+    """A price in USD per million tokens: a number or, as OpenRouter writes big numbers, a numeric string; >= 0."""
+    price = -1.0
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        price = float(v)
+    elif isinstance(v, str):
+        try:
+            price = float(v)
+        except ValueError:
+            pass
+    if not 0.0 <= price < math.inf:  # NaN is not >= 0
+        raise _bad(param, f"expected a price >= 0 (USD per million tokens, a number or a numeric string), "
+                   f"got {_shown(v)}")  # fmt: skip
+    return price
+
+
 def _provider(v: Any, strict: bool) -> ProviderPreferences:
     p = _obj(v, "provider", _PROVIDER_FIELDS, strict)
 
@@ -421,17 +452,28 @@ def _provider(v: Any, strict: bool) -> ProviderPreferences:
     sort = p.get("sort")
     if isinstance(sort, dict):
         sort = sort.get("by")
-    if sort is not None and sort not in ("price", "latency", "throughput"):
-        raise _bad("provider.sort", f"expected 'price', 'latency' or 'throughput', got {sort!r}"[:200])
+    if sort is not None and sort not in _SORTS:
+        raise _bad("provider.sort", f"expected 'price', 'latency', 'throughput' or 'exacto', got {_shown(sort)}")
     max_price = None
     if p.get("max_price") is not None:
         mp = _obj(p["max_price"], "provider.max_price", frozenset({"prompt", "completion", "image", "audio",
                                                                    "request"}), strict)  # fmt: skip
         if mp.get("prompt") is not None:
-            try:
-                max_price = float(mp["prompt"])
-            except (TypeError, ValueError):
-                raise _bad("provider.max_price.prompt", "expected a number (USD per million tokens)") from None
+            max_price = _price(mp["prompt"], "provider.max_price.prompt")
+    # Accepted without effect here (there is one gateway's deployments to choose from), but checked as OpenRouter
+    # types them: a misspelt value is an error, not silently a default.
+    for flag in ("require_parameters", "zdr", "enforce_distillable_text"):
+        if p.get(flag) is not None:
+            _bool(p[flag], f"provider.{flag}")
+    if p.get("data_collection") is not None and p["data_collection"] not in ("deny", "allow"):
+        raise _bad("provider.data_collection", f"expected 'deny' or 'allow', got {_shown(p['data_collection'])}")
+    if p.get("quantizations") is not None:
+        for i, q in enumerate(_list(p["quantizations"], "provider.quantizations")):
+            if q not in _QUANTIZATIONS:
+                raise _bad(f"provider.quantizations[{i}]", f"expected one of {', '.join(sorted(_QUANTIZATIONS))}, "
+                           f"got {_shown(q)}")  # fmt: skip
+    if p.get("options") is not None:
+        _obj(p["options"], "provider.options", frozenset(), False)
     return ProviderPreferences(
         order=names("order"),
         only=names("only"),
@@ -492,7 +534,7 @@ def parse_request(
     if fmt is None:
         fmt = "float"
     elif fmt not in ("float", "base64"):
-        raise _bad("encoding_format", f"expected 'float' or 'base64', got {fmt!r}"[:200])
+        raise _bad("encoding_format", f"expected 'float' or 'base64', got {_shown(fmt)}"[:200])
 
     orq: dict[str, Any] = {}
     if data.get("orq") is not None:
