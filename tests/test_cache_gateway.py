@@ -18,9 +18,10 @@ import anyio
 import httpx
 import numpy as np
 import pytest
+import redis.asyncio
 import yaml
 
-from embedgate.config import parse_config
+from embedgate.config import ConfigError, parse_config
 from tests.conftest import KEY, OTHER_KEY, config_dict, gateway, wait_serving
 from tests.fake_upstream import FakeUpstream, Fault, expected_vector, free_port
 from tests.redis_util import require_redis
@@ -215,6 +216,44 @@ async def test_memory_backend_stays_within_max_bytes(upstream: FakeUpstream) -> 
 
 
 # --- Redis: shared across processes, and outages -------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_cache_may_have_a_redis_of_its_own(upstream: FakeUpstream) -> None:
+    # So that a Redis bounded by maxmemory and an eviction policy holds only the cache, never budget counters.
+    url = require_redis().rsplit("/", 1)[0] + "/7"
+    store = redis.asyncio.Redis.from_url(url)
+    before = set(await store.keys("eg:c:*"))
+    app = gateway(parse_config(cache_config(upstream.url, cache={"redis_url": url}), env={}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        await embed(c, [f"own redis {uuid.uuid4()}"])
+        ready = (await c.get("/readyz")).json()["checks"]
+    await app.shutdown()
+    added = set(await store.keys("eg:c:*")) - before
+    if added:
+        await store.delete(*added)
+    await store.aclose()
+    assert len(added) == 1  # the item went to the cache's own Redis
+    assert ready["cache"] == {"backend": "redis", "ok": True}
+    assert ready["budgets"]["backend"] == "memory"  # no redis_url: the rest stays in process memory
+
+
+def test_a_bad_cache_redis_url_is_a_config_error_naming_it() -> None:
+    with pytest.raises(ConfigError) as bad:
+        parse_config(cache_config("http://127.0.0.1:9/v1", cache={"redis_url": "http://secret@host"}), env={})
+    assert any(e.startswith("cache.redis_url") for e in bad.value.errors)
+    assert "secret" not in str(bad.value)
+
+
+@pytest.mark.anyio
+async def test_the_cache_size_metric_is_zero_with_the_redis_cache(upstream: FakeUpstream) -> None:
+    # It was -1 ("not applicable"), which a multi-worker scrape summed to -N.
+    app = gateway(parse_config(cache_config(upstream.url, redis_url=require_redis()), env={}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        await embed(c, ["metric probe"])
+        scraped = (await c.get("/metrics")).text
+    await app.shutdown()
+    assert "\nembedgate_cache_bytes 0.0\n" in scraped
 
 
 def write_config(tmp_path: Path, upstream_url: str, redis_url: str, workspace: str) -> Path:

@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import redis
 
-from embedgate.resp import LeanRedis, RespError, Script, pack, parse
+from embedgate.resp import LeanRedis, RespError, Script, pack, parse, parse_url
 from tests.redis_util import require_programs, require_redis
 
 pytestmark = pytest.mark.anyio
@@ -344,3 +345,18 @@ def test_tls_with_the_url_s_ca_file_or_without_verification(tmp_path: Path) -> N
     finally:
         server.kill()
         server.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("url", "db"),
+    [
+        ("redis://127.0.0.1:6379/0?db=5", 5),  # the query wins, as in redis-py (the path won: two databases)
+        ("redis://127.0.0.1:6379/4", 4),
+        ("redis://127.0.0.1:6379?db=6", 6),
+        ("redis://127.0.0.1:6379", 0),
+        ("unix:///run/redis.sock?db=2", 2),
+    ],
+)
+def test_the_database_is_read_as_redis_py_reads_it(url: str, db: int) -> None:
+    assert parse_url(url).db == db
+    assert redis.ConnectionPool.from_url(url).connection_kwargs.get("db", 0) == db

@@ -125,6 +125,7 @@ class CacheConfig:
     default_ttl: int = 1800
     max_ttl: int = 259200
     max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+    redis_url: str = ""  # the cache's own Redis; empty: the top-level redis_url
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -523,9 +524,15 @@ def _cache(data: Any, errors: list[str]) -> CacheConfig:
         default_ttl=s.get("default_ttl", s.integer(1), 1800),
         max_ttl=s.get("max_ttl", s.integer(1), 259200),
         max_bytes=s.get("max_bytes", s.integer(0), DEFAULT_CACHE_MAX_BYTES),
+        redis_url=s.get("redis_url", s.string, "") or "",
     )
     if cfg.default_ttl > cfg.max_ttl:
         s.error(s.at("default_ttl"), f"is above max_ttl ({cfg.max_ttl})")
+    if cfg.redis_url:
+        try:
+            parse_redis_url(cfg.redis_url)
+        except ValueError as exc:  # the message never repeats the URL: it may hold a password
+            s.error(s.at("redis_url"), str(exc))
     s.finish()
     return cfg
 

@@ -147,8 +147,10 @@ class EmbeddingGateway:
                 export_process=self.config.telemetry.export_process,
             )
             self.router = Router(self.config, adapters, hook=ObservedAttempts(self.telemetry, self.metrics))
-            self.cache = VectorCache.from_config(self.config.redis_url, self.config.cache.max_bytes)
-            self.metrics.set_cache_bytes_source(self.cache.bytes_used)
+            cache_url = self.config.cache.redis_url or self.config.redis_url
+            self.cache = VectorCache.from_config(cache_url, self.config.cache.max_bytes)
+            # The memory backend's size; with Redis 0 (its memory is Redis's own: -1 there summed to -N over workers)
+            self.metrics.set_cache_bytes_source(self.cache.bytes_used if self.cache.backend == "memory" else None)
             self.budgets = BudgetEngine(self.config.budgets, budget_store(self.config.redis_url),
                                         fail_open=self.config.budget_options.fail_open)  # fmt: skip
             self.identities = identity_store(self.config.redis_url)

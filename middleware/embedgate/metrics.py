@@ -317,6 +317,8 @@ class Metrics:
             self._cache_bytes_refreshed = 0.0
             if source is not None:
                 self._refresh_cache_bytes()
+            else:
+                self._cache_bytes.set(0.0)
         elif source is None:
             self._cache_bytes.set_function(lambda: 0.0)
         else:

@@ -284,8 +284,10 @@ def parse_url(url: str) -> RedisAddress:
     for name in query:
         if name not in allowed:
             raise ValueError(f"the Redis URL option {name!r} is not supported (only {', '.join(sorted(allowed))})")
-    db = parts.path.lstrip("/") if parts.scheme != "unix" else ""
-    db = db or query.get("db", ["0"])[-1]
+    # The query's db wins over the path's, as redis-py reads it (the identity store's client is redis-py's: two
+    # readings put budgets and identities in two databases).
+    db = query["db"][-1] if "db" in query else parts.path.lstrip("/") if parts.scheme != "unix" else ""
+    db = db or "0"
     if not db.isdigit():
         raise ValueError("the Redis database in the URL must be a number")
     cert_reqs = query.get("ssl_cert_reqs", ["required"])[-1].lower()
