@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import ssl
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
+import yaml
 
 from embedgate.config import ConfigError, hash_key, load_config, parse_config
-from tests.conftest import wait_serving
-from tests.fake_upstream import FakeUpstream, free_port
+from tests.conftest import config_dict, wait_serving
+from tests.fake_upstream import FakeUpstream, Fault, free_port
+from tests.redis_util import require_redis
 
 EMBEDGATE = [sys.executable, "-m", "embedgate.cli"]
 
@@ -293,3 +300,75 @@ def test_redis_url_forms_that_are_read() -> None:
     sock = parse_url("unix:///run/redis.sock?db=2")
     assert (sock.unix_path, sock.db) == ("/run/redis.sock", 2)
     assert parse_config({"redis_url": "rediss://:pw@cache:6380/1?ssl_cert_reqs=optional"}, env={}).redis_url
+
+
+def test_a_request_cut_by_the_shutdown_is_a_503_in_its_shape_and_releases_its_reservation(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    # Past --timeout-graceful-shutdown, uvicorn cancels the requests still running: they got a bare text/plain 500
+    # (a CancelledError traceback in the log) and their budget reservations stayed taken in Redis.
+    redis_url = require_redis()
+    workspace = f"ws-stop-{uuid.uuid4().hex[:12]}"
+    data = config_dict(upstream.url, redis_url=redis_url)
+    data["keys"] = [{"id": "stopper", "key": "sk-stop-0123456789", "workspace": workspace, "project": "p"}]
+    data["budgets"] = [{"scope": "workspace", "target": workspace, "period": "daily", "token_limit": 100000}]
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(data))
+    upstream.script.append(Fault("slow", delay=8, model="embed-small"))
+    port = free_port()
+    argv = [*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), "--timeout-graceful-shutdown", "0.5"]
+    proc = subprocess.Popen(argv, env={**os.environ, "OTEL_TRACES_EXPORTER": "none"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    answers: list[httpx.Response] = []
+    try:
+        wait_serving(proc, f"http://127.0.0.1:{port}")
+        body = {"model": "local/embed-small", "input": "a slow one"}
+        sender = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"http://127.0.0.1:{port}/v2/router/embeddings", json=body,
+            headers={"authorization": "Bearer sk-stop-0123456789"}, timeout=20)))  # fmt: skip
+        sender.start()
+        deadline = time.monotonic() + 5
+        while not upstream.calls and time.monotonic() < deadline:  # the request is upstream, its tokens reserved
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        sender.join(timeout=20)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    store = redis.Redis.from_url(redis_url)
+    counters = store.keys(f"eg:b:workspace:{workspace}:*")
+    values = [int(store.get(k) or 0) for k in counters if k.endswith(b":tokens")]
+    if counters:
+        store.delete(*counters)
+    store.close()
+    assert len(answers) == 1, out.decode(errors="replace")[-2000:]
+    r = answers[0]
+    assert r.status_code == 503 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["code"] == "gateway_stopping" and "param" in r.json()["error"]  # the orq shape
+    assert values and all(v == 0 for v in values)  # reserved, then released
+    assert b"Traceback" not in out and b'"status":503' in out  # no traceback; the access line was written
+
+
+def test_serve_with_workers_removes_its_metrics_directory(tmp_path: Path, upstream: FakeUpstream) -> None:
+    # Each --workers run left a /tmp/embedgate-metrics-* directory of per-worker files behind.
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    port = free_port()
+    env = {
+        **os.environ,
+        "UPSTREAM_URL": upstream.url,
+        "TEAM_A_KEY": "sk-a",
+        "OTEL_TRACES_EXPORTER": "none",
+        "TMPDIR": str(scratch),
+        "EMBEDGATE_TEST_REDIS": require_redis(),
+    }  # workers share budgets in Redis
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    argv = [*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), "--workers", "2"]
+    with serving(argv, port, env) as url:
+        assert embed(url).status_code == 200
+        assert [p.name[:18] for p in scratch.iterdir()] == ["embedgate-metrics-"]
+    assert list(scratch.iterdir()) == []

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .config import BUDGET_SCOPES, ConfigError, hash_key, load_config
 
@@ -46,12 +47,24 @@ def _serve(args: argparse.Namespace) -> int:
     from .serve_protocol import GatewayHttpProtocol
 
     os.environ["EMBEDGATE_CONFIG"] = os.path.abspath(args.config)
+    metrics_dir = None
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Each worker is a process: /metrics sums them through prometheus_client's multiprocess mode, which
-        # must be set up before any worker imports prometheus_client.
+        # must be set up before any worker imports prometheus_client. Removed when the server stops.
         import tempfile
 
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="embedgate-metrics-")
+        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="embedgate-metrics-")
+    try:
+        _run(args, uvicorn, GatewayHttpProtocol)
+    finally:
+        if metrics_dir is not None:
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def _run(args: argparse.Namespace, uvicorn: Any, protocol: type) -> None:
     uvicorn.run(
         "embedgate.app:create_app",
         factory=True,
@@ -60,7 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         loop="uvloop",
         # embedgate's compiled HTTP/1.1 protocol (embedgate.serve_protocol), or uvicorn's own ("httptools", "h11").
-        http=GatewayHttpProtocol if args.http == "embedgate" else args.http,
+        http=protocol if args.http == "embedgate" else args.http,
         # "auto" would take an error at startup (an unusable proxy URL, say) for a lifespan-less app, log it at info
         # and serve anyway, answering every request 500: with "on", the server says why and exits instead.
         lifespan="on",
@@ -68,9 +81,10 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_headers=False,  # the gateway reads no client address: skip the per-request X-Forwarded-* parsing
         server_header=False,
         log_level=args.log_level,
-        timeout_graceful_shutdown=10,
+        # On SIGTERM, requests in flight get this long to finish; past it, each is answered 503 (code
+        # gateway_stopping) in its route's shape.
+        timeout_graceful_shutdown=args.timeout_graceful_shutdown,
     )
-    return 0
 
 
 def _admin(args: argparse.Namespace, path: str, params: dict[str, str]) -> int:
@@ -93,6 +107,13 @@ def _admin(args: argparse.Namespace, path: str, params: dict[str, str]) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    value = float(text)  # a ValueError: argparse says "invalid _seconds value"
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``embedgate`` console script."""
     parser = argparse.ArgumentParser(prog="embedgate", description="An edge reverse proxy for embedding requests.")
@@ -105,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--http", choices=("embedgate", "httptools", "h11"), default="embedgate",
                        help="the HTTP/1.1 protocol: embedgate's compiled one (default), or uvicorn's")  # fmt: skip
     serve.add_argument("--log-level", default="warning", help="uvicorn's own log level (default: warning)")
+    serve.add_argument("--timeout-graceful-shutdown", type=_seconds, default=10.0, metavar="SECONDS",
+                       help="on SIGTERM, how long requests in flight may take to finish (default: 10)")  # fmt: skip
     check = sub.add_parser("check-config", help="validate a config file; prints every error with its YAML path")
     check.add_argument("config")
     hk = sub.add_parser("hash-key", help="print the sha256 form of a key, for `keys[].sha256` in the config")

@@ -73,6 +73,7 @@ _ROUTES: Final = {
     "/api/v1/embeddings": Dialect.OPENROUTER,
 }
 _getrandbits: Final = random.getrandbits
+_DRAIN_S: Final = 2.0  # the most shutdown waits for requests still finishing
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _FIRST_ITEM_HEAD: Final = b'{"object":"embedding","index":0,"embedding":"'
 _ITEM_HEAD: Final = b'"},{"object":"embedding","index":%d,"embedding":"'
@@ -121,6 +122,7 @@ class EmbeddingGateway:
         self._transport: httpx.AsyncBaseTransport | None = None
         self._open = False
         self._opening = asyncio.Lock()
+        self._in_flight = 0  # embedding requests between their trace's start and their end
         self.router: Router | None = None
         self.cache: VectorCache | None = None
         self.pipeline: Pipeline | None = None
@@ -172,6 +174,12 @@ class EmbeddingGateway:
         async with self._opening:
             if not self._open:
                 return
+            # Requests still finishing (those a server's graceful shutdown just cancelled answer and release their
+            # budget reservations) get a moment before the stores close under them.
+            loop = asyncio.get_running_loop()
+            until = loop.time() + _DRAIN_S
+            while self._in_flight and loop.time() < until:
+                await asyncio.sleep(0.01)
             self._open = False
             if self._transport is not None:
                 await self._transport.aclose()
@@ -282,6 +290,8 @@ class EmbeddingGateway:
                 bind_task(request_id=request_id, trace_id=root.trace_id_hex, span_id=root.span_id_hex)
             else:
                 bind_request(request_id=request_id, trace_id=root.trace_id_hex, span_id=root.span_id_hex)
+            self._in_flight += 1
+            cancelled: asyncio.CancelledError | None = None
             try:
                 rendered = b""
                 if error is None:
@@ -290,6 +300,12 @@ class EmbeddingGateway:
                         rendered = self._render(call)
                     except GatewayError as err:
                         error = err
+                    except asyncio.CancelledError as exc:
+                        # The server stopping (its graceful shutdown timed out) or the host cancelling: answered in
+                        # the route's shape and finished (its reservation released), then cancelled all the same.
+                        cancelled = exc
+                        error = Unavailable("The gateway stopped before the upstream answered; retry the request",
+                                            code="gateway_stopping")  # fmt: skip
                     except Exception:  # a bug: still one answer in the route's shape, and the request finished
                         log.exception("unhandled error", request_id=request_id)
                         error = GatewayError("Internal error in the gateway; see its logs for this request id")
@@ -321,9 +337,12 @@ class EmbeddingGateway:
                 annotate(root, call, error)
                 root.end(status, error_type=error.code if error is not None and status >= 500 else None)
                 account(self.metrics, self._access_log, call, status, error)
+                if cancelled is not None:
+                    raise cancelled
                 if send_failed is not None:
                     raise send_failed
             finally:
+                self._in_flight -= 1
                 if not own_task:
                     clear_request()
 

@@ -381,6 +381,8 @@ class RequestCycle:
         # the client still gets a whole 500 answer, where uvicorn's protocol can only close the connection.
         nothing_sent = not self.started or self.head is not None
         transport = self.conn.transport
+        if isinstance(failed, asyncio.CancelledError) and self.complete:
+            return  # answered, then cancelled: the server stopping after its graceful timeout (see cli)
         if failed is not None:
             _log.error("Exception in ASGI application\n", exc_info=failed)
         elif not self.started:
