@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +45,52 @@ def require_programs(*names: str) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+
+
+PASSWORD = "s3cret-cache-pw"
+
+
+class ThrowawayRedis:
+    """A redis-server subprocess on a fixed port, with no persistence, that can be killed and restarted."""
+
+    def __init__(self, directory: Path, *extra: str) -> None:
+        self.directory = directory
+        self.extra = list(extra)  # more redis-server options
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        command += [
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--requirepass",
+            PASSWORD,
+            "--dir",
+            str(self.directory),
+            *self.extra,
+        ]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.05)
+        self.stop()
+        pytest.fail(f"throwaway redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        """Kill it abruptly, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None

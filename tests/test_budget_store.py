@@ -5,21 +5,24 @@ Clocks are injected (``Clock``) so rolling windows and calendar periods are exer
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from embedgate.budget_stores import ReadResult, ReserveResult
+from embedgate.budget_stores import BudgetStoreError, ReadResult, ReserveResult
 from embedgate.budgets import (
     BudgetEngine,
     BudgetStore,
@@ -33,7 +36,7 @@ from embedgate.config import BudgetConfig
 from embedgate.errors import BudgetExceeded
 from embedgate.identities import IdentityStore, MemoryIdentityStore, RedisIdentityStore
 from tests.budget_util import T0, Clock
-from tests.redis_util import require_programs, require_redis
+from tests.redis_util import ThrowawayRedis, require_programs, require_redis
 
 WINDOW_MS = 60_000
 SUBJECT = Subject(
@@ -525,7 +528,6 @@ async def test_redis_store_fails_while_redis_is_down_and_recovers_after_a_restar
     # connection is lost, commands fail as BudgetStoreError meanwhile, and after the restart the next reserve
     # reconnects, authenticates and loads its script again (Redis forgot it: NOSCRIPT).
     from embedgate.budget_stores import BudgetStoreError
-    from tests.test_cache_redis_outage import ThrowawayRedis
 
     require_programs("redis-server")
     server = ThrowawayRedis(tmp_path)
@@ -556,3 +558,35 @@ def test_store_records_compare_by_their_fields() -> None:
     assert ReserveResult(-1, (1,), (2,), (None,)) == ReserveResult(-1, (1,), (2,), (None,))
     assert repr(WindowSpec("w:a", 5)) == "WindowSpec(key='w:a', limit=5)"
     assert ReadResult((1,), (0,), (None,)).oldest == (None,)
+
+
+@pytest.mark.anyio
+async def test_a_reserve_that_reaches_redis_after_the_caller_gave_up_changes_nothing(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    # Redis stalled (a slow command, a fork): the reserve timed out and the request was refused as 503, but the
+    # script was already sent, ran when Redis woke, and kept the refused request's tokens until the period's end.
+    require_programs("redis-server")
+    server = ThrowawayRedis(tmp_path, "--enable-debug-command", "yes")
+    server.start()
+    store = RedisBudgetStore(server.url, socket_timeout=0.3)
+    t = int(time.time() * 1000)
+    try:
+        first = await store.reserve([CounterSpec("c", 5, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="1")
+        assert first.failed == -1 and first.values == (5,)
+        stalled = aioredis.Redis.from_url(server.url)
+        sleeping = asyncio.ensure_future(stalled.execute_command("DEBUG", "SLEEP", "1"))
+        await asyncio.sleep(0.05)  # Redis is asleep: what comes now waits
+        with pytest.raises(BudgetStoreError):
+            await store.reserve([CounterSpec("c", 7, 100, 3600)], [], now_ms=t + 60, window_ms=WINDOW_MS,
+                                member="2")  # fmt: skip
+        await sleeping
+        await stalled.aclose()
+        got = await store.read(["c"], [], now_ms=t + 2000, window_ms=WINDOW_MS)
+        assert got.values == (5,)  # the late reserve did nothing
+        third = await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t + 2100, window_ms=WINDOW_MS,
+                                    member="3")  # fmt: skip
+        assert third.values == (6,)  # and the store goes on
+    finally:
+        await store.aclose()
+        server.stop()

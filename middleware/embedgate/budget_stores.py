@@ -9,8 +9,10 @@ counter is atomic across any number of processes sharing the server.
 from __future__ import annotations
 
 import bisect
+import math
+import time
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 from .resp import LeanRedis, RespError, Script
 
@@ -286,9 +288,15 @@ def _mark(log_: _Window, limit: int) -> int | None:
     return log_[rank] if rank < len(log_) else None
 
 
+_CLOCK_READ_MS: Final = 60_000  # how often Redis's clock is read again (for the reserve's deadline)
+
 # KEYS: n counters, m windows, k index sets. ARGV: n, m, k, now_ms, window_ms, member,
-# then amount, limit, ttl per counter, limit per window, id per index set.
+# then amount, limit, ttl per counter, limit per window, id per index set, and last the deadline: Redis's own
+# time (ms) after which the caller has given up on this reserve, which then changes nothing and answers {-1}.
 _RESERVE = """
+if redis.replicate_commands then redis.replicate_commands() end  -- TIME, then writes: Redis < 5 needs it
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[#ARGV]) then return {-1} end
 local n, m, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now, window, member = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local failed, values, counts = 0, {}, {}
@@ -368,6 +376,9 @@ class RedisBudgetStore:
         # budgeted request, and through redis-py each cost ~80-110 us of CPU against ~10-17 us here. A command not
         # answered within socket_timeout fails (and drops the connection, reopened by the next command).
         self._redis = LeanRedis(redis_url, timeout=socket_timeout)
+        self._timeout_ms = socket_timeout * 1000
+        self._offset_ms = 0.0  # Redis's clock minus ours, read with TIME (see _deadline)
+        self._offset_read_at = -math.inf
         self._prefix = prefix
         self._reserve = Script(_RESERVE)  # EVALSHA, loading the script on NOSCRIPT
         self._adjust = Script(_ADJUST)
@@ -398,10 +409,29 @@ class RedisBudgetStore:
             args += [c.amount, c.limit, c.ttl_s]
         args += [w.limit for w in windows]
         args += [m for _, m in index]
+        args.append(await self._deadline())
         out = await self._call(self._reserve, keys, args)
+        if len(out) == 1:  # it reached Redis past its deadline and changed nothing
+            raise BudgetStoreError("Redis ran the reserve too late to answer it in time")
         n, m = len(counters), len(windows)
         marks = tuple(None if v < 0 else v for v in out[1 + n + m : 1 + n + 2 * m])
         return ReserveResult(out[0] - 1, tuple(out[1 : 1 + n]), tuple(out[1 + n : 1 + n + m]), marks)
+
+    async def _deadline(self) -> int:
+        """The time, on Redis's clock (ms), after which a reserve sent now must change nothing: before this store
+        gives up waiting for its answer (80% of the timeout). A command unanswered in time fails here while still
+        on its way (Redis stalled: a slow command, a fork); run later, it would keep a refused request's tokens
+        reserved until the period's end. Redis's clock is read with TIME once a minute."""
+        now = time.time() * 1000
+        if now - self._offset_read_at > _CLOCK_READ_MS:
+            try:
+                seconds, micros = await self._redis.execute("TIME")
+            except (RespError, OSError, TimeoutError) as exc:
+                raise BudgetStoreError(f"{type(exc).__name__}: {exc}") from exc
+            after = time.time() * 1000
+            self._offset_ms = int(seconds) * 1000 + int(micros) / 1000 - (now + after) / 2
+            self._offset_read_at = now = after
+        return int(now + self._offset_ms + 0.8 * self._timeout_ms)
 
     async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int) -> None:
         """See ``BudgetStore.adjust``."""
