@@ -132,7 +132,7 @@ async def test_all_or_nothing_when_one_counter_is_full(store: BudgetStore) -> No
     assert second.values == (5, 5)
     got = await store.read(["c:a", "c:b"], ["w:a"], now_ms=t + 2, window_ms=WINDOW_MS)
     assert (got.values, got.counts) == ((5, 5), (1,))
-    assert await store.members("ids:x") == []
+    assert await store.members("ids:x", 10) == []
 
 
 @pytest.mark.anyio
@@ -163,7 +163,19 @@ async def test_index_sets_record_ids_of_admitted_requests(store: BudgetStore) ->
             [CounterSpec(f"c:{who}", 1, 10, 60)], [], now_ms=t, window_ms=WINDOW_MS, member=who,
             index=[("ids:identity", who)],
         )  # fmt: skip
-    assert await store.members("ids:identity") == ["alice", "bob"]
+    assert await store.members("ids:identity", 10) == ["alice", "bob"]
+
+
+@pytest.mark.anyio
+async def test_index_sets_are_read_up_to_a_limit(store: BudgetStore) -> None:
+    # Redis: SSCAN steps of 1000 (SMEMBERS of millions blocked Redis, and every budget check behind it).
+    t = int(T0 * 1000)
+    ids = [f"id-{i:05d}" for i in range(2500)]
+    for who in ids:
+        await store.reserve([], [], now_ms=t, window_ms=WINDOW_MS, member=who, index=[("ids:many", who)])
+    some = await store.members("ids:many", 1200)
+    assert len(some) == 1200 and some == sorted(some) and set(some) <= set(ids)
+    assert await store.members("ids:many", 10_000) == ids
 
 
 @pytest.mark.anyio

@@ -326,9 +326,9 @@ class CountingStore:
         self.calls += 1
         return await self.inner.read(counters, windows, now_ms=now_ms, window_ms=window_ms)
 
-    async def members(self, key: str) -> list[str]:
+    async def members(self, key: str, limit: int) -> list[str]:
         self.calls += 1
-        return await self.inner.members(key)
+        return await self.inner.members(key, limit)
 
     async def ping(self) -> bool:
         return await self.inner.ping()

@@ -27,7 +27,7 @@ from embedgate.cli import main as cli_main
 from embedgate.config import Config, parse_config
 from embedgate.gateway import EmbeddingGateway
 from tests.conftest import KEY, OTHER_KEY, config_dict, gateway, serve
-from tests.fake_upstream import FakeUpstream, Fault, free_port
+from tests.fake_upstream import FakeUpstream, Fault, free_port, tokens_of
 
 SAME_WORKSPACE_KEY = "sk-test-team-a2-5555555555"  # team-a2: workspace acme, project other
 ADMIN_KEY = "adm-test-0123456789abcdef"
@@ -513,6 +513,25 @@ async def test_admin_usage_refuses_an_unknown_scope(upstream: FakeUpstream) -> N
         r = await c.get("/admin/usage", params={"scope": "apikey"}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
         assert r.status_code == 400  # not an empty list, as if nothing were spent
         assert error_of(r)["param"] == "scope" and "api_key" in error_of(r)["message"]
+
+
+@pytest.mark.anyio
+async def test_admin_usage_of_one_id(upstream: FakeUpstream) -> None:
+    # A "*" identity budget listed every identity ever seen (the first 1000, alphabetically), read from Redis in
+    # one SMEMBERS: one id's usage is asked for by id.
+    budgets = [{"scope": "identity", "target": "*", "token_limit": 1000},
+               {"scope": "identity", "target": "bob", "token_limit": 50},
+               {"scope": "api_key", "target": "team-a", "token_limit": 1000}]  # fmt: skip
+    async with running(budget_config(upstream.url, budgets)) as (_, c):
+        for who in ("alice", "bob", "carol"):
+            assert (await embed(c, "one two", identity={"id": who})).status_code == 200
+        rows = await admin_usage(c, id="bob")
+        assert [(r["target"], r["id"]) for r in rows] == [("*", "bob"), ("bob", "bob")]
+        assert all(r["tokens"]["used"] == tokens_of("one two") for r in rows)
+        assert [r["id"] for r in await admin_usage(c, scope="identity", id="nobody")] == ["nobody"]  # nothing spent
+        assert len(await admin_usage(c, scope="identity")) == 4  # the three seen by "*", and bob's own
+        r = await c.get("/admin/usage", params={"id": "x" * 257}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        assert r.status_code == 400 and error_of(r)["param"] == "id"
 
 
 @pytest.mark.anyio

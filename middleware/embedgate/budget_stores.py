@@ -127,8 +127,8 @@ class BudgetStore(Protocol):
         """Read counters and windows without changing them."""
         ...
 
-    async def members(self, key: str) -> list[str]:
-        """The ids recorded in one index set (the concrete ids seen by a ``*`` budget)."""
+    async def members(self, key: str, limit: int) -> list[str]:
+        """At most ``limit`` of the ids recorded in one index set (the concrete ids seen by a ``*`` budget), sorted."""
         ...
 
     async def ping(self) -> bool:
@@ -270,9 +270,9 @@ class MemoryBudgetStore:
             tuple(lg[0] if lg else None for lg in logs),
         )
 
-    async def members(self, key: str) -> list[str]:
+    async def members(self, key: str, limit: int) -> list[str]:
         """See ``BudgetStore.members``."""
-        return sorted(self._sets.get(key, ()))
+        return sorted(self._sets.get(key, ()))[:limit]
 
     async def ping(self) -> bool:
         """Always reachable."""
@@ -288,6 +288,8 @@ def _mark(log_: _Window, limit: int) -> int | None:
     return log_[rank] if rank < len(log_) else None
 
 
+_SCAN_COUNT: Final = 1000  # set members read per SSCAN step (each step is one bounded Redis command)
+_MAX_SCAN_STEPS: Final = 1000
 _CLOCK_READ_MS: Final = 60_000  # how often Redis's clock is read again (for the reserve's deadline)
 
 # KEYS: n counters, m windows, k index sets. ARGV: n, m, k, now_ms, window_ms, member,
@@ -411,7 +413,7 @@ class RedisBudgetStore:
         args += [m for _, m in index]
         args.append(await self._deadline())
         out = await self._call(self._reserve, keys, args)
-        if len(out) == 1:  # it reached Redis past its deadline and changed nothing
+        if out[0] < 0:  # it reached Redis past its deadline and changed nothing (else: 0, or the failed index)
             raise BudgetStoreError("Redis ran the reserve too late to answer it in time")
         n, m = len(counters), len(windows)
         marks = tuple(None if v < 0 else v for v in out[1 + n + m : 1 + n + 2 * m])
@@ -447,13 +449,20 @@ class RedisBudgetStore:
         oldest = tuple(None if v < 0 else v for v in out[n + m :])
         return ReadResult(tuple(out[:n]), tuple(out[n : n + m]), oldest)
 
-    async def members(self, key: str) -> list[str]:
-        """See ``BudgetStore.members``."""
+    async def members(self, key: str, limit: int) -> list[str]:
+        """See ``BudgetStore.members``: read with SSCAN, a bounded step at a time (SMEMBERS of a set of millions of
+        identities held Redis for ~0.5 s, and every budget check with it), until ``limit`` are in hand."""
+        found: set[bytes] = set()
+        cursor = b"0"
         try:
-            raw = await self._redis.execute("SMEMBERS", self._prefix + key)
+            for _ in range(_MAX_SCAN_STEPS):
+                cursor, page = await self._redis.execute("SSCAN", self._prefix + key, cursor, "COUNT", _SCAN_COUNT)
+                found.update(page)
+                if cursor == b"0" or len(found) >= limit:
+                    break
         except (RespError, OSError, TimeoutError) as exc:
             raise BudgetStoreError(f"{type(exc).__name__}: {exc}") from exc
-        return sorted(m.decode() for m in raw)
+        return sorted(m.decode() for m in found)[:limit]
 
     async def ping(self) -> bool:
         """Whether Redis answers a PING."""

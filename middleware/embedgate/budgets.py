@@ -536,8 +536,11 @@ class BudgetEngine:
         except BudgetStoreError as exc:
             log.warning(f"budget {what} failed; counters keep the reserved amounts", error=str(exc))
 
-    async def usage(self, *, scope: str | None = None, limit_ids: int = 1000) -> list[dict[str, Any]]:
-        """An operator's view: per budget (and per id seen by a ``*`` budget), the current period's usage.
+    async def usage(
+        self, *, scope: str | None = None, only_id: str | None = None, limit_ids: int = 1000
+    ) -> list[dict[str, Any]]:
+        """An operator's view: per budget (and per id seen by a ``*`` budget, at most ``limit_ids`` of them, or
+        only ``only_id``), the current period's usage.
 
         Each entry: ``budget`` (config index), ``scope``, ``target``, ``id``, ``period``, ``period_stamp``,
         ``resets_in_s`` (None for one_time), and per limited dimension ``tokens`` / ``cost_usd`` /
@@ -550,10 +553,13 @@ class BudgetEngine:
                 if scope is not None and b.scope != scope:
                     continue
                 if b.target != "*":
-                    rows.append((b, b.target))
+                    if only_id is None or b.target == only_id:
+                        rows.append((b, b.target))
                     continue
-                seen = await self._store.members(f"ids:{b.scope}")
-                rows += [(b, sid) for sid in seen[:limit_ids]]
+                if only_id is not None:  # one id's usage: no listing of the ids seen
+                    rows.append((b, only_id))
+                    continue
+                rows += [(b, sid) for sid in await self._store.members(f"ids:{b.scope}", limit_ids)]
             counter_keys: list[str] = []
             window_keys: list[str] = []
             for b, sid in rows:

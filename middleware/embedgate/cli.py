@@ -141,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--admin-key", default=None, help="the admin key (default: $EMBEDGATE_ADMIN_KEY)")
         if name == "usage":
             p.add_argument("--scope", default=None, choices=BUDGET_SCOPES, help="only budgets of this scope")
+            p.add_argument("--id", default=None, help="only budgets that count this id (e.g. an identity's)")
         else:
             p.add_argument("--limit", type=int, default=100)
     args = parser.parse_args(argv)
@@ -149,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return _check(args.config)
     if args.command == "usage":
-        return _admin(args, "/admin/usage", {"scope": args.scope} if args.scope else {})
+        params = {"scope": args.scope, "id": args.id}
+        return _admin(args, "/admin/usage", {k: v for k, v in params.items() if v is not None})
     if args.command == "identities":
         return _admin(args, "/admin/identities", {"limit": str(args.limit)})
     print(hash_key(args.key))

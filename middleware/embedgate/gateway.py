@@ -448,7 +448,10 @@ class EmbeddingGateway:
                 # A misspelt scope would otherwise answer an empty list, as if nothing were spent.
                 raise InvalidRequest(f"Invalid 'scope': expected one of {', '.join(BUDGET_SCOPES)}, "
                                      f"got {scope_filter[:100]!r}", param="scope")  # fmt: skip
-            rows = await self.budgets.usage(scope=scope_filter)
+            only_id = query.get("id")
+            if only_id is not None and not 0 < len(only_id) <= 256:
+                raise InvalidRequest("Invalid 'id': expected 1 to 256 characters", param="id")
+            rows = await self.budgets.usage(scope=scope_filter, only_id=only_id)
         except GatewayError as err:
             return err.status, render_error(err, Dialect.OPENAI), {}
         return 200, orjson.dumps({"object": "list", "data": rows}), {}
