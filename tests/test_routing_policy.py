@@ -15,7 +15,7 @@ from embedgate.errors import GatewayError, UpstreamError
 from embedgate.providers import Adapter, Embeddings
 from embedgate.request import EmbeddingRequest, parse_request
 from embedgate.routing import AttemptHook, Router
-from tests.fake_upstream import FakeUpstream, Fault
+from tests.fake_upstream import FakeUpstream, Fault, tokens_of
 from tests.test_routing_faults import AUTH, TEXTS, assert_served, routing_config, running
 
 
@@ -459,3 +459,41 @@ async def test_chunks_in_flight_are_cancelled_and_still_end_their_attempt(upstre
     assert adapter.calls == hook.started == 3
     assert sorted(hook.ended, key=str) == ["attempt_cancelled", "attempt_cancelled", "upstream_error"]
     assert router.status()["local/embed-small"]["consecutive_failures"] == 1  # cancellation blames nobody
+
+
+# --- a batch of strings and token arrays ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("max_inputs", [2048, 1])
+async def test_strings_and_token_arrays_in_one_batch_go_upstream_one_kind_a_call(
+    upstream: FakeUpstream, max_inputs: int
+) -> None:
+    # orq types each item as a string or a token array, so its SDK sends them mixed (a 400 before); OpenAI-style
+    # upstreams take one kind a call: the router splits, and the answer keeps the input's order.
+    inputs: list[Any] = ["alpha beta", [1, 2, 3], "gamma", [4]]
+    config = routing_config(upstream, models={"local/embed-small": {"max_inputs": max_inputs}})
+    async with running(config) as (c, _):
+        r = await post(c, {"model": "local/embed-small", "input": inputs}, "/v2/router/embeddings")
+    assert_served(r, "local/embed-small", "embed-small", texts=inputs)
+    sent = [call.body["input"] for call in upstream.calls_for("embed-small")]
+    if max_inputs == 1:
+        assert sorted(map(repr, sent)) == sorted(map(repr, [["alpha beta"], ["gamma"], [[1, 2, 3]], [[4]]]))
+    else:
+        assert sorted(map(repr, sent)) == sorted(map(repr, [["alpha beta", "gamma"], [[1, 2, 3], [4]]]))
+    assert r.json()["usage"]["prompt_tokens"] == sum(tokens_of(i) for i in inputs)
+
+
+@pytest.mark.anyio
+async def test_a_mixed_batch_partly_cached_sends_only_its_new_items(upstream: FakeUpstream) -> None:
+    cache = {"type": "exact_match"}
+    async with running(routing_config(upstream)) as (c, _):
+        first = await post(c, {"model": "local/embed-small", "input": ["alpha", [7, 8]], "cache": cache})
+        assert first.status_code == 200, first.text
+        upstream.reset()
+        inputs: list[Any] = [[7, 8], "new one", "alpha", [9]]
+        r = await post(c, {"model": "local/embed-small", "input": inputs, "cache": cache})
+    assert_served(r, "local/embed-small", "embed-small", texts=inputs)
+    assert r.headers["x-embedgate-cache"] == "partial"
+    sent = [call.body["input"] for call in upstream.calls_for("embed-small")]
+    assert sorted(map(repr, sent)) == sorted(map(repr, [["new one"], [[9]]]))

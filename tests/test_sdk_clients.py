@@ -104,6 +104,15 @@ def test_orq_sdk_top_level_fields(proxy: str, upstream: FakeUpstream) -> None:
     assert upstream.calls[0].body["dimensions"] == 16
 
 
+def test_orq_sdk_strings_and_token_arrays_in_one_call(proxy: str, upstream: FakeUpstream) -> None:
+    # Its input type is Union[str, List[Union[str, List[int]]]]: one list may hold both kinds.
+    items: list[object] = ["a text", [11, 12, 13]]
+    with Orq(api_key=KEY, server_url=proxy) as orq:
+        res = orq.router.embeddings.create(input=items, model="local/embed-small")
+    assert_vectors([d.embedding for d in res.data], "embed-small", items)
+    assert len(upstream.calls) == 2  # one call of each kind
+
+
 def test_orq_sdk_sees_its_own_error_shape(proxy: str, upstream: FakeUpstream) -> None:
     from orq_ai_sdk import models
 

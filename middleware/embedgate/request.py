@@ -77,7 +77,7 @@ class EmbeddingRequest:
 
     model: str
     items: tuple[InputItem, ...]
-    input_kind: Literal["string", "strings", "tokens", "token_lists", "multimodal"]
+    input_kind: Literal["string", "strings", "tokens", "token_lists", "mixed", "multimodal"]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
@@ -98,7 +98,7 @@ class EmbeddingRequest:
         *,
         model: str,
         items: tuple[InputItem, ...],
-        input_kind: Literal["string", "strings", "tokens", "token_lists", "multimodal"],
+        input_kind: Literal["string", "strings", "tokens", "token_lists", "mixed", "multimodal"],
         encoding_format: Literal["float", "base64"] = "float",
         dimensions: int | None = None,
         user: str | None = None,
@@ -287,22 +287,25 @@ def _input(v: Any) -> tuple[tuple[InputItem, ...], Any]:
     if len(v) > HARD_MAX_ITEMS:
         raise _bad("input", f"at most {HARD_MAX_ITEMS} items")
     first = v[0]
-    if isinstance(first, str):
-        for i, s in enumerate(v):
-            if not isinstance(s, str):
-                raise _bad(f"input[{i}]", f"expected a string like the other items, got {_type_name(s)}")
-            if not s:
-                raise _bad(f"input[{i}]", "must not be an empty string")
-        return tuple(v), "strings"
     if isinstance(first, int | float) and not isinstance(first, bool):
         return (_token_list(v, "input"),), "tokens"
-    if isinstance(first, list):
+    if isinstance(first, str | list):
+        # Strings and token arrays, mixed too: orq types each item as either (the router sends each kind upstream
+        # in a call of its own, since OpenAI-style APIs take only one kind per call).
         items: list[InputItem] = []
-        for i, t in enumerate(v):
-            if not isinstance(t, list):
-                raise _bad(f"input[{i}]", f"expected a token array like the other items, got {_type_name(t)}")
-            items.append(_token_list(t, f"input[{i}]"))
-        return tuple(items), "token_lists"
+        texts = 0
+        for i, item in enumerate(v):
+            if isinstance(item, str):
+                if not item:
+                    raise _bad(f"input[{i}]", "must not be an empty string")
+                items.append(item)
+                texts += 1
+            elif isinstance(item, list):
+                items.append(_token_list(item, f"input[{i}]"))
+            else:
+                raise _bad(f"input[{i}]", f"expected a string or a token array like the other items, "
+                           f"got {_type_name(item)}")  # fmt: skip
+        return tuple(items), "strings" if texts == len(items) else "token_lists" if not texts else "mixed"
     if isinstance(first, dict):
         return tuple(_multimodal(m, f"input[{i}]") for i, m in enumerate(v)), "multimodal"
     raise _bad("input[0]", f"expected a string, a token id, a token array or an object, got {_type_name(first)}")

@@ -364,7 +364,11 @@ class Router:
             attempts.skipped.append(f"{model.id}: no deployment matches the provider preferences")
             raise _ModelFailed(Unavailable(f"No deployment of '{model.id}' matches the provider preferences"), True)
         size = max(1, model.max_inputs)
-        chunks = [positions[i : i + size] for i in range(0, len(positions), size)]
+        groups = [positions]
+        if request.input_kind == "mixed":  # strings and token arrays: each kind in calls of its own
+            texts = [p for p in positions if isinstance(request.items[p], str)]
+            groups = [texts, [p for p in positions if not isinstance(request.items[p], str)]]
+        chunks = [g[i : i + size] for g in groups for i in range(0, len(g), size)]
 
         async def one(chunk: list[int]) -> tuple[Embeddings, Deployment]:
             return await self._serve_chunk(request, chunk, model, deployments, fallback_index, retry, deadline,
@@ -410,10 +414,16 @@ class Router:
                         raise cause from None
                 raise failure
         tokens = sum(emb.prompt_tokens for emb, _ in results)
+        vectors = [v for emb, _ in results for v in emb.vectors]
+        b64 = [t for emb, _ in results for t in (emb.b64 or [None] * len(emb.vectors))]
+        if len(groups) > 1:  # back in the order of ``positions``
+            at = {p: k for k, p in enumerate(p for c in chunks for p in c)}
+            vectors = [vectors[at[p]] for p in positions]
+            b64 = [b64[at[p]] for p in positions]
         return RouteResult(
             model=model.id,
-            vectors=[v for emb, _ in results for v in emb.vectors],
-            b64=[t for emb, _ in results for t in (emb.b64 or [None] * len(emb.vectors))],
+            vectors=vectors,
+            b64=b64,
             prompt_tokens=tokens,
             attempts=attempts.count,
             price_per_million_tokens=self._blended_price(model, results, tokens),
