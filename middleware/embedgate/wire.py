@@ -5,10 +5,11 @@ JSON, every item checked. Sync code on every cache miss, compiled with mypyc (``
 
 from __future__ import annotations
 
+from math import isfinite
 from typing import Any, Final
 
 import orjson
-from numpy import dtype, frombuffer, isfinite
+from numpy import dtype, frombuffer
 
 from .vectors import VectorError, b64_to_bytes, bytes_to_b64, floats_to_bytes
 
@@ -66,10 +67,12 @@ def read_answer(content: bytes | bytearray, n_items: int, dimensions: int | None
     dims = size // 4
     if dimensions is not None and dims != dimensions:
         raise MalformedAnswer(f"{dims} dimensions where {dimensions} were asked for")
-    # One pass over all of them (~0.1 ms for 256 x 1536): a NaN or an infinity would reach a float client as
-    # null, and the cache would keep it.
-    if not isfinite(frombuffer(whole[0] if len(whole) == 1 else b"".join(whole), _F32)).all():
-        raise MalformedAnswer("a vector holds NaN or infinity")
+    # A NaN or an infinity would reach a float client as null, and the cache would keep it. One dot product over
+    # all of them is finite exactly when they all are (and no value is beyond ~1e19, which no embedding reaches):
+    # ~9k instructions a vector of 1536, half of numpy's isfinite and all (~17k); ~0.06 ms for 256 x 1536.
+    values = frombuffer(whole[0] if len(whole) == 1 else b"".join(whole), _F32)
+    if not isfinite(float(values.dot(values))):
+        raise MalformedAnswer("a vector holds NaN or infinity (or a value beyond 1e19)")
     usage: Any = data.get("usage")
     if not isinstance(usage, dict):
         usage = {}
