@@ -142,3 +142,117 @@ async def test_header_names_are_matched_whatever_their_case(make_config: Callabl
     start = sent[0]
     assert start["status"] == 200, sent[1]["body"]
     assert (b"x-request-id", b"mixed-case-1") in start["headers"]
+
+
+def _embed_body() -> dict[str, Any]:
+    return {"model": "local/embed-small", "input": "hi"}
+
+
+@pytest.mark.anyio
+async def test_a_gateway_under_a_mount_serves_below_its_root_path(make_config: Callable[..., Config],
+                                                                 upstream: FakeUpstream) -> None:  # fmt: skip
+    # Routes were looked up in scope["path"] whole: under Mount("/x") the host's own route got the embedding body
+    # (and the client's key), and the gateway's GET routes were the host's 404s.
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount, Route
+
+    async def host_route(request: Request) -> JSONResponse:
+        return JSONResponse({"host": True})
+
+    inner = Starlette(routes=[Route("/v1/embeddings", host_route, methods=["POST"]), Route("/hello", host_route)])
+    gateway = EmbeddingGateway(inner, config=make_config())
+    app = Starlette(routes=[Mount("/x", app=gateway)])  # a mount runs no lifespan: the gateway opens on first use
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://host") as c:
+            r = await c.post("/x/v1/embeddings", json=_embed_body(), headers={"authorization": f"Bearer {KEY}"})
+            assert r.status_code == 200 and r.json()["model"] == "local/embed-small"
+            assert (await c.get("/x/healthz")).json() == {"status": "ok"}
+            assert (await c.get("/x/hello")).json() == {"host": True}  # the rest still the host's
+    finally:
+        await gateway.shutdown()
+
+
+def test_a_host_that_configures_structlog_in_its_lifespan_keeps_logging(make_config: Callable[..., Config],
+                                                                        upstream: FakeUpstream) -> None:  # fmt: skip
+    # The host's lifespan runs inside the gateway's, so after the gateway configured structlog: its partial
+    # configure() (a console renderer, no logger factory) kept the gateway's bytes logger, and every host line
+    # raised TypeError (a 500); its debug lines were filtered out at INFO.
+    import structlog
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    seen: list[str] = []
+
+    def remember(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        seen.append(f"{method}:{event['event']}")
+        return event
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        structlog.configure(processors=[remember, structlog.dev.ConsoleRenderer(colors=False)])
+        yield
+
+    async def logs(request: Request) -> JSONResponse:
+        structlog.get_logger("host").debug("host debug line")
+        structlog.get_logger("host").info("host info line")
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/logs", logs)], lifespan=lifespan)
+    app.add_middleware(EmbeddingGateway, config=make_config())
+    saved = structlog.get_config()
+    try:
+        with serve(app) as url, httpx.Client(base_url=url) as c:
+            assert c.get("/logs").status_code == 200
+            r = c.post("/v1/embeddings", json=_embed_body(), headers={"authorization": f"Bearer {KEY}"})
+            assert r.status_code == 200
+    finally:
+        structlog.reset_defaults()
+        structlog.configure(**saved)
+    assert "debug:host debug line" in seen and "info:host info line" in seen
+
+
+@pytest.mark.anyio
+async def test_a_failed_gateway_startup_is_told_to_the_server(make_config: Callable[..., Config]) -> None:
+    # Raised from the host's receive alone, uvicorn's default --lifespan auto took it for "lifespan unsupported"
+    # and served on, neither the gateway nor the host started.
+    class Broken(EmbeddingGateway):
+        async def startup(self) -> None:
+            raise RuntimeError("no proxy here")
+
+    host_started: list[bool] = []
+
+    async def host(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        host_started.append(message["type"] == "lifespan.startup")
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with pytest.raises(RuntimeError):
+        await Broken(host, config=make_config())({"type": "lifespan"}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "RuntimeError" in sent[0]["message"] and host_started == []
+
+
+def test_mounted_with_admin_off_the_admin_paths_are_the_hosts(make_config: Callable[..., Config]) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def own(request: Request) -> JSONResponse:
+        return JSONResponse({"host": "admin"})
+
+    app = Starlette(routes=[Route("/admin/usage", own)])
+    app.add_middleware(EmbeddingGateway, config=make_config())
+    with TestClient(app) as client:
+        assert client.get("/admin/usage").json() == {"host": "admin"}

@@ -26,7 +26,7 @@ from embedgate.app import create_app
 from embedgate.config import Config, parse_config
 from embedgate.gateway import EmbeddingGateway
 from tests.conftest import KEY, config_dict, gateway
-from tests.fake_upstream import FakeUpstream, Fault, expected_vector
+from tests.fake_upstream import FakeUpstream, Fault, expected_vector, tokens_of
 
 AUTH = {"authorization": f"Bearer {KEY}"}
 PRIMARY, PRIMARY_UP = "local/embed-small", "embed-small"  # a model id and its upstream model name
@@ -432,3 +432,46 @@ async def test_an_error_while_writing_the_answer_is_a_500_in_the_routes_shape(up
     assert "error" in r.json() and "Integer" not in r.text  # the route's shape, no traceback
     assert any(e["event"] == "request" and e["status"] == 500 for e in logs)  # the access line was written
     assert usage is not None and usage[0]["tokens"]["used"] == 3  # the upstream's tokens settled, not left reserved
+
+
+@pytest.mark.anyio
+async def test_a_client_gone_before_its_body_is_a_499_not_a_server_error(upstream: FakeUpstream) -> None:
+    # It was a 500 internal_error in the access line, the root span (ERROR) and the requests metric.
+    app = gateway(routing_config(upstream))
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/embeddings",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")],
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    with capture_logs() as logs:
+        await app(scope, receive, send)  # type: ignore[arg-type]
+    scraped = app.metrics.render()[0].decode()
+    await app.shutdown()
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert (line["status"], line["error"]) == (499, "client_disconnected")
+    assert 'status="499"' in scraped and 'status="500"' not in scraped
+
+
+@pytest.mark.anyio
+async def test_a_failed_request_paid_for_upstream_shows_its_tokens_and_cost(upstream: FakeUpstream) -> None:
+    # A split batch: the first chunk embedded (and billed), the second failed with no fallback. Budgets and the
+    # metrics counted the tokens; the access line said nothing of them.
+    upstream.script.extend([Fault("ok", model=PRIMARY_UP), Fault("status", 502, model=PRIMARY_UP)])
+    config = routing_config(upstream, models={PRIMARY: {"max_inputs": 1, "price_per_million_tokens": 0.02}},
+                            routing={"split_concurrency": 1})  # fmt: skip
+    with capture_logs() as logs:
+        async with running(config) as (c, _):
+            r, _ = await timed_post(c, body_for(retry=0))
+    assert r.status_code == 502
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert line["tokens"] == tokens_of(TEXTS[0]) and line["cost_usd"] > 0

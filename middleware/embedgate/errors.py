@@ -25,6 +25,7 @@ import orjson
 
 __all__ = [
     "BudgetExceeded",
+    "ClientDisconnected",
     "Dialect",
     "Forbidden",
     "GatewayError",
@@ -82,6 +83,15 @@ class GatewayError(Exception):
     def extra(self) -> dict[str, Any]:
         """Extra fields of the orq dialect's error body (budget errors add their scope)."""
         return {}
+
+
+class ClientDisconnected(GatewayError):
+    """The client went away before its request was read whole: nothing is answered. Logged, traced and counted as
+    nginx's 499 (client closed request), not as a server error."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
 
 
 class InvalidRequest(GatewayError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import random
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -26,6 +27,7 @@ from .cache import VectorCache
 from .config import BUDGET_SCOPES, Config, hash_key, load_config
 from .errors import (
     BudgetExceeded,
+    ClientDisconnected,
     Dialect,
     GatewayError,
     InvalidRequest,
@@ -107,9 +109,10 @@ class EmbeddingGateway:
             prefix + "/healthz": self._healthz,
             prefix + "/readyz": self._readyz,
             prefix + "/metrics": self._metrics_endpoint,
-            prefix + "/admin/usage": self._admin_usage,
-            prefix + "/admin/identities": self._admin_identities,
         }
+        if self.config.admin.sha256 is not None or standalone:  # mounted with admin off: the host's paths
+            self._get_paths[prefix + "/admin/usage"] = self._admin_usage
+            self._get_paths[prefix + "/admin/identities"] = self._admin_identities
         self._max_body = self.config.server.max_body_bytes
         self._standalone = standalone
         self._given_client = http_client
@@ -140,7 +143,9 @@ class EmbeddingGateway:
                 self._transport = upstream_transport()  # through the proxies HTTPS_PROXY etc. name, if any
                 send = sender_for(self._transport)
             adapters = {name: build_adapter(p, send) for name, p in self.config.providers.items()}
-            configure_logging()
+            # Mounted, everything passes (the host's debug lines too): a host that configures structlog after this
+            # (in its own lifespan, which runs inside ours) keeps what it does not set.
+            configure_logging(level=logging.INFO if self._standalone else logging.NOTSET)
             set_access_flush_delay(self.config.telemetry.access_log_flush_ms / 1000)
             self.telemetry = Telemetry(
                 self._tracer_provider,
@@ -198,7 +203,22 @@ class EmbeddingGateway:
         async def wrapped_receive() -> Message:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await self.startup()
+                failure: Exception | None = None
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    failure = exc
+                if failure is not None:
+                    # Said to the server before raising: an exception alone, under uvicorn's default --lifespan
+                    # auto, read as "lifespan unsupported", and it served on without the host's startup.
+                    log.error("the gateway could not start", exc_info=failure)
+                    await send(
+                        {
+                            "type": "lifespan.startup.failed",
+                            "message": f"embedgate could not start ({type(failure).__name__}); its log says why",
+                        }
+                    )
+                    raise failure
             elif message["type"] == "lifespan.shutdown":
                 await self.shutdown()
             return message
@@ -211,6 +231,9 @@ class EmbeddingGateway:
         kind = scope["type"]
         if kind == "http":
             path = scope["path"]
+            root = scope.get("root_path")
+            if root and path.startswith(root):  # mounted under a Mount or --root-path: routes are below it
+                path = path[len(root) :]
             method = scope["method"]
             if method == "POST":
                 dialect = self._embed_paths.get(path)
@@ -368,7 +391,7 @@ class EmbeddingGateway:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise GatewayError("The client disconnected")
+                raise ClientDisconnected("The client disconnected before its request was read")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_body:
@@ -432,7 +455,8 @@ class EmbeddingGateway:
     def _admin(self, scope: Scope) -> None:
         digest = self.config.admin.sha256
         if digest is None:
-            raise NotFound("The admin endpoints are off: set admin.key (or admin.sha256) in the config")
+            raise NotFound("The admin endpoints are off: set admin.key (or admin.sha256) in the config",
+                           code="not_found")  # fmt: skip
         auth = _headers(scope).get("authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or hash_key(token.strip()) != digest:

@@ -61,6 +61,52 @@ _PREFIX: Final[str] = getattr(structlog.contextvars, "STRUCTLOG_KEY_PREFIX", "st
 _PREFIX_LEN: Final = len(_PREFIX)
 
 
+class _Lines:
+    """structlog's bytes logger, taking a rendered str too: a host app that later configures structlog with a str
+    renderer (its console, say) but not its logger factory keeps this one (``BytesLogger`` raised TypeError)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._out = structlog.BytesLogger(file)
+
+    def msg(self, message: bytes | str) -> None:
+        self._out.msg(message.encode() if isinstance(message, str) else message)
+
+    def debug(self, message: bytes | str) -> None:
+        self.msg(message)
+
+    def info(self, message: bytes | str) -> None:
+        self.msg(message)
+
+    def warning(self, message: bytes | str) -> None:
+        self.msg(message)
+
+    def warn(self, message: bytes | str) -> None:
+        self.msg(message)
+
+    def error(self, message: bytes | str) -> None:
+        self.msg(message)
+
+    def exception(self, message: bytes | str) -> None:
+        self.msg(message)
+
+    def critical(self, message: bytes | str) -> None:
+        self.msg(message)
+
+    def fatal(self, message: bytes | str) -> None:
+        self.msg(message)
+
+    def log(self, message: bytes | str) -> None:
+        self.msg(message)
+
+
+class _LinesFactory:
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> _Lines:
+        return _Lines(self._file)
+
+
 def configure_logging(
     json: bool = True,
     *,
@@ -90,7 +136,7 @@ def configure_logging(
     if json:
         processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer(orjson.dumps)]
         out = cast(BinaryIO, file) if file is not None else _stdout()
-        factory: Any = structlog.BytesLoggerFactory(out)
+        factory: Any = _LinesFactory(out)
     else:
         processors += [structlog.dev.ConsoleRenderer()]
         factory = structlog.PrintLoggerFactory(cast(TextIO | None, file))

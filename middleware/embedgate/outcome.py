@@ -93,6 +93,9 @@ def annotate(root: RequestSpan, call: Call, error: GatewayError | None) -> None:
         attrs["gen_ai.response.model"] = call.served_model
         attrs["gen_ai.usage.input_tokens"] = call.prompt_tokens
         attrs["embedgate.cost_usd"] = call.cost_usd
+    elif call.billed_tokens:  # failed, but paid for upstream (see account)
+        attrs["gen_ai.usage.input_tokens"] = call.billed_tokens
+        attrs["embedgate.cost_usd"] = call.cost_usd
     root.set_many(attrs)
 
 
@@ -117,8 +120,10 @@ def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, 
             identity=req.identity["id"] if req is not None and req.identity else None,
             model=call.served_model or (req.model if req is not None else None),
             cache=call.cache_status,
-            tokens=call.prompt_tokens if error is None else None,
-            cost_usd=call.cost_usd if error is None else None,
+            # A failed request may still have been paid for upstream (chunks of a split batch embedded before
+            # another failed): its billed tokens and cost, as its budgets and metrics count them.
+            tokens=call.prompt_tokens if error is None else call.billed_tokens or None,
+            cost_usd=call.cost_usd if error is None else call.cost_usd or None,
             attempts=call.attempts,
             error=error.code if error is not None else None,
         )
