@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -372,3 +373,69 @@ def test_serve_with_workers_removes_its_metrics_directory(tmp_path: Path, upstre
         assert embed(url).status_code == 200
         assert [p.name[:18] for p in scratch.iterdir()] == ["embedgate-metrics-"]
     assert list(scratch.iterdir()) == []
+
+
+def test_interpolation_reads_as_the_shell_and_refuses_what_it_cannot_read() -> None:
+    base = {"providers": {"p": {"type": "openai_compatible", "base_url": "${URL:-http://127.0.0.1:9/v1}"}}}
+    # ":-" takes the default for an empty variable too (as the shell and docker compose do)
+    assert parse_config(base, env={"URL": ""}).providers["p"].base_url == "http://127.0.0.1:9/v1"
+    assert parse_config(base, env={"URL": "http://x:1/v1"}).providers["p"].base_url == "http://x:1/v1"
+    for written in ("${K2-fallback}", "${K:default}", "${ K }", "${K:?msg}", "prefix ${K"):
+        # kept as literal text before, here as a client key's secret
+        with pytest.raises(ConfigError) as bad:
+            parse_config({**base, "keys": [{"id": "a", "key": written}]}, env={"K": "sk-from-env"})
+        assert any(e.startswith("keys[0].key: a '${' that is not") for e in bad.value.errors), bad.value.errors
+        assert "sk-from-env" not in str(bad.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "path"),
+    [
+        ({"budgets": [{"scope": "api_key", "target": "a", "amount_usd": float("inf")}]}, "budgets[0].amount_usd"),
+        ({"budgets": [{"scope": "api_key", "target": "a", "amount_usd": 1e308}]}, "budgets[0].amount_usd"),
+        ({"models": {"p/m": {"price_per_million_tokens": float("inf")}}}, "models.p/m.price_per_million_tokens"),
+        ({"cache": {"default_ttl": 10**20, "max_ttl": 10**20}}, "cache.default_ttl"),
+        ({"server": {"max_body_bytes": "9" * 5000}}, "server.max_body_bytes"),
+    ],
+    ids=["amount-inf", "amount-1e308", "price-inf", "ttl-1e20", "5000-digits"],
+)
+def test_numbers_out_of_any_use_are_config_errors(changes: dict[str, Any], path: str) -> None:
+    # Accepted before: an infinite amount or price failed every budgeted request as a 500 (OverflowError), a TTL
+    # of 1e20 s every Redis cache write, a 5000-digit integer was a traceback.
+    data = {"providers": {"p": {"type": "openai_compatible", "base_url": "http://127.0.0.1:9/v1"}},
+            "keys": [{"id": "a", "key": "sk-a"}], **changes}  # fmt: skip
+    with pytest.raises(ConfigError) as bad:
+        parse_config(data, env={})
+    assert any(e.startswith(path + ":") for e in bad.value.errors), bad.value.errors
+
+
+def test_a_file_that_is_not_utf8_or_holds_a_huge_number_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b'server:\n  path_prefix: "/\xff"\n')
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("server:\n  max_body_bytes: " + "9" * 5000 + "\n")
+    for path, said in ((latin, "is not UTF-8"), (huge, "<yaml>")):
+        r = subprocess.run([*EMBEDGATE, "check-config", str(path)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and said in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--port", "99999"], ["--port", "0"], ["--workers", "0"], ["--log-level", "bogus"]],
+    ids=["port-99999", "port-0", "workers-0", "log-level"],
+)
+def test_serve_refuses_flags_out_of_range(tmp_path: Path, flags: list[str]) -> None:
+    # --port 99999 served on another port than it said, --workers 0 ran one, --log-level bogus was a traceback.
+    path = tmp_path / "gw.yaml"
+    path.write_text("providers: {}\n")
+    r = subprocess.run([*EMBEDGATE, "serve", "--config", str(path), *flags], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 2 and f"argument {flags[0]}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_usage_cli_never_prints_the_urls_password_nor_a_traceback() -> None:
+    for url in ("http://user:pa55word@[::1", "http://user:pa55word@127.0.0.1:9"):
+        r = subprocess.run([*EMBEDGATE, "usage", "--url", url, "--admin-key", "k"], capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+        assert r.returncode == 1 and "cannot reach http://" in r.stderr
+        assert "pa55word" not in r.stderr and "Traceback" not in r.stderr

@@ -94,17 +94,41 @@ def _admin(args: argparse.Namespace, path: str, params: dict[str, str]) -> int:
     if not key:
         print("error: give --admin-key or set EMBEDGATE_ADMIN_KEY", file=sys.stderr)
         return 2
+    where = _without_userinfo(args.url)
     try:
         r = httpx.get(args.url.rstrip("/") + path, params=params, headers={"authorization": f"Bearer {key}"},
                       timeout=10)  # fmt: skip
-    except httpx.HTTPError as exc:
-        print(f"error: cannot reach {args.url}: {type(exc).__name__}", file=sys.stderr)
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # ValueError: a key that is not ASCII, say
+        print(f"error: cannot reach {where}: {type(exc).__name__}", file=sys.stderr)
         return 1
     if r.status_code != 200:
-        print(f"error: {r.status_code} {r.text}", file=sys.stderr)
+        print(f"error: {r.status_code} {r.text[:2000]}", file=sys.stderr)
         return 1
-    print(json.dumps(r.json()["data"], indent=2))
+    try:
+        data = r.json()["data"]
+    except (ValueError, KeyError, TypeError):
+        print(f"error: {where} answered 200 with no embedgate admin data (is it the gateway?)", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2))
     return 0
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` as it may be printed: without a user and password."""
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{host.rpartition('@')[2]}{slash}{path}" if sep else url
+
+
+def _ranged(lo: int, hi: int) -> Any:
+    def number(text: str) -> int:
+        value = int(text)  # a ValueError: argparse says "invalid number value"
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be from {lo} to {hi}, got {text}")
+        return value
+
+    number.__name__ = "number"
+    return number
 
 
 def _seconds(text: str) -> float:
@@ -121,11 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="serve the gateway under uvicorn")
     serve.add_argument("--config", required=True, help="YAML config file")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--port", type=_ranged(1, 65535), default=8080)
+    serve.add_argument("--workers", type=_ranged(1, 1024), default=1)
     serve.add_argument("--http", choices=("embedgate", "httptools", "h11"), default="embedgate",
                        help="the HTTP/1.1 protocol: embedgate's compiled one (default), or uvicorn's")  # fmt: skip
-    serve.add_argument("--log-level", default="warning", help="uvicorn's own log level (default: warning)")
+    serve.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug",
+                       "trace"), help="uvicorn's own log level (default: warning)")  # fmt: skip
     serve.add_argument("--timeout-graceful-shutdown", type=_seconds, default=10.0, metavar="SECONDS",
                        help="on SIGTERM, how long requests in flight may take to finish (default: 10)")  # fmt: skip
     check = sub.add_parser("check-config", help="validate a config file; prints every error with its YAML path")

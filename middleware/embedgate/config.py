@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import yaml
 
@@ -193,6 +193,11 @@ class Config:
 
 # --- interpolation -------------------------------------------------------------------------------------------
 
+#: The largest amount or price a config may give (USD): budgets count cost in nano-dollars in 64-bit integers
+#: (Redis's INCRBY), and an infinite amount failed every budgeted request as a 500.
+_MAX_NUMBER: Final = 1e9
+_MAX_INTEGER: Final = 2**53  # any count or size beyond is a typo (and some, as a Redis expiry, would fail later)
+_MAX_TTL: Final = 10 * 365 * 86400  # seconds: ten years (a Redis expiry of 1e20 s failed every cache write)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -201,14 +206,19 @@ def _interpolate(node: Any, env: Mapping[str, str], path: str, errors: list[str]
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
-            if name in env:
-                return env[name]
-            if default is not None:
+            value = env.get(name)
+            if default is not None and not value:  # as the shell's and docker compose's ":-": unset or empty
                 return default
+            if value is not None:
+                return value
             errors.append(f"{path or '<root>'}: environment variable {name} is not set (use ${{{name}:-}})")
             return ""
 
-        return _VAR.sub(sub, node)
+        out = _VAR.sub(sub, node)
+        if "${" in _VAR.sub("", node):  # "${K-x}", "${K:x}", "${ K }", an unclosed "${K": kept as text, a secret
+            errors.append(f"{path or '<root>'}: a '${{' that is not ${{NAME}} or ${{NAME:-default}} (NAME: letters, "
+                          "digits and _)")  # fmt: skip
+        return out
     if isinstance(node, dict):
         return {k: _interpolate(v, env, _join(path, str(k)), errors) for k, v in node.items()}
     if isinstance(node, list):
@@ -282,15 +292,16 @@ class _Section:
 
     def integer(self, lo: int, hi: int | None = None) -> Callable[[Any, str], int | None]:
         def check(v: Any, path: str) -> int | None:
-            if isinstance(v, str) and re.fullmatch(r"-?\d+", v.strip()):
+            if isinstance(v, str) and re.fullmatch(r"-?\d{1,30}", v.strip()):
                 v = int(v)
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
             if not isinstance(v, int) or isinstance(v, bool):
                 self.error(path, f"must be an integer, got {_kind(v)}")
                 return None
-            if v < lo or (hi is not None and v > hi):
-                self.error(path, f"must be between {lo} and {hi}" if hi is not None else f"must be >= {lo}")
+            top = _MAX_INTEGER if hi is None else hi
+            if not lo <= v <= top:
+                self.error(path, f"must be between {lo} and {top}")
                 return None
             return v
 
@@ -302,8 +313,8 @@ class _Section:
                 v = float(v)
             except ValueError:
                 pass
-        if not isinstance(v, int | float) or isinstance(v, bool) or v < 0 or v != v:
-            self.error(path, f"must be a number >= 0, got {v!r}")
+        if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v <= _MAX_NUMBER:  # NaN fails too
+            self.error(path, f"must be a number from 0 to {_MAX_NUMBER:g}, got {v!r}"[:200])
             return None
         return float(v)
 
@@ -521,8 +532,8 @@ def _cache(data: Any, errors: list[str]) -> CacheConfig:
     s = _Section(data, "cache", errors)
     cfg = CacheConfig(
         enabled_by_default=s.get("enabled_by_default", s.boolean, False),
-        default_ttl=s.get("default_ttl", s.integer(1), 1800),
-        max_ttl=s.get("max_ttl", s.integer(1), 259200),
+        default_ttl=s.get("default_ttl", s.integer(1, _MAX_TTL), 1800),
+        max_ttl=s.get("max_ttl", s.integer(1, _MAX_TTL), 259200),
         max_bytes=s.get("max_bytes", s.integer(0), DEFAULT_CACHE_MAX_BYTES),
         redis_url=s.get("redis_url", s.string, "") or "",
     )
@@ -636,11 +647,15 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read, interpolate and validate a YAML config file; raises :class:`ConfigError` listing every problem."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"<file>: cannot read {path}: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"<file>: {path} is not UTF-8 text (byte {exc.start})"]) from None
     try:
         data = yaml.safe_load(text)
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise ConfigError([f"<yaml>: {str(exc)[:200]}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
