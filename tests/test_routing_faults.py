@@ -475,3 +475,19 @@ async def test_a_failed_request_paid_for_upstream_shows_its_tokens_and_cost(upst
     assert r.status_code == 502
     (line,) = [e for e in logs if e["event"] == "request"]
     assert line["tokens"] == tokens_of(TEXTS[0]) and line["cost_usd"] > 0
+
+
+@pytest.mark.anyio
+async def test_model_names_a_client_makes_up_share_one_metric_label(upstream: FakeUpstream) -> None:
+    # "local/<anything>" routes by its prefix: each made-up name became a label set of the requests, attempts,
+    # latency and tokens metrics, until their cap (10,000) folded every new series, real ones too, into "other".
+    async with running(routing_config(upstream)) as (c, app):
+        for i in range(30):
+            r, _ = await timed_post(c, {"model": f"local/flood-{i}", "input": "x"})
+            assert r.status_code == 200, r.text
+        r, _ = await timed_post(c, {"model": PRIMARY, "input": "x"})
+        scraped = app.metrics.render()[0].decode()
+    assert "flood-" not in scraped
+    (line,) = [ln for ln in scraped.splitlines() if ln.startswith("embedgate_requests_total{") and "local/*" in ln]
+    assert line.endswith(" 30.0")
+    assert f'model="{PRIMARY}"' in scraped  # a configured model keeps its own label

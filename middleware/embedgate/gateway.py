@@ -22,7 +22,7 @@ import structlog
 from mypy_extensions import mypyc_attr
 from opentelemetry.trace import TracerProvider
 
-from .budgets import BudgetEngine, budget_store
+from .budgets import BUILTIN_PRICES, BudgetEngine, budget_store
 from .cache import VectorCache
 from .config import BUDGET_SCOPES, Config, hash_key, load_config
 from .errors import (
@@ -156,6 +156,7 @@ class EmbeddingGateway:
             self.router = Router(self.config, adapters, hook=ObservedAttempts(self.telemetry, self.metrics))
             cache_url = self.config.cache.redis_url or self.config.redis_url
             self.cache = VectorCache.from_config(cache_url, self.config.cache.max_bytes)
+            self.metrics.set_known_models([*self.config.models, *BUILTIN_PRICES])
             # The memory backend's size; with Redis 0 (its memory is Redis's own: -1 there summed to -N over workers)
             self.metrics.set_cache_bytes_source(self.cache.bytes_used if self.cache.backend == "memory" else None)
             self.budgets = BudgetEngine(self.config.budgets, budget_store(self.config.redis_url),

@@ -145,7 +145,10 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(level),
         context_class=dict,
         logger_factory=factory,
-        cache_logger_on_first_use=True,
+        # Not cached: a module's logger cached on its first line kept that configuration for good (what a host, or
+        # structlog.testing.capture_logs, configured later never reached it); the access line, on every request,
+        # does not go through these proxies (see access_log).
+        cache_logger_on_first_use=False,
     )
     _installed, _installed_args = processors, args
     _direct = (out, level) if json else None

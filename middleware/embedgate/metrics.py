@@ -28,7 +28,7 @@ import bisect
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final, Generic, Protocol, TypeVar
 
 import prometheus_client.metrics
@@ -221,6 +221,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, max_series: int = 10_000) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._multiprocess = bool(os.environ.get(_MULTIPROC_ENV))
+        self._known: frozenset[str] | None = None  # see set_known_models
         reg = self.registry
         requests = (
             "embedgate_requests_total",
@@ -280,19 +281,33 @@ class Metrics:
         self._cache_bytes_source: Callable[[], float] | None = None
         self._cache_bytes_refreshed = 0.0
 
+    def set_known_models(self, ids: Iterable[str]) -> None:
+        """Label models with their id only when they are among ``ids`` (the configured and well-known ones); any
+        other ``<provider>/<name>``, which clients make up at will and which routes by its prefix, is labelled
+        ``<provider>/*``. Until this is called, every id is its own label."""
+        self._known = frozenset(ids)
+
+    def _model(self, model: str) -> str:
+        known = self._known
+        if known is None or not model or model in known:
+            return model
+        return model.partition("/")[0] + "/*"
+
     def observe_request(self, route: str, model: str, status: int | str, cache: str) -> None:
         """Count one answered request; ``cache`` is hit, miss, partial or bypass."""
-        self._requests.add((route, model, status, cache), 1.0)
+        self._requests.add((route, self._model(model), status, cache), 1.0)
         if self._multiprocess and self._cache_bytes_source is not None:
             self._refresh_cache_bytes()
 
     def observe_attempt(self, provider: str, model: str, status: int | str, seconds: float) -> None:
         """Count one upstream attempt (``status``: the HTTP status, or ``timeout`` ...) and its duration."""
+        model = self._model(model)
         self._attempts.add((provider, model, status), 1.0)
         self._latency.add((provider, model), seconds)
 
     def observe_usage(self, key: str, model: str, tokens: int, cost: float) -> None:
         """Add billed tokens and spend (USD) for a key id and model."""
+        model = self._model(model)
         if tokens > 0:
             self._tokens.add((key, model), float(tokens))
         if cost > 0:
