@@ -8,12 +8,14 @@ the real fake upstream (so retries, fallbacks and the injected ``traceparent`` a
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 import structlog
@@ -488,3 +490,24 @@ async def test_host_log_lines_carry_the_request_ids_only_within_a_gateway_reques
     assert route["path"] == "/host/page"
     assert "request_id" not in route and "trace_id" not in route and "span_id" not in route
     assert "request_id" not in structlog.contextvars.get_contextvars()
+
+
+@pytest.mark.anyio
+async def test_the_attempt_span_names_the_model_the_upstream_says_answered(
+    upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    # gen_ai.response.model was always the model asked for; OTel's GenAI conventions: the model that generated it.
+    vector = base64.b64encode(np.arange(8, dtype="<f4").tobytes()).decode()
+    answer = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+              "model": "embed-small-2024-07-snapshot", "usage": {"prompt_tokens": 1, "total_tokens": 1}}  # fmt: skip
+    upstream.script.append(Fault("raw", 200, headers={"Content-Type": "application/json"}, body=orjson.dumps(answer)))
+    gw = EmbeddingGateway(host_404, config=make_config(upstream), tracer_provider=provider)
+    async with client_for(gw) as client:
+        r = await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "hello"}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        r = await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "bye"}, headers=AUTH)
+    first, second = attempts_of(exporter.get_finished_spans())
+    assert first.attributes is not None and second.attributes is not None
+    assert first.attributes["gen_ai.request.model"] == "embed-small"
+    assert first.attributes["gen_ai.response.model"] == "embed-small-2024-07-snapshot"
+    assert second.attributes["gen_ai.response.model"] == "embed-small"  # the fake upstream names the model asked

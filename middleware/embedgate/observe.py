@@ -44,7 +44,7 @@ class ObservedAttempts(AttemptHook):
         span: AttemptSpan = token[0]
         deployment: Deployment = token[1]
         if error is None and result is not None:
-            span.succeed(response_model=deployment.upstream_model, input_tokens=result.prompt_tokens,
+            span.succeed(response_model=result.model or deployment.upstream_model, input_tokens=result.prompt_tokens,
                          dimension_count=result.dimensions)  # fmt: skip
             status: int | str = 200
         else:

@@ -16,8 +16,9 @@ from .vectors import VectorError, b64_to_bytes, bytes_to_b64, floats_to_bytes
 __all__ = ["MalformedAnswer", "count", "cut_vectors", "read_answer", "take_cut"]
 
 #: What :func:`read_answer` returns: vectors, their base64 texts, dimensions, prompt tokens (-1 where the upstream
-#: gave no whole number from 0 to ``MAX_COUNT``: the router puts its estimate), total tokens (else the prompt's).
-Answer = tuple[list[bytes], list[bytes | memoryview | None], int, int, int]
+#: gave no whole number from 0 to ``MAX_COUNT``: the router puts its estimate), total tokens (else the prompt's),
+#: and the model the answer names (at most 256 characters; None if it names none).
+Answer = tuple[list[bytes], list[bytes | memoryview | None], int, int, int, str | None]
 #: The largest token count read from an answer (a 2048-item batch of 8k-token texts is ~16.8M).
 MAX_COUNT: Final = 2**32 - 1
 
@@ -78,7 +79,9 @@ def read_answer(content: bytes | bytearray, n_items: int, dimensions: int | None
         usage = {}
     prompt = count(usage.get("prompt_tokens"))
     total = count(usage.get("total_tokens"))
-    return whole, b64, dims, prompt, total if total >= 0 else prompt
+    named = data.get("model")
+    model = named[:256] if type(named) is str and named else None
+    return whole, b64, dims, prompt, total if total >= 0 else prompt, model
 
 
 _F32: Final = dtype("<f4")

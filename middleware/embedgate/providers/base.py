@@ -40,6 +40,8 @@ class Embeddings:
     #: Per item, the upstream's own base64 text of the vector when it sent one that decoded as is (ASCII, to be
     #: passed on to a base64 client without encoding it again); None where it did not.
     b64: list[bytes | memoryview | None] | None = None
+    #: The model the answer says produced it (e.g. a dated snapshot of the one asked for), if it names one.
+    model: str | None = None
 
 
 class Adapter(Protocol):

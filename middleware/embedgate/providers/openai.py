@@ -146,10 +146,11 @@ class OpenAIAdapter:
 
     def _parse(self, content: bytes | bytearray, n_items: int, dimensions: int | None) -> Embeddings:
         try:
-            vectors, b64, dims, prompt, total = read_answer(content, n_items, dimensions)
+            vectors, b64, dims, prompt, total, model = read_answer(content, n_items, dimensions)
         except MalformedAnswer as exc:
             raise UpstreamError(f"{self.name} sent a malformed answer: {exc}", code="upstream_malformed") from None
-        return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total, b64=b64)
+        return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total, b64=b64,
+                          model=model)  # fmt: skip
 
 
 def _decoded(
