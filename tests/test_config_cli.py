@@ -439,3 +439,29 @@ def test_usage_cli_never_prints_the_urls_password_nor_a_traceback() -> None:
                            timeout=60)  # fmt: skip
         assert r.returncode == 1 and "cannot reach http://" in r.stderr
         assert "pa55word" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_budget_whose_target_no_key_has_is_an_error() -> None:
+    # A typo (team-A for team-a) made a hard gate that never applied, and check-config said ok.
+    keys = [{"id": "team-a", "key": "sk-a", "workspace": "acme", "project": "search"}]
+    for scope, target in (("api_key", "team-A"), ("workspace", "acme-corp"), ("project", "acme/serch")):
+        with pytest.raises(ConfigError) as bad:
+            parse_config({"keys": keys, "budgets": [{"scope": scope, "target": target, "token_limit": 5}]}, env={})
+        assert bad.value.errors == [f"budgets[0].target: no key has the {dict(api_key='key id').get(scope, scope)} "
+                                    f"'{target}', so this budget never applies"]  # fmt: skip
+    for scope, target in (("api_key", "team-a"), ("workspace", "acme"), ("project", "search"),
+                          ("project", "acme/search"), ("api_key", "*"), ("identity", "anyone")):  # fmt: skip
+        parse_config({"keys": keys, "budgets": [{"scope": scope, "target": target, "token_limit": 5}]}, env={})
+
+
+def test_a_key_given_twice_or_a_value_glued_to_its_key_is_an_error(tmp_path: Path) -> None:
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("providers:\n  p:\n    type: openai\n    timeout_ms: 5\n    timeout_ms: 6\n")
+    with pytest.raises(ConfigError) as bad:
+        load_config(twice, env={})
+    assert "the key 'timeout_ms' is given twice" in str(bad.value)  # the last one silently won
+    glued = tmp_path / "glued.yaml"  # no space after "key:": one key named "key:sk-live-..."
+    glued.write_text("keys:\n  - {id: a, key:sk-live-SECRET2}\n")
+    with pytest.raises(ConfigError) as bad:
+        load_config(glued, env={})
+    assert "keys[0]: an unknown key with ':' in it" in str(bad.value) and "SECRET2" not in str(bad.value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -271,7 +271,10 @@ class _Section:
     def finish(self) -> None:
         for key in self.data:
             if key not in self.seen:
-                self.error(self.at(str(key)), "unknown key")
+                if ":" in str(key):  # "key:sk-..." (no space after the colon) holds a value, maybe a secret
+                    self.error(self.path or "<root>", "an unknown key with ':' in it (a space missing after a colon?)")
+                else:
+                    self.error(self.at(str(key)), "unknown key")
 
     # checks: return the value, or record an error and return None
     def string(self, v: Any, path: str) -> str | None:
@@ -639,9 +642,39 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         if config.admin.sha256 is not None and client.sha256 == config.admin.sha256:
             # That client would also read the operator endpoints (every key's usage, every identity).
             errors.append(f"admin: the same secret as keys[{i}]")
+    errors += _dead_budgets(config)
     if errors:
         raise ConfigError(errors)
     return config
+
+
+def _dead_budgets(config: Config) -> list[str]:
+    """Budgets of a key's scope whose target no key has (a typo, ``team-A`` for ``team-a``): a hard gate that would
+    never apply, silently."""
+    ids = {k.id for k in config.keys}
+    workspaces = {k.workspace for k in config.keys}
+    projects = {k.project for k in config.keys} | {f"{k.workspace}/{k.project}" for k in config.keys}
+    known = {"api_key": (ids, "key id"), "workspace": (workspaces, "workspace"), "project": (projects, "project")}
+    out = []
+    for b in config.budgets:
+        names, what = known.get(b.scope, (None, ""))
+        if names is not None and b.target != "*" and b.target not in names:
+            out.append(f"budgets[{b.index}].target: no key has the {what} {b.target!r}, so this budget never applies")
+    return out
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives one key twice (the last silently won)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)  # fmt: skip
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -653,7 +686,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except UnicodeDecodeError as exc:
         raise ConfigError([f"<file>: {path} is not UTF-8 text (byte {exc.start})"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader: builds no Python objects
     except ValueError as exc:  # an integer of more than 4300 digits
         raise ConfigError([f"<yaml>: {str(exc)[:200]}"]) from None
     except yaml.YAMLError as exc:
