@@ -465,3 +465,16 @@ def test_a_key_given_twice_or_a_value_glued_to_its_key_is_an_error(tmp_path: Pat
     with pytest.raises(ConfigError) as bad:
         load_config(glued, env={})
     assert "keys[0]: an unknown key with ':' in it" in str(bad.value) and "SECRET2" not in str(bad.value)
+
+
+def test_a_secret_written_as_a_yaml_number_is_an_error(tmp_path: Path) -> None:
+    # YAML reads 0777 as 511 and 1.10 as 1.1: the key was silently another than the one the client sends.
+    path = tmp_path / "numbers.yaml"
+    path.write_text("providers:\n  p: {type: openai, base_url: 'http://127.0.0.1:9/v1', api_key: 0777}\n"
+                    "keys:\n  - {id: a, key: 1.10}\nadmin: {key: 123456}\n")  # fmt: skip
+    with pytest.raises(ConfigError) as bad:
+        load_config(path, env={})
+    said = "\n".join(bad.value.errors)
+    for where in ("providers.p.api_key", "keys[0].key", "admin.key"):
+        assert f"{where}: must be a string (quote it" in said
+    assert "511" not in said and "1.1" not in said and "123456" not in said

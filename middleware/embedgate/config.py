@@ -285,6 +285,14 @@ class _Section:
         self.error(path, f"must be a string, got {_kind(v)}")
         return None
 
+    def secret(self, v: Any, path: str) -> str | None:
+        """A key or password: a string as written. A YAML number is refused (and not shown): YAML reads 0777 as 511
+        and 1.10 as 1.1, so the secret would silently differ from the one the client sends."""
+        if isinstance(v, str):
+            return v
+        self.error(path, f"must be a string (quote it: YAML reads an unquoted number its own way), got {_kind(v)}")
+        return None
+
     def boolean(self, v: Any, path: str) -> bool | None:
         if isinstance(v, bool):
             return v
@@ -409,7 +417,7 @@ def _providers(data: Any, errors: list[str]) -> dict[str, ProviderConfig]:
             name=str(name),
             type=s.required("type", s.choice(PROVIDER_TYPES), "openai"),
             base_url=s.required("base_url", _url(s), ""),
-            api_key=s.get("api_key", s.string, ""),
+            api_key=s.get("api_key", s.secret, ""),
             timeout_ms=s.get("timeout_ms", s.integer(1, 600000), 30000),
             multimodal=s.get("multimodal", s.boolean, False),
         )
@@ -476,7 +484,7 @@ def _keys(data: Any, errors: list[str]) -> tuple[KeyConfig, ...]:
         if kid in ids:
             s.error(s.at("id"), f"duplicate key id {kid!r}")
         ids.add(kid)
-        clear = s.get("key", s.string, None)
+        clear = s.get("key", s.secret, None)
         digest = s.get("sha256", _sha256_hex(s), None)
         sha = digest or hash_key(clear or "")
         if clear is not None and digest is not None:
@@ -592,7 +600,7 @@ def _telemetry(data: Any, errors: list[str]) -> TelemetryConfig:
 
 def _admin(data: Any, errors: list[str]) -> AdminConfig:
     s = _Section(data, "admin", errors)
-    clear = s.get("key", s.string, None)
+    clear = s.get("key", s.secret, None)
     digest = s.get("sha256", _sha256_hex(s), None)
     s.finish()
     if clear and digest is not None:
