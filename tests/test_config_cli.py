@@ -454,6 +454,23 @@ def test_a_budget_whose_target_no_key_has_is_an_error() -> None:
         parse_config({"keys": keys, "budgets": [{"scope": scope, "target": target, "token_limit": 5}]}, env={})
 
 
+def test_a_budget_on_a_provider_or_model_that_cannot_be_asked_for_is_an_error() -> None:
+    # A provider target that names no provider (openAI for openai), or a model whose prefix is no provider, never
+    # applied: check-config said ok.
+    base = {"providers": {"openai": {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key": "sk-p"}},
+            "models": {"team/embed": {"deployments": [{"provider": "openai", "upstream_model": "m"}]}}}  # fmt: skip
+    for scope, target, said in (("provider", "openAI", "no provider 'openAI' is configured"),
+                                ("model", "azure/text-embedding-3-small", "no model 'azure/text-embedding-3-small'"),
+                                ("model", "text-embedding-3-small", "no model 'text-embedding-3-small'")):  # fmt: skip
+        with pytest.raises(ConfigError) as bad:
+            parse_config({**base, "budgets": [{"scope": scope, "target": target, "token_limit": 5}]}, env={})
+        assert len(bad.value.errors) == 1 and bad.value.errors[0].startswith(f"budgets[0].target: {said}")
+        assert bad.value.errors[0].endswith("so this budget never applies")
+    for scope, target in (("provider", "openai"), ("provider", "team"), ("model", "openai/made-up"),
+                          ("model", "team/embed"), ("model", "*"), ("provider", "*")):  # fmt: skip
+        parse_config({**base, "budgets": [{"scope": scope, "target": target, "token_limit": 5}]}, env={})
+
+
 def test_a_key_given_twice_or_a_value_glued_to_its_key_is_an_error(tmp_path: Path) -> None:
     twice = tmp_path / "twice.yaml"
     twice.write_text("providers:\n  p:\n    type: openai\n    timeout_ms: 5\n    timeout_ms: 6\n")

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -985,3 +986,74 @@ def test_attempt_trace_headers_are_what_the_global_propagators_write(telemetry: 
                 assert attempt.trace_headers() == expected(attempt)
             finally:
                 propagate.set_global_textmap(saved)
+
+
+MOUNTED_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from contextlib import asynccontextmanager
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+    from embedgate import EmbeddingGateway
+    from embedgate.config import Config
+
+    mode = sys.argv[1]
+    host_spans = InMemorySpanExporter()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if mode == "host":  # the host sets its provider in its own startup, which runs after the gateway's
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(host_spans))
+            trace.set_tracer_provider(provider)
+        yield
+
+    app = EmbeddingGateway(Starlette(lifespan=lifespan), config=Config())
+    body = {"model": "local/x", "input": "hi", "name": "mounted-req"}
+    if mode == "no-lifespan":
+        response = TestClient(app).post("/v1/embeddings", json=body)  # no lifespan: opened by this request
+        assert response.status_code == 401, response.text
+        app.telemetry.shutdown()
+    else:
+        with TestClient(app) as client:
+            assert client.post("/v1/embeddings", json=body).status_code == 401
+    print(type(trace.get_tracer_provider()).__name__, [s.name for s in host_spans.get_finished_spans()])
+    """
+)
+
+
+@pytest.mark.parametrize("lifespan", [True, False])
+def test_mounted_without_a_host_provider_exports_as_the_environment_says(lifespan: bool) -> None:
+    with OtlpReceiver() as receiver:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": "mounted-gw"}
+        result = subprocess.run(
+            [sys.executable, "-c", MOUNTED_SCRIPT, "none" if lifespan else "no-lifespan"],
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **env},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        spans = receiver.wait_for_spans(1, where=lambda s: s.kind == "SERVER")
+    assert [s.name for s in spans if s.kind == "SERVER"] == ["mounted-req"]
+    assert spans[0].resource["service.name"] == "mounted-gw"
+    # the host's global provider is left as it was: the host may still set its own
+    printed = [line for line in result.stdout.splitlines() if not line.startswith("{")]  # not the access line
+    assert printed == ["ProxyTracerProvider []"]
+
+
+def test_mounted_uses_the_provider_the_host_sets_in_its_lifespan() -> None:
+    with OtlpReceiver() as receiver:
+        result = subprocess.run(
+            [sys.executable, "-c", MOUNTED_SCRIPT, "host"],
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+                 "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        time.sleep(0.3)
+        assert receiver.spans == []  # the environment's exporter was not used: the host set a provider
+    printed = [line for line in result.stdout.splitlines() if not line.startswith("{")]  # not the access line
+    assert printed == ["TracerProvider ['auth', 'mounted-req']"]

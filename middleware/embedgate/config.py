@@ -663,11 +663,21 @@ def _dead_budgets(config: Config) -> list[str]:
     workspaces = {k.workspace for k in config.keys}
     projects = {k.project for k in config.keys} | {f"{k.workspace}/{k.project}" for k in config.keys}
     known = {"api_key": (ids, "key id"), "workspace": (workspaces, "workspace"), "project": (projects, "project")}
+    # A request's provider is its model id's prefix; a model id is one of `models` or any name under a provider.
+    providers = set(config.providers) | {m.partition("/")[0] for m in config.models}
     out = []
     for b in config.budgets:
+        if b.target == "*":
+            continue
         names, what = known.get(b.scope, (None, ""))
-        if names is not None and b.target != "*" and b.target not in names:
+        if names is not None and b.target not in names:
             out.append(f"budgets[{b.index}].target: no key has the {what} {b.target!r}, so this budget never applies")
+        elif b.scope == "provider" and b.target not in providers:
+            out.append(f"budgets[{b.index}].target: no provider {b.target!r} is configured, so this budget never "
+                       f"applies")  # fmt: skip
+        elif b.scope == "model" and b.target not in config.models and b.target.partition("/")[0] not in providers:
+            out.append(f"budgets[{b.index}].target: no model {b.target!r} can be asked for (a model id is "
+                       f"<provider>/<name>, with a configured provider), so this budget never applies")  # fmt: skip
     return out
 
 

@@ -224,7 +224,16 @@ class EmbeddingGateway:
                 await self.shutdown()
             return message
 
-        await self.app(scope, wrapped_receive, send)
+        async def wrapped_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete" and self.telemetry is not None:
+                self.telemetry.settle()  # the host's startup has run: has it set a TracerProvider?
+            await send(message)
+
+        try:
+            await self.app(scope, wrapped_receive, wrapped_send)
+        finally:  # a host without lifespan support raises here, after our startup: its startup is all there is
+            if self.telemetry is not None:
+                self.telemetry.settle()
 
     # --- ASGI ------------------------------------------------------------------------------------------------
 
@@ -280,6 +289,8 @@ class EmbeddingGateway:
             started = False
         else:
             started = True
+            if self.telemetry is not None:
+                self.telemetry.settle()
         if not started:  # answered after the handler: compiled, an await inside it loses the exception (mypyc)
             err = Unavailable("The gateway could not start; its log says why", code="gateway_not_started")
             await _send(send, err.status, render_error(err, dialect), {})

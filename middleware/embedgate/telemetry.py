@@ -376,9 +376,11 @@ class Telemetry:
 
     ``tracer_provider`` wins when given. Otherwise, mounted (``standalone=False``), the global provider is
     used, through OTel's proxy, so a provider the host app installs even after this object exists is picked
-    up. Standalone, when nobody installed a global provider yet, one is built from the OTel environment
-    variables (``build_tracer_provider``), installed as the global provider and owned: ``shutdown`` flushes
-    only that one.
+    up; and when the OTel environment names an exporter (``build_tracer_provider``), a provider is built from it
+    here (a bad variable fails here, at start-up) and kept for :meth:`settle`, which uses it (owned, not
+    installed as the global one: the host's is left alone) if the host has set none by then. Standalone, when
+    nobody installed a global provider yet, one is built from the OTel environment variables, installed as the
+    global provider and owned: ``shutdown`` flushes only that one.
     """
 
     def __init__(
@@ -390,11 +392,11 @@ class Telemetry:
         export_process: bool = False,
     ) -> None:
         self._owned: SdkTracerProvider | LeanTracerProvider | None = None
-        if (
-            tracer_provider is None
-            and standalone
-            and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
-        ):
+        self._pending: SdkTracerProvider | LeanTracerProvider | None = None
+        unset = tracer_provider is None and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+        if unset and not standalone:
+            self._pending = build_tracer_provider(service_name)
+        elif unset:
             built = build_tracer_provider(service_name, export_process=export_process)
             if built is not None:
                 trace.set_tracer_provider(built)
@@ -411,6 +413,20 @@ class Telemetry:
         self._lean: LeanTracer | None = self._tracer if type(self._tracer) is LeanTracer else None
         self._propagator: object | None = None
         self._fields: frozenset[bytes] = frozenset()
+
+    def settle(self) -> None:
+        """Mounted, once the host app has started (its lifespan's startup, or the first request without one): the
+        provider built from the environment is used if the host has set no global provider, else dropped."""
+        built = self._pending
+        if built is None:
+            return
+        self._pending = None
+        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+            self._owned = built
+            self._tracer = built.get_tracer(_TRACER_NAME)
+            self._lean = None
+        else:
+            built.shutdown()
 
     @property
     def owns_provider(self) -> bool:
@@ -507,6 +523,9 @@ class Telemetry:
 
     def shutdown(self) -> None:
         """Flush and shut down the tracer provider, only if this object built it."""
+        if self._pending is not None:
+            self._pending.shutdown()
+            self._pending = None
         if self._owned is not None:
             self._owned.shutdown()
             self._owned = None
