@@ -495,3 +495,28 @@ def test_a_secret_written_as_a_yaml_number_is_an_error(tmp_path: Path) -> None:
     for where in ("providers.p.api_key", "keys[0].key", "admin.key"):
         assert f"{where}: must be a string (quote it" in said
     assert "511" not in said and "1.1" not in said and "123456" not in said
+
+
+def test_an_error_about_a_value_from_the_environment_does_not_show_it() -> None:
+    # `type: ${OPENAI_API_KEY}` (a slip of the variable) printed the key in check-config's and serve's output.
+    secret = "sk-live-1234567890abcdef"
+    doc = {
+        "server": {"path_prefix": "${S}", "unknown_fields": "${S}"},
+        "providers": {
+            "p": {"type": "${S}", "base_url": "${S}", "api_key": "k"},
+            "q": {"type": "openai", "base_url": "https://${S}", "api_key": "k"},
+        },
+        "cache": {"enabled_by_default": "${S}", "default_ttl": "${S}"},
+        "budgets": [{"scope": "workspace", "target": "*", "amount_usd": "${S}"}],
+    }
+    with pytest.raises(ConfigError) as bad:
+        parse_config(doc, env={"S": secret})
+    text = str(bad.value)
+    assert secret not in text and "1234567890" not in text
+    for path in ("server.path_prefix", "server.unknown_fields", "providers.p.type", "providers.p.base_url",
+                 "cache.enabled_by_default", "budgets[0].amount_usd"):  # fmt: skip
+        assert f"{path}: " in text and "a value from the environment (not shown)" in text, path
+    # written in the file, a bad value is shown: the operator sees what to fix
+    with pytest.raises(ConfigError) as bad:
+        parse_config({"providers": {"p": {"type": "opnai", "base_url": "http://h/v1"}}}, env={})
+    assert bad.value.errors == ["providers.p.type: must be one of openai, openai_compatible, got 'opnai'"]

@@ -49,7 +49,7 @@ class ConfigError(Exception):
 
     def __init__(self, errors: list[str]) -> None:
         super().__init__("invalid configuration:\n" + "\n".join(f"  {e}" for e in errors))
-        self.errors = errors
+        self.errors = list(errors)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -201,6 +201,22 @@ _MAX_TTL: Final = 10 * 365 * 86400  # seconds: ten years (a Redis expiry of 1e20
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+class _Errors(list[str]):
+    """The config's errors, and the YAML paths whose value came from the environment (``from_env``): an error
+    about such a value does not show it (``${OPENAI_API_KEY}`` given as a provider's ``type``, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_env: set[str] = set()
+
+
+def _got(v: Any, path: str, errors: list[str]) -> str:
+    """``v`` as an error message shows it: its repr, unless the environment gave it."""
+    if isinstance(errors, _Errors) and path in errors.from_env:
+        return "a value from the environment (not shown)"
+    return repr(v)[:200]
+
+
 def _interpolate(node: Any, env: Mapping[str, str], path: str, errors: list[str]) -> Any:
     if isinstance(node, str):
 
@@ -215,6 +231,8 @@ def _interpolate(node: Any, env: Mapping[str, str], path: str, errors: list[str]
             return ""
 
         out = _VAR.sub(sub, node)
+        if out != node and isinstance(errors, _Errors):
+            errors.from_env.add(path)
         if "${" in _VAR.sub("", node):  # "${K-x}", "${K:x}", "${ K }", an unclosed "${K": kept as text, a secret
             errors.append(f"{path or '<root>'}: a '${{' that is not ${{NAME}} or ${{NAME:-default}} (NAME: letters, "
                           "digits and _)")  # fmt: skip
@@ -298,7 +316,7 @@ class _Section:
             return v
         if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
             return v.lower() in ("true", "1", "yes")
-        self.error(path, f"must be true or false, got {v!r}")
+        self.error(path, f"must be true or false, got {_got(v, path, self.errors)}")
         return None
 
     def integer(self, lo: int, hi: int | None = None) -> Callable[[Any, str], int | None]:
@@ -325,14 +343,14 @@ class _Section:
             except ValueError:
                 pass
         if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v <= _MAX_NUMBER:  # NaN fails too
-            self.error(path, f"must be a number from 0 to {_MAX_NUMBER:g}, got {v!r}"[:200])
+            self.error(path, f"must be a number from 0 to {_MAX_NUMBER:g}, got {_got(v, path, self.errors)}")
             return None
         return float(v)
 
     def choice(self, options: tuple[str, ...]) -> Callable[[Any, str], str | None]:
         def check(v: Any, path: str) -> str | None:
             if v not in options:
-                self.error(path, f"must be one of {', '.join(options)}, got {v!r}")
+                self.error(path, f"must be one of {', '.join(options)}, got {_got(v, path, self.errors)}")
                 return None
             return str(v)
 
@@ -362,7 +380,7 @@ def _url(sec: _Section) -> Callable[[Any, str], str | None]:
         if s is None:
             return None
         if not re.match(r"^https?://[^/\s]+", s):
-            sec.error(path, f"must be an http(s) URL, got {s!r}")
+            sec.error(path, f"must be an http(s) URL, got {_got(s, path, sec.errors)}")
             return None
         return s.rstrip("/")
 
@@ -395,7 +413,8 @@ def _server(data: Any, errors: list[str]) -> ServerConfig:
     s = _Section(data, "server", errors)
     prefix = s.get("path_prefix", s.string, "")
     if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
-        s.error(s.at("path_prefix"), f"must start with '/' and not end with '/', got {prefix!r}")
+        at = s.at("path_prefix")
+        s.error(at, f"must start with '/' and not end with '/', got {_got(prefix, at, errors)}")
     cfg = ServerConfig(
         path_prefix=prefix,
         max_body_bytes=s.get("max_body_bytes", s.integer(1024), DEFAULT_MAX_BODY_BYTES),
@@ -619,7 +638,7 @@ def _budget_options(data: Any, errors: list[str]) -> BudgetOptions:
 
 def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     """Validate an already-loaded YAML document (a dict) and build the :class:`Config`."""
-    errors: list[str] = []
+    errors = _Errors()
     data = _interpolate(data, os.environ if env is None else env, "", errors)
     root = _Section(data, "", errors)
     for key in ("server", "redis_url", "providers", "models", "keys", "budgets", "cache", "routing"):
