@@ -193,6 +193,44 @@ async def test_fifty_concurrent_identical_misses_make_one_upstream_call(client: 
 
 
 @pytest.mark.anyio
+async def test_a_miss_waits_only_on_a_request_routed_alike(upstream: FakeUpstream) -> None:
+    # Coalesced, a request got whatever the request it waited on got: that one's 502 though its own fallback was
+    # healthy, or a fallback's vector (model embed-b) that its key was not granted and it did not ask for.
+    narrow = "sk-test-only-small-77777777"
+    data = cache_config(upstream.url)
+    data["keys"].append({"id": "only-small", "key": narrow, "workspace": "acme", "project": "search",
+                         "models": ["local/embed-small"]})  # fmt: skip
+    app = gateway(parse_config(data, env={}))
+    no_retry = {"count": 0, "on_codes": [503]}
+    got: dict[str, httpx.Response] = {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+
+        async def post(name: str, key: str, after: float, extra: dict[str, Any]) -> None:
+            await anyio.sleep(after)
+            body = {"model": "local/embed-small", "input": "shared text", "cache": CACHE, "retry": no_retry, **extra}
+            got[name] = await c.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {key}"})
+
+        # A fails slowly and has no fallback; B, arriving meanwhile, has one (and embed-small fails it too)
+        upstream.script += [Fault("status", 503, delay=0.3, model="embed-small")] * 2
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, "a", KEY, 0.0, {})
+            tg.start_soon(post, "b", KEY, 0.1, {"fallbacks": [{"model": "local/embed-b"}]})
+        assert got["a"].status_code == 502
+        assert got["b"].status_code == 200 and got["b"].json()["model"] == "local/embed-b"
+
+        # A falls back to embed-b; B, whose key has embed-small only, must not get embed-b's vector
+        upstream.script.append(Fault("status", 503, delay=0.3, model="embed-small"))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, "a", KEY, 0.0, {"input": "other text", "fallbacks": [{"model": "local/embed-b"}]})
+            tg.start_soon(post, "b", narrow, 0.1, {"input": "other text"})
+        assert got["a"].status_code == 200 and got["a"].json()["model"] == "local/embed-b"
+        assert got["b"].status_code == 200, got["b"].text
+        assert got["b"].json()["model"] == "local/embed-small"
+        np.testing.assert_array_equal(floats(got["b"])[0], expected_vector("embed-small", "other text"))
+    await app.shutdown()
+
+
+@pytest.mark.anyio
 async def test_memory_backend_stays_within_max_bytes(upstream: FakeUpstream) -> None:
     max_bytes = 64 * 1024
     app = gateway(parse_config(cache_config(upstream.url, cache={"max_bytes": max_bytes}), env={}))

@@ -420,6 +420,35 @@ async def test_a_key_echoed_at_the_cut_of_a_long_error_is_redacted_whole(path: s
     assert len(message) <= len("up answered 500: ") + 500
 
 
+_SECRET = "sk-upstream-SECRET-1234567890abcdef"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # copies taken out before the cut shorten the text: a key the cut split came within 500 characters
+        f"{_SECRET} {_SECRET} " + "y" * (501 - 2 * (len(_SECRET) + 1)) + _SECRET + " tail",
+        (_SECRET + " ") * 40,
+        # a byte is not a character: 520 bytes of emoji are 130 characters
+        "\N{GRINNING FACE}" * 130 + _SECRET + " tail",
+    ],
+    ids=["three-copies", "forty-copies", "multibyte"],
+)
+async def test_no_piece_of_an_echoed_key_reaches_the_message(text: str) -> None:
+    body = text.encode()
+    answer = b"HTTP/1.1 500 Oops\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    async with serve(lambda n: (answer, False)) as server:
+        transport = Http1Transport()
+        provider = ProviderConfig(name="up", type="openai", base_url=f"http://127.0.0.1:{server.port}/v1",
+                                  api_key=_SECRET)  # fmt: skip
+        with pytest.raises(UpstreamError) as failed:
+            await _embed(OpenAIAdapter(provider, sender_for(transport)))
+        await transport.aclose()
+    message = str(failed.value).removeprefix("up answered 500: ")
+    assert len(message) <= 500 and "[redacted]" in message
+    assert not any(_SECRET[:k] in message for k in range(4, len(_SECRET) + 1))
+
+
 async def test_a_protocol_upgrade_is_a_protocol_error_not_a_transport_crash() -> None:
     # httptools raises HttpParserUpgrade, no HttpParserError: it escaped the protocol's callback (asyncio logged a
     # fatal transport error with a traceback) and the call failed as "answered 0".

@@ -59,6 +59,21 @@ async def test_load_balancer_shares_match_the_weights(upstream: FakeUpstream) ->
 
 
 @pytest.mark.anyio
+async def test_weights_near_the_float_limit_balance_and_never_fail(upstream: FakeUpstream) -> None:
+    # 1e308 + 1e308 is infinity: random.choices raised and every route answered 500.
+    lb = {"type": "weight_based", "models": [{"model": "local/embed-small", "weight": 1e308},
+                                             {"model": "backup/fb", "weight": 1.7e308}]}  # fmt: skip
+    served: Counter[str] = Counter()
+    async with running(routing_config(upstream)) as (c, _):
+        for route in ("/v1/embeddings", "/v2/router/embeddings", "/api/v1/embeddings"):
+            for i in range(20):
+                r = await post(c, {"model": "x/y", "input": f"t{i}", "load_balancer": lb}, route)
+                assert r.status_code == 200, r.text
+                served[r.json()["model"]] += 1
+    assert set(served) == {"local/embed-small", "backup/fb"}
+
+
+@pytest.mark.anyio
 async def test_load_balanced_pick_falls_back_like_any_model(upstream: FakeUpstream) -> None:
     lb = {"type": "weight_based", "models": [{"model": "local/embed-small", "weight": 1}]}
     upstream.script.append(Fault("status", 503, model="embed-small"))

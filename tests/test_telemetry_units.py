@@ -1057,3 +1057,21 @@ def test_mounted_uses_the_provider_the_host_sets_in_its_lifespan() -> None:
         assert receiver.spans == []  # the environment's exporter was not used: the host set a provider
     printed = [line for line in result.stdout.splitlines() if not line.startswith("{")]  # not the access line
     assert printed == ["TracerProvider ['auth', 'mounted-req']"]
+
+
+def test_a_logged_exception_shows_its_traceback_without_local_variables(log_output: io.BytesIO) -> None:
+    # structlog's dict_tracebacks put every frame's locals in the line: the gateway's request headers, so the
+    # client's API key, in clear on an internal error.
+    def handle(authorization: str) -> None:
+        headers = {"authorization": authorization}
+        raise RuntimeError(f"failed with {len(headers)} headers")
+
+    try:
+        handle("Bearer sk-client-secret-0001")
+    except RuntimeError:
+        structlog.get_logger("embedgate.gateway").exception("unhandled error", request_id="r-1")
+    (line,) = lines(log_output)
+    assert "sk-client-secret" not in log_output.getvalue().decode()
+    (exc,) = line["exception"]
+    assert exc["exc_type"] == "RuntimeError" and exc["exc_value"] == "failed with 1 headers"
+    assert [f["name"] for f in exc["frames"]][-1] == "handle" and all("locals" not in f for f in exc["frames"])

@@ -20,6 +20,7 @@ from typing import IO, Any, BinaryIO, Final, TextIO, cast
 
 import orjson
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import Processor
 
 __all__ = [
@@ -107,6 +108,9 @@ class _LinesFactory:
         return _Lines(self._file)
 
 
+_TRACEBACKS: Final = structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+
+
 def configure_logging(
     json: bool = True,
     *,
@@ -134,11 +138,13 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if json:
-        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer(orjson.dumps)]
+        # structlog's dict_tracebacks shows every frame's local variables (a request's headers: its API key);
+        # the traceback without them.
+        processors += [_TRACEBACKS, structlog.processors.JSONRenderer(orjson.dumps)]
         out = cast(BinaryIO, file) if file is not None else _stdout()
         factory: Any = _LinesFactory(out)
     else:
-        processors += [structlog.dev.ConsoleRenderer()]
+        processors += [structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)]
         factory = structlog.PrintLoggerFactory(cast(TextIO | None, file))
     structlog.configure(
         processors=processors,

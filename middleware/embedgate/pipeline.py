@@ -164,7 +164,10 @@ class Pipeline:
         self._telemetry = telemetry
         self._has_budgets = bool(config.budgets)
         self._subjects: dict[tuple[str, str, str | None], Subject] = {}
-        self._coalescer: Coalescer[tuple[str, CachedItem]] = Coalescer()
+        # Misses coalesce only among requests routed alike: one whose fallbacks, retries, timeout, provider
+        # preferences or user differ gets its own call (another's failure, or a model outside its chain, a
+        # fallback its key is not granted, is not its answer).
+        self._coalescers: dict[tuple[object, ...], Coalescer[tuple[str, CachedItem]]] = {}
         self._keys = KeyIndex(config.keys)
         self._unknown = config.server.unknown_fields
         self._default_retry = config.routing.default_retry
@@ -325,7 +328,16 @@ class Pipeline:
             return [(result.model, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]))  # type: ignore[arg-type]
                     for p in own]  # fmt: skip
 
-        results = await self._coalescer.run(keys, fetch)
+        policy = (tuple([m.id for m in call.chain]), req.retry, req.fallback_on_codes, req.timeout_ms, req.provider,
+                  req.user)  # fmt: skip
+        coalescer = self._coalescers.get(policy)
+        if coalescer is None:
+            coalescer = self._coalescers[policy] = Coalescer()
+        try:
+            results = await coalescer.run(keys, fetch)
+        finally:  # the last request of a policy removes its coalescer (no await here: see embedgate._native)
+            if not coalescer.in_flight() and self._coalescers.get(policy) is coalescer:
+                del self._coalescers[policy]
         for pos, (model, item) in zip(positions, results, strict=True):
             if pos not in fetched_here:  # coalesced: another request paid for it
                 call.vectors[pos] = item.vector

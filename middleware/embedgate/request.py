@@ -374,12 +374,14 @@ def _load_balancer(v: Any, p: str, strict: bool) -> tuple[tuple[str, float], ...
     for ep, e in entries:
         model = _str(e.get("model"), f"{ep}.model", nonempty=True)
         weight = e.get("weight")
-        if not isinstance(weight, int | float) or isinstance(weight, bool) or weight < 0 or weight != weight:
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 <= weight < math.inf:
             raise _bad(f"{ep}.weight", f"expected a number >= 0, got {_shown(weight)}"[:200])
         out.append((model, float(weight)))
-    if sum(w for _, w in out) <= 0:
+    top = max(w for _, w in out)
+    if top <= 0:
         raise _bad(p, "the weights must not all be zero")
-    return tuple(out)
+    # Relative to the largest: weights near a float's limit (1e308 twice) would sum to infinity.
+    return tuple((model, w / top) for model, w in out)
 
 
 def _timeout(v: Any, p: str, strict: bool) -> int:

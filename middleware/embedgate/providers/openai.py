@@ -130,9 +130,11 @@ class OpenAIAdapter:
     def _message(self, content: bytes | bytearray) -> str:
         """The upstream's error message, short, and scrubbed of our provider key should it echo it."""
         secret = self._secret if self._secret and len(self._secret) >= 4 else ""
-        # Cut after the key is taken out, and with room for a key that starts before the cut: a key cut in two
-        # would no longer be found.
-        head = content[: _MAX_MESSAGE + len(secret)]
+        # Cut after the key is taken out, reading far enough that no piece of a key cut in two (no longer found)
+        # can end up within the message: every key taken out before it shortens the text (to "[redacted]"), and
+        # a byte is at least a quarter of a character. A piece starting at byte p stays at character
+        # >= min(10 p / len, p / 4) >= _MAX_MESSAGE for p >= 50 len + 4 _MAX_MESSAGE.
+        head = content[: 51 * len(secret) + 4 * _MAX_MESSAGE]
         try:
             data = orjson.loads(content)
             err = data.get("error") if isinstance(data, dict) else None
