@@ -425,6 +425,41 @@ async def test_a_fallback_bills_the_tokens_of_the_model_that_served(upstream: Fa
         assert row["tokens"]["used"] == 3  # once, for the call that served; nothing for the failed one
 
 
+@pytest.mark.anyio
+async def test_the_cost_estimate_uses_a_deployments_own_price(upstream: FakeUpstream) -> None:
+    # Only the deployment had a price: the estimate was $0, so every request was admitted and the budget overrun.
+    models = {"local/dep": {"deployments": [{"provider": "local", "upstream_model": "dep",
+                                             "price_per_million_tokens": DOLLAR_A_TOKEN}]}}  # fmt: skip
+    config = budget_config(upstream.url, [{"scope": "model", "target": "local/dep", "amount_usd": 5.0}],
+                           models=models)  # fmt: skip
+    async with running(config) as (_, c):
+        r = await embed(c, [1, 2, 3], model="local/dep", route="openrouter")
+        assert r.status_code == 200 and r.json()["usage"]["cost"] == 3.0
+        r = await embed(c, [1, 2, 3], model="local/dep")
+        assert r.status_code == 429 and error_of(r)["code"] == "cost_budget_exceeded"
+        (row,) = await admin_usage(c)
+        assert row["cost_usd"]["used"] == 3.0
+
+
+@pytest.mark.anyio
+async def test_a_partial_hit_with_fallbacks_reserves_every_item(upstream: FakeUpstream) -> None:
+    # A fallback serving a partial hit embeds the cached items again: only the new ones were reserved, and the
+    # budget ended at 12 tokens of 10.
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 10}])
+    cache = {"type": "exact_match"}
+    async with running(config) as (_, c):
+        assert (await embed(c, [[1, 2, 3]], cache=cache)).status_code == 200
+        upstream.script.append(Fault("status", 503, model="embed-small"))
+        r = await embed(c, [[1, 2, 3], [4, 5, 6], [7, 8, 9]], cache=cache, fallbacks=[{"model": "local/embed-b"}],
+                        retry={"count": 0, "on_codes": [503]})  # fmt: skip
+        assert r.status_code == 429 and error_of(r)["code"] == "token_budget_exceeded"
+        # without fallbacks only the new items are reserved: 3 + 6 <= 10
+        r = await embed(c, [[1, 2, 3], [4, 5, 6], [7, 8, 9]], cache=cache)
+        assert (r.status_code, r.headers["x-embedgate-cache"]) == (200, "partial")
+        (row,) = await admin_usage(c)
+        assert row["tokens"]["used"] == 9
+
+
 # --- OpenRouter usage.cost -------------------------------------------------------------------------------
 
 

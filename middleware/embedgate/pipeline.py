@@ -164,6 +164,7 @@ class Pipeline:
         self._telemetry = telemetry
         self._has_budgets = bool(config.budgets)
         self._subjects: dict[tuple[str, str, str | None], Subject] = {}
+        self._dearest_prices: dict[str, float] = {}
         # Misses coalesce only among requests routed alike: one whose fallbacks, retries, timeout, provider
         # preferences or user differ gets its own call (another's failure, or a model outside its chain, a
         # fallback its key is not granted, is not its answer).
@@ -287,9 +288,12 @@ class Pipeline:
         if not missing:  # a full cache hit counts against requests per minute only
             reservation = await self._budgets.reserve(subject, tokens=0, cost_usd=0.0, cached=True)
         else:
-            tokens = estimate_tokens([req.items[i] for i in missing])
-            # the dearest model of the chain bounds what a fallback may cost
-            price = max((self._price(m.id) for m in call.chain), default=0.0)
+            # A fallback serving a partial hit embeds the cached items again (one answer never mixes models):
+            # with fallbacks, every item may be charged.
+            counted = missing if len(call.chain) == 1 else range(len(req.items))
+            tokens = estimate_tokens([req.items[i] for i in counted])
+            # the dearest deployment of the chain's models bounds what a fallback may cost
+            price = max([self._dearest(m) for m in call.chain], default=0.0)
             reservation = await self._budgets.reserve(subject, tokens=tokens, cost_usd=cost_usd(tokens, price))
             budgets = self._budgets
 
@@ -305,6 +309,18 @@ class Pipeline:
 
     def _price(self, model_id: str) -> float:
         return model_price(model_id, self._config.models) or 0.0
+
+    def _dearest(self, model: ResolvedModel) -> float:
+        """The highest price any deployment of ``model`` may charge (a deployment's own, else the model's)."""
+        price = self._dearest_prices.get(model.id)
+        if price is None:
+            models = self._config.models
+            price = max([model_price(model.id, models, d) or 0.0 for d in model.deployments], default=0.0)
+            price = max(price, self._price(model.id))
+            if len(self._dearest_prices) >= 10_000:  # made-up <provider>/<name> ids: bounded
+                self._dearest_prices.clear()
+            self._dearest_prices[model.id] = price
+        return price
 
     async def route(self, call: Call) -> None:
         """Embed the items still missing, through the router (and the miss coalescer when caching)."""
