@@ -509,6 +509,29 @@ async def test_identities_list_most_recently_seen_first(identities: tuple[Identi
 
 
 @pytest.mark.anyio
+async def test_a_changed_profile_is_written_within_the_touch_interval(anyio_backend: str) -> None:
+    # The interval was kept per (id, profile): Jane, Bob, Jane within 30 s left Bob in Redis (Jane in memory).
+    url = require_redis()
+    tag = uuid.uuid4().hex
+    clock = Clock()
+    store = RedisIdentityStore(url, prefix=f"eg:i:test:{tag}:", index_key=f"eg:ix:test:{tag}", clock=clock)
+    try:
+        for i, name in enumerate(("Jane", "Bob", "Jane")):
+            clock.t = T0 + i
+            await store.touch({"id": "u1", "display_name": name})
+        got = await store.get("u1")
+        assert got is not None and (got.display_name, got.last_seen) == ("Jane", T0 + 2)
+        clock.t = T0 + 10
+        await store.touch({"id": "u1", "display_name": "Jane"})  # unchanged within 30 s: not written again
+        got = await store.get("u1")
+        assert got is not None and got.last_seen == T0 + 2
+    finally:
+        await store.aclose()
+        await _delete_prefix(url, f"eg:i:test:{tag}:")
+        await _delete_prefix(url, f"eg:ix:test:{tag}")
+
+
+@pytest.mark.anyio
 async def test_identity_touch_never_raises_when_redis_is_down(anyio_backend: str) -> None:
     store = RedisIdentityStore("redis://127.0.0.1:6391/0", socket_timeout=0.5)
     try:

@@ -570,6 +570,19 @@ async def test_admin_usage_of_one_id(upstream: FakeUpstream) -> None:
 
 
 @pytest.mark.anyio
+async def test_admin_usage_of_a_project_budget_named_by_the_project_alone(upstream: FakeUpstream) -> None:
+    # It is counted per workspace ("acme/search"); the view read "search" and showed 0 used while refusing.
+    config = budget_config(upstream.url, [{"scope": "project", "target": "search", "token_limit": 5}])
+    async with running(config) as (_, c):
+        assert (await embed(c, [1, 2, 3])).status_code == 200
+        assert (await embed(c, [1, 2, 3])).status_code == 429
+        for params in ({}, {"scope": "project"}, {"id": "search"}, {"id": "acme/search"}):
+            rows = await admin_usage(c, **params)
+            assert [(r["id"], r["target"], r["tokens"]["used"]) for r in rows] == [("acme/search", "search", 3)]
+        assert await admin_usage(c, id="globex/search") == []
+
+
+@pytest.mark.anyio
 async def test_admin_endpoints_are_off_without_an_admin_key(upstream: FakeUpstream) -> None:
     config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 10}], admin={})
     async with running(config) as (_, c):

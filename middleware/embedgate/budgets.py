@@ -290,8 +290,14 @@ class BudgetEngine:
         fail_open: bool = False,
         window_s: float = 60.0,
         clock: Callable[[], float] = time.time,
+        projects: Iterable[str] = (),
     ) -> None:
         self._budgets = budgets
+        # The qualified ids ("acme/search") a project budget named by the project alone ("search") counts under,
+        # for the usage view: ``projects`` are the qualified ids the keys have.
+        self._qualified: dict[str, list[str]] = {}
+        for qualified in dict.fromkeys(projects):
+            self._qualified.setdefault(qualified.partition("/")[2], []).append(qualified)
         self._store = store
         self._fail_open = fail_open
         self._window_ms = int(window_s * 1000)
@@ -553,8 +559,10 @@ class BudgetEngine:
                 if scope is not None and b.scope != scope:
                     continue
                 if b.target != "*":
-                    if only_id is None or b.target == only_id:
-                        rows.append((b, b.target))
+                    counted = [b.target]
+                    if b.scope == "project" and "/" not in b.target:  # counted per workspace
+                        counted = self._qualified.get(b.target, counted)
+                    rows += [(b, sid) for sid in counted if only_id is None or only_id in (sid, b.target)]
                     continue
                 if only_id is not None:  # one id's usage: no listing of the ids seen
                     rows.append((b, only_id))

@@ -160,7 +160,8 @@ class EmbeddingGateway:
             # The memory backend's size; with Redis 0 (its memory is Redis's own: -1 there summed to -N over workers)
             self.metrics.set_cache_bytes_source(self.cache.bytes_used if self.cache.backend == "memory" else None)
             self.budgets = BudgetEngine(self.config.budgets, budget_store(self.config.redis_url),
-                                        fail_open=self.config.budget_options.fail_open)  # fmt: skip
+                                        fail_open=self.config.budget_options.fail_open,
+                                        projects=[f"{k.workspace}/{k.project}" for k in self.config.keys])  # fmt: skip
             self.identities = identity_store(self.config.redis_url)
             self.pipeline = Pipeline(self.config, self.router, self.cache, self.budgets, self.identities,
                                      self.telemetry)  # fmt: skip

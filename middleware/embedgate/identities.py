@@ -133,8 +133,9 @@ class MemoryIdentityStore:
 class RedisIdentityStore:
     """Identities in Redis: hash ``<prefix><id>`` and a sorted set ``<index_key>`` of ids by last-seen time.
 
-    ``touch`` writes at most once per ``touch_interval_s`` per identity and profile from this process, so a
-    busy identity costs one write per interval, not one per request (``last_seen`` is that accurate).
+    ``touch`` writes at most once per ``touch_interval_s`` per identity from this process while its profile stays
+    the one last written, so a busy identity costs one write per interval, not one per request (``last_seen`` is
+    that accurate); a changed profile is written at once.
     """
 
     def __init__(
@@ -158,7 +159,7 @@ class RedisIdentityStore:
         self._index = index_key
         self._interval = touch_interval_s
         self._clock = clock
-        self._recent: dict[tuple[str, bytes], float] = {}  # (id, profile) -> when this process last wrote it
+        self._recent: dict[str, tuple[bytes, float]] = {}  # id -> the profile this process last wrote, and when
 
     async def touch(self, identity: Mapping[str, Any]) -> None:
         """See ``IdentityStore.touch``."""
@@ -168,8 +169,9 @@ class RedisIdentityStore:
             return
         iid = profile.pop("id")
         now = self._clock()
-        memo = (iid, orjson.dumps(profile, option=orjson.OPT_SORT_KEYS))
-        if now - self._recent.get(memo, -self._interval) < self._interval:
+        written = orjson.dumps(profile, option=orjson.OPT_SORT_KEYS)
+        last = self._recent.get(iid)
+        if last is not None and last[0] == written and now - last[1] < self._interval:
             return
         if len(self._recent) >= 10_000:  # a bounded memo: forget it all rather than grow without end
             self._recent.clear()
@@ -185,7 +187,7 @@ class RedisIdentityStore:
         except (aioredis.RedisError, OSError, TimeoutError) as exc:
             log.warning("identity store unavailable; identity not recorded", error=f"{type(exc).__name__}: {exc}")
             return
-        self._recent[memo] = now
+        self._recent[iid] = (written, now)
 
     async def get(self, identity_id: str) -> Identity | None:
         """See ``IdentityStore.get``; a store failure raises ``ConnectionError``."""
