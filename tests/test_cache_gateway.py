@@ -193,6 +193,34 @@ async def test_fifty_concurrent_identical_misses_make_one_upstream_call(client: 
 
 
 @pytest.mark.anyio
+async def test_a_request_opts_out_with_cache_control(upstream: FakeUpstream) -> None:
+    # enabled_by_default caches every request "unless it opts out": there was no way to.
+    app = gateway(parse_config(cache_config(upstream.url, cache={"enabled_by_default": True}), env={}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+
+        async def post(text: str, cache_control: str | None = None) -> str:
+            headers = {"authorization": f"Bearer {KEY}"}
+            if cache_control is not None:
+                headers["Cache-Control"] = cache_control
+            r = await c.post("/v1/embeddings", json={"model": "local/embed-small", "input": text}, headers=headers)
+            assert r.status_code == 200, r.text
+            np.testing.assert_array_equal(floats(r)[0], expected_vector("embed-small", text))
+            return r.headers["x-embedgate-cache"]
+
+        assert [await post("a"), await post("a")] == ["miss", "hit"]
+        calls = len(upstream.calls)
+        # no-store: neither read nor written
+        assert [await post("a", "no-store"), await post("b", "No-Store, max-age=0")] == ["bypass", "bypass"]
+        assert len(upstream.calls) == calls + 2
+        assert await post("b") == "miss"
+        # no-cache: embedded afresh and stored
+        assert [await post("a", "no-cache"), await post("c", 'no-cache="x"')] == ["miss", "miss"]
+        assert len(upstream.calls) == calls + 5
+        assert [await post("a"), await post("c"), await post("d", "max-age=60")] == ["hit", "hit", "miss"]
+    await app.shutdown()
+
+
+@pytest.mark.anyio
 async def test_a_miss_waits_only_on_a_request_routed_alike(upstream: FakeUpstream) -> None:
     # Coalesced, a request got whatever the request it waited on got: that one's 502 though its own fallback was
     # healthy, or a fallback's vector (model embed-b) that its key was not granted and it did not ask for.

@@ -310,6 +310,7 @@ class EmbeddingGateway:
             request_id=request_id,
             authorization=headers.get("authorization"),
             identity_header=headers.get("x-orq-identity-id") or headers.get("x-orq-contact-id"),
+            cache_control=headers.get("cache-control"),
         )
         error: GatewayError | None = None
         try:

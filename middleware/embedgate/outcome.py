@@ -25,7 +25,7 @@ __all__ = ["JSON_CONTENT_TYPE", "account", "annotate", "embed_headers", "respons
 _EMBED_HEADERS: Final = {
     name.encode(): name
     for name in ("authorization", "content-type", "content-length", "content-encoding", "x-request-id",
-                 "x-orq-identity-id", "x-orq-contact-id")
+                 "x-orq-identity-id", "x-orq-contact-id", "cache-control")
 }  # fmt: skip
 JSON_CONTENT_TYPE: Final = (b"content-type", b"application/json")
 

@@ -41,6 +41,7 @@ class Call:
     request_id: str
     authorization: str | None = None
     identity_header: str | None = None
+    cache_control: str | None = None  # the request's Cache-Control header: its no-store / no-cache opt out
     started: float = field(default_factory=time.perf_counter)
     request: EmbeddingRequest | None = None
     key: KeyConfig | None = None
@@ -72,12 +73,14 @@ class Call:
         request_id: str,
         authorization: str | None = None,
         identity_header: str | None = None,
+        cache_control: str | None = None,
     ) -> None:
         self.dialect = dialect
         self.body = body
         self.request_id = request_id
         self.authorization = authorization
         self.identity_header = identity_header
+        self.cache_control = cache_control
         self.started = time.perf_counter()
         self.request = None
         self.key = None
@@ -202,7 +205,9 @@ class Pipeline:
     def _bypasses_cache(self, call: Call) -> bool:
         req = call.request
         assert req is not None
-        return req.cache is None and not self._cache_cfg.enabled_by_default
+        if req.cache is None and not self._cache_cfg.enabled_by_default:
+            return True
+        return call.cache_control is not None and "no-store" in _directives(call.cache_control)
 
     async def normalize(self, call: Call) -> None:
         """Parse, validate and normalize the body (400 naming the parameter)."""
@@ -248,6 +253,9 @@ class Pipeline:
                                  param="cache.ttl")  # fmt: skip
         call.cache_ttl = ttl
         call.cache_keys = self._item_keys(call, call.chain[0].id)
+        if call.cache_control is not None and "no-cache" in _directives(call.cache_control):
+            call.cache_status = "miss"  # embedded afresh, and stored: a refresh
+            return
         found = await self._cache.get_many(call.cache_keys)
         hits = 0
         for i, item in enumerate(found):
@@ -450,3 +458,8 @@ def apportion(total: int, weights: list[int]) -> list[int]:
     for i in by_remainder[:rest]:
         shares[i] += 1
     return shares
+
+
+def _directives(header: str) -> set[str]:
+    """The directive names of a ``Cache-Control`` header, lowercase (``no-cache="x"`` is ``no-cache``)."""
+    return {part.partition("=")[0].strip().lower() for part in header.split(",")}
