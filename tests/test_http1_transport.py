@@ -7,6 +7,7 @@ chunks, gzip, a body until close, a connection cut mid-answer, garbage), and cou
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import struct
 import zlib
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from embedgate.config import ProviderConfig
@@ -447,6 +449,52 @@ async def test_no_piece_of_an_echoed_key_reaches_the_message(text: str) -> None:
     message = str(failed.value).removeprefix("up answered 500: ")
     assert len(message) <= 500 and "[redacted]" in message
     assert not any(_SECRET[:k] in message for k in range(4, len(_SECRET) + 1))
+
+
+_ODD_SECRET = "sk-PROV/SECRET+zzzz9999"
+
+
+async def _answered(secret: str, status: bytes, body: bytes) -> tuple[str, Embeddings | None]:
+    """The adapter's error message for an answer, or its embeddings when it succeeded."""
+    answer = b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
+    async with serve(lambda n: (answer, False)) as server:
+        transport = Http1Transport()
+        provider = ProviderConfig(name="up", type="openai", base_url=f"http://127.0.0.1:{server.port}/v1",
+                                  api_key=secret)  # fmt: skip
+        try:
+            return "", await _embed(OpenAIAdapter(provider, sender_for(transport)))
+        except UpstreamError as exc:
+            return str(exc), None
+        finally:
+            await transport.aclose()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"detail": "bad key sk-PROV\\/SECRET+zzzz9999"}',  # JSON's escaped "/", as PHP's json_encode writes
+        b'{"detail": "bad key \\u0073k-PROV/SECRET+zzzz9999"}',
+        b"bad key sk-PROV%2FSECRET%2Bzzzz9999 (url-encoded)",
+        b"bad key sk-PROV/SECRET%2Bzzzz9999 (path-encoded)",
+        b"bad key sk-PROV\\/SECRET+zzzz9999 (escaped, not JSON)",
+    ],
+    ids=["json-escaped-slash", "json-unicode-escape", "url-encoded", "path-encoded", "escaped-text"],
+)
+async def test_an_error_echoing_the_key_escaped_or_encoded_is_redacted(body: bytes) -> None:
+    message, _ = await _answered(_ODD_SECRET, b"401 Unauthorized", body)
+    assert "[redacted]" in message and "SECRET" not in message and "zzzz9999" not in message
+
+
+async def test_an_answers_model_and_a_bad_index_never_carry_the_key() -> None:
+    # the answer's model became a span attribute as sent; a bad index was quoted with repr into the 502's message
+    vector = base64.b64encode(struct.pack("<2f", 1.0, 2.0)).decode()
+    answer = {"data": [{"index": 0, "embedding": vector}], "model": f"m echoing Bearer {_ODD_SECRET}",
+              "usage": {"prompt_tokens": 1, "total_tokens": 1}}  # fmt: skip
+    _, got = await _answered(_ODD_SECRET, b"200 OK", orjson.dumps(answer))
+    assert got is not None and got.model == "m echoing Bearer [redacted]"
+    answer["data"] = [{"index": f"key {_ODD_SECRET}", "embedding": vector}]
+    message, _ = await _answered(_ODD_SECRET, b"200 OK", orjson.dumps(answer))
+    assert message == "up sent a malformed answer: index of type str out of range"
 
 
 async def test_a_protocol_upgrade_is_a_protocol_error_not_a_transport_crash() -> None:

@@ -105,6 +105,9 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
     ("timeout-missing", body(timeout={}), {}, 400, "timeout.call_timeout", None),
     ("timeout-negative", body(timeout={"call_timeout": -5}), {}, 400, "timeout.call_timeout", None),
     ("lb-type", body(load_balancer={"type": "round_robin", "models": []}), {}, 400, "load_balancer.type", None),
+    # a model id names spans, log lines and metric labels: a 1 MB one made 1 MB access lines
+    ("model-too-long", body(model="local/" + "m" * 251), {}, 400, "model", None),
+    ("fallback-too-long", body(fallbacks=[{"model": "local/" + "m" * 251}]), {}, 400, "fallbacks[0].model", None),
     (
         "lb-weight",
         body(load_balancer={"type": "weight_based", "models": [{"model": "local/a", "weight": "x"}]}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -116,8 +117,13 @@ def _admin(args: argparse.Namespace, path: str, params: dict[str, str]) -> int:
 def _without_userinfo(url: str) -> str:
     """``url`` as it may be printed: without a user and password."""
     scheme, sep, rest = url.partition("://")
-    host, slash, path = rest.partition("/")
-    return f"{scheme}{sep}{host.rpartition('@')[2]}{slash}{path}" if sep else url
+    if not sep:
+        return url
+    # A password may hold '/' (unencoded, as typed): the user info ends at the last '@' before any '?' or '#'.
+    authority = rest.split("?", 1)[0].split("#", 1)[0]
+    if "@" not in authority:
+        return url
+    return f"{scheme}{sep}{rest[authority.rindex('@') + 1 :]}"
 
 
 def _ranged(lo: int, hi: int) -> Any:
@@ -179,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _admin(args, "/admin/usage", {k: v for k, v in params.items() if v is not None})
     if args.command == "identities":
         return _admin(args, "/admin/identities", {"limit": str(args.limit)})
+    if not re.fullmatch(r"[\x21-\x7e]+", args.key):  # as the config's keys: what an HTTP header carries
+        print("embedgate hash-key: a key is visible ASCII characters (no spaces, no accents)", file=sys.stderr)
+        return 2
     print(hash_key(args.key))
     return 0
 

@@ -198,6 +198,7 @@ class Config:
 _MAX_NUMBER: Final = 1e9
 _MAX_INTEGER: Final = 2**53  # any count or size beyond is a typo (and some, as a Redis expiry, would fail later)
 _MAX_TTL: Final = 10 * 365 * 86400  # seconds: ten years (a Redis expiry of 1e20 s failed every cache write)
+_VISIBLE_ASCII: Final = re.compile(r"[\x21-\x7e]*")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -305,8 +306,12 @@ class _Section:
 
     def secret(self, v: Any, path: str) -> str | None:
         """A key or password: a string as written. A YAML number is refused (and not shown): YAML reads 0777 as 511
-        and 1.10 as 1.1, so the secret would silently differ from the one the client sends."""
+        and 1.10 as 1.1, so the secret would silently differ from the one the client sends. So is a character an
+        HTTP header does not carry as written (a key goes in ``Authorization``): visible ASCII only."""
         if isinstance(v, str):
+            if not _VISIBLE_ASCII.fullmatch(v):
+                self.error(path, "must be visible ASCII characters (no spaces, no accents: an HTTP header carries it)")
+                return None
             return v
         self.error(path, f"must be a string (quote it: YAML reads an unquoted number its own way), got {_kind(v)}")
         return None
@@ -468,7 +473,7 @@ def _models(data: Any, providers: Mapping[str, ProviderConfig], errors: list[str
                 ds = _Section(d, f"{s.at('deployments')}[{i}]", errors)
                 provider = ds.required("provider", ds.string, "")
                 if provider and provider not in providers:
-                    ds.error(ds.at("provider"), f"no provider named {provider!r}")
+                    ds.error(ds.at("provider"), f"no provider named {_got(provider, ds.at('provider'), errors)}")
                 deployments.append(
                     Deployment(
                         provider=provider,
@@ -501,7 +506,7 @@ def _keys(data: Any, errors: list[str]) -> tuple[KeyConfig, ...]:
         s = _Section(body, f"keys[{i}]", errors)
         kid = s.required("id", s.string, f"key-{i}")
         if kid in ids:
-            s.error(s.at("id"), f"duplicate key id {kid!r}")
+            s.error(s.at("id"), f"duplicate key id {_got(kid, s.at('id'), errors)}")
         ids.add(kid)
         clear = s.get("key", s.secret, None)
         digest = s.get("sha256", _sha256_hex(s), None)
@@ -639,7 +644,10 @@ def _budget_options(data: Any, errors: list[str]) -> BudgetOptions:
 def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     """Validate an already-loaded YAML document (a dict) and build the :class:`Config`."""
     errors = _Errors()
-    data = _interpolate(data, os.environ if env is None else env, "", errors)
+    try:
+        data = _interpolate(data, os.environ if env is None else env, "", errors)
+    except RecursionError:  # a YAML alias inside its own anchor (&a [*a]): a structure without end
+        raise ConfigError(["<yaml>: a structure that contains itself (an alias inside its own anchor)"]) from None
     root = _Section(data, "", errors)
     for key in ("server", "redis_url", "providers", "models", "keys", "budgets", "cache", "routing"):
         root.seen.add(key)
@@ -669,13 +677,13 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         if config.admin.sha256 is not None and client.sha256 == config.admin.sha256:
             # That client would also read the operator endpoints (every key's usage, every identity).
             errors.append(f"admin: the same secret as keys[{i}]")
-    errors += _dead_budgets(config)
+    errors += _dead_budgets(config, errors)
     if errors:
         raise ConfigError(errors)
     return config
 
 
-def _dead_budgets(config: Config) -> list[str]:
+def _dead_budgets(config: Config, errors: list[str]) -> list[str]:
     """Budgets of a key's scope whose target no key has (a typo, ``team-A`` for ``team-a``): a hard gate that would
     never apply, silently."""
     ids = {k.id for k in config.keys}
@@ -688,15 +696,16 @@ def _dead_budgets(config: Config) -> list[str]:
     for b in config.budgets:
         if b.target == "*":
             continue
+        path = f"budgets[{b.index}].target"
+        target = _got(b.target, path, errors)
         names, what = known.get(b.scope, (None, ""))
         if names is not None and b.target not in names:
-            out.append(f"budgets[{b.index}].target: no key has the {what} {b.target!r}, so this budget never applies")
+            out.append(f"{path}: no key has the {what} {target}, so this budget never applies")
         elif b.scope == "provider" and b.target not in providers:
-            out.append(f"budgets[{b.index}].target: no provider {b.target!r} is configured, so this budget never "
-                       f"applies")  # fmt: skip
+            out.append(f"{path}: no provider {target} is configured, so this budget never applies")
         elif b.scope == "model" and b.target not in config.models and b.target.partition("/")[0] not in providers:
-            out.append(f"budgets[{b.index}].target: no model {b.target!r} can be asked for (a model id is "
-                       f"<provider>/<name>, with a configured provider), so this budget never applies")  # fmt: skip
+            out.append(f"{path}: no model {target} can be asked for (a model id is <provider>/<name>, with a "
+                       "configured provider), so this budget never applies")  # fmt: skip
     return out
 
 

@@ -200,6 +200,15 @@ def _str(v: Any, param: str, *, nonempty: bool = False) -> str:
     return v
 
 
+def _model(v: Any, param: str) -> str:
+    """A model id: a non-empty string of at most :data:`_MAX_MODEL` characters (it names spans, log lines and
+    metric labels: a 1 MB one made 1 MB access lines)."""
+    model = _str(v, param, nonempty=True)
+    if len(model) > _MAX_MODEL:
+        raise _bad(param, f"at most {_MAX_MODEL} characters, got {len(model)}")
+    return model
+
+
 def _bool(v: Any, param: str) -> bool:
     if not isinstance(v, bool):
         raise _bad(param, f"expected a boolean, got {_type_name(v)}")
@@ -340,7 +349,7 @@ def _fallbacks(v: Any, p: str, strict: bool) -> tuple[str, ...]:
         f = _obj(f, f"{p}[{i}]", frozenset({"model"}), strict)
         if "model" not in f:
             raise _bad(f"{p}[{i}].model", "is required")
-        out.append(_str(f["model"], f"{p}[{i}].model", nonempty=True))
+        out.append(_model(f["model"], f"{p}[{i}].model"))
     return tuple(out)
 
 
@@ -372,7 +381,7 @@ def _load_balancer(v: Any, p: str, strict: bool) -> tuple[tuple[str, float], ...
         raise _bad(p, "needs at least one model")
     out = []
     for ep, e in entries:
-        model = _str(e.get("model"), f"{ep}.model", nonempty=True)
+        model = _model(e.get("model"), f"{ep}.model")
         weight = e.get("weight")
         if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 <= weight < math.inf:
             raise _bad(f"{ep}.weight", f"expected a number >= 0, got {_shown(weight)}"[:200])
@@ -393,6 +402,7 @@ def _timeout(v: Any, p: str, strict: bool) -> int:
 
 #: The longest ``name`` taken: it names the request's trace, sent to the tracing backend with every span of it.
 _MAX_NAME: Final = 1024
+_MAX_MODEL: Final = 256
 
 
 def _name(v: Any, p: str) -> str:
@@ -530,7 +540,7 @@ def parse_request(
 
     if "model" not in data:
         raise _bad("model", "is required")
-    model = _str(data["model"], "model", nonempty=True)
+    model = _model(data["model"], "model")
     if "input" not in data:
         raise _bad("input", "is required")
     items, kind = _input(data["input"])

@@ -673,7 +673,7 @@ class Router:
         if getattr(error, "upstream_status", None) in _INPUT_ERRORS:
             return  # the client's input was bad, not the deployment
         b.failures += 1
-        b.last_error = error.message[:200] if error else ""
+        b.last_error = _summary(error) if error else ""
         if b.failures >= self._routing.breaker_failures:
             if b.state(self._clock()) != "open":
                 log.warning("circuit breaker opened", deployment=name, consecutive_failures=b.failures,
@@ -710,3 +710,10 @@ class _ModelFailed(Exception):
 
 class _Skipped(Exception):
     """A chunk of a split batch not sent because a sibling chunk already failed for the same model."""
+
+
+def _summary(error: GatewayError) -> str:
+    """An attempt's failure as ``/readyz`` (no key needed) and the breaker's warning show it: its code and the
+    upstream's status, never the upstream's message (it may quote a client's input)."""
+    status = getattr(error, "upstream_status", None)
+    return f"{error.code} (upstream answered {status})" if status else str(error.code)

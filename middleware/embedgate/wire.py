@@ -47,7 +47,8 @@ def read_answer(content: bytes | bytearray, n_items: int, dimensions: int | None
             raise MalformedAnswer("a data item is not an object")
         index = item.get("index", position)
         if type(index) is not int or not 0 <= index < n_items:
-            raise MalformedAnswer(f"index {index!r} out of range")
+            shown = index if type(index) is int else f"of type {type(index).__name__}"  # its text may be anything
+            raise MalformedAnswer(f"index {shown} out of range")
         if vectors[index] is not None:
             raise MalformedAnswer(f"index {index} appears twice")
         embedding = item.get("embedding")

@@ -13,7 +13,7 @@ import zlib
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import httpx
 import orjson
@@ -43,6 +43,12 @@ class OpenAIAdapter:
         self._url = httpx.URL(provider.base_url + "/embeddings")
         self.server_address = urlsplit(provider.base_url).hostname or ""
         self._secret = provider.api_key
+        # The key as an error body may echo it: as is, URL-encoded, JSON-escaped (a "/" written "\/", as PHP's
+        # json_encode does). A JSON body's strings are read decoded, so its \u escapes are covered too.
+        key = provider.api_key if len(provider.api_key) >= 4 else ""
+        forms = [key, quote(key, safe=""), quote(key), quote_plus(key), orjson.dumps(key).decode()[1:-1]]
+        forms.append(forms[-1].replace("/", "\\/"))
+        self._secret_forms: tuple[str, ...] = tuple(sorted({f for f in forms if f}, key=len, reverse=True))
         # Every header but the body's length, as raw pairs: with ``stream=`` httpx adds none of its own and
         # normalizes nothing twice (measured: ~4x cheaper than ``content=`` with a header dict).
         self._headers: list[tuple[bytes, bytes]] = [
@@ -129,28 +135,36 @@ class OpenAIAdapter:
 
     def _message(self, content: bytes | bytearray) -> str:
         """The upstream's error message, short, and scrubbed of our provider key should it echo it."""
-        secret = self._secret if self._secret and len(self._secret) >= 4 else ""
+        forms = self._secret_forms
         # Cut after the key is taken out, reading far enough that no piece of a key cut in two (no longer found)
         # can end up within the message: every key taken out before it shortens the text (to "[redacted]"), and
         # a byte is at least a quarter of a character. A piece starting at byte p stays at character
         # >= min(10 p / len, p / 4) >= _MAX_MESSAGE for p >= 50 len + 4 _MAX_MESSAGE.
-        head = content[: 51 * len(secret) + 4 * _MAX_MESSAGE]
+        window = 51 * (len(forms[0]) if forms else 0) + 4 * _MAX_MESSAGE
         try:
             data = orjson.loads(content)
             err = data.get("error") if isinstance(data, dict) else None
             message = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
-            text = str(message) if message else head.decode("utf-8", "replace")
+            # any other JSON is shown re-written: its strings decoded, so an escaped key is found as well
+            text = str(message) if message else orjson.dumps(data).decode()
         except orjson.JSONDecodeError:
-            text = head.decode("utf-8", "replace")
-        if secret:
-            text = text.replace(secret, "[redacted]")
-        return text[:_MAX_MESSAGE] or "(empty body)"
+            text = content[:window].decode("utf-8", "replace")
+        return self._scrubbed(text[:window])[:_MAX_MESSAGE] or "(empty body)"
+
+    def _scrubbed(self, text: str) -> str:
+        """``text`` without our provider key in any of the forms it may be echoed in."""
+        for form in self._secret_forms:
+            if form in text:
+                text = text.replace(form, "[redacted]")
+        return text
 
     def _parse(self, content: bytes | bytearray, n_items: int, dimensions: int | None) -> Embeddings:
         try:
             vectors, b64, dims, prompt, total, model = read_answer(content, n_items, dimensions)
         except MalformedAnswer as exc:
             raise UpstreamError(f"{self.name} sent a malformed answer: {exc}", code="upstream_malformed") from None
+        if model is not None and self._secret_forms:  # it becomes a span attribute: no echoed key in it
+            model = self._scrubbed(model)
         return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total, b64=b64,
                           model=model)  # fmt: skip
 
