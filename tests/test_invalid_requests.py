@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,6 +15,9 @@ from tests.conftest import KEY, OTHER_KEY, gateway
 from tests.fake_upstream import FakeUpstream
 
 OK = {"model": "local/embed-small", "input": "hello"}
+
+
+DEEP = orjson.loads("[" * 300 + "]" * 300)  # orjson reads 1024 levels, writes 255
 
 
 def body(**changes: Any) -> dict[str, Any]:
@@ -135,6 +139,24 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
     ("identity-no-id", body(identity={"display_name": "x"}), {}, 400, "identity.id", None),
     ("identity-id-too-long", body(identity={"id": "u" * 257}), {}, 400, "identity.id", None),
     ("identity-too-large", body(identity={"id": "u", "metadata": [{"k": "v" * 9000}]}), {}, 400, "identity", None),
+    # read 1024 levels deep but written at most 255: it was an uncaught TypeError, a plain-text 500
+    ("identity-too-deep", body(identity={"id": "u", "metadata": [{"k": DEEP}]}), {}, 400, "identity.metadata", None),
+    (
+        "image-detail",
+        body(input=[{"content": [{"type": "image_url", "image_url": {"url": "u", "detail": DEEP}}]}]),
+        {},
+        400,
+        "input[0].content[0].image_url.detail",
+        None,
+    ),
+    (
+        "provider-quantizations-list",
+        body(provider={"quantizations": [["fp8"]]}),
+        {},
+        400,
+        "provider.quantizations[0]",
+        None,
+    ),
     ("contact-too-large", body(orq={"contact": {"id": "u", "tags": ["t" * 100] * 90}}), {}, 400, "orq.contact", None),
     ("identity-header-too-long", OK, {"x-orq-identity-id": "u" * 257}, 400, "x-orq-identity-id", None),
     ("contact-tags", body(orq={"contact": {"id": "c1", "tags": "vip"}}), {}, 400, "orq.contact.tags", None),
@@ -216,6 +238,9 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
     ("basic-auth", OK, {"authorization": "Basic abc"}, 401, "authorization", "invalid_api_key"),
     ("model-not-granted", OK, {"authorization": f"Bearer {OTHER_KEY}"}, 403, "model", "model_not_allowed"),
     ("not-json-content-type", OK, {"content-type": "text/plain"}, 415, "content-type", "unsupported_media_type"),
+    # "json" somewhere in the header was enough
+    ("json-in-a-parameter", OK, {"content-type": "text/plain; a=json"}, 415, "content-type", "unsupported_media_type"),
+    ("json-lines", OK, {"content-type": "application/jsonlines"}, 415, "content-type", "unsupported_media_type"),
     ("compressed-body", OK, {"content-encoding": "gzip"}, 415, "content-encoding", "unsupported_media_type"),
     ("body-too-large", {"model": "local/embed-small", "input": "x" * 70000}, {}, 413, "body", "request_too_large"),
 ]
@@ -249,7 +274,7 @@ async def test_invalid_request(
     param: str | None,
     code: str | None,
 ) -> None:
-    content = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()  # stdlib: no depth limit
     sent = {"authorization": f"Bearer {KEY}", "content-type": "application/json", **headers}
     if not sent["authorization"]:
         del sent["authorization"]
@@ -275,6 +300,35 @@ async def test_invalid_request(
     assert "Traceback" not in r.text
     assert KEY not in r.text
     assert not upstream.calls, "nothing may be sent upstream for an invalid request"
+
+
+@pytest.mark.anyio
+async def test_json_content_types_with_parameters_are_accepted(client: httpx.AsyncClient) -> None:
+    for ctype in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json", None):
+        headers = {"authorization": f"Bearer {KEY}"} | ({"content-type": ctype} if ctype else {})
+        r = await client.post("/v1/embeddings", content=orjson.dumps(OK), headers=headers)
+        assert r.status_code == 200, (ctype, r.text)
+
+
+@pytest.mark.anyio
+async def test_a_server_handing_a_body_that_is_not_bytes_gets_a_json_500(make_config: Callable[..., Config]) -> None:
+    # Any unexpected error while reading the body escaped the gateway: a plain-text 500 and no access line.
+    app = gateway(make_config())
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": None, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/v1/embeddings", "root_path": "", "query_string": b"",
+             "headers": [(b"authorization", f"Bearer {KEY}".encode())]}  # fmt: skip
+    await app(scope, receive, send)
+    await app.shutdown()
+    assert sent[0]["status"] == 500
+    err = orjson.loads(sent[1]["body"])["error"]
+    assert (err["code"], err["message"]) == (500, "Internal error in the gateway; see its logs for this request id")
 
 
 @pytest.mark.anyio

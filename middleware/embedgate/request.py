@@ -279,6 +279,8 @@ def _multimodal(v: Any, param: str) -> dict[str, Any]:
             _obj(part, p, frozenset({"type", "image_url"}), True)
             img = _obj(part.get("image_url"), f"{p}.image_url", frozenset({"url", "detail"}), True)
             _str(img.get("url"), f"{p}.image_url.url", nonempty=True)
+            if img.get("detail") is not None:  # forwarded upstream: a string, as OpenRouter's API types it
+                _str(img["detail"], f"{p}.image_url.detail")
         else:
             raise _bad(f"{p}.type", f"expected 'text' or 'image_url', got {_shown(kind)}"[:200])
     return v
@@ -436,7 +438,10 @@ def _identity(v: Any, p: str, strict: bool) -> dict[str, Any]:
         out["tags"] = list(_strings(ident["tags"], f"{p}.tags"))
     if len(out["id"]) > _MAX_IDENTITY_ID:
         raise _bad(f"{p}.id", f"at most {_MAX_IDENTITY_ID} characters, got {len(out['id'])}")
-    size = len(orjson.dumps(out))
+    try:
+        size = len(orjson.dumps(out))
+    except orjson.JSONEncodeError:  # read up to 1024 levels deep, written up to 255
+        raise _bad(f"{p}.metadata", "nested too deeply (at most 255 levels)") from None
     if size > _MAX_IDENTITY_BYTES:
         raise _bad(p, f"at most {_MAX_IDENTITY_BYTES} bytes as JSON, got {size}")
     return out
@@ -484,7 +489,7 @@ def _provider(v: Any, strict: bool) -> ProviderPreferences:
         raise _bad("provider.data_collection", f"expected 'deny' or 'allow', got {_shown(p['data_collection'])}")
     if p.get("quantizations") is not None:
         for i, q in enumerate(_list(p["quantizations"], "provider.quantizations")):
-            if q not in _QUANTIZATIONS:
+            if type(q) is not str or q not in _QUANTIZATIONS:  # a list is unhashable: a TypeError, not a 400
                 raise _bad(f"provider.quantizations[{i}]", f"expected one of {', '.join(sorted(_QUANTIZATIONS))}, "
                            f"got {_shown(q)}")  # fmt: skip
     if p.get("options") is not None:
