@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import logging
 import socket
 import threading
 import time
@@ -44,6 +45,11 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     path = scope["path"]
+    if path in _ODD_ANSWERS:
+        status, headers, body = _ODD_ANSWERS[path]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": 0})
+        return
     if path == "/early":  # answers without reading the body it was sent
         await send({"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"no"})
@@ -67,6 +73,11 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         EVENTS.append(("waiting", path))
         message = await receive()  # nothing more to read: this waits for the client to go away
         EVENTS.append((message["type"], path))
+        return
+    if path == "/wait-disconnect-twice":  # two receive() at once, as a disconnect listener beside a reader
+        EVENTS.append(("waiting", path))
+        messages = await asyncio.gather(receive(), receive())
+        EVENTS.extend((m["type"], path) for m in messages)
         return
     if path == "/slow":
         await asyncio.sleep(0.3)
@@ -100,6 +111,15 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if path == "/no-body":
         return
     await send({"type": "http.response.body", "body": out})
+
+
+#: Answers an app should not send, or sends in odd but valid types: path -> (status, headers, body).
+_ODD_ANSWERS: dict[str, tuple[int, list[tuple[bytes, bytes]], Any]] = {
+    "/no-content-with-body": (204, [], b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!"),
+    "/negative-length": (200, [(b"content-length", b"-1")], b"x"),
+    "/bytearray-body": (200, [(b"content-length", b"2")], bytearray(b"ok")),
+    "/memoryview-body": (200, [(b"content-length", b"2")], memoryview(b"ok")),
+}
 
 
 @contextmanager
@@ -491,3 +511,80 @@ def test_each_request_runs_in_a_context_of_its_own_and_the_scope_says_so() -> No
                 data += sock.recv(65536)
             answers += [orjson.loads(part.partition(b"\r\n\r\n")[2]) for part in data.split(b"HTTP/1.1 ")[1:]]
     assert answers == [{"seen": None, "extensions": [REQUEST_TASK]}] * 4
+
+
+@pytest.mark.parametrize("path", ["/no-content-with-body", "/negative-length"])
+def test_a_body_an_answer_cannot_carry_is_a_500_not_a_second_answer(both: tuple[int, int], path: str) -> None:
+    # A 204's body went out as if it were the next answer (a forged response on a kept-alive connection); a
+    # Content-Length of -1 went out with chunked framing as well.
+    ours, _ = both
+    (response,), closed = exchange(ours, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode(), 1)
+    assert response[0] == 500 and response[2] == b"Internal Server Error" and closed
+
+
+@pytest.mark.parametrize("path", ["/bytearray-body", "/memoryview-body"])
+def test_bytes_like_bodies_and_a_number_for_more_body_are_taken(both: tuple[int, int], path: str) -> None:
+    # the compiled protocol answered 500 to these (bytes and bool declared); uvicorn's takes them
+    for port in both:
+        (response,), _ = exchange(port, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode(), 1)
+        assert (response[0], response[2]) == (200, b"ok")
+
+
+def test_two_receives_at_once_both_learn_that_the_client_went_away(both: tuple[int, int]) -> None:
+    ours, _ = both
+    EVENTS.clear()
+    client = Client(ours)
+    client.send(b"GET /wait-disconnect-twice HTTP/1.1\r\nHost: x\r\n\r\n")
+    deadline = time.monotonic() + 5
+    while ("waiting", "/wait-disconnect-twice") not in EVENTS:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client.close()
+    while EVENTS.count(("http.disconnect", "/wait-disconnect-twice")) < 2:
+        assert time.monotonic() < deadline, EVENTS  # only the last receive() was woken: the other waited for ever
+        time.sleep(0.01)
+
+
+def test_a_client_gone_before_the_answer_is_not_an_error_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    # "ASGI callable returned without starting response." at ERROR for every client that timed out: any client
+    # could flood the error log (uvicorn's protocol logs nothing then).
+    logger = logging.getLogger("uvicorn.error")  # uvicorn's "uvicorn" logger does not propagate to the root's
+    with served(GatewayHttpProtocol) as (port, _):
+        caplog.set_level(logging.ERROR, logger="uvicorn.error")
+        logger.addHandler(caplog.handler)
+        EVENTS.clear()
+        client = Client(port)
+        client.send(b"GET /wait-disconnect HTTP/1.1\r\nHost: x\r\n\r\n")
+        deadline = time.monotonic() + 5
+        while ("http.disconnect", "/wait-disconnect") not in EVENTS:
+            if ("waiting", "/wait-disconnect") in EVENTS:
+                client.close()
+            assert time.monotonic() < deadline, EVENTS
+            time.sleep(0.01)
+        time.sleep(0.1)
+        logger.removeHandler(caplog.handler)
+    assert [r.getMessage() for r in caplog.records if r.name == "uvicorn.error" and r.levelno >= logging.ERROR] == []
+
+
+def test_the_keep_alive_timeout_counts_from_the_last_byte_received() -> None:
+    with served(GatewayHttpProtocol, timeout_keep_alive=1) as (port, _):
+        # answered at once, the rest of the body trickles in for longer than the timeout: still open after it
+        client = Client(port)
+        try:
+            client.send(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\nz")
+            assert client.response()[0] == 413
+            for _ in range(6):
+                time.sleep(0.3)
+                client.send(b"z")
+            client.send(b"zGET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.response()[0] == 200
+        finally:
+            client.close()
+        # a head that stalls after a whole request (in the same packet) is closed after the timeout
+        client = Client(port)
+        try:
+            client.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\nGET /ec")
+            assert client.response()[0] == 200
+            assert client.closed(wait=3.0)
+        finally:
+            client.close()

@@ -155,6 +155,8 @@ class GatewayHttpProtocol(asyncio.Protocol):
         pass
 
     def data_received(self, data: bytes) -> None:
+        if self.idle_timer is not None:  # the keep-alive timeout counts from the last byte (uvicorn's does too)
+            self.idle_since = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -309,8 +311,10 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         cycle = self.cycle
-        if self.in_message or (cycle is not None and not cycle.complete) or self.pipeline:
+        if (cycle is not None and not cycle.complete) or self.pipeline:
             return  # busy: the next answer re-arms it
+        # Idle, or receiving what no request is being served for (the rest of a body already answered, a head
+        # that stalls): closed once no byte came for timeout_keep_alive seconds.
         remaining = self.idle_since + self.timeout_keep_alive - self.loop.time()
         if remaining > 0:
             self.idle_timer = self.loop.call_later(remaining, self._idle_check)
@@ -355,7 +359,7 @@ class RequestCycle:
         self.body_size = 0
         self.more_body = True
         self.body_done = False  # the last of the body was handed to the app
-        self.waiter: asyncio.Future[None] | None = None
+        self.waiters: list[asyncio.Future[None]] = []  # receive() calls waiting (an app may run two at once)
         self.disconnected = False
         self.started = False
         self.complete = False
@@ -364,11 +368,11 @@ class RequestCycle:
         self.length = -1  # Content-Length still to come; -1: not given
 
     def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        if self.waiters:
+            waiters, self.waiters = self.waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def run(self, app: App) -> None:
         failed: BaseException | None = None
@@ -385,12 +389,14 @@ class RequestCycle:
             return  # answered, then cancelled: the server stopping after its graceful timeout (see cli)
         if failed is not None:
             _log.error("Exception in ASGI application\n", exc_info=failed)
+        elif self.complete:
+            return
+        elif self.disconnected:  # the client left first (a timeout, say): nothing to log, as uvicorn does
+            return
         elif not self.started:
             _log.error("ASGI callable returned without starting response.")
-        elif not self.complete:
-            _log.error("ASGI callable returned without completing response.")
         else:
-            return
+            _log.error("ASGI callable returned without completing response.")
         if self.disconnected or self.complete:
             return
         if nothing_sent:
@@ -413,7 +419,7 @@ class RequestCycle:
         if not self.disconnected and not self.complete and (self.body_done or (not self.body and self.more_body)):
             conn.resume_reading()
             waiter: asyncio.Future[None] = conn.loop.create_future()
-            self.waiter = waiter
+            self.waiters.append(waiter)
             await waiter
         if self.disconnected or self.complete:
             return {"type": "http.disconnect"}
@@ -443,10 +449,12 @@ class RequestCycle:
             raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
         if kind != "http.response.body":
             raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{kind}'.")
-        body: bytes = message.get("body", b"")
-        more_body: bool = message.get("more_body", False)
+        body: bytes | bytearray | memoryview = message.get("body", b"")  # bytes-like, as uvicorn takes it
+        more_body = bool(message.get("more_body", False))
+        if body and self.length >= 0 and not self.head_request and len(body) > self.length:
+            raise RuntimeError("Response content longer than Content-Length")  # the head still unsent: a 500
         head, self.head = self.head, None
-        out: list[bytes] = [] if head is None else [head]
+        out: list[bytes | bytearray | memoryview] = [] if head is None else [head]
         if self.head_request:
             self.length = 0
         elif self.chunked:
@@ -456,8 +464,6 @@ class RequestCycle:
                 out.append(_LAST_CHUNK)
         elif body:
             if self.length >= 0:
-                if len(body) > self.length:
-                    raise RuntimeError("Response content longer than Content-Length")
                 self.length -= len(body)
             out.append(body)
         transport = conn.transport
@@ -492,7 +498,9 @@ class RequestCycle:
             name = _header_name(raw_name)
             lines += 1
             if name == b"content-length" and length < 0 and not chunked:
-                length = int(value.decode())
+                if not value.isdigit():  # "-1" read as none: both Content-Length and chunked went out
+                    raise RuntimeError("Invalid Content-Length header value.")
+                length = int(value)
             elif name == b"transfer-encoding" and value.lower() == b"chunked":
                 length, chunked = -1, True
             elif name == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
@@ -505,7 +513,9 @@ class RequestCycle:
         if not self.keep_alive and not closing:
             out.append(_CLOSE)
             lines += 1
-        if length < 0 and not chunked and not self.head_request and status not in _NO_BODY_STATUS:
+        if status in _NO_BODY_STATUS:
+            length, chunked = 0, False  # a body would be read as the next answer: refused, as uvicorn does
+        elif length < 0 and not chunked and not self.head_request:
             chunked = True
             out.append(_CHUNKED)
             lines += 1
