@@ -10,7 +10,7 @@ import pytest
 
 from embedgate.config import Config
 from tests.conftest import KEY, gateway
-from tests.fake_upstream import FakeUpstream, expected_vector
+from tests.fake_upstream import FakeUpstream, Fault, expected_vector
 
 ITEMS = [
     {"content": [{"type": "text", "text": "a red bicycle"}]},
@@ -49,3 +49,31 @@ async def test_multimodal_input_goes_to_a_multimodal_provider(
     await app.shutdown()
     assert len(upstream.calls) == 1
     assert upstream.calls[0].body["input"] == ITEMS  # forwarded exactly as the client sent it
+
+
+@pytest.mark.anyio
+async def test_a_text_only_fallback_does_not_hide_the_multimodal_models_failure(
+    make_config: Callable[..., Config], upstream: FakeUpstream
+) -> None:
+    # The primary's upstream 500 became a 400 "no deployment accepts multimodal input" blaming the client's input
+    # (which SDKs never retry); a text-only primary with a multimodal fallback was refused outright.
+    config = make_config(
+        providers={"vision": {"type": "openai_compatible", "base_url": upstream.url, "multimodal": True}},
+    )
+    app = gateway(config)
+    no_retry = {"count": 0, "on_codes": [500]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+
+        async def post(model: str, fallback: str) -> httpx.Response:
+            body = {"model": model, "input": ITEMS, "fallbacks": [{"model": fallback}], "retry": no_retry}
+            return await c.post("/api/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}"})
+
+        upstream.script.append(Fault("status", 500, model="mm-embed"))
+        r = await post("vision/mm-embed", "local/embed-small")
+        assert r.status_code == 502 and r.json()["error"]["code"] == 502, r.text
+        r = await post("local/embed-small", "vision/mm-embed")
+        assert r.status_code == 200 and r.json()["model"] == "vision/mm-embed"
+        r = await post("local/embed-small", "local/embed-b")  # nothing can take it: the client's input is the cause
+        assert r.status_code == 400 and "multimodal" in r.json()["error"]["message"]
+    await app.shutdown()
+    assert [c.body["model"] for c in upstream.calls] == ["mm-embed", "mm-embed"]

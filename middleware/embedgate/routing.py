@@ -324,7 +324,7 @@ class Router:
                 except _ModelFailed as failed:
                     err = failed.error
                     # "Nothing could be tried" for this model must not hide a real upstream error of an earlier one.
-                    if not isinstance(err, Unavailable) or attempts.last_error is None:
+                    if not isinstance(err, (Unavailable, InvalidRequest)) or attempts.last_error is None:
                         attempts.last_error = err
                     status = getattr(err, "upstream_status", None)
                     if not failed.spent and status not in fallback_codes and status not in _KEY_ERRORS:
@@ -356,9 +356,12 @@ class Router:
         deployments = self.eligible(model, request.provider)
         if request.is_multimodal:
             deployments = [d for d in deployments if self._multimodal(d)]
-            if not deployments:
-                raise InvalidRequest(
-                    f"The model '{model.id}' has no deployment that accepts multimodal input", param="input"
+            if not deployments:  # nothing could be tried: a fallback may take it, and it hides no earlier error
+                raise _ModelFailed(
+                    InvalidRequest(
+                        f"The model '{model.id}' has no deployment that accepts multimodal input", param="input"
+                    ),
+                    True,
                 )
         if not deployments:
             attempts.skipped.append(f"{model.id}: no deployment matches the provider preferences")
