@@ -225,8 +225,10 @@ class Pipeline:
         call.key = key = self._keys.authenticate(call.authorization)
         chain = self._router.chain(req)
         named = [(req.model, "model")] if not req.load_balancer else []
-        named += [(m, f"load_balancer.models[{i}].model") for i, (m, _) in enumerate(req.load_balancer or ())]
-        named += [(m, f"fallbacks[{i}].model") for i, m in enumerate(req.fallbacks)]
+        named += [
+            (m, req.param(f"load_balancer.models[{i}].model")) for i, (m, _) in enumerate(req.load_balancer or ())
+        ]
+        named += [(m, req.param(f"fallbacks[{i}].model")) for i, m in enumerate(req.fallbacks)]
         for model, param in named:
             if not self._keys.allows(key, model):
                 raise Forbidden(f"The key '{key.id}' is not allowed to use the model '{model}'", param=param)
@@ -249,8 +251,8 @@ class Pipeline:
             return
         ttl = req.cache.ttl if req.cache is not None and req.cache.ttl is not None else cfg.default_ttl
         if ttl > cfg.max_ttl:
-            raise InvalidRequest(f"Invalid 'cache.ttl': {ttl} s is above the maximum of {cfg.max_ttl} s",
-                                 param="cache.ttl")  # fmt: skip
+            param = req.param("cache.ttl")
+            raise InvalidRequest(f"Invalid '{param}': {ttl} s is above the maximum of {cfg.max_ttl} s", param=param)
         call.cache_ttl = ttl
         call.cache_keys = self._item_keys(call, call.chain[0].id)
         if call.cache_control is not None and "no-cache" in _directives(call.cache_control):

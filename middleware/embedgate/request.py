@@ -92,6 +92,9 @@ class EmbeddingRequest:
     identity: dict[str, Any] | None = None
     provider: ProviderPreferences | None = None
     session_id: str | None = None
+    #: Where the client wrote a normalized field, when not at its own name: ``{"cache": "orq.cache"}``, or
+    #: ``{"load_balancer.models": "load_balancer"}`` for the legacy list form. See :meth:`param`.
+    written: dict[str, str] | None = None
 
     def __init__(
         self,
@@ -113,6 +116,7 @@ class EmbeddingRequest:
         identity: dict[str, Any] | None = None,
         provider: ProviderPreferences | None = None,
         session_id: str | None = None,
+        written: dict[str, str] | None = None,
     ) -> None:
         self.model = model
         self.items = items
@@ -131,6 +135,17 @@ class EmbeddingRequest:
         self.identity = identity
         self.provider = provider
         self.session_id = session_id
+        self.written = written
+
+    def param(self, name: str) -> str:
+        """The parameter ``name`` of the normalized request (``cache.ttl``) as the client wrote it
+        (``orq.cache.ttl``): errors found after parsing name what the client sent."""
+        written = self.written
+        if written:
+            for normal, given in written.items():
+                if name.startswith(normal):
+                    return given + name[len(normal) :]
+        return name
 
     @property
     def is_multimodal(self) -> bool:
@@ -598,4 +613,18 @@ def parse_request(
         identity=identity,
         provider=None if data.get("provider") is None else _provider(data["provider"], strict),
         session_id=None if data.get("session_id") is None else _str(data["session_id"], "session_id"),
+        written=_written(cache_p, fb_p, lb_p, lb_v),
     )
+
+
+def _written(cache_p: str, fb_p: str, lb_p: str, lb_v: Any) -> dict[str, str] | None:
+    """``EmbeddingRequest.written``: where the fields checked after parsing were written, if not at their name."""
+    out: dict[str, str] = {}
+    if cache_p != "cache":
+        out["cache"] = cache_p
+    if fb_p != "fallbacks":
+        out["fallbacks"] = fb_p
+    lb_models = lb_p if isinstance(lb_v, list) else f"{lb_p}.models"  # the legacy form lists the models itself
+    if lb_models != "load_balancer.models":
+        out["load_balancer.models"] = lb_models
+    return out or None

@@ -257,14 +257,14 @@ class Router:
             models = [m for m, _ in request.load_balancer]
             weights = [w for _, w in request.load_balancer]
             for i, m in enumerate(models):
-                self.resolve(m, f"load_balancer.models[{i}].model")
+                self.resolve(m, request.param(f"load_balancer.models[{i}].model"))
             # random.choices normalizes the weights itself (cumulative sums over their total).
             primary = self._rng.choices(models, weights=weights)[0]
         else:
             primary = request.model
         out = [self.resolve(primary)]
         for i, fb in enumerate(request.fallbacks):
-            out.append(self.resolve(fb, f"fallbacks[{i}].model"))
+            out.append(self.resolve(fb, request.param(f"fallbacks[{i}].model")))
         return out
 
     def eligible(self, model: ResolvedModel, prefs: ProviderPreferences | None) -> list[Deployment]:
