@@ -232,6 +232,23 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
         "provider.max_price.prompt",
         None,
     ),
+    # float() reads these; OpenRouter's numeric strings are plain decimals
+    (
+        "provider-max-price-underscore",
+        body(provider={"max_price": {"prompt": "1_0"}}),
+        {},
+        400,
+        "provider.max_price.prompt",
+        None,
+    ),
+    (
+        "provider-max-price-infinity-word",
+        body(provider={"max_price": {"prompt": "infinity"}}),
+        {},
+        400,
+        "provider.max_price.prompt",
+        None,
+    ),
     ("unknown-model", body(model="nowhere/x"), {}, 404, "model", "model_not_found"),
     # checked after parsing, named as the client wrote them (they were named in their normalized form)
     ("cache-ttl-above-max", body(cache={"type": "exact_match", "ttl": 259201}), {}, 400, "cache.ttl", None),

@@ -10,6 +10,7 @@ given, a list-form ``load_balancer`` becomes the object form, and the ``X-ORQ-ID
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -462,16 +463,16 @@ def _identity(v: Any, p: str, strict: bool) -> dict[str, Any]:
     return out
 
 
+_DECIMAL: Final = re.compile(r"\d+(\.\d*)?([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?")
+
+
 def _price(v: Any, param: str) -> float:
     """A price in USD per million tokens: a number or, as OpenRouter writes big numbers, a numeric string; >= 0."""
     price = -1.0
     if isinstance(v, int | float) and not isinstance(v, bool):
         price = float(v)
-    elif isinstance(v, str):
-        try:
-            price = float(v)
-        except ValueError:
-            pass
+    elif isinstance(v, str) and _DECIMAL.fullmatch(v):  # not float()'s "1_0", "inf", " 1 " or "1e999"
+        price = float(v)
     if not 0.0 <= price < math.inf:  # NaN is not >= 0
         raise _bad(param, f"expected a price >= 0 (USD per million tokens, a number or a numeric string), "
                    f"got {_shown(v)}")  # fmt: skip
