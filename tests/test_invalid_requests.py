@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -388,6 +389,40 @@ async def test_a_server_handing_a_body_that_is_not_bytes_gets_a_json_500(make_co
     assert sent[0]["status"] == 500
     err = orjson.loads(sent[1]["body"])["error"]
     assert (err["code"], err["message"]) == (500, "Internal error in the gateway; see its logs for this request id")
+
+
+@pytest.mark.anyio
+async def test_a_request_cancelled_while_its_body_comes_is_a_503_in_its_shape(
+    make_config: Callable[..., Config],
+) -> None:
+    # The server stopping (its graceful shutdown timed out) while a body was still coming: a plain-text 500 with
+    # no request id, no access line, no span and no count in the metrics.
+    app = gateway(make_config())
+    sent: list[dict[str, Any]] = []
+    first = [{"type": "http.request", "body": b'{"model": ', "more_body": True}]
+
+    async def receive() -> dict[str, Any]:
+        if first:
+            return first.pop()
+        await asyncio.Event().wait()  # the rest never comes
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v2/router/embeddings", "root_path": "", "query_string": b"",
+             "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"x-request-id", b"req-cut")]}  # fmt: skip
+    task = asyncio.create_task(app(scope, receive, send))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task  # answered, then cancelled all the same
+    scraped = app.metrics.render()[0].decode()
+    await app.shutdown()
+    assert sent[0]["status"] == 503 and (b"x-request-id", b"req-cut") in sent[0]["headers"]
+    err = orjson.loads(sent[1]["body"])["error"]
+    assert err["code"] == "gateway_stopping" and "param" in err  # the orq shape
+    assert 'route="orq",status="503"} 1.0' in scraped
 
 
 @pytest.mark.anyio

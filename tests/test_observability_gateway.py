@@ -487,8 +487,9 @@ async def test_host_log_lines_carry_the_request_ids_only_within_a_gateway_reques
     (route,) = [line for line in lines if line["event"] == "host route"]
     assert hook["request_id"] == r.headers["x-request-id"]
     assert hook["trace_id"] == r.headers["x-embedgate-trace-id"]
+    assert hook["key_id"] == "team-a"  # bound once the key is known (SPEC 8: host lines carry the key id too)
     assert route["path"] == "/host/page"
-    assert "request_id" not in route and "trace_id" not in route and "span_id" not in route
+    assert "request_id" not in route and "trace_id" not in route and "span_id" not in route and "key_id" not in route
     assert "request_id" not in structlog.contextvars.get_contextvars()
 
 

@@ -153,10 +153,14 @@ async def test_mounted_without_a_lifespan_a_gateway_that_cannot_start_answers_50
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as client:
         auth = {"authorization": f"Bearer {KEY}"}
         body = {"model": "local/embed-small", "input": "hello"}
-        openai = await client.post("/v1/embeddings", json=body, headers=auth)
+        openai = await client.post("/v1/embeddings", json=body, headers={**auth, "x-request-id": "req-not-started"})
         orq = await client.post("/v2/router/embeddings", json=body, headers=auth)
         models = await client.get("/v1/models", headers=auth)
     assert openai.status_code == orq.status_code == models.status_code == 503
+    # answered as any request is: its ids in the headers, and counted (it had neither, nor an access line)
+    assert openai.headers["x-request-id"] == "req-not-started" and len(openai.headers["x-embedgate-trace-id"]) == 32
+    scraped = app.metrics.render()[0].decode()
+    assert 'embedgate_requests_total{cache="bypass",model="",route="openai",status="503"} 1.0' in scraped
     assert openai.json()["error"]["code"] == "gateway_not_started"
     assert orq.json()["error"]["code"] == "gateway_not_started" and orq.json()["error"]["type"] == "service_unavailable"
     assert models.json()["error"]["code"] == "gateway_not_started"

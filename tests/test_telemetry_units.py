@@ -644,6 +644,48 @@ def test_metrics_aggregate_worker_processes(tmp_path: Path) -> None:
     assert line in outputs[1].splitlines()
 
 
+CACHE_BYTES_WORKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from embedgate.metrics import Metrics
+    metrics, size = Metrics(), [10]
+    metrics.set_cache_bytes_source(lambda: size[0])
+
+    async def main():
+        metrics.observe_request("/v1/embeddings", "openai/te3", 200, "miss")
+        size[0] = 25  # a second miss within the second: its refresh is put off, not dropped
+        metrics.observe_request("/v1/embeddings", "openai/te3", 200, "miss")
+        await asyncio.sleep(1.3)
+
+    asyncio.run(main())
+    print("ready", flush=True)
+    if sys.argv[1] == "stay":
+        sys.stdin.readline()
+    """
+)
+
+
+def test_the_cache_size_of_worker_processes_is_current_and_the_dead_are_not_counted(tmp_path: Path) -> None:
+    # A worker's size was refreshed by its requests only, at most once a second (a quiet worker kept its value
+    # of a burst's start), and a killed worker's last size was summed for ever.
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    env["PYTHONPATH"] = str(ROOT / "middleware")
+    gone = subprocess.run([sys.executable, "-c", CACHE_BYTES_WORKER, "exit"], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert gone.stdout == "ready\n", gone.stderr  # exited without saying so, as a killed worker
+    alive = subprocess.Popen([sys.executable, "-c", CACHE_BYTES_WORKER, "stay"], env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert alive.stdout is not None and alive.stdout.readline() == "ready\n"
+        scrape = subprocess.run([sys.executable, "-c", MULTIPROC_SCRIPT, "0", "render"], env=env,
+                                capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert scrape.returncode == 0, scrape.stderr
+    finally:
+        alive.communicate("\n", timeout=30)
+    assert "embedgate_cache_bytes 25.0" in scrape.stdout.splitlines()  # not 10 (stale) + 10 or 25 (the dead)
+
+
 # --- logs ---
 
 

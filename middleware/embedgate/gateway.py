@@ -199,6 +199,7 @@ class EmbeddingGateway:
                 await self.identities.aclose()
             if self.telemetry is not None:
                 self.telemetry.shutdown()
+            self.metrics.close()
             flush_access_lines()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -280,9 +281,10 @@ class EmbeddingGateway:
         await _send(send, err.status, render_error(err, dialect), {"allow": allow}, head=method == "HEAD")
         return True
 
-    async def _opened(self, send: Send, dialect: Dialect) -> bool:
+    async def _opened(self, send: Send, dialect: Dialect, scope: Scope | None = None) -> bool:
         """Open the resources on first use (no lifespan ran); if that fails, answer 503 in the route's shape and
-        log why (a lifespan startup raises instead, so the server stops)."""
+        log why (a lifespan startup raises instead, so the server stops). An embedding request (``scope``) gets its
+        request and trace ids, its access line and its count in the metrics as any other answer."""
         try:
             await self.startup()
         except Exception:
@@ -294,16 +296,24 @@ class EmbeddingGateway:
                 self.telemetry.settle()
         if not started:  # answered after the handler: compiled, an await inside it loses the exception (mypyc)
             err = Unavailable("The gateway could not start; its log says why", code="gateway_not_started")
-            await _send(send, err.status, render_error(err, dialect), {})
+            body = render_error(err, dialect)
+            if scope is None:
+                await _send(send, err.status, body, {})
+                return False
+            call = Call(dialect=dialect, body=b"", request_id=_request_id(embed_headers(scope["headers"])))
+            trace_id = (_getrandbits(128) or 1).to_bytes(16, "big").hex()  # no tracer: a trace id all the same
+            out = response_headers(call, len(body), trace_id)
+            await send({"type": "http.response.start", "status": err.status, "headers": out})
+            await send({"type": "http.response.body", "body": body})
+            account(self.metrics, self._access_log, call, err.status, err)
         return started
 
     async def _embed(self, scope: Scope, receive: Receive, send: Send, dialect: Dialect) -> None:
-        if not self._open and not await self._opened(send, dialect):
+        if not self._open and not await self._opened(send, dialect, scope):
             return
         assert self.pipeline is not None and self.telemetry is not None
         headers = embed_headers(scope["headers"])
-        rid = headers.get("x-request-id")
-        request_id = rid if rid and _REQUEST_ID.fullmatch(rid) else _getrandbits(128).to_bytes(16, "big").hex()
+        request_id = _request_id(headers)
         call = Call(
             dialect=dialect,
             body=b"",
@@ -313,11 +323,16 @@ class EmbeddingGateway:
             cache_control=headers.get("cache-control"),
         )
         error: GatewayError | None = None
+        cancelled: asyncio.CancelledError | None = None
         try:
             call.body = await self._read_body(headers, receive)
             await self.pipeline.normalize(call)
         except GatewayError as err:
             error = err
+        except asyncio.CancelledError as exc:  # the server stopping while the body still came: as below
+            cancelled = exc
+            error = Unavailable("The gateway stopped before the request was read; retry the request",
+                                code="gateway_stopping")  # fmt: skip
         except Exception:  # a bug in reading the body: still one answer in the route's shape, and an access line
             log.exception("unhandled error", request_id=request_id)
             error = GatewayError("Internal error in the gateway; see its logs for this request id")
@@ -331,7 +346,6 @@ class EmbeddingGateway:
             else:
                 bind_request(request_id=request_id, trace_id=root.trace_id_hex, span_id=root.span_id_hex)
             self._in_flight += 1
-            cancelled: asyncio.CancelledError | None = None
             try:
                 rendered = b""
                 if error is None:
@@ -556,3 +570,9 @@ def _is_json(content_type: str) -> bool:
     """Whether a ``Content-Type`` names JSON: ``application/json`` or a ``+json`` type, any parameters (a charset)."""
     media = content_type.partition(";")[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _request_id(headers: dict[str, str]) -> str:
+    """The client's ``x-request-id`` if it is a sane one, else a new one."""
+    rid = headers.get("x-request-id")
+    return rid if rid and _REQUEST_ID.fullmatch(rid) else _getrandbits(128).to_bytes(16, "big").hex()

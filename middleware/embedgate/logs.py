@@ -216,6 +216,15 @@ def bind_task(**fields: Any) -> None:
             var.set(value)
 
 
+def bind_more(**fields: Any) -> None:
+    """Bind more fields to the current request (its key id, once authenticated) the way its ids were bound:
+    undone by ``clear_request`` after ``bind_request``, ended with the task after ``bind_task``."""
+    if _bound.get():
+        bind_request(**fields)
+    else:
+        bind_task(**fields)
+
+
 def clear_request() -> None:
     """Undo this request's ``bind_request`` calls, restoring any value a host app had bound on those keys."""
     bindings = _bound.get()

@@ -24,6 +24,7 @@ prometheus_client's ``inc`` and ``observe`` are Python with a lock per value, ~2
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import math
 import os
@@ -280,6 +281,7 @@ class Metrics:
         )
         self._cache_bytes_source: Callable[[], float] | None = None
         self._cache_bytes_refreshed = 0.0
+        self._cache_bytes_later: asyncio.TimerHandle | None = None  # the refresh a throttled one put off
 
     def set_known_models(self, ids: Iterable[str]) -> None:
         """Label models with their id only when they are among ``ids`` (the configured and well-known ones); any
@@ -344,6 +346,8 @@ class Metrics:
         if self._multiprocess:
             from prometheus_client.multiprocess import MultiProcessCollector
 
+            self._refresh_cache_bytes(force=True)  # this worker's, as of now
+            _forget_dead_workers()
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         else:
@@ -353,13 +357,38 @@ class Metrics:
         encoder, content_type = choose_encoder(accept)
         return encoder(registry), content_type
 
-    def _refresh_cache_bytes(self) -> None:
-        # At most once a second: the source may walk a data structure.
+    def _refresh_cache_bytes(self, force: bool = False) -> None:
+        # At most once a second (the source may walk a data structure); one put off is done a second later, so a
+        # worker that goes quiet after a burst does not keep its value of the burst's start.
         now = time.monotonic()
         source = self._cache_bytes_source
-        if source is not None and now - self._cache_bytes_refreshed >= 1.0:
+        if source is None:
+            return
+        wait = 1.0 - (now - self._cache_bytes_refreshed)
+        if force or wait <= 0:
             self._cache_bytes_refreshed = now
             self._cache_bytes.set(_safe(source))
+        elif self._cache_bytes_later is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._cache_bytes_later = loop.call_later(wait, self._refresh_later)
+
+    def _refresh_later(self) -> None:
+        self._cache_bytes_later = None
+        self._refresh_cache_bytes()
+
+    def close(self) -> None:
+        """At the gateway's shutdown, with ``PROMETHEUS_MULTIPROC_DIR``: this worker's gauge no longer counts
+        (``prometheus_client.multiprocess.mark_process_dead``); its counters stay, as they should."""
+        if self._cache_bytes_later is not None:
+            self._cache_bytes_later.cancel()
+            self._cache_bytes_later = None
+        if self._multiprocess:
+            from prometheus_client.multiprocess import mark_process_dead
+
+            mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
 def _safe(source: Callable[[], float]) -> float:
@@ -368,3 +397,28 @@ def _safe(source: Callable[[], float]) -> float:
         return float(source())
     except Exception:
         return math.nan
+
+
+def _forget_dead_workers() -> None:
+    """Drop the live gauges of worker processes that are gone (killed: they never said so), as
+    ``mark_process_dead`` would have: their last cache size would be summed for ever."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    directory = os.environ.get(_MULTIPROC_ENV, "")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith("gauge_live") or not name.endswith(".db"):
+            continue
+        pid_text = name[: -len(".db")].rpartition("_")[2]
+        if not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        except OSError:  # another user's process: alive
+            pass

@@ -23,6 +23,7 @@ from .cache_keys import item_keys
 from .config import Config, KeyConfig, hash_key
 from .errors import Dialect, Forbidden, GatewayError, InvalidRequest, Spent, Unauthorized
 from .identities import IdentityStore
+from .logs import bind_more
 from .request import EmbeddingRequest, parse_request
 from .routing import ResolvedModel, Router, RouteResult
 from .telemetry import Telemetry
@@ -223,6 +224,7 @@ class Pipeline:
         req = call.request
         assert req is not None  # normalize ran
         call.key = key = self._keys.authenticate(call.authorization)
+        bind_more(key_id=key.id)  # the host's log lines within this request name the key too (SPEC 8)
         chain = self._router.chain(req)
         named = [(req.model, "model")] if not req.load_balancer else []
         named += [
