@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+from starlette.types import Receive, Scope, Send
 
+from embedgate import EmbeddingGateway, create_app
 from embedgate.config import Config
 from tests.conftest import KEY, OTHER_KEY, gateway
 from tests.fake_upstream import FakeUpstream
@@ -251,6 +254,7 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
         None,
     ),
     ("unknown-model", body(model="nowhere/x"), {}, 404, "model", "model_not_found"),
+    ("provider-star-model", body(model="local/*"), {}, 404, "model", "model_not_found"),  # was sent upstream as "*"
     # checked after parsing, named as the client wrote them (they were named in their normalized form)
     ("cache-ttl-above-max", body(cache={"type": "exact_match", "ttl": 259201}), {}, 400, "cache.ttl", None),
     (
@@ -426,6 +430,25 @@ async def test_a_request_cancelled_while_its_body_comes_is_a_503_in_its_shape(
 
 
 @pytest.mark.anyio
+async def test_a_refused_model_is_counted_under_its_name(make_config: Callable[..., Config]) -> None:
+    # A 403 was counted with model="" (as a model that does not exist), while its access line named it.
+    app = gateway(make_config())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        r = await c.post("/v1/embeddings", json=OK, headers={"authorization": f"Bearer {OTHER_KEY}"})
+        assert r.status_code == 403
+        scraped = (await c.get("/metrics")).text
+    await app.shutdown()
+    assert f'model="{OK["model"]}",route="openai",status="403"}} 1.0' in scraped
+
+
+def test_the_config_may_be_a_path_object(tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text("server: {path_prefix: /ai}\n")
+    for app in (EmbeddingGateway(host_404, config=path), create_app(path)):
+        assert app.config.server.path_prefix == "/ai"
+
+
+@pytest.mark.anyio
 async def test_unknown_fields_can_be_ignored(make_config: Callable[..., Config], upstream: FakeUpstream) -> None:
     app = gateway(make_config(server={"unknown_fields": "ignore"}))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
@@ -524,3 +547,8 @@ async def test_a_value_in_a_message_is_quoted_as_the_client_wrote_it(
 ) -> None:
     r = await client.post("/v1/embeddings", json=body(**changes), headers={"authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["message"].endswith(shown)
+
+
+async def host_404(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 404, "headers": []})
+    await send({"type": "http.response.body", "body": b""})

@@ -40,7 +40,7 @@ async def _not_found(scope: MutableMapping[str, Any], receive: Receive, send: Se
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(config: Config | str | None = None) -> EmbeddingGateway:
+def create_app(config: Config | str | os.PathLike[str] | None = None) -> EmbeddingGateway:
     """The gateway as a standalone ASGI app; with no argument, the config path comes from ``EMBEDGATE_CONFIG``.
 
     ``uvicorn 'embedgate:create_app' --factory``
@@ -50,6 +50,6 @@ def create_app(config: Config | str | None = None) -> EmbeddingGateway:
         if not path:
             raise ConfigError(["<env>: EMBEDGATE_CONFIG is not set (the path of the YAML config)"])
         config = load_config(path)
-    elif isinstance(config, str):
+    elif not isinstance(config, Config):  # a path, str or PathLike
         config = load_config(config)
     return EmbeddingGateway(_not_found, config=config, standalone=True)

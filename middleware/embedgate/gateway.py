@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import random
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -91,7 +92,7 @@ class EmbeddingGateway:
     def __init__(
         self,
         app: ASGIApp,
-        config: Config | str | None = None,
+        config: Config | str | os.PathLike[str] | None = None,
         *,
         http_client: httpx.AsyncClient | None = None,
         tracer_provider: TracerProvider | None = None,
@@ -101,7 +102,7 @@ class EmbeddingGateway:
         self.app = app
         if config is None:
             config = Config()
-        self.config = load_config(config) if isinstance(config, str) else config
+        self.config = config if isinstance(config, Config) else load_config(config)  # a path: str or PathLike
         prefix = self.config.server.path_prefix
         self._embed_paths = {prefix + path: dialect for path, dialect in _ROUTES.items()}
         self._get_paths = {

@@ -225,7 +225,7 @@ class Pipeline:
         assert req is not None  # normalize ran
         call.key = key = self._keys.authenticate(call.authorization)
         bind_more(key_id=key.id)  # the host's log lines within this request name the key too (SPEC 8)
-        chain = self._router.chain(req)
+        call.chain = chain = self._router.chain(req)  # before the grants: a 403 is counted under its model too
         named = [(req.model, "model")] if not req.load_balancer else []
         named += [
             (m, req.param(f"load_balancer.models[{i}].model")) for i, (m, _) in enumerate(req.load_balancer or ())
@@ -239,7 +239,6 @@ class Pipeline:
             raise InvalidRequest(
                 f"Too many inputs: {len(req.items)} items, at most {limit} for '{chain[0].id}'", param="input"
             )
-        call.chain = chain
         call.vectors = [None] * len(req.items)
         call.b64 = [None] * len(req.items)
         call.item_tokens = [0] * len(req.items)

@@ -238,7 +238,7 @@ class Router:
         if found is not None:
             return found
         provider, _, name = model_id.partition("/")
-        if name and provider in self._adapters:
+        if name and name != "*" and provider in self._adapters:  # "<provider>/*" is how /v1/models lists it
             resolved = ResolvedModel(
                 id=model_id,
                 deployments=(Deployment(provider=provider, upstream_model=name),),
