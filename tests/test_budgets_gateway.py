@@ -669,6 +669,10 @@ def test_cli_usage_and_identities_print_the_admin_views(
         cli_usage = json.loads(capsys.readouterr().out)
         assert cli_main(["identities", "--url", url, "--admin-key", ADMIN_KEY]) == 0
         cli_idents = json.loads(capsys.readouterr().out)
+        assert cli_main(["identities", "--url", url, "--admin-key", ADMIN_KEY, "--id", "carol"]) == 0
+        one = json.loads(capsys.readouterr().out)
+        assert cli_main(["identities", "--url", url, "--admin-key", ADMIN_KEY, "--id", "nobody"]) == 0
+        none = json.loads(capsys.readouterr().out)
         assert cli_main(["usage", "--url", url, "--admin-key", "wrong"]) == 1
         assert "401" in capsys.readouterr().err
 
@@ -680,4 +684,5 @@ def test_cli_usage_and_identities_print_the_admin_views(
     assert cli_usage[0]["tokens"]["used"] == 4
     assert cli_idents == http_idents
     assert [(i["id"], i["email"]) for i in cli_idents] == [("carol", "c@example.com")]
+    assert one == cli_idents and none == []
     assert not math.isnan(cli_idents[0]["last_seen"])

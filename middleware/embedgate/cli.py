@@ -174,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--scope", default=None, choices=BUDGET_SCOPES, help="only budgets of this scope")
             p.add_argument("--id", default=None, help="only budgets that count this id (e.g. an identity's)")
         else:
-            p.add_argument("--limit", type=int, default=100)
+            p.add_argument("--limit", type=_ranged(1, 10_000), default=100, help="at most this many (default: 100)")
+            p.add_argument("--id", default=None, help="only this identity")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
@@ -184,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = {"scope": args.scope, "id": args.id}
         return _admin(args, "/admin/usage", {k: v for k, v in params.items() if v is not None})
     if args.command == "identities":
-        return _admin(args, "/admin/identities", {"limit": str(args.limit)})
+        params = {"limit": str(args.limit)} if args.id is None else {"id": args.id}
+        return _admin(args, "/admin/identities", params)
     if not re.fullmatch(r"[\x21-\x7e]+", args.key):  # as the config's keys: what an HTTP header carries
         print("embedgate hash-key: a key is visible ASCII characters (no spaces, no accents)", file=sys.stderr)
         return 2
