@@ -1117,3 +1117,21 @@ def test_a_logged_exception_shows_its_traceback_without_local_variables(log_outp
     (exc,) = line["exception"]
     assert exc["exc_type"] == "RuntimeError" and exc["exc_value"] == "failed with 1 headers"
     assert [f["name"] for f in exc["frames"]][-1] == "handle" and all("locals" not in f for f in exc["frames"])
+
+
+def test_a_key_id_bound_later_is_undone_with_the_request_and_the_hosts_value_comes_back(
+    log_output: io.BytesIO,
+) -> None:
+    structlog.contextvars.bind_contextvars(key_id="host-value")
+    try:
+        logs.bind_request(request_id="r-1")
+        logs.bind_more(key_id="team-a")
+        structlog.get_logger("host.app").info("inside")
+        logs.clear_request()
+        structlog.get_logger("host.app").info("after")
+        assert structlog.contextvars.get_contextvars() == {"key_id": "host-value"}
+    finally:
+        structlog.contextvars.unbind_contextvars("key_id")
+    inside, after = lines(log_output)
+    assert (inside["request_id"], inside["key_id"]) == ("r-1", "team-a")
+    assert "request_id" not in after and after["key_id"] == "host-value"

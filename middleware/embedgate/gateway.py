@@ -165,7 +165,7 @@ class EmbeddingGateway:
                                         projects=[f"{k.workspace}/{k.project}" for k in self.config.keys])  # fmt: skip
             self.identities = identity_store(self.config.redis_url)
             self.pipeline = Pipeline(self.config, self.router, self.cache, self.budgets, self.identities,
-                                     self.telemetry)  # fmt: skip
+                                     self.telemetry, bind_key_id=not self._standalone)  # fmt: skip
             self._open = True
             if self._standalone:
                 # Everything built so far (modules, config, clients) lives as long as the process: moved out of
@@ -569,6 +569,8 @@ async def _send(send: Send, status: int, body: bytes, headers: dict[str, str], *
 
 def _is_json(content_type: str) -> bool:
     """Whether a ``Content-Type`` names JSON: ``application/json`` or a ``+json`` type, any parameters (a charset)."""
+    if content_type == "application/json":  # what every SDK sends: no parsing
+        return True
     media = content_type.partition(";")[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 

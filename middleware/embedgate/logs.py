@@ -15,7 +15,6 @@ import logging
 import select
 import sys
 import time
-from collections.abc import Mapping
 from typing import IO, Any, BinaryIO, Final, TextIO, cast
 
 import orjson
@@ -52,7 +51,7 @@ _LEVELS: Final = {"info": logging.INFO, "warning": logging.WARNING}
 
 # The tokens of this request's bindings, so clear_request restores a host app's own values of the same keys
 # instead of wiping every contextvar the host bound.
-_bound: contextvars.ContextVar[tuple[Mapping[str, contextvars.Token[Any]], ...]] = contextvars.ContextVar(
+_bound: contextvars.ContextVar[tuple[dict[str, contextvars.Token[Any]], ...]] = contextvars.ContextVar(
     "embedgate_log_bindings", default=()
 )
 # structlog's context variable of each key bound so far (taken from the first binding's token: structlog keeps one
@@ -219,10 +218,17 @@ def bind_task(**fields: Any) -> None:
 def bind_more(**fields: Any) -> None:
     """Bind more fields to the current request (its key id, once authenticated) the way its ids were bound:
     undone by ``clear_request`` after ``bind_request``, ended with the task after ``bind_task``."""
-    if _bound.get():
-        bind_request(**fields)
-    else:
+    bound = _bound.get()
+    if not bound:
         bind_task(**fields)
+        return
+    tokens = bound[-1]  # this request's own: its tokens join them (one context variable set less than bind_request)
+    for key, value in fields.items():
+        var = _vars.get(key)
+        if var is None or key in tokens:
+            bind_request(**{key: value})
+        else:
+            tokens[key] = var.set(value)
 
 
 def clear_request() -> None:

@@ -159,6 +159,8 @@ class Pipeline:
         budgets: BudgetEngine,
         identities: IdentityStore,
         telemetry: Telemetry,
+        *,
+        bind_key_id: bool = True,
     ) -> None:
         self._config = config
         self._router = router
@@ -167,6 +169,9 @@ class Pipeline:
         self._identities = identities
         self._telemetry = telemetry
         self._has_budgets = bool(config.budgets)
+        # Mounted, the host's log lines within a request carry its key id (SPEC 8); standalone no host code runs
+        # in a request, and the access line names the key itself.
+        self._bind_key_id = bind_key_id
         self._subjects: dict[tuple[str, str, str | None], Subject] = {}
         self._dearest_prices: dict[str, float] = {}
         # Misses coalesce only among requests routed alike: one whose fallbacks, retries, timeout, provider
@@ -224,7 +229,8 @@ class Pipeline:
         req = call.request
         assert req is not None  # normalize ran
         call.key = key = self._keys.authenticate(call.authorization)
-        bind_more(key_id=key.id)  # the host's log lines within this request name the key too (SPEC 8)
+        if self._bind_key_id:
+            bind_more(key_id=key.id)
         call.chain = chain = self._router.chain(req)  # before the grants: a 403 is counted under its model too
         named = [(req.model, "model")] if not req.load_balancer else []
         named += [

@@ -620,12 +620,15 @@ def parse_request(
 
 def _written(cache_p: str, fb_p: str, lb_p: str, lb_v: Any) -> dict[str, str] | None:
     """``EmbeddingRequest.written``: where the fields checked after parsing were written, if not at their name."""
+    legacy_lb = isinstance(lb_v, list)  # the legacy form lists the models itself
+    if cache_p == "cache" and fb_p == "fallbacks" and lb_p == "load_balancer" and not legacy_lb:
+        return None  # the usual request: nothing built
     out: dict[str, str] = {}
     if cache_p != "cache":
         out["cache"] = cache_p
     if fb_p != "fallbacks":
         out["fallbacks"] = fb_p
-    lb_models = lb_p if isinstance(lb_v, list) else f"{lb_p}.models"  # the legacy form lists the models itself
+    lb_models = lb_p if legacy_lb else f"{lb_p}.models"
     if lb_models != "load_balancer.models":
         out["load_balancer.models"] = lb_models
     return out or None
