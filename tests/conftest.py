@@ -37,8 +37,10 @@ def upstream(upstream_server: FakeUpstream) -> Iterator[FakeUpstream]:
     upstream_server.reset()
     upstream_server.always_floats = False
     upstream_server.compress = False
+    upstream_server.dims = 8
     yield upstream_server
     upstream_server.reset()
+    upstream_server.dims = 8
 
 
 def config_dict(upstream_url: str, **overrides: Any) -> dict[str, Any]:

@@ -175,6 +175,29 @@ async def test_a_partial_hit_never_mixes_models(client: httpx.AsyncClient, upstr
 
 
 @pytest.mark.anyio
+async def test_a_partial_hit_never_mixes_vector_sizes(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    # The model changed its dimension count (8 -> 9, adopted after three agreeing answers): a partial hit merged a
+    # vector cached at 8 floats with fresh ones of 9.
+    await embed(client, ["old"])
+    upstream.dims = 9
+    await embed(client, ["new"], retry={"count": 2})  # refused twice as malformed, then adopted
+    r = await embed(client, ["old", "fresh"])
+    assert [len(v) for v in floats(r)] == [9, 9]
+    assert (await embed(client, ["old"])).headers["x-embedgate-cache"] == "hit"
+    assert [len(v) for v in floats(await embed(client, ["old"]))] == [9]  # cached again at the new size
+
+
+@pytest.mark.anyio
+async def test_a_fresh_batch_repeating_an_item_is_a_miss(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    # The repeats waited on their first occurrence's fetch and were counted as cache hits: "partial".
+    r = await embed(client, ["a b", "c", "a b", "a b", "d"])
+    assert r.headers["x-embedgate-cache"] == "miss"
+    assert [c.body["input"] for c in upstream.calls] == [["a b", "c", "d"]]
+    r = await embed(client, ["a b", "e", "a b"])
+    assert r.headers["x-embedgate-cache"] == "partial"
+
+
+@pytest.mark.anyio
 async def test_fifty_concurrent_identical_misses_make_one_upstream_call(client: httpx.AsyncClient,
                                                                        upstream: FakeUpstream) -> None:  # fmt: skip
     upstream.script.append(Fault("slow", delay=0.3))  # keep the first call in flight while the others arrive

@@ -193,6 +193,19 @@ async def test_split_concurrency_bounds_the_calls_in_flight(upstream: FakeUpstre
 
 
 @pytest.mark.anyio
+async def test_a_split_batch_never_answers_vectors_of_different_sizes(upstream: FakeUpstream) -> None:
+    # The second chunk's new size was adopted on its third try (the model changing its dimension count) while the
+    # first chunk's vectors kept the old one: a 200 with 8- and 9-float vectors in one answer.
+    models = {"local/split-probe": {"max_inputs": 2}}
+    upstream.script.extend([Fault("ok", model="split-probe"), *[Fault("wrong_dims", model="split-probe")] * 3])
+    texts = [f"item {i}" for i in range(4)]
+    async with running(routing_config(upstream, models=models, routing={"split_concurrency": 1})) as (c, _):
+        r = await post(c, {"model": "local/split-probe", "input": texts, "retry": {"count": 2}})
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "upstream_malformed" and "8 and 9 dimensions" in r.json()["error"]["message"]
+
+
+@pytest.mark.anyio
 async def test_client_limit_is_max_request_inputs_not_max_inputs(upstream: FakeUpstream) -> None:
     async with running(routing_config(upstream)) as (c, _):
         r = await post(c, {"model": "local/embed-small", "input": big_batch(2049)})

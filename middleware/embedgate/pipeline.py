@@ -61,7 +61,7 @@ class Call:
     attempts: int = 0
     deployment: str = ""
     budget_decision: str = "none"
-    items_fetched: int = 0  # items this request itself sent upstream
+    items_fetched: int = 0  # items this request itself sent upstream (or repeats of them in its batch)
     headers: dict[str, str] = field(default_factory=dict)
     finish: list[Callable[[Call, GatewayError | None], Awaitable[None]]] = field(default_factory=list)
     span: Any = None
@@ -383,6 +383,12 @@ class Pipeline:
         foreign = [p for p, (m, _) in zip(positions, results, strict=True) if m != served]
         if call.cache_status in ("hit", "partial") and served != call.chain[0].id:
             foreign += [p for p in range(len(req.items)) if p not in positions]
+        elif call.cache_status == "partial" and fetched_here:
+            # Cached before the model changed its dimension count (the cache key has none when the request asks
+            # for none): embedded again, as one answer never mixes vector sizes.
+            width = len(call.vectors[next(iter(fetched_here))] or b"")
+            missing = set(positions)
+            foreign += [p for p in range(len(req.items)) if p not in missing and len(call.vectors[p] or b"") != width]
         if foreign:
             again = await self._embed(call, sorted(foreign), [self._router.resolve(served)])
             self._take(call, sorted(foreign), again)
@@ -395,8 +401,11 @@ class Pipeline:
                  for k, p in zip(keys_served, fresh, strict=True)],
                 call.cache_ttl,
             )  # fmt: skip
-        call.items_fetched = len(fetched_here)
-        call.cache_status = "hit" if not fetched_here else "miss" if len(fetched_here) == len(req.items) else "partial"
+        # An item repeated in the batch waits on its first occurrence's fetch: a miss too, not a cache hit.
+        ours = {call.cache_keys[p] for p in fetched_here} if len(fetched_here) < len(positions) else set()
+        missed = len(fetched_here) + sum(1 for p in positions if p not in fetched_here and call.cache_keys[p] in ours)
+        call.items_fetched = missed
+        call.cache_status = "hit" if not missed else "miss" if missed == len(req.items) else "partial"
         call.prompt_tokens = sum(call.item_tokens)
 
     async def _embed(self, call: Call, positions: list[int], chain: list[ResolvedModel]) -> RouteResult:

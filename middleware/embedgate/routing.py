@@ -416,6 +416,14 @@ class Router:
                     if cause is not None:
                         raise cause from None
                 raise failure
+        if len(results) > 1 and len({emb.dimensions for emb, _ in results}) > 1:
+            # One answer never mixes vector sizes: chunks answered at a change of the model's dimension count
+            # (each passed the per-model check in its turn). Paid for, and failed as a malformed answer.
+            for emb, d in results:
+                attempts.spent.append((model.id, emb.prompt_tokens, self._price(model, d)))
+            sizes = sorted({emb.dimensions for emb, _ in results})
+            raise _ModelFailed(UpstreamError(f"'{model.id}' answered the chunks of one batch with {sizes[0]} and "
+                                             f"{sizes[-1]} dimensions", code="upstream_malformed"), True)  # fmt: skip
         tokens = sum(emb.prompt_tokens for emb, _ in results)
         vectors = [v for emb, _ in results for v in emb.vectors]
         b64 = [t for emb, _ in results for t in (emb.b64 or [None] * len(emb.vectors))]
