@@ -10,10 +10,13 @@ import math
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import structlog
+import structlog.testing
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -464,3 +467,48 @@ def test_a_request_span_s_attributes_set_as_a_dict_are_what_the_api_calls_keep()
         assert all(type(v) in (str, int, float, bool, tuple) for v in kept[0].values())
         assert len(kept[0]) == min(128, 100 + len(attributes) - list(attributes.values()).count(None)
                                    - (2**63 in attributes.values()))  # fmt: skip
+
+
+def _entry_point_exporter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, export_body: str) -> None:
+    """An exporter installed as the entry point ``name`` (for this process and the helper it starts)."""
+    (tmp_path / f"{name}_exporter.py").write_text(
+        f"class Exporter:\n    def export(self, spans):\n        {export_body}\n    def shutdown(self):\n        pass\n"
+    )
+    info = tmp_path / f"{name}_exporter-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-exporter\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[opentelemetry_traces_exporter]\n{name} = {name}_exporter:Exporter\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the check at start-up, here
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+
+
+_PACKED = [["s", 0, i + 1, i + 1, 1, None, 0, 1, 2, {}, [0, None], [], None] for i in range(64)]
+
+
+def test_an_exporter_that_raises_loses_only_its_own_batch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # An entry-point exporter's exception ended the helper: every later span was lost, the OTLP exporter's too.
+    _entry_point_exporter(tmp_path, monkeypatch, "flaky", "raise RuntimeError('flaky')")
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        pipe = SpanPipe(["otlp", "flaky"], "flaky")
+        assert pipe.write(_PACKED)
+        time.sleep(1.0)  # past the helper's linger: a batch of its own, exported (and failed) before the next
+        assert pipe.write(_PACKED)
+        pipe.close()
+        assert len(receiver.wait_for_spans(128)) == 128
+
+
+def test_a_helper_stuck_exporting_is_stopped_at_shutdown_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A slow collector held the gateway's exit for up to a minute (30 s + 15 s + 15 s), the spans lost unsaid.
+    _entry_point_exporter(tmp_path, monkeypatch, "stuck", "__import__('time').sleep(60)")
+    pipe = SpanPipe(["stuck"], "stuck")
+    assert pipe.write(_PACKED)
+    with structlog.testing.capture_logs() as logged:
+        started = time.monotonic()
+        pipe.close(timeout_s=1.5)
+        took = time.monotonic() - started
+    assert took < 5, took
+    assert any("had not finished exporting" in e["event"] for e in logged), logged

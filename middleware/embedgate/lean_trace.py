@@ -444,7 +444,9 @@ class LeanTracerProvider(trace.TracerProvider):
         self._closed = True
         self._wake.set()
         self._worker.join(timeout=10)
-        self.force_flush()
+        # Bounded, as a server's shutdown is (an orchestrator's grace period): 5 s to hand the queue over, then
+        # up to 10 s for the helper's last exports (SpanPipe.close); past that they are lost, and the log says so.
+        self.force_flush(5000)
         dropped = self.dropped + self._pipe.dropped
         if dropped:
             _log.warning("spans dropped: the export queue was full or the helper fell behind", dropped=dropped)

@@ -25,6 +25,7 @@ gateway's requests.
 from __future__ import annotations
 
 import gc
+import logging
 import marshal
 import os
 import select
@@ -178,18 +179,25 @@ class SpanPipe:
             except (OSError, ValueError):
                 return False
 
-    def close(self) -> None:
-        """Hand over the backlog, close the pipe: the helper exports what it holds and exits."""
-        self.drain(15)
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Hand over the backlog, close the pipe: the helper exports what it holds and exits, within ``timeout_s``
+        in all; past that it is stopped, and a warning says its spans are lost (a slow or unreachable collector)."""
+        deadline = time.monotonic() + timeout_s
+        handed = self.drain(timeout_s)
         with self._lock:
             try:
                 self._pipe.close()
             except OSError:
                 pass
         try:
-            self._child.wait(timeout=15)
+            self._child.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self._child.kill()
+            self._child.wait()
+            _log.warning("the span export helper had not finished exporting at shutdown (a slow or unreachable "
+                         "collector?): stopped; the spans it still held are lost", timeout_s=timeout_s)  # fmt: skip
+        if not handed:
+            _log.warning("spans not handed to the export helper by shutdown are lost")
 
 
 class _Encoded(list[Any]):
@@ -344,7 +352,10 @@ def _serve(exporter_names: str, service_name: str, ready_fd: int) -> None:
                 batch = spans
             if pause is not None:
                 pause()
-            exporter.export(batch)
+            try:
+                exporter.export(batch)
+            except Exception:  # as the SDK's processor does: one exporter's failure loses its batch, nothing more
+                logging.getLogger("embedgate.span_export").exception("an exporter failed; its spans are lost")
 
     try:
         # The gateway writes small frames (short bursts under its GIL). An export gathers frames for up to
