@@ -335,19 +335,24 @@ def test_expect_100_continue_is_answered_when_the_app_reads(both: tuple[int, int
         client.close()
 
 
-def test_the_app_learns_that_the_client_went_away(both: tuple[int, int]) -> None:
-    ours, _ = both
+def leave_while_the_app_waits(port: int, path: str, disconnects: int = 1) -> None:
+    """Ask ``path`` (an app route that waits on receive()), go away once it waits, and wait until the app has
+    been told ``disconnects`` times."""
     EVENTS.clear()
-    client = Client(ours)
-    client.send(b"GET /wait-disconnect HTTP/1.1\r\nHost: x\r\n\r\n")
+    client = Client(port)
+    client.send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
     deadline = time.monotonic() + 5
-    while ("waiting", "/wait-disconnect") not in EVENTS:
+    while ("waiting", path) not in EVENTS:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     client.close()
-    while ("http.disconnect", "/wait-disconnect") not in EVENTS:
+    while EVENTS.count(("http.disconnect", path)) < disconnects:
         assert time.monotonic() < deadline, EVENTS
         time.sleep(0.01)
+
+
+def test_the_app_learns_that_the_client_went_away(both: tuple[int, int]) -> None:
+    leave_while_the_app_waits(both[0], "/wait-disconnect")
 
 
 @pytest.mark.parametrize("path", ["/fail-after-start", "/no-body", *(f"/bad-header-{k}" for k in BAD_VALUES)])
@@ -531,18 +536,8 @@ def test_bytes_like_bodies_and_a_number_for_more_body_are_taken(both: tuple[int,
 
 
 def test_two_receives_at_once_both_learn_that_the_client_went_away(both: tuple[int, int]) -> None:
-    ours, _ = both
-    EVENTS.clear()
-    client = Client(ours)
-    client.send(b"GET /wait-disconnect-twice HTTP/1.1\r\nHost: x\r\n\r\n")
-    deadline = time.monotonic() + 5
-    while ("waiting", "/wait-disconnect-twice") not in EVENTS:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    client.close()
-    while EVENTS.count(("http.disconnect", "/wait-disconnect-twice")) < 2:
-        assert time.monotonic() < deadline, EVENTS  # only the last receive() was woken: the other waited for ever
-        time.sleep(0.01)
+    # only the last receive() was woken: the other waited for ever
+    leave_while_the_app_waits(both[0], "/wait-disconnect-twice", disconnects=2)
 
 
 def test_a_client_gone_before_the_answer_is_not_an_error_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
@@ -552,15 +547,7 @@ def test_a_client_gone_before_the_answer_is_not_an_error_in_the_log(caplog: pyte
     with served(GatewayHttpProtocol) as (port, _):
         caplog.set_level(logging.ERROR, logger="uvicorn.error")
         logger.addHandler(caplog.handler)
-        EVENTS.clear()
-        client = Client(port)
-        client.send(b"GET /wait-disconnect HTTP/1.1\r\nHost: x\r\n\r\n")
-        deadline = time.monotonic() + 5
-        while ("http.disconnect", "/wait-disconnect") not in EVENTS:
-            if ("waiting", "/wait-disconnect") in EVENTS:
-                client.close()
-            assert time.monotonic() < deadline, EVENTS
-            time.sleep(0.01)
+        leave_while_the_app_waits(port, "/wait-disconnect")
         time.sleep(0.1)
         logger.removeHandler(caplog.handler)
     assert [r.getMessage() for r in caplog.records if r.name == "uvicorn.error" and r.levelno >= logging.ERROR] == []
