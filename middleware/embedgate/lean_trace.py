@@ -425,7 +425,9 @@ class LeanTracerProvider(trace.TracerProvider):
     def _report_drops(self) -> None:
         """Warn of the spans dropped since the last warning, while it happens (at most once a schedule delay)."""
         dropped = self.dropped + self._pipe.dropped
-        if dropped > self._reported_drops:
+        if dropped > self._reported_drops and self._pipe.broken:  # told once, when it went: not each delay
+            self._reported_drops = dropped
+        elif dropped > self._reported_drops:
             _log.warning("spans dropped: the export queue was full or the helper fell behind",
                          dropped=dropped - self._reported_drops, dropped_total=dropped)  # fmt: skip
             self._reported_drops = dropped

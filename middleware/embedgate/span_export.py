@@ -156,10 +156,16 @@ class SpanPipe:
             return
         del self._backlog[:sent]
 
+    @property
+    def broken(self) -> bool:
+        """Whether the helper is gone (its pipe closed): spans are dropped from then on, as logged once."""
+        return self._broken
+
     def _gone(self) -> None:
         if not self._broken:
             self._broken = True
             self._backlog.clear()
+            self._child.poll()  # reaped, if it has exited: no zombie until shutdown
             _log.warning("the span export process is gone; spans are dropped from now on")
 
     def drain(self, timeout_s: float) -> bool:
