@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import BUDGET_SCOPES, ConfigError, hash_key, load_config
+from .config import BUDGET_SCOPES, ConfigError, hash_key, header_safe, load_config
 
 __all__ = ["main"]
 
@@ -187,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "identities":
         params = {"limit": str(args.limit)} if args.id is None else {"id": args.id}
         return _admin(args, "/admin/identities", params)
-    if not re.fullmatch(r"[\x21-\x7e]+", args.key):  # as the config's keys: what an HTTP header carries
+    if not args.key or not header_safe(args.key):  # as the config's keys: what an HTTP header carries
         print("embedgate hash-key: a key is visible ASCII characters (no spaces, no accents)", file=sys.stderr)
         return 2
     print(hash_key(args.key))

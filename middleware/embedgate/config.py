@@ -309,7 +309,7 @@ class _Section:
         and 1.10 as 1.1, so the secret would silently differ from the one the client sends. So is a character an
         HTTP header does not carry as written (a key goes in ``Authorization``): visible ASCII only."""
         if isinstance(v, str):
-            if not _VISIBLE_ASCII.fullmatch(v):
+            if not header_safe(v):
                 self.error(path, "must be visible ASCII characters (no spaces, no accents: an HTTP header carries it)")
                 return None
             return v
@@ -404,6 +404,11 @@ def _sha256_hex(sec: _Section) -> Callable[[Any, str], str | None]:
         return s
 
     return check
+
+
+def header_safe(secret: str) -> bool:
+    """Whether ``secret`` is visible ASCII only, as an HTTP header (``Authorization``) carries it as written."""
+    return _VISIBLE_ASCII.fullmatch(secret) is not None
 
 
 def hash_key(key: str) -> str:

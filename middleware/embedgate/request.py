@@ -631,4 +631,4 @@ def _written(cache_p: str, fb_p: str, lb_p: str, lb_v: Any) -> dict[str, str] | 
     lb_models = lb_p if legacy_lb else f"{lb_p}.models"
     if lb_models != "load_balancer.models":
         out["load_balancer.models"] = lb_models
-    return out or None
+    return out

@@ -416,12 +416,12 @@ class Router:
                     if cause is not None:
                         raise cause from None
                 raise failure
-        if len(results) > 1 and len({emb.dimensions for emb, _ in results}) > 1:
+        sizes = sorted({emb.dimensions for emb, _ in results}) if len(results) > 1 else []
+        if len(sizes) > 1:
             # One answer never mixes vector sizes: chunks answered at a change of the model's dimension count
             # (each passed the per-model check in its turn). Paid for, and failed as a malformed answer.
             for emb, d in results:
                 attempts.spent.append((model.id, emb.prompt_tokens, self._price(model, d)))
-            sizes = sorted({emb.dimensions for emb, _ in results})
             raise _ModelFailed(UpstreamError(f"'{model.id}' answered the chunks of one batch with {sizes[0]} and "
                                              f"{sizes[-1]} dimensions", code="upstream_malformed"), True)  # fmt: skip
         tokens = sum(emb.prompt_tokens for emb, _ in results)
