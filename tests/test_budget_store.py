@@ -22,7 +22,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from embedgate.budget_stores import BudgetStoreError, ReadResult, ReserveResult
+from embedgate.budget_stores import NEVER_MS, BudgetStoreError, ReadResult, ReserveResult
 from embedgate.budgets import (
     BudgetEngine,
     BudgetStore,
@@ -126,13 +126,13 @@ async def test_all_or_nothing_when_one_counter_is_full(store: BudgetStore) -> No
         now_ms=t + 1,
         window_ms=WINDOW_MS,
         member="r2",
-        index=[("ids:x", "someone")],
+        index=[("seen:x", "someone", t + 60_000)],
     )
     assert second.failed == 1
     assert second.values == (5, 5)
     got = await store.read(["c:a", "c:b"], ["w:a"], now_ms=t + 2, window_ms=WINDOW_MS)
     assert (got.values, got.counts) == ((5, 5), (1,))
-    assert await store.members("ids:x", 10) == []
+    assert await store.members("seen:x", 10, now_ms=t + 2) == []
 
 
 @pytest.mark.anyio
@@ -161,21 +161,72 @@ async def test_index_sets_record_ids_of_admitted_requests(store: BudgetStore) ->
     for who in ("bob", "alice", "bob"):
         await store.reserve(
             [CounterSpec(f"c:{who}", 1, 10, 60)], [], now_ms=t, window_ms=WINDOW_MS, member=who,
-            index=[("ids:identity", who)],
+            index=[("seen:identity", who, t + 60_000)],
         )  # fmt: skip
-    assert await store.members("ids:identity", 10) == ["alice", "bob"]
+    assert await store.members("seen:identity", 10, now_ms=t) == ["alice", "bob"]
 
 
 @pytest.mark.anyio
 async def test_index_sets_are_read_up_to_a_limit(store: BudgetStore) -> None:
-    # Redis: SSCAN steps of 1000 (SMEMBERS of millions blocked Redis, and every budget check behind it).
+    # Redis: ZSCAN steps of 1000 (reading millions at once blocked Redis, and every budget check behind it).
     t = int(T0 * 1000)
     ids = [f"id-{i:05d}" for i in range(2500)]
     for who in ids:
-        await store.reserve([], [], now_ms=t, window_ms=WINDOW_MS, member=who, index=[("ids:many", who)])
-    some = await store.members("ids:many", 1200)
+        await store.reserve([], [], now_ms=t, window_ms=WINDOW_MS, member=who, index=[("seen:many", who, NEVER_MS)])
+    some = await store.members("seen:many", 1200, now_ms=t)
     assert len(some) == 1200 and some == sorted(some) and set(some) <= set(ids)
-    assert await store.members("ids:many", 10_000) == ids
+    assert await store.members("seen:many", 10_000, now_ms=t) == ids
+
+
+@pytest.mark.anyio
+async def test_index_ids_are_listed_until_their_time(store: BudgetStore) -> None:
+    t = int(T0 * 1000)
+    seen = [("seen:x", "brief", t + 1000), ("seen:x", "lasting", NEVER_MS)]
+    await store.reserve([], [], now_ms=t, window_ms=WINDOW_MS, member="r1", index=seen)
+    # seen again with an earlier time (another budget's): the later time stays
+    await store.reserve([], [], now_ms=t, window_ms=WINDOW_MS, member="r2", index=[("seen:x", "brief", t + 10)])
+    assert await store.members("seen:x", 10, now_ms=t + 999) == ["brief", "lasting"]
+    assert await store.members("seen:x", 10, now_ms=t + 1000) == ["lasting"]
+
+
+@pytest.mark.anyio
+async def test_index_ids_past_their_time_leave_the_memory_store(anyio_backend: str) -> None:
+    # Ids are made up by clients (identities, <provider>/<name> models): a set that only grew held every one of them.
+    store = MemoryBudgetStore()
+    t = int(T0 * 1000)
+    for i in range(3000):
+        who = f"contact-{i}"
+        await store.reserve([], [], now_ms=t, window_ms=WINDOW_MS, member=who, index=[("seen:identity", who, t + 1000)])
+    assert len(await store.members("seen:identity", 10_000, now_ms=t)) == 3000
+    for i in range(MemoryBudgetStore.SWEEP_EVERY):
+        await store.reserve([], [], now_ms=t + 2000, window_ms=WINDOW_MS, member=f"later-{i}")
+    assert store._sets == {}
+
+
+@pytest.mark.anyio
+async def test_index_ids_past_their_time_leave_redis(anyio_backend: str) -> None:
+    url = require_redis()
+    prefix = f"eg:b:test:{uuid.uuid4().hex}:"
+    store = RedisBudgetStore(url, prefix=prefix)
+    client = aioredis.Redis.from_url(url)
+    t = int(T0 * 1000)
+    try:
+        for i in range(50):
+            await store.reserve([], [], now_ms=t, window_ms=WINDOW_MS, member=f"r{i}",
+                                index=[("seen:identity", f"contact-{i}", t + 1000)])  # fmt: skip
+        assert await client.zcard(prefix + "seen:identity") == 50
+        assert 0 < await client.pttl(prefix + "seen:identity") <= 1000  # the set ends with its ids
+        await store.reserve([], [], now_ms=t + 2000, window_ms=WINDOW_MS, member="later",
+                            index=[("seen:identity", "newcomer", t + 5000)])  # fmt: skip
+        assert await client.zrange(prefix + "seen:identity", 0, -1) == [b"newcomer"]
+        assert 2000 < await client.pttl(prefix + "seen:identity") <= 3000
+        await store.reserve([], [], now_ms=t + 2000, window_ms=WINDOW_MS, member="once",
+                            index=[("seen:identity", "forever", NEVER_MS)])  # fmt: skip
+        assert await client.pttl(prefix + "seen:identity") == -1  # a one_time budget's ids never end
+    finally:
+        await client.aclose()
+        await store.aclose()
+        await _delete_prefix(url, prefix)
 
 
 @pytest.mark.anyio

@@ -115,6 +115,21 @@ async def test_star_target_is_a_separate_budget_per_id() -> None:
 
 
 @pytest.mark.anyio
+async def test_star_ids_are_listed_while_their_period_lasts() -> None:
+    # The ids a "*" budget has seen are made up by clients: listed (and stored) while their counters live, then gone.
+    clock = Clock(datetime(2025, 3, 14, 23, 0, tzinfo=UTC).timestamp())
+    daily = engine(BudgetConfig(scope="identity", target="*", token_limit=100), clock=clock)
+    once = engine(BudgetConfig(scope="identity", target="*", period="one_time", token_limit=100), clock=clock)
+    for eng in (daily, once):
+        await eng.reserve(ALICE, tokens=5, cost_usd=0.0)
+    clock.t = datetime(2025, 3, 15, 0, 59, tzinfo=UTC).timestamp()  # the next day, within the hour's grace
+    assert [(r["id"], r["tokens"]["used"]) for r in await daily.usage()] == [("alice", 0)]
+    clock.t = datetime(2025, 3, 15, 1, 0, tzinfo=UTC).timestamp()
+    assert await daily.usage() == []
+    assert [(r["id"], r["tokens"]["used"]) for r in await once.usage()] == [("alice", 5)]
+
+
+@pytest.mark.anyio
 async def test_every_applicable_budget_is_a_hard_gate() -> None:
     eng = engine(
         BudgetConfig(scope="workspace", target="acme", token_limit=1000),
@@ -326,9 +341,9 @@ class CountingStore:
         self.calls += 1
         return await self.inner.read(counters, windows, now_ms=now_ms, window_ms=window_ms)
 
-    async def members(self, key: str, limit: int) -> list[str]:
+    async def members(self, key: str, limit: int, *, now_ms: int) -> list[str]:
         self.calls += 1
-        return await self.inner.members(key, limit)
+        return await self.inner.members(key, limit, now_ms=now_ms)
 
     async def ping(self) -> bool:
         return await self.inner.ping()

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Final, Protocol
 from .resp import LeanRedis, RespError, Script
 
 __all__ = [
+    "NEVER_MS",
     "BudgetStore",
     "BudgetStoreError",
     "CounterSpec",
@@ -27,6 +28,10 @@ __all__ = [
     "WindowSpec",
     "budget_store",
 ]
+
+
+# "Listed until" of an index id whose budget never resets (one_time): 2**53 ms, exact as a Redis score (a double).
+NEVER_MS: Final = 2**53
 
 
 class BudgetStoreError(Exception):
@@ -113,10 +118,12 @@ class BudgetStore(Protocol):
         now_ms: int,
         window_ms: int,
         member: str,
-        index: Sequence[tuple[str, str]] = (),
+        index: Sequence[tuple[str, str, int]] = (),
     ) -> ReserveResult:
         """Atomically: check every spec; if all fit, add the amounts, add ``member`` at ``now_ms`` to every
-        window and each ``(set, id)`` of ``index`` to its set; else change nothing."""
+        window and record each ``(set, id, until_ms)`` of ``index``: the id is listed in its set until that time
+        (the later one, if recorded before; ``NEVER_MS`` for ids of budgets that never reset); else change
+        nothing. Ids whose time has passed are dropped."""
         ...
 
     async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int) -> None:
@@ -127,8 +134,9 @@ class BudgetStore(Protocol):
         """Read counters and windows without changing them."""
         ...
 
-    async def members(self, key: str, limit: int) -> list[str]:
-        """At most ``limit`` of the ids recorded in one index set (the concrete ids seen by a ``*`` budget), sorted."""
+    async def members(self, key: str, limit: int, *, now_ms: int) -> list[str]:
+        """At most ``limit`` of the ids listed in one index set at ``now_ms`` (the concrete ids seen by a ``*``
+        budget while their counters live), sorted."""
         ...
 
     async def ping(self) -> bool:
@@ -184,7 +192,7 @@ class MemoryBudgetStore:
     def __init__(self) -> None:
         self._counters: dict[str, tuple[int, int | None]] = {}  # key -> (value, expires at ms or None)
         self._windows: dict[str, _Window] = {}  # key -> the request timestamps in its rolling window
-        self._sets: dict[str, set[str]] = {}
+        self._sets: dict[str, dict[str, int]] = {}  # index set -> id -> listed until (ms)
         self._ops = 0
 
     def _value(self, key: str, now_ms: int) -> int:
@@ -204,6 +212,12 @@ class MemoryBudgetStore:
     def _sweep(self, now_ms: int) -> None:
         self._counters = {k: v for k, v in self._counters.items() if v[1] is None or v[1] > now_ms}
         self._windows = {k: v for k, v in self._windows.items() if v}
+        for key, ids in list(self._sets.items()):
+            kept = {i: until for i, until in ids.items() if until > now_ms}
+            if kept:
+                self._sets[key] = kept
+            else:
+                del self._sets[key]
 
     async def reserve(
         self,
@@ -213,7 +227,7 @@ class MemoryBudgetStore:
         now_ms: int,
         window_ms: int,
         member: str,
-        index: Sequence[tuple[str, str]] = (),
+        index: Sequence[tuple[str, str, int]] = (),
     ) -> ReserveResult:
         """See ``BudgetStore.reserve``."""
         self._ops += 1
@@ -244,8 +258,10 @@ class MemoryBudgetStore:
                 lg = logs[j]
                 lg.add(now_ms)
                 self._windows[windows[j].key] = lg
-            for set_key, member_id in index:
-                self._sets.setdefault(set_key, set()).add(member_id)
+            for set_key, member_id, until in index:
+                ids = self._sets.setdefault(set_key, {})
+                if ids.get(member_id, 0) < until:
+                    ids[member_id] = until
         counts: list[int] = []
         marks: list[int | None] = []
         for j in range(m):
@@ -270,9 +286,9 @@ class MemoryBudgetStore:
             tuple(lg[0] if lg else None for lg in logs),
         )
 
-    async def members(self, key: str, limit: int) -> list[str]:
+    async def members(self, key: str, limit: int, *, now_ms: int) -> list[str]:
         """See ``BudgetStore.members``."""
-        return sorted(self._sets.get(key, ()))[:limit]
+        return sorted(i for i, until in self._sets.get(key, {}).items() if until > now_ms)[:limit]
 
     async def ping(self) -> bool:
         """Always reachable."""
@@ -288,12 +304,13 @@ def _mark(log_: _Window, limit: int) -> int | None:
     return log_[rank] if rank < len(log_) else None
 
 
-_SCAN_COUNT: Final = 1000  # set members read per SSCAN step (each step is one bounded Redis command)
+_SCAN_COUNT: Final = 1000  # set members read per ZSCAN step (each step is one bounded Redis command)
 _MAX_SCAN_STEPS: Final = 1000
 _CLOCK_READ_MS: Final = 60_000  # how often Redis's clock is read again (for the reserve's deadline)
 
-# KEYS: n counters, m windows, k index sets. ARGV: n, m, k, now_ms, window_ms, member,
-# then amount, limit, ttl per counter, limit per window, id per index set, and last the deadline: Redis's own
+# KEYS: n counters, m windows, k index sets (sorted sets: id -> listed until, ms). ARGV: n, m, k, now_ms, window_ms,
+# member, then amount, limit, ttl per counter, limit per window, id and until per index set, NEVER_MS, and last the
+# deadline: Redis's own
 # time (ms) after which the caller has given up on this reserve, which then changes nothing and answers {-1}.
 _RESERVE = """
 if redis.replicate_commands then redis.replicate_commands() end  -- TIME, then writes: Redis < 5 needs it
@@ -325,7 +342,14 @@ if failed == 0 then
     redis.call('PEXPIRE', KEYS[n + j], window + 1000)
     counts[j] = counts[j] + 1
   end
-  for s = 1, k do redis.call('SADD', KEYS[n + m + s], ARGV[wa + m + s - 1]) end
+  for s = 1, k do
+    local key, id, untl = KEYS[n + m + s], ARGV[wa + m + 2 * s - 2], tonumber(ARGV[wa + m + 2 * s - 1])
+    local old = redis.call('ZSCORE', key, id)
+    if not old or tonumber(old) < untl then redis.call('ZADD', key, string.format('%d', untl), id) end
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now))
+    -- every id of a set is given the same time by the same budgets: the whole set ends with the newest id's
+    if untl < tonumber(ARGV[#ARGV - 1]) then redis.call('PEXPIRE', key, untl - now) else redis.call('PERSIST', key) end
+  end
 end
 local out = {failed}
 for i = 1, n do out[#out + 1] = values[i] end
@@ -401,17 +425,18 @@ class RedisBudgetStore:
         now_ms: int,
         window_ms: int,
         member: str,
-        index: Sequence[tuple[str, str]] = (),
+        index: Sequence[tuple[str, str, int]] = (),
     ) -> ReserveResult:
         """See ``BudgetStore.reserve``."""
         p = self._prefix
-        keys = [p + c.key for c in counters] + [p + w.key for w in windows] + [p + s for s, _ in index]
+        keys = [p + c.key for c in counters] + [p + w.key for w in windows] + [p + s for s, _, _ in index]
         args: list[Any] = [len(counters), len(windows), len(index), now_ms, window_ms, member]
         for c in counters:
             args += [c.amount, c.limit, c.ttl_s]
         args += [w.limit for w in windows]
-        args += [m for _, m in index]
-        args.append(await self._deadline())
+        for _, member_id, until in index:
+            args += [member_id, until]
+        args += [NEVER_MS, await self._deadline()]
         out = await self._call(self._reserve, keys, args)
         if out[0] < 0:  # it reached Redis past its deadline and changed nothing (else: 0, or the failed index)
             raise BudgetStoreError("Redis ran the reserve too late to answer it in time")
@@ -449,15 +474,15 @@ class RedisBudgetStore:
         oldest = tuple(None if v < 0 else v for v in out[n + m :])
         return ReadResult(tuple(out[:n]), tuple(out[n : n + m]), oldest)
 
-    async def members(self, key: str, limit: int) -> list[str]:
-        """See ``BudgetStore.members``: read with SSCAN, a bounded step at a time (SMEMBERS of a set of millions of
-        identities held Redis for ~0.5 s, and every budget check with it), until ``limit`` are in hand."""
+    async def members(self, key: str, limit: int, *, now_ms: int) -> list[str]:
+        """See ``BudgetStore.members``: read with ZSCAN, a bounded step at a time (reading a set of millions of
+        identities at once held Redis for ~0.5 s, and every budget check with it), until ``limit`` are in hand."""
         found: set[bytes] = set()
         cursor = b"0"
         try:
             for _ in range(_MAX_SCAN_STEPS):
-                cursor, page = await self._redis.execute("SSCAN", self._prefix + key, cursor, "COUNT", _SCAN_COUNT)
-                found.update(page)
+                cursor, page = await self._redis.execute("ZSCAN", self._prefix + key, cursor, "COUNT", _SCAN_COUNT)
+                found.update(page[i] for i in range(0, len(page) - 1, 2) if float(page[i + 1]) > now_ms)
                 if cursor == b"0" or len(found) >= limit:
                     break
         except (RespError, OSError, TimeoutError) as exc:

@@ -35,6 +35,7 @@ from embedgate.config import BudgetConfig, Deployment, ModelConfig
 from embedgate.errors import BudgetExceeded, Unavailable
 
 from .budget_stores import (
+    NEVER_MS,
     BudgetStore,
     BudgetStoreError,
     CounterSpec,
@@ -303,7 +304,7 @@ class BudgetEngine:
         self._window_ms = int(window_s * 1000)
         self._clock = clock
         self._last_warn = -math.inf
-        self._memo: dict[tuple[Subject, bool, int], tuple[list[_Gate], list[_Gate], list[tuple[str, str]]]] = {}
+        self._memo: dict[tuple[Subject, bool, int], tuple[list[_Gate], list[_Gate], list[tuple[str, str, int]]]] = {}
         # Applicable-budget lookup, precomputed: (scope, target) -> budgets, and scope -> its "*" budgets.
         self._exact: dict[tuple[str, str], list[BudgetConfig]] = {}
         self._wild: dict[str, list[BudgetConfig]] = {}
@@ -344,7 +345,7 @@ class BudgetEngine:
 
     def _gates(
         self, subject: Subject, now: float, cached: bool
-    ) -> tuple[list[_Gate], list[_Gate], list[tuple[str, str]]]:
+    ) -> tuple[list[_Gate], list[_Gate], list[tuple[str, str, int]]]:
         # The gates of a subject change only with the UTC day (every period starts at midnight): computed once
         # per subject and day, not per request.
         memo_key = (subject, cached, int(now // 86400))
@@ -358,18 +359,23 @@ class BudgetEngine:
 
     def _compute_gates(
         self, subject: Subject, now: float, cached: bool
-    ) -> tuple[list[_Gate], list[_Gate], list[tuple[str, str]]]:
+    ) -> tuple[list[_Gate], list[_Gate], list[tuple[str, str, int]]]:
         counters: dict[str, _Gate] = {}
         windows: dict[str, _Gate] = {}
-        index: dict[tuple[str, str], None] = {}  # ids seen by "*" budgets, for the operator's usage view
+        # Ids seen by "*" budgets, for the operator's usage view: each listed as long as its counters live (the
+        # period's end and its grace; a one_time budget's never end), so that ids made up by clients (identities,
+        # <provider>/<name> models) do not pile up in the store for ever.
+        index: dict[tuple[str, str], int] = {}
         for b, sid in self.applicable(subject):
+            stamp, end = period_bounds(b.period, now)
             if b.target == "*":
-                index[(f"ids:{b.scope}", sid)] = None
+                until = NEVER_MS if end is None else math.ceil((end + PERIOD_GRACE_S) * 1000)
+                at = (f"seen:{b.scope}", sid)
+                index[at] = max(until, index.get(at, 0))
             dims: list[tuple[str, int | None]] = [("requests", b.requests_per_minute)]
             if not cached:  # a cache hit costs no tokens and no spend (SPEC 6)
                 dims.append(("tokens", b.token_limit))
                 dims.append(("cost", None if b.amount_usd is None else round(b.amount_usd * NANO)))
-            stamp, end = period_bounds(b.period, now)
             for dim, limit in dims:
                 if limit is None:
                     continue
@@ -381,7 +387,7 @@ class BudgetEngine:
                 gate = table.get(key)
                 if gate is None or limit < gate.limit:
                     table[key] = _Gate(key, dim, limit, b.scope, sid, b.period, end)
-        return list(counters.values()), list(windows.values()), list(index)
+        return list(counters.values()), list(windows.values()), [(s, i, until) for (s, i), until in index.items()]
 
     async def reserve(self, subject: Subject, *, tokens: int, cost_usd: float, cached: bool = False) -> Reservation:
         """Reserve ``tokens`` and ``cost_usd`` on every applicable budget; count one request; all or nothing.
@@ -567,7 +573,8 @@ class BudgetEngine:
                 if only_id is not None:  # one id's usage: no listing of the ids seen
                     rows.append((b, only_id))
                     continue
-                rows += [(b, sid) for sid in await self._store.members(f"ids:{b.scope}", limit_ids)]
+                listed = await self._store.members(f"seen:{b.scope}", limit_ids, now_ms=int(now * 1000))
+                rows += [(b, sid) for sid in listed]
             counter_keys: list[str] = []
             window_keys: list[str] = []
             for b, sid in rows:
