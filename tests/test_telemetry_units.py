@@ -658,6 +658,8 @@ CACHE_BYTES_WORKER = textwrap.dedent(
         await asyncio.sleep(1.3)
 
     asyncio.run(main())
+    if sys.argv[1] == "close":  # as the gateway's shutdown does
+        metrics.close()
     print("ready", flush=True)
     if sys.argv[1] == "stay":
         sys.stdin.readline()
@@ -684,6 +686,22 @@ def test_the_cache_size_of_worker_processes_is_current_and_the_dead_are_not_coun
     finally:
         alive.communicate("\n", timeout=30)
     assert "embedgate_cache_bytes 25.0" in scrape.stdout.splitlines()  # not 10 (stale) + 10 or 25 (the dead)
+
+
+def test_a_worker_that_stops_takes_its_cache_size_out_of_the_sum_at_once(tmp_path: Path) -> None:
+    # Metrics.close (the gateway's shutdown) removes its live gauge's file: a scrape before any cleanup of dead
+    # workers, or prometheus_client's own reading of the directory, does not count it.
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    env["PYTHONPATH"] = str(ROOT / "middleware")
+    for action, kept in (("exit", True), ("close", False)):
+        run = subprocess.run([sys.executable, "-c", CACHE_BYTES_WORKER, action], env=env, capture_output=True,
+                             text=True, timeout=60, check=False)  # fmt: skip
+        assert run.stdout == "ready\n", run.stderr
+        assert bool(list(tmp_path.glob("gauge_live*.db"))) is kept
+        for leftover in tmp_path.glob("gauge_live*.db"):
+            leftover.unlink()
+    assert list(tmp_path.glob("counter_*.db"))  # its counters stay, as they should
 
 
 # --- logs ---
