@@ -48,6 +48,10 @@ telemetry: {service_name: test-gw}
 """
 
 
+BUDGET = "budgets:\n  - {scope: api_key, target: team-a, period: daily, token_limit: 1000}\n"
+assert BUDGET in GOOD
+
+
 def test_interpolation_and_defaults(tmp_path: Path) -> None:
     path = tmp_path / "gw.yaml"
     path.write_text(GOOD)
@@ -207,16 +211,18 @@ def test_serve_refuses_an_unknown_http_protocol(tmp_path: Path) -> None:
     assert "--http" in r.stderr and "'h3'" in r.stderr
 
 
-def test_serve_exits_when_the_gateway_cannot_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_exits_when_the_gateway_cannot_start(tmp_path: Path, workers: str) -> None:
     """An error while the gateway opens its resources (here an unusable proxy URL) stops the server with the
-    reason, rather than serving 500s; the proxy's credentials are not shown."""
+    reason and status 3, rather than serving 500s; the proxy's credentials are not shown. With workers, uvicorn's
+    supervisor stopped and exited 0."""
     path = tmp_path / "gw.yaml"
-    path.write_text(GOOD)
+    path.write_text(GOOD.replace(BUDGET, ""))
     env = {**os.environ, "UPSTREAM_URL": "http://127.0.0.1:9/v1", "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none",
            "HTTPS_PROXY": "ftp://user:pr0xy-pass@proxy.internal:2121"}  # fmt: skip
-    r = subprocess.run([*EMBEDGATE, "serve", "--config", str(path), "--port", str(free_port())], capture_output=True,
-                       text=True, timeout=60, env=env)  # fmt: skip
-    assert r.returncode != 0
+    r = subprocess.run([*EMBEDGATE, "serve", "--config", str(path), "--port", str(free_port()), "--workers", workers],
+                       capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert r.returncode == 3, r.stderr[-2000:]
     out = r.stdout + r.stderr
     assert "https_proxy ftp://proxy.internal:2121: not an http, https or socks5 proxy URL" in out
     assert "Application startup failed" in out
@@ -252,10 +258,8 @@ def test_serve_refuses_workers_with_budgets_in_memory(tmp_path: Path) -> None:
 def test_serve_with_two_workers_serves(tmp_path: Path, upstream: FakeUpstream) -> None:
     """``--workers 2`` spawns worker processes that take uvicorn's config, the HTTP protocol class included
     (no budget here: in memory, workers would each count their own)."""
-    budget = "budgets:\n  - {scope: api_key, target: team-a, period: daily, token_limit: 1000}\n"
-    assert budget in GOOD
     path = tmp_path / "gw.yaml"
-    path.write_text(GOOD.replace(budget, ""))
+    path.write_text(GOOD.replace(BUDGET, ""))
     port = free_port()
     env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
     output: list[bytes] = []
@@ -350,6 +354,72 @@ def test_a_request_cut_by_the_shutdown_is_a_503_in_its_shape_and_releases_its_re
     assert r.json()["error"]["code"] == "gateway_stopping" and "param" in r.json()["error"]  # the orq shape
     assert values and all(v == 0 for v in values)  # reserved, then released
     assert b"Traceback" not in out and b'"status":503' in out  # no traceback; the access line was written
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_stops_taking_connections_at_sigterm_and_exits_0_once_drained(
+    tmp_path: Path, upstream: FakeUpstream, workers: str
+) -> None:
+    # With workers, uvicorn's supervisor held the listening socket until the last worker had drained: the kernel
+    # accepted connections no worker would read, reset seconds later. With one worker, the process ended by the
+    # SIGTERM that uvicorn raised again once done (status 143), where workers exited 0.
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD.replace(BUDGET, ""))
+    upstream.script.append(Fault("slow", delay=2, model="embed-small"))
+    port = free_port()
+    argv = [*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), "--workers", workers]
+    env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    answers: list[httpx.Response] = []
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_serving(proc, url)
+        sender = threading.Thread(target=lambda: answers.append(embed(url)))
+        sender.start()
+        deadline = time.monotonic() + 5
+        while not upstream.calls and time.monotonic() < deadline:  # the request waits on the slow upstream
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        started = time.monotonic()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", timeout=5)
+        assert time.monotonic() - started < 1  # refused at once, not held
+        sender.join(timeout=20)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert [r.status_code for r in answers] == [200]  # the request in flight finished
+    assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
+
+
+def test_a_worker_that_cannot_build_the_gateway_is_a_startup_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The config checked by `serve` may change on disk before a worker reads it: uvicorn's supervisor started a
+    # worker whose app raised again and again, and the server neither served nor exited.
+    from embedgate.cli import served_app
+
+    path = tmp_path / "gw.yaml"
+    path.write_text("keys: {}\n")
+    monkeypatch.setenv("EMBEDGATE_CONFIG", str(path))
+    with pytest.raises(SystemExit) as stop:
+        served_app()
+    assert stop.value.code == 3
+    assert "keys: must be a list" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_metrics_directory_it_cannot_write(tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD.replace(BUDGET, ""))
+    env = {**os.environ, "UPSTREAM_URL": "http://127.0.0.1:9/v1", "TEAM_A_KEY": "sk-a",
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")}  # fmt: skip
+    r = subprocess.run([*EMBEDGATE, "serve", "--config", str(path), "--workers", "2"], capture_output=True,
+                       text=True, timeout=60, env=env)  # fmt: skip
+    assert r.returncode == 1
+    assert f"PROMETHEUS_MULTIPROC_DIR={tmp_path / 'missing'} is not a writable directory" in r.stderr
 
 
 def test_serve_with_workers_removes_its_metrics_directory(tmp_path: Path, upstream: FakeUpstream) -> None:

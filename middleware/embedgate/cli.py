@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -48,25 +49,51 @@ def _serve(args: argparse.Namespace) -> int:
 
     os.environ["EMBEDGATE_CONFIG"] = os.path.abspath(args.config)
     metrics_dir = None
-    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    given_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if given_dir and not (os.path.isdir(given_dir) and os.access(given_dir, os.W_OK | os.X_OK)):
+        # Every worker would fail to build its metrics, and be started again, for ever.
+        print(f"error: PROMETHEUS_MULTIPROC_DIR={given_dir} is not a writable directory", file=sys.stderr)
+        return 1
+    if args.workers > 1 and not given_dir:
         # Each worker is a process: /metrics sums them through prometheus_client's multiprocess mode, which
         # must be set up before any worker imports prometheus_client. Removed when the server stops.
         import tempfile
 
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="embedgate-metrics-")
     try:
-        _run(args, uvicorn, GatewayHttpProtocol)
+        return _run(args, uvicorn, GatewayHttpProtocol)
     finally:
         if metrics_dir is not None:
             import shutil
 
             shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
 
 
-def _run(args: argparse.Namespace, uvicorn: Any, protocol: type) -> None:
-    uvicorn.run(
-        "embedgate.app:create_app",
+STARTUP_FAILURE = 3  # uvicorn's exit status for a server that could not start
+
+
+def served_app() -> Any:
+    """The app ``embedgate serve`` runs in each worker. A failure to build it (the config changed on disk since
+    the check, say) is a startup failure, which stops the server: uvicorn's supervisor would start a worker that
+    raised anything else again and again, and the server would never serve nor exit."""
+    from .app import create_app
+
+    try:
+        return create_app()
+    except Exception as exc:
+        errors = exc.errors if isinstance(exc, ConfigError) else [f"{type(exc).__name__}: {exc}"]
+        print("error: embedgate could not be built:", *errors, sep="\n  ", file=sys.stderr, flush=True)
+        sys.exit(STARTUP_FAILURE)
+
+
+def _stopped(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def _run(args: argparse.Namespace, uvicorn: Any, protocol: type) -> int:
+    """Serve until stopped: 0 after a graceful stop (SIGTERM or SIGINT), 3 if the gateway could not start."""
+    config = uvicorn.Config(
+        "embedgate.cli:served_app",
         factory=True,
         host=args.host,
         port=args.port,
@@ -85,6 +112,50 @@ def _run(args: argparse.Namespace, uvicorn: Any, protocol: type) -> None:
         # gateway_stopping) in its route's shape.
         timeout_graceful_shutdown=args.timeout_graceful_shutdown,
     )
+    if args.workers == 1:
+        # Once the server is down, uvicorn raises again the signal that stopped it, under the handler found
+        # before it started: the process would end by SIGTERM itself (status 143) where --workers N exits 0.
+        # (SIGINT is raised again as a KeyboardInterrupt.)
+        previous = signal.signal(signal.SIGTERM, _stopped)
+        server = uvicorn.Server(config)
+        try:
+            server.run()  # exits 3 if the gateway cannot start
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return 0 if server.started else STARTUP_FAILURE
+    supervisor = _supervisor_class()(config, sockets=[config.bind_socket()])
+    try:
+        supervisor.run()
+    except KeyboardInterrupt:
+        pass
+    return STARTUP_FAILURE if supervisor.failed else 0
+
+
+def _supervisor_class() -> type:
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    class Supervisor(Multiprocess):
+        """uvicorn's supervisor of worker processes, which tells a worker's startup failure (uvicorn's own
+        stops the workers and exits 0) and stops taking connections as soon as it is told to stop."""
+
+        failed = False
+
+        def run(self) -> None:
+            super().run()
+            # A worker that failed to start is kept in the list (not replaced), with its exit status.
+            self.failed = any(p.exitcode == STARTUP_FAILURE for p in self.processes)
+
+        def terminate_all(self) -> None:
+            # The supervisor's copy of the listening socket kept it open until the last worker had drained:
+            # the kernel went on accepting connections that no worker would ever read (held, then reset).
+            # Each worker closes its own copy as its shutdown begins.
+            for sock in self.sockets:
+                sock.close()
+            super().terminate_all()
+
+    return Supervisor
 
 
 def _admin(args: argparse.Namespace, path: str, params: dict[str, str]) -> int:
