@@ -246,6 +246,24 @@ async def test_idle_connections_expire_after_keepalive() -> None:
     assert server.connections == 2
 
 
+async def test_idle_connections_left_by_a_burst_close_while_traffic_goes_on() -> None:
+    # Calls take the most recently used connection: the burst's others, idle under it, were never looked at
+    # again, and the pool stayed at its peak for as long as any traffic came (or none did).
+    async with serve(lambda n: ok(), delay_s=0.02) as server:
+        transport = Http1Transport(keepalive_s=0.3)
+        await asyncio.gather(*(post(transport, server.url) for _ in range(20)))
+        assert server.open_now == 20
+        for _ in range(8):  # a trickle, one call at a time: it keeps one connection busy
+            await post(transport, server.url)
+            await asyncio.sleep(0.06)
+        open_under_trickle = server.open_now
+        await asyncio.sleep(0.5)  # then no traffic at all
+        open_when_quiet = server.open_now
+        await transport.aclose()
+    assert open_under_trickle == 1
+    assert open_when_quiet == 0
+
+
 async def test_a_streamed_body_of_unknown_length_is_sent_chunked() -> None:
     async def parts() -> AsyncIterator[bytes]:
         yield b'{"input":'

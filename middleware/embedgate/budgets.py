@@ -546,7 +546,11 @@ class BudgetEngine:
         try:
             await self._store.adjust(deltas, now_ms=int(self._clock() * 1000))
         except BudgetStoreError as exc:
-            log.warning(f"budget {what} failed; counters keep the reserved amounts", error=str(exc))
+            # A command that timed out may still reach Redis and apply: it is not sent again (it could apply twice).
+            log.warning(
+                f"budget {what} failed; unless it reached the store late, the counters keep the reserved amounts",
+                error=str(exc),
+            )
 
     async def usage(
         self, *, scope: str | None = None, only_id: str | None = None, limit_ids: int = 1000

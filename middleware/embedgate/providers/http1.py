@@ -230,6 +230,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._open = 0  # connections open or being opened
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
+        # Closes idle connections past keepalive_s. _acquire takes the most recently used one, so those left
+        # idle under it by a burst were never looked at while traffic went on: the pool stayed at its peak.
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` on a pooled connection and return the answer with its body read."""
@@ -275,6 +278,8 @@ class Http1Transport(httpx.AsyncBaseTransport):
         if conn.keep_alive and conn.usable and not self._closed:
             conn.idle_since = time.monotonic()
             self._idle.setdefault(origin, []).append(conn)
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().call_later(self._keepalive_s, self._sweep)
             self._wake()
         else:
             self._discard(conn)
@@ -341,6 +346,20 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._open -= 1
         self._wake()
 
+    def _sweep(self) -> None:
+        """Close the idle connections past keepalive_s; come back when the oldest left will be."""
+        self._sweeper = None
+        now = time.monotonic()
+        oldest = now
+        for idle in self._idle.values():
+            # oldest first: connections are appended as they come back, and taken from the end
+            while idle and now - idle[0].idle_since >= self._keepalive_s:
+                self._discard(idle.pop(0))
+            if idle:
+                oldest = min(oldest, idle[0].idle_since)
+        if any(self._idle.values()) and not self._closed:
+            self._sweeper = asyncio.get_running_loop().call_later(oldest + self._keepalive_s - now, self._sweep)
+
     def _close_one_idle(self) -> bool:
         for idle in self._idle.values():
             if idle:
@@ -358,6 +377,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         """Close every pooled connection (calls in flight close theirs when they end)."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
             while idle:
                 self._discard(idle.pop())
