@@ -198,7 +198,7 @@ async def test_index_ids_past_their_time_leave_the_memory_store(anyio_backend: s
         who = f"contact-{i}"
         await store.reserve([], [], now_ms=t, window_ms=WINDOW_MS, member=who, index=[("seen:identity", who, t + 1000)])
     assert len(await store.members("seen:identity", 10_000, now_ms=t)) == 3000
-    for i in range(MemoryBudgetStore.SWEEP_EVERY):
+    for i in range(store.SWEEP_EVERY):
         await store.reserve([], [], now_ms=t + 2000, window_ms=WINDOW_MS, member=f"later-{i}")
     assert store._sets == {}
 

@@ -93,6 +93,11 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": big[: len(big) // 2], "more_body": True})
         await send({"type": "http.response.body", "body": big[len(big) // 2 :]})
         return
+    if path == "/big-once":  # the same in one body message: the app is done before the client has it
+        big = bytes(range(256)) * (16 * 1024)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(big))]})
+        await send({"type": "http.response.body", "body": big})
+        return
     if path == "/chunked":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": out[:10], "more_body": True})
@@ -575,3 +580,58 @@ def test_the_keep_alive_timeout_counts_from_the_last_byte_received() -> None:
             assert client.closed(wait=3.0)
         finally:
             client.close()
+
+
+def test_a_new_connection_that_sends_no_whole_head_is_closed_after_the_keep_alive_timeout() -> None:
+    # Only a connection that had been answered was timed: one that connected and sent nothing, or half a head,
+    # was held for ever (a few hundred of them held the server's memory and file descriptors).
+    with served(GatewayHttpProtocol, timeout_keep_alive=1) as (port, _):
+        silent, partial = Client(port), Client(port)
+        try:
+            partial.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Le")
+            started = time.monotonic()
+            assert silent.closed(wait=3.0) and partial.closed(wait=3.0)
+            assert 0.5 < time.monotonic() - started < 2.5
+        finally:
+            silent.close()
+            partial.close()
+
+
+def test_a_body_that_stops_coming_or_an_answer_not_read_drops_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedgate import serve_protocol
+
+    monkeypatch.setattr(serve_protocol, "STALL_TIMEOUT_S", 1.0)
+    EVENTS.clear()
+    with served(GatewayHttpProtocol, timeout_keep_alive=1) as (port, server):
+        stalled_body, not_reading, not_reading_either = Client(port), Client(port), Client(port)
+        try:
+            stalled_body.send(b"POST /stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhalf")
+            for client, path in ((not_reading, b"/big"), (not_reading_either, b"/big-once")):
+                client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                client.send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)  # 4 MB, and the client reads none of it
+            started = time.monotonic()
+            assert stalled_body.closed(wait=4.0)
+            assert 0.5 < time.monotonic() - started < 3
+            deadline = time.monotonic() + 6
+            while server.server_state.connections or server.server_state.tasks:  # the big answer's too
+                assert time.monotonic() < deadline, (len(server.server_state.connections), server.server_state.tasks)
+                time.sleep(0.05)
+        finally:
+            stalled_body.close()
+            not_reading.close()
+            not_reading_either.close()
+        for path in (b"/big", b"/big-once"):  # a client that reads slowly, but reads, gets it all
+            slow = Client(port)
+            try:
+                slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+                slow.send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+                got = b""
+                while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < 4 * 1024 * 1024:
+                    chunk = slow.sock.recv(64 * 1024)
+                    assert chunk, f"{path!r} cut after {len(got)} bytes"
+                    got += chunk
+                    time.sleep(0.03)  # at most ~2 MB/s: 2 s or more for the answer, past the stall timeout
+                assert got.partition(b"\r\n\r\n")[2] == bytes(range(256)) * (16 * 1024)
+            finally:
+                slow.close()
+    assert ("disconnect", "/stalled") in EVENTS  # the app learnt that the client was gone

@@ -50,6 +50,9 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 HIGH_WATER: Final = HIGH_WATER_LIMIT  # request body bytes held before reading pauses, as in uvicorn
+# A request's body that stops coming, or an answer the client stops reading, for this long: the connection is
+# dropped (nginx's client_body_timeout and send_timeout; uvicorn's protocol waits for ever). Not Final: tests set it.
+STALL_TIMEOUT_S = 60.0
 _NAME_CACHE_MAX: Final = 512
 #: The controls no header value may hold (all but tab), CR and LF among them. A head holds exactly the CRs and LFs
 #: of its line ends, so deleting these bytes from it must take away exactly two bytes a line: uvicorn's check of
@@ -120,6 +123,9 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.expect_continue = False
         self.idle_since = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.stall_timer: asyncio.TimerHandle | None = None
+        self.unsent = -1  # the answer's bytes not yet taken by the client, at the last look (-1: not looked)
+        self.stalled_since = 0.0
         self.closed = False
         # The context the connection's callbacks run in: each request's task starts from a copy of it, never
         # from the task of the request before it (whose send starts a pipelined request). With uvicorn's
@@ -135,6 +141,10 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.server = get_local_addr(transport)  # type: ignore[arg-type]
         self.client = get_remote_addr(transport)  # type: ignore[arg-type]
         self.scheme = "https" if is_ssl(transport) else "http"  # type: ignore[arg-type]
+        # A new connection whose first request does not come (or whose head stalls) is closed after the
+        # keep-alive timeout, as one is after an answer: held for ever, such connections added up.
+        self.idle_since = self.loop.time()
+        self.idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
@@ -181,11 +191,41 @@ class GatewayHttpProtocol(asyncio.Protocol):
                     waiter.set_result(None)
 
     async def drain(self) -> None:
-        """Wait until the transport takes writes again (or the connection is gone)."""
+        """Wait until the transport takes writes again (or the connection is gone: dropped once the client has
+        read nothing for ``STALL_TIMEOUT_S``)."""
         if self.write_paused and not self.closed:
             waiter: asyncio.Future[None] = self.loop.create_future()
             self.drain_waiters.append(waiter)
+            await self.stall_bounded(waiter)
+
+    async def stall_bounded(self, waiter: asyncio.Future[None]) -> None:
+        """Await ``waiter``, which the client's bytes, or its reads of the answer, resolve; once the client has
+        sent or read nothing for ``STALL_TIMEOUT_S``, the connection is dropped (which resolves it: the request
+        learns that the client is gone)."""
+        self.unsent = -1
+        timer = self.loop.call_later(STALL_TIMEOUT_S, self._check_stalled, waiter)
+        try:
             await waiter
+        finally:
+            if self.stall_timer is not None:
+                self.stall_timer.cancel()
+                self.stall_timer = None
+            timer.cancel()
+
+    def _check_stalled(self, waiter: asyncio.Future[None]) -> None:
+        self.stall_timer = None
+        if waiter.done() or self.transport is None:
+            return
+        if self.write_paused and self._answer_moved():  # read slowly: not stalled
+            self.stall_timer = self.loop.call_later(STALL_TIMEOUT_S, self._check_stalled, waiter)
+            return
+        self.transport.abort()  # not close(): that would wait to write what the client does not read
+
+    def _answer_moved(self) -> bool:
+        """Whether the client read some of the answer since the last look (the first look says yes)."""
+        assert self.transport is not None
+        unsent, self.unsent = self.unsent, self.transport.get_write_buffer_size()
+        return unsent < 0 or unsent != self.unsent
 
     def pause_reading(self) -> None:
         if not self.read_paused and self.transport is not None:
@@ -313,6 +353,19 @@ class GatewayHttpProtocol(asyncio.Protocol):
         cycle = self.cycle
         if (cycle is not None and not cycle.complete) or self.pipeline:
             return  # busy: the next answer re-arms it
+        if transport.get_write_buffer_size():
+            # The last answer is still going out: not idle. Dropped once the client reads none of it for
+            # STALL_TIMEOUT_S (closing would wait for ever to write it); looked at every keep-alive timeout.
+            now = self.loop.time()
+            if self._answer_moved():
+                self.stalled_since = now
+            elif now - self.stalled_since >= STALL_TIMEOUT_S:
+                transport.abort()
+                return
+            self.idle_since = now
+            self.idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
+            return
+        self.unsent = -1
         # Idle, or receiving what no request is being served for (the rest of a body already answered, a head
         # that stalls): closed once no byte came for timeout_keep_alive seconds.
         remaining = self.idle_since + self.timeout_keep_alive - self.loop.time()
@@ -420,7 +473,7 @@ class RequestCycle:
             conn.resume_reading()
             waiter: asyncio.Future[None] = conn.loop.create_future()
             self.waiters.append(waiter)
-            await waiter
+            await conn.stall_bounded(waiter)
         if self.disconnected or self.complete:
             return {"type": "http.disconnect"}
         chunks = self.body
