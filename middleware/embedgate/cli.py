@@ -142,6 +142,15 @@ def _supervisor_class() -> type:
 
         failed = False
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            for sig in (signal.SIGINT, signal.SIGTERM):  # stop at once, not at the loop's next look (0.5 s)
+                signal.signal(sig, self._stop)
+
+        def _stop(self, sig: int, frame: Any) -> None:
+            self.signal_queue.append(sig)
+            self.should_exit.set()
+
         def run(self) -> None:
             super().run()
             # A worker that failed to start is kept in the list (not replaced), with its exit status.
@@ -153,6 +162,7 @@ def _supervisor_class() -> type:
             # Each worker closes its own copy as its shutdown begins.
             for sock in self.sockets:
                 sock.close()
+            self.handle_signals()  # logs the signal that stopped it
             super().terminate_all()
 
     return Supervisor
