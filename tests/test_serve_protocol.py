@@ -635,3 +635,27 @@ def test_a_body_that_stops_coming_or_an_answer_not_read_drops_the_connection(mon
             finally:
                 slow.close()
     assert ("disconnect", "/stalled") in EVENTS  # the app learnt that the client was gone
+
+
+def test_an_app_listening_for_the_client_to_leave_is_not_cut_by_the_stall_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only a body still to come is bounded: a receive() after the whole body waits for a disconnect (the gateway's
+    # listener during a long upstream call), which may come long after.
+    from embedgate import serve_protocol
+
+    monkeypatch.setattr(serve_protocol, "STALL_TIMEOUT_S", 0.3)
+    EVENTS.clear()
+    with served(GatewayHttpProtocol, timeout_keep_alive=1) as (port, _):
+        client = Client(port)
+        try:
+            client.send(b"POST /wait-disconnect HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
+            time.sleep(1.5)
+            assert not client.closed(wait=0.1)
+            assert EVENTS == [("waiting", "/wait-disconnect")]
+        finally:
+            client.close()
+        deadline = time.monotonic() + 3
+        while ("http.disconnect", "/wait-disconnect") not in EVENTS:
+            assert time.monotonic() < deadline, EVENTS
+            time.sleep(0.02)

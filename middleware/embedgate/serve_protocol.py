@@ -473,7 +473,10 @@ class RequestCycle:
             conn.resume_reading()
             waiter: asyncio.Future[None] = conn.loop.create_future()
             self.waiters.append(waiter)
-            await conn.stall_bounded(waiter)
+            if self.body_done:  # the body is in: this waits for the client to leave, for as long as it takes
+                await waiter
+            else:
+                await conn.stall_bounded(waiter)
         if self.disconnected or self.complete:
             return {"type": "http.disconnect"}
         chunks = self.body
