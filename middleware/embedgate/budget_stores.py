@@ -310,8 +310,8 @@ _CLOCK_READ_MS: Final = 60_000  # how often Redis's clock is read again (for the
 
 # KEYS: n counters, m windows, k index sets (sorted sets: id -> listed until, ms). ARGV: n, m, k, now_ms, window_ms,
 # member, then amount, limit, ttl per counter, limit per window, id and until per index set, NEVER_MS, and last the
-# deadline: Redis's own
-# time (ms) after which the caller has given up on this reserve, which then changes nothing and answers {-1}.
+# deadline: Redis's own time (ms) after which the caller has given up on this reserve, which then changes nothing
+# and answers {-1}.
 _RESERVE = """
 if redis.replicate_commands then redis.replicate_commands() end  -- TIME, then writes: Redis < 5 needs it
 local t = redis.call('TIME')
