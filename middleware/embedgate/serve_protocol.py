@@ -124,8 +124,8 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.idle_since = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
         self.stall_timer: asyncio.TimerHandle | None = None
-        self.unsent = -1  # the answer's bytes not yet taken by the client, at the last look (-1: not looked)
-        self.stalled_since = 0.0
+        self.unsent = 0  # the answer's bytes not yet taken by the client, at the last look
+        self.unsent_since = 0.0  # when that changed last
         self.closed = False
         # The context the connection's callbacks run in: each request's task starts from a copy of it, never
         # from the task of the request before it (whose send starts a pipelined request). With uvicorn's
@@ -158,6 +158,9 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
         if exc is None and self.transport is not None:
             self.transport.close()
 
@@ -196,36 +199,66 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if self.write_paused and not self.closed:
             waiter: asyncio.Future[None] = self.loop.create_future()
             self.drain_waiters.append(waiter)
-            await self.stall_bounded(waiter)
+            self._watch_unsent()
+            try:
+                await waiter
+            finally:
+                self._unwatch()
 
-    async def stall_bounded(self, waiter: asyncio.Future[None]) -> None:
-        """Await ``waiter``, which the client's bytes, or its reads of the answer, resolve; once the client has
-        sent or read nothing for ``STALL_TIMEOUT_S``, the connection is dropped (which resolves it: the request
-        learns that the client is gone)."""
-        self.unsent = -1
-        timer = self.loop.call_later(STALL_TIMEOUT_S, self._check_stalled, waiter)
+    async def body_bounded(self, waiter: asyncio.Future[None]) -> None:
+        """Await ``waiter``, which the client's bytes resolve; once the client has sent nothing for
+        ``STALL_TIMEOUT_S``, the connection is dropped (which resolves it: the request learns the client is gone)."""
+        timer = self.loop.call_later(STALL_TIMEOUT_S, self._drop_if_waiting, waiter)
         try:
             await waiter
         finally:
-            if self.stall_timer is not None:
-                self.stall_timer.cancel()
-                self.stall_timer = None
             timer.cancel()
 
-    def _check_stalled(self, waiter: asyncio.Future[None]) -> None:
-        self.stall_timer = None
-        if waiter.done() or self.transport is None:
-            return
-        if self.write_paused and self._answer_moved():  # read slowly: not stalled
-            self.stall_timer = self.loop.call_later(STALL_TIMEOUT_S, self._check_stalled, waiter)
-            return
-        self.transport.abort()  # not close(): that would wait to write what the client does not read
+    def _drop_if_waiting(self, waiter: asyncio.Future[None]) -> None:
+        if not waiter.done() and self.transport is not None:
+            self.transport.abort()  # not close(): that would wait to write what the client does not read
 
-    def _answer_moved(self) -> bool:
-        """Whether the client read some of the answer since the last look (the first look says yes)."""
+    # What the client has not read of the answer is looked at every quarter of STALL_TIMEOUT_S (progress is seen
+    # only as the transport's buffer shrinking: the kernel's buffers hide the rest); the connection is dropped
+    # once the buffer has not moved for STALL_TIMEOUT_S.
+
+    def _watch_unsent(self) -> None:
+        if self.stall_timer is None and self.transport is not None:
+            self.unsent, self.unsent_since = self.transport.get_write_buffer_size(), self.loop.time()
+            self.stall_timer = self.loop.call_later(STALL_TIMEOUT_S / 4, self._check_unsent)
+
+    def _unwatch(self) -> None:
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
+
+    def _check_unsent(self) -> None:
+        self.stall_timer = None
+        transport = self.transport
+        if transport is None or self.closed or not transport.get_write_buffer_size():
+            return
+        if self._write_stalled():
+            transport.abort()  # not close(): that would wait to write what the client does not read
+        else:
+            self.stall_timer = self.loop.call_later(STALL_TIMEOUT_S / 4, self._check_unsent)
+
+    def _write_stalled(self) -> bool:
+        """Whether the client has read nothing of the answer for ``STALL_TIMEOUT_S`` (as far as can be seen)."""
         assert self.transport is not None
-        unsent, self.unsent = self.unsent, self.transport.get_write_buffer_size()
-        return unsent < 0 or unsent != self.unsent
+        unsent, now = self.transport.get_write_buffer_size(), self.loop.time()
+        if unsent != self.unsent:
+            self.unsent, self.unsent_since = unsent, now
+        return now - self.unsent_since >= STALL_TIMEOUT_S
+
+    def close_when_sent(self) -> None:
+        """Close the connection once what it holds is written, or drop it once the client has read none of that
+        for ``STALL_TIMEOUT_S``: a closing transport waits for ever to write what the client does not read."""
+        transport = self.transport
+        if transport is None:
+            return
+        transport.close()
+        if transport.get_write_buffer_size() and not self.closed:
+            self._watch_unsent()
 
     def pause_reading(self) -> None:
         if not self.read_paused and self.transport is not None:
@@ -334,6 +367,8 @@ class GatewayHttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        if transport.get_write_buffer_size():  # the answer is not all out: dropped if the client stops reading
+            self._watch_unsent()
         self.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
@@ -354,18 +389,13 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if (cycle is not None and not cycle.complete) or self.pipeline:
             return  # busy: the next answer re-arms it
         if transport.get_write_buffer_size():
-            # The last answer is still going out: not idle. Dropped once the client reads none of it for
-            # STALL_TIMEOUT_S (closing would wait for ever to write it); looked at every keep-alive timeout.
-            now = self.loop.time()
-            if self._answer_moved():
-                self.stalled_since = now
-            elif now - self.stalled_since >= STALL_TIMEOUT_S:
-                transport.abort()
-                return
-            self.idle_since = now
+            # The last answer is still going out: not idle (and dropped once the client reads none of it for
+            # STALL_TIMEOUT_S: closing would wait for ever to write it).
+            self._watch_unsent()
+            self.idle_since = self.loop.time()
             self.idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
             return
-        self.unsent = -1
+        self._unwatch()
         # Idle, or receiving what no request is being served for (the rest of a body already answered, a head
         # that stalls): closed once no byte came for timeout_keep_alive seconds.
         remaining = self.idle_since + self.timeout_keep_alive - self.loop.time()
@@ -378,8 +408,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         """uvicorn's graceful shutdown: an idle connection closes now, a busy one after its answer."""
         cycle = self.cycle
         if cycle is None or cycle.complete:
-            if self.transport is not None:
-                self.transport.close()
+            self.close_when_sent()
         else:
             cycle.keep_alive = False
 
@@ -476,7 +505,7 @@ class RequestCycle:
             if self.body_done:  # the body is in: this waits for the client to leave, for as long as it takes
                 await waiter
             else:
-                await conn.stall_bounded(waiter)
+                await conn.body_bounded(waiter)
         if self.disconnected or self.complete:
             return {"type": "http.disconnect"}
         chunks = self.body
@@ -533,8 +562,8 @@ class RequestCycle:
                 raise RuntimeError("Response content shorter than Content-Length")
             self.complete = True
             self.wake()
-            if not self.keep_alive and transport is not None:
-                transport.close()
+            if not self.keep_alive:
+                conn.close_when_sent()
             conn.response_complete()
 
     def _head(self, status: int, headers: Any) -> bytes:
