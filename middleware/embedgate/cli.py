@@ -70,12 +70,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 STARTUP_FAILURE = 3  # uvicorn's exit status for a server that could not start
+_SERVING = "EMBEDGATE_SERVE_SERVING"  # set by the supervisor once a worker serves; workers started later inherit it
 
 
 def served_app() -> Any:
     """The app ``embedgate serve`` runs in each worker. A failure to build it (the config changed on disk since
-    the check, say) is a startup failure, which stops the server: uvicorn's supervisor would start a worker that
-    raised anything else again and again, and the server would never serve nor exit."""
+    the check, say) before the server has served is a startup failure, which stops the server: uvicorn's
+    supervisor would start a worker that raised anything else again and again, and the server would never serve
+    nor exit. Once it has served, such a worker (replacing one that died) is started again while the others serve."""
     from .app import create_app
 
     try:
@@ -83,7 +85,7 @@ def served_app() -> Any:
     except Exception as exc:
         errors = exc.errors if isinstance(exc, ConfigError) else [f"{type(exc).__name__}: {exc}"]
         print("error: embedgate could not be built:", *errors, sep="\n  ", file=sys.stderr, flush=True)
-        sys.exit(STARTUP_FAILURE)
+        sys.exit(1 if os.environ.get(_SERVING) else STARTUP_FAILURE)
 
 
 def _stopped(signum: int, frame: Any) -> None:
@@ -150,6 +152,11 @@ def _supervisor_class() -> type:
         def _stop(self, sig: int, frame: Any) -> None:
             self.signal_queue.append(sig)
             self.should_exit.set()
+
+        def keep_subprocess_alive(self) -> None:
+            if not os.environ.get(_SERVING) and any(p.process.is_alive() and p.is_ready(1) for p in self.processes):
+                os.environ[_SERVING] = "1"
+            super().keep_subprocess_alive()
 
         def run(self) -> None:
             super().run()
