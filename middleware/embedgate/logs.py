@@ -240,8 +240,10 @@ def clear_request() -> None:
         for key, token in bindings[i].items():
             try:
                 token.var.reset(token)  # what structlog's reset_contextvars does with it
-            except ValueError:
-                # Bound in another context (a token resets only where it was made): unbind the key instead.
+            except (ValueError, RuntimeError):
+                # Bound in another context (a token resets only where it was made), or reset already (uvicorn's
+                # own protocols run a pipelined request within its predecessor's task, bindings and all): unbind
+                # the key instead.
                 structlog.contextvars.unbind_contextvars(key)
     _bound.set(())
 
