@@ -414,6 +414,46 @@ def test_a_worker_that_cannot_build_the_gateway_is_a_startup_failure(
         served_app()
     assert stop.value.code == 3
     assert "keys: must be a list" in capsys.readouterr().err
+    monkeypatch.setenv("EMBEDGATE_SERVE_SERVING", "1")  # once the server has served: one worker's failure only
+    with pytest.raises(SystemExit) as stop:
+        served_app()
+    assert stop.value.code == 1
+
+
+def test_a_worker_replaced_while_the_config_on_disk_is_broken_does_not_stop_the_others(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    # A worker that died (OOM-killed, say) while the file was being edited was replaced by one that could not
+    # build the app: taken for a startup failure, it stopped the whole server, healthy workers included.
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD.replace(BUDGET, ""))
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
+    env.pop("EMBEDGATE_SERVE_SERVING", None)
+    argv = [*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), "--workers", "2"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_serving(proc, url)
+        time.sleep(1.5)  # the supervisor has looked at its workers
+        path.write_text("keys: {}\n")
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True,
+                                                    check=False).stdout.split()]  # fmt: skip
+        served = [pid for pid in workers if Path(f"/proc/{pid}/cmdline").read_bytes().count(b"multiprocessing") and
+                  b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
+        assert len(served) == 2, workers
+        os.kill(served[0], signal.SIGKILL)
+        time.sleep(3)  # replaced by one that fails to build the app, again and again
+        assert proc.poll() is None
+        assert all(embed(url).status_code == 200 for _ in range(4))  # the other worker serves
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
+    assert b"keys: must be a list" in out
 
 
 def test_serve_refuses_a_metrics_directory_it_cannot_write(tmp_path: Path) -> None:

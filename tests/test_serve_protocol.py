@@ -659,3 +659,58 @@ def test_an_app_listening_for_the_client_to_leave_is_not_cut_by_the_stall_timeou
         while ("http.disconnect", "/wait-disconnect") not in EVENTS:
             assert time.monotonic() < deadline, EVENTS
             time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "within"),
+    [
+        (b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n", 3.3),  # the app waits to write its second half: one stall timeout
+        (b"GET /big-once HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 3.3),  # written, then closing
+        (b"GET /big-once HTTP/1.0\r\nHost: x\r\n\r\n", 3.3),
+    ],
+    ids=["drain", "connection-close", "http-1.0"],
+)
+def test_an_unread_answer_is_dropped_after_one_stall_timeout(
+    monkeypatch: pytest.MonkeyPatch, request_bytes: bytes, within: float
+) -> None:
+    # A closing connection waited for ever to write what the client did not read, and the drain's first look
+    # counted as progress (two timeouts, not one).
+    from embedgate import serve_protocol
+
+    monkeypatch.setattr(serve_protocol, "STALL_TIMEOUT_S", 2.0)
+    with served(GatewayHttpProtocol, timeout_keep_alive=30) as (port, server):
+        client = Client(port)
+        try:
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.send(request_bytes)  # 4 MB, and the client reads none of it
+            started = time.monotonic()
+            while not server.server_state.connections:  # accepted
+                assert time.monotonic() - started < 2
+                time.sleep(0.01)
+            while server.server_state.connections or server.server_state.tasks:
+                assert time.monotonic() - started < within, "still held"
+                time.sleep(0.05)
+            assert time.monotonic() - started > 1.5  # not before the client had its time
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("http", ["httptools", "embedgate"])
+def test_the_gateway_answers_pipelined_requests_on_either_protocol(make_config: Any, http: str) -> None:
+    # uvicorn's protocol runs a pipelined request inside its predecessor's task: the gateway's log bindings were
+    # then undone twice, and from the second request on the connection closed without an answer.
+    from embedgate.app import create_app
+
+    from .conftest import KEY, serve
+
+    body = orjson.dumps({"model": "local/embed-small", "input": "pipelined"})
+    one = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n%s") % (KEY.encode(), len(body), body)  # fmt: skip
+    protocol = GatewayHttpProtocol if http == "embedgate" else http
+    with serve(create_app(make_config()), http=protocol) as url:
+        client = Client(int(url.rsplit(":", 1)[1]))
+        try:
+            client.send(one * 5)
+            assert [client.response()[0] for _ in range(5)] == [200] * 5
+        finally:
+            client.close()
