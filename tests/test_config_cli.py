@@ -156,6 +156,19 @@ def test_hash_key_cli() -> None:
 
 
 @contextmanager
+def started(argv: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A serving command that the block stops (and reads with ``communicate``); killed at the block's end if it is
+    still running."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@contextmanager
 def serving(argv: list[str], port: int, env: dict[str, str], output: list[bytes] | None = None) -> Iterator[str]:
     """Run a serving command on ``port`` until the block ends; yields its URL once it answers. What it printed
     is appended to ``output``."""
@@ -322,10 +335,8 @@ def test_a_request_cut_by_the_shutdown_is_a_503_in_its_shape_and_releases_its_re
     upstream.script.append(Fault("slow", delay=8, model="embed-small"))
     port = free_port()
     argv = [*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), "--timeout-graceful-shutdown", "0.5"]
-    proc = subprocess.Popen(argv, env={**os.environ, "OTEL_TRACES_EXPORTER": "none"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)  # fmt: skip
     answers: list[httpx.Response] = []
-    try:
+    with started(argv, {**os.environ, "OTEL_TRACES_EXPORTER": "none"}) as proc:
         wait_serving(proc, f"http://127.0.0.1:{port}")
         body = {"model": "local/embed-small", "input": "a slow one"}
         sender = threading.Thread(target=lambda: answers.append(httpx.post(
@@ -338,10 +349,6 @@ def test_a_request_cut_by_the_shutdown_is_a_503_in_its_shape_and_releases_its_re
         proc.send_signal(signal.SIGTERM)
         sender.join(timeout=20)
         out, _ = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     store = redis.Redis.from_url(redis_url)
     counters = store.keys(f"eg:b:workspace:{workspace}:*")
     values = [int(store.get(k) or 0) for k in counters if k.endswith(b":tokens")]
@@ -369,9 +376,8 @@ def test_serve_stops_taking_connections_at_sigterm_and_exits_0_once_drained(
     port = free_port()
     argv = [*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), "--workers", workers]
     env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     answers: list[httpx.Response] = []
-    try:
+    with started(argv, env) as proc:
         url = f"http://127.0.0.1:{port}"
         wait_serving(proc, url)
         sender = threading.Thread(target=lambda: answers.append(embed(url)))
@@ -392,10 +398,6 @@ def test_serve_stops_taking_connections_at_sigterm_and_exits_0_once_drained(
             time.sleep(0.1)
         sender.join(timeout=20)
         out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert [r.status_code for r in answers] == [200]  # the request in flight finished
     assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
 
@@ -431,8 +433,7 @@ def test_a_worker_replaced_while_the_config_on_disk_is_broken_does_not_stop_the_
     env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
     env.pop("EMBEDGATE_SERVE_SERVING", None)
     argv = [*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), "--workers", "2"]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
+    with started(argv, env) as proc:
         url = f"http://127.0.0.1:{port}"
         wait_serving(proc, url)
         time.sleep(1.5)  # the supervisor has looked at its workers
@@ -448,10 +449,6 @@ def test_a_worker_replaced_while_the_config_on_disk_is_broken_does_not_stop_the_
         assert all(embed(url).status_code == 200 for _ in range(4))  # the other worker serves
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
     assert b"keys: must be a list" in out
 
