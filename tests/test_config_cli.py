@@ -390,10 +390,10 @@ def test_serve_stops_taking_connections_at_sigterm_and_exits_0_once_drained(
         while True:  # until every worker has heard: then a connection is refused, not accepted and held
             try:
                 httpx.get(f"{url}/healthz", timeout=0.5)
-            except httpx.ConnectError:
-                break
-            except httpx.TimeoutException:
+            except httpx.TimeoutException:  # accepted and held: what this test is about, if it lasts
                 pass
+            except httpx.TransportError:  # refused; or, arriving just as a worker closed its listener, reset
+                break
             assert time.monotonic() < deadline, "connections were still taken"
             time.sleep(0.1)
         sender.join(timeout=20)
@@ -661,3 +661,106 @@ def test_a_yaml_structure_that_contains_itself_is_an_error_not_a_traceback(tmp_p
     path.write_text("keys: &a [{id: x, key: sk-x, extra: *a}]\n")
     r = subprocess.run([*EMBEDGATE, "check-config", str(path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "contains itself" in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+def served_workers(supervisor: int) -> set[int]:
+    """The worker processes of ``embedgate serve --workers N`` (its multiprocessing children, not the tracker)."""
+    children = subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True, text=True, check=False)
+    workers = set()
+    for pid in map(int, children.stdout.split()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # it ended meanwhile
+            continue
+        if b"multiprocessing" in cmdline and b"resource_tracker" not in cmdline:
+            workers.add(pid)
+    return workers
+
+
+def wait_for(condition: Any, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.1)
+
+
+def listed_models(url: str) -> list[str]:
+    r = httpx.get(f"{url}/v1/models", headers={"authorization": "Bearer sk-a"}, timeout=10)
+    assert r.status_code == 200, r.text
+    return [m["id"] for m in r.json()["data"]]
+
+
+def test_sighup_and_sigttin_with_one_worker_are_logged_and_the_server_goes_on(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    # SIGHUP's default action ended the process at once (a request in flight cut, its reservation left taken):
+    # `systemctl reload` or a terminal closing took the gateway down.
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD)
+    upstream.script.append(Fault("slow", delay=1.5, model="embed-small"))
+    port = free_port()
+    argv = [*EMBEDGATE, "serve", "--config", str(path), "--port", str(port)]
+    env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
+    answers: list[httpx.Response] = []
+    with started(argv, env) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_serving(proc, url)
+        sender = threading.Thread(target=lambda: answers.append(embed(url)))
+        sender.start()
+        wait_for(lambda: upstream.calls, "the request to reach the upstream", timeout=10)
+        proc.send_signal(signal.SIGHUP)
+        sender.join(timeout=20)
+        assert [r.status_code for r in answers] == [200]
+        assert proc.poll() is None
+        assert embed(url).status_code == 200
+        proc.send_signal(signal.SIGTTIN)  # its default action stopped the process: no answer any more
+        assert embed(url).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
+    assert b"Received SIGHUP: with --workers 1 there is no worker to replace" in out
+    assert b"Received SIGTTIN: with --workers 1 workers are added and removed only with --workers 2" in out
+
+
+def test_sighup_with_workers_replaces_them_with_the_config_on_disk_and_keeps_them_if_it_is_broken(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """uvicorn's supervisor replaces each worker once its replacement serves: a reload of the config file without
+    a refused connection; a replacement that cannot build the app leaves the old workers serving."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD.replace(BUDGET, ""))
+    port = free_port()
+    argv = [*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), "--workers", "2"]
+    env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
+    env.pop("EMBEDGATE_SERVE_SERVING", None)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_serving(proc, url)
+        wait_for(lambda: len(served_workers(proc.pid)) == 2, "two workers")
+        first = served_workers(proc.pid)
+        assert "local/embed-large" not in listed_models(url)
+        path.write_text(GOOD.replace(BUDGET, "").replace(
+            "models:\n", "models:\n  local/embed-large: {price_per_million_tokens: 0.13}\n"))  # fmt: skip
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(served_workers(proc.pid)) == 2 and not served_workers(proc.pid) & first,
+                 "both workers replaced")  # fmt: skip
+        assert all("local/embed-large" in listed_models(url) for _ in range(6))
+        second = served_workers(proc.pid)
+        path.write_text("keys: {}\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: b"aborting the restart" in log.read_bytes(), "the restart to be given up")
+        assert served_workers(proc.pid) == second
+        assert all("local/embed-large" in listed_models(url) for _ in range(6))
+        assert embed(url).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log.read_bytes()
+    assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
+    assert b"keys: must be a list" in out and b"Traceback" not in out

@@ -92,6 +92,21 @@ def _stopped(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
 
+def _kept_serving(signum: int, frame: Any) -> None:
+    """SIGHUP, SIGTTIN or SIGTTOU with one worker: their default actions ended the process at once (SIGHUP,
+    requests in flight and all) or stopped it (SIGTTIN, SIGTTOU), where ``--workers N`` replaces, adds or removes
+    workers."""
+    import logging
+
+    if signum == signal.SIGHUP:
+        what = ("there is no worker to replace, so the server goes on with the config it started with (restart it"
+                " to read the file again; with --workers 2 or more, SIGHUP replaces the workers one by one, each"
+                " reading the file)")  # fmt: skip
+    else:
+        what = "workers are added and removed only with --workers 2 or more; the server goes on"
+    logging.getLogger("uvicorn.error").warning("Received %s: with --workers 1 %s", signal.Signals(signum).name, what)
+
+
 def _run(args: argparse.Namespace, uvicorn: Any, protocol: type) -> int:
     """Serve until stopped: 0 after a graceful stop (SIGTERM or SIGINT), 3 if the gateway could not start."""
     config = uvicorn.Config(
@@ -119,6 +134,7 @@ def _run(args: argparse.Namespace, uvicorn: Any, protocol: type) -> int:
         # before it started: the process would end by SIGTERM itself (status 143) where --workers N exits 0.
         # (SIGINT is raised again as a KeyboardInterrupt.)
         previous = signal.signal(signal.SIGTERM, _stopped)
+        kept = {sig: signal.signal(sig, _kept_serving) for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)}
         server = uvicorn.Server(config)
         try:
             server.run()  # exits 3 if the gateway cannot start
@@ -126,6 +142,8 @@ def _run(args: argparse.Namespace, uvicorn: Any, protocol: type) -> int:
             pass
         finally:
             signal.signal(signal.SIGTERM, previous)
+            for sig, handler in kept.items():
+                signal.signal(sig, handler)
         return 0 if server.started else STARTUP_FAILURE
     supervisor = _supervisor_class()(config, sockets=[config.bind_socket()])
     try:
