@@ -260,6 +260,21 @@ async def test_most_restrictive_is_the_least_remaining_not_the_smallest_limit(up
         assert (error_of(r)["code"], r.headers["x-ratelimit-remaining-tokens"]) == ("token_budget_exceeded", "28")
 
 
+@pytest.mark.anyio
+async def test_a_cost_budget_counts_requests_under_half_a_nano_dollar(upstream: FakeUpstream) -> None:
+    # Rounded to the nearest nano-dollar, a one-token request at $0.0004 per million (0.4 nano-dollars) was counted
+    # as nothing: every request was admitted, the budget overshot, and its counter disagreed with the spend metric.
+    cheap = {"local/embed-small": {"price_per_million_tokens": 0.0004}}
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "amount_usd": 3e-9}], models=cheap)
+    async with running(config) as (gw, c):
+        statuses = [(await embed(c, "one")).status_code for _ in range(4)]
+        (row,) = await gw.budgets.usage()  # type: ignore[union-attr]
+    # Each reserves its estimate (5 tokens: 2 nano-dollars) and is counted as a whole nano-dollar, rounded up: the
+    # third would pass the budget, so it is refused.
+    assert statuses == [200, 200, 429, 429]
+    assert row["cost_usd"]["used"] == 2e-9
+
+
 # --- error shapes per route ----------------------------------------------------------------------------
 
 REFUSALS: dict[str, tuple[dict[str, Any], str]] = {

@@ -83,6 +83,16 @@ async def test_miss_then_hit_then_partial(client: httpx.AsyncClient, upstream: F
 
 
 @pytest.mark.anyio
+async def test_a_short_item_of_a_batch_reports_a_token_when_hit(client: httpx.AsyncClient) -> None:
+    # The batch's 2 tokens were apportioned by length alone: 2 to the long item, 0 to "r", whose hit then
+    # reported 0 tokens for a non-empty input (an upstream doing so is refused as malformed).
+    r = await embed(client, ["q" * 200, "r"])
+    assert r.json()["usage"]["prompt_tokens"] == 2
+    assert [embed_r.json()["usage"]["prompt_tokens"] for embed_r in
+            [await embed(client, ["r"]), await embed(client, ["q" * 200])]] == [1, 1]  # fmt: skip
+
+
+@pytest.mark.anyio
 async def test_without_cache_field_it_is_bypassed(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
     for _ in range(2):
         r = await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "x"},

@@ -226,6 +226,7 @@ async def test_retries_and_a_fallback_give_one_client_span_per_attempt(
     assert top["gen_ai.request.model"] == "local/embed-small"
     assert top["gen_ai.response.model"] == "backup/fb-model"
     assert top["gen_ai.usage.input_tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert top["embedgate.billed_tokens"] == r.json()["usage"]["prompt_tokens"]  # what the budgets counted
     assert top["embedgate.attempts"] == 3
     assert top["http.response.status_code"] == 200
 

@@ -27,6 +27,7 @@ from embedgate.config import Config, parse_config
 from embedgate.gateway import EmbeddingGateway
 from tests.conftest import KEY, config_dict, gateway
 from tests.fake_upstream import FakeUpstream, Fault, expected_vector, tokens_of
+from tests.test_observability_gateway import scrape, value
 
 AUTH = {"authorization": f"Bearer {KEY}"}
 PRIMARY, PRIMARY_UP = "local/embed-small", "embed-small"  # a model id and its upstream model name
@@ -474,7 +475,39 @@ async def test_a_failed_request_paid_for_upstream_shows_its_tokens_and_cost(upst
             r, _ = await timed_post(c, body_for(retry=0))
     assert r.status_code == 502
     (line,) = [e for e in logs if e["event"] == "request"]
-    assert line["tokens"] == tokens_of(TEXTS[0]) and line["cost_usd"] > 0
+    # No answer, so no usage of one: what was billed (as budgets and the tokens metric count it) and its cost.
+    assert "tokens" not in line
+    assert line["billed_tokens"] == tokens_of(TEXTS[0]) and line["cost_usd"] == pytest.approx(
+        tokens_of(TEXTS[0]) * 0.02 / 1e6)  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_tokens_a_failed_model_was_paid_for_are_its_own_in_the_metrics_and_billed_in_the_access_line(
+    upstream: FakeUpstream,
+) -> None:
+    # A split batch: the primary embedded the first chunk and failed on the second; the fallback embedded the whole
+    # batch. The usage metrics put the primary's tokens and spend under the fallback's label (so per model,
+    # tokens x price != spend), and the access line's `tokens` (the answer's usage) did not add up with the budgets.
+    upstream.script.extend([Fault("ok", model=PRIMARY_UP), Fault("status", 502, model=PRIMARY_UP)])
+    config = routing_config(upstream, models={PRIMARY: {"max_inputs": 1, "price_per_million_tokens": 0.02},
+                                              FALLBACK: {"price_per_million_tokens": 1.3}},
+                            routing={"split_concurrency": 1})  # fmt: skip
+    with capture_logs() as logs:
+        async with running(config) as (c, app):
+            r, _ = await timed_post(c, body_for(retry=0, fallbacks=[FALLBACK]))
+            samples = scrape(app.metrics.render()[0].decode())
+    assert r.status_code == 200 and r.json()["model"] == FALLBACK
+    answered = tokens_of(TEXTS[0]) + tokens_of(TEXTS[1])
+    spent = tokens_of(TEXTS[0])  # the primary's chunk, not in the answer
+    assert r.json()["usage"]["prompt_tokens"] == answered
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert (line["tokens"], line["billed_tokens"]) == (answered, answered + spent)
+    assert line["cost_usd"] == pytest.approx((spent * 0.02 + answered * 1.3) / 1e6)
+    key = {"key": "team-a"}
+    assert value(samples, "embedgate_tokens_total", **key, model=PRIMARY) == spent
+    assert value(samples, "embedgate_spend_usd_total", **key, model=PRIMARY) == pytest.approx(spent * 0.02 / 1e6)
+    assert value(samples, "embedgate_tokens_total", **key, model=FALLBACK) == answered
+    assert value(samples, "embedgate_spend_usd_total", **key, model=FALLBACK) == pytest.approx(answered * 1.3 / 1e6)
 
 
 @pytest.mark.anyio

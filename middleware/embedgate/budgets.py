@@ -73,6 +73,7 @@ log = structlog.get_logger("embedgate.budgets")
 
 _getrandbits: Final = random.getrandbits
 NANO: Final = 1_000_000_000  # nano-dollars per USD
+
 # Counters outlive their period by this much, so a request spanning the rollover still settles.
 PERIOD_GRACE_S: Final = 3600
 # BOS/EOS, or a leading-space piece, that some tokenizers add on top of the text's bytes.
@@ -147,6 +148,17 @@ def _item_tokens(item: Any, image_tokens: int) -> int:
 def cost_usd(tokens: int, price_per_million: float) -> float:
     """The spend of ``tokens`` input tokens at ``price_per_million`` USD per million tokens."""
     return tokens * price_per_million / 1_000_000
+
+
+def nano_up(usd: float) -> int:
+    """A cost in whole nano-dollars, as cost budgets count it: rounded up, so that a budget is never overshot by
+    rounding (rounded to the nearest, a request under half a nano-dollar, one token at $0.0004 per million, was
+    counted as nothing). A product's own float error (60.00000000000001) is not taken for a fraction."""
+    nano = usd * NANO
+    whole = int(nano)
+    if nano - whole > 1e-6 + 1e-12 * whole:
+        whole += 1
+    return max(0, whole)
 
 
 def model_price(model_id: str, models: Mapping[str, ModelConfig], deployment: Deployment | None = None) -> float | None:
@@ -402,7 +414,7 @@ class BudgetEngine:
         counters, windows, index = self._gates(subject, now, cached)
         if not counters and not windows:
             return Reservation(rid, "none")
-        cost_nano = 0 if cached else max(0, round(cost_usd * NANO))
+        cost_nano = 0 if cached else nano_up(cost_usd)
         tokens = 0 if cached else max(0, tokens)
         specs = [
             CounterSpec(
@@ -528,7 +540,7 @@ class BudgetEngine:
 
     async def settle(self, reservation: Reservation, *, tokens: int, cost_usd: float) -> None:
         """Adjust the reserved counters to the real usage. Idempotent; a store failure is only logged."""
-        cost_nano = round(cost_usd * NANO)
+        cost_nano = nano_up(cost_usd)
         await self._adjust(reservation, tokens - reservation.tokens, cost_nano - reservation.cost_nano, "settle")
 
     async def release(self, reservation: Reservation) -> None:

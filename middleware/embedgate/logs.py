@@ -271,6 +271,7 @@ def access_log(
     model: str | None = None,
     cache: str | None = None,
     tokens: int | None = None,
+    billed_tokens: int | None = None,
     cost_usd: float | None = None,
     attempts: int | None = None,
     **fields: Any,
@@ -303,6 +304,8 @@ def access_log(
         line["cache"] = cache
     if tokens is not None:
         line["tokens"] = tokens
+    if billed_tokens is not None:
+        line["billed_tokens"] = billed_tokens
     if cost_usd is not None:
         line["cost_usd"] = cost_usd
     if attempts is not None:

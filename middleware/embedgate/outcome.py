@@ -94,8 +94,9 @@ def annotate(root: RequestSpan, call: Call, error: GatewayError | None) -> None:
         attrs["gen_ai.usage.input_tokens"] = call.prompt_tokens
         attrs["embedgate.cost_usd"] = call.cost_usd
     elif call.billed_tokens:  # failed, but paid for upstream (see account)
-        attrs["gen_ai.usage.input_tokens"] = call.billed_tokens
         attrs["embedgate.cost_usd"] = call.cost_usd
+    if call.billed_tokens:
+        attrs["embedgate.billed_tokens"] = call.billed_tokens
     root.set_many(attrs)
 
 
@@ -108,7 +109,10 @@ def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, 
     route: str = call.dialect._value_  # the member's value without Enum's Python-level property
     metrics.observe_request(route, model if key is not None else "", status, call.cache_status)
     if key is not None and call.billed_tokens:
-        metrics.observe_usage(key.id, model, call.billed_tokens, call.cost_usd)
+        if call.spent:  # tokens other models charged (chunks of a split batch they embedded before failing)
+            _observe_spent(metrics, key.id, model, call)
+        else:
+            metrics.observe_usage(key.id, model, call.billed_tokens, call.cost_usd)
     if call.cache_status != "bypass" and error is None:
         metrics.observe_cache_items(len(call.vectors) - call.items_fetched, call.items_fetched)
     if write_access_line:
@@ -120,10 +124,23 @@ def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, 
             identity=req.identity["id"] if req is not None and req.identity else None,
             model=call.served_model or (req.model if req is not None else None),
             cache=call.cache_status,
-            # A failed request may still have been paid for upstream (chunks of a split batch embedded before
-            # another failed): its billed tokens and cost, as its budgets and metrics count them.
-            tokens=call.prompt_tokens if error is None else call.billed_tokens or None,
+            # The answer's usage; what was billed (its budgets and metrics count it): on a cache hit nothing, and a
+            # request may be billed for chunks of a split batch a model embedded before it failed, failed or not.
+            tokens=call.prompt_tokens if error is None else None,
+            billed_tokens=call.billed_tokens or None,
             cost_usd=call.cost_usd if error is None else call.cost_usd or None,
             attempts=call.attempts,
             error=error.code if error is not None else None,
         )
+
+
+def _observe_spent(metrics: Metrics, key_id: str, model: str, call: Call) -> None:
+    """Usage metrics labelled with the model that charged each part: the spending models' own, the rest the
+    serving (or requested) model's."""
+    tokens, cost = call.billed_tokens, call.cost_usd
+    for spender, spent_tokens, spent_cost in call.spent:
+        metrics.observe_usage(key_id, spender, spent_tokens, spent_cost)
+        tokens -= spent_tokens
+        cost -= spent_cost
+    if tokens > 0:
+        metrics.observe_usage(key_id, model, tokens, cost)

@@ -55,6 +55,8 @@ class Call:
     prompt_tokens: int = 0  # tokens reported to the client (cache hits report the recorded tokens)
     billed_tokens: int = 0  # tokens actually spent upstream by this request
     cost_usd: float = 0.0
+    # Of those, what models other than ``served_model`` charged (see _bill_spent): (model id, tokens, cost)
+    spent: list[tuple[str, int, float]] = field(default_factory=list)
     cache_status: str = "bypass"
     cache_ttl: int | None = None
     cache_keys: list[str] = field(default_factory=list)
@@ -93,6 +95,7 @@ class Call:
         self.prompt_tokens = 0
         self.billed_tokens = 0
         self.cost_usd = 0.0
+        self.spent = []
         self.cache_status = "bypass"
         self.cache_ttl = None
         self.cache_keys = []
@@ -449,8 +452,10 @@ class Pipeline:
         """Tokens and cost the upstreams charged for work the answer does not use (``RouteResult.spent``): the
         request's budgets, usage metrics and cost count them, its ``usage.prompt_tokens`` does not."""
         for model_id, tokens, price in spent:
+            cost = cost_usd(tokens, price if price is not None else self._price(model_id))
             call.billed_tokens += tokens
-            call.cost_usd += cost_usd(tokens, price if price is not None else self._price(model_id))
+            call.cost_usd += cost
+            call.spent.append((model_id, tokens, cost))  # its usage metrics are the spending model's
 
 
 def weight(item: Any) -> int:
@@ -463,16 +468,19 @@ def weight(item: Any) -> int:
 
 
 def apportion(total: int, weights: list[int]) -> list[int]:
-    """Split ``total`` in proportion to ``weights`` with integer shares that sum exactly to ``total``."""
+    """Split ``total`` in proportion to ``weights`` with integer shares that sum exactly to ``total``; each share
+    is at least 1 when ``total`` allows it (a cache hit on a short item reported 0 tokens)."""
     if not weights:
         return []
+    floor = 1 if total >= len(weights) else 0
+    total -= floor * len(weights)
     whole = sum(weights)
     raw = [total * w / whole for w in weights]
-    shares = [int(r) for r in raw]
-    rest = total - sum(shares)
+    shares = [int(r) + floor for r in raw]
+    rest = total - sum(shares) + floor * len(weights)
     if rest == 0:
         return shares
-    by_remainder = sorted(range(len(raw)), key=lambda i: raw[i] - shares[i], reverse=True)
+    by_remainder = sorted(range(len(raw)), key=lambda i: raw[i] - int(raw[i]), reverse=True)
     for i in by_remainder[:rest]:
         shares[i] += 1
     return shares

@@ -104,6 +104,7 @@ ALLOWED_ATTRIBUTES: Final = frozenset(
         "embedgate.encoding_format",
         "embedgate.usage.input_tokens",
         "embedgate.cost_usd",
+        "embedgate.billed_tokens",
         "embedgate.attempts",
         "embedgate.fallback_index",
         "embedgate.error.code",
