@@ -58,7 +58,8 @@ class Fault:
     """One scripted behaviour: ``status`` (with ``code``, ``retry_after``), ``drop``, ``slow``, ``malformed``,
     ``wrong_count``, ``wrong_dims``, ``floats`` (answer float lists whatever was asked), ``usage`` (answer
     normally with ``usage`` as its usage, none if None), ``raw`` (``code``, ``headers`` and ``body`` as given),
-    ``ok`` (answer normally: a place in the script)."""
+    ``ok`` (answer normally: a place in the script). Each comes ``delay`` seconds late (``slow``: an answer that
+    does)."""
 
     kind: str
     code: int = 500
@@ -157,13 +158,13 @@ class FakeUpstream:
         fault = self._next_fault(model)
         if fault is not None:
             rec.outcome = fault.kind
+            if fault.delay:  # "slow" is only this; any other fault may come late too
+                await asyncio.sleep(fault.delay)
             if fault.kind == "status":
                 headers = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
                 return web.json_response(
                     {"error": {"message": fault.message, "type": "scripted"}}, status=fault.code, headers=headers
                 )
-            if fault.kind == "slow":
-                await asyncio.sleep(fault.delay)
             if fault.kind == "drop":
                 # Start a response, then cut the connection mid-body.
                 resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})

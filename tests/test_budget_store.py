@@ -661,8 +661,9 @@ async def test_a_reserve_that_reaches_redis_after_the_caller_gave_up_changes_not
         first = await store.reserve([CounterSpec("c", 5, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="1")
         assert first.failed == -1 and first.values == (5,)
         stalled = aioredis.Redis.from_url(server.url)
+        await stalled.ping()  # connected beforehand: the DEBUG SLEEP goes out at once, in one write
         sleeping = asyncio.ensure_future(stalled.execute_command("DEBUG", "SLEEP", "1"))
-        await asyncio.sleep(0.05)  # Redis is asleep: what comes now waits
+        await asyncio.sleep(0.2)  # Redis is asleep: what comes now waits (the reserve gives up at 0.5 s, before 1 s)
         with pytest.raises(BudgetStoreError):
             await store.reserve([CounterSpec("c", 7, 100, 3600)], [], now_ms=t + 60, window_ms=WINDOW_MS,
                                 member="2")  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import signal
 import ssl
 import subprocess
@@ -444,13 +445,23 @@ def test_a_worker_replaced_while_the_config_on_disk_is_broken_does_not_stop_the_
                   b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
         assert len(served) == 2, workers
         os.kill(served[0], signal.SIGKILL)
-        time.sleep(3)  # replaced by one that fails to build the app, again and again
+        # Replaced by one that fails to build the app, again and again: a second failure shows that the supervisor
+        # took the first for a worker's, not a startup failure. (A 3 s sleep was too short where starting a worker
+        # takes seconds: the message was not out yet.)
+        seen = bytearray()
+        deadline = time.monotonic() + 60
+        assert proc.stdout is not None
+        while seen.count(b"keys: must be a list") < 2:
+            assert proc.poll() is None, seen.decode(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, seen.decode(errors="replace")[-2000:]
+            if select.select([proc.stdout], [], [], 0.5)[0]:
+                seen += os.read(proc.stdout.fileno(), 65536)
         assert proc.poll() is None
         assert all(embed(url).status_code == 200 for _ in range(4))  # the other worker serves
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
+        out = bytes(seen) + out
     assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
-    assert b"keys: must be a list" in out
 
 
 def test_serve_refuses_a_metrics_directory_it_cannot_write(tmp_path: Path) -> None:

@@ -28,7 +28,9 @@ async def test_a_block_that_outlasts_its_deadline_raises_timeout_error_on_time()
 
 async def test_a_block_within_its_deadline_is_left_alone() -> None:
     async with deadline(0.05):
-        await asyncio.sleep(0.01)
+        # One loop pass, not a 10 ms timer: a loop stalled past 50 ms (a loaded machine) ran both timers in one
+        # pass, the deadline's cancellation before the task's wake-up, and the block timed out.
+        await asyncio.sleep(0)
     await asyncio.sleep(0.08)  # past the deadline: no late cancellation reaches the task
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
 
@@ -56,8 +58,10 @@ async def test_deadlines_of_many_concurrent_calls_expire_each_at_its_own_time() 
         except TimeoutError:
             outcomes[i] = "timeout"
 
-    # out of order: later calls with earlier deadlines (the single timer must re-arm for them)
-    plan = [(i, 0.3 - (i % 5) * 0.05, 0.12) for i in range(200)]
+    # out of order: later calls with earlier deadlines (the single timer must re-arm for them). Each call's work and
+    # deadline are far apart (>= 0.2 s): at 30 ms (0.15 s vs 0.12 s) a loop stalled that long expired "done" calls.
+    deadlines = (0.9, 0.7, 0.5, 0.1, 0.05)
+    plan = [(i, deadlines[i % 5], 0.3) for i in range(200)]
     started = time.monotonic()
     await asyncio.gather(*(call(i, d, w) for i, d, w in plan))
     assert time.monotonic() - started < 1.0
@@ -67,9 +71,13 @@ async def test_deadlines_of_many_concurrent_calls_expire_each_at_its_own_time() 
 
 
 async def test_finished_calls_do_not_pile_up_behind_a_long_one() -> None:
+    release = asyncio.Event()
+
     async def slow() -> None:
-        async with deadline(0.2):  # the earliest deadline: every later entry sits below it in the heap
-            await asyncio.sleep(0.1)
+        async with deadline(5):  # the earliest deadline: every later entry sits below it in the heap
+            # Held until the short calls are done, not a 0.1 s sleep under a 0.2 s deadline: a loop stalled 0.1 s
+            # (a loaded machine) ran both timers in one pass and the block timed out.
+            await release.wait()
 
     long = asyncio.ensure_future(slow())
     await asyncio.sleep(0)
@@ -78,6 +86,7 @@ async def test_finished_calls_do_not_pile_up_behind_a_long_one() -> None:
             await asyncio.sleep(0)
     watch = deadline_module._watch(asyncio.get_running_loop())
     assert len(watch.heap) <= 2 * max(watch.active, 64) + 1
+    release.set()
     await long
     assert watch.active == 0
 

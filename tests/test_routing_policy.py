@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from typing import Any
 
@@ -369,9 +370,15 @@ async def readyz(c: httpx.AsyncClient) -> dict[str, Any]:
 
 @pytest.mark.anyio
 async def test_breaker_opens_skips_then_probes_after_the_cooldown(upstream: FakeUpstream) -> None:
-    config = routing_config(upstream, routing={"breaker_failures": 2, "breaker_cooldown_ms": 300})
+    """The router's clock is moved by hand past the cooldown: with a real 300 ms one, the four requests that
+    expect the breaker still open had to fit in 300 ms, which a loaded machine need not do."""
+    config = routing_config(upstream, routing={"breaker_failures": 2, "breaker_cooldown_ms": 60_000})
     multi = {"model": "local/multi", "input": TEXTS, "retry": {"count": 0}}
-    async with running(config) as (c, _):
+    skew = [0.0]
+    async with running(config) as (c, gateway):
+        await gateway.startup()
+        assert gateway.router is not None
+        gateway.router._clock = lambda: time.monotonic() + skew[0]
         before = await readyz(c)
         assert before["local/multi-a"]["state"] == before["backup/multi-b"]["state"] == "closed"
 
@@ -390,7 +397,7 @@ async def test_breaker_opens_skips_then_probes_after_the_cooldown(upstream: Fake
         assert len(upstream.calls_for("multi-a")) == 2
         assert len(upstream.calls_for("multi-b")) == 5
 
-        await anyio.sleep(0.35)
+        skew[0] += 60.05  # past the cooldown
         assert (await readyz(c))["local/multi-a"]["state"] == "half_open"
         upstream.script.append(Fault("status", 500, model="multi-a"))
         assert_served(await post(c, multi), "local/multi", "multi-b")  # the probe failed: open again
@@ -399,7 +406,7 @@ async def test_breaker_opens_skips_then_probes_after_the_cooldown(upstream: Fake
         assert_served(await post(c, multi), "local/multi", "multi-b")
         assert len(upstream.calls_for("multi-a")) == 3
 
-        await anyio.sleep(0.35)
+        skew[0] += 60.05
         assert_served(await post(c, multi), "local/multi", "multi-a")  # the probe succeeded: closed
         assert len(upstream.calls_for("multi-a")) == 4
         state = await readyz(c)

@@ -392,11 +392,20 @@ def test_an_idle_connection_closes_after_the_keep_alive_timeout() -> None:
             client.close()
 
 
+def wait_in_flight(server: uvicorn.Server) -> None:
+    """Until a request is being answered (its task runs: ``/slow`` for 0.3 s), not a 0.1 s sleep that a loaded
+    server may take longer than to start it."""
+    deadline = time.monotonic() + 5
+    while not server.server_state.tasks:
+        assert time.monotonic() < deadline, "the request was not started"
+        time.sleep(0.002)
+
+
 def test_over_the_concurrency_limit_the_answer_is_503() -> None:
-    with served(GatewayHttpProtocol, limit_concurrency=2) as (port, _):  # uvicorn counts connections and tasks
+    with served(GatewayHttpProtocol, limit_concurrency=2) as (port, server):  # uvicorn counts connections and tasks
         first = Client(port)
         first.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-        time.sleep(0.1)
+        wait_in_flight(server)
         second = Client(port)
         try:
             second.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -415,7 +424,7 @@ def test_shutdown_lets_an_answer_in_flight_finish_and_closes_idle_connections() 
             idle.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
             assert idle.response()[0] == 200
             busy.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-            time.sleep(0.1)
+            wait_in_flight(server)
             server.should_exit = True
             assert idle.closed(wait=2.0)
             status, headers, _ = busy.response()
