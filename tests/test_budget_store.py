@@ -204,6 +204,83 @@ async def test_index_ids_past_their_time_leave_the_memory_store(anyio_backend: s
 
 
 @pytest.mark.anyio
+async def test_rolling_windows_of_ids_gone_quiet_leave_the_memory_store(anyio_backend: str) -> None:
+    # The sweep kept every window that held any timestamp, stale ones too: with a `*` rpm budget, each identity a
+    # client made up kept a window for ever.
+    store = MemoryBudgetStore()
+    t = int(T0 * 1000)
+    for i in range(3000):
+        await store.reserve([], [WindowSpec(f"rpm:identity:contact-{i}", 10)], now_ms=t, window_ms=WINDOW_MS,
+                            member=f"r{i}")  # fmt: skip
+    for i in range(store.SWEEP_EVERY):
+        await store.reserve([], [WindowSpec("rpm:identity:regular", 100_000)], now_ms=t + WINDOW_MS + 1 + i,
+                            window_ms=WINDOW_MS, member=f"later-{i}")  # fmt: skip
+    assert list(store._windows) == ["rpm:identity:regular"]
+
+
+@pytest.mark.anyio
+async def test_a_clock_stepped_back_does_not_hold_the_window_shut(store: BudgetStore) -> None:
+    # Requests dated before an NTP step back of an hour counted in the window until the clock caught up: the
+    # memory store refused for the hour and a minute (retry-after: 3660); Redis until the window key expired.
+    clock = Clock()
+    eng = engine(store, BudgetConfig(scope="api_key", target="team-a", requests_per_minute=3), clock=clock)
+    for dt in (0, 1, 2):
+        clock.t = T0 + dt
+        assert await admitted(eng)
+    clock.t = T0 + 2 - 3600  # stepped back an hour
+    with pytest.raises(BudgetExceeded) as exc:
+        await eng.reserve(SUBJECT, tokens=1, cost_usd=0)
+    assert 0 < int(exc.value.headers["retry-after"]) <= 60
+    clock.t += 60
+    assert await admitted(eng)
+
+
+@pytest.mark.anyio
+async def test_a_replica_whose_clock_is_behind_does_not_shorten_the_listing_in_redis(anyio_backend: str) -> None:
+    # Each reserve set the index set's expiry from its own clock: one from a replica 2 s behind, just before the
+    # day's end, cut the set's life from a day and an hour to an hour, and ids listed by the others vanished.
+    url = require_redis()
+    prefix = f"eg:b:test:{uuid.uuid4().hex}:"
+    store = RedisBudgetStore(url, prefix=prefix)
+    client = aioredis.Redis.from_url(url)
+    t = int(T0 * 1000)
+    try:
+        await store.reserve([], [], now_ms=t, window_ms=WINDOW_MS, member="a",
+                            index=[("seen:identity", "alice", t + 90_000_000)])  # fmt: skip
+        await store.reserve([], [], now_ms=t - 2000, window_ms=WINDOW_MS, member="b",
+                            index=[("seen:identity", "bob", t + 3_600_000)])  # fmt: skip
+        assert await client.pttl(prefix + "seen:identity") > 89_000_000
+        assert await client.zcard(prefix + "seen:identity") == 2
+    finally:
+        await client.aclose()
+        await store.aclose()
+        await _delete_prefix(url, prefix)
+
+
+@pytest.mark.anyio
+async def test_a_wall_clock_stepped_back_does_not_fail_redis_reserves(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reserve's deadline (Redis's time after which it changes nothing) came from the wall clock and an offset
+    # read once a minute: stepped back by a minute, every reserve reached Redis "late" and failed (a 503), until
+    # the offset was read again, a minute after the clock had caught up.
+    url = require_redis()
+    prefix = f"eg:b:test:{uuid.uuid4().hex}:"
+    store = RedisBudgetStore(url, prefix=prefix)
+    t = int(T0 * 1000)
+    real = time.time
+    try:
+        await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="1")
+        monkeypatch.setattr(time, "time", lambda: real() - 60)
+        got = await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="2")
+        assert got.values == (2,)
+    finally:
+        monkeypatch.undo()
+        await store.aclose()
+        await _delete_prefix(url, prefix)
+
+
+@pytest.mark.anyio
 async def test_index_ids_past_their_time_leave_redis(anyio_backend: str) -> None:
     url = require_redis()
     prefix = f"eg:b:test:{uuid.uuid4().hex}:"

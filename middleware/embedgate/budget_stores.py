@@ -176,6 +176,15 @@ class _Window:
                 del stamps[: self.start]
                 self.start = 0
 
+    def clamp(self, now_ms: int) -> None:
+        """Date the timestamps after ``now_ms`` at ``now_ms``: the clock stepped back (an NTP step), and they would
+        count in the window (and refuse requests) for the size of the step on top of the window."""
+        stamps = self.stamps
+        i = len(stamps) - 1
+        while i >= self.start and stamps[i] > now_ms:
+            stamps[i] = now_ms
+            i -= 1
+
     def add(self, now_ms: int) -> None:
         """Record one request at ``now_ms`` (clocks may step back a little: keep the order)."""
         if not self.stamps or now_ms >= self.stamps[-1]:
@@ -207,11 +216,15 @@ class MemoryBudgetStore:
             return _Window()
         # the same bound as the Redis script's ZREMRANGEBYSCORE -inf cutoff (inclusive)
         log_.trim(now_ms - window_ms)
+        if log_.stamps and log_.stamps[-1] > now_ms:
+            log_.clamp(now_ms)
         return log_
 
-    def _sweep(self, now_ms: int) -> None:
+    def _sweep(self, now_ms: int, window_ms: int) -> None:
         self._counters = {k: v for k, v in self._counters.items() if v[1] is None or v[1] > now_ms}
-        self._windows = {k: v for k, v in self._windows.items() if v}
+        # A window whose newest request has left it is empty (kept, ids clients make up would pile up for ever).
+        cutoff = now_ms - window_ms
+        self._windows = {k: v for k, v in self._windows.items() if v.stamps and v.stamps[-1] > cutoff}
         for key, ids in list(self._sets.items()):
             kept = {i: until for i, until in ids.items() if until > now_ms}
             if kept:
@@ -232,7 +245,7 @@ class MemoryBudgetStore:
         """See ``BudgetStore.reserve``."""
         self._ops += 1
         if self._ops % self.SWEEP_EVERY == 0:
-            self._sweep(now_ms)
+            self._sweep(now_ms, window_ms)
         # Plain index loops, no generators or zip(): this runs on every request (a few specs each).
         failed = -1
         n, m = len(counters), len(windows)
@@ -328,6 +341,9 @@ local wa = 7 + 3 * n
 for j = 1, m do
   local key = KEYS[n + j]
   redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now - window))
+  -- dated after now (a clock stepped back, or ahead of ours): now, or they would hold the window shut that long
+  local ahead = redis.call('ZRANGEBYSCORE', key, string.format('(%d', now), '+inf')
+  for a = 1, #ahead do redis.call('ZADD', key, ARGV[4], ahead[a]) end
   counts[j] = redis.call('ZCARD', key)
   if failed == 0 and counts[j] + 1 > tonumber(ARGV[wa + j - 1]) then failed = n + j end
 end
@@ -344,11 +360,14 @@ if failed == 0 then
   end
   for s = 1, k do
     local key, id, untl = KEYS[n + m + s], ARGV[wa + m + 2 * s - 2], tonumber(ARGV[wa + m + 2 * s - 1])
+    local left = redis.call('PTTL', key)  -- < 0: a new set, or one kept for good by a one_time budget since removed
     local old = redis.call('ZSCORE', key, id)
     if not old or tonumber(old) < untl then redis.call('ZADD', key, string.format('%d', untl), id) end
     redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now))
     -- every id of a set is given the same time by the same budgets: the whole set ends with the newest id's
-    if untl < tonumber(ARGV[#ARGV - 1]) then redis.call('PEXPIRE', key, untl - now) else redis.call('PERSIST', key) end
+    -- only ever later: a replica whose clock is behind (or stepped back) would cut the listing of the others' ids
+    if untl >= tonumber(ARGV[#ARGV - 1]) then redis.call('PERSIST', key)
+    elseif left < untl - now then redis.call('PEXPIRE', key, untl - now) end
   end
 end
 local out = {failed}
@@ -403,7 +422,7 @@ class RedisBudgetStore:
         # answered within socket_timeout fails (and drops the connection, reopened by the next command).
         self._redis = LeanRedis(redis_url, timeout=socket_timeout)
         self._timeout_ms = socket_timeout * 1000
-        self._offset_ms = 0.0  # Redis's clock minus ours, read with TIME (see _deadline)
+        self._offset_ms = 0.0  # Redis's clock minus our monotonic clock, read with TIME (see _deadline)
         self._offset_read_at = -math.inf
         self._prefix = prefix
         self._reserve = Script(_RESERVE)  # EVALSHA, loading the script on NOSCRIPT
@@ -448,14 +467,16 @@ class RedisBudgetStore:
         """The time, on Redis's clock (ms), after which a reserve sent now must change nothing: before this store
         gives up waiting for its answer (80% of the timeout). A command unanswered in time fails here while still
         on its way (Redis stalled: a slow command, a fork); run later, it would keep a refused request's tokens
-        reserved until the period's end. Redis's clock is read with TIME once a minute."""
-        now = time.time() * 1000
+        reserved until the period's end. Redis's clock is read with TIME once a minute, against this process's
+        monotonic clock: a step of the wall clock (NTP) made the offset wrong until its next reading, and every
+        reserve meanwhile late, a 503 (stepped back by an hour: an hour of them)."""
+        now = time.monotonic() * 1000
         if now - self._offset_read_at > _CLOCK_READ_MS:
             try:
                 seconds, micros = await self._redis.execute("TIME")
             except (RespError, OSError, TimeoutError) as exc:
                 raise BudgetStoreError(f"{type(exc).__name__}: {exc}") from exc
-            after = time.time() * 1000
+            after = time.monotonic() * 1000
             self._offset_ms = int(seconds) * 1000 + int(micros) / 1000 - (now + after) / 2
             self._offset_read_at = now = after
         return int(now + self._offset_ms + 0.8 * self._timeout_ms)

@@ -73,7 +73,6 @@ log = structlog.get_logger("embedgate.budgets")
 
 _getrandbits: Final = random.getrandbits
 NANO: Final = 1_000_000_000  # nano-dollars per USD
-
 # Counters outlive their period by this much, so a request spanning the rollover still settles.
 PERIOD_GRACE_S: Final = 3600
 # BOS/EOS, or a leading-space piece, that some tokenizers add on top of the text's bytes.

@@ -55,7 +55,7 @@ class Call:
     prompt_tokens: int = 0  # tokens reported to the client (cache hits report the recorded tokens)
     billed_tokens: int = 0  # tokens actually spent upstream by this request
     cost_usd: float = 0.0
-    # Of those, what models other than ``served_model`` charged (see _bill_spent): (model id, tokens, cost)
+    # Of those, the ones paid for work the answer does not use (see _bill_spent): (model id, tokens, cost)
     spent: list[tuple[str, int, float]] = field(default_factory=list)
     cache_status: str = "bypass"
     cache_ttl: int | None = None
