@@ -433,6 +433,21 @@ async def test_every_breaker_open_is_503_without_calling_upstream(upstream: Fake
 
 
 @pytest.mark.anyio
+async def test_readyz_folds_the_deployments_of_names_a_client_made_up(upstream: FakeUpstream) -> None:
+    # /readyz needs no key: every "<provider>/<name>" a key holder had routed to was listed there by name, to anyone.
+    config = routing_config(upstream, routing={"breaker_failures": 1, "breaker_cooldown_ms": 60000})
+    upstream.script.append(Fault("status", 500, model="secret-b"))
+    async with running(config) as (c, _):
+        for name in ("secret-a", "secret-b", "secret-c"):
+            await post(c, {"model": f"local/{name}", "input": TEXTS, "retry": {"count": 0}})
+        state = await readyz(c)
+    assert not [name for name in state if "secret" in name]
+    assert state["local/*"]["state"] == "open"  # the one in the worst state stands for them
+    assert state["local/*"]["consecutive_failures"] == 1
+    assert state["local/embed-small"]["state"] == "closed"  # configured: by name, as before
+
+
+@pytest.mark.anyio
 async def test_input_errors_do_not_count_against_the_breaker(upstream: FakeUpstream) -> None:
     config = routing_config(upstream, routing={"breaker_failures": 1})
     upstream.script.extend([Fault("status", 400, model="embed-small")] * 3)

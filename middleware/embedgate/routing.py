@@ -185,6 +185,9 @@ class _Dims:
     streak: int = 0
 
 
+_WORSE: Final = {"closed": 0, "half_open": 1, "open": 2}
+
+
 def _deployment_id(d: Deployment) -> str:
     return f"{d.provider}/{d.upstream_model}"
 
@@ -220,6 +223,9 @@ class Router:
         self.breakers: dict[str, Breaker] = {
             _deployment_id(d): Breaker() for m in config.models.values() for d in m.deployments
         }
+        # Named as themselves at /readyz (no key needed there): the configured deployments and the built-in list's
+        # names. Any other "<provider>/<name>" is a client's own string, shown folded as "<provider>/*".
+        self._listed: frozenset[str] = frozenset(self.breakers) | frozenset(BUILTIN_PRICES)
 
     @staticmethod
     def _resolved(m: ModelConfig) -> ResolvedModel:
@@ -692,11 +698,18 @@ class Router:
             b.open_until = self._clock() + self._routing.breaker_cooldown_ms / 1000
 
     def status(self) -> dict[str, Any]:
-        """Circuit-breaker state of every deployment (configured or used), for ``/readyz``."""
+        """Circuit-breaker state of every deployment (configured or used), for ``/readyz``; the deployments of
+        names a client made up, per provider as ``<provider>/*``: the one in the worst state."""
         now = self._clock()
         out: dict[str, Any] = {}
         for name, b in self.breakers.items():
             state = b.state(now)
+            if name not in self._listed:
+                name = name.partition("/")[0] + "/*"
+                shown = out.get(name)
+                worse = (_WORSE[state], b.failures)
+                if shown is not None and (_WORSE[shown["state"]], shown["consecutive_failures"]) >= worse:
+                    continue
             entry: dict[str, Any] = {
                 "state": state,
                 "consecutive_failures": b.failures,
