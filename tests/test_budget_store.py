@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -593,6 +594,44 @@ async def identities(request: pytest.FixtureRequest, anyio_backend: str) -> Asyn
         await s.aclose()
         await _delete_prefix(url, f"eg:i:test:{tag}:")
         await _delete_prefix(url, f"eg:ix:test:{tag}")
+
+
+@pytest.mark.anyio
+async def test_many_new_identities_at_once_are_all_recorded(identities: tuple[IdentityStore, Clock]) -> None:
+    # redis-py's default pool refused connections past 100 at once: the touches beyond it were lost (logged only).
+    store, _ = identities
+    await asyncio.gather(*(store.touch({"id": f"burst-{i}"}) for i in range(300)))
+    assert len(await store.list(1000)) == 300
+
+
+@pytest.mark.anyio
+async def test_identities_in_memory_take_about_their_profiles_json(anyio_backend: str) -> None:
+    # An 8 KiB profile of 2,700 empty objects was kept as objects, ~192 KiB each: 100,000 identities, ~20 GB.
+    import tracemalloc
+
+    store = MemoryIdentityStore()
+    text = b"[" + b",".join([b"{}"] * 2700) + b"]"
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200):  # each parsed from its own request, as the gateway does
+            await store.touch({"id": f"heavy-{i}", "metadata": orjson.loads(text)})
+        taken = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert taken < 200 * 16 * 1024, taken  # the JSON (~8 KiB) and bookkeeping, not 192 KiB each
+    kept = await store.get("heavy-0")
+    assert kept is not None and kept.metadata == orjson.loads(text)
+
+
+@pytest.mark.anyio
+async def test_identities_in_memory_are_bounded_by_their_bytes(anyio_backend: str) -> None:
+    store = MemoryIdentityStore(max_bytes=100_000)
+    for i in range(100):
+        await store.touch({"id": f"big-{i}", "display_name": "x" * 5000})
+    kept = await store.list(1000)
+    assert 10 <= len(kept) < 20  # ~5.4 KB each: the least recently seen were forgotten
+    assert kept[0].id == "big-99"
 
 
 @pytest.mark.anyio

@@ -667,6 +667,33 @@ async def test_admin_usage_and_identities_show_what_was_spent_and_seen(upstream:
         assert [i["id"] for i in r.json()["data"]] == ["bob"]
 
 
+@pytest.mark.anyio
+async def test_admin_identities_refuse_a_limit_that_is_no_ascii_number(upstream: FakeUpstream) -> None:
+    # "²".isdigit() is true and int("²") raises: a 500 with a traceback.
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 10}])
+    async with running(config) as (_, c):
+        for limit in ("²", "abc", "0", "10001"):
+            r = await c.get("/admin/identities", params={"limit": limit},
+                            headers={"authorization": f"Bearer {ADMIN_KEY}"})  # fmt: skip
+            assert r.status_code == 400, (limit, r.text)
+            assert error_of(r)["param"] == "limit"
+
+
+@pytest.mark.anyio
+async def test_an_identity_header_is_read_as_utf8_and_named_as_sent(upstream: FakeUpstream) -> None:
+    # A UTF-8 header ("jöhn", as curl and the SDKs send it) was read as latin-1: "jÃ¶hn", another identity with
+    # a budget of its own. A contact id too long was refused naming x-orq-identity-id.
+    config = budget_config(upstream.url, [{"scope": "identity", "target": "*", "requests_per_minute": 1}])
+    async with running(config) as (gw, c):
+        assert (await embed(c, [1], headers={"X-ORQ-IDENTITY-ID": "jöhn".encode()})).status_code == 200  # type: ignore[dict-item]
+        r = await embed(c, [1], route="orq", identity={"id": "jöhn"})
+        assert r.status_code == 429  # the same identity: its one request of the minute is spent
+        assert gw.identities is not None
+        assert [i.id for i in await gw.identities.list()] == ["jöhn"]
+        r = await embed(c, [1], headers={"X-ORQ-CONTACT-ID": "c" * 257})
+        assert r.status_code == 400 and error_of(r)["param"] == "x-orq-contact-id"
+
+
 def test_cli_usage_and_identities_print_the_admin_views(
     upstream: FakeUpstream, capsys: pytest.CaptureFixture[str]
 ) -> None:

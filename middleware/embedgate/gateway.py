@@ -321,6 +321,7 @@ class EmbeddingGateway:
             request_id=request_id,
             authorization=headers.get("authorization"),
             identity_header=headers.get("x-orq-identity-id") or headers.get("x-orq-contact-id"),
+            identity_header_name="x-orq-identity-id" if headers.get("x-orq-identity-id") else "x-orq-contact-id",
             cache_control=headers.get("cache-control"),
         )
         error: GatewayError | None = None
@@ -416,7 +417,7 @@ class EmbeddingGateway:
                 param="content-encoding",
             )
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self._max_body:
+        if length is not None and length.isascii() and length.isdigit() and int(length) > self._max_body:
             raise PayloadTooLarge(f"The body is larger than {self._max_body} bytes", param="body")
         chunks: list[bytes] = []
         size = 0
@@ -518,7 +519,7 @@ class EmbeddingGateway:
             self._admin(scope)
             query = _query(scope)
             limit = query.get("limit", "100")
-            if not limit.isdigit() or not 0 < int(limit) <= 10000:
+            if not (limit.isascii() and limit.isdigit()) or not 0 < int(limit) <= 10000:  # "²" is a digit
                 raise InvalidRequest("Invalid 'limit': an integer from 1 to 10000", param="limit")
             if "id" in query:
                 found = await self.identities.get(query["id"])

@@ -413,7 +413,7 @@ def _forget_dead_workers() -> None:
         if not name.startswith("gauge_live") or not name.endswith(".db"):
             continue
         pid_text = name[: -len(".db")].rpartition("_")[2]
-        if not pid_text.isdigit():
+        if not (pid_text.isascii() and pid_text.isdigit()):
             continue
         pid = int(pid_text)
         try:

@@ -42,7 +42,10 @@ def embed_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
             name = _EMBED_HEADERS.get(key.lower())
             if name is None:
                 continue
-        out[name] = value.decode("latin-1")
+        try:  # as clients send non-ASCII text (curl, browsers, the SDKs): the body's "jöhn" is the header's
+            out[name] = value.decode()
+        except UnicodeDecodeError:
+            out[name] = value.decode("latin-1")
     return out
 
 

@@ -42,6 +42,7 @@ class Call:
     request_id: str
     authorization: str | None = None
     identity_header: str | None = None
+    identity_header_name: str = "x-orq-identity-id"  # the header it came from, as errors name it
     cache_control: str | None = None  # the request's Cache-Control header: its no-store / no-cache opt out
     started: float = field(default_factory=time.perf_counter)
     request: EmbeddingRequest | None = None
@@ -76,6 +77,7 @@ class Call:
         request_id: str,
         authorization: str | None = None,
         identity_header: str | None = None,
+        identity_header_name: str = "x-orq-identity-id",
         cache_control: str | None = None,
     ) -> None:
         self.dialect = dialect
@@ -83,6 +85,7 @@ class Call:
         self.request_id = request_id
         self.authorization = authorization
         self.identity_header = identity_header
+        self.identity_header_name = identity_header_name
         self.cache_control = cache_control
         self.started = time.perf_counter()
         self.request = None
@@ -223,6 +226,7 @@ class Pipeline:
         call.request = parse_request(
             call.body,
             identity_header=call.identity_header,
+            identity_header_name=call.identity_header_name,
             unknown_fields=self._unknown,
             default_retry=self._default_retry,
         )

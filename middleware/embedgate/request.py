@@ -541,6 +541,7 @@ def parse_request(
     body: bytes,
     *,
     identity_header: str | None = None,
+    identity_header_name: str = "x-orq-identity-id",
     unknown_fields: str = "reject",
     default_retry: RetryPolicy | None = None,
 ) -> EmbeddingRequest:
@@ -589,8 +590,8 @@ def parse_request(
     identity = _identity(ident_v, ident_p, strict) if ident_v is not None else None
     if identity is None and identity_header:
         if len(identity_header) > _MAX_IDENTITY_ID:
-            raise InvalidRequest(f"Invalid 'x-orq-identity-id': at most {_MAX_IDENTITY_ID} characters, got "
-                                 f"{len(identity_header)}", param="x-orq-identity-id")  # fmt: skip
+            raise InvalidRequest(f"Invalid '{identity_header_name}': at most {_MAX_IDENTITY_ID} characters, got "
+                                 f"{len(identity_header)}", param=identity_header_name)  # fmt: skip
         identity = {"id": identity_header}
 
     if data.get("trace") is not None:

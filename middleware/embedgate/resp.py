@@ -288,7 +288,7 @@ def parse_url(url: str) -> RedisAddress:
     # readings put budgets and identities in two databases).
     db = query["db"][-1] if "db" in query else parts.path.lstrip("/") if parts.scheme != "unix" else ""
     db = db or "0"
-    if not db.isdigit():
+    if not (db.isascii() and db.isdigit()):
         raise ValueError("the Redis database in the URL must be a number")
     cert_reqs = query.get("ssl_cert_reqs", ["required"])[-1].lower()
     if cert_reqs not in _CERT_REQS:
