@@ -600,7 +600,7 @@ async def identities(request: pytest.FixtureRequest, anyio_backend: str) -> Asyn
 async def test_many_new_identities_at_once_are_all_recorded(identities: tuple[IdentityStore, Clock]) -> None:
     # redis-py's default pool refused connections past 100 at once: the touches beyond it were lost (logged only).
     store, _ = identities
-    await asyncio.gather(*(store.touch({"id": f"burst-{i}"}) for i in range(300)))
+    await asyncio.gather(*(store.touch({"id": f"burst-{i}"}, "acme") for i in range(300)))
     assert len(await store.list(1000)) == 300
 
 
@@ -615,12 +615,12 @@ async def test_identities_in_memory_take_about_their_profiles_json(anyio_backend
     try:
         before = tracemalloc.get_traced_memory()[0]
         for i in range(200):  # each parsed from its own request, as the gateway does
-            await store.touch({"id": f"heavy-{i}", "metadata": orjson.loads(text)})
+            await store.touch({"id": f"heavy-{i}", "metadata": orjson.loads(text)}, "acme")
         taken = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
     assert taken < 200 * 16 * 1024, taken  # the JSON (~8 KiB) and bookkeeping, not 192 KiB each
-    kept = await store.get("heavy-0")
+    kept = await store.get("acme", "heavy-0")
     assert kept is not None and kept.metadata == orjson.loads(text)
 
 
@@ -628,7 +628,7 @@ async def test_identities_in_memory_take_about_their_profiles_json(anyio_backend
 async def test_identities_in_memory_are_bounded_by_their_bytes(anyio_backend: str) -> None:
     store = MemoryIdentityStore(max_bytes=100_000)
     for i in range(100):
-        await store.touch({"id": f"big-{i}", "display_name": "x" * 5000})
+        await store.touch({"id": f"big-{i}", "display_name": "x" * 5000}, "acme")
     kept = await store.list(1000)
     assert 10 <= len(kept) < 20  # ~5.4 KB each: the least recently seen were forgotten
     assert kept[0].id == "big-99"
@@ -644,8 +644,8 @@ async def test_identity_created_on_first_sight_then_updated(identities: tuple[Id
         "metadata": [{"plan": "pro"}],
         "tags": ["beta"],
     }
-    await store.touch(profile)
-    first = await store.get("alice")
+    await store.touch(profile, "acme")
+    first = await store.get("acme", "alice")
     assert first is not None
     assert (first.display_name, first.email, first.metadata, first.tags) == (
         "Alice", "alice@example.com", [{"plan": "pro"}], ("beta",),
@@ -653,12 +653,25 @@ async def test_identity_created_on_first_sight_then_updated(identities: tuple[Id
     assert first.first_seen == first.last_seen == T0
 
     clock.t = T0 + 100
-    await store.touch({"id": "alice", "display_name": "Alice B."})
-    later = await store.get("alice")
+    await store.touch({"id": "alice", "display_name": "Alice B."}, "acme")
+    later = await store.get("acme", "alice")
     assert later is not None
     assert (later.display_name, later.email, later.tags) == ("Alice B.", "alice@example.com", ("beta",))
     assert (later.first_seen, later.last_seen) == (T0, T0 + 100)
-    assert await store.get("nobody") is None
+    assert await store.get("acme", "nobody") is None
+
+
+@pytest.mark.anyio
+async def test_two_workspaces_identities_of_one_id_are_two(identities: tuple[IdentityStore, Clock]) -> None:
+    # Kept by id alone, another workspace's key overwrote acme's user-42 (its e-mail shown to acme's operator).
+    store, clock = identities
+    await store.touch({"id": "user-42", "email": "jane@acme.example"}, "acme")
+    clock.t = T0 + 1
+    await store.touch({"id": "user-42", "email": "someone@globex.example"}, "globex")
+    acme, globex = await store.get("acme", "user-42"), await store.get("globex", "user-42")
+    assert acme is not None and (acme.workspace, acme.email) == ("acme", "jane@acme.example")
+    assert globex is not None and (globex.workspace, globex.email) == ("globex", "someone@globex.example")
+    assert [(i.workspace, i.id) for i in await store.list(10)] == [("globex", "user-42"), ("acme", "user-42")]
 
 
 @pytest.mark.anyio
@@ -666,12 +679,12 @@ async def test_identities_list_most_recently_seen_first(identities: tuple[Identi
     store, clock = identities
     for i, who in enumerate(("a", "b", "c")):
         clock.t = T0 + i
-        await store.touch({"id": who})
+        await store.touch({"id": who}, "acme")
     clock.t = T0 + 10
-    await store.touch({"id": "a"})
+    await store.touch({"id": "a"}, "acme")
     assert [i.id for i in await store.list(10)] == ["a", "c", "b"]
     assert [i.id for i in await store.list(2)] == ["a", "c"]
-    await store.touch({"id": ""})  # no usable id: ignored, not raised
+    await store.touch({"id": ""}, "acme")  # no usable id: ignored, not raised
     assert len(await store.list(10)) == 3
 
 
@@ -685,12 +698,12 @@ async def test_a_changed_profile_is_written_within_the_touch_interval(anyio_back
     try:
         for i, name in enumerate(("Jane", "Bob", "Jane")):
             clock.t = T0 + i
-            await store.touch({"id": "u1", "display_name": name})
-        got = await store.get("u1")
+            await store.touch({"id": "u1", "display_name": name}, "acme")
+        got = await store.get("acme", "u1")
         assert got is not None and (got.display_name, got.last_seen) == ("Jane", T0 + 2)
         clock.t = T0 + 10
-        await store.touch({"id": "u1", "display_name": "Jane"})  # unchanged within 30 s: not written again
-        got = await store.get("u1")
+        await store.touch({"id": "u1", "display_name": "Jane"}, "acme")  # unchanged within 30 s: not written again
+        got = await store.get("acme", "u1")
         assert got is not None and got.last_seen == T0 + 2
     finally:
         await store.aclose()
@@ -702,9 +715,9 @@ async def test_a_changed_profile_is_written_within_the_touch_interval(anyio_back
 async def test_identity_touch_never_raises_when_redis_is_down(anyio_backend: str) -> None:
     store = RedisIdentityStore("redis://127.0.0.1:6391/0", socket_timeout=0.5)
     try:
-        await store.touch({"id": "alice"})  # logged, not raised
+        await store.touch({"id": "alice"}, "acme")  # logged, not raised
         with pytest.raises(ConnectionError):
-            await store.get("alice")
+            await store.get("acme", "alice")
     finally:
         await store.aclose()
 

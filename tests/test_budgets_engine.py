@@ -76,7 +76,8 @@ async def refusal(eng: BudgetEngine, subject: Subject = ALICE, **kw: Any) -> Bud
             replace(ALICE, provider="cohere", model="cohere/embed-english-v3.0"),
         ),
         ("model", ALICE.model, ALICE.model, replace(ALICE, model="openai/text-embedding-3-large")),
-        ("identity", "alice", "alice", replace(ALICE, identity="bob")),
+        ("identity", "alice", "acme/alice", replace(ALICE, identity="bob")),
+        ("identity", "acme/alice", "acme/alice", replace(ALICE, workspace="beta")),  # another workspace's alice
     ],
 )
 @pytest.mark.anyio
@@ -97,7 +98,7 @@ async def test_identity_budgets_apply_only_to_requests_with_an_identity() -> Non
         res = await eng.reserve(anonymous, tokens=1, cost_usd=0.0)
         assert res.decision == "none"
     await eng.reserve(ALICE, tokens=1, cost_usd=0.0)
-    assert (await refusal(eng)).scope_target_id == "alice"
+    assert (await refusal(eng)).scope_target_id == "acme/alice"  # an identity is its workspace's
 
 
 @pytest.mark.anyio
@@ -106,11 +107,11 @@ async def test_star_target_is_a_separate_budget_per_id() -> None:
     bob = replace(ALICE, identity="bob")
     await eng.reserve(ALICE, tokens=100, cost_usd=0.0)
     err = await refusal(eng, tokens=1)
-    assert (err.scope_kind, err.scope_target_id) == ("identity", "alice")
+    assert (err.scope_kind, err.scope_target_id) == ("identity", "acme/alice")
     res = await eng.reserve(bob, tokens=100, cost_usd=0.0)  # alice exhausting hers leaves bob's untouched
     assert res.headers()["x-ratelimit-remaining-tokens"] == "0"
     rows = await eng.usage()
-    assert [(r["id"], r["tokens"]["used"]) for r in rows] == [("alice", 100), ("bob", 100)]
+    assert [(r["id"], r["tokens"]["used"]) for r in rows] == [("acme/alice", 100), ("acme/bob", 100)]
     orjson.dumps(rows)  # JSON-ready
 
 
@@ -123,10 +124,10 @@ async def test_star_ids_are_listed_while_their_period_lasts() -> None:
     for eng in (daily, once):
         await eng.reserve(ALICE, tokens=5, cost_usd=0.0)
     clock.t = datetime(2025, 3, 15, 0, 59, tzinfo=UTC).timestamp()  # the next day, within the hour's grace
-    assert [(r["id"], r["tokens"]["used"]) for r in await daily.usage()] == [("alice", 0)]
+    assert [(r["id"], r["tokens"]["used"]) for r in await daily.usage()] == [("acme/alice", 0)]
     clock.t = datetime(2025, 3, 15, 1, 0, tzinfo=UTC).timestamp()
     assert await daily.usage() == []
-    assert [(r["id"], r["tokens"]["used"]) for r in await once.usage()] == [("alice", 5)]
+    assert [(r["id"], r["tokens"]["used"]) for r in await once.usage()] == [("acme/alice", 5)]
 
 
 @pytest.mark.anyio

@@ -101,7 +101,7 @@ def error_of(r: httpx.Response) -> dict[str, Any]:
 SCOPES = [
     ("workspace", "acme", "acme"),
     ("project", "search", "acme/search"),
-    ("identity", "alice", "alice"),
+    ("identity", "alice", "acme/alice"),
     ("api_key", "team-a", "team-a"),
     ("provider", "local", "local"),
     ("model", "local/embed-small", "local/embed-small"),
@@ -150,7 +150,7 @@ async def test_each_scope_and_dimension_refuses_once_spent(
         ("api_key", ({"key": KEY}, "team-a"), ({"key": SAME_WORKSPACE_KEY}, "team-a2")),
         ("provider", ({}, "local"), ({"model": "backup/embed-small"}, "backup")),
         ("model", ({}, "local/embed-small"), ({"model": "local/embed-large"}, "local/embed-large")),
-        ("identity", ({"identity": {"id": "alice"}}, "alice"), ({"identity": {"id": "bob"}}, "bob")),
+        ("identity", ({"identity": {"id": "alice"}}, "acme/alice"), ({"identity": {"id": "bob"}}, "acme/bob")),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -189,7 +189,7 @@ async def test_identity_from_body_deprecated_orq_fields_and_header(upstream: Fak
             assert r.status_code == 200, (ident, r.text)
             r = await embed(c, "x", route="orq", **kw)
             assert r.status_code == 429, ident
-            assert error_of(r)["scope_target_id"] == ident
+            assert error_of(r)["scope_target_id"] == f"acme/{ident}"
         # gina was never charged: the header lost to frank's body identity
         r = await embed(c, "x", route="orq", headers={"X-ORQ-IDENTITY-ID": "gina"})
         assert r.status_code == 200
@@ -575,11 +575,16 @@ async def test_admin_usage_of_one_id(upstream: FakeUpstream) -> None:
     async with running(budget_config(upstream.url, budgets)) as (_, c):
         for who in ("alice", "bob", "carol"):
             assert (await embed(c, "one two", identity={"id": who})).status_code == 200
-        rows = await admin_usage(c, id="bob")
-        assert [(r["target"], r["id"]) for r in rows] == [("*", "bob"), ("bob", "bob")]
+        rows = await admin_usage(c, id="acme/bob")
+        assert [(r["target"], r["id"]) for r in rows] == [("*", "acme/bob"), ("bob", "acme/bob")]
         assert all(r["tokens"]["used"] == tokens_of("one two") for r in rows)
-        assert [r["id"] for r in await admin_usage(c, scope="identity", id="nobody")] == ["nobody"]  # nothing spent
-        assert len(await admin_usage(c, scope="identity")) == 4  # the three seen by "*", and bob's own
+        # an id alone: each workspace's identity of that id (globex's bob spent nothing)
+        rows = await admin_usage(c, id="bob")
+        assert [(r["target"], r["id"], r["tokens"]["used"]) for r in rows] == [
+            ("*", "acme/bob", 2), ("*", "globex/bob", 0), ("bob", "acme/bob", 2), ("bob", "globex/bob", 0)]  # fmt: skip
+        assert [r["id"] for r in await admin_usage(c, scope="identity", id="acme/nobody")] == ["acme/nobody"]
+        # the three seen by "*", and bob's own budget in each workspace
+        assert len(await admin_usage(c, scope="identity")) == 5
         r = await c.get("/admin/usage", params={"id": "x" * 257}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
         assert r.status_code == 400 and error_of(r)["param"] == "id"
 
@@ -636,7 +641,7 @@ async def test_admin_usage_and_identities_show_what_was_spent_and_seen(upstream:
         assert (await embed(c, [9], route="orq", headers={"X-ORQ-IDENTITY-ID": "alice"})).status_code == 200
         rows = await admin_usage(c)
         by_id = {(row["scope"], row["id"]): row for row in rows}
-        assert set(by_id) == {("api_key", "team-a"), ("identity", "alice"), ("identity", "bob"),
+        assert set(by_id) == {("api_key", "team-a"), ("identity", "acme/alice"), ("identity", "acme/bob"),
                               ("workspace", "globex")}  # fmt: skip
         team = by_id[("api_key", "team-a")]
         assert team["tokens"] == {"used": 6, "limit": 100, "remaining": 94}
@@ -644,13 +649,13 @@ async def test_admin_usage_and_identities_show_what_was_spent_and_seen(upstream:
         assert team["requests_per_minute"] == {"used": 3, "limit": 10, "remaining": 7}
         assert (team["period"], team["target"]) == ("daily", "team-a")
         assert 0 < team["resets_in_s"] <= 86400
-        assert by_id[("identity", "alice")]["tokens"]["used"] == 4
-        assert by_id[("identity", "bob")]["tokens"]["used"] == 2
-        assert (by_id[("identity", "bob")]["target"], by_id[("identity", "bob")]["period"]) == ("*", "monthly")
+        assert by_id[("identity", "acme/alice")]["tokens"]["used"] == 4
+        assert by_id[("identity", "acme/bob")]["tokens"]["used"] == 2
+        assert (by_id[("identity", "acme/bob")]["target"], by_id[("identity", "acme/bob")]["period"]) == ("*", "monthly")
         globex = by_id[("workspace", "globex")]
         assert (globex["tokens"]["used"], globex["resets_in_s"], globex["period_stamp"]) == (0, None, "all")
         assert "cost_usd" not in globex
-        assert [row["id"] for row in await admin_usage(c, scope="identity")] == ["alice", "bob"]
+        assert [row["id"] for row in await admin_usage(c, scope="identity")] == ["acme/alice", "acme/bob"]
 
         r = await c.get("/admin/identities", headers={"authorization": f"Bearer {ADMIN_KEY}"})
         idents = {i["id"]: i for i in r.json()["data"]}
@@ -662,9 +667,30 @@ async def test_admin_usage_and_identities_show_what_was_spent_and_seen(upstream:
         (alice_before,) = [i for i in first.json()["data"] if i["id"] == "alice"]
         assert alice["first_seen"] == alice_before["first_seen"]
         assert alice["last_seen"] >= alice_before["last_seen"] and alice["last_seen"] > idents["bob"]["first_seen"]
-        r = await c.get("/admin/identities", params={"id": "bob"},
-                        headers={"authorization": f"Bearer {ADMIN_KEY}"})  # fmt: skip
-        assert [i["id"] for i in r.json()["data"]] == ["bob"]
+        assert alice["workspace"] == "acme"
+        for name in ("bob", "acme/bob"):  # an id alone (each workspace's), or qualified
+            r = await c.get("/admin/identities", params={"id": name},
+                            headers={"authorization": f"Bearer {ADMIN_KEY}"})  # fmt: skip
+            assert [(i["workspace"], i["id"]) for i in r.json()["data"]] == [("acme", "bob")]
+
+
+@pytest.mark.anyio
+async def test_an_identity_is_its_workspaces(upstream: FakeUpstream) -> None:
+    # Kept and budgeted by id alone: another workspace's key overwrote acme's user-42 and spent its budget.
+    config = budget_config(upstream.url, [{"scope": "identity", "target": "*", "requests_per_minute": 1}],
+                           models={"local/embed-small": {}, "backup/embed-small": {}})  # fmt: skip
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    async with running(config) as (_, c):
+        jane = {"id": "user-42", "email": "jane@acme.example"}
+        assert (await embed(c, "x", route="orq", identity=jane)).status_code == 200
+        other = {"id": "user-42", "email": "someone@globex.example"}
+        r = await embed(c, "x", key=OTHER_KEY, model="backup/embed-small", route="orq", identity=other)
+        assert r.status_code == 200  # globex's user-42 has a budget of its own
+        r = await embed(c, "x", route="orq", identity={"id": "user-42"})
+        assert r.status_code == 429 and error_of(r)["scope_target_id"] == "acme/user-42"
+        listed = (await c.get("/admin/identities", headers=admin)).json()["data"]
+    assert [(i["workspace"], i["id"], i["email"]) for i in listed] == [
+        ("acme", "user-42", "jane@acme.example"), ("globex", "user-42", "someone@globex.example")]  # fmt: skip
 
 
 @pytest.mark.anyio

@@ -310,6 +310,9 @@ class BudgetEngine:
         self._qualified: dict[str, list[str]] = {}
         for qualified in dict.fromkeys(projects):
             self._qualified.setdefault(qualified.partition("/")[2], []).append(qualified)
+        # The workspaces of the keys: an identity budget's target, or a usage view's id, "<workspace>/<id>" when it
+        # starts with one of them, else an identity id alone (every workspace's identity of that id).
+        self._workspaces: tuple[str, ...] = tuple(dict.fromkeys(q.partition("/")[0] for q in projects))
         self._store = store
         self._fail_open = fail_open
         self._window_ms = int(window_s * 1000)
@@ -333,9 +336,10 @@ class BudgetEngine:
     def applicable(self, subject: Subject) -> list[tuple[BudgetConfig, str]]:
         """Every budget that applies to ``subject``, with the concrete id it counts under.
 
-        Project ids are qualified by their workspace (``acme/search``); a project budget's target may name the
-        project alone (every workspace's project of that name, each counted on its own) or qualified.
-        Identity budgets apply only when the request has an identity.
+        Project and identity ids are qualified by their workspace (``acme/search``, ``acme/user-42``: two workspaces'
+        projects or identities of one name are counted apart); a budget's target may name them alone (each
+        workspace's of that name, counted on its own) or qualified. Identity budgets apply only when the request
+        has an identity.
         """
         ids: list[tuple[str, str, tuple[str, ...]]] = [
             ("workspace", subject.workspace, (subject.workspace,)),
@@ -346,7 +350,8 @@ class BudgetEngine:
             ("model", subject.model, (subject.model,)),
         ]
         if subject.identity is not None:
-            ids.append(("identity", subject.identity, (subject.identity,)))
+            qualified = f"{subject.workspace}/{subject.identity}"
+            ids.append(("identity", qualified, (subject.identity, qualified)))
         out: list[tuple[BudgetConfig, str]] = []
         for scope, concrete, targets in ids:
             for target in dict.fromkeys(targets):
@@ -563,6 +568,14 @@ class BudgetEngine:
                 error=str(exc),
             )
 
+    def _counted(self, scope: str, name: str) -> list[str]:
+        """The ids a project or identity named alone is counted under (one per workspace); others as they are."""
+        if scope == "project" and "/" not in name:
+            return self._qualified.get(name, [name])
+        if scope == "identity" and name.partition("/")[0] not in self._workspaces:
+            return [f"{ws}/{name}" for ws in self._workspaces] or [name]
+        return [name]
+
     async def usage(
         self, *, scope: str | None = None, only_id: str | None = None, limit_ids: int = 1000
     ) -> list[dict[str, Any]]:
@@ -580,13 +593,11 @@ class BudgetEngine:
                 if scope is not None and b.scope != scope:
                     continue
                 if b.target != "*":
-                    counted = [b.target]
-                    if b.scope == "project" and "/" not in b.target:  # counted per workspace
-                        counted = self._qualified.get(b.target, counted)
+                    counted = self._counted(b.scope, b.target)
                     rows += [(b, sid) for sid in counted if only_id is None or only_id in (sid, b.target)]
                     continue
                 if only_id is not None:  # one id's usage: no listing of the ids seen
-                    rows.append((b, only_id))
+                    rows += [(b, sid) for sid in self._counted(b.scope, only_id)]
                     continue
                 listed = await self._store.members(f"seen:{b.scope}", limit_ids, now_ms=int(now * 1000))
                 rows += [(b, sid) for sid in listed]

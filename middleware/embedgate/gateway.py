@@ -115,6 +115,7 @@ class EmbeddingGateway:
             self._get_paths[prefix + "/admin/usage"] = self._admin_usage
             self._get_paths[prefix + "/admin/identities"] = self._admin_identities
         self._max_body = self.config.server.max_body_bytes
+        self._workspaces: tuple[str, ...] = tuple(dict.fromkeys(k.workspace for k in self.config.keys))
         self._standalone = standalone
         self._given_client = http_client
         self._tracer_provider = tracer_provider
@@ -521,9 +522,15 @@ class EmbeddingGateway:
             limit = query.get("limit", "100")
             if not (limit.isascii() and limit.isdigit()) or not 0 < int(limit) <= 10000:  # "²" is a digit
                 raise InvalidRequest("Invalid 'limit': an integer from 1 to 10000", param="limit")
-            if "id" in query:
-                found = await self.identities.get(query["id"])
-                items = [found] if found is not None else []
+            if "id" in query:  # "<workspace>/<id>", or an id alone: each workspace's identity of that id
+                name = query["id"]
+                workspace, _, bare = name.partition("/")
+                if workspace in self._workspaces:
+                    candidates = [(workspace, bare)]
+                else:
+                    candidates = [(ws, name) for ws in self._workspaces]
+                found_all = [await self.identities.get(ws, iid) for ws, iid in candidates]
+                items = [i for i in found_all if i is not None]
             else:
                 items = await self.identities.list(int(limit))
         except GatewayError as err:

@@ -4,8 +4,12 @@ A request's ``identity`` (``{id, display_name, email, metadata, logo_url, tags}`
 request: the record is created with its profile the first time, its profile fields updated when a request
 carries them, and ``last_seen`` moved forward. Touching never fails a request: a store error is logged.
 
+An identity belongs to the workspace of the key that named it, as orq's contacts do: two workspaces' ``user-42``
+are two identities (stored, listed and budgeted apart), named ``<workspace>/<id>`` where one name must hold both.
+
 Two stores with one interface: ``MemoryIdentityStore`` (bounded in count and bytes, least recently seen evicted
-first) and ``RedisIdentityStore`` (hash ``eg:i:<id>``, plus a sorted set of ids by last-seen time for listing).
+first) and ``RedisIdentityStore`` (hash ``eg:id:<workspace>/<id>``, plus a sorted set of those names by last-seen
+time for listing).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class Identity:
     """One identity record; ``first_seen``/``last_seen`` are Unix timestamps (seconds)."""
 
     id: str
+    workspace: str = ""
     display_name: str | None = None
     email: str | None = None
     metadata: Any = None  # JSON: orq sends a list of objects, others a mapping
@@ -47,6 +52,7 @@ class Identity:
         """A JSON-ready dict (for the admin endpoint and CLI)."""
         return {
             "id": self.id,
+            "workspace": self.workspace,
             "display_name": self.display_name,
             "email": self.email,
             "metadata": self.metadata,
@@ -60,12 +66,13 @@ class Identity:
 class IdentityStore(Protocol):
     """Where identities live."""
 
-    async def touch(self, identity: Mapping[str, Any]) -> None:
-        """Create the identity on first sight, else update its given profile and last_seen; never raises."""
+    async def touch(self, identity: Mapping[str, Any], workspace: str) -> None:
+        """Create the workspace's identity on first sight, else update its given profile and last_seen; never
+        raises."""
         ...
 
-    async def get(self, identity_id: str) -> Identity | None:
-        """One identity, or None."""
+    async def get(self, workspace: str, identity_id: str) -> Identity | None:
+        """One identity of a workspace, or None."""
         ...
 
     async def list(self, limit: int = 100) -> builtins.list[Identity]:
@@ -108,13 +115,13 @@ class MemoryIdentityStore:
         self._bytes = 0
         self._clock = clock
 
-    async def touch(self, identity: Mapping[str, Any]) -> None:
+    async def touch(self, identity: Mapping[str, Any], workspace: str) -> None:
         """See ``IdentityStore.touch``."""
         profile = _profile(identity)
         if profile is None:
             log.warning("identity without a usable id ignored")
             return
-        iid = profile.pop("id")
+        iid = f"{workspace}/{profile.pop('id')}"
         now = self._clock()
         # Copied to their size: orjson's bytes keep the buffer they were written in (~520 KB for 8 KB of "{},").
         fields = {k: memoryview(orjson.dumps(v)).tobytes() for k, v in profile.items()}
@@ -130,18 +137,19 @@ class MemoryIdentityStore:
         while len(self._items) > self._max or self._bytes > self._max_bytes:
             self._bytes -= self._items.popitem(last=False)[1][3]
 
-    async def get(self, identity_id: str) -> Identity | None:
+    async def get(self, workspace: str, identity_id: str) -> Identity | None:
         """See ``IdentityStore.get``."""
-        kept = self._items.get(identity_id)
-        return None if kept is None else _record(identity_id, kept[0], kept[1], kept[2])
+        kept = self._items.get(f"{workspace}/{identity_id}")
+        return None if kept is None else _record(workspace, identity_id, kept[0], kept[1], kept[2])
 
     async def list(self, limit: int = 100) -> builtins.list[Identity]:
         """See ``IdentityStore.list``."""
         out: builtins.list[Identity] = []
-        for iid, kept in reversed(self._items.items()):
+        for name, kept in reversed(self._items.items()):
             if len(out) >= limit:
                 break
-            out.append(_record(iid, kept[0], kept[1], kept[2]))
+            workspace, _, iid = name.partition("/")
+            out.append(_record(workspace, iid, kept[0], kept[1], kept[2]))
         return out
 
     async def aclose(self) -> None:
@@ -151,16 +159,19 @@ class MemoryIdentityStore:
 _ENTRY_OVERHEAD = 400  # bytes an identity takes in memory besides its id and profile text (dicts, tuple, floats)
 
 
-def _record(identity_id: str, fields: Mapping[str, bytes], first_seen: float, last_seen: float) -> Identity:
+def _record(
+    workspace: str, identity_id: str, fields: Mapping[str, Any], first_seen: float, last_seen: float
+) -> Identity:
     """An identity from its profile fields' JSON."""
     profile = {k: orjson.loads(fields[k]) for k in PROFILE_FIELDS if k in fields}
     if "tags" in profile:
         profile["tags"] = tuple(profile["tags"])
-    return Identity(id=identity_id, **profile, first_seen=first_seen, last_seen=last_seen)
+    return Identity(id=identity_id, workspace=workspace, **profile, first_seen=first_seen, last_seen=last_seen)
 
 
 class RedisIdentityStore:
-    """Identities in Redis: hash ``<prefix><id>`` and a sorted set ``<index_key>`` of ids by last-seen time.
+    """Identities in Redis: hash ``<prefix><workspace>/<id>`` and a sorted set ``<index_key>`` of those names by
+    last-seen time.
 
     ``touch`` writes at most once per ``touch_interval_s`` per identity from this process while its profile stays
     the one last written, so a busy identity costs one write per interval, not one per request (``last_seen`` is
@@ -171,8 +182,8 @@ class RedisIdentityStore:
         self,
         redis_url: str,
         *,
-        prefix: str = "eg:i:",
-        index_key: str = "eg:ix:last_seen",
+        prefix: str = "eg:id:",
+        index_key: str = "eg:idx:last_seen",
         touch_interval_s: float = 30.0,
         socket_timeout: float = 1.0,
         max_connections: int = 64,
@@ -196,13 +207,14 @@ class RedisIdentityStore:
         self._clock = clock
         self._recent: dict[str, tuple[int, float]] = {}  # id -> the hash of the profile it last wrote, and when
 
-    async def touch(self, identity: Mapping[str, Any]) -> None:
+    async def touch(self, identity: Mapping[str, Any], workspace: str) -> None:
         """See ``IdentityStore.touch``."""
         profile = _profile(identity)
         if profile is None:
             log.warning("identity without a usable id ignored")
             return
-        iid = profile.pop("id")
+        bare = profile.pop("id")
+        iid = f"{workspace}/{bare}"
         now = self._clock()
         # Its hash, not the text: orjson's bytes keep the buffer they were written in (~520 KB for 8 KB of JSON).
         written = hash(orjson.dumps(profile, option=orjson.OPT_SORT_KEYS))
@@ -212,7 +224,7 @@ class RedisIdentityStore:
         if len(self._recent) >= 10_000:  # a bounded memo: forget it all rather than grow without end
             self._recent.clear()
         fields: dict[Any, Any] = {k: orjson.dumps(v) for k, v in profile.items()}
-        fields.update(id=iid, last_seen=repr(now))
+        fields.update(id=bare, workspace=workspace, last_seen=repr(now))
         key = self._prefix + iid
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -225,13 +237,13 @@ class RedisIdentityStore:
             return
         self._recent[iid] = (written, now)
 
-    async def get(self, identity_id: str) -> Identity | None:
+    async def get(self, workspace: str, identity_id: str) -> Identity | None:
         """See ``IdentityStore.get``; a store failure raises ``ConnectionError``."""
         try:
-            raw: Any = await self._redis.hgetall(self._prefix + identity_id)
+            raw: Any = await self._redis.hgetall(f"{self._prefix}{workspace}/{identity_id}")
         except (aioredis.RedisError, OSError, TimeoutError) as exc:
             raise ConnectionError(f"identity store unavailable: {type(exc).__name__}") from exc
-        return _decode(identity_id, raw) if raw else None
+        return _decode(raw) if raw else None
 
     async def list(self, limit: int = 100) -> builtins.list[Identity]:
         """See ``IdentityStore.list``; a store failure raises ``ConnectionError``."""
@@ -246,7 +258,7 @@ class RedisIdentityStore:
         except (aioredis.RedisError, OSError, TimeoutError) as exc:
             raise ConnectionError(f"identity store unavailable: {type(exc).__name__}") from exc
         # an id whose hash was deleted by hand is skipped
-        return [_decode(iid, raw) for iid, raw in zip(ids, rows, strict=True) if raw]
+        return [_decode(raw) for raw in rows if raw]
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -258,9 +270,10 @@ def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _decode(identity_id: str, raw: Mapping[Any, Any]) -> Identity:
+def _decode(raw: Mapping[Any, Any]) -> Identity:
     fields = {_text(k): v for k, v in raw.items()}
-    return _record(identity_id, fields, float(fields.get("first_seen", b"0")), float(fields.get("last_seen", b"0")))
+    return _record(_text(fields.get("workspace", b"")), _text(fields.get("id", b"")), fields,
+                   float(fields.get("first_seen", b"0")), float(fields.get("last_seen", b"0")))  # fmt: skip
 
 
 def identity_store(redis_url: str = "") -> MemoryIdentityStore | RedisIdentityStore:

@@ -297,7 +297,7 @@ class Pipeline:
         assert req is not None and key is not None
         identity = req.identity["id"] if req.identity else None
         if req.identity:
-            await self._identities.touch(req.identity)
+            await self._identities.touch(req.identity, key.workspace)
         if not self._has_budgets:
             return
         model = call.chain[0]
