@@ -651,7 +651,8 @@ async def test_admin_usage_and_identities_show_what_was_spent_and_seen(upstream:
         assert 0 < team["resets_in_s"] <= 86400
         assert by_id[("identity", "acme/alice")]["tokens"]["used"] == 4
         assert by_id[("identity", "acme/bob")]["tokens"]["used"] == 2
-        assert (by_id[("identity", "acme/bob")]["target"], by_id[("identity", "acme/bob")]["period"]) == ("*", "monthly")
+        bob = by_id[("identity", "acme/bob")]
+        assert (bob["target"], bob["period"]) == ("*", "monthly")
         globex = by_id[("workspace", "globex")]
         assert (globex["tokens"]["used"], globex["resets_in_s"], globex["period_stamp"]) == (0, None, "all")
         assert "cost_usd" not in globex
