@@ -237,6 +237,29 @@ async def test_a_clock_stepped_back_does_not_hold_the_window_shut(store: BudgetS
 
 
 @pytest.mark.anyio
+async def test_replicas_clocks_a_little_apart_do_not_let_requests_leave_the_window_early(anyio_backend: str) -> None:
+    # Entries dated after a replica's now were re-dated to it: one 1.5 s behind re-dated the others' requests, which
+    # then left the window 1.5 s early for everyone (20 admitted in a minute at a limit of 10, three replicas).
+    url = require_redis()
+    prefix = f"eg:b:test:{uuid.uuid4().hex}:"
+    store = RedisBudgetStore(url, prefix=prefix)
+    t = int(T0 * 1000)
+    rpm = [WindowSpec("rpm:api_key:team-a", 2)]
+    try:
+        for i in range(2):  # a replica on time fills the window
+            got = await store.reserve([], rpm, now_ms=t, window_ms=WINDOW_MS, member=f"a{i}")
+            assert got.failed == -1
+        behind = t - 1500  # another, 1.5 s behind
+        assert (await store.reserve([], rpm, now_ms=behind, window_ms=WINDOW_MS, member="b0")).failed == 0
+        # a minute later by its clock: still 1.5 s before the first two leave
+        assert (await store.reserve([], rpm, now_ms=behind + WINDOW_MS, window_ms=WINDOW_MS, member="b1")).failed == 0
+        assert (await store.reserve([], rpm, now_ms=t + WINDOW_MS, window_ms=WINDOW_MS, member="a2")).failed == -1
+    finally:
+        await store.aclose()
+        await _delete_prefix(url, prefix)
+
+
+@pytest.mark.anyio
 async def test_a_replica_whose_clock_is_behind_does_not_shorten_the_listing_in_redis(anyio_backend: str) -> None:
     # Each reserve set the index set's expiry from its own clock: one from a replica 2 s behind, just before the
     # day's end, cut the set's life from a day and an hour to an hour, and ids listed by the others vanished.
@@ -672,6 +695,10 @@ async def test_two_workspaces_identities_of_one_id_are_two(identities: tuple[Ide
     assert acme is not None and (acme.workspace, acme.email) == ("acme", "jane@acme.example")
     assert globex is not None and (globex.workspace, globex.email) == ("globex", "someone@globex.example")
     assert [(i.workspace, i.id) for i in await store.list(10)] == [("globex", "user-42"), ("acme", "user-42")]
+    clock.t = T0 + 2
+    await store.touch({"id": "x/y"}, "team/a")  # a "/" in either: read back as written
+    (latest,) = await store.list(1)
+    assert (latest.workspace, latest.id) == ("team/a", "x/y")
 
 
 @pytest.mark.anyio

@@ -82,12 +82,38 @@ async def refusal(eng: BudgetEngine, subject: Subject = ALICE, **kw: Any) -> Bud
 )
 @pytest.mark.anyio
 async def test_each_scope_gates_its_target_only(scope: str, target: str, counted_as: str, other: Subject) -> None:
-    eng = engine(BudgetConfig(scope=scope, target=target, requests_per_minute=2))
+    eng = engine(BudgetConfig(scope=scope, target=target, requests_per_minute=2), workspaces=("acme", "beta"))
     for _ in range(2):
         await eng.reserve(ALICE, tokens=1, cost_usd=0.0)
     err = await refusal(eng)
     assert (err.scope_kind, err.scope_target_id, err.dimension) == (scope, counted_as, "requests")
     await eng.reserve(other, tokens=1, cost_usd=0.0)  # another target of the scope is not touched
+
+
+@pytest.mark.anyio
+async def test_a_qualified_identity_target_is_that_workspaces_identity_only() -> None:
+    # A globex identity whose id is "acme/user-42" was gated (and counted, as globex/acme/user-42) by a budget
+    # for acme's user-42.
+    eng = engine(BudgetConfig(scope="identity", target="acme/user-42", requests_per_minute=1),
+                 workspaces=("acme", "globex"))  # fmt: skip
+    spoof = replace(ALICE, workspace="globex", identity="acme/user-42")
+    for _ in range(3):
+        assert (await eng.reserve(spoof, tokens=1, cost_usd=0.0)).decision == "none"
+    acme = replace(ALICE, identity="user-42")
+    await eng.reserve(acme, tokens=1, cost_usd=0.0)
+    with pytest.raises(BudgetExceeded):
+        await eng.reserve(acme, tokens=1, cost_usd=0.0)
+
+
+@pytest.mark.anyio
+async def test_identity_ids_in_a_workspace_whose_name_holds_a_slash() -> None:
+    eng = engine(BudgetConfig(scope="identity", target="user-42", token_limit=100), workspaces=("team/a", "team"))
+    await eng.reserve(replace(ALICE, workspace="team/a", identity="user-42"), tokens=2, cost_usd=0.0)
+    assert eng.qualified_identity("team/a/user-42") == ("team/a", "user-42")  # the longest workspace
+    rows = await eng.usage(only_id="team/a/user-42")
+    assert [(r["id"], r["tokens"]["used"]) for r in rows] == [("team/a/user-42", 2)]
+    rows = await eng.usage(only_id="user-42")
+    assert [(r["id"], r["tokens"]["used"]) for r in rows] == [("team/a/user-42", 2), ("team/user-42", 0)]
 
 
 @pytest.mark.anyio

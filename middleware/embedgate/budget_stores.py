@@ -341,8 +341,9 @@ local wa = 7 + 3 * n
 for j = 1, m do
   local key = KEYS[n + j]
   redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now - window))
-  -- dated after now (a clock stepped back, or ahead of ours): now, or they would hold the window shut that long
-  local ahead = redis.call('ZRANGEBYSCORE', key, string.format('(%d', now), '+inf')
+  -- dated over 5 s after now (a clock stepped back): now, or they would hold the window shut that long; not within
+  -- it, where replicas' clocks differ (re-dated by the one behind, the others' entries would leave early)
+  local ahead = redis.call('ZRANGEBYSCORE', key, string.format('(%d', now + 5000), '+inf')
   for a = 1, #ahead do redis.call('ZADD', key, ARGV[4], ahead[a]) end
   counts[j] = redis.call('ZCARD', key)
   if failed == 0 and counts[j] + 1 > tonumber(ARGV[wa + j - 1]) then failed = n + j end

@@ -303,6 +303,7 @@ class BudgetEngine:
         window_s: float = 60.0,
         clock: Callable[[], float] = time.time,
         projects: Iterable[str] = (),
+        workspaces: Iterable[str] = (),
     ) -> None:
         self._budgets = budgets
         # The qualified ids ("acme/search") a project budget named by the project alone ("search") counts under,
@@ -311,8 +312,8 @@ class BudgetEngine:
         for qualified in dict.fromkeys(projects):
             self._qualified.setdefault(qualified.partition("/")[2], []).append(qualified)
         # The workspaces of the keys: an identity budget's target, or a usage view's id, "<workspace>/<id>" when it
-        # starts with one of them, else an identity id alone (every workspace's identity of that id).
-        self._workspaces: tuple[str, ...] = tuple(dict.fromkeys(q.partition("/")[0] for q in projects))
+        # starts with one of them and "/", else an identity id alone (every workspace's identity of that id).
+        self._workspaces: tuple[str, ...] = tuple(dict.fromkeys(workspaces or (q.partition("/")[0] for q in projects)))
         self._store = store
         self._fail_open = fail_open
         self._window_ms = int(window_s * 1000)
@@ -325,6 +326,10 @@ class BudgetEngine:
         for b in budgets:
             if b.target == "*":
                 self._wild.setdefault(b.scope, []).append(b)
+            elif b.scope == "identity" and self.qualified_identity(b.target) is None:
+                # an identity id alone: matched against the request's identity id, not its qualified name (a
+                # globex identity whose id is "acme/user-42" is not acme's user-42)
+                self._exact.setdefault(("identity:id", b.target), []).append(b)
             else:
                 self._exact.setdefault((b.scope, b.target), []).append(b)
 
@@ -350,12 +355,15 @@ class BudgetEngine:
             ("model", subject.model, (subject.model,)),
         ]
         if subject.identity is not None:
+            # a target "<workspace>/<id>" names the qualified id; an id alone, the request's identity id
             qualified = f"{subject.workspace}/{subject.identity}"
-            ids.append(("identity", qualified, (subject.identity, qualified)))
+            ids.append(("identity", qualified, (qualified,)))
         out: list[tuple[BudgetConfig, str]] = []
         for scope, concrete, targets in ids:
             for target in dict.fromkeys(targets):
                 out += [(b, concrete) for b in self._exact.get((scope, target), ())]
+            if scope == "identity":
+                out += [(b, concrete) for b in self._exact.get(("identity:id", subject.identity or ""), ())]
             out += [(b, concrete) for b in self._wild.get(scope, ())]
         return out
 
@@ -572,9 +580,18 @@ class BudgetEngine:
         """The ids a project or identity named alone is counted under (one per workspace); others as they are."""
         if scope == "project" and "/" not in name:
             return self._qualified.get(name, [name])
-        if scope == "identity" and name.partition("/")[0] not in self._workspaces:
+        if scope == "identity" and self.qualified_identity(name) is None:
             return [f"{ws}/{name}" for ws in self._workspaces] or [name]
         return [name]
+
+    def qualified_identity(self, name: str) -> tuple[str, str] | None:
+        """``(workspace, id)`` when ``name`` is ``<workspace>/<id>`` for a workspace of the keys (the longest, as a
+        workspace's name may hold a "/"), else None: an identity id alone."""
+        found: tuple[str, str] | None = None
+        for ws in self._workspaces:
+            if name.startswith(ws + "/") and (found is None or len(ws) > len(found[0])):
+                found = (ws, name[len(ws) + 1 :])
+        return found
 
     async def usage(
         self, *, scope: str | None = None, only_id: str | None = None, limit_ids: int = 1000

@@ -163,7 +163,8 @@ class EmbeddingGateway:
             self.metrics.set_cache_bytes_source(self.cache.bytes_used if self.cache.backend == "memory" else None)
             self.budgets = BudgetEngine(self.config.budgets, budget_store(self.config.redis_url),
                                         fail_open=self.config.budget_options.fail_open,
-                                        projects=[f"{k.workspace}/{k.project}" for k in self.config.keys])  # fmt: skip
+                                        projects=[f"{k.workspace}/{k.project}" for k in self.config.keys],
+                                        workspaces=self._workspaces)  # fmt: skip
             self.identities = identity_store(self.config.redis_url)
             self.pipeline = Pipeline(self.config, self.router, self.cache, self.budgets, self.identities,
                                      self.telemetry, bind_key_id=not self._standalone)  # fmt: skip
@@ -524,11 +525,8 @@ class EmbeddingGateway:
                 raise InvalidRequest("Invalid 'limit': an integer from 1 to 10000", param="limit")
             if "id" in query:  # "<workspace>/<id>", or an id alone: each workspace's identity of that id
                 name = query["id"]
-                workspace, _, bare = name.partition("/")
-                if workspace in self._workspaces:
-                    candidates = [(workspace, bare)]
-                else:
-                    candidates = [(ws, name) for ws in self._workspaces]
+                qualified = self.budgets.qualified_identity(name) if self.budgets is not None else None
+                candidates = [qualified] if qualified is not None else [(ws, name) for ws in self._workspaces]
                 found_all = [await self.identities.get(ws, iid) for ws, iid in candidates]
                 items = [i for i in found_all if i is not None]
             else:

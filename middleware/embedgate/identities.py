@@ -108,8 +108,8 @@ class MemoryIdentityStore:
         max_bytes: int = 64 * 1024 * 1024,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        # id -> (profile fields as JSON, first_seen, last_seen, bytes counted); least recently seen first
-        self._items: OrderedDict[str, tuple[dict[str, bytes], float, float, int]] = OrderedDict()
+        # (workspace, id) -> (profile fields as JSON, first_seen, last_seen, bytes counted); least recently seen first
+        self._items: OrderedDict[tuple[str, str], tuple[dict[str, bytes], float, float, int]] = OrderedDict()
         self._max = max_entries
         self._max_bytes = max_bytes
         self._bytes = 0
@@ -121,34 +121,33 @@ class MemoryIdentityStore:
         if profile is None:
             log.warning("identity without a usable id ignored")
             return
-        iid = f"{workspace}/{profile.pop('id')}"
+        iid = profile.pop("id")
         now = self._clock()
         # Copied to their size: orjson's bytes keep the buffer they were written in (~520 KB for 8 KB of "{},").
         fields = {k: memoryview(orjson.dumps(v)).tobytes() for k, v in profile.items()}
-        old = self._items.pop(iid, None)
+        old = self._items.pop((workspace, iid), None)
         first = now
         if old is not None:
             self._bytes -= old[3]
             fields = {**old[0], **fields}
             first = old[1]
-        size = _ENTRY_OVERHEAD + len(iid) + sum(len(v) for v in fields.values())
-        self._items[iid] = (fields, first, now, size)
+        size = _ENTRY_OVERHEAD + len(workspace) + len(iid) + sum(len(v) for v in fields.values())
+        self._items[workspace, iid] = (fields, first, now, size)
         self._bytes += size
         while len(self._items) > self._max or self._bytes > self._max_bytes:
             self._bytes -= self._items.popitem(last=False)[1][3]
 
     async def get(self, workspace: str, identity_id: str) -> Identity | None:
         """See ``IdentityStore.get``."""
-        kept = self._items.get(f"{workspace}/{identity_id}")
+        kept = self._items.get((workspace, identity_id))
         return None if kept is None else _record(workspace, identity_id, kept[0], kept[1], kept[2])
 
     async def list(self, limit: int = 100) -> builtins.list[Identity]:
         """See ``IdentityStore.list``."""
         out: builtins.list[Identity] = []
-        for name, kept in reversed(self._items.items()):
+        for (workspace, iid), kept in reversed(self._items.items()):
             if len(out) >= limit:
                 break
-            workspace, _, iid = name.partition("/")
             out.append(_record(workspace, iid, kept[0], kept[1], kept[2]))
         return out
 
