@@ -749,6 +749,33 @@ async def test_identity_touch_never_raises_when_redis_is_down(anyio_backend: str
         await store.aclose()
 
 
+@pytest.mark.anyio
+async def test_identity_writes_to_a_stalled_redis_are_skipped_for_a_second(anyio_backend: str) -> None:
+    # Each request with an identity waited for its own write to time out (before its budget's reserve did: 2 s
+    # to a 503), and logged a warning each: 780 lines in 21 s of outage.
+    import socket
+
+    from structlog.testing import capture_logs
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # accepts (in the kernel), never answers
+    store = RedisIdentityStore(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", socket_timeout=0.3)
+    try:
+        with capture_logs() as logs:
+            started = time.monotonic()
+            await store.touch({"id": "first"}, "acme")
+            assert time.monotonic() - started >= 0.25  # this one waited for Redis
+            started = time.monotonic()
+            for i in range(20):
+                await store.touch({"id": f"then-{i}"}, "acme")
+            assert time.monotonic() - started < 0.25  # the others, within the second, did not
+        assert len([e for e in logs if "identity store unavailable" in e["event"]]) == 1
+    finally:
+        await store.aclose()
+        silent.close()
+
+
 def test_memory_window_trims_compacts_and_keeps_order() -> None:
     from embedgate.budget_stores import _mark, _Window
 

@@ -254,6 +254,39 @@ async def test_a_request_opts_out_with_cache_control(upstream: FakeUpstream) -> 
 
 
 @pytest.mark.anyio
+async def test_a_miss_arriving_while_the_first_answer_is_being_stored_takes_it(upstream: FakeUpstream) -> None:
+    # The fetching request left the coalescer when its upstream call ended, before its cache write landed: one
+    # whose lookup missed in between fetched the same item again (21 of 40 bursts of 10 made two upstream calls).
+    app = gateway(parse_config(cache_config(upstream.url), env={}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        await app.startup()
+        assert app.cache is not None
+        store = app.cache.set_many
+
+        async def slow_store(*args: Any, **kwargs: Any) -> None:
+            await anyio.sleep(1.0)  # a slow cache write (a Redis round trip, stretched)
+            await store(*args, **kwargs)
+
+        app.cache.set_many = slow_store  # type: ignore[method-assign]
+        got: dict[str, httpx.Response] = {}
+
+        async def post(name: str) -> None:
+            got[name] = await embed(c, "the same text")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, "first")
+            with anyio.fail_after(5):
+                while not upstream.calls:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.1)  # its answer is in, its cache write not yet
+            tg.start_soon(post, "second")
+    await app.shutdown()
+    assert len(upstream.calls) == 1
+    assert (got["first"].headers["x-embedgate-cache"], got["second"].headers["x-embedgate-cache"]) == ("miss", "hit")
+    assert got["second"].json()["data"] == got["first"].json()["data"]
+
+
+@pytest.mark.anyio
 async def test_a_miss_waits_only_on_a_request_routed_alike(upstream: FakeUpstream) -> None:
     # Coalesced, a request got whatever the request it waited on got: that one's 502 though its own fallback was
     # healthy, or a fallback's vector (model embed-b) that its key was not granted and it did not ask for.

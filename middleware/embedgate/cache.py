@@ -16,7 +16,7 @@ import asyncio
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -428,12 +428,21 @@ class Coalescer(Generic[T]):
         """How many keys are being fetched right now."""
         return len(self._inflight)
 
-    async def run(self, keys: Sequence[str], fetch: Callable[[list[int]], Awaitable[list[T]]]) -> list[T]:
-        """The results for ``keys`` in order; ``fetch(positions)`` returns one result per given position."""
+    async def run(
+        self,
+        keys: Sequence[str],
+        fetch: Callable[[list[int]], Awaitable[list[T]]],
+        held: list[tuple[str, asyncio.Future[T]]] | None = None,
+    ) -> list[T]:
+        """The results for ``keys`` in order; ``fetch(positions)`` returns one result per given position.
+
+        With ``held``, the keys this call fetched stay in flight, answered, until ``release(held)``: the caller
+        releases them once their results are in the cache, so that a request whose lookup missed before that
+        write does not fetch them again."""
         results: dict[int, T] = {}
         pending = list(range(len(keys)))
         for _ in range(_MAX_ROUNDS):
-            pending = await self._round(keys, pending, fetch, results)
+            pending = await self._round(keys, pending, fetch, results, held)
             if not pending:
                 return [results[i] for i in range(len(keys))]
         # Owner after owner was cancelled: stop depending on others and fetch the rest uncoalesced.
@@ -448,6 +457,7 @@ class Coalescer(Generic[T]):
         positions: list[int],
         fetch: Callable[[list[int]], Awaitable[list[T]]],
         results: dict[int, T],
+        held: list[tuple[str, asyncio.Future[T]]] | None,
     ) -> list[int]:
         """One pass: fetch what nobody fetches, await the rest; returns positions whose owner gave up."""
         loop = asyncio.get_running_loop()
@@ -463,7 +473,7 @@ class Coalescer(Generic[T]):
                 waits.append((i, future))  # includes repeats of a key this call itself owns
         if mine:
             # Ours resolve before we await anyone else's: two calls owning each other's keys cannot deadlock.
-            results.update(zip(mine, await self._fetch_owned(keys, mine, owned, fetch), strict=True))
+            results.update(zip(mine, await self._fetch_owned(keys, mine, owned, fetch, held), strict=True))
         retry: list[int] = []
         for i, future in waits:
             try:
@@ -479,7 +489,9 @@ class Coalescer(Generic[T]):
         mine: list[int],
         owned: dict[str, asyncio.Future[T]],
         fetch: Callable[[list[int]], Awaitable[list[T]]],
+        held: list[tuple[str, asyncio.Future[T]]] | None,
     ) -> list[T]:
+        answered = False
         try:
             values = await fetch(mine)
             _check_count(values, mine)
@@ -494,11 +506,19 @@ class Coalescer(Generic[T]):
                 future = owned[keys[i]]
                 if not future.done():
                     future.set_result(value)
+            answered = True
             return values
         finally:
-            for key, future in owned.items():
-                if self._inflight.get(key) is future:
-                    del self._inflight[key]
+            if answered and held is not None:
+                held.extend(owned.items())
+            else:
+                self.release(owned.items())
+
+    def release(self, held: Iterable[tuple[str, asyncio.Future[T]]]) -> None:
+        """Take keys a call fetched out of flight (see ``run``)."""
+        for key, future in held:
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
 
 
 def _settle(futures: Any, exc: BaseException) -> None:

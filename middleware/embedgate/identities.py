@@ -15,6 +15,7 @@ time for listing).
 from __future__ import annotations
 
 import builtins
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -155,6 +156,8 @@ class MemoryIdentityStore:
         """Nothing to release."""
 
 
+_RETRY_AFTER_S = 1.0  # touches skipped after a failed write
+_WARN_EVERY_S = 10.0  # at most one warning of a failed write this often
 _ENTRY_OVERHEAD = 400  # bytes an identity takes in memory besides its id and profile text (dicts, tuple, floats)
 
 
@@ -205,12 +208,18 @@ class RedisIdentityStore:
         self._interval = touch_interval_s
         self._clock = clock
         self._recent: dict[str, tuple[int, float]] = {}  # id -> the hash of the profile it last wrote, and when
+        # After a failed write, touches are skipped for a second (as the cache's store is): with Redis stalled, each
+        # request with an identity waited its own timeout (1 s) before the budget's, and logged a warning.
+        self._down_until = -math.inf
+        self._warned_at = -math.inf
 
     async def touch(self, identity: Mapping[str, Any], workspace: str) -> None:
         """See ``IdentityStore.touch``."""
         profile = _profile(identity)
         if profile is None:
             log.warning("identity without a usable id ignored")
+            return
+        if time.monotonic() < self._down_until:
             return
         bare = profile.pop("id")
         iid = f"{workspace}/{bare}"
@@ -232,7 +241,12 @@ class RedisIdentityStore:
                 pipe.zadd(self._index, {iid: now})
                 await pipe.execute()
         except (aioredis.RedisError, OSError, TimeoutError) as exc:
-            log.warning("identity store unavailable; identity not recorded", error=f"{type(exc).__name__}: {exc}")
+            failed_at = time.monotonic()
+            self._down_until = failed_at + _RETRY_AFTER_S
+            if failed_at - self._warned_at >= _WARN_EVERY_S:
+                self._warned_at = failed_at
+                log.warning("identity store unavailable; identities not recorded (tried again after a second)",
+                            error=f"{type(exc).__name__}: {exc}")  # fmt: skip
             return
         self._recent[iid] = (written, now)
 

@@ -10,6 +10,7 @@ stage still runs (and shows in the trace), so the budget counts the hit. Follow-
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import re
 import time
@@ -373,11 +374,29 @@ class Pipeline:
         coalescer = self._coalescers.get(policy)
         if coalescer is None:
             coalescer = self._coalescers[policy] = Coalescer()
+        # What this request fetched stays in flight, answered, until it is in the cache: a request whose lookup
+        # missed just before the write then takes it rather than fetching it again.
+        held: list[tuple[str, asyncio.Future[tuple[str, CachedItem]]]] = []
         try:
-            results = await coalescer.run(keys, fetch)
+            results = await coalescer.run(keys, fetch, held)
+            await self._merge_and_store(call, positions, results, fetched_here)
         finally:  # the last request of a policy removes its coalescer (no await here: see embedgate._native)
+            coalescer.release(held)
             if not coalescer.in_flight() and self._coalescers.get(policy) is coalescer:
                 del self._coalescers[policy]
+        # An item repeated in the batch waits on its first occurrence's fetch: a miss too, not a cache hit.
+        ours = {call.cache_keys[p] for p in fetched_here} if len(fetched_here) < len(positions) else set()
+        missed = len(fetched_here) + sum(1 for p in positions if p not in fetched_here and call.cache_keys[p] in ours)
+        call.items_fetched = missed
+        call.cache_status = "hit" if not missed else "miss" if missed == len(req.items) else "partial"
+        call.prompt_tokens = sum(call.item_tokens)
+
+    async def _merge_and_store(
+        self, call: Call, positions: list[int], results: list[tuple[str, CachedItem]], fetched_here: set[int]
+    ) -> None:
+        """Take the coalesced results, embed again what another model answered, and store what was fetched."""
+        req, ttl = call.request, call.cache_ttl
+        assert req is not None and ttl is not None
         for pos, (model, item) in zip(positions, results, strict=True):
             if pos not in fetched_here:  # coalesced: another request paid for it
                 call.vectors[pos] = item.vector
@@ -406,14 +425,8 @@ class Pipeline:
             await self._cache.set_many(
                 [(k, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]))  # type: ignore[arg-type]
                  for k, p in zip(keys_served, fresh, strict=True)],
-                call.cache_ttl,
+                ttl,
             )  # fmt: skip
-        # An item repeated in the batch waits on its first occurrence's fetch: a miss too, not a cache hit.
-        ours = {call.cache_keys[p] for p in fetched_here} if len(fetched_here) < len(positions) else set()
-        missed = len(fetched_here) + sum(1 for p in positions if p not in fetched_here and call.cache_keys[p] in ours)
-        call.items_fetched = missed
-        call.cache_status = "hit" if not missed else "miss" if missed == len(req.items) else "partial"
-        call.prompt_tokens = sum(call.item_tokens)
 
     async def _embed(self, call: Call, positions: list[int], chain: list[ResolvedModel]) -> RouteResult:
         assert call.request is not None
