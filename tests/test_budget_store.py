@@ -776,6 +776,25 @@ async def test_identity_writes_to_a_stalled_redis_are_skipped_for_a_second(anyio
         silent.close()
 
 
+@pytest.mark.anyio
+async def test_one_identitys_own_write_error_stops_no_other(anyio_backend: str) -> None:
+    # WRONGTYPE on one identity's key tripped the store-wide pause: no other identity was recorded meanwhile.
+    url = require_redis()
+    tag = uuid.uuid4().hex
+    store = RedisIdentityStore(url, prefix=f"eg:i:test:{tag}:", index_key=f"eg:ix:test:{tag}")
+    client = aioredis.Redis.from_url(url)
+    try:
+        await client.set(f"eg:i:test:{tag}:acme/bad", "a string, not a hash")
+        await store.touch({"id": "bad"}, "acme")  # logged, not raised
+        await store.touch({"id": "good"}, "acme")
+        assert await store.get("acme", "good") is not None
+    finally:
+        await client.aclose()
+        await store.aclose()
+        await _delete_prefix(url, f"eg:i:test:{tag}:")
+        await _delete_prefix(url, f"eg:ix:test:{tag}")
+
+
 def test_memory_window_trims_compacts_and_keeps_order() -> None:
     from embedgate.budget_stores import _mark, _Window
 

@@ -253,21 +253,26 @@ async def test_a_request_opts_out_with_cache_control(upstream: FakeUpstream) -> 
     await app.shutdown()
 
 
+async def slowed_store(app: Any, seconds: float) -> None:
+    """Make the gateway's cache writes take ``seconds`` longer (a Redis round trip, stretched)."""
+    await app.startup()
+    assert app.cache is not None
+    store = app.cache.set_many
+
+    async def slow_store(*args: Any, **kwargs: Any) -> None:
+        await anyio.sleep(seconds)
+        await store(*args, **kwargs)
+
+    app.cache.set_many = slow_store
+
+
 @pytest.mark.anyio
 async def test_a_miss_arriving_while_the_first_answer_is_being_stored_takes_it(upstream: FakeUpstream) -> None:
     # The fetching request left the coalescer when its upstream call ended, before its cache write landed: one
     # whose lookup missed in between fetched the same item again (21 of 40 bursts of 10 made two upstream calls).
     app = gateway(parse_config(cache_config(upstream.url), env={}))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
-        await app.startup()
-        assert app.cache is not None
-        store = app.cache.set_many
-
-        async def slow_store(*args: Any, **kwargs: Any) -> None:
-            await anyio.sleep(1.0)  # a slow cache write (a Redis round trip, stretched)
-            await store(*args, **kwargs)
-
-        app.cache.set_many = slow_store  # type: ignore[method-assign]
+        await slowed_store(app, 1.0)
         got: dict[str, httpx.Response] = {}
 
         async def post(name: str) -> None:
@@ -284,6 +289,57 @@ async def test_a_miss_arriving_while_the_first_answer_is_being_stored_takes_it(u
     assert len(upstream.calls) == 1
     assert (got["first"].headers["x-embedgate-cache"], got["second"].headers["x-embedgate-cache"]) == ("miss", "hit")
     assert got["second"].json()["data"] == got["first"].json()["data"]
+
+
+@pytest.mark.anyio
+async def test_a_refresh_takes_no_answer_another_request_is_storing(upstream: FakeUpstream) -> None:
+    # Cache-Control: no-cache arriving while another request stored the same item got that answer (a "hit"), not a
+    # fresh one.
+    app = gateway(parse_config(cache_config(upstream.url), env={}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        await slowed_store(app, 1.0)
+        got: dict[str, httpx.Response] = {}
+
+        async def post(name: str, **headers: str) -> None:
+            body = {"model": "local/embed-small", "input": "the same text", "cache": CACHE}
+            got[name] = await c.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}", **headers})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, "first")
+            with anyio.fail_after(5):
+                while not upstream.calls:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.1)
+            tg.start_soon(lambda: post("refresh", **{"cache-control": "no-cache"}))
+    await app.shutdown()
+    assert len(upstream.calls) == 2
+    assert got["refresh"].headers["x-embedgate-cache"] == "miss"
+
+
+@pytest.mark.anyio
+async def test_an_answer_taken_from_another_request_is_checked_for_its_width_too(upstream: FakeUpstream) -> None:
+    # The model changed its dimension count: a request whose new item came from another request's fetch kept its
+    # cached item of the old width, and answered vectors of two sizes.
+    app = gateway(parse_config(cache_config(upstream.url), env={}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        await embed(c, ["old item"])  # cached 8 wide
+        upstream.dims = 12
+        await slowed_store(app, 1.0)
+        got: dict[str, httpx.Response] = {}
+
+        async def post(name: str) -> None:
+            got[name] = await embed(c, ["old item", "new item"])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, "first")
+            with anyio.fail_after(5):
+                while len(upstream.calls) < 3:  # its new item, then its old one again at the new width
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.1)
+            tg.start_soon(post, "second")
+    await app.shutdown()
+    for name in ("first", "second"):
+        assert [len(v) for v in floats(got[name])] == [12, 12], name
 
 
 @pytest.mark.anyio

@@ -242,11 +242,16 @@ class RedisIdentityStore:
                 await pipe.execute()
         except (aioredis.RedisError, OSError, TimeoutError) as exc:
             failed_at = time.monotonic()
-            self._down_until = failed_at + _RETRY_AFTER_S
+            # Redis unreachable or stalled: skip writes for a second. An error of this identity's own (a key of
+            # another type under its name, say) stops no other identity's writes.
+            unreachable = not isinstance(exc, aioredis.ResponseError)
+            if unreachable:
+                self._down_until = failed_at + _RETRY_AFTER_S
             if failed_at - self._warned_at >= _WARN_EVERY_S:
                 self._warned_at = failed_at
-                log.warning("identity store unavailable; identities not recorded (tried again after a second)",
-                            error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                what = ("identity store unavailable; identities not recorded (tried again after a second)"
+                        if unreachable else "identity not recorded")  # fmt: skip
+                log.warning(what, error=f"{type(exc).__name__}: {exc}")
             return
         self._recent[iid] = (written, now)
 

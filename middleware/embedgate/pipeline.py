@@ -60,6 +60,7 @@ class Call:
     # Of those, the ones paid for work the answer does not use (see _bill_spent): (model id, tokens, cost)
     spent: list[tuple[str, int, float]] = field(default_factory=list)
     cache_status: str = "bypass"
+    refresh: bool = False  # Cache-Control: no-cache: embedded afresh (not another request's answer) and stored
     cache_ttl: int | None = None
     cache_keys: list[str] = field(default_factory=list)
     attempts: int = 0
@@ -101,6 +102,7 @@ class Call:
         self.cost_usd = 0.0
         self.spent = []
         self.cache_status = "bypass"
+        self.refresh = False
         self.cache_ttl = None
         self.cache_keys = []
         self.attempts = 0
@@ -272,6 +274,7 @@ class Pipeline:
         call.cache_keys = self._item_keys(call, call.chain[0].id)
         if call.cache_control is not None and "no-cache" in _directives(call.cache_control):
             call.cache_status = "miss"  # embedded afresh, and stored: a refresh
+            call.refresh = True
             return
         found = await self._cache.get_many(call.cache_keys)
         hits = 0
@@ -371,19 +374,22 @@ class Pipeline:
 
         policy = (tuple([m.id for m in call.chain]), req.retry, req.fallback_on_codes, req.timeout_ms, req.provider,
                   req.user)  # fmt: skip
-        coalescer = self._coalescers.get(policy)
-        if coalescer is None:
-            coalescer = self._coalescers[policy] = Coalescer()
-        # What this request fetched stays in flight, answered, until it is in the cache: a request whose lookup
-        # missed just before the write then takes it rather than fetching it again.
-        held: list[tuple[str, asyncio.Future[tuple[str, CachedItem]]]] = []
-        try:
-            results = await coalescer.run(keys, fetch, held)
-            await self._merge_and_store(call, positions, results, fetched_here)
-        finally:  # the last request of a policy removes its coalescer (no await here: see embedgate._native)
-            coalescer.release(held)
-            if not coalescer.in_flight() and self._coalescers.get(policy) is coalescer:
-                del self._coalescers[policy]
+        if call.refresh:  # a refresh takes no other request's answer, in flight or just fetched
+            await self._merge_and_store(call, positions, await fetch(list(range(len(positions)))), fetched_here)
+        else:
+            coalescer = self._coalescers.get(policy)
+            if coalescer is None:
+                coalescer = self._coalescers[policy] = Coalescer()
+            # What this request fetched stays in flight, answered, until it is in the cache: a request that reaches
+            # this point meanwhile takes it rather than fetching it again.
+            held: list[tuple[str, asyncio.Future[tuple[str, CachedItem]]]] = []
+            try:
+                results = await coalescer.run(keys, fetch, held)
+                await self._merge_and_store(call, positions, results, fetched_here)
+            finally:  # the last request of a policy removes its coalescer (no await here: see embedgate._native)
+                coalescer.release(held)
+                if not coalescer.in_flight() and self._coalescers.get(policy) is coalescer:
+                    del self._coalescers[policy]
         # An item repeated in the batch waits on its first occurrence's fetch: a miss too, not a cache hit.
         ours = {call.cache_keys[p] for p in fetched_here} if len(fetched_here) < len(positions) else set()
         missed = len(fetched_here) + sum(1 for p in positions if p not in fetched_here and call.cache_keys[p] in ours)
@@ -409,10 +415,11 @@ class Pipeline:
         foreign = [p for p, (m, _) in zip(positions, results, strict=True) if m != served]
         if call.cache_status in ("hit", "partial") and served != call.chain[0].id:
             foreign += [p for p in range(len(req.items)) if p not in positions]
-        elif call.cache_status == "partial" and fetched_here:
+        elif call.cache_status == "partial":
             # Cached before the model changed its dimension count (the cache key has none when the request asks
-            # for none): embedded again, as one answer never mixes vector sizes.
-            width = len(call.vectors[next(iter(fetched_here))] or b"")
+            # for none): embedded again, as one answer never mixes vector sizes. (The missing items' vectors are
+            # this request's own or another's, fetched just now.)
+            width = len(call.vectors[positions[0]] or b"")
             missing = set(positions)
             foreign += [p for p in range(len(req.items)) if p not in missing and len(call.vectors[p] or b"") != width]
         if foreign:
