@@ -75,6 +75,21 @@ async def store(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIter
         await _delete_prefix(url, prefix)
 
 
+@pytest.fixture
+async def redis_store(anyio_backend: str) -> AsyncIterator[tuple[RedisBudgetStore, aioredis.Redis, str]]:
+    """A Redis store under a prefix of its own, a client to look at its keys, and the prefix; removed after."""
+    url = require_redis()
+    prefix = f"eg:b:test:{uuid.uuid4().hex}:"
+    store = RedisBudgetStore(url, prefix=prefix)
+    client = aioredis.Redis.from_url(url)
+    try:
+        yield store, client, prefix
+    finally:
+        await client.aclose()
+        await store.aclose()
+        await _delete_prefix(url, prefix)
+
+
 def engine(store: BudgetStore, *budgets: BudgetConfig, clock: Clock | None = None) -> BudgetEngine:
     indexed = tuple(
         BudgetConfig(
@@ -237,71 +252,54 @@ async def test_a_clock_stepped_back_does_not_hold_the_window_shut(store: BudgetS
 
 
 @pytest.mark.anyio
-async def test_replicas_clocks_a_little_apart_do_not_let_requests_leave_the_window_early(anyio_backend: str) -> None:
+async def test_replicas_clocks_a_little_apart_do_not_let_requests_leave_the_window_early(
+    redis_store: tuple[RedisBudgetStore, aioredis.Redis, str],
+) -> None:
     # Entries dated after a replica's now were re-dated to it: one 1.5 s behind re-dated the others' requests, which
     # then left the window 1.5 s early for everyone (20 admitted in a minute at a limit of 10, three replicas).
-    url = require_redis()
-    prefix = f"eg:b:test:{uuid.uuid4().hex}:"
-    store = RedisBudgetStore(url, prefix=prefix)
+    store, _, _ = redis_store
     t = int(T0 * 1000)
     rpm = [WindowSpec("rpm:api_key:team-a", 2)]
-    try:
-        for i in range(2):  # a replica on time fills the window
-            got = await store.reserve([], rpm, now_ms=t, window_ms=WINDOW_MS, member=f"a{i}")
-            assert got.failed == -1
-        behind = t - 1500  # another, 1.5 s behind
-        assert (await store.reserve([], rpm, now_ms=behind, window_ms=WINDOW_MS, member="b0")).failed == 0
-        # a minute later by its clock: still 1.5 s before the first two leave
-        assert (await store.reserve([], rpm, now_ms=behind + WINDOW_MS, window_ms=WINDOW_MS, member="b1")).failed == 0
-        assert (await store.reserve([], rpm, now_ms=t + WINDOW_MS, window_ms=WINDOW_MS, member="a2")).failed == -1
-    finally:
-        await store.aclose()
-        await _delete_prefix(url, prefix)
+    for i in range(2):  # a replica on time fills the window
+        assert (await store.reserve([], rpm, now_ms=t, window_ms=WINDOW_MS, member=f"a{i}")).failed == -1
+    behind = t - 1500  # another, 1.5 s behind
+    assert (await store.reserve([], rpm, now_ms=behind, window_ms=WINDOW_MS, member="b0")).failed == 0
+    # a minute later by its clock: still 1.5 s before the first two leave
+    assert (await store.reserve([], rpm, now_ms=behind + WINDOW_MS, window_ms=WINDOW_MS, member="b1")).failed == 0
+    assert (await store.reserve([], rpm, now_ms=t + WINDOW_MS, window_ms=WINDOW_MS, member="a2")).failed == -1
 
 
 @pytest.mark.anyio
-async def test_a_replica_whose_clock_is_behind_does_not_shorten_the_listing_in_redis(anyio_backend: str) -> None:
+async def test_a_replica_whose_clock_is_behind_does_not_shorten_the_listing_in_redis(
+    redis_store: tuple[RedisBudgetStore, aioredis.Redis, str],
+) -> None:
     # Each reserve set the index set's expiry from its own clock: one from a replica 2 s behind, just before the
     # day's end, cut the set's life from a day and an hour to an hour, and ids listed by the others vanished.
-    url = require_redis()
-    prefix = f"eg:b:test:{uuid.uuid4().hex}:"
-    store = RedisBudgetStore(url, prefix=prefix)
-    client = aioredis.Redis.from_url(url)
+    store, client, prefix = redis_store
     t = int(T0 * 1000)
-    try:
-        await store.reserve([], [], now_ms=t, window_ms=WINDOW_MS, member="a",
-                            index=[("seen:identity", "alice", t + 90_000_000)])  # fmt: skip
-        await store.reserve([], [], now_ms=t - 2000, window_ms=WINDOW_MS, member="b",
-                            index=[("seen:identity", "bob", t + 3_600_000)])  # fmt: skip
-        assert await client.pttl(prefix + "seen:identity") > 89_000_000
-        assert await client.zcard(prefix + "seen:identity") == 2
-    finally:
-        await client.aclose()
-        await store.aclose()
-        await _delete_prefix(url, prefix)
+    await store.reserve([], [], now_ms=t, window_ms=WINDOW_MS, member="a",
+                        index=[("seen:identity", "alice", t + 90_000_000)])  # fmt: skip
+    await store.reserve([], [], now_ms=t - 2000, window_ms=WINDOW_MS, member="b",
+                        index=[("seen:identity", "bob", t + 3_600_000)])  # fmt: skip
+    assert await client.pttl(prefix + "seen:identity") > 89_000_000
+    assert await client.zcard(prefix + "seen:identity") == 2
 
 
 @pytest.mark.anyio
 async def test_a_wall_clock_stepped_back_does_not_fail_redis_reserves(
-    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+    redis_store: tuple[RedisBudgetStore, aioredis.Redis, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The reserve's deadline (Redis's time after which it changes nothing) came from the wall clock and an offset
     # read once a minute: stepped back by a minute, every reserve reached Redis "late" and failed (a 503), until
     # the offset was read again, a minute after the clock had caught up.
-    url = require_redis()
-    prefix = f"eg:b:test:{uuid.uuid4().hex}:"
-    store = RedisBudgetStore(url, prefix=prefix)
+    store, _, _ = redis_store
     t = int(T0 * 1000)
     real = time.time
-    try:
-        await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="1")
-        monkeypatch.setattr(time, "time", lambda: real() - 60)
-        got = await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="2")
-        assert got.values == (2,)
-    finally:
-        monkeypatch.undo()
-        await store.aclose()
-        await _delete_prefix(url, prefix)
+    await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="1")
+    monkeypatch.setattr(time, "time", lambda: real() - 60)
+    got = await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="2")
+    monkeypatch.undo()
+    assert got.values == (2,)
 
 
 @pytest.mark.anyio

@@ -266,6 +266,20 @@ async def slowed_store(app: Any, seconds: float) -> None:
     app.cache.set_many = slow_store
 
 
+async def one_while_another_is_stored(
+    upstream: FakeUpstream, first: Callable[[], Any], second: Callable[[], Any], calls: int = 1
+) -> None:
+    """Run ``first``, then ``second`` once the upstream has had ``calls`` calls and ``first``'s (slowed) cache
+    write is under way."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        with anyio.fail_after(5):
+            while len(upstream.calls) < calls:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.1)  # its answer is in, its cache write not yet
+        tg.start_soon(second)
+
+
 @pytest.mark.anyio
 async def test_a_miss_arriving_while_the_first_answer_is_being_stored_takes_it(upstream: FakeUpstream) -> None:
     # The fetching request left the coalescer when its upstream call ended, before its cache write landed: one
@@ -278,13 +292,7 @@ async def test_a_miss_arriving_while_the_first_answer_is_being_stored_takes_it(u
         async def post(name: str) -> None:
             got[name] = await embed(c, "the same text")
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(post, "first")
-            with anyio.fail_after(5):
-                while not upstream.calls:
-                    await anyio.sleep(0.01)
-            await anyio.sleep(0.1)  # its answer is in, its cache write not yet
-            tg.start_soon(post, "second")
+        await one_while_another_is_stored(upstream, lambda: post("first"), lambda: post("second"))
     await app.shutdown()
     assert len(upstream.calls) == 1
     assert (got["first"].headers["x-embedgate-cache"], got["second"].headers["x-embedgate-cache"]) == ("miss", "hit")
@@ -304,13 +312,8 @@ async def test_a_refresh_takes_no_answer_another_request_is_storing(upstream: Fa
             body = {"model": "local/embed-small", "input": "the same text", "cache": CACHE}
             got[name] = await c.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}", **headers})
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(post, "first")
-            with anyio.fail_after(5):
-                while not upstream.calls:
-                    await anyio.sleep(0.01)
-            await anyio.sleep(0.1)
-            tg.start_soon(lambda: post("refresh", **{"cache-control": "no-cache"}))
+        await one_while_another_is_stored(upstream, lambda: post("first"),
+                                          lambda: post("refresh", **{"cache-control": "no-cache"}))  # fmt: skip
     await app.shutdown()
     assert len(upstream.calls) == 2
     assert got["refresh"].headers["x-embedgate-cache"] == "miss"
@@ -330,13 +333,8 @@ async def test_an_answer_taken_from_another_request_is_checked_for_its_width_too
         async def post(name: str) -> None:
             got[name] = await embed(c, ["old item", "new item"])
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(post, "first")
-            with anyio.fail_after(5):
-                while len(upstream.calls) < 3:  # its new item, then its old one again at the new width
-                    await anyio.sleep(0.01)
-            await anyio.sleep(0.1)
-            tg.start_soon(post, "second")
+        # the first fetches its new item, then its old one again at the new width (after the first call above)
+        await one_while_another_is_stored(upstream, lambda: post("first"), lambda: post("second"), calls=3)
     await app.shutdown()
     for name in ("first", "second"):
         assert [len(v) for v in floats(got[name])] == [12, 12], name
