@@ -190,6 +190,22 @@ def embed(url: str) -> httpx.Response:
                       headers={"authorization": "Bearer sk-a"}, timeout=10)  # fmt: skip
 
 
+def wait_for(condition: Any, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.1)
+
+
+def embed_in_flight(url: str, upstream: FakeUpstream) -> tuple[threading.Thread, list[httpx.Response]]:
+    """``embed(url)`` sent from a thread, once the (slowed) upstream has it; the thread and where its answer goes."""
+    answers: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answers.append(embed(url)))
+    sender.start()
+    wait_for(lambda: upstream.calls, "the request to reach the upstream", timeout=10)
+    return sender, answers
+
+
 @pytest.mark.parametrize("http", [[], ["--http", "httptools"]], ids=["embedgate-protocol", "uvicorn-httptools"])
 def test_serve_cli_serves(tmp_path: Path, upstream: FakeUpstream, http: list[str]) -> None:
     path = tmp_path / "gw.yaml"
@@ -377,15 +393,10 @@ def test_serve_stops_taking_connections_at_sigterm_and_exits_0_once_drained(
     port = free_port()
     argv = [*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), "--workers", workers]
     env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
-    answers: list[httpx.Response] = []
     with started(argv, env) as proc:
         url = f"http://127.0.0.1:{port}"
         wait_serving(proc, url)
-        sender = threading.Thread(target=lambda: answers.append(embed(url)))
-        sender.start()
-        deadline = time.monotonic() + 5
-        while not upstream.calls and time.monotonic() < deadline:  # the request waits on the slow upstream
-            time.sleep(0.02)
+        sender, answers = embed_in_flight(url, upstream)  # it waits on the slow upstream
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 3  # well before the request in flight ends (4 s)
         while True:  # until every worker has heard: then a connection is refused, not accepted and held
@@ -688,13 +699,6 @@ def served_workers(supervisor: int) -> set[int]:
     return workers
 
 
-def wait_for(condition: Any, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
-        time.sleep(0.1)
-
-
 def listed_models(url: str) -> list[str]:
     r = httpx.get(f"{url}/v1/models", headers={"authorization": "Bearer sk-a"}, timeout=10)
     assert r.status_code == 200, r.text
@@ -712,13 +716,10 @@ def test_sighup_and_sigttin_with_one_worker_are_logged_and_the_server_goes_on(
     port = free_port()
     argv = [*EMBEDGATE, "serve", "--config", str(path), "--port", str(port)]
     env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
-    answers: list[httpx.Response] = []
     with started(argv, env) as proc:
         url = f"http://127.0.0.1:{port}"
         wait_serving(proc, url)
-        sender = threading.Thread(target=lambda: answers.append(embed(url)))
-        sender.start()
-        wait_for(lambda: upstream.calls, "the request to reach the upstream", timeout=10)
+        sender, answers = embed_in_flight(url, upstream)
         proc.send_signal(signal.SIGHUP)
         sender.join(timeout=20)
         assert [r.status_code for r in answers] == [200]

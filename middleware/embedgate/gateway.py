@@ -317,13 +317,14 @@ class EmbeddingGateway:
         assert self.pipeline is not None and self.telemetry is not None
         headers = embed_headers(scope["headers"])
         request_id = _request_id(headers)
+        identity_id = headers.get("x-orq-identity-id")
         call = Call(
             dialect=dialect,
             body=b"",
             request_id=request_id,
             authorization=headers.get("authorization"),
-            identity_header=headers.get("x-orq-identity-id") or headers.get("x-orq-contact-id"),
-            identity_header_name="x-orq-identity-id" if headers.get("x-orq-identity-id") else "x-orq-contact-id",
+            identity_header=identity_id or headers.get("x-orq-contact-id"),
+            identity_header_name="x-orq-identity-id" if identity_id else "x-orq-contact-id",
             cache_control=headers.get("cache-control"),
         )
         error: GatewayError | None = None
