@@ -42,8 +42,11 @@ _PROVIDER_FIELDS: Final = frozenset(
         "options",
     }
 )  # fmt: skip
-_QUANTIZATIONS: Final = frozenset({"int4", "int8", "fp4", "fp6", "fp8", "fp16", "bf16", "fp32", "unknown"})
 _SORTS: Final = ("price", "latency", "throughput", "exacto")
+_SORT_FIELDS: Final = frozenset({"by", "partition"})
+#: ``provider.max_price``'s fields and what each price is for, as OpenRouter documents them.
+_MAX_PRICE_UNITS: Final = {"prompt": "per million tokens", "completion": "per million tokens", "image": "per image",
+                           "audio": "per audio unit", "request": "per request"}  # fmt: skip
 
 
 @dataclass(init=False, kw_only=True, slots=True)
@@ -451,7 +454,8 @@ def _identity(v: Any, p: str, strict: bool) -> dict[str, Any]:
                 raise _bad(f"{p}.metadata[{i}]", f"expected an object, got {_type_name(m)}")
         out["metadata"] = meta
     if ident.get("tags") is not None:
-        out["tags"] = list(_strings(ident["tags"], f"{p}.tags"))
+        # strings, empty ones included (orq types a tag as any string)
+        out["tags"] = [_str(t, f"{p}.tags[{i}]") for i, t in enumerate(_list(ident["tags"], f"{p}.tags"))]
     if len(out["id"]) > _MAX_IDENTITY_ID:
         raise _bad(f"{p}.id", f"at most {_MAX_IDENTITY_ID} characters, got {len(out['id'])}")
     try:
@@ -466,16 +470,16 @@ def _identity(v: Any, p: str, strict: bool) -> dict[str, Any]:
 _DECIMAL: Final = re.compile(r"\d+(\.\d*)?([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?")
 
 
-def _price(v: Any, param: str) -> float:
-    """A price in USD per million tokens: a number or, as OpenRouter writes big numbers, a numeric string; >= 0."""
+def _price(v: Any, param: str, unit: str = "per million tokens") -> float:
+    """A price in USD (per million tokens unless ``unit`` says): a number or, as OpenRouter writes big numbers, a
+    numeric string; >= 0."""
     price = -1.0
     if isinstance(v, int | float) and not isinstance(v, bool):
         price = float(v)
     elif isinstance(v, str) and _DECIMAL.fullmatch(v):  # not float()'s "1_0", "inf", " 1 " or "1e999"
         price = float(v)
     if not 0.0 <= price < math.inf:  # NaN is not >= 0
-        raise _bad(param, f"expected a price >= 0 (USD per million tokens, a number or a numeric string), "
-                   f"got {_shown(v)}")  # fmt: skip
+        raise _bad(param, f"expected a price >= 0 (USD {unit}, a number or a numeric string), got {_shown(v)}")
     return price
 
 
@@ -485,17 +489,22 @@ def _provider(v: Any, strict: bool) -> ProviderPreferences:
     def names(key: str) -> tuple[str, ...] | None:
         return None if p.get(key) is None else _strings(p[key], f"provider.{key}")
 
-    sort = p.get("sort")
-    if isinstance(sort, dict):
-        sort = sort.get("by")
+    sort, sort_param = p.get("sort"), "provider.sort"
+    if isinstance(sort, dict):  # {by, partition}: a partition (an open set of names in the SDK) has no effect here
+        sort_obj = _obj(sort, sort_param, _SORT_FIELDS, strict)
+        if sort_obj.get("partition") is not None:
+            _str(sort_obj["partition"], "provider.sort.partition")
+        sort, sort_param = sort_obj.get("by"), "provider.sort.by"
     if sort is not None and sort not in _SORTS:
-        raise _bad("provider.sort", f"expected 'price', 'latency', 'throughput' or 'exacto', got {_shown(sort)}")
+        raise _bad(sort_param, f"expected 'price', 'latency', 'throughput' or 'exacto', got {_shown(sort)}")
     max_price = None
     if p.get("max_price") is not None:
-        mp = _obj(p["max_price"], "provider.max_price", frozenset({"prompt", "completion", "image", "audio",
-                                                                   "request"}), strict)  # fmt: skip
-        if mp.get("prompt") is not None:
-            max_price = _price(mp["prompt"], "provider.max_price.prompt")
+        mp = _obj(p["max_price"], "provider.max_price", frozenset(_MAX_PRICE_UNITS), strict)
+        for key, unit in _MAX_PRICE_UNITS.items():  # only the prompt's price chooses here; all are checked
+            if mp.get(key) is not None:
+                price = _price(mp[key], f"provider.max_price.{key}", unit)
+                if key == "prompt":
+                    max_price = price
     # Accepted without effect here (there is one gateway's deployments to choose from), but checked as OpenRouter
     # types them: a misspelt value is an error, not silently a default.
     for flag in ("require_parameters", "zdr", "enforce_distillable_text"):
@@ -503,13 +512,11 @@ def _provider(v: Any, strict: bool) -> ProviderPreferences:
             _bool(p[flag], f"provider.{flag}")
     if p.get("data_collection") is not None and p["data_collection"] not in ("deny", "allow"):
         raise _bad("provider.data_collection", f"expected 'deny' or 'allow', got {_shown(p['data_collection'])}")
-    if p.get("quantizations") is not None:
-        for i, q in enumerate(_list(p["quantizations"], "provider.quantizations")):
-            if type(q) is not str or q not in _QUANTIZATIONS:  # a list is unhashable: a TypeError, not a 400
-                raise _bad(f"provider.quantizations[{i}]", f"expected one of {', '.join(sorted(_QUANTIZATIONS))}, "
-                           f"got {_shown(q)}")  # fmt: skip
-    if p.get("options") is not None:
-        _obj(p["options"], "provider.options", frozenset(), False)
+    if p.get("quantizations") is not None:  # an open set of names (OpenRouter adds new ones: mxfp4, nvfp4 ...)
+        names("quantizations")
+    if p.get("options") is not None:  # options per provider slug: {slug: {...}}
+        for slug, options in _obj(p["options"], "provider.options", frozenset(), False).items():
+            _obj(options, f"provider.options.{slug}", frozenset(), False)
     return ProviderPreferences(
         order=names("order"),
         only=names("only"),
