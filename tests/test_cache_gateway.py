@@ -153,6 +153,12 @@ async def test_ttl_expiry_and_max_ttl(client: httpx.AsyncClient, upstream: FakeU
                           headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "cache.ttl"
+    # the same with no-store (the cache stage, which checked it, is skipped): was a 200
+    r = await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "x",
+                                                  "cache": {"type": "exact_match", "ttl": 3601}},
+                          headers={"authorization": f"Bearer {KEY}", "cache-control": "no-store"})  # fmt: skip
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "cache.ttl"
 
 
 @pytest.mark.anyio
@@ -195,6 +201,21 @@ async def test_a_partial_hit_never_mixes_vector_sizes(client: httpx.AsyncClient,
     assert [len(v) for v in floats(r)] == [9, 9]
     assert (await embed(client, ["old"])).headers["x-embedgate-cache"] == "hit"
     assert [len(v) for v in floats(await embed(client, ["old"]))] == [9]  # cached again at the new size
+
+
+@pytest.mark.anyio
+async def test_a_full_hit_never_mixes_vector_sizes(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    # Items cached before and after the model changed its dimension count, asked for together: a full hit served
+    # vectors of 8 and 9 floats in one answer.
+    await embed(client, ["before"])
+    upstream.dims = 9
+    await embed(client, ["after"], retry={"count": 2})  # refused twice as malformed, then adopted
+    calls = len(upstream.calls)
+    r = await embed(client, ["before", "after"])
+    assert [len(v) for v in floats(r)] == [9, 9]
+    assert r.headers["x-embedgate-cache"] == "miss"
+    assert [c.body["input"] for c in upstream.calls[calls:]] == [["before", "after"]]
+    assert (await embed(client, ["before", "after"])).headers["x-embedgate-cache"] == "hit"
 
 
 @pytest.mark.anyio
@@ -250,6 +271,11 @@ async def test_a_request_opts_out_with_cache_control(upstream: FakeUpstream) -> 
         assert [await post("a", "no-cache"), await post("c", 'no-cache="x"')] == ["miss", "miss"]
         assert len(upstream.calls) == calls + 5
         assert [await post("a"), await post("c"), await post("d", "max-age=60")] == ["hit", "hit", "miss"]
+        # the same directives on two lines are one list (RFC 9110): the second line alone was read, and stored
+        headers = [("authorization", f"Bearer {KEY}"), ("cache-control", "no-store"), ("cache-control", "max-age=0")]
+        r = await c.post("/v1/embeddings", json={"model": "local/embed-small", "input": "e"}, headers=headers)
+        assert r.headers["x-embedgate-cache"] == "bypass"
+        assert await post("e") == "miss"
     await app.shutdown()
 
 
@@ -338,6 +364,32 @@ async def test_an_answer_taken_from_another_request_is_checked_for_its_width_too
     await app.shutdown()
     for name in ("first", "second"):
         assert [len(v) for v in floats(got[name])] == [12, 12], name
+
+
+@pytest.mark.anyio
+async def test_a_miss_does_not_take_the_upstreams_rejection_of_another_requests_input(upstream: FakeUpstream) -> None:
+    # Coalesced, a request for one valid item got the 400 the upstream gave another request's batch (for its other,
+    # bad item), blaming an input it had not sent.
+    app = gateway(parse_config(cache_config(upstream.url), env={}))
+    got: dict[str, httpx.Response] = {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+
+        async def post(name: str, key: str, inputs: list[str]) -> None:
+            body = {"model": "local/embed-small", "input": inputs, "cache": CACHE}
+            got[name] = await c.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {key}"})
+
+        upstream.script.append(Fault("status", 400, delay=0.5))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, "bad batch", KEY, ["shared text", "a bad item"])
+            with anyio.fail_after(5):
+                while not upstream.calls:
+                    await anyio.sleep(0.01)
+            tg.start_soon(post, "good", SAME_WORKSPACE_KEY, ["shared text"])
+    await app.shutdown()
+    assert got["bad batch"].status_code == 400
+    assert got["good"].status_code == 200, got["good"].text
+    np.testing.assert_array_equal(floats(got["good"])[0], expected_vector("embed-small", "shared text"))
+    assert [c.body["input"] for c in upstream.calls] == [["shared text", "a bad item"], ["shared text"]]
 
 
 @pytest.mark.anyio

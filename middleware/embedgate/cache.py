@@ -417,12 +417,15 @@ class Coalescer(Generic[T]):
 
     ``run`` registers the keys nobody is fetching as in flight, calls ``fetch`` once with their positions,
     and for the other positions awaits the in-flight call that owns them. An owner's exception reaches its
-    waiters as the same exception; an owner cancelled (its client went away) hands its keys back, and its
-    waiters fetch them themselves. Per process: replicas do not coalesce with each other.
+    waiters as the same exception, unless it is one of ``private`` (the upstream rejecting the owner's own batch:
+    another item of it may be at fault); then, as when an owner is cancelled (its client went away), the owner
+    hands its keys back and its waiters fetch them themselves. Per process: replicas do not coalesce with each
+    other.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, private: tuple[type[Exception], ...] = ()) -> None:
         self._inflight: dict[str, asyncio.Future[T]] = {}
+        self._private = private
 
     def in_flight(self) -> int:
         """How many keys are being fetched right now."""
@@ -496,7 +499,7 @@ class Coalescer(Generic[T]):
             values = await fetch(mine)
             _check_count(values, mine)
         except Exception as exc:
-            _settle(owned.values(), exc)
+            _settle(owned.values(), _Abandoned() if isinstance(exc, self._private) else exc)
             raise
         except BaseException:
             _settle(owned.values(), _Abandoned())

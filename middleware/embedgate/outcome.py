@@ -31,8 +31,8 @@ JSON_CONTENT_TYPE: Final = (b"content-type", b"application/json")
 
 
 def embed_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    """The headers of :data:`_EMBED_HEADERS` in the ASGI ``raw`` headers, by lowercase name (the last one of a
-    repeated name)."""
+    """The headers of :data:`_EMBED_HEADERS` in the ASGI ``raw`` headers, by lowercase name: the last one of a
+    repeated name, but ``Cache-Control``'s lines joined with commas, as one list (RFC 9110, 5.3)."""
     out: dict[str, str] = {}
     for key, value in raw:
         name = _EMBED_HEADERS.get(key)
@@ -43,9 +43,12 @@ def embed_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
             if name is None:
                 continue
         try:  # as clients send non-ASCII text (curl, browsers, the SDKs): the body's "jöhn" is the header's
-            out[name] = value.decode()
+            text = value.decode()
         except UnicodeDecodeError:
-            out[name] = value.decode("latin-1")
+            text = value.decode("latin-1")
+        if name == "cache-control" and name in out:
+            text = f"{out[name]}, {text}"
+        out[name] = text
     return out
 
 

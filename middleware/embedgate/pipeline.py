@@ -255,6 +255,11 @@ class Pipeline:
             raise InvalidRequest(
                 f"Too many inputs: {len(req.items)} items, at most {limit} for '{chain[0].id}'", param="input"
             )
+        # Checked here, not in the cache stage: a request that bypasses the cache (no-store) is told too.
+        if req.cache is not None and req.cache.ttl is not None and req.cache.ttl > self._cache_cfg.max_ttl:
+            param = req.param("cache.ttl")
+            raise InvalidRequest(f"Invalid '{param}': {req.cache.ttl} s is above the maximum of "
+                                 f"{self._cache_cfg.max_ttl} s", param=param)  # fmt: skip
         call.vectors = [None] * len(req.items)
         call.b64 = [None] * len(req.items)
         call.item_tokens = [0] * len(req.items)
@@ -266,11 +271,7 @@ class Pipeline:
         cfg = self._cache_cfg
         if self._bypasses_cache(call):
             return
-        ttl = req.cache.ttl if req.cache is not None and req.cache.ttl is not None else cfg.default_ttl
-        if ttl > cfg.max_ttl:
-            param = req.param("cache.ttl")
-            raise InvalidRequest(f"Invalid '{param}': {ttl} s is above the maximum of {cfg.max_ttl} s", param=param)
-        call.cache_ttl = ttl
+        call.cache_ttl = req.cache.ttl if req.cache is not None and req.cache.ttl is not None else cfg.default_ttl
         call.cache_keys = self._item_keys(call, call.chain[0].id)
         if call.cache_control is not None and "no-cache" in _directives(call.cache_control):
             call.cache_status = "miss"  # embedded afresh, and stored: a refresh
@@ -283,6 +284,12 @@ class Pipeline:
                 call.vectors[i] = item.vector
                 call.item_tokens[i] = item.tokens
                 hits += 1
+        if hits == len(found) > 1 and len({len(item.vector) for item in found if item is not None}) > 1:
+            # Cached before the model changed its dimension count (the key has none when the request asks for
+            # none): one answer never mixes vector sizes, so every item is embedded afresh.
+            call.vectors = [None] * len(found)
+            call.item_tokens = [0] * len(found)
+            hits = 0
         call.cache_status = "hit" if hits == len(found) else "partial" if hits else "miss"
         if hits == len(found):
             call.served_model = call.chain[0].id
@@ -379,7 +386,8 @@ class Pipeline:
         else:
             coalescer = self._coalescers.get(policy)
             if coalescer is None:
-                coalescer = self._coalescers[policy] = Coalescer()
+                # an input the upstream rejected is the owner's own error: its waiters ask for their items
+                coalescer = self._coalescers[policy] = Coalescer(private=(InvalidRequest,))
             # What this request fetched stays in flight, answered, until it is in the cache: a request that reaches
             # this point meanwhile takes it rather than fetching it again.
             held: list[tuple[str, asyncio.Future[tuple[str, CachedItem]]]] = []
