@@ -75,5 +75,9 @@ async def test_a_text_only_fallback_does_not_hide_the_multimodal_models_failure(
         assert r.status_code == 200 and r.json()["model"] == "vision/mm-embed"
         r = await post("local/embed-small", "local/embed-b")  # nothing can take it: the client's input is the cause
         assert r.status_code == 400 and "multimodal" in r.json()["error"]["message"]
+        # the multimodal fallback only cooling down: 503 (was a 400 blaming the input, which SDKs never retry)
+        app.router.breakers["vision/mm-embed"].open_until = app.router._clock() + 60  # type: ignore[union-attr]
+        r = await post("local/embed-small", "vision/mm-embed")
+        assert r.status_code == 503 and r.json()["error"]["metadata"]["code"] == "no_upstream_available", r.text
     await app.shutdown()
     assert [c.body["model"] for c in upstream.calls] == ["mm-embed", "mm-embed"]

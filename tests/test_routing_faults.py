@@ -300,6 +300,27 @@ async def test_deadline_bounds_a_chain_of_slow_models(upstream: FakeUpstream) ->
 
 
 @pytest.mark.anyio
+async def test_the_deadline_bounds_a_fallback_embedding_a_partial_hits_cached_items_again(
+    upstream: FakeUpstream,
+) -> None:
+    # The fallback's second call (the cached item, embedded again by the model that served) had a deadline of
+    # its own: 200 after 1.46 s with deadline_ms 1000.
+    cached = {"cache": {"type": "exact_match"}, "retry": {"count": 0}, "fallbacks": [{"model": FALLBACK}],
+              "timeout": {"call_timeout": 600}}  # fmt: skip
+    async with running(routing_config(upstream, routing={"deadline_ms": 1000})) as (c, _):
+        r, _ = await timed_post(c, {**cached, "model": PRIMARY, "input": ["cached item"]})
+        assert r.status_code == 200
+        upstream.script.extend([Fault("slow", delay=1.5, model=PRIMARY_UP),  # times out at 600 ms
+                                Fault("slow", delay=0.3, model=FALLBACK_UP),  # serves the new item by 900 ms
+                                Fault("slow", delay=0.55, model=FALLBACK_UP)])  # fmt: skip
+        r, elapsed = await timed_post(c, {**cached, "model": PRIMARY, "input": ["cached item", "new item"]})
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["code"] == "upstream_timeout"
+    assert [call.body["input"] for call in upstream.calls[1:]] == [["new item"], ["new item"], ["cached item"]]
+    assert elapsed < 1.35
+
+
+@pytest.mark.anyio
 async def test_a_wait_longer_than_the_deadline_leaves_the_time_to_the_fallback(upstream: FakeUpstream) -> None:
     upstream.script.append(Fault("status", 429, retry_after=5, model=PRIMARY_UP))
     config = routing_config(upstream, routing={"deadline_ms": 1000, "max_retry_after_ms": 10000})
@@ -356,6 +377,24 @@ async def test_a_gzip_compressed_upstream_answer_is_decoded_once(upstream: FakeU
 
 
 # --- the upstream's token counts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_an_error_answer_whose_body_cannot_be_decoded_keeps_its_status(upstream: FakeUpstream) -> None:
+    # Its undecodable gzip body made a 429 (Retry-After 0) an "upstream_malformed" answer without a status: the
+    # Retry-After was ignored, and a 400 was retried and fallen back from like a broken answer.
+    bad_gzip = {"Content-Encoding": "gzip", "Retry-After": "0"}
+    upstream.script.append(Fault("raw", code=429, headers=bad_gzip, body=b"not gzip", model=PRIMARY_UP))
+    async with running(routing_config(upstream, routing={"backoff_base_ms": 5000})) as (c, _):
+        r, elapsed = await timed_post(c, body_for(retry=1))
+        assert_served(r, PRIMARY, PRIMARY_UP)
+        assert elapsed < 2.0  # the Retry-After, not a 5 s backoff
+        upstream.script.append(Fault("raw", code=400, headers=bad_gzip, body=b"not gzip", model=PRIMARY_UP))
+        r, _ = await timed_post(c, body_for(retry=1, fallbacks=[FALLBACK]))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "upstream_rejected_input"
+    assert len(upstream.calls) == 3
+
 
 ESTIMATE = sum(len(t.encode()) + 2 for t in TEXTS)  # the request's upper bound: UTF-8 bytes + 2 a string
 TOKEN_BUDGET = {"scope": "api_key", "target": "team-a", "period": "daily", "token_limit": 1000}

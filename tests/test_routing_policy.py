@@ -418,6 +418,41 @@ async def test_breaker_opens_skips_then_probes_after_the_cooldown(upstream: Fake
 
 
 @pytest.mark.anyio
+async def test_a_split_batch_closes_a_half_open_breaker(upstream: FakeUpstream) -> None:
+    # The first chunk took the one probe; its siblings, sent beside it, found the probe taken, failed (503) and
+    # cancelled it: the breaker stayed half-open, and every split batch was a 503 until a small request came.
+    config = routing_config(upstream, routing={"breaker_failures": 2, "breaker_cooldown_ms": 60_000},
+                            models={"local/embed-small": {"max_inputs": 2}})  # fmt: skip
+    skew = [0.0]
+    batch = {"model": "local/embed-small", "input": [f"item {i}" for i in range(6)], "retry": {"count": 0}}
+    async with running(config) as (c, gateway):
+        await gateway.startup()
+        assert gateway.router is not None
+        gateway.router._clock = lambda: time.monotonic() + skew[0]
+        upstream.script.extend([Fault("status", 500, model="embed-small")] * 2)
+        for _ in range(2):
+            assert (await post(c, {**batch, "input": ["x"]})).status_code == 502
+        assert (await readyz(c))["local/embed-small"]["state"] == "open"
+        skew[0] += 60.05
+        calls = len(upstream.calls)
+        r = await post(c, batch)
+        assert r.status_code == 200, r.text
+        assert [c.body["input"] for c in upstream.calls[calls:]] == [["item 0", "item 1"], ["item 2", "item 3"],
+                                                                      ["item 4", "item 5"]]  # fmt: skip
+        assert (await readyz(c))["local/embed-small"]["state"] == "closed"
+        # a probe that fails stops the batch there: its siblings are not sent
+        upstream.script.extend([Fault("status", 500, model="embed-small")] * 2)
+        for _ in range(2):
+            assert (await post(c, {**batch, "input": ["x"]})).status_code == 502
+        skew[0] += 60.05
+        calls = len(upstream.calls)
+        upstream.script.append(Fault("status", 500, model="embed-small"))
+        assert (await post(c, batch)).status_code == 502
+        assert len(upstream.calls) == calls + 1
+        assert (await readyz(c))["local/embed-small"]["state"] == "open"
+
+
+@pytest.mark.anyio
 async def test_every_breaker_open_is_503_without_calling_upstream(upstream: FakeUpstream) -> None:
     config = routing_config(upstream, routing={"breaker_failures": 1, "breaker_cooldown_ms": 60000})
     body = {"model": "local/embed-small", "input": TEXTS, "retry": {"count": 0}}

@@ -67,6 +67,7 @@ class Call:
     deployment: str = ""
     budget_decision: str = "none"
     items_fetched: int = 0  # items this request itself sent upstream (or repeats of them in its batch)
+    deadline: float | None = None  # routing's overall deadline, set by the first upstream call: later ones share it
     headers: dict[str, str] = field(default_factory=dict)
     finish: list[Callable[[Call, GatewayError | None], Awaitable[None]]] = field(default_factory=list)
     span: Any = None
@@ -108,6 +109,7 @@ class Call:
         self.attempts = 0
         self.deployment = ""
         self.budget_decision = "none"
+        self.deadline = None
         self.items_fetched = 0
         self.headers = {}
         self.finish = []
@@ -446,7 +448,9 @@ class Pipeline:
     async def _embed(self, call: Call, positions: list[int], chain: list[ResolvedModel]) -> RouteResult:
         assert call.request is not None
         try:
-            return await self._router.embed(call.request, positions, chain)
+            if call.deadline is None:
+                call.deadline = self._router.deadline()
+            return await self._router.embed(call.request, positions, chain, call.deadline)
         except GatewayError as err:
             call.attempts += err.attempts
             self._bill_spent(call, err.spent)

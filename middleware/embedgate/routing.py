@@ -311,16 +311,27 @@ class Router:
 
     # --- serving ----------------------------------------------------------------------------------------------
 
+    def deadline(self) -> float:
+        """The overall deadline of a request whose first upstream call starts now (``routing.deadline_ms``)."""
+        return self._clock() + self._routing.deadline_ms / 1000
+
     async def embed(
-        self, request: EmbeddingRequest, positions: list[int], chain: Sequence[ResolvedModel] | None = None
+        self,
+        request: EmbeddingRequest,
+        positions: list[int],
+        chain: Sequence[ResolvedModel] | None = None,
+        deadline: float | None = None,
     ) -> RouteResult:
-        """Embed the items at ``positions`` of ``request``; vectors come back in that order."""
+        """Embed the items at ``positions`` of ``request``; vectors come back in that order. ``deadline`` (from
+        :meth:`deadline`) is shared by the calls of one request (a fallback embedding a partial hit's cached items
+        again); by default the call has a deadline of its own."""
         chain = chain or self.chain(request)
         retry = request.retry or self._routing.default_retry
         fallback_codes = (
             request.fallback_on_codes if request.fallback_on_codes is not None else self._routing.fallback_on_codes
         )
-        deadline = self._clock() + self._routing.deadline_ms / 1000
+        if deadline is None:
+            deadline = self.deadline()
         attempts = _Attempts()
         try:
             for fallback_index, model in enumerate(chain):
@@ -329,8 +340,12 @@ class Router:
                     return await self._serve_model(request, positions, model, fallback_index, retry, deadline, attempts)
                 except _ModelFailed as failed:
                     err = failed.error
-                    # "Nothing could be tried" for this model must not hide a real upstream error of an earlier one.
-                    if not isinstance(err, (Unavailable, InvalidRequest)) or attempts.last_error is None:
+                    # "Nothing could be tried" for this model must not hide a real upstream error of an earlier one;
+                    # a model only cooling down (Unavailable) replaces one that cannot take the input at all
+                    # (InvalidRequest: no multimodal deployment): the request is fine, the upstream is not.
+                    last = attempts.last_error
+                    if (last is None or not isinstance(err, (Unavailable, InvalidRequest))
+                            or (isinstance(err, Unavailable) and isinstance(last, InvalidRequest))):  # fmt: skip
                         attempts.last_error = err
                     status = getattr(err, "upstream_status", None)
                     if not failed.spent and status not in fallback_codes and status not in _KEY_ERRORS:
@@ -388,8 +403,15 @@ class Router:
         else:
             gate = asyncio.Semaphore(self._routing.split_concurrency)
             failed: list[bool] = []
+            # No deployment's breaker closed: the first chunk goes alone, as the one probe a half-open breaker lets
+            # through; its success closes the breaker for its siblings (which, sent beside it, found the probe
+            # taken, failed, and cancelled it: a split batch never closed the breaker).
+            probe_first = self._cooling(deployments)
+            first_done = asyncio.Event()
 
-            async def gated(chunk: list[int]) -> tuple[Embeddings, Deployment]:
+            async def gated(chunk: list[int], k: int) -> tuple[Embeddings, Deployment]:
+                if probe_first and k:
+                    await first_done.wait()
                 async with gate:
                     # Set before the gate is released, so a waiting chunk never starts after a sibling failed.
                     if failed:
@@ -399,8 +421,11 @@ class Router:
                     except BaseException:
                         failed.append(True)
                         raise
+                    finally:
+                        if not k:
+                            first_done.set()
 
-            tasks = [asyncio.ensure_future(gated(c)) for c in chunks]
+            tasks = [asyncio.ensure_future(gated(c, k)) for k, c in enumerate(chunks)]
             failure: BaseException | None = None
             try:
                 results = list(await asyncio.gather(*tasks))
@@ -643,6 +668,15 @@ class Router:
             f"answers {seen.known}",
             code="upstream_malformed",
         )
+
+    def _cooling(self, deployments: list[Deployment]) -> bool:
+        """Whether no deployment's circuit breaker is closed (each open, or half-open for one probe)."""
+        now = self._clock()
+        for d in deployments:
+            b = self.breakers.get(_deployment_id(d))
+            if b is None or b.state(now) == "closed":
+                return False
+        return True
 
     def _pick(self, deployments: list[Deployment], n: int, dropped: set[int]) -> tuple[int, bool] | None:
         """The deployment of attempt ``n`` (cycling, skipping dropped and cooling ones); whether it is a probe."""

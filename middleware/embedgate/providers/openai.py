@@ -101,7 +101,12 @@ class OpenAIAdapter:
                     wire += (b"\r\n", payload)
                     status, answer_headers, content = await direct.exchange(self._origin, b"".join(wire))
                     if header_value(answer_headers, b"content-encoding") is not None:
-                        content = _decoded(status, answer_headers, content)  # may raise httpx.DecodingError
+                        try:
+                            content = _decoded(status, answer_headers, content)
+                        except httpx.DecodingError:
+                            if status == 200:
+                                raise
+                            content = b""  # an error answer: its status (429, 503 ...) counts, not its message
                 else:
                     response = await self._send(self._request(length, headers, payload))
                     status, answer_headers, content = response.status_code, response.headers.raw, response.content
