@@ -201,6 +201,16 @@ async def test_an_interim_answer_is_skipped() -> None:
     assert (response.status_code, response.json()) == (200, {"final": 1})
 
 
+async def test_an_interim_answer_then_a_dropped_connection_is_a_read_error() -> None:
+    # The interim answer's lack of a length was taken for a body read until the close: the drop became an empty
+    # answer of status 0 (a 502 "answered 0", not retried as a dropped connection is).
+    async with serve(lambda n: (b"HTTP/1.1 100 Continue\r\n\r\n", True)) as server:
+        transport = Http1Transport()
+        with pytest.raises(httpx.ReadError, match="without answering"):
+            await post(transport, server.url)
+        await transport.aclose()
+
+
 async def test_at_most_max_connections_are_open_and_waiting_callers_are_served() -> None:
     async with serve(lambda n: ok(b'{"n":%d}' % n), delay_s=0.02) as server:
         transport = Http1Transport(max_connections=2)

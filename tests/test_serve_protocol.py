@@ -1,8 +1,9 @@
 """``embedgate serve``'s HTTP/1.1 protocol (``embedgate.serve_protocol``) on real sockets, under uvicorn.
 
 Each raw exchange also goes to uvicorn's own httptools protocol with the same app: a client must not be able to
-tell them apart, but for the ``date`` header and the cases where ours answers 500 where uvicorn's can only close
-the connection (the app failed after its response start, a header value that would split the head).
+tell them apart, but for the ``date`` header, the cases where ours answers 500 where uvicorn's can only close
+the connection (the app failed after its response start, a header value that would split the head), and those
+where uvicorn's departs from the RFCs and ours follows them, as uvicorn's h11 protocol does (tested on ours alone).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ _ODD_ANSWERS: dict[str, tuple[int, list[tuple[bytes, bytes]], Any]] = {
     "/negative-length": (200, [(b"content-length", b"-1")], b"x"),
     "/bytearray-body": (200, [(b"content-length", b"2")], bytearray(b"ok")),
     "/memoryview-body": (200, [(b"content-length", b"2")], memoryview(b"ok")),
+    "/status-42": (42, [(b"content-length", b"2")], b"ok"),
 }
 
 
@@ -288,6 +290,74 @@ def test_a_client_sees_what_uvicorns_protocol_answers(both: tuple[int, int], cas
         assert [status for status, _, _ in responses] == [413, 200]
     elif answers:
         assert all(status in (200, 201) for status, _, _ in responses)
+
+
+# Where uvicorn's httptools protocol departs from the RFCs (its h11 protocol does not), ours follows them.
+
+
+def test_an_answer_without_a_length_to_http_1_0_ends_with_the_connection(both: tuple[int, int]) -> None:
+    # It went out chunked, which an HTTP/1.0 client cannot read: the chunk sizes became part of its body.
+    ours, _ = both
+    [(status, headers, body)], closed = exchange(ours, b"GET /chunked HTTP/1.0\r\nHost: x\r\n\r\n", 1)
+    assert status == 200 and closed
+    assert "transfer-encoding" not in dict(headers)
+    assert orjson.loads(body)["http_version"] == "1.0"
+
+
+def test_a_malformed_request_pipelined_behind_another_is_answered_after_it(both: tuple[int, int]) -> None:
+    # Its 400 went out at once, in place of the first request's answer, which was lost with the connection.
+    ours, _ = both
+    data = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" + POST + b"GET /echo HTTP/1.1\r\nHost x\r\n\r\n"
+    responses, closed = exchange(ours, data, 3)
+    assert [status for status, _, _ in responses] == [200, 200, 400]
+    assert [orjson.loads(body)["path"] for _, _, body in responses[:2]] == ["/slow", "/echo"]
+    assert closed
+
+
+def test_a_client_leaving_tells_the_request_being_answered_behind_a_pipelined_one(both: tuple[int, int]) -> None:
+    # Only the last request read (the pipelined one, waiting its turn) learned of it: the one being answered
+    # waited for ever, and its next send raised.
+    ours, _ = both
+    EVENTS.clear()
+    client = Client(ours)
+    client.send(b"GET /wait-disconnect HTTP/1.1\r\nHost: x\r\n\r\nGET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    deadline = time.monotonic() + 5
+    while ("waiting", "/wait-disconnect") not in EVENTS:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client.close()
+    while ("http.disconnect", "/wait-disconnect") not in EVENTS:
+        assert time.monotonic() < deadline, EVENTS
+        time.sleep(0.01)
+
+
+def test_a_request_head_over_64_kib_is_a_431(both: tuple[int, int]) -> None:
+    # A head of any size was read whole: one 64 MB header took ~64 MB of the server's memory.
+    ours, _ = both
+    near = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 60_000 + b"\r\n\r\n"
+    [(status, _, _)], _ = exchange(ours, near, 1)
+    assert status == 200
+    client = Client(ours)
+    try:
+        client.send(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        status = 0
+        for _ in range(100):  # 16 MB at most, in 160 KB pieces
+            try:
+                client.send(b"a" * 160_000)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        status, _, _ = client.response()
+        assert status == 431
+        assert client.closed()
+    finally:
+        client.close()
+
+
+def test_a_status_outside_100_to_599_is_a_500(both: tuple[int, int]) -> None:
+    # It went out as the status line "HTTP/1.1 42 ".
+    ours, _ = both
+    [(status, _, _)], _ = exchange(ours, b"GET /status-42 HTTP/1.1\r\nHost: x\r\n\r\n", 1)
+    assert status == 500
 
 
 def test_requests_arrive_whole_and_answers_carry_uvicorns_headers(both: tuple[int, int]) -> None:

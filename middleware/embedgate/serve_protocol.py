@@ -50,6 +50,9 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 HIGH_WATER: Final = HIGH_WATER_LIMIT  # request body bytes held before reading pauses, as in uvicorn
+#: The largest request head (request line and headers) read: a larger one is a 431 (llhttp holds it all in memory,
+#: and a client could send gigabytes of one header). Node's limit is 16 KiB, nginx's 32 KiB by default.
+MAX_HEAD_BYTES: Final = 64 * 1024
 # A request's body that stops coming, or an answer the client stops reading, for this long: the connection is
 # dropped (nginx's client_body_timeout and send_timeout; uvicorn's protocol waits for ever). Not Final: tests set it.
 STALL_TIMEOUT_S = 60.0
@@ -116,8 +119,15 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.write_paused = False
         self.drain_waiters: list[asyncio.Future[None]] = []
         self.pipeline: deque[tuple[RequestCycle, App]] = deque()
-        self.cycle: RequestCycle | None = None
+        self.cycle: RequestCycle | None = None  # the request parsed last
+        self.serving: RequestCycle | None = None  # the request answered now (pipelined ones wait behind it)
         self.in_message = False  # between a request's first byte and its last
+        # The request head being read: since which data_received (a count of them), and its bytes since.
+        self.in_head = False
+        self.feeds = 0
+        self.head_feed = 0
+        self.head_bytes = 0
+        self.pending_error: tuple[int, str] | None = None  # an answer owed after the earlier requests' answers
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.expect_continue = False
@@ -149,11 +159,12 @@ class GatewayHttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
         self.closed = True
-        cycle = self.cycle
-        if cycle is not None:
-            if not cycle.complete:
-                cycle.disconnected = True
-            cycle.wake()
+        # the request being answered as well as the last parsed (pipelined behind it): each learns the client left
+        for cycle in (self.serving, self.cycle):
+            if cycle is not None:
+                if not cycle.complete:
+                    cycle.disconnected = True
+                cycle.wake()
         self.resume_writing()
         if self.idle_timer is not None:
             self.idle_timer.cancel()
@@ -170,6 +181,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.idle_timer is not None:  # the keep-alive timeout counts from the last byte (uvicorn's does too)
             self.idle_since = self.loop.time()
+        self.feeds += 1
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -180,7 +192,16 @@ class GatewayHttpProtocol(asyncio.Protocol):
                 self.cycle.wake()
         except httptools.HttpParserError:
             _log.warning("Invalid HTTP request received.")
-            self._send_400("Invalid HTTP request received.")
+            self._refuse(400, "Invalid HTTP request received.")
+            return
+        if self.in_head and self.head_feed != self.feeds:
+            # A head still coming: bounded (the parser holds all of it), counted from the first read after the one
+            # it began in (so up to one read more than the limit).
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                _log.warning("Request head larger than %d bytes received.", MAX_HEAD_BYTES)
+                self._refuse(431, "Request header fields too large.")
+                self.in_head = False
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -274,6 +295,9 @@ class GatewayHttpProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.in_message = True
+        self.in_head = True
+        self.head_feed = self.feeds
+        self.head_bytes = 0
         self.url = b""
         self.headers = []
         self.expect_continue = False
@@ -289,6 +313,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         parser = self.parser
         version = parser.get_http_version()
         url = self.url
@@ -355,6 +380,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
     # --- requests and answers ---------------------------------------------------------------------------------
 
     def _start(self, cycle: RequestCycle, app: App) -> None:
+        self.serving = cycle
         # A copy of the connection's context: a pipelined request is started from within its predecessor's task
         # (its last send), whose context holds that request's own state (its span, its log bindings).
         task = self.loop.create_task(cycle.run(app), context=self.context.copy())
@@ -369,11 +395,15 @@ class GatewayHttpProtocol(asyncio.Protocol):
             return
         if transport.get_write_buffer_size():  # the answer is not all out: dropped if the client stops reading
             self._watch_unsent()
-        self.resume_reading()
         if self.pipeline:
+            self.resume_reading()
             cycle, app = self.pipeline.pop()
             self._start(cycle, app)
             return
+        if self.pending_error is not None:  # a bad request pipelined behind the ones answered: its turn now
+            self._send_error(*self.pending_error)
+            return
+        self.resume_reading()
         self.idle_since = self.loop.time()
         if self.idle_timer is None:
             self.idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
@@ -412,12 +442,25 @@ class GatewayHttpProtocol(asyncio.Protocol):
         else:
             cycle.keep_alive = False
 
-    def _send_400(self, msg: str) -> None:
+    def _refuse(self, status: int, msg: str) -> None:
+        """Answer a request that cannot be read (400, 431) and close: after the answers owed to the requests
+        pipelined before it, in order (RFC 9112, 9.3.2); at once if it is the one being answered (its body broken)."""
+        bad = self.cycle if self.in_message and not self.in_head else None  # its head was read: queued or started
+        if bad is not None and not bad.complete and bad is not self.serving:
+            self.pipeline = deque(queued for queued in self.pipeline if queued[0] is not bad)  # never started
+        serving = self.serving
+        if bad is not serving and ((serving is not None and not serving.complete) or self.pipeline):
+            self.pending_error = (status, msg)
+            self.pause_reading()  # nothing after it can be read
+        else:
+            self._send_error(status, msg)
+
+    def _send_error(self, status: int, msg: str) -> None:
         transport = self.transport
         if transport is None:
             return
         body = msg.encode("ascii")
-        head = [STATUS_LINE[400]]
+        head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             head.append(name + b": " + value + b"\r\n")
         head.append(b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % len(body))
@@ -437,6 +480,7 @@ class RequestCycle:
         self.keep_alive = keep_alive
         self.waiting_for_continue = expect_continue
         self.head_request = scope["method"] == "HEAD"
+        self.http10 = scope["http_version"] == "1.0"  # no chunked answers: the close ends the body
         self.body: list[bytes] = []
         self.body_size = 0
         self.more_body = True
@@ -568,7 +612,11 @@ class RequestCycle:
 
     def _head(self, status: int, headers: Any) -> bytes:
         line = STATUS_LINE.get(status)
-        out = [line if line is not None else b"HTTP/1.1 %d \r\n" % status]
+        if line is None:
+            if type(status) is not int or not 100 <= status <= 599:  # a 500 instead (the head is not sent yet)
+                raise RuntimeError(f"Invalid HTTP status code {status!r} in the response.")
+            line = b"HTTP/1.1 %d \r\n" % status
+        out = [line]
         lines = 1
         for name, value in self.conn.server_state.default_headers:
             out.append(name)  # four appends: no list made and concatenated per header
@@ -600,7 +648,7 @@ class RequestCycle:
             lines += 1
         if status in _NO_BODY_STATUS:
             length, chunked = 0, False  # a body would be read as the next answer: refused, as uvicorn does
-        elif length < 0 and not chunked and not self.head_request:
+        elif length < 0 and not chunked and not self.head_request and not self.http10:
             chunked = True
             out.append(_CHUNKED)
             lines += 1

@@ -207,7 +207,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_message_complete(self) -> None:
         if 100 <= self._status < 200:  # an interim answer: the real one follows on the same connection
-            self._status, self._headers, self._body = 0, [], []
+            # its lack of a length is no body read until the close: a drop now is a drop, not an empty answer
+            self._status, self._headers, self._body, self._until_close = 0, [], [], False
             return
         self._until_close = False
         self._answer(b"".join(self._body), self._parser.should_keep_alive())
