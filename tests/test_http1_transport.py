@@ -662,6 +662,23 @@ async def test_an_announced_length_beyond_the_buffered_bound_is_read_as_it_comes
         await transport.aclose()
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked", "until close"])
+async def test_a_body_beyond_max_body_is_a_protocol_error(framing: str) -> None:
+    # Read as it came without a bound: an upstream that did not stop filled the gateway's memory.
+    piece = b"x" * 100_000
+    if framing == "length":
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 40) + piece * 5
+    elif framing == "chunked":
+        answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(piece), piece) * 5
+    else:
+        answer = b"HTTP/1.1 200 OK\r\n\r\n" + piece * 5
+    async with serve(lambda n: (answer, False)) as server:
+        transport = Http1Transport(max_body=300_000)
+        with pytest.raises(httpx.RemoteProtocolError, match="more than 300000 bytes"):
+            await post(transport, server.url)
+        await transport.aclose()
+
+
 async def test_an_answer_cut_in_a_body_read_by_its_length_is_a_read_error() -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 50_000
     async with serve(lambda n: (answer, True)) as server:

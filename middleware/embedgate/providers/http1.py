@@ -42,6 +42,9 @@ _SCRATCH: Final = 32 * 1024  # the buffer each read of what llhttp reads fills: 
 # 3,072 dimensions in base64 are ~34 MB. A larger one is read by llhttp as it comes: an upstream's head alone never
 # makes the gateway allocate more than this.
 _MAX_BUFFERED: Final = 64 * 1024 * 1024
+#: The largest answer body taken at all (as a decoded one, see the adapters' MAX_DECODED): a larger one is a
+#: protocol error, never the gateway's memory filled by an upstream that does not stop.
+MAX_BODY: Final = 256 * 1024 * 1024
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -55,8 +58,9 @@ class _Connection(asyncio.BufferedProtocol):
     input's) is llhttp's alone.
     """
 
-    def __init__(self, origin: _Origin, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, origin: _Origin, loop: asyncio.AbstractEventLoop, max_body: int = MAX_BODY) -> None:
         self.origin = origin
+        self._max_body = max_body
         self._loop = loop  # the connection's for its life (asyncio.get_running_loop() costs a getpid call)
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -69,6 +73,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
+        self._body_size = 0
         self._until_close = False
         self._scratch = bytearray(_SCRATCH)
         self._scratch_view = memoryview(self._scratch)
@@ -84,7 +89,7 @@ class _Connection(asyncio.BufferedProtocol):
         assert self.transport is not None and self._waiter is None
         waiter: asyncio.Future[_Answer] = self._loop.create_future()
         self._waiter = waiter
-        self._status, self._headers, self._body = 0, [], []
+        self._status, self._headers, self._body, self._body_size = 0, [], [], 0
         self._until_close = self.answered = False
         self._length, self._into = -1, None
         self.exchanges += 1
@@ -147,6 +152,10 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(httpx.RemoteProtocolError(f"invalid HTTP answer: {reason}"))
             self.close()
             return
+        if self._body_size > self._max_body:
+            self._fail(httpx.RemoteProtocolError(f"invalid HTTP answer: a body of more than {self._max_body} bytes"))
+            self.close()
+            return
         length = self._length
         if length >= 0 and self._into is None and not self._waiter.done():
             # A body of known length still coming: the rest goes straight into its buffer, and llhttp, which
@@ -204,6 +213,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
+        self._body_size += len(body)
 
     def on_message_complete(self) -> None:
         if 100 <= self._status < 200:  # an interim answer: the real one follows on the same connection
@@ -223,8 +233,10 @@ class Http1Transport(httpx.AsyncBaseTransport):
         max_connections: int = 512,
         keepalive_s: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
+        max_body: int = MAX_BODY,
     ) -> None:
         self._limit = max_connections
+        self._max_body = max_body
         self._keepalive_s = keepalive_s
         self._ssl = ssl_context
         self._idle: dict[_Origin, list[_Connection]] = {}
@@ -317,7 +329,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
             tls = self._ssl_context() if scheme == b"https" else None
             loop = asyncio.get_running_loop()
             _, conn = await loop.create_connection(
-                lambda: _Connection(origin, loop),
+                lambda: _Connection(origin, loop, self._max_body),
                 host.decode("ascii"),
                 port,
                 ssl=tls,
