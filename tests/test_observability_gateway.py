@@ -131,6 +131,15 @@ async def test_root_span_is_named_after_name_then_orq_name_then_model(
         ("/v2/router/embeddings", {"orq": {"name": "legacy-orq-name"}}, "legacy-orq-name"),
         ("/v2/router/embeddings", {"name": "top-level", "orq": {"name": "nested"}}, "top-level"),  # top level wins
         ("/api/v1/embeddings", {}, "embeddings local/embed-small"),
+        # load balanced: its pick, not the request's model, which it ignores (the span was named "embeddings x/y")
+        (
+            "/v2/router/embeddings",
+            {
+                "model": "x/y",
+                "load_balancer": {"type": "weight_based", "models": [{"model": "local/embed-b", "weight": 1}]},
+            },
+            "embeddings local/embed-b",
+        ),
     ]
     trace_ids = []
     async with client_for(gw) as client:
@@ -144,7 +153,9 @@ async def test_root_span_is_named_after_name_then_orq_name_then_model(
     assert [hex_trace(s) for s in found] == trace_ids
     assert len(set(trace_ids)) == len(requests)
     assert all(s.parent is None for s in found)  # no caller traceparent: each request starts its own trace
-    assert [s.attributes["embedgate.route"] for s in found if s.attributes] == ["openai", "orq", "orq", "openrouter"]
+    assert [s.attributes["embedgate.route"] for s in found if s.attributes] == ["openai", "orq", "orq", "openrouter",
+                                                                                "orq"]  # fmt: skip
+    assert found[-1].attributes is not None and found[-1].attributes["gen_ai.request.model"] == "local/embed-b"
 
 
 @pytest.mark.anyio

@@ -81,7 +81,12 @@ def annotate(root: RequestSpan, call: Call, error: GatewayError | None) -> None:
         "embedgate.attempts": call.attempts,
     }
     if req is not None:
-        attrs["gen_ai.request.model"] = req.model
+        if req.load_balancer and call.chain:  # the request's model is ignored: the one the balancer picked
+            attrs["gen_ai.request.model"] = picked = call.chain[0].id
+            if not req.name:
+                root.rename(f"embeddings {picked}")
+        else:
+            attrs["gen_ai.request.model"] = req.model
         attrs["embedgate.input_count"] = len(req.items)
         attrs["embedgate.encoding_format"] = req.encoding_format
         if req.identity:

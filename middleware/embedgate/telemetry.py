@@ -236,6 +236,11 @@ class RequestSpan(_Scoped):
         #: 16 lowercase hex chars, for the logs.
         self.span_id_hex = span_id.to_bytes(8, "big").hex()
 
+    def rename(self, name: str) -> None:
+        """Name the span anew (before it ends)."""
+        if self._recording:
+            self._span.update_name(name)
+
     def end(self, status_code: int, *, error_type: str | None = None) -> None:
         """End the span with the HTTP status answered; a 5xx (or an ``error_type``) marks it as an error."""
         if self._ended:
