@@ -14,6 +14,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -389,6 +390,24 @@ async def test_rolling_window_admits_again_once_the_oldest_request_leaves(store:
     with pytest.raises(BudgetExceeded) as exc:
         await eng.reserve(SUBJECT, tokens=1, cost_usd=0)
     assert exc.value.headers["retry-after"] == "5"  # the request of T0 + 10 leaves at T0 + 70
+
+
+@pytest.mark.anyio
+async def test_retry_after_waits_for_every_full_window(store: BudgetStore) -> None:
+    # Two rate limits full: retry-after was the first one's wait (38 s), and a client that waited that long was
+    # refused again by the second (the key's, full until T0 + 80).
+    clock = Clock()
+    eng = engine(store, BudgetConfig(scope="workspace", target="acme", requests_per_minute=2),
+                 BudgetConfig(scope="api_key", target="team-a", requests_per_minute=1), clock=clock)  # fmt: skip
+    await eng.reserve(replace(SUBJECT, api_key="team-b"), tokens=1, cost_usd=0)
+    clock.t = T0 + 20
+    assert await admitted(eng)
+    clock.t = T0 + 22
+    with pytest.raises(BudgetExceeded) as exc:
+        await eng.reserve(SUBJECT, tokens=1, cost_usd=0)
+    assert exc.value.headers["retry-after"] == "58"
+    clock.t = T0 + 22 + 58
+    assert await admitted(eng)
 
 
 @pytest.mark.anyio

@@ -535,9 +535,14 @@ class BudgetEngine:
             # a period budget will not recover within a retry loop: tell SDKs not to retry
             extra = {"x-should-retry": "false"}
         else:
-            j = res.failed - len(counters)
-            g, mark = windows[j], res.marks[j]
-            wait_ms = self._window_ms if mark is None else mark + self._window_ms - now_ms
+            g = windows[res.failed - len(counters)]
+            # Until every full window admits one more, not only the first found full: a client waiting less is
+            # refused again by the next one.
+            wait_ms = 0
+            for j in range(len(windows)):
+                if res.counts[j] + 1 > windows[j].limit:
+                    mark = res.marks[j]
+                    wait_ms = max(wait_ms, self._window_ms if mark is None else mark + self._window_ms - now_ms)
             message = f"requests per minute exceeded for {g.scope} '{g.scope_id}': limit {g.limit}"
             code = "requests_per_minute_exceeded"
             extra = {"retry-after": str(max(1, math.ceil(wait_ms / 1000)))}
