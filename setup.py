@@ -34,6 +34,9 @@ def ext_modules() -> list[Any]:
     from mypyc.build import mypycify
 
     sources = [f"middleware/embedgate/{name}.py" for name in native.COMPILED]
+    # Read before mypyc reads the sources: a source edited while it compiles (a minute or more) leaves the stamp
+    # unwritten, so the build counts as stale instead of passing older code off as the sources on disk.
+    digest = native.source_digest(PACKAGE)
     # Type-checked with the project's own mypy configuration (pyproject.toml), against the dependencies the build
     # environment holds (build-system.requires): the types the compiled code relies on are the ones the lint saw.
     try:
@@ -44,7 +47,11 @@ def ext_modules() -> list[Any]:
         return []
     for extension in extensions:
         extension.optional = True  # no C compiler (or a failed compile): installed as sources, which run as they are
-    stamp.write_text(native.source_digest(PACKAGE) + "\n")
+    if native.source_digest(PACKAGE) == digest:
+        stamp.write_text(digest + "\n")
+    else:
+        print("embedgate: the sources changed while they compiled; the build counts as stale", file=sys.stderr)
+        stamp.unlink(missing_ok=True)
     return extensions
 
 

@@ -151,13 +151,13 @@ def test_written_out_initializers_set_every_field() -> None:
     from embedgate.errors import Dialect
     from embedgate.pipeline import Call
     from embedgate.request import CacheRequest, EmbeddingRequest
-    from embedgate.routing import RouteResult, _Attempts
+    from embedgate.routing import Attempts, RouteResult
 
     instances = [
         Call(dialect=Dialect.OPENAI, body=b"{}", request_id="r"),
         EmbeddingRequest(model="m", items=("a",), input_kind="string"),
         RouteResult(model="m", vectors=[], prompt_tokens=0, attempts=1, price_per_million_tokens=None),
-        _Attempts(),
+        Attempts(),
         Reservation("r", "none"),
         CacheRequest(),
         CachedItem(b"\0\0\0\0", 1),

@@ -10,6 +10,7 @@ Backoff is kept small (``backoff_base_ms: 10``) and attempts short (``timeout.ca
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 from structlog.testing import capture_logs
 
@@ -518,6 +520,40 @@ async def test_a_failed_request_paid_for_upstream_shows_its_tokens_and_cost(upst
     assert "tokens" not in line
     assert line["billed_tokens"] == tokens_of(TEXTS[0]) and line["cost_usd"] == pytest.approx(
         tokens_of(TEXTS[0]) * 0.02 / 1e6)  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_a_request_cancelled_mid_way_keeps_its_attempts_and_what_they_were_paid_for(
+    upstream: FakeUpstream,
+) -> None:
+    # A host's timeout (or the server's graceful shutdown running out) cancelled a split batch after its first
+    # chunk was embedded: the access line said 0 attempts and nothing billed, the budget released the reservation.
+    upstream.script.extend([Fault("ok", model=PRIMARY_UP), Fault("slow", delay=3, model=PRIMARY_UP)])
+    config = routing_config(upstream, models={PRIMARY: {"max_inputs": 1, "price_per_million_tokens": 0.02}},
+                            routing={"split_concurrency": 1})  # fmt: skip
+    app = gateway(config)
+    await app.startup()
+    body = orjson.dumps({**body_for(retry=0), "timeout": {"call_timeout": 5000}})
+    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "raw_path": b"/v1/embeddings",
+             "query_string": b"", "root_path": "", "headers": [(b"authorization", f"Bearer {KEY}".encode()),
+             (b"content-type", b"application/json")], "http_version": "1.1", "scheme": "http"}  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with capture_logs() as logs:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(app(scope, receive, send), 0.5)  # as a host bounding its requests
+        await app.shutdown()
+    assert sent[0]["status"] == 503
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert line["attempts"] == 2, line
+    assert line["billed_tokens"] == tokens_of(TEXTS[0])
+    assert line["cost_usd"] == pytest.approx(tokens_of(TEXTS[0]) * 0.02 / 1e6)
 
 
 @pytest.mark.anyio

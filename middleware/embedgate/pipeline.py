@@ -26,7 +26,7 @@ from .errors import Dialect, Forbidden, GatewayError, InvalidRequest, Spent, Una
 from .identities import IdentityStore
 from .logs import bind_more
 from .request import EmbeddingRequest, parse_request
-from .routing import ResolvedModel, Router, RouteResult
+from .routing import Attempts, ResolvedModel, Router, RouteResult
 from .telemetry import Telemetry
 
 __all__ = ["Call", "KeyIndex", "Pipeline"]
@@ -447,13 +447,16 @@ class Pipeline:
 
     async def _embed(self, call: Call, positions: list[int], chain: list[ResolvedModel]) -> RouteResult:
         assert call.request is not None
+        if call.deadline is None:
+            call.deadline = self._router.deadline()
+        attempts = Attempts()
         try:
-            if call.deadline is None:
-                call.deadline = self._router.deadline()
-            return await self._router.embed(call.request, positions, chain, call.deadline)
-        except GatewayError as err:
-            call.attempts += err.attempts
-            self._bill_spent(call, err.spent)
+            return await self._router.embed(call.request, positions, chain, call.deadline, attempts)
+        except BaseException:
+            # Failed, or cancelled (the server stopping, a host's timeout): the attempts it made are the request's,
+            # and so is what they were paid for (a chunk embedded before another failed), in its budgets and cost.
+            call.attempts += attempts.count
+            self._bill_spent(call, attempts.spent)
             raise
 
     def _take(self, call: Call, positions: list[int], result: RouteResult) -> None:

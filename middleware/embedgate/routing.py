@@ -58,7 +58,7 @@ from .errors import (
 from .providers import Adapter, Embeddings
 from .request import EmbeddingRequest, ProviderPreferences
 
-__all__ = ["AttemptHook", "Breaker", "ResolvedModel", "RouteResult", "Router"]
+__all__ = ["AttemptHook", "Attempts", "Breaker", "ResolvedModel", "RouteResult", "Router"]
 
 log = structlog.get_logger("embedgate.routing")
 
@@ -158,9 +158,10 @@ class Breaker:
 
 
 @dataclass(init=False, slots=True)
-class _Attempts:
-    """Book-keeping of one ``embed`` call, shared by its chunks (``__init__`` written out: a dataclass's
-    generated ``__init__`` stays interpreted in the compiled build)."""
+class Attempts:
+    """Book-keeping of one ``embed`` call, shared by its chunks; a caller's own (``embed``'s ``attempts``) tells
+    it, however the call ended (cancelled included), how many attempts were made and what they were paid for.
+    (``__init__`` written out: a dataclass's generated ``__init__`` stays interpreted in the compiled build.)"""
 
     count: int = 0
     last_error: GatewayError | None = None
@@ -321,6 +322,7 @@ class Router:
         positions: list[int],
         chain: Sequence[ResolvedModel] | None = None,
         deadline: float | None = None,
+        attempts: Attempts | None = None,
     ) -> RouteResult:
         """Embed the items at ``positions`` of ``request``; vectors come back in that order. ``deadline`` (from
         :meth:`deadline`) is shared by the calls of one request (a fallback embedding a partial hit's cached items
@@ -332,7 +334,8 @@ class Router:
         )
         if deadline is None:
             deadline = self.deadline()
-        attempts = _Attempts()
+        if attempts is None:
+            attempts = Attempts()
         try:
             for fallback_index, model in enumerate(chain):
                 attempts.models_left = len(chain) - 1 - fallback_index
@@ -372,7 +375,7 @@ class Router:
         fallback_index: int,
         retry: RetryPolicy,
         deadline: float,
-        attempts: _Attempts,
+        attempts: Attempts,
     ) -> RouteResult:
         deployments = self.eligible(model, request.provider)
         if request.is_multimodal:
@@ -496,7 +499,7 @@ class Router:
         fallback_index: int,
         retry: RetryPolicy,
         deadline: float,
-        attempts: _Attempts,
+        attempts: Attempts,
     ) -> tuple[Embeddings, Deployment]:
         last: GatewayError | None = None
         dropped: set[int] = set()  # deployments out for this request: our key refused, or a non-retried status
