@@ -393,6 +393,28 @@ async def test_a_miss_does_not_take_the_upstreams_rejection_of_another_requests_
 
 
 @pytest.mark.anyio
+async def test_identical_requests_for_an_input_the_upstream_rejects_make_one_call(upstream: FakeUpstream) -> None:
+    # The rejection of a batch holding only what the waiting requests asked for is theirs too: each asked again,
+    # one after another (8 calls, the last answer after ~4x the upstream's time).
+    app = gateway(parse_config(cache_config(upstream.url), env={}))
+    statuses: list[int] = []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+
+        async def post() -> None:
+            body = {"model": "local/embed-small", "input": ["a bad item"], "cache": CACHE}
+            r = await c.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}"})
+            statuses.append(r.status_code)
+
+        upstream.script.append(Fault("status", 400, delay=0.3))
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(post)
+    await app.shutdown()
+    assert statuses == [400] * 8
+    assert len(upstream.calls) == 1
+
+
+@pytest.mark.anyio
 async def test_a_miss_waits_only_on_a_request_routed_alike(upstream: FakeUpstream) -> None:
     # Coalesced, a request got whatever the request it waited on got: that one's 502 though its own fallback was
     # healthy, or a fallback's vector (model embed-b) that its key was not granted and it did not ask for.

@@ -653,8 +653,9 @@ async def test_bytes_beyond_an_answer_keep_its_connection_from_being_reused(beyo
 
 
 async def test_an_announced_length_beyond_the_buffered_bound_is_read_as_it_comes() -> None:
-    # No buffer of that size is allocated up front: the bytes that come are read, then the cut is a read error.
-    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 40) + b"x" * 50_000
+    # No buffer of that size (100 MB, beyond the 64 MiB read into a buffer of its length, within max_body) is
+    # allocated up front: the bytes that come are read, then the cut is a read error.
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % 100_000_000 + b"x" * 50_000
     async with serve(lambda n: (answer, True)) as server:
         transport = Http1Transport()
         with pytest.raises(httpx.ReadError, match="middle of its answer"):
@@ -662,12 +663,14 @@ async def test_an_announced_length_beyond_the_buffered_bound_is_read_as_it_comes
         await transport.aclose()
 
 
-@pytest.mark.parametrize("framing", ["length", "chunked", "until close"])
+@pytest.mark.parametrize("framing", ["length", "length within the buffered bound", "chunked", "until close"])
 async def test_a_body_beyond_max_body_is_a_protocol_error(framing: str) -> None:
     # Read as it came without a bound: an upstream that did not stop filled the gateway's memory.
     piece = b"x" * 100_000
     if framing == "length":
         answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 40) + piece * 5
+    elif framing == "length within the buffered bound":  # was read whole into a buffer of its length
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 500000\r\n\r\n" + piece * 5
     elif framing == "chunked":
         answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(piece), piece) * 5
     else:

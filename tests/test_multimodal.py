@@ -79,5 +79,10 @@ async def test_a_text_only_fallback_does_not_hide_the_multimodal_models_failure(
         app.router.breakers["vision/mm-embed"].open_until = app.router._clock() + 60  # type: ignore[union-attr]
         r = await post("local/embed-small", "vision/mm-embed")
         assert r.status_code == 503 and r.json()["error"]["metadata"]["code"] == "no_upstream_available", r.text
+        # but excluded by the request's own provider preferences, it never could: the input's 400 stays
+        body = {"model": "local/embed-small", "input": ITEMS, "fallbacks": [{"model": "vision/mm-embed"}],
+                "provider": {"ignore": ["vision"]}}  # fmt: skip
+        r = await c.post("/api/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}"})
+        assert r.status_code == 400 and "multimodal" in r.json()["error"]["message"], r.text
     await app.shutdown()
     assert [c.body["model"] for c in upstream.calls] == ["mm-embed", "mm-embed"]

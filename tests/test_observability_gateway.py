@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from embedgate import EmbeddingGateway, logs
 from embedgate.config import Config, parse_config
+from embedgate.telemetry import ALLOWED_ATTRIBUTES
 from tests.conftest import KEY, OTHER_KEY, config_dict
 from tests.fake_upstream import FakeUpstream, Fault, tokens_of
 
@@ -226,6 +227,9 @@ async def test_retries_and_a_fallback_give_one_client_span_per_attempt(
     }
     assert all(attrs(a)["gen_ai.operation.name"] == "embeddings" for a in attempts)
     assert [a.name for a in attempts] == ["embeddings embed-small", "embeddings embed-small", "embeddings fb-model"]
+    # every name on every span of the trace is in the allow-list the README names (three of the attempt span's,
+    # set without its check, were not)
+    assert {key for span in trace_of(exporter, root) for key in attrs(span)} <= ALLOWED_ATTRIBUTES
 
     top = attrs(root)
     assert top["embedgate.cache"] == "miss" == r.headers["x-embedgate-cache"]

@@ -382,9 +382,15 @@ async def test_a_gzip_compressed_upstream_answer_is_decoded_once(upstream: FakeU
 
 
 @pytest.mark.anyio
-async def test_an_error_answer_whose_body_cannot_be_decoded_keeps_its_status(upstream: FakeUpstream) -> None:
+@pytest.mark.parametrize("path", ["direct", "through httpx (a proxy configured)"])
+async def test_an_error_answer_whose_body_cannot_be_decoded_keeps_its_status(
+    upstream: FakeUpstream, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Its undecodable gzip body made a 429 (Retry-After 0) an "upstream_malformed" answer without a status: the
     # Retry-After was ignored, and a 400 was retried and fallen back from like a broken answer.
+    if path != "direct":  # the upstream exempt, but the calls then go through httpx's client machinery
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     bad_gzip = {"Content-Encoding": "gzip", "Retry-After": "0"}
     upstream.script.append(Fault("raw", code=429, headers=bad_gzip, body=b"not gzip", model=PRIMARY_UP))
     async with running(routing_config(upstream, routing={"backoff_base_ms": 5000})) as (c, _):

@@ -337,6 +337,13 @@ def test_a_request_head_over_64_kib_is_a_431(both: tuple[int, int]) -> None:
     near = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 60_000 + b"\r\n\r\n"
     [(status, _, _)], _ = exchange(ours, near, 1)
     assert status == 200
+    # in one read too (the read a head began in was not counted: heads of up to ~256 KiB were served)
+    over = near.replace(b"a" * 60_000, b"a" * 100_000)
+    [(status, _, _)], _ = exchange(ours, over, 1)
+    assert status == 431
+    # and behind a pipelined request, in the same read: that one answered, then the 431
+    responses, closed = exchange(ours, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" + over, 2)
+    assert [status for status, _, _ in responses] == [200, 431] and closed
     client = Client(ours)
     try:
         client.send(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: ")
@@ -351,6 +358,31 @@ def test_a_request_head_over_64_kib_is_a_431(both: tuple[int, int]) -> None:
         assert client.closed()
     finally:
         client.close()
+
+
+def test_a_head_refused_behind_pipelined_requests_is_never_read_on(both: tuple[int, int]) -> None:
+    # With two requests queued behind the one answered, reading resumed after the 431 was decided: the rest of the
+    # head was read uncounted, and the refused request was served (a 200) before its 431.
+    ours, _ = both
+    client = Client(ours)
+    slow = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+    data = slow * 3 + b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2_000_000 + b"\r\n\r\n"
+
+    def send() -> None:
+        try:
+            client.send(data)
+        except OSError:  # the server closed the connection after its 431: the rest is not read
+            pass
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        statuses = [client.response()[0] for _ in range(4)]
+        assert statuses == [200, 200, 200, 431]
+        assert client.closed()
+    finally:
+        client.close()
+        sender.join(5)
 
 
 def test_a_status_outside_100_to_599_is_a_500(both: tuple[int, int]) -> None:

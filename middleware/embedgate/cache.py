@@ -412,15 +412,24 @@ class _Abandoned(Exception):
     """The owner of an in-flight key was cancelled before it had a result: its waiters fetch it again."""
 
 
+class _Private(Exception):
+    """An owner's own error (see ``Coalescer``), with the keys its failed fetch held."""
+
+    def __init__(self, error: Exception, keys: frozenset[str]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.keys = keys
+
+
 class Coalescer(Generic[T]):
     """Coalesces identical concurrent misses so N simultaneous requests for a new item make one upstream call.
 
     ``run`` registers the keys nobody is fetching as in flight, calls ``fetch`` once with their positions,
     and for the other positions awaits the in-flight call that owns them. An owner's exception reaches its
     waiters as the same exception, unless it is one of ``private`` (the upstream rejecting the owner's own batch:
-    another item of it may be at fault); then, as when an owner is cancelled (its client went away), the owner
-    hands its keys back and its waiters fetch them themselves. Per process: replicas do not coalesce with each
-    other.
+    another item of it may be at fault) and the owner's batch held a key the waiter does not want; then, as when an
+    owner is cancelled (its client went away), the owner hands its keys back and its waiters fetch them
+    themselves. Per process: replicas do not coalesce with each other.
     """
 
     def __init__(self, private: tuple[type[Exception], ...] = ()) -> None:
@@ -478,12 +487,20 @@ class Coalescer(Generic[T]):
             # Ours resolve before we await anyone else's: two calls owning each other's keys cannot deadlock.
             results.update(zip(mine, await self._fetch_owned(keys, mine, owned, fetch, held), strict=True))
         retry: list[int] = []
+        wanted: frozenset[str] | None = None
         for i, future in waits:
             try:
                 # shield: a waiter being cancelled must not cancel the future the owner and others share.
                 results[i] = await asyncio.shield(future)
             except _Abandoned:
                 retry.append(i)
+            except _Private as private:
+                if wanted is None:
+                    wanted = frozenset(keys)
+                if not private.keys <= wanted:
+                    retry.append(i)  # another item of the owner's batch may be the one at fault
+                else:
+                    raise private.error from None  # the batch held only items this call wants: its error too
         return retry
 
     async def _fetch_owned(
@@ -499,7 +516,7 @@ class Coalescer(Generic[T]):
             values = await fetch(mine)
             _check_count(values, mine)
         except Exception as exc:
-            _settle(owned.values(), _Abandoned() if isinstance(exc, self._private) else exc)
+            _settle(owned.values(), _Private(exc, frozenset(owned)) if isinstance(exc, self._private) else exc)
             raise
         except BaseException:
             _settle(owned.values(), _Abandoned())

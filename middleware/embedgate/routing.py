@@ -344,11 +344,11 @@ class Router:
                 except _ModelFailed as failed:
                     err = failed.error
                     # "Nothing could be tried" for this model must not hide a real upstream error of an earlier one;
-                    # a model only cooling down (Unavailable) replaces one that cannot take the input at all
-                    # (InvalidRequest: no multimodal deployment): the request is fine, the upstream is not.
+                    # a model only cooling down replaces one that cannot take the input at all (InvalidRequest: no
+                    # multimodal deployment): the request is fine, the upstream is not, for now.
                     last = attempts.last_error
                     if (last is None or not isinstance(err, (Unavailable, InvalidRequest))
-                            or (isinstance(err, Unavailable) and isinstance(last, InvalidRequest))):  # fmt: skip
+                            or (failed.cooling and isinstance(last, InvalidRequest))):  # fmt: skip
                         attempts.last_error = err
                     status = getattr(err, "upstream_status", None)
                     if not failed.spent and status not in fallback_codes and status not in _KEY_ERRORS:
@@ -533,7 +533,8 @@ class Router:
             if picked is None:
                 if last is None:
                     attempts.skipped.append(f"{model.id}: every deployment's circuit breaker is open")
-                    raise _ModelFailed(Unavailable(f"Every deployment of '{model.id}' is cooling down"), True)
+                    raise _ModelFailed(Unavailable(f"Every deployment of '{model.id}' is cooling down"), True,
+                                       cooling=True)  # fmt: skip
                 break
             index, probe = picked
             deployment = deployments[index]
@@ -761,12 +762,14 @@ class Router:
 
 
 class _ModelFailed(Exception):
-    """A model of the chain failed; ``spent`` says whether its attempts ran out (always fall back then)."""
+    """A model of the chain failed; ``spent`` says whether its attempts ran out (always fall back then);
+    ``cooling``, that it could not be tried only because its circuit breakers are open (a passing state)."""
 
-    def __init__(self, error: GatewayError, spent: bool) -> None:
+    def __init__(self, error: GatewayError, spent: bool, *, cooling: bool = False) -> None:
         super().__init__(error.message)
         self.error = error
         self.spent = spent
+        self.cooling = cooling
 
 
 class _Skipped(Exception):

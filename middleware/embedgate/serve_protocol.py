@@ -127,6 +127,8 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.feeds = 0
         self.head_feed = 0
         self.head_bytes = 0
+        self.begun = 0  # requests whose first byte was read
+        self.read_len = 0  # bytes of the read being parsed
         self.pending_error: tuple[int, str] | None = None  # an answer owed after the earlier requests' answers
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -181,7 +183,13 @@ class GatewayHttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.idle_timer is not None:  # the keep-alive timeout counts from the last byte (uvicorn's does too)
             self.idle_since = self.loop.time()
+        if self.pending_error is not None:
+            return  # a request refused, its answer owed after those before it: nothing after it is read
         self.feeds += 1
+        self.read_len = len(data)
+        # whether this read holds nothing of an earlier request: it starts between two, and begins only one
+        between = not self.in_message
+        begun = self.begun
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -190,14 +198,22 @@ class GatewayHttpProtocol(asyncio.Protocol):
                 self.cycle.keep_alive = False
                 self.cycle.more_body = False
                 self.cycle.wake()
-        except httptools.HttpParserError:
-            _log.warning("Invalid HTTP request received.")
-            self._refuse(400, "Invalid HTTP request received.")
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                _log.warning("Request head larger than %d bytes received.", MAX_HEAD_BYTES)
+                self._refuse(431, "Request header fields too large.")
+            else:
+                _log.warning("Invalid HTTP request received.")
+                self._refuse(400, "Invalid HTTP request received.")
             return
-        if self.in_head and self.head_feed != self.feeds:
-            # A head still coming: bounded (the parser holds all of it), counted from the first read after the one
-            # it began in (so up to one read more than the limit).
-            self.head_bytes += len(data)
+        if self.in_head:
+            # A head still coming: bounded (the parser holds all of it). The read that began it is all head when it
+            # started between requests and began no other; one that also held the end of an earlier (pipelined)
+            # request is not counted (the limit may then be passed by up to that read, 256 KiB at most).
+            if self.head_feed != self.feeds:
+                self.head_bytes += len(data)
+            elif between and self.begun == begun + 1:
+                self.head_bytes = len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
                 _log.warning("Request head larger than %d bytes received.", MAX_HEAD_BYTES)
                 self._refuse(431, "Request header fields too large.")
@@ -298,6 +314,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.in_head = True
         self.head_feed = self.feeds
         self.head_bytes = 0
+        self.begun += 1
         self.url = b""
         self.headers = []
         self.expect_continue = False
@@ -313,6 +330,10 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.head_feed != self.feeds or self.read_len > MAX_HEAD_BYTES:  # a head that may be over the limit
+            size = len(self.url) + sum([len(name) + len(value) + 4 for name, value in self.headers])
+            if size > MAX_HEAD_BYTES:
+                raise _HeadTooLarge  # stops the parser: a 431 (see data_received), for a request with no cycle
         self.in_head = False
         parser = self.parser
         version = parser.get_http_version()
@@ -396,7 +417,8 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if transport.get_write_buffer_size():  # the answer is not all out: dropped if the client stops reading
             self._watch_unsent()
         if self.pipeline:
-            self.resume_reading()
+            if self.pending_error is None:
+                self.resume_reading()
             cycle, app = self.pipeline.pop()
             self._start(cycle, app)
             return
@@ -468,6 +490,10 @@ class GatewayHttpProtocol(asyncio.Protocol):
         head.append(body)
         transport.write(b"".join(head))
         transport.close()
+
+
+class _HeadTooLarge(Exception):
+    """A request head over ``MAX_HEAD_BYTES``, found once it is whole."""
 
 
 class RequestCycle:

@@ -59,7 +59,8 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-#: Every attribute name ``RequestSpan.set``, ``StageSpan.set`` and ``start_request(attributes=...)`` accept.
+#: Every attribute name ``RequestSpan.set``, ``StageSpan.set`` and ``start_request(attributes=...)`` accept, and
+#: the names the attempt span sets (fixed in code: set without the check, which would cost each attempt).
 #: An allow-list rather than a deny-list, so that a secret or the input text cannot slip in under a new name.
 ALLOWED_ATTRIBUTES: Final = frozenset(
     {
@@ -81,6 +82,7 @@ ALLOWED_ATTRIBUTES: Final = frozenset(
         "gen_ai.usage.input_tokens",
         "gen_ai.request.encoding_formats",
         "gen_ai.embeddings.dimension.count",
+        "gen_ai.provider.name",  # the attempt span's
         # embedgate's own
         "embedgate.request_id",
         "embedgate.route",
@@ -108,6 +110,8 @@ ALLOWED_ATTRIBUTES: Final = frozenset(
         "embedgate.attempts",
         "embedgate.fallback_index",
         "embedgate.error.code",
+        "embedgate.attempt",  # the attempt span's
+        "embedgate.outcome",
     }
 )
 

@@ -125,10 +125,29 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             self._session = None
 
 
+async def _read(response: httpx.Response) -> httpx.Response:
+    """``response`` with its body read; an error answer whose body does not decode keeps its status (a 429 its
+    ``Retry-After``), with an empty body: it is the status that counts there."""
+    try:
+        await response.aread()
+    except httpx.DecodingError:
+        if response.status_code == 200:
+            raise
+        await response.aclose()
+        headers = [(k, v) for k, v in response.headers.raw if k.lower() != b"content-encoding"]
+        return httpx.Response(response.status_code, headers=headers, content=b"", request=response.request)
+    return response
+
+
 def sender_for(upstream: httpx.AsyncClient | httpx.AsyncBaseTransport) -> Sender:
     """How adapters send a request: through a transport directly, or an injected client's ``send``."""
     if isinstance(upstream, httpx.AsyncClient):
-        return upstream.send
+        client = upstream
+
+        async def send_through(request: httpx.Request) -> httpx.Response:
+            return await _read(await client.send(request, stream=True))
+
+        return send_through
     from .http1 import Http1Transport  # here: http1 is compiled with the package, base is not
 
     if type(upstream) is Http1Transport:
@@ -136,8 +155,6 @@ def sender_for(upstream: httpx.AsyncClient | httpx.AsyncBaseTransport) -> Sender
         return upstream.handle_async_request
 
     async def send(request: httpx.Request) -> httpx.Response:
-        response = await upstream.handle_async_request(request)
-        await response.aread()
-        return response
+        return await _read(await upstream.handle_async_request(request))
 
     return send

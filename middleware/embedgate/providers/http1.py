@@ -207,6 +207,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._until_close = length is None and not chunked
         if length is not None and not chunked and status >= 200 and status != 204 and status != 304:
             size = int(length)
+            if size > self._max_body:  # refused as soon as it is announced (see buffer_updated)
+                self._body_size = size
+                return
             if size <= _MAX_BUFFERED:
                 self._length = size
                 self._next_keep_alive = self._parser.should_keep_alive()
@@ -254,7 +257,15 @@ class Http1Transport(httpx.AsyncBaseTransport):
         response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body), request=request,
                                   extensions={"http_version": b"HTTP/1.1"})  # fmt: skip
         if header_value(headers, b"content-encoding") is not None:
-            response.read()  # httpx decodes gzip/deflate/... as it reads, once
+            try:
+                response.read()  # httpx decodes gzip/deflate/... as it reads, once
+            except httpx.DecodingError:
+                if status == 200:
+                    raise
+                # An error answer whose body does not decode: its status is what counts (a 429's Retry-After).
+                plain = [(k, v) for k, v in headers if k.lower() != b"content-encoding"]
+                response = httpx.Response(status, headers=plain, content=b"", request=request,
+                                          extensions={"http_version": b"HTTP/1.1"})  # fmt: skip
         else:
             # The body as it came, which is what read() would produce through its decoder and chunker objects
             # (~25 us a call): set as read() itself sets it.
