@@ -229,6 +229,31 @@ async def test_a_fresh_batch_repeating_an_item_is_a_miss(client: httpx.AsyncClie
 
 
 @pytest.mark.anyio
+async def test_an_item_repeated_in_a_batch_goes_upstream_once_however_it_is_embedded(
+    client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    # A fallback embedding a partial hit's cached items again sent each repeat (paid for twice, and the answer
+    # said "partial" though every item was embedded again); a no-cache refresh sent every repeat too.
+    await embed(client, ["x"])
+    upstream.script.append(Fault("status", 503, model="embed-small"))
+    r = await embed(client, ["x", "x", "n", "n"], fallbacks=[{"model": "local/embed-b"}],
+                    retry={"count": 0, "on_codes": [503]})  # fmt: skip
+    assert r.json()["model"] == "local/embed-b"
+    assert r.headers["x-embedgate-cache"] == "miss"
+    assert [(c.body["model"], c.body["input"]) for c in upstream.calls[1:]] == [
+        ("embed-small", ["n"]), ("embed-b", ["n"]), ("embed-b", ["x"])]  # fmt: skip
+    for vec, text in zip(floats(r), ["x", "x", "n", "n"], strict=True):
+        np.testing.assert_array_equal(vec, expected_vector("embed-b", text))
+    calls = len(upstream.calls)
+    body = {"model": "local/embed-small", "input": ["z", "z", "z"], "cache": CACHE}
+    r = await client.post("/v1/embeddings", json=body,
+                          headers={"authorization": f"Bearer {KEY}", "cache-control": "no-cache"})  # fmt: skip
+    assert r.status_code == 200 and r.headers["x-embedgate-cache"] == "miss"
+    assert [c.body["input"] for c in upstream.calls[calls:]] == [["z"]]
+    assert [len(v) for v in floats(r)] == [upstream.dims] * 3
+
+
+@pytest.mark.anyio
 async def test_fifty_concurrent_identical_misses_make_one_upstream_call(client: httpx.AsyncClient,
                                                                        upstream: FakeUpstream) -> None:  # fmt: skip
     upstream.script.append(Fault("slow", delay=0.3))  # keep the first call in flight while the others arrive

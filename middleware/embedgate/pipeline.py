@@ -384,7 +384,12 @@ class Pipeline:
         policy = (tuple([m.id for m in call.chain]), req.retry, req.fallback_on_codes, req.timeout_ms, req.provider,
                   req.user)  # fmt: skip
         if call.refresh:  # a refresh takes no other request's answer, in flight or just fetched
-            await self._merge_and_store(call, positions, await fetch(list(range(len(positions)))), fetched_here)
+            first: dict[str, int] = {}  # an item repeated in the batch goes upstream once
+            for i, key in enumerate(keys):
+                first.setdefault(key, i)
+            unique = list(first.values())
+            got = dict(zip([keys[i] for i in unique], await fetch(unique), strict=True))
+            await self._merge_and_store(call, positions, [got[key] for key in keys], fetched_here)
         else:
             coalescer = self._coalescers.get(policy)
             if coalescer is None:
@@ -400,9 +405,12 @@ class Pipeline:
                 coalescer.release(held)
                 if not coalescer.in_flight() and self._coalescers.get(policy) is coalescer:
                     del self._coalescers[policy]
-        # An item repeated in the batch waits on its first occurrence's fetch: a miss too, not a cache hit.
-        ours = {call.cache_keys[p] for p in fetched_here} if len(fetched_here) < len(positions) else set()
-        missed = len(fetched_here) + sum(1 for p in positions if p not in fetched_here and call.cache_keys[p] in ours)
+        # An item repeated in the batch waits on its first occurrence's fetch: a miss too, not a cache hit (and so
+        # is a cached item a fallback embedded again, with its repeats).
+        missed = len(fetched_here)
+        if missed < len(req.items):
+            ours = {call.cache_keys[p] for p in fetched_here}
+            missed += sum(1 for p, key in enumerate(call.cache_keys) if p not in fetched_here and key in ours)
         call.items_fetched = missed
         call.cache_status = "hit" if not missed else "miss" if missed == len(req.items) else "partial"
         call.prompt_tokens = sum(call.item_tokens)
@@ -433,8 +441,17 @@ class Pipeline:
             missing = set(positions)
             foreign += [p for p in range(len(req.items)) if p not in missing and len(call.vectors[p] or b"") != width]
         if foreign:
-            again = await self._embed(call, sorted(foreign), [self._router.resolve(served)])
-            self._take(call, sorted(foreign), again)
+            first: dict[str, int] = {}  # an item repeated in the batch is embedded again once
+            for p in sorted(set(foreign)):
+                first.setdefault(call.cache_keys[p], p)
+            unique = list(first.values())
+            again = await self._embed(call, unique, [self._router.resolve(served)])
+            self._take(call, unique, again)
+            for p in foreign:
+                q = first[call.cache_keys[p]]
+                if q != p:
+                    call.vectors[p], call.b64[p] = call.vectors[q], call.b64[q]
+                    call.item_tokens[p] = call.item_tokens[q]
             fetched_here.update(foreign)
         fresh = sorted(fetched_here)
         if fresh:
