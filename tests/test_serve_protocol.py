@@ -126,6 +126,7 @@ _ODD_ANSWERS: dict[str, tuple[int, list[tuple[bytes, bytes]], Any]] = {
     "/bytearray-body": (200, [(b"content-length", b"2")], bytearray(b"ok")),
     "/memoryview-body": (200, [(b"content-length", b"2")], memoryview(b"ok")),
     "/status-42": (42, [(b"content-length", b"2")], b"ok"),
+    "/status-103": (103, [], b"ok"),
 }
 
 
@@ -337,6 +338,15 @@ def test_a_request_head_over_64_kib_is_a_431(both: tuple[int, int]) -> None:
     near = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 60_000 + b"\r\n\r\n"
     [(status, _, _)], _ = exchange(ours, near, 1)
     assert status == 200
+    # a head within the limit in many small writes (measured as more than its bytes, it was refused)
+    many = b"GET /echo HTTP/1.1\r\nHost: x\r\n" + b"x:y\r\n" * 11_460 + b"\r\n"
+    client = Client(ours)
+    try:
+        for i in range(0, len(many), 1024):
+            client.send(many[i : i + 1024])
+        assert client.response()[0] == 200
+    finally:
+        client.close()
     # in one read too (the read a head began in was not counted: heads of up to ~256 KiB were served)
     over = near.replace(b"a" * 60_000, b"a" * 100_000)
     [(status, _, _)], _ = exchange(ours, over, 1)
@@ -385,11 +395,57 @@ def test_a_head_refused_behind_pipelined_requests_is_never_read_on(both: tuple[i
         sender.join(5)
 
 
-def test_a_status_outside_100_to_599_is_a_500(both: tuple[int, int]) -> None:
-    # It went out as the status line "HTTP/1.1 42 ".
+def test_a_status_outside_200_to_599_is_a_500(both: tuple[int, int]) -> None:
+    # 42 went out as the status line "HTTP/1.1 42 "; an interim 103 as the final answer, with a body a client
+    # then read as the next answer's head.
     ours, _ = both
-    [(status, _, _)], _ = exchange(ours, b"GET /status-42 HTTP/1.1\r\nHost: x\r\n\r\n", 1)
-    assert status == 500
+    for path in (b"/status-42", b"/status-103"):
+        [(status, _, _)], _ = exchange(ours, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path, 1)
+        assert status == 500, path
+
+
+def test_an_http_0_9_request_gets_no_chunked_answer(both: tuple[int, int]) -> None:
+    ours, _ = both
+    # One came chunked (RFC 9112 forbids Transfer-Encoding to a request that is not HTTP/1.1 or later).
+    client = Client(ours)
+    try:
+        client.send(b"GET /chunked\r\n\r\n")
+        while client._fill():  # all the server sends, until it closes
+            pass
+    finally:
+        client.close()
+    assert client.buf.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding" not in client.buf.lower()
+
+
+def test_a_client_leaving_behind_a_pipelined_request_is_seen_by_the_one_answered(both: tuple[int, int]) -> None:
+    # The pipelined request paused reading, so the client's leaving was never read: the request being answered
+    # waited for ever, and so did the connection (and a graceful shutdown).
+    ours, _ = both
+    EVENTS.clear()
+    client = Client(ours)
+    client.send(b"POST /wait-disconnect HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    deadline = time.monotonic() + 5
+    while ("waiting", "/wait-disconnect") not in EVENTS:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.1)
+    client.close()
+    while ("http.disconnect", "/wait-disconnect") not in EVENTS:
+        assert time.monotonic() < deadline, EVENTS
+        time.sleep(0.01)
+
+
+def test_trailers_are_not_merged_into_the_headers_and_count_against_the_limit(both: tuple[int, int]) -> None:
+    # A chunked body's trailers were added to the request's headers (RFC 9110 forbids it), without a bound.
+    ours, _ = both
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+    [(status, _, body)], _ = exchange(ours, head + b"X-Trailer: injected\r\n\r\n", 1)
+    assert status == 200
+    assert "x-trailer" not in dict(orjson.loads(body)["headers"])
+    [(status, _, _)], _ = exchange(ours, head + b"X-Trailer: " + b"a" * 100_000 + b"\r\n\r\n", 1)
+    assert status == 431
 
 
 def test_requests_arrive_whole_and_answers_carry_uvicorns_headers(both: tuple[int, int]) -> None:

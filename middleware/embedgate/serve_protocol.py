@@ -53,6 +53,8 @@ HIGH_WATER: Final = HIGH_WATER_LIMIT  # request body bytes held before reading p
 #: The largest request head (request line and headers) read: a larger one is a 431 (llhttp holds it all in memory,
 #: and a client could send gigabytes of one header). Node's limit is 16 KiB, nginx's 32 KiB by default.
 MAX_HEAD_BYTES: Final = 64 * 1024
+#: Requests read ahead, pipelined behind the one being answered, before reading pauses.
+MAX_PIPELINED: Final = 8
 # A request's body that stops coming, or an answer the client stops reading, for this long: the connection is
 # dropped (nginx's client_body_timeout and send_timeout; uvicorn's protocol waits for ever). Not Final: tests set it.
 STALL_TIMEOUT_S = 60.0
@@ -323,6 +325,13 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            # A trailer of a chunked body: not merged into the request's headers (RFC 9110, 6.5.1), and counted
+            # against the head's limit (a client could send gigabytes of one).
+            self.head_bytes += len(name) + len(value) + 3
+            if self.head_bytes > MAX_HEAD_BYTES:
+                raise _HeadTooLarge
+            return
         name = name.lower()
         value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace, which is not part of the value (RFC 9110)
         if name == b"expect" and value.lower() == b"100-continue":
@@ -331,7 +340,9 @@ class GatewayHttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         if self.head_feed != self.feeds or self.read_len > MAX_HEAD_BYTES:  # a head that may be over the limit
-            size = len(self.url) + sum([len(name) + len(value) + 4 for name, value in self.headers])
+            # At least its bytes ("name:value" and CRLF; the blanks around a value, dropped by the parser, aside):
+            # a head within the limit is never refused, however it arrives.
+            size = len(self.url) + sum([len(name) + len(value) + 3 for name, value in self.headers])
             if size > MAX_HEAD_BYTES:
                 raise _HeadTooLarge  # stops the parser: a 431 (see data_received), for a request with no cycle
         self.in_head = False
@@ -377,8 +388,11 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if previous is None or previous.complete:
             self._start(cycle, app)
         else:  # pipelined behind an answer still being written: it waits its turn
-            self.pause_reading()
             self.pipeline.appendleft((cycle, app))
+            # Read on for a few: a client that leaves is seen (the request being answered learns it), which a
+            # paused transport would not tell.
+            if len(self.pipeline) >= MAX_PIPELINED:
+                self.pause_reading()
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
@@ -506,7 +520,7 @@ class RequestCycle:
         self.keep_alive = keep_alive
         self.waiting_for_continue = expect_continue
         self.head_request = scope["method"] == "HEAD"
-        self.http10 = scope["http_version"] == "1.0"  # no chunked answers: the close ends the body
+        self.http10 = scope["http_version"] != "1.1"  # no chunked answers (1.0, 0.9): the close ends the body
         self.body: list[bytes] = []
         self.body_size = 0
         self.more_body = True
@@ -638,8 +652,10 @@ class RequestCycle:
 
     def _head(self, status: int, headers: Any) -> bytes:
         line = STATUS_LINE.get(status)
-        if line is None:
-            if type(status) is not int or not 100 <= status <= 599:  # a 500 instead (the head is not sent yet)
+        if line is None or status < 200:
+            # A 500 instead (the head is not sent yet): no status line for it, or an interim one (1xx), which
+            # cannot end a request (RFC 9110, 15.2).
+            if type(status) is not int or not 200 <= status <= 599:
                 raise RuntimeError(f"Invalid HTTP status code {status!r} in the response.")
             line = b"HTTP/1.1 %d \r\n" % status
         out = [line]
@@ -669,14 +685,17 @@ class RequestCycle:
             out.append(b": ")
             out.append(value)
             out.append(b"\r\n")
-        if not self.keep_alive and not closing:
-            out.append(_CLOSE)
-            lines += 1
         if status in _NO_BODY_STATUS:
             length, chunked = 0, False  # a body would be read as the next answer: refused, as uvicorn does
-        elif length < 0 and not chunked and not self.head_request and not self.http10:
-            chunked = True
-            out.append(_CHUNKED)
+        elif length < 0 and not chunked and not self.head_request:
+            if self.http10:
+                self.keep_alive = False  # the close ends the body
+            else:
+                chunked = True
+                out.append(_CHUNKED)
+                lines += 1
+        if not self.keep_alive and not closing:
+            out.append(_CLOSE)
             lines += 1
         out.append(b"\r\n")
         head = b"".join(out)
