@@ -304,6 +304,27 @@ async def test_a_wall_clock_stepped_back_does_not_fail_redis_reserves(
 
 
 @pytest.mark.anyio
+async def test_a_slow_read_of_redis_s_clock_never_makes_the_reserve_deadline_late(
+    redis_store: tuple[RedisBudgetStore, aioredis.Redis, str],
+) -> None:
+    # Redis stalled, then answered TIME as it resumed: the offset, taken at the middle of the wait, was half the
+    # wait too large, and for a minute a reserve the client had been refused (503) still counted when it ran.
+    store, client, _ = redis_store
+    execute = store._redis.execute
+
+    async def stalled_then_answered(*args: Any) -> Any:
+        if args[0] == "TIME":
+            await asyncio.sleep(0.4)  # Redis reads its clock at the end of the wait
+        return await execute(*args)
+
+    store._redis.execute = stalled_then_answered  # type: ignore[method-assign]
+    deadline = await store._deadline()
+    seconds, micros = await client.time()
+    redis_now_ms = seconds * 1000 + micros / 1000
+    assert deadline <= redis_now_ms + 0.8 * 1000 + 20  # at most the store's wait (0.8 of its 1 s timeout)
+
+
+@pytest.mark.anyio
 async def test_index_ids_past_their_time_leave_redis(anyio_backend: str) -> None:
     url = require_redis()
     prefix = f"eg:b:test:{uuid.uuid4().hex}:"

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -99,6 +100,59 @@ async def test_user_password_and_database_from_the_url() -> None:
     finally:
         await admin.execute("ACL", "DELUSER", user)
         await admin.aclose()
+
+
+async def test_an_empty_password_is_none_and_a_user_without_one_is_authenticated() -> None:
+    # "redis://:@host" (a template's empty password) sent AUTH "" and every command failed, where redis-py (the
+    # identities' client, on the same URL) connected; a user without a password was not authenticated at all.
+    url = require_redis()
+    host = url.split("//", 1)[1].split("/", 1)[0]
+    assert parse_url(f"redis://:@{host}/0").password is None
+    empty = LeanRedis(f"redis://:@{host}/0")
+    try:
+        assert await empty.execute("PING") == b"PONG"
+    finally:
+        await empty.aclose()
+    admin = LeanRedis(url)
+    user = f"eg-test-{uuid.uuid4().hex[:8]}"
+    await admin.execute("ACL", "SETUSER", user, "on", "nopass", "~*", "+@all")
+    try:
+        alone = LeanRedis(f"redis://{user}@{host}/0")
+        try:
+            assert await alone.execute("ACL", "WHOAMI") == user.encode()
+        finally:
+            await alone.aclose()
+    finally:
+        await admin.execute("ACL", "DELUSER", user)
+        await admin.aclose()
+
+
+async def test_a_connect_left_by_a_cancelled_caller_is_not_the_next_callers() -> None:
+    # The cancelled caller's connect went on, failed (its AUTH unanswered), and the next command, Redis answering
+    # again, was handed that old TimeoutError.
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 1:
+            await asyncio.sleep(2)  # the first connection never answers its AUTH
+            return
+        while data := await reader.read(65536):
+            writer.write(b"+OK\r\n" * data.count(b"*"))  # one answer for each command
+            await writer.drain()
+
+    server = await _server(handle)
+    port = server.sockets[0].getsockname()[1]
+    client = LeanRedis(f"redis://:secret@127.0.0.1:{port}/0", timeout=0.3)
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.execute("PING"), 0.05)  # cancelled while it connects
+        await asyncio.sleep(0.5)  # that connect times out meanwhile
+        assert await client.execute("PING") == b"OK"
+    finally:
+        await client.aclose()
+        server.close()
 
 
 async def _server(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], object]) -> asyncio.Server:
@@ -270,7 +324,7 @@ async def test_replies_cut_anywhere_reach_their_callers_in_order() -> None:
 
 def test_a_unix_socket_url_with_a_database(tmp_path: Path) -> None:
     require_programs("redis-server")  # a private instance, on a unix socket
-    sock = tmp_path / "redis.sock"
+    sock = tmp_path / "my redis.sock"  # percent-encoded in the URL, as redis-py reads it (it was not decoded)
     command = ["redis-server", "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"]
     server = subprocess.Popen([*command, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -279,7 +333,7 @@ def test_a_unix_socket_url_with_a_database(tmp_path: Path) -> None:
             time.sleep(0.05)
 
         async def check() -> None:
-            client = LeanRedis(f"unix://{sock}?db=2")
+            client = LeanRedis(f"unix://{quote(str(sock))}?db=2")
             try:
                 assert b"db=2" in await client.execute("CLIENT", "INFO")
                 assert await client.execute("PING") == b"PONG"
@@ -355,6 +409,10 @@ def test_tls_with_the_url_s_ca_file_or_without_verification(tmp_path: Path) -> N
         ("redis://127.0.0.1:6379?db=6", 6),
         ("redis://127.0.0.1:6379", 0),
         ("unix:///run/redis.sock?db=2", 2),
+        # a blank db (a template's empty variable) is none, and the first of two counts: the path's 3 was lost
+        # (budgets and the cache in db 0, identities in db 3), and the second db was taken
+        ("redis://127.0.0.1:6379/3?db=", 3),
+        ("redis://127.0.0.1:6379/0?db=1&db=2", 1),
     ],
 )
 def test_the_database_is_read_as_redis_py_reads_it(url: str, db: int) -> None:

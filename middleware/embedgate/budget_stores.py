@@ -320,6 +320,7 @@ def _mark(log_: _Window, limit: int) -> int | None:
 _SCAN_COUNT: Final = 1000  # set members read per ZSCAN step (each step is one bounded Redis command)
 _MAX_SCAN_STEPS: Final = 1000
 _CLOCK_READ_MS: Final = 60_000  # how often Redis's clock is read again (for the reserve's deadline)
+_CLOCK_READ_MAX_RTT_MS: Final = 20  # a TIME answer slower than this is not trusted for the offset (see _deadline)
 
 # KEYS: n counters, m windows, k index sets (sorted sets: id -> listed until, ms). ARGV: n, m, k, now_ms, window_ms,
 # member, then amount, limit, ttl per counter, limit per window, id and until per index set, NEVER_MS, and last the
@@ -478,8 +479,16 @@ class RedisBudgetStore:
             except (RespError, OSError, TimeoutError) as exc:
                 raise BudgetStoreError(f"{type(exc).__name__}: {exc}") from exc
             after = time.monotonic() * 1000
-            self._offset_ms = int(seconds) * 1000 + int(micros) / 1000 - (now + after) / 2
-            self._offset_read_at = now = after
+            redis_ms = int(seconds) * 1000 + int(micros) / 1000
+            if after - now <= _CLOCK_READ_MAX_RTT_MS:
+                self._offset_ms = redis_ms - (now + after) / 2
+                self._offset_read_at = after
+            elif self._offset_read_at == -math.inf:
+                # A slow first answer (Redis stalled): Redis read its clock anywhere within the wait, at the end
+                # at the latest. Taken as the end, the deadline can only come early (a late reserve refused), never
+                # late (one the client was refused, still charged); read again by the next reserve.
+                self._offset_ms = redis_ms - after
+            now = after
         return int(now + self._offset_ms + 0.8 * self._timeout_ms)
 
     async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int) -> None:

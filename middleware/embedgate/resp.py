@@ -279,18 +279,18 @@ def parse_url(url: str) -> RedisAddress:
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
-    query = parse_qs(parts.query, keep_blank_values=True)
+    query = parse_qs(parts.query)  # as redis-py: a blank value is none, and the first of a repeated one counts
     allowed = {"db", "ssl_cert_reqs", "ssl_ca_certs"} if parts.scheme == "rediss" else {"db"}
     for name in query:
         if name not in allowed:
             raise ValueError(f"the Redis URL option {name!r} is not supported (only {', '.join(sorted(allowed))})")
     # The query's db wins over the path's, as redis-py reads it (the identity store's client is redis-py's: two
     # readings put budgets and identities in two databases).
-    db = query["db"][-1] if "db" in query else parts.path.lstrip("/") if parts.scheme != "unix" else ""
+    db = query["db"][0] if "db" in query else parts.path.lstrip("/") if parts.scheme != "unix" else ""
     db = db or "0"
     if not (db.isascii() and db.isdigit()):
         raise ValueError("the Redis database in the URL must be a number")
-    cert_reqs = query.get("ssl_cert_reqs", ["required"])[-1].lower()
+    cert_reqs = query.get("ssl_cert_reqs", ["required"])[0].lower()
     if cert_reqs not in _CERT_REQS:
         raise ValueError("ssl_cert_reqs in the Redis URL must be required, optional or none")
     if parts.scheme == "unix" and not parts.path:
@@ -300,16 +300,22 @@ def parse_url(url: str) -> RedisAddress:
     except ValueError:
         raise ValueError("the Redis port in the URL must be a number from 1 to 65535") from None
     return RedisAddress(
-        host=parts.hostname or "localhost",
+        host=unquote(parts.hostname) if parts.hostname else "localhost",
         port=port,
-        unix_path=parts.path if parts.scheme == "unix" else None,
+        unix_path=unquote(parts.path) if parts.scheme == "unix" else None,
         db=int(db),
+        # as redis-py: an empty user or password is none (redis://:@host, a template's empty variable)
         username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
+        password=unquote(parts.password) if parts.password else None,
         tls=parts.scheme == "rediss",
         cert_reqs=_CERT_REQS[cert_reqs],
-        ca_file=query["ssl_ca_certs"][-1] if "ssl_ca_certs" in query else None,
+        ca_file=query["ssl_ca_certs"][0] if "ssl_ca_certs" in query else None,
     )
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _tls_context(address: RedisAddress) -> ssl.SSLContext:
@@ -347,11 +353,17 @@ class LeanRedis:
         futures = pipe.call_many([pack(c) for c in commands])
         replies: list[Any] = []
         failure: BaseException | None = None
-        for future in futures:
-            try:
-                replies.append(await future)
-            except (RespError, OSError, TimeoutError) as exc:
-                failure = failure or exc
+        try:
+            for future in futures:
+                try:
+                    replies.append(await future)
+                except (RespError, OSError, TimeoutError) as exc:
+                    failure = failure or exc
+        except BaseException:  # cancelled: the replies still to come are nobody's (no "never retrieved" noise)
+            for future in futures:
+                if not future.done():
+                    future.add_done_callback(_retrieved)
+            raise
         if failure is not None:
             raise failure
         return replies
@@ -378,6 +390,13 @@ class LeanRedis:
         if self._closed:
             raise ConnectionError("the Redis client was closed")
         loop = asyncio.get_running_loop()
+        stale = self._connecting
+        if stale is not None and stale.done():
+            # Left by a caller cancelled while it connected: its pipe has closed since (else it would be in use)
+            # or it failed then; either way an old outcome, not this call's.
+            self._connecting = None
+            if not stale.cancelled():
+                stale.exception()  # retrieved: no "never retrieved" warning at its collection
         if self._connecting is None or self._connecting.get_loop() is not loop:  # one connect for every caller
             if self._pipe is not None and self._pipe.loop is not loop:
                 self._pipe.close()  # opened under another event loop (a test's, a reloaded app's)
@@ -400,9 +419,11 @@ class LeanRedis:
                 _, pipe = await loop.create_connection(lambda: _Pipe(loop, self._timeout), address.host,
                                                        address.port, ssl=tls)  # fmt: skip
             try:
-                if address.password is not None:
-                    user = address.username
-                    await pipe.call(pack(("AUTH", user, address.password) if user else ("AUTH", address.password)))
+                user, password = address.username, address.password
+                if user is not None:  # an ACL user, with its password or none (a nopass user takes any)
+                    await pipe.call(pack(("AUTH", user, password or "")))
+                elif password is not None:
+                    await pipe.call(pack(("AUTH", password)))
                 if address.db:
                     await pipe.call(pack(("SELECT", address.db)))
             except BaseException:
