@@ -37,6 +37,7 @@ from embedgate.budgets import (
 from embedgate.config import BudgetConfig
 from embedgate.errors import BudgetExceeded
 from embedgate.identities import IdentityStore, MemoryIdentityStore, RedisIdentityStore
+from embedgate.resp import parse_url
 from tests.budget_util import T0, Clock
 from tests.redis_util import ThrowawayRedis, require_programs, require_redis
 
@@ -304,24 +305,43 @@ async def test_a_wall_clock_stepped_back_does_not_fail_redis_reserves(
 
 
 @pytest.mark.anyio
-async def test_a_slow_read_of_redis_s_clock_never_makes_the_reserve_deadline_late(
-    redis_store: tuple[RedisBudgetStore, aioredis.Redis, str],
-) -> None:
+async def test_a_slow_read_of_redis_s_clock_never_makes_the_reserve_deadline_late(anyio_backend: str) -> None:
     # Redis stalled, then answered TIME as it resumed: the offset, taken at the middle of the wait, was half the
     # wait too large, and for a minute a reserve the client had been refused (503) still counted when it ran.
-    store, client, _ = redis_store
-    execute = store._redis.execute
+    url = require_redis()
+    address = parse_url(url)
 
-    async def stalled_then_answered(*args: Any) -> Any:
-        if args[0] == "TIME":
-            await asyncio.sleep(0.4)  # Redis reads its clock at the end of the wait
-        return await execute(*args)
+    async def stalling_proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(address.host, address.port)
 
-    store._redis.execute = stalled_then_answered  # type: ignore[method-assign]
-    deadline = await store._deadline()
-    seconds, micros = await client.time()
-    redis_now_ms = seconds * 1000 + micros / 1000
-    assert deadline <= redis_now_ms + 0.8 * 1000 + 20  # at most the store's wait (0.8 of its 1 s timeout)
+        async def to_redis() -> None:
+            while data := await reader.read(65536):
+                if b"TIME" in data:
+                    await asyncio.sleep(0.4)  # Redis reads its clock at the end of the wait
+                upstream_writer.write(data)
+                await upstream_writer.drain()
+            upstream_writer.close()
+
+        async def from_redis() -> None:
+            while data := await upstream_reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        await asyncio.gather(to_redis(), from_redis(), return_exceptions=True)
+
+    proxy = await asyncio.start_server(stalling_proxy, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    store = RedisBudgetStore(f"redis://127.0.0.1:{port}/{address.db}", prefix=f"eg:b:test:{uuid.uuid4().hex}:")
+    client = aioredis.Redis.from_url(url)
+    try:
+        deadline = await store._deadline()
+        seconds, micros = await client.time()
+    finally:
+        await store.aclose()
+        await client.aclose()
+        proxy.close()
+    assert deadline <= seconds * 1000 + micros / 1000 + 0.8 * 1000 + 20  # the store's wait: 0.8 of its 1 s timeout
 
 
 @pytest.mark.anyio
