@@ -413,13 +413,14 @@ TOKEN_BUDGET = {"scope": "api_key", "target": "team-a", "period": "daily", "toke
     ("usage", "charged"),
     [
         ({"prompt_tokens": 5, "total_tokens": 5}, 5),  # what the upstream counted, within the bound
+        ({"total_tokens": 5}, 5),  # the total alone: an embedding's tokens are all prompt tokens (was the estimate)
         (None, ESTIMATE),  # no usage: the estimate, not nothing
         ({"prompt_tokens": 0, "total_tokens": 0}, ESTIMATE),  # fewer than one token an input
         ({"prompt_tokens": "12"}, ESTIMATE),
         ({"prompt_tokens": 1e30, "total_tokens": 1e30}, ESTIMATE),  # was a 500, and the budget never settled
         ({"prompt_tokens": 10**15, "total_tokens": 10**15}, ESTIMATE),  # would have used up the day's budget
     ],
-    ids=["counted", "missing", "zero", "string", "float-1e30", "beyond-the-estimate"],
+    ids=["counted", "total-only", "missing", "zero", "string", "float-1e30", "beyond-the-estimate"],
 )
 async def test_an_upstream_token_count_is_charged_only_within_the_estimate(
     upstream: FakeUpstream, usage: Any, charged: int
@@ -449,6 +450,17 @@ async def test_a_retry_after_that_is_no_wait_leaves_the_backoff_to_apply(upstrea
         r, elapsed = await timed_post(c, body_for())
     assert_served(r, PRIMARY, PRIMARY_UP)
     assert 0.225 <= elapsed < 1.5  # the 300 ms backoff, +-25%
+
+
+@pytest.mark.anyio
+async def test_an_upstream_s_retry_after_reaches_the_client_when_it_fails(upstream: FakeUpstream) -> None:
+    # The upstream asked to wait 7 s; the client's 502 said nothing, and its SDK retried after 0.5 s and 1 s into
+    # the same rate limit.
+    upstream.script.append(Fault("status", 429, retry_after=7, model=PRIMARY_UP))
+    async with running(routing_config(upstream)) as (c, _):
+        r, _ = await timed_post(c, body_for(retry=0))
+    assert r.status_code == 502
+    assert r.headers["retry-after"] == "7"
 
 
 @pytest.mark.anyio

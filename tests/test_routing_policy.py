@@ -462,6 +462,8 @@ async def test_every_breaker_open_is_503_without_calling_upstream(upstream: Fake
         r = await post(c, body)
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "no_upstream_available"
+        # when to come back: the cooldown's end (SDKs retried within it, on their own short backoff)
+        assert 59 <= int(r.headers["retry-after"]) <= 60
         assert len(upstream.calls) == 1
         assert (await readyz(c))["local/embed-small"]["state"] == "open"
         # A fallback still serves while the primary cools down.

@@ -35,6 +35,7 @@ The policy, in one place (README "Routing" says the same):
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -365,6 +366,11 @@ class Router:
         except GatewayError as err:
             err.attempts = attempts.count  # a failed request made attempts too: its logs and spans say how many
             err.spent = list(attempts.spent)  # and may have been paid for, in part
+            wait = getattr(err, "retry_after_s", None)
+            if wait is not None and "retry-after" not in err.headers:
+                # The upstream's own Retry-After (a 429, a 503), capped as the router caps it: the client's SDK
+                # waits that long before it retries, instead of its own short backoff into the same refusal.
+                err.headers["retry-after"] = str(max(1, math.ceil(min(wait, self._routing.max_retry_after_ms / 1000))))
             raise
 
     async def _serve_model(
@@ -533,8 +539,9 @@ class Router:
             if picked is None:
                 if last is None:
                     attempts.skipped.append(f"{model.id}: every deployment's circuit breaker is open")
-                    raise _ModelFailed(Unavailable(f"Every deployment of '{model.id}' is cooling down"), True,
-                                       cooling=True)  # fmt: skip
+                    cooling = Unavailable(f"Every deployment of '{model.id}' is cooling down",
+                                          headers={"retry-after": str(self._cooldown_left(deployments))})  # fmt: skip
+                    raise _ModelFailed(cooling, True, cooling=True)
                 break
             index, probe = picked
             deployment = deployments[index]
@@ -672,6 +679,16 @@ class Router:
             f"answers {seen.known}",
             code="upstream_malformed",
         )
+
+    def _cooldown_left(self, deployments: list[Deployment]) -> int:
+        """Whole seconds (at least 1) until the first of ``deployments`` may be tried again."""
+        now = self._clock()
+        left = math.inf
+        for d in deployments:
+            b = self.breakers.get(_deployment_id(d))
+            if b is not None and b.open_until > now:
+                left = min(left, b.open_until - now)
+        return max(1, math.ceil(left)) if left < math.inf else 1
 
     def _cooling(self, deployments: list[Deployment]) -> bool:
         """Whether no deployment's circuit breaker is closed (each open, or half-open for one probe)."""

@@ -82,7 +82,8 @@ def read_answer(content: bytes | bytearray, n_items: int, dimensions: int | None
     total = count(usage.get("total_tokens"))
     named = data.get("model")
     model = named[:256] if type(named) is str and named else None
-    return whole, b64, dims, prompt, total if total >= 0 else prompt, model
+    # an embedding's tokens are all prompt tokens: an upstream that gives only the total gave them
+    return whole, b64, dims, prompt if prompt >= 0 else total, total if total >= 0 else prompt, model
 
 
 _F32: Final = dtype("<f4")
