@@ -64,6 +64,14 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
     ("input-token-above-uint32", body(input=[2**32]), {}, 400, "input[0]", None),
     ("input-bad-multimodal", body(input=[{"content": [{"type": "audio"}]}]), {}, 400, "input[0].content[0].type", None),
     (
+        "input-media-without-data",
+        body(input=[{"content": [{"type": "input_audio", "input_audio": {"format": "wav"}}]}]),
+        {},
+        400,
+        "input[0].content[0].input_audio.data",
+        None,
+    ),
+    (
         "input-multimodal-no-provider",
         body(input=[{"content": [{"type": "text", "text": "hi"}]}]),
         {},

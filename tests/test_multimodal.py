@@ -20,6 +20,14 @@ ITEMS = [
             {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
         ]
     },
+    # the media parts OpenRouter's SDK types besides images (they were 400s)
+    {"content": [{"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]},
+    {
+        "content": [
+            {"type": "input_video", "input_video": {"data": "https://x/v.mp4"}},
+            {"type": "input_file", "input_file": {"data": "JVBERi0=", "format": "pdf"}},
+        ]
+    },
 ]
 
 

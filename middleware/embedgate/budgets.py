@@ -103,8 +103,8 @@ def estimate_tokens(items: str | Iterable[Any], *, image_tokens: int = IMAGE_TOK
       bytes), so the byte length bounds the text's tokens; the allowance covers BOS/EOS some models add.
     - a token-id list: its exact length.
     - a multimodal item (``{"content": [{"type": "text", ...} | {"type": "image_url", ...}]}``): the text
-      parts as strings, plus ``image_tokens`` per image (an allowance, not a bound: settle charges the real
-      count).
+      parts as strings, plus ``image_tokens`` per image (or audio, video or file part; an allowance, not a bound:
+      settle charges the real count).
 
     ``items`` is a request's input: one string, one token-id list, or a sequence of items.
     """
@@ -136,8 +136,8 @@ def _item_tokens(item: Any, image_tokens: int) -> int:
                 continue
             if part.get("type") == "text" and isinstance(part.get("text"), str):
                 total += len(part["text"].encode()) + SPECIAL_TOKENS_PER_ITEM
-            elif part.get("type") == "image_url":
-                total += image_tokens
+            elif part.get("type") in ("image_url", "input_audio", "input_video", "input_file"):
+                total += image_tokens  # an allowance per media part
         return total
     if isinstance(item, list | tuple):
         return len(item)

@@ -44,6 +44,8 @@ _PROVIDER_FIELDS: Final = frozenset(
 )  # fmt: skip
 _SORTS: Final = ("price", "latency", "throughput", "exacto")
 _SORT_FIELDS: Final = frozenset({"by", "partition"})
+#: The media parts of OpenRouter's multimodal input besides images (its SDK types them), forwarded as they came.
+_MEDIA_PARTS: Final = frozenset({"input_audio", "input_video", "input_file"})
 #: ``provider.max_price``'s fields and what each price is for, as OpenRouter documents them.
 _MAX_PRICE_UNITS: Final = {"prompt": "per million tokens", "completion": "per million tokens", "image": "per image",
                            "audio": "per audio unit", "request": "per request"}  # fmt: skip
@@ -300,8 +302,15 @@ def _multimodal(v: Any, param: str) -> dict[str, Any]:
             _str(img.get("url"), f"{p}.image_url.url", nonempty=True)
             if img.get("detail") is not None:  # forwarded upstream: a string, as OpenRouter's API types it
                 _str(img["detail"], f"{p}.image_url.detail")
+        elif kind in _MEDIA_PARTS:  # {"type": "input_audio", "input_audio": {"data", "format"?}}, as OpenRouter's SDK
+            _obj(part, p, frozenset({"type", kind}), True)
+            media = _obj(part.get(kind), f"{p}.{kind}", frozenset({"data", "format"}), True)
+            _str(media.get("data"), f"{p}.{kind}.data", nonempty=True)
+            if media.get("format") is not None:
+                _str(media["format"], f"{p}.{kind}.format")
         else:
-            raise _bad(f"{p}.type", f"expected 'text' or 'image_url', got {_shown(kind)}"[:200])
+            raise _bad(f"{p}.type", "expected 'text', 'image_url', 'input_audio', 'input_video' or 'input_file', "
+                       f"got {_shown(kind)}"[:200])  # fmt: skip
     return v
 
 
