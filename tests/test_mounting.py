@@ -7,12 +7,16 @@ from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
 import httpx
+import orjson
 import pytest
+import structlog
 from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
+from structlog.testing import capture_logs
 
 from embedgate import EmbeddingGateway
 from embedgate.config import Config
+from embedgate.logs import REQUEST_TASK
 from tests.conftest import KEY, serve
 from tests.fake_upstream import FakeUpstream
 
@@ -256,3 +260,57 @@ def test_mounted_with_admin_off_the_admin_paths_are_the_hosts(make_config: Calla
     app.add_middleware(EmbeddingGateway, config=make_config())
     with TestClient(app) as client:
         assert client.get("/admin/usage").json() == {"host": "admin"}
+
+
+@pytest.mark.anyio
+async def test_a_host_s_own_body_limit_is_a_413_in_the_route_s_shape(make_config: Callable[..., Config]) -> None:
+    # FastAPI's max_body_size (Starlette's body limit) raises from the host's receive(): the gateway answered a 500
+    # "internal error" and logged a traceback.
+    from starlette.exceptions import HTTPException
+
+    gateway = EmbeddingGateway(FastAPI(), config=make_config())
+
+    async def limited(scope: Any, receive: Any, send: Any) -> None:
+        async def refusing() -> Any:
+            raise HTTPException(status_code=413)
+
+        await gateway(scope, refusing, send)
+
+    with capture_logs() as logs:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(limited), base_url="http://host") as client:
+            r = await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "x"},
+                                  headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+    await gateway.shutdown()
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large"
+    assert not [line for line in logs if line["event"] == "unhandled error"]
+
+
+@pytest.mark.anyio
+async def test_a_host_s_log_bindings_come_back_after_a_request_served_in_a_task_of_its_own(
+    make_config: Callable[..., Config], upstream: FakeUpstream
+) -> None:
+    # Under embedgate's HTTP protocol (a task per request, said by the scope), the mounted gateway bound its ids
+    # for the rest of the task: the host's own request_id was replaced in its later lines.
+    gateway = EmbeddingGateway(FastAPI(), config=make_config())
+    body = orjson.dumps({"model": "local/embed-small", "input": "x"})
+    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "raw_path": b"/v1/embeddings",
+             "query_string": b"", "root_path": "", "http_version": "1.1", "scheme": "http",
+             "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")],
+             "extensions": {REQUEST_TASK: {}}}  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    structlog.contextvars.bind_contextvars(request_id="host-rid", tenant="t1")
+    try:
+        await gateway(scope, receive, send)
+        assert structlog.contextvars.get_contextvars() == {"request_id": "host-rid", "tenant": "t1"}
+    finally:
+        structlog.contextvars.clear_contextvars()
+        await gateway.shutdown()
+    assert sent[0]["status"] == 200

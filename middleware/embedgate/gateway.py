@@ -338,14 +338,21 @@ class EmbeddingGateway:
             cancelled = exc
             error = Unavailable("The gateway stopped before the request was read; retry the request",
                                 code="gateway_stopping")  # fmt: skip
-        except Exception:  # a bug in reading the body: still one answer in the route's shape, and an access line
-            log.exception("unhandled error", request_id=request_id)
-            error = GatewayError("Internal error in the gateway; see its logs for this request id")
+        except Exception as exc:  # a bug in reading the body: still one answer in the route's shape, and an access line
+            if getattr(exc, "status_code", None) == 413:
+                # The host's own body limit (FastAPI's max_body_size, Starlette's), raised by its receive(): the
+                # client's 413, in the route's shape (it was a 500 "internal error", with a traceback logged).
+                error = PayloadTooLarge("The request body is larger than the host app accepts")
+            else:
+                log.exception("unhandled error", request_id=request_id)
+                error = GatewayError("Internal error in the gateway; see its logs for this request id")
         req = call.request
         name = (req.name or f"embeddings {req.model}") if req is not None else "embeddings"
         with self.telemetry.start_request(name, headers=scope["headers"]) as root:
             extensions = scope.get("extensions")
-            own_task = extensions is not None and REQUEST_TASK in extensions
+            # Standalone, the request's task is the gateway's alone; mounted, the host's middlewares run on in it
+            # after the gateway, with their own bindings, which clear_request restores.
+            own_task = self._standalone and extensions is not None and REQUEST_TASK in extensions
             if own_task:  # the bindings end with the request's task: nothing to undo
                 bind_task(request_id=request_id, trace_id=root.trace_id_hex, span_id=root.span_id_hex)
             else:
