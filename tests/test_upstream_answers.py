@@ -171,7 +171,7 @@ async def test_vectors_that_are_not_all_finite_numbers_are_refused(body: bytes, 
         (b'{"prompt_tokens":7.0}', 7, 7),  # integral floats are counts; total falls back to prompt
         (b'{"prompt_tokens":4294967295}', 4294967295, 4294967295),
         (b"null", -1, -1),
-        (b'{"total_tokens":5}', -1, 5),
+        (b'{"total_tokens":5}', 5, 5),  # the total alone: an embedding's tokens are all prompt tokens
         (b'{"prompt_tokens":"12"}', -1, -1),
         (b'{"prompt_tokens":-5}', -1, -1),
         (b'{"prompt_tokens":3.7}', -1, -1),
