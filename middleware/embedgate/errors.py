@@ -17,7 +17,7 @@ Foreign exceptions (httpx, redis) are translated where they happen, in the adapt
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
@@ -61,9 +61,6 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code: str | None = "internal_error"
-    attempts = 0  # upstream attempts made before this error (set by the router), for logs and spans
-    #: Upstream work paid for before this error (set by the router), see :data:`Spent`
-    spent: Sequence[Spent] = ()
 
     def __init__(
         self,

@@ -363,9 +363,7 @@ class Router:
                 reason = "; ".join(attempts.skipped) or "no deployment matches the provider preferences"
                 raise Unavailable(f"No upstream available: {reason}")
             raise attempts.last_error
-        except GatewayError as err:
-            err.attempts = attempts.count  # a failed request made attempts too: its logs and spans say how many
-            err.spent = list(attempts.spent)  # and may have been paid for, in part
+        except GatewayError as err:  # its attempts and what they were paid for: in the caller's ``attempts``
             wait = getattr(err, "retry_after_s", None)
             if wait is not None and "retry-after" not in err.headers:
                 # The upstream's own Retry-After (a 429, a 503), capped as the router caps it: the client's SDK
