@@ -315,6 +315,29 @@ def test_a_malformed_request_pipelined_behind_another_is_answered_after_it(both:
     assert closed
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /echo HTTP/1.1\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET /echo HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+    ],
+    ids=["HTTP/1.1 without a Host", "two Hosts", "two Hosts in HTTP/1.0"],
+)
+def test_a_request_without_exactly_one_host_is_a_400(both: tuple[int, int], head: bytes) -> None:
+    # Served like any other (as uvicorn does): RFC 9112, 3.2 says a server MUST answer 400, since which host it
+    # was meant for is unknown or ambiguous (a cache or a proxy in front may have read the other Host).
+    ours, _ = both
+    [(status, _, body)], closed = exchange(ours, head, 1)
+    assert status == 400 and b"Host" in body and closed
+    # behind a pipelined request: that one answered first
+    responses, closed = exchange(ours, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" + head, 2)
+    assert [status for status, _, _ in responses] == [200, 400] and closed
+    # HTTP/1.0 may go without one
+    [(status, _, _)], _ = exchange(ours, b"GET /echo HTTP/1.0\r\n\r\n", 1)
+    assert status == 200
+
+
 def _until(event: tuple[str, str], deadline: float) -> None:
     """Wait (polling) until the test app has recorded ``event``."""
     while event not in EVENTS:

@@ -135,6 +135,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.expect_continue = False
+        self.hosts = 0  # Host header lines of the request head being read
         self.idle_since = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
         self.stall_timer: asyncio.TimerHandle | None = None
@@ -204,6 +205,9 @@ class GatewayHttpProtocol(asyncio.Protocol):
             if isinstance(exc.__context__, _HeadTooLarge):
                 _log.warning("Request head larger than %d bytes received.", MAX_HEAD_BYTES)
                 self._refuse(431, "Request header fields too large.")
+            elif isinstance(exc.__context__, _BadHost):
+                _log.warning("Request without exactly one Host header received.")
+                self._refuse(400, "A request must have exactly one Host header.")
             else:
                 _log.warning("Invalid HTTP request received.")
                 self._refuse(400, "Invalid HTTP request received.")
@@ -320,6 +324,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.expect_continue = False
+        self.hosts = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -336,6 +341,8 @@ class GatewayHttpProtocol(asyncio.Protocol):
         value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace, which is not part of the value (RFC 9110)
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_continue = True
+        elif name == b"host":
+            self.hosts += 1
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -345,9 +352,11 @@ class GatewayHttpProtocol(asyncio.Protocol):
             size = len(self.url) + sum([len(name) + len(value) + 3 for name, value in self.headers])
             if size > MAX_HEAD_BYTES:
                 raise _HeadTooLarge  # stops the parser: a 431 (see data_received), for a request with no cycle
-        self.in_head = False
         parser = self.parser
         version = parser.get_http_version()
+        if self.hosts != 1 and (self.hosts or version == "1.1"):
+            raise _BadHost  # RFC 9112, 3.2: an HTTP/1.1 request without a Host, or any with two, is a 400
+        self.in_head = False
         url = self.url
         if url[:1] == b"/" and b"?" not in url and b"#" not in url:
             raw_path, query = url, b""
@@ -508,6 +517,10 @@ class GatewayHttpProtocol(asyncio.Protocol):
 
 class _HeadTooLarge(Exception):
     """A request head over ``MAX_HEAD_BYTES``, found once it is whole."""
+
+
+class _BadHost(Exception):
+    """An HTTP/1.1 request head without a Host header, or any request head with more than one."""
 
 
 class RequestCycle:
