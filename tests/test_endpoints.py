@@ -59,6 +59,28 @@ async def test_models_lists_what_the_key_may_use(make_config: Callable[..., Conf
 
 
 @pytest.mark.anyio
+async def test_models_lists_a_provider_to_a_key_granted_some_of_its_models(
+    make_config: Callable[..., Config],
+) -> None:
+    # backup has no model listed: it shows as backup/*, which a key granted "backup/embed-*" did not match (the
+    # list was empty, though that key embeds with backup/embed-small).
+    keys = [
+        {"id": "narrow", "key": KEY, "workspace": "acme", "project": "search", "models": ["backup/embed-*"]},
+        {"id": "sets", "key": OTHER_KEY, "workspace": "acme", "project": "search", "models": ["[!b]ocal/x", "?ack*"]},
+    ]
+    app = gateway(make_config(keys=keys))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        narrow = (await c.get("/v1/models", headers={"authorization": f"Bearer {KEY}"})).json()
+        assert [m["id"] for m in narrow["data"]] == ["backup/*"]
+        r = await c.post("/v1/embeddings", json={"model": "backup/embed-small", "input": "hi"},
+                         headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.status_code != 403
+        sets = (await c.get("/v1/models", headers={"authorization": f"Bearer {OTHER_KEY}"})).json()
+        assert [m["id"] for m in sets["data"]] == ["backup/*"]  # "[!b]ocal/x" grants local/x, not listed
+    await app.shutdown()
+
+
+@pytest.mark.anyio
 async def test_standalone_startup_freezes_its_objects_out_of_the_gc_and_mounted_does_not(
     make_config: Callable[..., Config],
 ) -> None:

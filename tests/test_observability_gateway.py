@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +21,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+import redis
 import structlog
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -30,6 +34,7 @@ from embedgate.config import Config, parse_config
 from embedgate.telemetry import ALLOWED_ATTRIBUTES
 from tests.conftest import KEY, OTHER_KEY, config_dict
 from tests.fake_upstream import FakeUpstream, Fault, tokens_of
+from tests.redis_util import require_redis
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -507,6 +512,40 @@ async def test_host_log_lines_carry_the_request_ids_only_within_a_gateway_reques
     assert route["path"] == "/host/page"
     assert "request_id" not in route and "trace_id" not in route and "span_id" not in route and "key_id" not in route
     assert "request_id" not in structlog.contextvars.get_contextvars()
+
+
+@pytest.mark.anyio
+async def test_the_access_lines_latency_ends_when_the_answer_is_sent_not_after_the_settle(
+    upstream: FakeUpstream, provider: TracerProvider, host_log: io.StringIO
+) -> None:
+    # The settle (a Redis round trip) runs after the answer is sent, but the latency was taken after it: a stalled
+    # Redis (up to the store's timeout, on every request) showed in the access line as latency no client saw.
+    redis_url = require_redis()
+    workspace = f"ws-latency-{uuid.uuid4().hex[:12]}"
+    keys = [{"id": "team-a", "key": KEY, "workspace": workspace, "project": "search"}]
+    budgets = [{"scope": "workspace", "target": workspace, "token_limit": 1_000_000}]
+    config = make_config(upstream, redis_url=redis_url, keys=keys, budgets=budgets)
+    redis_client = redis.Redis.from_url(redis_url)
+    upstream.script.append(Fault("slow", delay=0.4))
+    # While the upstream call runs (the reserve made), Redis holds every write (the settle's script) for 0.8 s.
+    pause = threading.Timer(0.2, redis_client.execute_command, ("CLIENT", "PAUSE", 800, "WRITE"))
+    try:
+        async with client_for(EmbeddingGateway(host_404, config=config, tracer_provider=provider)) as client:
+            started = time.perf_counter()
+            pause.start()
+            r = await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "hi"}, headers=AUTH)
+            whole = time.perf_counter() - started  # in process, the app returns after its settle
+        assert r.status_code == 200, r.text
+        assert r.headers["x-ratelimit-remaining-tokens"]  # the budget applied
+    finally:
+        pause.join()
+        for key in redis_client.scan_iter(match=f"eg:b:*{workspace}*", count=1000):
+            redis_client.delete(key)
+        redis_client.close()
+    lines = [orjson.loads(line) for line in host_log.getvalue().splitlines()]
+    (line,) = [line for line in lines if line["event"] == "request"]
+    assert whole > 0.9
+    assert 400 <= line["latency_ms"] < 800
 
 
 @pytest.mark.anyio

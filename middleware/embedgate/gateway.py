@@ -9,11 +9,13 @@ mounted, or on the first request when the server runs no lifespan, and close wit
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import gc
 import logging
 import os
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
 
@@ -308,7 +310,7 @@ class EmbeddingGateway:
             out = response_headers(call, len(body), trace_id)
             await send({"type": "http.response.start", "status": err.status, "headers": out})
             await send({"type": "http.response.body", "body": body})
-            account(self.metrics, self._access_log, call, err.status, err)
+            account(self.metrics, self._access_log, call, err.status, err, time.perf_counter())
         return started
 
     async def _embed(self, scope: Scope, receive: Receive, send: Send, dialect: Dialect) -> None:
@@ -391,6 +393,7 @@ class EmbeddingGateway:
                     await send({"type": "http.response.body", "body": body})
                 except BaseException as exc:  # the client went away: finished all the same, then raised
                     send_failed = exc
+                answered = time.perf_counter()  # the access line's latency: the settle below is not the client's
                 # After the answer is on its way (none of this changes it): the budget settle (a store round
                 # trip), the root span's end (it spans the send, as OTel's ASGI middleware's does), metrics and
                 # the access line. Not in a finally block: the build compiles this module, and mypyc's coroutines
@@ -402,7 +405,7 @@ class EmbeddingGateway:
                         log.exception("finishing the request failed", request_id=request_id)
                 annotate(root, call, error)
                 root.end(status, error_type=error.code if error is not None and status >= 500 else None)
-                account(self.metrics, self._access_log, call, status, error)
+                account(self.metrics, self._access_log, call, status, error, answered)
                 if cancelled is not None:
                     raise cancelled
                 if send_failed is not None:
@@ -481,10 +484,12 @@ class EmbeddingGateway:
             return err.status, render_error(err, Dialect.OPENAI), {}
         ids = list(self.config.models)
         ids += [f"{p}/*" for p in self.config.providers if not any(m.startswith(f"{p}/") for m in ids)]
+        keys = self.pipeline.keys
         data = [
             {"id": mid, "object": "model", "created": 0, "owned_by": mid.partition("/")[0]}
             for mid in ids
-            if self.pipeline.keys.allows(key, mid)
+            # A provider without listed models: shown to a key granted any model of it ("openai/te-3-*" too)
+            if keys.allows(key, mid) or (mid.endswith("/*") and _reaches_some(key.models, mid[:-1]))
         ]
         return 200, orjson.dumps({"object": "list", "data": data}), {}
 
@@ -557,6 +562,28 @@ class EmbeddingGateway:
         body = {"status": "ready" if ok else "unavailable", "checks": checks,
                 "deployments": self.router.status() if self.router else {}}  # fmt: skip
         return (200 if ok else 503), orjson.dumps(body), {}
+
+
+def _reaches_some(globs: tuple[str, ...] | None, prefix: str) -> bool:
+    """Whether one of ``globs`` (fnmatch's) matches some name that starts with ``prefix``: whether the glob cut
+    after one of its parts (a character, ``?``, ``*`` or a ``[...]`` set) matches ``prefix`` itself."""
+    if globs is None:
+        return True
+    for glob in globs:
+        parts: list[str] = []
+        i = 0
+        while i < len(glob):
+            end = i + 1
+            if glob[i] == "[":  # a set, to its "]" (one right after "[" or "[!" is a member), else a plain "["
+                j = i + 1 + (glob[i + 1 : i + 2] == "!")
+                close = glob.find("]", j + 1)
+                if close != -1:
+                    end = close + 1
+            parts.append(glob[i:end])
+            i = end
+        if any(fnmatch.fnmatchcase(prefix, "".join(parts[:k])) for k in range(1, len(parts) + 1)):
+            return True
+    return False
 
 
 def _query(scope: Scope) -> dict[str, str]:

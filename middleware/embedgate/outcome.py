@@ -7,7 +7,6 @@ Sync code run on every request, kept apart from the gateway's ASGI entry (both a
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from typing import Final
 
@@ -111,8 +110,9 @@ def annotate(root: RequestSpan, call: Call, error: GatewayError | None) -> None:
     root.set_many(attrs)
 
 
-def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, error: GatewayError | None) -> None:
-    """Metrics and the one access line of the request."""
+def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, error: GatewayError | None,
+            answered: float) -> None:  # fmt: skip
+    """Metrics and the one access line of the request, ``answered`` (``perf_counter``) once its answer was sent."""
     req, key = call.request, call.key
     # Labelled only with a model that resolved (or served): a name that resolved to nothing (a 404) is the client's
     # own string, and spraying such names would use up the metric's label sets (capped, then folded into "other").
@@ -129,7 +129,7 @@ def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, 
     if write_access_line:
         access_log(
             status=status,
-            latency_ms=(time.perf_counter() - call.started) * 1000,  # rounded by access_log
+            latency_ms=(answered - call.started) * 1000,  # rounded by access_log
             route=route,
             key_id=key.id if key is not None else None,
             identity=req.identity["id"] if req is not None and req.identity else None,
