@@ -1,4 +1,5 @@
-"""The GET endpoints: /healthz, /readyz (stores reachable), /v1/models (filtered by the key's grants)."""
+"""The GET endpoints: /healthz, /readyz (stores reachable; not ready only when requests are refused), /v1/models
+(filtered by the key's grants)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from embedgate.config import Config
 from tests.conftest import KEY, OTHER_KEY, gateway
-from tests.fake_upstream import free_port
+from tests.fake_upstream import FakeUpstream, free_port
 
 
 @pytest.mark.anyio
@@ -28,9 +29,13 @@ async def test_health_and_readiness_with_memory_stores(make_config: Callable[...
     await app.shutdown()
 
 
+BUDGET = [{"scope": "api_key", "target": "team-a", "token_limit": 1000}]
+
+
 @pytest.mark.anyio
-async def test_readiness_fails_when_redis_is_unreachable(make_config: Callable[..., Config]) -> None:
-    app = gateway(make_config(redis_url=f"redis://127.0.0.1:{free_port()}/0"))  # nothing listens there
+async def test_readiness_fails_when_the_budget_store_is_unreachable(make_config: Callable[..., Config]) -> None:
+    # budgets fail closed: every request they apply to is a 503, the replica is not ready
+    app = gateway(make_config(redis_url=f"redis://127.0.0.1:{free_port()}/0", budgets=BUDGET))  # nothing there
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
         assert (await c.get("/healthz")).status_code == 200  # alive, but
         r = await c.get("/readyz")
@@ -39,6 +44,33 @@ async def test_readiness_fails_when_redis_is_unreachable(make_config: Callable[.
         assert body["status"] == "unavailable"
         assert body["checks"]["cache"] == {"backend": "redis", "ok": False}
         assert body["checks"]["budgets"] == {"backend": "redis", "ok": False}
+    await app.shutdown()
+
+
+@pytest.mark.parametrize("setting", ["no budget", "fail_open", "the cache's own Redis"])
+@pytest.mark.anyio
+async def test_a_store_down_that_refuses_no_request_leaves_the_gateway_ready(
+    make_config: Callable[..., Config], upstream: FakeUpstream, setting: str
+) -> None:
+    # A cache down is a miss; a budget store down with fail_open, or with no budget, refuses nothing. Each was a
+    # 503: one shared Redis down took every replica out of its load balancer, though each served every request.
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    overrides: dict[str, Any] = {
+        "no budget": {"redis_url": closed},
+        "fail_open": {"redis_url": closed, "budgets": BUDGET, "budget_options": {"fail_open": True}},
+        "the cache's own Redis": {"cache": {"redis_url": closed}, "budgets": BUDGET},
+    }[setting]
+    app = gateway(make_config(**overrides))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        r = await c.get("/readyz")
+        assert r.status_code == 200
+        body = r.json()
+        assert body["status"] == "degraded"
+        assert body["checks"]["cache"] == {"backend": "redis", "ok": False}
+        assert body["checks"]["budgets"]["ok"] is (setting == "the cache's own Redis")
+        served = await c.post("/v1/embeddings", json={"model": "local/embed-small", "input": "hi"},
+                              headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert served.status_code == 200, served.text
     await app.shutdown()
 
 

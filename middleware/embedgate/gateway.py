@@ -558,10 +558,17 @@ class EmbeddingGateway:
         if self.budgets is not None:
             checks["budgets"] = {"backend": "redis" if self.config.redis_url else "memory",
                                  "ok": await self.budgets.store.ping()}  # fmt: skip
-        ok = all(c["ok"] for c in checks.values())
-        body = {"status": "ready" if ok else "unavailable", "checks": checks,
-                "deployments": self.router.status() if self.router else {}}  # fmt: skip
-        return (200 if ok else 503), orjson.dumps(body), {}
+        # Not ready only when requests would be refused: budgets configured, their store down and failing closed. A
+        # cache down is a miss, and a budget store down with fail_open (or no budget) refuses nothing: degraded,
+        # still served (every replica taken out of its load balancer by one shared Redis would be an outage).
+        refusing = (
+            not checks.get("budgets", {"ok": True})["ok"]
+            and bool(self.config.budgets)
+            and not (self.config.budget_options.fail_open)
+        )
+        status = "unavailable" if refusing else "ready" if all(c["ok"] for c in checks.values()) else "degraded"
+        body = {"status": status, "checks": checks, "deployments": self.router.status() if self.router else {}}
+        return (503 if refusing else 200), orjson.dumps(body), {}
 
 
 def _reaches_some(globs: tuple[str, ...] | None, prefix: str) -> bool:
