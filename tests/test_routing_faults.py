@@ -523,6 +523,42 @@ async def test_a_client_gone_before_its_body_is_a_499_not_a_server_error(upstrea
 
 
 @pytest.mark.anyio
+async def test_a_client_gone_before_its_answer_went_out_is_a_499_billed(upstream: FakeUpstream) -> None:
+    # Its server said so (send raised an OSError, as ASGI 2.4 has it and embedgate serve's protocol does): the
+    # access line and the requests metric said 200, for an answer no client got (an SDK's timeout, say).
+    app = gateway(routing_config(upstream))
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/embeddings",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")],
+    }
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": orjson.dumps({"model": PRIMARY, "input": "gone"})}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise ConnectionResetError("the client left")
+
+    with capture_logs() as logs, pytest.raises(ConnectionResetError):
+        await app(scope, receive, send)  # type: ignore[arg-type]
+    scraped = app.metrics.render()[0].decode()
+    await app.shutdown()
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert (line["status"], line["error"]) == (499, "client_disconnected")
+    assert line["billed_tokens"] == tokens_of("gone")  # the upstream was paid: billed all the same
+    requests = [row for row in scraped.splitlines() if row.startswith("embedgate_requests_total{")]
+    assert len(requests) == 1 and 'status="499"' in requests[0]
+
+
+@pytest.mark.anyio
 async def test_a_failed_request_paid_for_upstream_shows_its_tokens_and_cost(upstream: FakeUpstream) -> None:
     # A split batch: the first chunk embedded (and billed), the second failed with no fallback. Budgets and the
     # metrics counted the tokens; the access line said nothing of them.

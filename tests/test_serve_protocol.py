@@ -75,6 +75,16 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         message = await receive()  # nothing more to read: this waits for the client to go away
         EVENTS.append((message["type"], path))
         return
+    if path == "/answer-after-disconnect":  # the client gone, answers all the same, and lets the error through
+        EVENTS.append(("waiting", path))
+        await receive()
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        except OSError as exc:
+            EVENTS.append(("send raised", type(exc).__name__))
+            raise
+        EVENTS.append(("send returned", path))
+        return
     if path == "/wait-disconnect-twice":  # two receive() at once, as a disconnect listener beside a reader
         EVENTS.append(("waiting", path))
         messages = await asyncio.gather(receive(), receive())
@@ -367,6 +377,24 @@ def test_a_client_leaving_tells_the_request_being_answered_behind_a_pipelined_on
         time.sleep(0.1)
     client.close()
     _until(("http.disconnect", "/wait-disconnect"), deadline)
+
+
+def test_send_after_the_client_left_raises_an_oserror_and_logs_nothing(
+    both: tuple[int, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    # ASGI 2.4: send raises an OSError once the client is gone, so the app knows its answer was lost (the gateway
+    # logs it as a 499); it returned silently, as uvicorn's does. The app letting it through is no app failure.
+    ours, _ = both
+    EVENTS.clear()
+    client = Client(ours)
+    client.send(b"POST /answer-after-disconnect HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    deadline = time.monotonic() + 5
+    _until(("waiting", "/answer-after-disconnect"), deadline)
+    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
+        client.close()
+        _until(("send raised", "ClientGone"), deadline)
+        time.sleep(0.1)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_a_request_head_over_64_kib_is_a_431(both: tuple[int, int]) -> None:

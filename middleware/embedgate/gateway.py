@@ -403,6 +403,12 @@ class EmbeddingGateway:
                         await finish(call, error)
                     except Exception:
                         log.exception("finishing the request failed", request_id=request_id)
+                if isinstance(send_failed, OSError) and error is None:
+                    # The client left before its answer went out (a server on ASGI 2.4 says so: embedgate serve's
+                    # protocol; uvicorn's says nothing): logged, traced and counted as nginx's 499, with what the
+                    # request was billed (its settle above counted the upstream's usage), not as a 200.
+                    error = ClientDisconnected("The client disconnected before its answer was sent")
+                    status = error.status
                 annotate(root, call, error)
                 root.end(status, error_type=error.code if error is not None and status >= 500 else None)
                 account(self.metrics, self._access_log, call, status, error, answered)

@@ -42,7 +42,7 @@ from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 from .logs import REQUEST_TASK
 
-__all__ = ["GatewayHttpProtocol"]
+__all__ = ["ClientGone", "GatewayHttpProtocol"]
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -370,7 +370,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
             path = urllib.parse.unquote(path)
         scope: dict[str, Any] = {
             "type": "http",
-            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "asgi": {"version": self.asgi_version, "spec_version": "2.4"},
             "http_version": version,
             "server": self.server,
             "client": self.client,
@@ -515,6 +515,11 @@ class GatewayHttpProtocol(asyncio.Protocol):
         transport.close()
 
 
+class ClientGone(OSError):
+    """Raised by ``send`` once the client has left (ASGI 2.4: an ``OSError``), so that the app knows its answer did not
+    reach it (the gateway logs such a request as 499). uvicorn's protocols drop the message without a word."""
+
+
 class _HeadTooLarge(Exception):
     """A request head over ``MAX_HEAD_BYTES``, found once it is whole."""
 
@@ -566,6 +571,8 @@ class RequestCycle:
         transport = self.conn.transport
         if isinstance(failed, asyncio.CancelledError) and self.complete:
             return  # answered, then cancelled: the server stopping after its graceful timeout (see cli)
+        if isinstance(failed, ClientGone) and self.disconnected:
+            return  # the app let our own word that the client left go through: nothing to log, nothing to answer
         if failed is not None:
             _log.error("Exception in ASGI application\n", exc_info=failed)
         elif self.complete:
@@ -586,8 +593,11 @@ class RequestCycle:
     async def _send_500(self) -> None:
         self.head = None
         self.started = False
-        await self.send({"type": "http.response.start", "status": 500, "headers": list(_ERROR_HEADERS)})
-        await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
+        try:
+            await self.send({"type": "http.response.start", "status": 500, "headers": list(_ERROR_HEADERS)})
+            await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
+        except ClientGone:  # left while the answer waited for room
+            pass
 
     async def receive(self) -> Message:
         conn = self.conn
@@ -618,7 +628,7 @@ class RequestCycle:
         if conn.write_paused and not self.disconnected:
             await conn.drain()
         if self.disconnected:
-            return
+            raise ClientGone("The client left before the answer was sent")
         kind = message["type"]
         if not self.started:
             if kind != "http.response.start":
