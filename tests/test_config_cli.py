@@ -509,6 +509,18 @@ def test_serve_with_workers_removes_its_metrics_directory(tmp_path: Path, upstre
     assert list(scratch.iterdir()) == []
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/v1#part", "https://user:s3cret@api.example/v1"])
+def test_a_base_url_with_a_fragment_or_credentials_is_refused(url: str) -> None:
+    # Both were taken and dropped without a word: a fragment is never sent, nor is a URL's user:password.
+    with pytest.raises(ConfigError) as bad:
+        parse_config({"providers": {"p": {"type": "openai_compatible", "base_url": url}}}, env={})
+    assert any(e.startswith("providers.p.base_url: must hold no fragment") for e in bad.value.errors)
+    assert "s3cret" not in str(bad.value)
+    # a query is kept (Azure's api-version), and an "@" in the path is no credential
+    for fine in ("https://x.example/openai/deployments/d?api-version=2024-02-01", "http://x.example/v1/@team"):
+        assert parse_config({"providers": {"p": {"type": "openai", "base_url": fine}}}, env={}).providers["p"]
+
+
 def test_interpolation_reads_as_the_shell_and_refuses_what_it_cannot_read() -> None:
     base = {"providers": {"p": {"type": "openai_compatible", "base_url": "${URL:-http://127.0.0.1:9/v1}"}}}
     # ":-" takes the default for an empty variable too (as the shell and docker compose do)

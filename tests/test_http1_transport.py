@@ -23,7 +23,7 @@ import pytest
 from embedgate.config import ProviderConfig
 from embedgate.errors import UpstreamError
 from embedgate.providers import Embeddings, Http1Transport, OpenAIAdapter, sender_for
-from embedgate.providers.openai import _decoded
+from embedgate.providers.http1 import MAX_DECODED, decoded
 
 pytestmark = pytest.mark.anyio
 
@@ -430,6 +430,47 @@ async def test_the_adapter_reads_gzip_retry_after_and_bad_gzip_alike_on_both_pat
     assert str(corrupt.value).startswith("up sent a malformed answer: its body could not be decoded (")
 
 
+@pytest.mark.parametrize("path", ["direct", "httpx", "client"])
+async def test_every_path_bounds_a_decompressed_answer_and_takes_any_2xx(path: str) -> None:
+    # Through a proxy (the httpx path: ProxyRoutes hands the transport httpx requests) or an injected client, httpx's
+    # own decoders inflated a gzip bomb whole (1 GiB from 1 MB: 2.2 GB of memory); the direct path stopped at
+    # 256 MiB. And a 201 (NestJS's default answer to a POST) with a valid body was a 502 on every path.
+    bomb = gzip.compress(b"\0" * (MAX_DECODED + 1), compresslevel=1)
+    answers = [ok(bomb, b"Content-Encoding: gzip"), (b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s"
+                                                     % (len(_ANSWER), _ANSWER), False)]  # fmt: skip
+    async with serve(lambda n: answers[n - 1]) as server:
+        transport = Http1Transport()
+        client = httpx.AsyncClient()
+        if path == "client":
+            provider = ProviderConfig(
+                name="up", type="openai", base_url=f"http://127.0.0.1:{server.port}/v1", api_key="sk-up"
+            )
+            adapter = OpenAIAdapter(provider, sender_for(client))
+        else:
+            adapter = _adapters(server, transport)[path]
+        with pytest.raises(UpstreamError) as bombed:
+            await _embed(adapter)
+        created = await _embed(adapter)
+        await transport.aclose()
+        await client.aclose()
+    assert bombed.value.code == "upstream_malformed"
+    assert f"more than {MAX_DECODED} bytes once decompressed" in str(bombed.value)
+    assert created.vectors == [struct.pack("<2f", 1.0, 2.0)]
+
+
+async def test_a_base_url_with_a_query_keeps_it_after_the_path() -> None:
+    # Azure's style: "/embeddings" was appended to the query (POST /openai/deployments/dep?api-version=1/embeddings).
+    async with serve(lambda n: ok(_ANSWER)) as server:
+        transport = Http1Transport()
+        base = f"http://127.0.0.1:{server.port}/openai/deployments/dep?api-version=2024-02-01"
+        adapter = OpenAIAdapter(ProviderConfig(name="up", type="openai", base_url=base, api_key="k"),
+                                sender_for(transport))  # fmt: skip
+        await _embed(adapter)
+        await transport.aclose()
+    ((head, _),) = server.requests
+    assert head.startswith(b"POST /openai/deployments/dep/embeddings?api-version=2024-02-01 HTTP/1.1\r\n")
+
+
 @pytest.mark.parametrize("path", ["direct", "httpx"])
 async def test_a_key_echoed_at_the_cut_of_a_long_error_is_redacted_whole(path: str) -> None:
     # The first 500 characters were cut before the key was looked for: 30 of its 35 characters went to the client.
@@ -552,10 +593,10 @@ def test_a_compressed_answer_is_decoded_up_to_a_bound(coding: str) -> None:
     name = b"deflate" if coding == "raw-deflate" else coding.encode()
     data = b"0" * 3_000_000  # 3 MB that gzip makes ~3 KB of
     headers = [(b"Content-Encoding", name)]
-    assert _decoded(200, headers, compress(data), limit=3_000_000) == data
+    assert decoded(200, headers, compress(data), limit=3_000_000) == data
     if coding != "identity":  # the bound holds before the whole is made
         with pytest.raises(httpx.DecodingError, match="more than 2999999 bytes"):
-            _decoded(200, headers, compress(data), limit=2_999_999)
+            decoded(200, headers, compress(data), limit=2_999_999)
 
 
 # --- bodies read by their length ---------------------------------------------------------------------------------

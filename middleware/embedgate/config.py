@@ -387,6 +387,9 @@ def _url(sec: _Section) -> Callable[[Any, str], str | None]:
         if not re.match(r"^https?://[^/\s]+", s):
             sec.error(path, f"must be an http(s) URL, got {_got(s, path, sec.errors)}")
             return None
+        if "#" in s or "@" in s.split("/", 3)[2]:  # a fragment is never sent, nor are credentials in a URL
+            sec.error(path, "must hold no fragment (#...) and no user:password@ (the key goes in api_key)")
+            return None
         return s.rstrip("/")
 
     return check

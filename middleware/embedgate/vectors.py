@@ -47,6 +47,9 @@ def floats_to_bytes(values: Any) -> bytes:
         raise VectorError("an embedding must be a flat list of numbers")
     if arr.dtype.kind not in "fiu":
         raise VectorError("an embedding must be a list of numbers")
+    # Mixed with numbers, true and false became 1.0 and 0.0: looked for only where such values are (rarely).
+    if ((arr == 0) | (arr == 1)).any() and bool in set(map(type, values)):
+        raise VectorError("an embedding must be a list of numbers")
     with np.errstate(over="ignore"):  # an overflow is refused just below, not warned about
         out = arr.astype(_F32)
     if not np.isfinite(out).all():  # NaN, infinity, or a number beyond float32's range

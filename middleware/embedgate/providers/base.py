@@ -126,17 +126,33 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
 
 async def _read(response: httpx.Response) -> httpx.Response:
-    """``response`` with its body read; an error answer whose body does not decode keeps its status (a 429 its
-    ``Retry-After``), with an empty body: it is the status that counts there."""
-    try:
+    """``response`` with its body read, and decoded within ``MAX_DECODED`` bytes; an error answer whose body does
+    not decode keeps its status (a 429 its ``Retry-After``), with an empty body: it is the status that counts."""
+    from .http1 import MAX_BODY, decoded  # here, as below
+
+    if response.is_stream_consumed:  # Http1Transport's answers come read, and decoded
+        return response
+    status = response.status_code
+    if "content-encoding" not in response.headers:
         await response.aread()
+        return response
+    pieces: list[bytes] = []
+    size = 0
+    try:  # undecoded (httpx's decoders would inflate a few KB of gzip to gigabytes), then decoded bounded
+        async for piece in response.aiter_raw():
+            size += len(piece)
+            if size > MAX_BODY:
+                raise httpx.DecodingError(f"a body of more than {MAX_BODY} bytes")
+            pieces.append(piece)
+        body = decoded(status, response.headers.raw, b"".join(pieces))
     except httpx.DecodingError:
-        if response.status_code == 200:
+        if 200 <= status < 300:
             raise
+        body = b""  # an error answer whose body does not decode: its status counts
+    finally:
         await response.aclose()
-        headers = [(k, v) for k, v in response.headers.raw if k.lower() != b"content-encoding"]
-        return httpx.Response(response.status_code, headers=headers, content=b"", request=response.request)
-    return response
+    headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _DECODED_HEADERS]
+    return httpx.Response(status, headers=headers, content=body, request=response.request)
 
 
 def sender_for(upstream: httpx.AsyncClient | httpx.AsyncBaseTransport) -> Sender:

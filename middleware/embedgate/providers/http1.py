@@ -25,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import zlib
 from collections import deque
 from typing import Final
 
 import httptools
 import httpx
 
-__all__ = ["Http1Transport"]
+__all__ = ["MAX_DECODED", "Http1Transport", "decoded"]
 
 _Origin = tuple[bytes, bytes, int]  # scheme, host, port
 #: An answer: status, headers as sent, body as sent (a bytearray when it came in several reads: see _Connection).
@@ -45,6 +46,13 @@ _MAX_BUFFERED: Final = 64 * 1024 * 1024
 #: The largest answer body taken at all (as a decoded one, see the adapters' MAX_DECODED): a larger one is a
 #: protocol error, never the gateway's memory filled by an upstream that does not stop.
 MAX_BODY: Final = 256 * 1024 * 1024
+
+
+#: The most a compressed answer may decode to, on every path (direct, proxied, an injected client's): the largest
+#: real answer, 2048 x 3072 floats as JSON, is ~80 MB.
+MAX_DECODED: Final = 256 * 1024 * 1024
+_ZLIB_CODINGS: Final = frozenset({"gzip", "deflate", "identity", ""})
+_INFLATE_STEP: Final = 4 * 1024 * 1024  # decoded bytes made at a time
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -258,14 +266,15 @@ class Http1Transport(httpx.AsyncBaseTransport):
                                   extensions={"http_version": b"HTTP/1.1"})  # fmt: skip
         if header_value(headers, b"content-encoding") is not None:
             try:
-                response.read()  # httpx decodes gzip/deflate/... as it reads, once
+                # Bounded (MAX_DECODED): httpx's own decoders would inflate a few KB of gzip to gigabytes.
+                body = decoded(status, headers, body)
             except httpx.DecodingError:
-                if status == 200:
+                if 200 <= status < 300:
                     raise
-                # An error answer whose body does not decode: its status is what counts (a 429's Retry-After).
-                plain = [(k, v) for k, v in headers if k.lower() != b"content-encoding"]
-                response = httpx.Response(status, headers=plain, content=b"", request=request,
-                                          extensions={"http_version": b"HTTP/1.1"})  # fmt: skip
+                body = b""  # an error answer whose body does not decode: its status counts (a 429's Retry-After)
+            plain = [(k, v) for k, v in headers if k.lower() not in (b"content-encoding", b"content-length")]
+            response = httpx.Response(status, headers=plain, content=body, request=request,
+                                      extensions={"http_version": b"HTTP/1.1"})  # fmt: skip
         else:
             # The body as it came, which is what read() would produce through its decoder and chunker objects
             # (~25 us a call): set as read() itself sets it.
@@ -446,3 +455,51 @@ async def _serialize(request: httpx.Request) -> bytes:
     head = request_head(request.method.encode("ascii"), request.url.raw_path, headers)
     head += (b"\r\n", body)
     return b"".join(head)
+
+
+def decoded(
+    status: int, headers: list[tuple[bytes, bytes]], body: bytes | bytearray, limit: int = MAX_DECODED
+) -> bytes:
+    """A compressed answer's body, at most ``limit`` bytes once decoded (a few KB of gzip can hold gigabytes
+    of zeros): gzip and deflate (what the gateway asks for) decoded here in bounded steps, any other coding by
+    httpx (br, zstd where installed), then measured."""
+    named = header_value(headers, b"content-encoding") or b""
+    codings = [c.strip().lower() for c in named.decode("latin-1").split(",")]
+    data = bytes(body)
+    if any(c not in _ZLIB_CODINGS for c in codings):
+        data = httpx.Response(status, headers=headers, stream=httpx.ByteStream(data)).read()
+        if len(data) > limit:
+            raise httpx.DecodingError(f"more than {limit} bytes once decompressed")
+        return data
+    try:
+        for coding in reversed(codings):  # the last coding applied is the first undone
+            if coding == "gzip":
+                data = _inflate(data, 16 + zlib.MAX_WBITS, limit)
+            elif coding == "deflate":  # zlib-wrapped as the RFC says, or raw deflate as some servers send it
+                try:
+                    data = _inflate(data, zlib.MAX_WBITS, limit)
+                except zlib.error:
+                    data = _inflate(data, -zlib.MAX_WBITS, limit)
+    except zlib.error as exc:
+        raise httpx.DecodingError(f"not valid {coding}: {exc}") from None
+    return data
+
+
+def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
+    """``data`` decompressed (``wbits`` as zlib takes it), refused beyond ``limit`` bytes before they are all
+    made."""
+    inflater = zlib.decompressobj(wbits)
+    pieces: list[bytes] = []
+    size = 0
+    while data:
+        piece = inflater.decompress(data, _INFLATE_STEP)
+        size += len(piece)
+        if size > limit:
+            raise httpx.DecodingError(f"more than {limit} bytes once decompressed")
+        pieces.append(piece)
+        if inflater.eof:
+            break
+        data = inflater.unconsumed_tail
+    if not inflater.eof:
+        pieces.append(inflater.flush())
+    return b"".join(pieces)

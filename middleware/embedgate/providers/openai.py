@@ -9,7 +9,6 @@ per input becomes ``UpstreamError(code="upstream_malformed")``: never passed on 
 from __future__ import annotations
 
 import time
-import zlib
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, Final
@@ -23,15 +22,11 @@ from ..errors import UpstreamError, UpstreamTimeout
 from ..wire import MalformedAnswer, cut_vectors, read_answer, take_cut
 from .base import Embeddings, Sender
 from .deadline import deadline
-from .http1 import Http1Transport, header_value, origin_of, request_head
+from .http1 import Http1Transport, decoded, header_value, origin_of, request_head
 
 __all__ = ["OpenAIAdapter", "cut_vectors", "take_cut"]
 
 _MAX_MESSAGE: Final = 500
-#: The most a compressed answer may decode to (the largest real answer, 2048 x 3072 floats as JSON, is ~80 MB).
-MAX_DECODED: Final = 256 * 1024 * 1024
-_ZLIB_CODINGS: Final = frozenset({"gzip", "deflate", "identity", ""})
-_INFLATE_STEP: Final = 4 * 1024 * 1024  # decoded bytes made at a time
 
 
 class OpenAIAdapter:
@@ -40,7 +35,9 @@ class OpenAIAdapter:
     def __init__(self, provider: ProviderConfig, send: Sender) -> None:
         self.name = provider.name
         self._send = send
-        self._url = httpx.URL(provider.base_url + "/embeddings")
+        # "/embeddings" goes on the path: a base_url's query (Azure's ?api-version=) stays the query.
+        base = httpx.URL(provider.base_url)
+        self._url = base.copy_with(path=base.path.rstrip("/") + "/embeddings")
         self.server_address = urlsplit(provider.base_url).hostname or ""
         self._secret = provider.api_key
         # The key as an error body may echo it: as is, URL-encoded, JSON-escaped (a "/" written "\/", as PHP's
@@ -102,9 +99,9 @@ class OpenAIAdapter:
                     status, answer_headers, content = await direct.exchange(self._origin, b"".join(wire))
                     if header_value(answer_headers, b"content-encoding") is not None:
                         try:
-                            content = _decoded(status, answer_headers, content)
+                            content = decoded(status, answer_headers, content)
                         except httpx.DecodingError:
-                            if status == 200:
+                            if 200 <= status < 300:
                                 raise
                             content = b""  # an error answer: its status (429, 503 ...) counts, not its message
                 else:
@@ -119,7 +116,7 @@ class OpenAIAdapter:
                                 code="upstream_malformed") from None  # fmt: skip
         except httpx.HTTPError as exc:
             raise UpstreamError(f"{self.name}: connection failed ({_describe(exc)})") from None
-        if status != 200:
+        if not 200 <= status < 300:  # any 2xx carries an answer (201 is NestJS's default for a POST)
             retry_after = header_value(answer_headers, b"retry-after")
             raise UpstreamError(
                 f"{self.name} answered {status}: {self._message(content)}",
@@ -172,54 +169,6 @@ class OpenAIAdapter:
             model = self._scrubbed(model)
         return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total, b64=b64,
                           model=model)  # fmt: skip
-
-
-def _decoded(
-    status: int, headers: list[tuple[bytes, bytes]], body: bytes | bytearray, limit: int = MAX_DECODED
-) -> bytes:
-    """A compressed answer's body, at most ``limit`` bytes once decoded (a few KB of gzip can hold gigabytes
-    of zeros): gzip and deflate (what the gateway asks for) decoded here in bounded steps, any other coding by
-    httpx (br, zstd where installed), then measured."""
-    named = header_value(headers, b"content-encoding") or b""
-    codings = [c.strip().lower() for c in named.decode("latin-1").split(",")]
-    data = bytes(body)
-    if any(c not in _ZLIB_CODINGS for c in codings):
-        data = httpx.Response(status, headers=headers, stream=httpx.ByteStream(data)).read()
-        if len(data) > limit:
-            raise httpx.DecodingError(f"more than {limit} bytes once decompressed")
-        return data
-    try:
-        for coding in reversed(codings):  # the last coding applied is the first undone
-            if coding == "gzip":
-                data = _inflate(data, 16 + zlib.MAX_WBITS, limit)
-            elif coding == "deflate":  # zlib-wrapped as the RFC says, or raw deflate as some servers send it
-                try:
-                    data = _inflate(data, zlib.MAX_WBITS, limit)
-                except zlib.error:
-                    data = _inflate(data, -zlib.MAX_WBITS, limit)
-    except zlib.error as exc:
-        raise httpx.DecodingError(f"not valid {coding}: {exc}") from None
-    return data
-
-
-def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
-    """``data`` decompressed (``wbits`` as zlib takes it), refused beyond ``limit`` bytes before they are all
-    made."""
-    inflater = zlib.decompressobj(wbits)
-    pieces: list[bytes] = []
-    size = 0
-    while data:
-        piece = inflater.decompress(data, _INFLATE_STEP)
-        size += len(piece)
-        if size > limit:
-            raise httpx.DecodingError(f"more than {limit} bytes once decompressed")
-        pieces.append(piece)
-        if inflater.eof:
-            break
-        data = inflater.unconsumed_tail
-    if not inflater.eof:
-        pieces.append(inflater.flush())
-    return b"".join(pieces)
 
 
 def _retry_after(value: str | None) -> float | None:
