@@ -567,11 +567,9 @@ class EmbeddingGateway:
         # Not ready only when requests would be refused: budgets configured, their store down and failing closed. A
         # cache down is a miss, and a budget store down with fail_open (or no budget) refuses nothing: degraded,
         # still served (every replica taken out of its load balancer by one shared Redis would be an outage).
-        refusing = (
-            not checks.get("budgets", {"ok": True})["ok"]
-            and bool(self.config.budgets)
-            and not (self.config.budget_options.fail_open)
-        )
+        budgets = checks.get("budgets")
+        refusing = budgets is not None and not budgets["ok"] and bool(self.config.budgets)
+        refusing = refusing and not self.config.budget_options.fail_open
         status = "unavailable" if refusing else "ready" if all(c["ok"] for c in checks.values()) else "degraded"
         body = {"status": status, "checks": checks, "deployments": self.router.status() if self.router else {}}
         return (503 if refusing else 200), orjson.dumps(body), {}
