@@ -26,6 +26,7 @@ import orjson
 __all__ = [
     "BudgetExceeded",
     "ClientDisconnected",
+    "ClientGone",
     "Dialect",
     "Forbidden",
     "GatewayError",
@@ -89,6 +90,12 @@ class ClientDisconnected(GatewayError):
     status = 499
     type = "invalid_request_error"
     code = "client_disconnected"
+
+
+class ClientGone(OSError):
+    """Raised by ``embedgate serve``'s ``send`` once the client has left (ASGI 2.4: an ``OSError``), so that the app
+    knows its answer did not reach it (the gateway logs such a request as 499). uvicorn's protocols drop the message
+    without a word. (Here, not in the compiled protocol: mypyc compiles no subclass of ``OSError``.)"""
 
 
 class InvalidRequest(GatewayError):

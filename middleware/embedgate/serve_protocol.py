@@ -40,9 +40,10 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavai
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, STATUS_LINE
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
+from .errors import ClientGone
 from .logs import REQUEST_TASK
 
-__all__ = ["ClientGone", "GatewayHttpProtocol"]
+__all__ = ["GatewayHttpProtocol"]
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -513,11 +514,6 @@ class GatewayHttpProtocol(asyncio.Protocol):
         head.append(body)
         transport.write(b"".join(head))
         transport.close()
-
-
-class ClientGone(OSError):
-    """Raised by ``send`` once the client has left (ASGI 2.4: an ``OSError``), so that the app knows its answer did not
-    reach it (the gateway logs such a request as 499). uvicorn's protocols drop the message without a word."""
 
 
 class _HeadTooLarge(Exception):
