@@ -607,7 +607,9 @@ def test_a_budget_on_a_provider_or_model_that_cannot_be_asked_for_is_an_error() 
             "models": {"team/embed": {"deployments": [{"provider": "openai", "upstream_model": "m"}]}}}  # fmt: skip
     for scope, target, said in (("provider", "openAI", "no provider 'openAI' is configured"),
                                 ("model", "azure/text-embedding-3-small", "no model 'azure/text-embedding-3-small'"),
-                                ("model", "text-embedding-3-small", "no model 'text-embedding-3-small'")):  # fmt: skip
+                                ("model", "text-embedding-3-small", "no model 'text-embedding-3-small'"),
+                                ("model", "openai", "no model 'openai'"),  # a provider's name alone was taken
+                                ("model", "openai/", "no model 'openai/'")):  # fmt: skip
         with pytest.raises(ConfigError) as bad:
             parse_config({**base, "budgets": [{"scope": scope, "target": target, "token_limit": 5}]}, env={})
         assert len(bad.value.errors) == 1 and bad.value.errors[0].startswith(f"budgets[0].target: {said}")
@@ -615,6 +617,45 @@ def test_a_budget_on_a_provider_or_model_that_cannot_be_asked_for_is_an_error() 
     for scope, target in (("provider", "openai"), ("provider", "team"), ("model", "openai/made-up"),
                           ("model", "team/embed"), ("model", "*"), ("provider", "*")):  # fmt: skip
         parse_config({**base, "budgets": [{"scope": scope, "target": target, "token_limit": 5}]}, env={})
+
+
+def test_yaml_merge_keys_are_read_and_a_key_that_is_no_scalar_is_an_error(tmp_path: Path) -> None:
+    # "<<: *anchor" (valid YAML, which PyYAML's safe loader merges) was refused; "? [a, b]" was a traceback.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("providers:\n  a: &base {type: openai_compatible, base_url: 'http://127.0.0.1:9/v1', "
+                      "timeout_ms: 5}\n  b:\n    <<: *base\n    base_url: 'http://127.0.0.1:8/v1'\n")  # fmt: skip
+    config = load_config(merged, env={})
+    assert (config.providers["b"].base_url, config.providers["b"].timeout_ms) == ("http://127.0.0.1:8/v1", 5)
+    complex_key = tmp_path / "complex.yaml"
+    complex_key.write_text("providers:\n  ? [a, b]\n  : {type: openai}\n")
+    with pytest.raises(ConfigError) as bad:
+        load_config(complex_key, env={})
+    assert "a mapping key must be a scalar" in str(bad.value)
+
+
+@pytest.mark.parametrize("url", ["http://[::1/v1", "http://127.0.0.1:abc/v1", "http://127.0.0.1:99999/v1",
+                                 "http://127.0.0.1:9/v 1"])  # fmt: skip
+def test_a_base_url_no_client_can_reach_is_a_config_error(url: str) -> None:
+    # check-config said ok; serve then stopped with a traceback and no YAML path (or every request was a 502).
+    with pytest.raises(ConfigError) as bad:
+        parse_config({"providers": {"p": {"type": "openai", "base_url": url}}}, env={})
+    assert bad.value.errors == [
+        "providers.p.base_url: must be an http(s) URL with a valid host and port (1-65535), and no blanks"
+    ]
+    parse_config({"providers": {"p": {"type": "openai", "base_url": "http://[::1]:8000/v1"}}}, env={})
+
+
+def test_a_default_may_itself_be_a_variable_as_in_docker_compose() -> None:
+    # "${TEAM_A_KEY:-${DEV_KEY}}" was read up to the inner "}": the key became "sk-team-a}" (or "${DEV_KEY}" as text).
+    data = {"keys": [{"id": "a", "key": "${TEAM_A_KEY:-${DEV_KEY}}"}]}
+    assert parse_config(data, env={"TEAM_A_KEY": "sk-team-a"}).keys[0].sha256 == hash_key("sk-team-a")
+    assert parse_config(data, env={"DEV_KEY": "sk-dev"}).keys[0].sha256 == hash_key("sk-dev")
+    assert parse_config(data, env={"TEAM_A_KEY": "", "DEV_KEY": "sk-dev"}).keys[0].sha256 == hash_key("sk-dev")
+    with pytest.raises(ConfigError) as bad:  # neither set: the inner one is reported
+        parse_config(data, env={})
+    assert bad.value.errors[0] == "keys[0].key: environment variable DEV_KEY is not set (use ${DEV_KEY:-})"
+    deep = {"keys": [{"id": "a", "key": "${A:-${B:-sk}-${C:-x}}!"}]}
+    assert parse_config(deep, env={"C": "y"}).keys[0].sha256 == hash_key("sk-y!")
 
 
 def test_a_key_given_twice_or_a_value_glued_to_its_key_is_an_error(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
+import httpx
 import yaml
 
 from .resp import parse_url as parse_redis_url
@@ -199,7 +200,7 @@ _MAX_NUMBER: Final = 1e9
 _MAX_INTEGER: Final = 2**53  # any count or size beyond is a typo (and some, as a Redis expiry, would fail later)
 _MAX_TTL: Final = 10 * 365 * 86400  # seconds: ten years (a Redis expiry of 1e20 s failed every cache write)
 _VISIBLE_ASCII: Final = re.compile(r"[\x21-\x7e]*")
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class _Errors(list[str]):
@@ -220,29 +221,62 @@ def _got(v: Any, path: str, errors: list[str]) -> str:
 
 def _interpolate(node: Any, env: Mapping[str, str], path: str, errors: list[str]) -> Any:
     if isinstance(node, str):
-
-        def sub(m: re.Match[str]) -> str:
-            name, default = m.group(1), m.group(2)
-            value = env.get(name)
-            if default is not None and not value:  # as the shell's and docker compose's ":-": unset or empty
-                return default
-            if value is not None:
-                return value
-            errors.append(f"{path or '<root>'}: environment variable {name} is not set (use ${{{name}:-}})")
-            return ""
-
-        out = _VAR.sub(sub, node)
-        if out != node and isinstance(errors, _Errors):
+        if "${" not in node:
+            return node
+        where = path or "<root>"
+        found: list[str] = []
+        out, _ = _expand(node, 0, False, env, where, found)
+        errors.extend(dict.fromkeys(found))  # each once
+        if isinstance(errors, _Errors):
             errors.from_env.add(path)
-        if "${" in _VAR.sub("", node):  # "${K-x}", "${K:x}", "${ K }", an unclosed "${K": kept as text, a secret
-            errors.append(f"{path or '<root>'}: a '${{' that is not ${{NAME}} or ${{NAME:-default}} (NAME: letters, "
-                          "digits and _)")  # fmt: skip
         return out
     if isinstance(node, dict):
         return {k: _interpolate(v, env, _join(path, str(k)), errors) for k, v in node.items()}
     if isinstance(node, list):
         return [_interpolate(v, env, f"{path}[{i}]", errors) for i, v in enumerate(node)]
     return node
+
+
+def _expand(text: str, at: int, nested: bool, env: Mapping[str, str], where: str,
+            errors: list[str]) -> tuple[str, int]:  # fmt: skip
+    """``text`` from ``at`` with its ``${NAME}`` and ``${NAME:-default}`` replaced, a default itself expanded (as
+    docker compose does: ``${A:-${B}}``), only when it is used. Nested (a default), up to its closing brace, whose
+    index is returned; -1 when there is none."""
+    out: list[str] = []
+    i = at
+    while i < len(text):
+        if text.startswith("${", i):
+            name = _NAME.match(text, i + 2)
+            end = name.end() if name is not None else i + 2
+            if name is not None and text.startswith("}", end):
+                value = env.get(name.group())
+                if value is None:
+                    errors.append(f"{where}: environment variable {name.group()} is not set "
+                                  f"(use ${{{name.group()}:-}})")  # fmt: skip
+                out.append(value or "")
+                i = end + 1
+                continue
+            if name is not None and text.startswith(":-", end):
+                inner: list[str] = []
+                default, close = _expand(text, end + 2, True, env, where, inner)
+                if close >= 0:
+                    value = env.get(name.group())
+                    if value:  # as the shell's and docker compose's ":-": the default when unset or empty
+                        out.append(value)
+                    else:
+                        out.append(default)
+                        errors.extend(inner)
+                    i = close + 1
+                    continue
+            # "${K-x}", "${K:x}", "${ K }", an unclosed "${K": an error, never kept as text (it may be a secret)
+            errors.append(f"{where}: a '${{' that is not ${{NAME}} or ${{NAME:-default}} (NAME: letters, digits "
+                          "and _)")  # fmt: skip
+            return "", len(text) if not nested else -1
+        if nested and text[i] == "}":
+            return "".join(out), i
+        out.append(text[i])
+        i += 1
+    return "".join(out), -1 if nested else i
 
 
 def _join(path: str, key: str) -> str:
@@ -389,6 +423,14 @@ def _url(sec: _Section) -> Callable[[Any, str], str | None]:
             return None
         if "#" in s or "@" in s.split("/", 3)[2]:  # a fragment is never sent, nor are credentials in a URL
             sec.error(path, "must hold no fragment (#...) and no user:password@ (the key goes in api_key)")
+            return None
+        try:  # as the adapter reads it at start-up (a bad port or host failed there, without a YAML path)
+            url = httpx.URL(s)
+            ok = bool(url.host) and (url.port is None or 0 < url.port < 65536)
+        except (httpx.InvalidURL, ValueError):
+            ok = False
+        if not ok or re.search(r"\s", s):
+            sec.error(path, "must be an http(s) URL with a valid host and port (1-65535), and no blanks")
             return None
         return s.rstrip("/")
 
@@ -711,7 +753,9 @@ def _dead_budgets(config: Config, errors: list[str]) -> list[str]:
             out.append(f"{path}: no key has the {what} {target}, so this budget never applies")
         elif b.scope == "provider" and b.target not in providers:
             out.append(f"{path}: no provider {target} is configured, so this budget never applies")
-        elif b.scope == "model" and b.target not in config.models and b.target.partition("/")[0] not in providers:
+        elif b.scope == "model" and b.target not in config.models and (
+            b.target.partition("/")[0] not in providers or not b.target.partition("/")[2]
+        ):
             out.append(f"{path}: no model {target} can be asked for (a model id is <provider>/<name>, with a "
                        "configured provider), so this budget never applies")  # fmt: skip
     return out
@@ -723,8 +767,13 @@ class _UniqueKeys(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": merged below, overridable
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in seen:
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a scalar",
+                                                        key_node.start_mark)  # fmt: skip
+            if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
                                                         key_node.start_mark)  # fmt: skip
             seen.add(key)
