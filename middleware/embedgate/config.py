@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -753,12 +753,16 @@ def _dead_budgets(config: Config, errors: list[str]) -> list[str]:
             out.append(f"{path}: no key has the {what} {target}, so this budget never applies")
         elif b.scope == "provider" and b.target not in providers:
             out.append(f"{path}: no provider {target} is configured, so this budget never applies")
-        elif b.scope == "model" and b.target not in config.models and (
-            b.target.partition("/")[0] not in providers or not b.target.partition("/")[2]
-        ):
+        elif b.scope == "model" and b.target not in config.models and not _askable(b.target, providers):
             out.append(f"{path}: no model {target} can be asked for (a model id is <provider>/<name>, with a "
                        "configured provider), so this budget never applies")  # fmt: skip
     return out
+
+
+def _askable(model: str, providers: Collection[str]) -> bool:
+    """Whether ``model`` is ``<provider>/<name>`` with a configured provider and a name."""
+    provider, _, name = model.partition("/")
+    return provider in providers and bool(name)
 
 
 class _UniqueKeys(yaml.SafeLoader):
