@@ -708,6 +708,21 @@ async def test_admin_identities_refuse_a_limit_that_is_no_ascii_number(upstream:
 
 
 @pytest.mark.anyio
+async def test_admin_views_refuse_a_blank_filter_rather_than_list_everything(upstream: FakeUpstream) -> None:
+    # "?id=" (a script's empty variable) was read as no filter at all: every row, every identity.
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 10}])
+    async with running(config) as (_, c):
+        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+        for path, param in (("/admin/usage", "id"), ("/admin/usage", "scope"), ("/admin/identities", "id"),
+                            ("/admin/identities", "limit")):  # fmt: skip
+            r = await c.get(f"{path}?{param}=", headers=admin)
+            assert r.status_code == 400, (path, param, r.text)
+            assert error_of(r)["param"] == param
+        r = await c.get("/admin/identities", params={"id": "x" * 257}, headers=admin)
+        assert (r.status_code, error_of(r)["param"]) == (400, "id")
+
+
+@pytest.mark.anyio
 async def test_an_identity_header_is_read_as_utf8_and_named_as_sent(upstream: FakeUpstream) -> None:
     # A UTF-8 header ("jöhn", as curl and the SDKs send it) was read as latin-1: "jÃ¶hn", another identity with
     # a budget of its own. A contact id too long was refused naming x-orq-identity-id.

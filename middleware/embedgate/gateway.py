@@ -544,6 +544,8 @@ class EmbeddingGateway:
                 raise InvalidRequest("Invalid 'limit': an integer from 1 to 10000", param="limit")
             if "id" in query:  # "<workspace>/<id>", or an id alone: each workspace's identity of that id
                 name = query["id"]
+                if not 0 < len(name) <= 256:
+                    raise InvalidRequest("Invalid 'id': expected 1 to 256 characters", param="id")
                 qualified = self.budgets.qualified_identity(name) if self.budgets is not None else None
                 candidates = [qualified] if qualified is not None else [(ws, name) for ws in self._workspaces]
                 found_all = [await self.identities.get(ws, iid) for ws, iid in candidates]
@@ -600,7 +602,8 @@ def _reaches_some(globs: tuple[str, ...] | None, prefix: str) -> bool:
 def _query(scope: Scope) -> dict[str, str]:
     from urllib.parse import parse_qsl
 
-    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+    # Blank values kept: "?id=" (an operator's script with an empty variable) is refused, not the whole listing.
+    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
 
 
 def _headers(scope: Scope) -> dict[str, str]:
