@@ -351,6 +351,31 @@ async def test_a_miss_arriving_while_the_first_answer_is_being_stored_takes_it(u
 
 
 @pytest.mark.anyio
+async def test_a_coalesced_request_keeps_the_item_for_its_own_longer_ttl(upstream: FakeUpstream) -> None:
+    # Coalesced onto a request asking for a 1 s TTL, one asking for an hour stored nothing: the item expired after
+    # 1 s, and the upstream was paid for it again.
+    app = gateway(parse_config(cache_config(upstream.url), env={}))
+    upstream.script.append(Fault("slow", delay=0.5))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        got: dict[str, httpx.Response] = {}
+
+        async def post(name: str, ttl: int) -> None:
+            got[name] = await embed(c, "kept for an hour", cache={"type": "exact_match", "ttl": ttl})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, "short", 1)
+            with anyio.fail_after(5):
+                while not upstream.calls:
+                    await anyio.sleep(0.01)
+            tg.start_soon(post, "long", 3600)
+        assert [got[n].headers["x-embedgate-cache"] for n in ("short", "long")] == ["miss", "hit"]
+        await anyio.sleep(1.3)
+        assert (await embed(c, "kept for an hour")).headers["x-embedgate-cache"] == "hit"
+    await app.shutdown()
+    assert len(upstream.calls) == 1
+
+
+@pytest.mark.anyio
 async def test_a_refresh_takes_no_answer_another_request_is_storing(upstream: FakeUpstream) -> None:
     # Cache-Control: no-cache arriving while another request stored the same item got that answer (a "hit"), not a
     # fresh one.

@@ -188,7 +188,8 @@ class Pipeline:
         # Misses coalesce only among requests routed alike: one whose fallbacks, retries, timeout, provider
         # preferences or user differ gets its own call (another's failure, or a model outside its chain, a
         # fallback its key is not granted, is not its answer).
-        self._coalescers: dict[tuple[object, ...], Coalescer[tuple[str, CachedItem]]] = {}
+        # A coalesced item: the model that served it, its vector and tokens, and the TTL its fetcher stores it for.
+        self._coalescers: dict[tuple[object, ...], Coalescer[tuple[str, CachedItem, int]]] = {}
         self._keys = KeyIndex(config.keys)
         self._unknown = config.server.unknown_fields
         self._default_retry = config.routing.default_retry
@@ -371,14 +372,15 @@ class Pipeline:
             self._take(call, positions, result)
             return
         keys = [call.cache_keys[p] for p in positions]
+        ttl = call.cache_ttl
         fetched_here: set[int] = set()
 
-        async def fetch(idx: list[int]) -> list[tuple[str, CachedItem]]:
+        async def fetch(idx: list[int]) -> list[tuple[str, CachedItem, int]]:
             own = [positions[i] for i in idx]
             result = await self._embed(call, own, call.chain)
             fetched_here.update(own)
             self._take(call, own, result)
-            return [(result.model, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]))  # type: ignore[arg-type]
+            return [(result.model, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]), ttl)  # type: ignore[arg-type]
                     for p in own]  # fmt: skip
 
         policy = (tuple([m.id for m in call.chain]), req.retry, req.fallback_on_codes, req.timeout_ms, req.provider,
@@ -397,7 +399,7 @@ class Pipeline:
                 coalescer = self._coalescers[policy] = Coalescer(private=(InvalidRequest,))
             # What this request fetched stays in flight, answered, until it is in the cache: a request that reaches
             # this point meanwhile takes it rather than fetching it again.
-            held: list[tuple[str, asyncio.Future[tuple[str, CachedItem]]]] = []
+            held: list[tuple[str, asyncio.Future[tuple[str, CachedItem, int]]]] = []
             try:
                 results = await coalescer.run(keys, fetch, held)
                 await self._merge_and_store(call, positions, results, fetched_here)
@@ -416,21 +418,25 @@ class Pipeline:
         call.prompt_tokens = sum(call.item_tokens)
 
     async def _merge_and_store(
-        self, call: Call, positions: list[int], results: list[tuple[str, CachedItem]], fetched_here: set[int]
+        self, call: Call, positions: list[int], results: list[tuple[str, CachedItem, int]], fetched_here: set[int]
     ) -> None:
-        """Take the coalesced results, embed again what another model answered, and store what was fetched."""
+        """Take the coalesced results, embed again what another model answered, and store what was fetched (and
+        what another request fetched, to keep it for less time than this one asks)."""
         req, ttl = call.request, call.cache_ttl
         assert req is not None and ttl is not None
-        for pos, (model, item) in zip(positions, results, strict=True):
+        longer: list[int] = []
+        for pos, (model, item, stored_for) in zip(positions, results, strict=True):
             if pos not in fetched_here:  # coalesced: another request paid for it
                 call.vectors[pos] = item.vector
                 call.item_tokens[pos] = item.tokens
                 if not call.served_model:
                     call.served_model = model
+                if stored_for < ttl:
+                    longer.append(pos)
         served = call.served_model
         # Vectors of different models live in different spaces: one response never mixes them. When a fallback
         # served the misses, the items answered for another model are embedded again by the one that served.
-        foreign = [p for p, (m, _) in zip(positions, results, strict=True) if m != served]
+        foreign = [p for p, (m, _, _) in zip(positions, results, strict=True) if m != served]
         if call.cache_status in ("hit", "partial") and served != call.chain[0].id:
             foreign += [p for p in range(len(req.items)) if p not in positions]
         elif call.cache_status == "partial":
@@ -453,7 +459,7 @@ class Pipeline:
                     call.vectors[p], call.b64[p] = call.vectors[q], call.b64[q]
                     call.item_tokens[p] = call.item_tokens[q]
             fetched_here.update(foreign)
-        fresh = sorted(fetched_here)
+        fresh = sorted(fetched_here.union(longer))  # (the status counts only what this request fetched)
         if fresh:
             keys_served = self._item_keys(call, served, fresh)
             await self._cache.set_many(
