@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import sys
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -185,7 +187,7 @@ async def test_memory_backend_through_aiocache_api() -> None:
     assert await store.multi_get(["k1", "k2"]) == [item, None]
     assert await cache.get_many(["k1"]) == [item]
     assert await store.exists("k1") and not await store.exists("k2")
-    assert cache.bytes_used() == len("k1") + len(item.dumps())
+    assert cache.bytes_used() == _entry_size("k1", item)
     assert await store.delete("k1") == 1 and cache.bytes_used() == 0
     await cache.close()
 
@@ -222,7 +224,9 @@ def test_cached_item_validation_and_malformed_values() -> None:
 
 
 def _entry_size(key: str, item: CachedItem) -> int:
-    return len(key) + len(item.dumps())
+    # the bytes, and the ~360 bytes of Python objects that hold them (without which a cache of small vectors took
+    # several times its max_bytes of memory)
+    return 360 + len(key) + len(item.dumps())
 
 
 @pytest.mark.anyio
@@ -246,6 +250,31 @@ async def test_memory_backend_stays_within_max_bytes_evicting_lru_first() -> Non
         assert harness.cache.bytes_used() == capacity * size
     finally:
         await harness.cache.close()
+
+
+@pytest.mark.parametrize("dims", [8, 64, 1536])
+@pytest.mark.anyio
+async def test_memory_backend_holds_no_more_memory_than_max_bytes_whatever_the_vector_size(dims: int) -> None:
+    # Only the key's and vector's bytes were counted: a full cache of 8-dimension vectors held 4.7x its max_bytes.
+    max_bytes = 4 * 1024 * 1024
+    cache = VectorCache.from_config("", max_bytes)
+    items = [(f"eg:c:acme:local/m:0::{i:064x}", CachedItem(vector=np.full(dims, i, "<f4").tobytes(), tokens=1))
+             for i in range(2 * max_bytes // (dims * 4))]  # fmt: skip
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for start in range(0, len(items), 1000):
+            await cache.set_many(items[start : start + 1000], ttl=60)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    got = await cache.get_many([key for key, _ in items])
+    kept = [(key, item) for (key, _), item in zip(items, got, strict=True) if item is not None]
+    await cache.close()
+    assert 0 < len(kept) < len(items)  # full: evicting
+    # what the cache's own objects take, and the keys and items it holds (made by the test, so not in ``held``)
+    own = held + sum(sys.getsizeof(key) + sys.getsizeof(item) + sys.getsizeof(item.vector) for key, item in kept)
+    assert own <= max_bytes * 1.1
 
 
 @pytest.mark.anyio
