@@ -301,6 +301,49 @@ def test_serve_with_two_workers_serves(tmp_path: Path, upstream: FakeUpstream) -
     assert b"Traceback" not in output[0]
 
 
+def _descendants(pid: int) -> set[int]:
+    """The processes below ``pid`` (from /proc: its children's, their children's ...)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo += children - found
+            found |= children
+    return found
+
+
+def test_workers_whose_supervisor_was_killed_stop_and_free_the_port(tmp_path: Path, upstream: FakeUpstream) -> None:
+    # Killed with SIGKILL (the OOM killer, a process manager escalating), the supervisor left its workers and their
+    # export helpers serving for good, unsupervised, on the port: the server could not be started again.
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD.replace(BUDGET, ""))
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a"}
+    argv = [*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), "--workers", "2"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_serving(proc, f"http://127.0.0.1:{port}")
+        below = _descendants(proc.pid)
+        assert len(below) >= 2
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 20
+        while below & {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}:
+            assert time.monotonic() < deadline, "workers still running after their supervisor was killed"
+            time.sleep(0.2)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [

@@ -80,12 +80,34 @@ def served_app() -> Any:
     nor exit. Once it has served, such a worker (replacing one that died) is started again while the others serve."""
     from .app import create_app
 
+    _stop_with_supervisor()
     try:
         return create_app()
     except Exception as exc:
         errors = exc.errors if isinstance(exc, ConfigError) else [f"{type(exc).__name__}: {exc}"]
         print("error: embedgate could not be built:", *errors, sep="\n  ", file=sys.stderr, flush=True)
         sys.exit(1 if os.environ.get(_SERVING) else STARTUP_FAILURE)
+
+
+def _stop_with_supervisor() -> None:
+    """With ``--workers N``, a worker whose supervisor is gone (SIGKILL, the OOM killer) drains and exits as on
+    SIGTERM, with its span-export helper, instead of serving on unsupervised and holding the port (a restarted
+    server could not bind it: uvicorn's workers never look at their parent)."""
+    import multiprocessing
+    import threading
+    import time
+
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid is None:  # one worker: the server's own process
+        return
+    supervisor = parent.pid
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="embedgate-supervisor-watch", daemon=True).start()
 
 
 def _stopped(signum: int, frame: Any) -> None:
