@@ -104,10 +104,15 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": big[: len(big) // 2], "more_body": True})
         await send({"type": "http.response.body", "body": big[len(big) // 2 :]})
         return
-    if path == "/big-once":  # the same in one body message: the app is done before the client has it
+    if path == "/big-once":  # the same in one body message: sent once the transport has taken it
         big = bytes(range(256)) * (16 * 1024)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(big))]})
-        await send({"type": "http.response.body", "body": big})
+        try:
+            await send({"type": "http.response.body", "body": big})
+        except OSError:
+            EVENTS.append(("send raised", path))
+            raise
+        EVENTS.append(("sent", path))
         return
     if path == "/chunked":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
@@ -848,6 +853,8 @@ def test_a_body_that_stops_coming_or_an_answer_not_read_drops_the_connection(mon
             finally:
                 slow.close()
     assert ("disconnect", "/stalled") in EVENTS  # the app learnt that the client was gone
+    # and that its answer was not sent (in one message, it was taken as sent at once: the gateway logged a 200)
+    assert EVENTS.count(("send raised", "/big-once")) == 1 and EVENTS.count(("sent", "/big-once")) == 1
 
 
 def test_an_app_listening_for_the_client_to_leave_is_not_cut_by_the_stall_timeout(

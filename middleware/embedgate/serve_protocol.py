@@ -663,6 +663,12 @@ class RequestCycle:
         if not more_body:
             if self.length > 0:
                 raise RuntimeError("Response content shorter than Content-Length")
+            if conn.write_paused and not self.disconnected:
+                # The answer waits in the transport's buffer (a client reading slowly, or not at all): not sent yet.
+                # A client that leaves, or is dropped after STALL_TIMEOUT_S of reading nothing, did not get it.
+                await conn.drain()
+                if self.disconnected:
+                    raise ClientGone("The client left before the answer was sent")
             self.complete = True
             self.wake()
             if not self.keep_alive:
