@@ -134,6 +134,23 @@ def test_openrouter_sdk(proxy: str, upstream: FakeUpstream) -> None:
     assert res.usage is not None and res.usage.cost == pytest.approx(res.usage.prompt_tokens * 0.02 / 1e6)
 
 
+def test_openrouter_sdk_lists_the_embedding_models(proxy: str) -> None:
+    # embeddings.list_models() (GET /api/v1/embeddings/models) was a 404 the SDK raised as an error.
+    from openrouter import errors
+
+    with OpenRouter(api_key=KEY, server_url=f"{proxy}/api/v1") as client:
+        listed = client.embeddings.list_models()
+        models = {m.id: m for m in listed.result.data}
+        assert listed.result.total_count == len(models) and listed.next() is None  # one page
+        assert {"local/embed-small", "local/multi", "backup/*"} <= set(models)
+        small = models["local/embed-small"]
+        assert small.pricing.prompt == "0.00000002"  # 0.02 USD per million tokens, per token
+        assert small.architecture.output_modalities == ["embeddings"]
+        assert models["local/multi"].pricing.prompt == "0"  # no price known
+    with OpenRouter(api_key="sk-wrong", server_url=f"{proxy}/api/v1") as client, pytest.raises(errors.OpenRouterError):
+        client.embeddings.list_models()
+
+
 def test_openrouter_sdk_sees_its_own_error_shape(proxy: str, upstream: FakeUpstream) -> None:
     from openrouter import errors
 

@@ -1,9 +1,10 @@
 """``EmbeddingGateway``: the pure-ASGI middleware that serves the embedding routes in front of a host app.
 
-Embedding POSTs on the three routes, ``GET /v1/models``, ``/healthz``, ``/readyz`` and ``/metrics`` (under
-``server.path_prefix``) are answered here; every other request, websockets included, goes to the host app
-untouched. The gateway's resources (upstream client, stores) open with the lifespan's startup, also when
-mounted, or on the first request when the server runs no lifespan, and close with its shutdown.
+Embedding POSTs on the three routes, ``GET /v1/models`` (and OpenRouter's ``/api/v1/embeddings/models``),
+``/healthz``, ``/readyz`` and ``/metrics`` (under ``server.path_prefix``) are answered here; every other request,
+websockets included, goes to the host app untouched. The gateway's resources (upstream client, stores) open with
+the lifespan's startup, also when mounted, or on the first request when the server runs no lifespan, and close
+with its shutdown.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from decimal import Decimal
 from typing import Any, Final
 
 import httpx
@@ -25,7 +27,7 @@ import structlog
 from mypy_extensions import mypyc_attr
 from opentelemetry.trace import TracerProvider
 
-from .budgets import BUILTIN_PRICES, BudgetEngine, budget_store
+from .budgets import BUILTIN_PRICES, BudgetEngine, budget_store, model_price
 from .cache import VectorCache
 from .config import BUDGET_SCOPES, Config, hash_key, load_config
 from .errors import (
@@ -109,6 +111,7 @@ class EmbeddingGateway:
         self._embed_paths = {prefix + path: dialect for path, dialect in _ROUTES.items()}
         self._get_paths = {
             prefix + "/v1/models": self._models,
+            prefix + "/api/v1/embeddings/models": self._openrouter_models,
             prefix + "/healthz": self._healthz,
             prefix + "/readyz": self._readyz,
             prefix + "/metrics": self._metrics_endpoint,
@@ -279,7 +282,8 @@ class EmbeddingGateway:
         if dialect is not None:
             allow = "POST"
         elif path in self._get_paths:
-            allow, dialect = "GET, HEAD", Dialect.OPENAI
+            allow = "GET, HEAD"
+            dialect = Dialect.OPENROUTER if path.endswith("/api/v1/embeddings/models") else Dialect.OPENAI
         else:
             return False
         err = MethodNotAllowed(f"{method} is not allowed on {path}; allowed: {allow}")
@@ -483,21 +487,51 @@ class EmbeddingGateway:
     # --- GET endpoints ---------------------------------------------------------------------------------------
 
     async def _models(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
-        assert self.pipeline is not None
         try:
-            key = self.pipeline.keys.authenticate(_headers(scope).get("authorization"))
+            ids = self._granted_models(scope)
         except GatewayError as err:
             return err.status, render_error(err, Dialect.OPENAI), {}
+        data = [{"id": mid, "object": "model", "created": 0, "owned_by": mid.partition("/")[0]} for mid in ids]
+        return 200, orjson.dumps({"object": "list", "data": data}), {}
+
+    async def _openrouter_models(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
+        """``GET /api/v1/embeddings/models``, OpenRouter's list of embedding models (its SDK's
+        ``embeddings.list_models()``): the models of ``/v1/models`` in OpenRouter's model shape, priced per token."""
+        try:
+            ids = self._granted_models(scope)
+        except GatewayError as err:
+            return err.status, render_error(err, Dialect.OPENROUTER), {}
+        providers = self.config.providers
+        data = []
+        for mid in ids:
+            cfg = self.config.models.get(mid)
+            named = [d.provider for d in cfg.deployments] if cfg is not None and cfg.deployments else []
+            multimodal = any(providers[p].multimodal for p in named or [mid.partition("/")[0]] if p in providers)
+            price = model_price(mid, self.config.models)
+            data.append({
+                "id": mid, "canonical_slug": mid, "name": mid, "created": 0, "description": "",
+                "context_length": None,
+                "architecture": {"modality": "text+image->embeddings" if multimodal else "text->embeddings",
+                                 "input_modalities": ["text", "image"] if multimodal else ["text"],
+                                 "output_modalities": ["embeddings"]},
+                # USD per token, as OpenRouter writes it: a decimal string ("0" when no price is known)
+                "pricing": {"prompt": _per_token(price), "completion": "0"},
+                "top_provider": {"is_moderated": False, "context_length": None, "max_completion_tokens": None},
+                "per_request_limits": None, "supported_parameters": [], "default_parameters": None,
+                "supported_voices": None, "links": {"details": ""},
+            })  # fmt: skip
+        return 200, orjson.dumps({"data": data, "total_count": len(data), "links": {"next": None}}), {}
+
+    def _granted_models(self, scope: Scope) -> list[str]:
+        """The configured models the request's key may use (401 without a valid key): listed ones, and
+        ``<provider>/*`` for a provider without any."""
+        assert self.pipeline is not None
+        keys = self.pipeline.keys
+        key = keys.authenticate(_headers(scope).get("authorization"))
         ids = list(self.config.models)
         ids += [f"{p}/*" for p in self.config.providers if not any(m.startswith(f"{p}/") for m in ids)]
-        keys = self.pipeline.keys
-        data = [
-            {"id": mid, "object": "model", "created": 0, "owned_by": mid.partition("/")[0]}
-            for mid in ids
-            # A provider without listed models: shown to a key granted any model of it ("openai/te-3-*" too)
-            if keys.allows(key, mid) or (mid.endswith("/*") and _reaches_some(key.models, mid[:-1]))
-        ]
-        return 200, orjson.dumps({"object": "list", "data": data}), {}
+        # A provider without listed models: shown to a key granted any model of it ("openai/te-3-*" too)
+        return [m for m in ids if keys.allows(key, m) or (m.endswith("/*") and _reaches_some(key.models, m[:-1]))]
 
     async def _healthz(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
         return 200, b'{"status":"ok"}', {}
@@ -575,6 +609,13 @@ class EmbeddingGateway:
         status = "unavailable" if refusing else "ready" if all(c["ok"] for c in checks.values()) else "degraded"
         body = {"status": status, "checks": checks, "deployments": self.router.status() if self.router else {}}
         return (503 if refusing else 200), orjson.dumps(body), {}
+
+
+def _per_token(price_per_million: float | None) -> str:
+    """A price per million tokens as OpenRouter's per-token decimal string (no exponent: "0.00000002")."""
+    if not price_per_million:
+        return "0"
+    return format(Decimal(repr(price_per_million)).scaleb(-6).normalize(), "f")
 
 
 def _reaches_some(globs: tuple[str, ...] | None, prefix: str) -> bool:
