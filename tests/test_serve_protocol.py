@@ -85,6 +85,17 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             raise
         EVENTS.append(("send returned", path))
         return
+    if path == "/streaming":  # Starlette's StreamingResponse, which under ASGI 2.4 turns send's OSError into its own
+        from starlette.responses import StreamingResponse
+
+        async def chunks() -> Any:
+            for _ in range(100):
+                EVENTS.append(("chunk", path))
+                yield b"x" * 1000
+                await asyncio.sleep(0.02)
+
+        await StreamingResponse(chunks())(scope, receive, send)
+        return
     if path == "/wait-disconnect-twice":  # two receive() at once, as a disconnect listener beside a reader
         EVENTS.append(("waiting", path))
         messages = await asyncio.gather(receive(), receive())
@@ -399,6 +410,24 @@ def test_send_after_the_client_left_raises_an_oserror_and_logs_nothing(
         client.close()
         _until(("send raised", "ClientGone"), deadline)
         time.sleep(0.1)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_frameworks_own_client_disconnect_is_not_logged_as_an_app_failure(
+    both: tuple[int, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A host's StreamingResponse (Starlette raises ClientDisconnect when send raises, under ASGI 2.4) to a client that
+    # left would be logged as "Exception in ASGI application", with a traceback.
+    ours, _ = both
+    EVENTS.clear()
+    client = Client(ours)
+    client.send(b"GET /streaming HTTP/1.1\r\nHost: x\r\n\r\n")
+    deadline = time.monotonic() + 5
+    _until(("chunk", "/streaming"), deadline)
+    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
+        client.close()
+        time.sleep(0.5)
+    assert EVENTS.count(("chunk", "/streaming")) < 100  # it stopped
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 

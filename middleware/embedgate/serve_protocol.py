@@ -567,8 +567,10 @@ class RequestCycle:
         transport = self.conn.transport
         if isinstance(failed, asyncio.CancelledError) and self.complete:
             return  # answered, then cancelled: the server stopping after its graceful timeout (see cli)
-        if isinstance(failed, ClientGone) and self.disconnected:
-            return  # the app let our own word that the client left go through: nothing to log, nothing to answer
+        if self.disconnected and (isinstance(failed, OSError) or type(failed).__name__ == "ClientDisconnect"):
+            # The app let our word that the client left go through (ClientGone, an OSError), or its framework's
+            # form of it (Starlette's ClientDisconnect, raised for it under ASGI 2.4): nothing to log, nor to answer.
+            return
         if failed is not None:
             _log.error("Exception in ASGI application\n", exc_info=failed)
         elif self.complete:
