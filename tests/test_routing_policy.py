@@ -305,12 +305,40 @@ async def test_a_load_balancer_without_models_is_none(upstream: FakeUpstream) ->
 
 
 @pytest.mark.anyio
-async def test_no_deployment_under_max_price_is_503_with_nothing_sent(upstream: FakeUpstream) -> None:
+@pytest.mark.parametrize(
+    "provider",
+    [{"max_price": {"prompt": 0.001}}, {"only": ["nobody"]}, {"ignore": ["local", "backup", "third"]},
+     {"order": ["nobody"], "allow_fallbacks": False}],
+)  # fmt: skip
+async def test_preferences_that_exclude_every_deployment_are_a_404_with_nothing_sent(
+    upstream: FakeUpstream, provider: dict[str, Any]
+) -> None:
+    # It was a 503, which SDKs retry: the OpenRouter SDK for up to an hour, though no retry could ever succeed.
     async with running(deployed_config(upstream)) as (c, _):
-        r = await post(c, {"model": "acme/embed", "input": TEXTS, "provider": {"max_price": {"prompt": 0.001}}})
-    assert r.status_code == 503, r.text
-    assert r.json()["error"]["code"] == "no_upstream_available"
+        r = await post(c, {"model": "acme/embed", "input": TEXTS, "provider": provider})
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("no_allowed_providers", "provider")
+    assert "retry-after" not in r.headers
     assert upstream.calls == []
+
+
+@pytest.mark.anyio
+async def test_excluded_by_preferences_a_fallback_still_serves_and_a_cooling_one_is_a_503(
+    upstream: FakeUpstream,
+) -> None:
+    config = routing_config(upstream, routing={"breaker_failures": 1, "breaker_cooldown_ms": 60000})
+    body = {"model": "local/embed-small", "input": TEXTS, "fallbacks": [{"model": "backup/embed-small"}],
+            "provider": {"ignore": ["local"]}, "retry": {"count": 0}}  # fmt: skip
+    async with running(config) as (c, _):
+        assert_served(await post(c, body), "backup/embed-small", "embed-small")
+        upstream.script.append(Fault("status", 500, model="embed-small"))
+        assert (
+            await post(c, {**body, "provider": None, "model": "backup/embed-small", "fallbacks": []})
+        ).status_code == 502
+        r = await post(c, body)  # the fallback only cooling down: worth a retry, so a 503 with when
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_upstream_available", r.text
+        assert "retry-after" in r.headers
 
 
 @pytest.mark.anyio
@@ -340,6 +368,21 @@ async def test_allow_fallbacks_false_uses_only_the_first_deployment(upstream: Fa
                            "provider": {"allow_fallbacks": False}})  # fmt: skip
     assert r.status_code == 502, r.text
     assert calls_per_deployment(upstream) == {"d-local": 2, "d-backup": 0, "d-third": 0}
+
+
+@pytest.mark.anyio
+async def test_allow_fallbacks_false_with_order_uses_only_the_named_providers_in_turn(upstream: FakeUpstream) -> None:
+    # OpenRouter: "false: use only the primary/custom provider" (those in order). The first deployment was kept,
+    # named or not: a provider the caller did not name got its input, and a named second one was never tried.
+    upstream.script.append(Fault("status", 500, model="d-third"))
+    async with running(deployed_config(upstream)) as (c, _):
+        r = await post(c, {"model": "acme/embed", "input": TEXTS, "retry": {"count": 1},
+                           "provider": {"order": ["third", "backup"], "allow_fallbacks": False}})  # fmt: skip
+        assert_served(r, "acme/embed", "d-backup")
+        r = await post(c, {"model": "acme/embed", "input": TEXTS,
+                           "provider": {"order": ["OpenAI"], "allow_fallbacks": False}})  # fmt: skip
+        assert r.status_code == 404, r.text
+    assert calls_per_deployment(upstream) == {"d-local": 0, "d-backup": 1, "d-third": 1}
 
 
 @pytest.mark.anyio

@@ -4,7 +4,7 @@
     ├── InvalidRequest           400  invalid_request_error (a parameter is named)
     ├── Unauthorized             401  invalid_api_key
     ├── Forbidden                403  model_not_allowed
-    ├── NotFound                 404  model_not_found
+    ├── NotFound                 404  model_not_found | no_allowed_providers
     ├── PayloadTooLarge          413  request_too_large
     ├── UnsupportedMediaType     415  unsupported_media_type
     ├── BudgetExceeded           429  requests_per_minute_exceeded | token_budget_exceeded | cost_budget_exceeded
@@ -123,7 +123,7 @@ class Forbidden(GatewayError):
 
 
 class NotFound(GatewayError):
-    """The model does not resolve to any provider."""
+    """The model does not resolve to any provider, or the request's provider preferences leave it no deployment."""
 
     status = 404
     type = "invalid_request_error"

@@ -301,7 +301,11 @@ class Router:
             rank = {p.lower(): i for i, p in enumerate(prefs.order)}
             deps.sort(key=lambda d: rank.get(d.provider.lower(), len(rank)))  # stable: keeps the sort within a rank
         if not prefs.allow_fallbacks:
-            deps = deps[:1]
+            if prefs.order:  # OpenRouter's "only the primary/custom provider": those named in `order`, in turn
+                named = {p.lower() for p in prefs.order}
+                deps = [d for d in deps if d.provider.lower() in named]
+            else:
+                deps = deps[:1]
         return deps
 
     def _price(self, model: ResolvedModel, d: Deployment) -> float | None:
@@ -348,8 +352,8 @@ class Router:
                     # a model only cooling down replaces one that cannot take the input at all (InvalidRequest: no
                     # multimodal deployment): the request is fine, the upstream is not, for now.
                     last = attempts.last_error
-                    if (last is None or not isinstance(err, (Unavailable, InvalidRequest))
-                            or (failed.cooling and isinstance(last, InvalidRequest))):  # fmt: skip
+                    if (last is None or not isinstance(err, (Unavailable, InvalidRequest, NotFound))
+                            or (failed.cooling and isinstance(last, (InvalidRequest, NotFound)))):  # fmt: skip
                         attempts.last_error = err
                     status = getattr(err, "upstream_status", None)
                     if not failed.spent and status not in fallback_codes and status not in _KEY_ERRORS:
@@ -392,8 +396,11 @@ class Router:
                     True,
                 )
         if not deployments:
+            # The request's own preferences exclude every deployment: no retry can change that (a 503 had SDKs
+            # retrying it for up to an hour). A 404, as OpenRouter answers it; a fallback may still take the request.
             attempts.skipped.append(f"{model.id}: no deployment matches the provider preferences")
-            raise _ModelFailed(Unavailable(f"No deployment of '{model.id}' matches the provider preferences"), True)
+            raise _ModelFailed(NotFound(f"No deployment of '{model.id}' matches the provider preferences",
+                                        code="no_allowed_providers", param="provider"), True)  # fmt: skip
         size = max(1, model.max_inputs)
         groups = [positions]
         if request.input_kind == "mixed":  # strings and token arrays: each kind in calls of its own
