@@ -376,6 +376,30 @@ async def test_a_coalesced_request_keeps_the_item_for_its_own_longer_ttl(upstrea
 
 
 @pytest.mark.anyio
+async def test_a_longer_ttl_a_waiter_asked_holds_when_the_fetching_request_stores_last(upstream: FakeUpstream) -> None:
+    # A (ttl 1) fetched x and waited on C for y; B (ttl 3600), waiting on A for x, stored x first: A's store, last,
+    # cut it to 1 s again.
+    app = gateway(parse_config(cache_config(upstream.url), env={}))
+    upstream.script.extend([Fault("slow", delay=1.2), Fault("slow", delay=0.3)])  # C's y, then A's x
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+
+        async def post(items: list[str], ttl: int) -> None:
+            await embed(c, items, cache={"type": "exact_match", "ttl": ttl})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, ["y"], 3600)
+            await anyio.sleep(0.15)
+            tg.start_soon(post, ["x", "y"], 1)
+            await anyio.sleep(0.15)
+            tg.start_soon(post, ["x"], 3600)
+        assert len(upstream.calls) == 2
+        await anyio.sleep(1.3)
+        assert (await embed(c, "x")).headers["x-embedgate-cache"] == "hit"
+    await app.shutdown()
+    assert len(upstream.calls) == 2
+
+
+@pytest.mark.anyio
 async def test_a_refresh_takes_no_answer_another_request_is_storing(upstream: FakeUpstream) -> None:
     # Cache-Control: no-cache arriving while another request stored the same item got that answer (a "hit"), not a
     # fresh one.

@@ -113,6 +113,25 @@ async def test_models_lists_a_provider_to_a_key_granted_some_of_its_models(
 
 
 @pytest.mark.anyio
+async def test_openrouter_models_are_priced_as_a_request_routed_by_default_pays(
+    make_config: Callable[..., Config],
+) -> None:
+    # A model priced only on its deployments was listed as free ("0"), though its requests were billed.
+    first = {"provider": "local", "upstream_model": "a", "price_per_million_tokens": 0.5}
+    models = {"local/priced": {"deployments": [first, {"provider": "backup", "upstream_model": "b"}]},
+              "local/both": {"price_per_million_tokens": 0.13,
+                             "deployments": [{"provider": "local", "upstream_model": "c"}]}}  # fmt: skip
+    app = gateway(make_config(models=models))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        r = await c.get("/api/v1/embeddings/models", headers={"authorization": f"Bearer {KEY}"})
+        prices = {m["id"]: m["pricing"]["prompt"] for m in r.json()["data"]}
+        assert (prices["local/priced"], prices["local/both"]) == ("0.0000005", "0.00000013")
+        refused = await c.get("/api/v1/embeddings/models")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == 401  # OpenRouter's shape
+    await app.shutdown()
+
+
+@pytest.mark.anyio
 async def test_standalone_startup_freezes_its_objects_out_of_the_gc_and_mounted_does_not(
     make_config: Callable[..., Config],
 ) -> None:

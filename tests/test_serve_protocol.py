@@ -431,6 +431,26 @@ def test_a_frameworks_own_client_disconnect_is_not_logged_as_an_app_failure(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+def test_a_graceful_shutdown_cutting_an_answer_being_read_logs_no_app_failure(caplog: pytest.LogCaptureFixture) -> None:
+    # The last send waits while the client reads a large answer; cancelled there by the graceful shutdown's timeout,
+    # the request was logged as "Exception in ASGI application" with a traceback.
+    EVENTS.clear()
+    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
+        with served(GatewayHttpProtocol, timeout_graceful_shutdown=1) as (port, server):
+            client = Client(port)
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.send(b"GET /big-once HTTP/1.1\r\nHost: x\r\n\r\n")  # 4 MB, read by nobody
+            time.sleep(0.5)
+            server.should_exit = True
+            deadline = time.monotonic() + 10
+            while server.started and not server.force_exit and time.monotonic() < deadline:
+                if not server.server_state.tasks and not server.server_state.connections:
+                    break
+                time.sleep(0.05)
+        client.close()
+    assert not [r for r in caplog.records if "Exception in ASGI application" in r.getMessage()]
+
+
 def test_a_request_head_over_64_kib_is_a_431(both: tuple[int, int]) -> None:
     # A head of any size was read whole: one 64 MB header took ~64 MB of the server's memory.
     ours, _ = both

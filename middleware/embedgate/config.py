@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,10 +422,8 @@ def _url(sec: _Section) -> Callable[[Any, str], str | None]:
         if not re.match(r"^https?://[^/\s]+", s):
             sec.error(path, f"must be an http(s) URL, got {_got(s, path, sec.errors)}")
             return None
-        if "#" in s or "@" in s.split("/", 3)[2]:  # a fragment is never sent, nor are credentials in a URL
-            sec.error(path, "must hold no fragment (#...) and no user:password@ (the key goes in api_key)")
-            return None
         try:  # as the adapter reads it at start-up (a bad port or host failed there, without a YAML path)
+            parts = urllib.parse.urlsplit(s)
             url = httpx.URL(s)
             ok = bool(url.host) and (url.port is None or 0 < url.port < 65536)
         except (httpx.InvalidURL, ValueError):
@@ -432,7 +431,10 @@ def _url(sec: _Section) -> Callable[[Any, str], str | None]:
         if not ok or re.search(r"\s", s):
             sec.error(path, "must be an http(s) URL with a valid host and port (1-65535), and no blanks")
             return None
-        return s.rstrip("/")
+        if "#" in s or "@" in parts.netloc:  # a fragment is never sent, nor are credentials in a URL
+            sec.error(path, "must hold no fragment (#...) and no user:password@ (the key goes in api_key)")
+            return None
+        return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/")))  # the query as it is
 
     return check
 

@@ -507,7 +507,10 @@ class EmbeddingGateway:
             cfg = self.config.models.get(mid)
             named = [d.provider for d in cfg.deployments] if cfg is not None and cfg.deployments else []
             multimodal = any(providers[p].multimodal for p in named or [mid.partition("/")[0]] if p in providers)
-            price = model_price(mid, self.config.models)
+            # as a request routed by default pays: its first deployment's own price, else the model's
+            price = model_price(
+                mid, self.config.models, cfg.deployments[0] if cfg is not None and cfg.deployments else None
+            )
             data.append({
                 "id": mid, "canonical_slug": mid, "name": mid, "created": 0, "description": "",
                 "context_length": None,

@@ -188,8 +188,9 @@ class Pipeline:
         # Misses coalesce only among requests routed alike: one whose fallbacks, retries, timeout, provider
         # preferences or user differ gets its own call (another's failure, or a model outside its chain, a
         # fallback its key is not granted, is not its answer).
-        # A coalesced item: the model that served it, its vector and tokens, and the TTL its fetcher stores it for.
-        self._coalescers: dict[tuple[object, ...], Coalescer[tuple[str, CachedItem, int]]] = {}
+        # A coalesced item: the model that served it, its vector and tokens, and the TTL its fetch stores it for
+        # (one list per fetch, which a waiter asking for longer raises: see _merge_and_store).
+        self._coalescers: dict[tuple[object, ...], Coalescer[tuple[str, CachedItem, list[int]]]] = {}
         self._keys = KeyIndex(config.keys)
         self._unknown = config.server.unknown_fields
         self._default_retry = config.routing.default_retry
@@ -372,15 +373,15 @@ class Pipeline:
             self._take(call, positions, result)
             return
         keys = [call.cache_keys[p] for p in positions]
-        ttl = call.cache_ttl
+        kept_for = [call.cache_ttl]  # what this request's fetch stores its items for (waiters may raise it)
         fetched_here: set[int] = set()
 
-        async def fetch(idx: list[int]) -> list[tuple[str, CachedItem, int]]:
+        async def fetch(idx: list[int]) -> list[tuple[str, CachedItem, list[int]]]:
             own = [positions[i] for i in idx]
             result = await self._embed(call, own, call.chain)
             fetched_here.update(own)
             self._take(call, own, result)
-            return [(result.model, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]), ttl)  # type: ignore[arg-type]
+            return [(result.model, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]), kept_for)  # type: ignore[arg-type]
                     for p in own]  # fmt: skip
 
         policy = (tuple([m.id for m in call.chain]), req.retry, req.fallback_on_codes, req.timeout_ms, req.provider,
@@ -391,7 +392,7 @@ class Pipeline:
                 first.setdefault(key, i)
             unique = list(first.values())
             got = dict(zip([keys[i] for i in unique], await fetch(unique), strict=True))
-            await self._merge_and_store(call, positions, [got[key] for key in keys], fetched_here)
+            await self._merge_and_store(call, positions, [got[key] for key in keys], fetched_here, kept_for)
         else:
             coalescer = self._coalescers.get(policy)
             if coalescer is None:
@@ -399,10 +400,10 @@ class Pipeline:
                 coalescer = self._coalescers[policy] = Coalescer(private=(InvalidRequest,))
             # What this request fetched stays in flight, answered, until it is in the cache: a request that reaches
             # this point meanwhile takes it rather than fetching it again.
-            held: list[tuple[str, asyncio.Future[tuple[str, CachedItem, int]]]] = []
+            held: list[tuple[str, asyncio.Future[tuple[str, CachedItem, list[int]]]]] = []
             try:
                 results = await coalescer.run(keys, fetch, held)
-                await self._merge_and_store(call, positions, results, fetched_here)
+                await self._merge_and_store(call, positions, results, fetched_here, kept_for)
             finally:  # the last request of a policy removes its coalescer (no await here: see embedgate._native)
                 coalescer.release(held)
                 if not coalescer.in_flight() and self._coalescers.get(policy) is coalescer:
@@ -417,22 +418,26 @@ class Pipeline:
         call.cache_status = "hit" if not missed else "miss" if missed == len(req.items) else "partial"
         call.prompt_tokens = sum(call.item_tokens)
 
-    async def _merge_and_store(
-        self, call: Call, positions: list[int], results: list[tuple[str, CachedItem, int]], fetched_here: set[int]
-    ) -> None:
-        """Take the coalesced results, embed again what another model answered, and store what was fetched (and
-        what another request fetched, to keep it for less time than this one asks)."""
+    async def _merge_and_store(self, call: Call, positions: list[int], results: list[tuple[str, CachedItem, list[int]]],
+                               fetched_here: set[int], kept_for: list[int]) -> None:  # fmt: skip
+        """Take the coalesced results, embed again what another model answered, and store what was fetched for
+        the longest TTL asked of it (``kept_for``, which waiters raise), and what another request fetched, if it
+        keeps it for less time than this one asks (it may have stored it already)."""
         req, ttl = call.request, call.cache_ttl
         assert req is not None and ttl is not None
-        longer: list[int] = []
+        longer: list[int] = []  # stored for less than this request asks: by it too (its fetch may have stored)
+        shorter: list[list[int]] = []
         for pos, (model, item, stored_for) in zip(positions, results, strict=True):
             if pos not in fetched_here:  # coalesced: another request paid for it
                 call.vectors[pos] = item.vector
                 call.item_tokens[pos] = item.tokens
                 if not call.served_model:
                     call.served_model = model
-                if stored_for < ttl:
+                if stored_for[0] < ttl:
                     longer.append(pos)
+                    shorter.append(stored_for)
+        for stored_for in shorter:  # and a fetch still to store keeps them that long
+            stored_for[0] = max(stored_for[0], ttl)
         served = call.served_model
         # Vectors of different models live in different spaces: one response never mixes them. When a fallback
         # served the misses, the items answered for another model are embedded again by the one that served.
@@ -465,7 +470,7 @@ class Pipeline:
             await self._cache.set_many(
                 [(k, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]))  # type: ignore[arg-type]
                  for k, p in zip(keys_served, fresh, strict=True)],
-                ttl,
+                max(ttl, kept_for[0]),
             )  # fmt: skip
 
     async def _embed(self, call: Call, positions: list[int], chain: list[ResolvedModel]) -> RouteResult:

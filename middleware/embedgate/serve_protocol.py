@@ -668,7 +668,16 @@ class RequestCycle:
             if conn.write_paused and not self.disconnected:
                 # The answer waits in the transport's buffer (a client reading slowly, or not at all): not sent yet.
                 # A client that leaves, or is dropped after STALL_TIMEOUT_S of reading nothing, did not get it.
-                await conn.drain()
+                try:
+                    await conn.drain()
+                except asyncio.CancelledError:
+                    # The server stopping (its graceful timeout passed) while the client still reads: the request
+                    # ends as answered (run() then ends it without a traceback), its connection dropped at once (a
+                    # close would wait for the client to read the rest, past the server's end).
+                    self.complete = True
+                    if conn.transport is not None:
+                        conn.transport.abort()
+                    raise
                 if self.disconnected:
                     raise ClientGone("The client left before the answer was sent")
             self.complete = True
