@@ -494,11 +494,9 @@ async def test_an_error_while_writing_the_answer_is_a_500_in_the_routes_shape(up
     assert usage is not None and usage[0]["tokens"]["used"] == 3  # the upstream's tokens settled, not left reserved
 
 
-@pytest.mark.anyio
-async def test_a_client_gone_before_its_body_is_a_499_not_a_server_error(upstream: FakeUpstream) -> None:
-    # It was a 500 internal_error in the access line, the root span (ERROR) and the requests metric.
-    app = gateway(routing_config(upstream))
-    scope = {
+def embed_scope() -> dict[str, Any]:
+    """The ASGI scope of an embedding POST with the test key, for an app called directly."""
+    return {
         "type": "http",
         "method": "POST",
         "path": "/v1/embeddings",
@@ -506,6 +504,13 @@ async def test_a_client_gone_before_its_body_is_a_499_not_a_server_error(upstrea
         "query_string": b"",
         "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")],
     }
+
+
+@pytest.mark.anyio
+async def test_a_client_gone_before_its_body_is_a_499_not_a_server_error(upstream: FakeUpstream) -> None:
+    # It was a 500 internal_error in the access line, the root span (ERROR) and the requests metric.
+    app = gateway(routing_config(upstream))
+    scope = embed_scope()
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.disconnect"}
@@ -527,14 +532,7 @@ async def test_a_client_gone_before_its_answer_went_out_is_a_499_billed(upstream
     # Its server said so (send raised an OSError, as ASGI 2.4 has it and embedgate serve's protocol does): the
     # access line and the requests metric said 200, for an answer no client got (an SDK's timeout, say).
     app = gateway(routing_config(upstream))
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/embeddings",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")],
-    }
+    scope = embed_scope()
     sent = False
 
     async def receive() -> dict[str, Any]:

@@ -395,39 +395,35 @@ def test_a_client_leaving_tells_the_request_being_answered_behind_a_pipelined_on
     _until(("http.disconnect", "/wait-disconnect"), deadline)
 
 
-def test_send_after_the_client_left_raises_an_oserror_and_logs_nothing(
-    both: tuple[int, int], caplog: pytest.LogCaptureFixture
-) -> None:
-    # ASGI 2.4: send raises an OSError once the client is gone, so the app knows its answer was lost (the gateway
-    # logs it as a 499); it returned silently, as uvicorn's does. The app letting it through is no app failure.
+@pytest.mark.parametrize(
+    ("request_bytes", "started", "ended"),
+    [
+        # ASGI 2.4: send raises an OSError once the client is gone, so the app knows its answer was lost (the gateway
+        # logs it as a 499); it returned silently, as uvicorn's does. The app letting it through is no app failure.
+        (b"POST /answer-after-disconnect HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+         ("waiting", "/answer-after-disconnect"), ("send raised", "ClientGone")),
+        # A host's StreamingResponse (Starlette raises ClientDisconnect when send raises, under ASGI 2.4) to a client
+        # that left would be logged as "Exception in ASGI application", with a traceback.
+        (b"GET /streaming HTTP/1.1\r\nHost: x\r\n\r\n", ("chunk", "/streaming"), None),
+    ],
+    ids=["send raises", "a framework's own ClientDisconnect"],
+)  # fmt: skip
+def test_a_client_leaving_is_told_by_send_and_is_no_app_failure(
+    both: tuple[int, int], caplog: pytest.LogCaptureFixture, request_bytes: bytes, started: tuple[str, str],
+    ended: tuple[str, str] | None,
+) -> None:  # fmt: skip
     ours, _ = both
     EVENTS.clear()
     client = Client(ours)
-    client.send(b"POST /answer-after-disconnect HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    client.send(request_bytes)
     deadline = time.monotonic() + 5
-    _until(("waiting", "/answer-after-disconnect"), deadline)
+    _until(started, deadline)
     with caplog.at_level(logging.INFO, logger="uvicorn.error"):
         client.close()
-        _until(("send raised", "ClientGone"), deadline)
-        time.sleep(0.1)
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
-
-
-def test_a_frameworks_own_client_disconnect_is_not_logged_as_an_app_failure(
-    both: tuple[int, int], caplog: pytest.LogCaptureFixture
-) -> None:
-    # A host's StreamingResponse (Starlette raises ClientDisconnect when send raises, under ASGI 2.4) to a client that
-    # left would be logged as "Exception in ASGI application", with a traceback.
-    ours, _ = both
-    EVENTS.clear()
-    client = Client(ours)
-    client.send(b"GET /streaming HTTP/1.1\r\nHost: x\r\n\r\n")
-    deadline = time.monotonic() + 5
-    _until(("chunk", "/streaming"), deadline)
-    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
-        client.close()
-        time.sleep(0.5)
-    assert EVENTS.count(("chunk", "/streaming")) < 100  # it stopped
+        if ended is not None:
+            _until(ended, deadline)
+        time.sleep(0.3)
+    assert EVENTS.count(("chunk", "/streaming")) < 100  # a stream stopped
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
