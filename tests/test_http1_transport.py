@@ -22,7 +22,7 @@ import pytest
 
 from embedgate.config import ProviderConfig
 from embedgate.errors import UpstreamError
-from embedgate.providers import Embeddings, Http1Transport, OpenAIAdapter, sender_for
+from embedgate.providers import AiohttpTransport, Embeddings, Http1Transport, OpenAIAdapter, sender_for
 from embedgate.providers.http1 import MAX_DECODED, decoded
 
 pytestmark = pytest.mark.anyio
@@ -430,7 +430,7 @@ async def test_the_adapter_reads_gzip_retry_after_and_bad_gzip_alike_on_both_pat
     assert str(corrupt.value).startswith("up sent a malformed answer: its body could not be decoded (")
 
 
-@pytest.mark.parametrize("path", ["direct", "httpx", "client"])
+@pytest.mark.parametrize("path", ["direct", "httpx", "client", "aiohttp"])
 async def test_every_path_bounds_a_decompressed_answer_and_takes_any_2xx(path: str) -> None:
     # Through a proxy (the httpx path: ProxyRoutes hands the transport httpx requests) or an injected client, httpx's
     # own decoders inflated a gzip bomb whole (1 GiB from 1 MB: 2.2 GB of memory); the direct path stopped at
@@ -440,8 +440,8 @@ async def test_every_path_bounds_a_decompressed_answer_and_takes_any_2xx(path: s
                                                      % (len(_ANSWER), _ANSWER), False)]  # fmt: skip
     async with serve(lambda n: answers[n - 1]) as server:
         transport = Http1Transport()
-        client = httpx.AsyncClient()
-        if path == "client":
+        client = httpx.AsyncClient(transport=AiohttpTransport()) if path == "aiohttp" else httpx.AsyncClient()
+        if path in ("client", "aiohttp"):
             provider = ProviderConfig(
                 name="up", type="openai", base_url=f"http://127.0.0.1:{server.port}/v1", api_key="sk-up"
             )

@@ -84,7 +84,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         # by the request's deadline), so aiohttp's default 300 s total and 30 s connect timers, armed and
         # cancelled on every request, would only cost time (~8% of a call, measured).
         no_timers = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=None, sock_read=None)
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False,
+        # Decoded here (bounded, see http1.decoded), not by aiohttp, which inflates a gzip bomb whole.
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
                                               timeout=no_timers)  # fmt: skip
         return self._session
 
@@ -101,8 +102,17 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 allow_redirects=False,
             ) as resp:
                 body = await resp.read()
-                # aiohttp has already decoded a gzip/deflate body: without Content-Encoding (and the length of
-                # the encoded body), httpx does not try to decode it a second time.
+                if resp.headers.get("content-encoding"):
+                    from .http1 import decoded  # here, as in sender_for
+
+                    try:
+                        body = decoded(resp.status, list(resp.raw_headers), body)
+                    except httpx.DecodingError:
+                        if 200 <= resp.status < 300:
+                            raise
+                        body = b""  # an error answer whose body does not decode: its status counts
+                # Decoded: without Content-Encoding (and the length of the encoded body), httpx does not try to
+                # decode it a second time.
                 headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in _DECODED_HEADERS]
                 # A ByteStream, not content=: httpx would re-derive Content-Length and copy the body. Read here,
                 # synchronously (cheaper than the async iteration of aread, which then has nothing left to do).
