@@ -151,6 +151,27 @@ def test_openrouter_sdk_lists_the_embedding_models(proxy: str) -> None:
         client.embeddings.list_models()
 
 
+def test_openrouter_sdk_pages_through_the_embedding_models(proxy: str) -> None:
+    # offset and limit were ignored: every page was the whole list, and the SDK's next() never ended.
+    from openrouter import errors
+
+    with OpenRouter(api_key=KEY, server_url=f"{proxy}/api/v1") as client:
+        everything = [m.id for m in client.embeddings.list_models().result.data]
+        page = client.embeddings.list_models(limit=1)
+        paged: list[str] = []
+        for _ in range(len(everything) + 2):  # bounded: one page per model, and the end
+            if page is None:
+                break
+            assert page.result.total_count == len(everything)
+            paged += [m.id for m in page.result.data]
+            page = page.next()
+        assert page is None and paged == everything
+        for bad in ({"offset": -1}, {"limit": 0}, {"limit": 1001}):
+            with pytest.raises(errors.OpenRouterError) as info:
+                client.embeddings.list_models(**bad)  # type: ignore[arg-type]
+            assert '"param":"' + next(iter(bad)) + '"' in info.value.body.replace(" ", "")
+
+
 def test_openrouter_sdk_sees_its_own_error_shape(proxy: str, upstream: FakeUpstream) -> None:
     from openrouter import errors
 

@@ -499,8 +499,20 @@ class EmbeddingGateway:
         ``embeddings.list_models()``): the models of ``/v1/models`` in OpenRouter's model shape, priced per token."""
         try:
             ids = self._granted_models(scope)
+            # Its pages, as the SDK asks for them (it pages on its own: a page as long as `limit` asks for the next)
+            query = _query(scope)
+            offset, limit = query.get("offset", "0"), query.get("limit")
+            if not (offset.isascii() and offset.isdigit() and len(offset) <= 9):
+                raise InvalidRequest("Invalid 'offset': a non-negative integer", param="offset")
+            if limit is not None and not (limit.isascii() and limit.isdigit() and len(limit) <= 4
+                                          and 0 < int(limit) <= 1000):  # fmt: skip
+                raise InvalidRequest("Invalid 'limit': an integer from 1 to 1000", param="limit")
         except GatewayError as err:
             return err.status, render_error(err, Dialect.OPENROUTER), {}
+        total, start = len(ids), int(offset)
+        end = total if limit is None else start + int(limit)
+        ids = ids[start:end]
+        following = f"{scope['path']}?offset={end}&limit={limit}" if limit is not None and end < total else None
         providers = self.config.providers
         data = []
         for mid in ids:
@@ -523,7 +535,7 @@ class EmbeddingGateway:
                 "per_request_limits": None, "supported_parameters": [], "default_parameters": None,
                 "supported_voices": None, "links": {"details": ""},
             })  # fmt: skip
-        return 200, orjson.dumps({"data": data, "total_count": len(data), "links": {"next": None}}), {}
+        return 200, orjson.dumps({"data": data, "total_count": total, "links": {"next": following}}), {}
 
     def _granted_models(self, scope: Scope) -> list[str]:
         """The configured models the request's key may use (401 without a valid key): listed ones, and
