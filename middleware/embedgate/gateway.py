@@ -501,28 +501,22 @@ class EmbeddingGateway:
             ids = self._granted_models(scope)
             # Its pages, as the SDK asks for them (it pages on its own: a page as long as `limit` asks for the next)
             query = _query(scope)
-            offset, limit = query.get("offset", "0"), query.get("limit")
-            if not (offset.isascii() and offset.isdigit() and len(offset) <= 9):
-                raise InvalidRequest("Invalid 'offset': a non-negative integer", param="offset")
-            if limit is not None and not (limit.isascii() and limit.isdigit() and len(limit) <= 4
-                                          and 0 < int(limit) <= 1000):  # fmt: skip
-                raise InvalidRequest("Invalid 'limit': an integer from 1 to 1000", param="limit")
+            start = _query_int(query, "offset", 0, 0, 999_999_999)
+            limit = _query_int(query, "limit", 0, 1, 1000) if "limit" in query else None
         except GatewayError as err:
             return err.status, render_error(err, Dialect.OPENROUTER), {}
-        total, start = len(ids), int(offset)
-        end = total if limit is None else start + int(limit)
-        ids = ids[start:end]
+        total = len(ids)
+        end = total if limit is None else start + limit
         following = f"{scope['path']}?offset={end}&limit={limit}" if limit is not None and end < total else None
         providers = self.config.providers
         data = []
-        for mid in ids:
+        for mid in ids[start:end]:
             cfg = self.config.models.get(mid)
-            named = [d.provider for d in cfg.deployments] if cfg is not None and cfg.deployments else []
-            multimodal = any(providers[p].multimodal for p in named or [mid.partition("/")[0]] if p in providers)
+            deployments = cfg.deployments if cfg is not None else ()
+            named = [d.provider for d in deployments] or [mid.partition("/")[0]]
+            multimodal = any(providers[p].multimodal for p in named if p in providers)
             # as a request routed by default pays: its first deployment's own price, else the model's
-            price = model_price(
-                mid, self.config.models, cfg.deployments[0] if cfg is not None and cfg.deployments else None
-            )
+            price = model_price(mid, self.config.models, deployments[0] if deployments else None)
             data.append({
                 "id": mid, "canonical_slug": mid, "name": mid, "created": 0, "description": "",
                 "context_length": None,
@@ -588,9 +582,7 @@ class EmbeddingGateway:
         try:
             self._admin(scope)
             query = _query(scope)
-            limit = query.get("limit", "100")
-            if not (limit.isascii() and limit.isdigit()) or not 0 < int(limit) <= 10000:  # "²" is a digit
-                raise InvalidRequest("Invalid 'limit': an integer from 1 to 10000", param="limit")
+            limit = _query_int(query, "limit", 100, 1, 10000)
             if "id" in query:  # "<workspace>/<id>", or an id alone: each workspace's identity of that id
                 name = query["id"]
                 if not 0 < len(name) <= 256:
@@ -600,7 +592,7 @@ class EmbeddingGateway:
                 found_all = [await self.identities.get(ws, iid) for ws, iid in candidates]
                 items = [i for i in found_all if i is not None]
             else:
-                items = await self.identities.list(int(limit))
+                items = await self.identities.list(limit)
         except GatewayError as err:
             return err.status, render_error(err, Dialect.OPENAI), {}
         except ConnectionError:
@@ -624,6 +616,17 @@ class EmbeddingGateway:
         status = "unavailable" if refusing else "ready" if all(c["ok"] for c in checks.values()) else "degraded"
         body = {"status": status, "checks": checks, "deployments": self.router.status() if self.router else {}}
         return (503 if refusing else 200), orjson.dumps(body), {}
+
+
+def _query_int(query: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    """The query parameter ``name`` as an integer from ``low`` to ``high`` (``default`` when absent), else a 400
+    naming it: blank, "²" (a digit to ``str.isdigit``, not to ``int``), or more digits than ``int`` reads."""
+    text = query.get(name)
+    if text is None:
+        return default
+    if text.isascii() and text.isdigit() and len(text) <= len(str(high)) and low <= int(text) <= high:
+        return int(text)
+    raise InvalidRequest(f"Invalid '{name}': an integer from {low} to {high}", param=name)
 
 
 def _per_token(price_per_million: float | None) -> str:
