@@ -103,14 +103,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             ) as resp:
                 body = await resp.read()
                 if resp.headers.get("content-encoding"):
-                    from .http1 import decoded  # here, as in sender_for
+                    from .http1 import decoded_answer  # here, as in sender_for
 
-                    try:
-                        body = decoded(resp.status, list(resp.raw_headers), body)
-                    except httpx.DecodingError:
-                        if 200 <= resp.status < 300:
-                            raise
-                        body = b""  # an error answer whose body does not decode: its status counts
+                    body = decoded_answer(resp.status, list(resp.raw_headers), body)
                 # Decoded: without Content-Encoding (and the length of the encoded body), httpx does not try to
                 # decode it a second time.
                 headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in _DECODED_HEADERS]

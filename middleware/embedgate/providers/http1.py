@@ -32,7 +32,7 @@ from typing import Final
 import httptools
 import httpx
 
-__all__ = ["MAX_DECODED", "Http1Transport", "decoded"]
+__all__ = ["MAX_DECODED", "Http1Transport", "decoded", "decoded_answer"]
 
 _Origin = tuple[bytes, bytes, int]  # scheme, host, port
 #: An answer: status, headers as sent, body as sent (a bytearray when it came in several reads: see _Connection).
@@ -265,13 +265,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body), request=request,
                                   extensions={"http_version": b"HTTP/1.1"})  # fmt: skip
         if header_value(headers, b"content-encoding") is not None:
-            try:
-                # Bounded (MAX_DECODED): httpx's own decoders would inflate a few KB of gzip to gigabytes.
-                body = decoded(status, headers, body)
-            except httpx.DecodingError:
-                if 200 <= status < 300:
-                    raise
-                body = b""  # an error answer whose body does not decode: its status counts (a 429's Retry-After)
+            body = decoded_answer(status, headers, body)  # bounded: httpx's own decoders inflate a bomb whole
             plain = [(k, v) for k, v in headers if k.lower() not in (b"content-encoding", b"content-length")]
             response = httpx.Response(status, headers=plain, content=body, request=request,
                                       extensions={"http_version": b"HTTP/1.1"})  # fmt: skip
@@ -455,6 +449,17 @@ async def _serialize(request: httpx.Request) -> bytes:
     head = request_head(request.method.encode("ascii"), request.url.raw_path, headers)
     head += (b"\r\n", body)
     return b"".join(head)
+
+
+def decoded_answer(status: int, headers: list[tuple[bytes, bytes]], body: bytes | bytearray) -> bytes:
+    """A compressed answer's body, decoded within ``MAX_DECODED``: an answer (2xx) that does not decode raises
+    ``httpx.DecodingError``; an error answer's is empty then, as its status is what counts (a 429's Retry-After)."""
+    try:
+        return decoded(status, headers, body)
+    except httpx.DecodingError:
+        if 200 <= status < 300:
+            raise
+        return b""
 
 
 def decoded(

@@ -22,7 +22,7 @@ from ..errors import UpstreamError, UpstreamTimeout
 from ..wire import MalformedAnswer, cut_vectors, read_answer, take_cut
 from .base import Embeddings, Sender
 from .deadline import deadline
-from .http1 import Http1Transport, decoded, header_value, origin_of, request_head
+from .http1 import Http1Transport, decoded_answer, header_value, origin_of, request_head
 
 __all__ = ["OpenAIAdapter", "cut_vectors", "take_cut"]
 
@@ -98,12 +98,7 @@ class OpenAIAdapter:
                     wire += (b"\r\n", payload)
                     status, answer_headers, content = await direct.exchange(self._origin, b"".join(wire))
                     if header_value(answer_headers, b"content-encoding") is not None:
-                        try:
-                            content = decoded(status, answer_headers, content)
-                        except httpx.DecodingError:
-                            if 200 <= status < 300:
-                                raise
-                            content = b""  # an error answer: its status (429, 503 ...) counts, not its message
+                        content = decoded_answer(status, answer_headers, content)
                 else:
                     response = await self._send(self._request(length, headers, payload))
                     status, answer_headers, content = response.status_code, response.headers.raw, response.content
