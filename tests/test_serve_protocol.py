@@ -860,6 +860,36 @@ def test_a_new_connection_that_sends_no_whole_head_is_closed_after_the_keep_aliv
             partial.close()
 
 
+def test_a_head_trickled_byte_by_byte_is_closed_after_the_keep_alive_timeout_from_its_first_byte() -> None:
+    # The timeout counted from the last byte: a head sent a byte every 0.3 s held its connection for as long as the
+    # client went on (up to the 64 KiB head limit, hours at that pace). A head that arrives whole is still served.
+    with served(GatewayHttpProtocol, timeout_keep_alive=1) as (port, _):
+        client = Client(port)
+        try:
+            started = time.monotonic()
+            head = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40
+            closed = False
+            for byte in head:  # 4.6 s of it, a byte every 0.1 s
+                try:
+                    client.send(bytes([byte]))
+                except OSError:
+                    closed = True
+                    break
+                if client.closed(wait=0.1):
+                    closed = True
+                    break
+            assert closed
+            assert 0.5 < time.monotonic() - started < 3.0
+        finally:
+            client.close()
+        client = Client(port)
+        try:
+            client.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.response()[0] == 200
+        finally:
+            client.close()
+
+
 def test_a_body_that_stops_coming_or_an_answer_not_read_drops_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     from embedgate import serve_protocol
 

@@ -185,7 +185,9 @@ class GatewayHttpProtocol(asyncio.Protocol):
         pass
 
     def data_received(self, data: bytes) -> None:
-        if self.idle_timer is not None:  # the keep-alive timeout counts from the last byte (uvicorn's does too)
+        if self.idle_timer is not None and not self.in_head:
+            # The keep-alive timeout counts from the last byte (uvicorn's does too), but a head from its first: one
+            # trickled a byte at a time held its connection for as long as the client liked.
             self.idle_since = self.loop.time()
         if self.pending_error is not None:
             return  # a request refused, its answer owed after those before it: nothing after it is read
