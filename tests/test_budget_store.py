@@ -937,3 +937,37 @@ async def test_a_reserve_that_reaches_redis_after_the_caller_gave_up_changes_not
     finally:
         await store.aclose()
         server.stop()
+
+
+@pytest.mark.anyio
+async def test_a_reserve_sent_behind_a_late_one_keeps_its_own_deadline(anyio_backend: str, tmp_path: Path) -> None:
+    # Redis stalled with two reserves on the connection: when the first one's deadline passed, the second failed
+    # with it (a 503 for its request), though Redis then woke within its deadline and ran its script: the refused
+    # request was charged. It now waits for its own deadline, and gets Redis's answer.
+    require_programs("redis-server")
+    server = ThrowawayRedis(tmp_path, "--enable-debug-command", "yes")
+    server.start()
+    store = RedisBudgetStore(server.url, socket_timeout=2.0)
+    t = int(time.time() * 1000)
+    try:
+        await store.reserve([CounterSpec("c", 5, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="1")
+        stalled = aioredis.Redis.from_url(server.url)
+        await stalled.ping()
+        sleeping = asyncio.ensure_future(stalled.execute_command("DEBUG", "SLEEP", "2.2"))
+        await asyncio.sleep(0.1)
+        late = asyncio.ensure_future(
+            store.reserve([CounterSpec("c", 7, 100, 3600)], [], now_ms=t + 1, window_ms=WINDOW_MS, member="2")
+        )
+        await asyncio.sleep(0.9)  # sent 1 s later: its deadline (3 s) is after Redis wakes (2.2 s), the first's not
+        second = await store.reserve([CounterSpec("c", 11, 100, 3600)], [], now_ms=t + 2, window_ms=WINDOW_MS,
+                                     member="3")  # fmt: skip
+        with pytest.raises(BudgetStoreError):
+            await late
+        assert second.failed == -1 and second.values == (16,)  # the late one's script came too late to apply
+        await sleeping
+        await stalled.aclose()
+        got = await store.read(["c"], [], now_ms=t + 3000, window_ms=WINDOW_MS)
+        assert got.values == (16,)
+    finally:
+        await store.aclose()
+        server.stop()

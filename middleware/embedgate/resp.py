@@ -185,6 +185,8 @@ class _Pipe(asyncio.Protocol):
                     return
                 self._pending = bytearray(memoryview(data)[pos:])
                 self._whole_reply()  # scans the partial reply as far as it goes (parse found it incomplete)
+            elif self.closed and not waiting:  # a connection that had a late reply: every reply is in now
+                self._fail(ConnectionError("the connection to Redis is closed"))
         except ValueError as exc:  # not RESP: nothing later on this socket can be trusted
             self._fail(ConnectionError(f"Redis sent an unreadable reply: {exc}"))
 
@@ -230,13 +232,28 @@ class _Pipe(asyncio.Protocol):
 
     def _check_deadline(self) -> None:
         self._timer = None
-        if not self._waiting:
+        waiting = self._waiting
+        if not waiting:
             return
-        deadline = self._waiting[0][1]
-        if self._loop.time() >= deadline:
-            self._fail(TimeoutError(f"Redis did not answer within {self._timeout:g} s"))
-        else:
-            self._timer = self._loop.call_at(deadline, self._check_deadline)
+        now = self._loop.time()
+        if now < waiting[0][1]:
+            self._timer = self._loop.call_at(waiting[0][1], self._check_deadline)
+            return
+        # The oldest reply is late: the commands past their deadline fail, and the connection takes no new one
+        # (it would wait behind them). Those sent since keep theirs: a Redis that pauses (a fork, a slow script)
+        # still runs them when it resumes, so failing them at once refused requests whose budget scripts then ran
+        # and charged them. The socket goes once every command on it has its reply or is past its deadline.
+        self.closed = True
+        exc = TimeoutError(f"Redis did not answer within {self._timeout:g} s")
+        if waiting[-1][1] <= now:
+            self._fail(exc)
+            return
+        for future, deadline in waiting:  # deadlines grow along the queue
+            if deadline > now:
+                self._timer = self._loop.call_at(deadline, self._check_deadline)
+                break
+            if not future.done():
+                future.set_exception(exc)
 
     def _fail(self, exc: BaseException) -> None:
         self.closed = True
