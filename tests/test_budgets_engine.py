@@ -407,6 +407,24 @@ async def test_fail_closed_when_redis_is_unreachable() -> None:
 
 
 @pytest.mark.anyio
+async def test_fail_closed_says_why_once_per_interval() -> None:
+    # Failing closed, the 503s were all an operator saw: nothing logged said the store was down, nor why.
+    store = RedisBudgetStore(CLOSED_REDIS, socket_timeout=0.5)
+    eng = BudgetEngine(budgets(BudgetConfig(scope="api_key", target="team-a", token_limit=10)), store)
+    try:
+        with capture_logs() as logs:
+            for _ in range(2):
+                with pytest.raises(Unavailable):
+                    await eng.reserve(ALICE, tokens=1, cost_usd=0.0)
+        assert [(e["log_level"], e["event"]) for e in logs] == [
+            ("warning", "budget store unavailable, refusing budgeted requests (503)")
+        ]
+        assert "Connect" in logs[0]["error"] or "connect" in logs[0]["error"], logs[0]
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
 async def test_fail_open_admits_and_warns_once_per_interval() -> None:
     store = RedisBudgetStore(CLOSED_REDIS, socket_timeout=0.5)
     eng = BudgetEngine(budgets(BudgetConfig(scope="api_key", target="team-a", token_limit=10)), store, fail_open=True)

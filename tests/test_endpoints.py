@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 from embedgate.config import Config
 from tests.conftest import KEY, OTHER_KEY, gateway
 from tests.fake_upstream import FakeUpstream, free_port
+from tests.redis_util import PASSWORD, ThrowawayRedis, require_programs
 
 
 @pytest.mark.anyio
@@ -43,8 +45,36 @@ async def test_readiness_fails_when_the_budget_store_is_unreachable(make_config:
         body = r.json()
         assert body["status"] == "unavailable"
         assert body["checks"]["cache"] == {"backend": "redis", "ok": False}
-        assert body["checks"]["budgets"] == {"backend": "redis", "ok": False}
+        assert body["checks"]["budgets"]["backend"] == "redis"
+        assert body["checks"]["budgets"]["ok"] is False
+        assert (
+            "ConnectionRefusedError" in body["checks"]["budgets"]["error"]
+            or "Errno" in body["checks"]["budgets"]["error"]
+        )
     await app.shutdown()
+
+
+@pytest.mark.anyio
+async def test_readiness_says_why_the_budget_store_is_down_without_the_password(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    # A wrong password (or a db out of range) on the budgets' Redis: 503s, and /readyz said only "ok": false.
+    require_programs("redis-server")
+    server = ThrowawayRedis(tmp_path)
+    server.start()
+    try:
+        url = server.url.replace(PASSWORD, "not-the-password-4921")
+        app = gateway(make_config(redis_url=url, budgets=BUDGET, cache={"redis_url": server.url}))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+            r = await c.get("/readyz")
+            assert r.status_code == 503
+            check = r.json()["checks"]["budgets"]
+            assert check["ok"] is False and "WRONGPASS" in check["error"], check
+            assert "not-the-password-4921" not in r.text and PASSWORD not in r.text
+            assert r.json()["checks"]["cache"]["ok"] is True
+        await app.shutdown()
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("setting", ["no budget", "fail_open", "the cache's own Redis"])

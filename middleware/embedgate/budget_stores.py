@@ -430,6 +430,8 @@ class RedisBudgetStore:
         self._reserve = Script(_RESERVE)  # EVALSHA, loading the script on NOSCRIPT
         self._adjust = Script(_ADJUST)
         self._read = Script(_READ)
+        #: Why the last ``ping`` failed (None after one that did not).
+        self.last_error: str | None = None
 
     async def _call(self, script: Script, keys: list[str], args: list[Any]) -> list[int]:
         try:
@@ -521,11 +523,14 @@ class RedisBudgetStore:
         return sorted(m.decode() for m in found)[:limit]
 
     async def ping(self) -> bool:
-        """Whether Redis answers a PING."""
+        """Whether Redis answers a PING; ``last_error`` says why not (``/readyz`` shows it)."""
         try:
-            return bool(await self._redis.execute("PING") == b"PONG")
-        except (RespError, OSError, TimeoutError):
+            ok = bool(await self._redis.execute("PING") == b"PONG")
+        except (RespError, OSError, TimeoutError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"  # Redis's own words: no URL, no password
             return False
+        self.last_error = None if ok else "Redis did not answer PONG"
+        return ok
 
     async def aclose(self) -> None:
         """Close the connection."""

@@ -292,7 +292,7 @@ def _project_id(subject: Subject) -> str:
 class BudgetEngine:
     """Applies the configured budgets to requests; see the module docstring for the protocol."""
 
-    WARN_INTERVAL_S = 60.0  # fail-open warnings are logged at most this often
+    WARN_INTERVAL_S = 60.0  # a store that is down is logged at most this often
 
     def __init__(
         self,
@@ -448,13 +448,18 @@ class BudgetEngine:
                 index=index,
             )
         except BudgetStoreError as exc:
+            # Told in both modes (at most once a WARN_INTERVAL_S): failing closed, the 503s alone did not say why (a
+            # wrong password, a db out of range, Redis down).
+            if time.monotonic() - self._last_warn >= self.WARN_INTERVAL_S:
+                self._last_warn = time.monotonic()
+                if self._fail_open:
+                    log.warning("budget store unavailable, admitting without budgets (fail_open)", error=str(exc))
+                else:
+                    log.warning("budget store unavailable, refusing budgeted requests (503)", error=str(exc))
             if not self._fail_open:
                 raise Unavailable(
                     "budget store unavailable; the request was not admitted", code="store_unavailable"
                 ) from exc
-            if time.monotonic() - self._last_warn >= self.WARN_INTERVAL_S:
-                self._last_warn = time.monotonic()
-                log.warning("budget store unavailable, admitting without budgets (fail_open)", error=str(exc))
             return Reservation(rid, "fail_open")
         headers = self._headers(counters, windows, res, now_ms)
         if res.failed >= 0:

@@ -605,8 +605,12 @@ class EmbeddingGateway:
         if self.cache is not None:
             checks["cache"] = {"backend": self.cache.backend, "ok": await self.cache.ping()}
         if self.budgets is not None:
-            checks["budgets"] = {"backend": "redis" if self.config.redis_url else "memory",
-                                 "ok": await self.budgets.store.ping()}  # fmt: skip
+            store = self.budgets.store
+            checks["budgets"] = budget_check = {"backend": "redis" if self.config.redis_url else "memory",
+                                                "ok": await store.ping()}  # fmt: skip
+            error = getattr(store, "last_error", None)  # why it is down, where the store says (Redis's reply)
+            if not budget_check["ok"] and isinstance(error, str):
+                budget_check["error"] = error
         # Not ready only when requests would be refused: budgets configured, their store down and failing closed. A
         # cache down is a miss, and a budget store down with fail_open (or no budget) refuses nothing: degraded,
         # still served (every replica taken out of its load balancer by one shared Redis would be an outage).
