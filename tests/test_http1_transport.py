@@ -23,7 +23,7 @@ import pytest
 from embedgate.config import ProviderConfig
 from embedgate.errors import UpstreamError
 from embedgate.providers import AiohttpTransport, Embeddings, Http1Transport, OpenAIAdapter, sender_for
-from embedgate.providers.http1 import MAX_DECODED, decoded
+from embedgate.providers.http1 import MAX_DECODED, MAX_HEAD, decoded
 
 pytestmark = pytest.mark.anyio
 
@@ -720,6 +720,25 @@ async def test_a_body_beyond_max_body_is_a_protocol_error(framing: str) -> None:
         transport = Http1Transport(max_body=300_000)
         with pytest.raises(httpx.RemoteProtocolError, match="more than 300000 bytes"):
             await post(transport, server.url)
+        await transport.aclose()
+
+
+@pytest.mark.parametrize("head", ["endless header lines", "one endless header value"])
+async def test_a_head_beyond_max_head_is_a_protocol_error(head: str) -> None:
+    # Only the body was bounded: an upstream sending header lines without end grew the gateway's memory by
+    # gigabytes until the attempt's timeout (llhttp keeps a head's headers, and a value until it is whole).
+    pad = b"X-Pad: " + b"a" * 1000 + b"\r\n" if head == "endless header lines" else b"a" * 1000
+    start = b"HTTP/1.1 200 OK\r\n" + (b"" if head == "endless header lines" else b"X-Pad: ")
+    answer = start + pad * (3 * MAX_HEAD // len(pad))  # 3 MiB of it, and the connection kept open
+    async with serve(lambda n: (answer, False)) as server:
+        transport = Http1Transport()
+        with pytest.raises(httpx.RemoteProtocolError, match=f"a head of more than {MAX_HEAD} bytes"):
+            await asyncio.wait_for(post(transport, server.url), 10)
+        # a head of many headers within the bound is read
+        many = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 100) for i in range(2000))  # ~220 KB
+        async with serve(lambda n: ok(b'{"ok":true}', many.rstrip(b"\r\n"))) as fine:
+            response = await post(transport, fine.url)
+            assert response.status_code == 200 and response.headers["x-h1999"] == "v" * 100
         await transport.aclose()
 
 

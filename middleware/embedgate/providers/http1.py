@@ -32,7 +32,7 @@ from typing import Final
 import httptools
 import httpx
 
-__all__ = ["MAX_DECODED", "Http1Transport", "decoded", "decoded_answer"]
+__all__ = ["MAX_DECODED", "MAX_HEAD", "Http1Transport", "decoded", "decoded_answer"]
 
 _Origin = tuple[bytes, bytes, int]  # scheme, host, port
 #: An answer: status, headers as sent, body as sent (a bytearray when it came in several reads: see _Connection).
@@ -46,6 +46,9 @@ _MAX_BUFFERED: Final = 64 * 1024 * 1024
 #: The largest answer body taken at all (as a decoded one, see the adapters' MAX_DECODED): a larger one is a
 #: protocol error, never the gateway's memory filled by an upstream that does not stop.
 MAX_BODY: Final = 256 * 1024 * 1024
+#: The largest answer head (status line and headers): more is a protocol error. llhttp keeps a head's headers until
+#: each is whole, so an upstream sending header lines without end grew the gateway's memory by gigabytes.
+MAX_HEAD: Final = 1024 * 1024
 
 
 #: The most a compressed answer may decode to, on every path (direct, proxied, an injected client's): the largest
@@ -89,6 +92,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._into: memoryview | None = None  # the body's buffer while it fills
         self._filled = 0
         self._next_keep_alive = False
+        self._head_size = 0  # bytes read of the answer's head so far; -1 once it is whole
 
     # --- the exchange -----------------------------------------------------------------------------------------
 
@@ -100,6 +104,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._status, self._headers, self._body, self._body_size = 0, [], [], 0
         self._until_close = self.answered = False
         self._length, self._into = -1, None
+        self._head_size = 0
         self.exchanges += 1
         try:
             self.transport.write(data)
@@ -153,6 +158,12 @@ class _Connection(asyncio.BufferedProtocol):
             self.close()
             return
         self.answered = True
+        if self._head_size >= 0:
+            self._head_size += nbytes  # (the read may hold the body's start too: within one read's 32 KiB)
+            if self._head_size > MAX_HEAD + _SCRATCH:
+                self._fail(httpx.RemoteProtocolError(f"invalid HTTP answer: a head of more than {MAX_HEAD} bytes"))
+                self.close()
+                return
         try:
             self._parser.feed_data(self._scratch_view[:nbytes])
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # the second is no subclass
@@ -203,6 +214,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._head_size = -1
         status = self._status = self._parser.get_status_code()
         length: bytes | None = None
         chunked = False
@@ -230,6 +242,7 @@ class _Connection(asyncio.BufferedProtocol):
         if 100 <= self._status < 200:  # an interim answer: the real one follows on the same connection
             # its lack of a length is no body read until the close: a drop now is a drop, not an empty answer
             self._status, self._headers, self._body, self._until_close = 0, [], [], False
+            self._head_size = 0
             return
         self._until_close = False
         self._answer(b"".join(self._body), self._parser.should_keep_alive())
