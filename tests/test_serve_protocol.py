@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gzip
 import hashlib
 import logging
 import socket
@@ -361,6 +362,26 @@ def test_a_request_without_exactly_one_host_is_a_400(both: tuple[int, int], head
     assert [status for status, _, _ in responses] == [200, 400] and closed
     # HTTP/1.0 may go without one
     [(status, _, _)], _ = exchange(ours, b"GET /echo HTTP/1.0\r\n\r\n", 1)
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [[b"gzip, chunked"], [b"x, chunked"], [b"identity, chunked"], [b"gzip", b"chunked"]],
+    ids=["gzip, chunked", "unknown, chunked", "identity, chunked", "two lines"],
+)
+def test_a_transfer_coding_other_than_chunked_is_a_501(both: tuple[int, int], codings: list[bytes]) -> None:
+    # llhttp reads such a body by its last coding, chunked: the app was handed a gzip-coded body as if it were
+    # the JSON (RFC 9112, 6.1: a coding the server does not understand is a 501).
+    ours, _ = both
+    body = gzip.compress(b'{"a": 1}')
+    lines = b"".join(b"Transfer-Encoding: %s\r\n" % coding for coding in codings)
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\n" + lines + b"\r\n"
+    [(status, _, text)], closed = exchange(ours, head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body), 1)
+    assert status == 501 and b"transfer coding" in text and closed
+    # chunked alone, in any case, is read
+    chunked = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    [(status, _, _)], _ = exchange(ours, chunked, 1)
     assert status == 200
 
 

@@ -137,6 +137,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.expect_continue = False
         self.hosts = 0  # Host header lines of the request head being read
+        self.codings: list[bytes] = []  # its transfer codings, of every Transfer-Encoding line
         self.idle_since = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
         self.stall_timer: asyncio.TimerHandle | None = None
@@ -211,6 +212,9 @@ class GatewayHttpProtocol(asyncio.Protocol):
             elif isinstance(exc.__context__, _BadHost):
                 _log.warning("Request without exactly one Host header received.")
                 self._refuse(400, "A request must have exactly one Host header.")
+            elif isinstance(exc.__context__, _BadCoding):
+                _log.warning("Request with an unsupported transfer coding received.")
+                self._refuse(501, "Unsupported transfer coding: only chunked is.")
             else:
                 _log.warning("Invalid HTTP request received.")
                 self._refuse(400, "Invalid HTTP request received.")
@@ -328,6 +332,8 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.headers = []
         self.expect_continue = False
         self.hosts = 0
+        if self.codings:
+            self.codings = []
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -346,6 +352,8 @@ class GatewayHttpProtocol(asyncio.Protocol):
             self.expect_continue = True
         elif name == b"host":
             self.hosts += 1
+        elif name == b"transfer-encoding":
+            self.codings += [coding.strip() for coding in value.lower().split(b",")]
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -359,6 +367,10 @@ class GatewayHttpProtocol(asyncio.Protocol):
         version = parser.get_http_version()
         if self.hosts != 1 and (self.hosts or version == "1.1"):
             raise _BadHost  # RFC 9112, 3.2: an HTTP/1.1 request without a Host, or any with two, is a 400
+        if self.codings and self.codings != [b"chunked"]:
+            # RFC 9112, 6.1: a coding not understood is a 501. llhttp reads such a body by its last coding, chunked,
+            # and the app got it still coded (gzip), or refuses it only when chunked is not last.
+            raise _BadCoding
         self.in_head = False
         url = self.url
         if url[:1] == b"/" and b"?" not in url and b"#" not in url:
@@ -524,6 +536,10 @@ class _HeadTooLarge(Exception):
 
 class _BadHost(Exception):
     """An HTTP/1.1 request head without a Host header, or any request head with more than one."""
+
+
+class _BadCoding(Exception):
+    """A request head whose transfer codings are other than ``chunked`` alone."""
 
 
 class RequestCycle:
