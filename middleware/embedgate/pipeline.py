@@ -124,10 +124,9 @@ class KeyIndex:
     """Client keys by sha256, with each key's model grants compiled once."""
 
     def __init__(self, keys: tuple[KeyConfig, ...]) -> None:
+        # By sha256 only: a key matched is not remembered by its text either (a dump of the process's memory
+        # holds no client key; its sha256, ~1 us, runs on every request).
         self._by_digest = {k.sha256: k for k in keys}
-        # Keys already matched, by their text: a key is hashed once, not on every request. Only keys that matched
-        # are kept, so this holds at most one entry per configured key, whatever clients send.
-        self._by_token: dict[str, KeyConfig] = {}
         self._grants: dict[str, re.Pattern[str] | None] = {
             k.id: None if k.models is None else re.compile("|".join(fnmatch.translate(g) for g in k.models) or "(?!)")
             for k in keys
@@ -141,13 +140,9 @@ class KeyIndex:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("Malformed Authorization header: expected 'Bearer <key>'", param="authorization")
-        key = self._by_token.get(token)
-        if key is not None:
-            return key
         key = self._by_digest.get(hash_key(token))
         if key is None:
             raise Unauthorized("Invalid API key", param="authorization")
-        self._by_token[token] = key
         return key
 
     def allows(self, key: KeyConfig, model: str) -> bool:
