@@ -74,7 +74,7 @@ def test_every_error_has_its_yaml_path() -> None:
         parse_config(
             {
                 "server": {"max_body_bytes": "lots", "colour": 1},
-                "providers": {"p": {"type": "grpc", "base_url": "ftp://x"}},
+                "providers": {"p": {"type": "grpc", "base_url": "ftp://x", "accepts_input_type": "maybe"}},
                 "models": {"p/m": {"deployments": [{"provider": "q"}]}},
                 "keys": [{"id": "a"}, {"id": "a", "key": "k", "sha256": "00"}],
                 "budgets": [{"scope": "galaxy", "target": "*"}],
@@ -90,6 +90,7 @@ def test_every_error_has_its_yaml_path() -> None:
         "server.colour: unknown key",
         "providers.p.type: must be one of",
         "providers.p.base_url: must be an http(s) URL",
+        "providers.p.accepts_input_type: must be",
         "models.p/m.deployments[0].provider: no provider named 'q'",
         "keys[0]: needs key or sha256",
         "keys[1].id: duplicate key id",

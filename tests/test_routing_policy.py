@@ -296,6 +296,50 @@ async def test_provider_preferences_choose_the_deployment(
 
 
 @pytest.mark.anyio
+async def test_input_type_goes_only_to_providers_that_take_it(upstream: FakeUpstream) -> None:
+    # It went to every provider: OpenAI's API answers 400 to a field it does not know, so a request with input_type
+    # routed to a `type: openai` provider failed as the client's own bad input, and no other deployment was tried.
+    # Left out there by default, as OpenRouter leaves out what a provider does not support; require_parameters
+    # keeps only the providers that take it.
+    body: dict[str, Any] = {"model": "acme/embed", "input": TEXTS, "input_type": "search_query"}
+    async with running(deployed_config(upstream)) as (c, _):
+        for order, served, sent in [
+            ("backup", "d-backup", False),
+            ("third", "d-third", True),
+            ("local", "d-local", True),
+        ]:
+            upstream.reset()
+            r = await post(c, {**body, "provider": {"order": [order]}}, "/api/v1/embeddings")
+            assert_served(r, "acme/embed", served)
+            assert ("input_type" in upstream.calls_for(served)[0].body) is sent
+            if sent:
+                assert upstream.calls_for(served)[0].body["input_type"] == "search_query"
+        upstream.reset()
+        r = await post(c, {**body, "provider": {"order": ["backup", "third"], "require_parameters": True}})
+        assert_served(r, "acme/embed", "d-third")
+        assert calls_per_deployment(upstream) == {"d-local": 0, "d-backup": 0, "d-third": 1}
+        upstream.reset()
+        r = await post(c, {**body, "provider": {"only": ["backup"], "require_parameters": True}})
+        assert r.status_code == 404, r.text
+        assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("no_allowed_providers", "provider")
+        assert upstream.calls == []
+        # without input_type, require_parameters changes nothing
+        r = await post(c, {"model": "acme/embed", "input": TEXTS,
+                           "provider": {"only": ["backup"], "require_parameters": True}})  # fmt: skip
+        assert_served(r, "acme/embed", "d-backup")
+    # a provider of type openai that takes it (a proxy of OpenAI's API that does) says so
+    taking = {"type": "openai", "base_url": upstream.url, "accepts_input_type": True}
+    config = routing_config(
+        upstream, providers={"backup": taking, "third": {**THIRD, "base_url": upstream.url}}, models=DEPLOYED
+    )
+    async with running(config) as (c, _):
+        upstream.reset()
+        r = await post(c, {**body, "provider": {"only": ["backup"], "require_parameters": True}})
+        assert_served(r, "acme/embed", "d-backup")
+        assert upstream.calls_for("d-backup")[0].body["input_type"] == "search_query"
+
+
+@pytest.mark.anyio
 async def test_a_load_balancer_without_models_is_none(upstream: FakeUpstream) -> None:
     # orq types load_balancer.models [array, null]: null was "expected an array, got null"
     async with running(deployed_config(upstream)) as (c, _):

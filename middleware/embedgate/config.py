@@ -73,6 +73,8 @@ class ProviderConfig:
     api_key: str = field(default="", repr=False)
     timeout_ms: int = 30000
     multimodal: bool = False
+    #: Whether the request's ``input_type`` is sent here (OpenAI's API refuses fields it does not know).
+    accepts_input_type: bool = True
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -489,13 +491,16 @@ def _providers(data: Any, errors: list[str]) -> dict[str, ProviderConfig]:
         s = _Section(body, top.at(str(name)), errors)
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
             s.error(s.path, "provider names may hold letters, digits, '_', '.', '-'")
+        kind = s.required("type", s.choice(PROVIDER_TYPES), "openai")
         out[str(name)] = ProviderConfig(
             name=str(name),
-            type=s.required("type", s.choice(PROVIDER_TYPES), "openai"),
+            type=kind,
             base_url=s.required("base_url", _url(s), ""),
             api_key=s.get("api_key", s.secret, ""),
             timeout_ms=s.get("timeout_ms", s.integer(1, 600000), 30000),
             multimodal=s.get("multimodal", s.boolean, False),
+            # OpenAI's API answers 400 to a field it does not know; servers that speak its API may take more
+            accepts_input_type=s.get("accepts_input_type", s.boolean, kind != "openai"),
         )
         s.finish()
     return out

@@ -72,6 +72,7 @@ class ProviderPreferences:
     allow_fallbacks: bool = True
     sort: str | None = None  # "price" | "latency" | "throughput" | "exacto" (accepted, no effect)
     max_price: float | None = None  # USD per million prompt tokens
+    require_parameters: bool = False  # only deployments that take every parameter sent (here: input_type)
 
 
 @dataclass(init=False, kw_only=True, slots=True)
@@ -514,11 +515,13 @@ def _provider(v: Any, strict: bool) -> ProviderPreferences:
                 price = _price(mp[key], f"provider.max_price.{key}", unit)
                 if key == "prompt":
                     max_price = price
-    # Accepted without effect here (there is one gateway's deployments to choose from), but checked as OpenRouter
+    # require_parameters keeps only the deployments that take every parameter sent (see routing); the other two
+    # have no effect here (there is one gateway's deployments to choose from), but all are checked as OpenRouter
     # types them: a misspelt value is an error, not silently a default.
     for flag in ("require_parameters", "zdr", "enforce_distillable_text"):
         if p.get(flag) is not None:
             _bool(p[flag], f"provider.{flag}")
+    require = p.get("require_parameters") is True
     if p.get("data_collection") is not None and p["data_collection"] not in ("deny", "allow"):
         raise _bad("provider.data_collection", f"expected 'deny' or 'allow', got {_shown(p['data_collection'])}")
     if p.get("quantizations") is not None:  # an open set of names (OpenRouter adds new ones: mxfp4, nvfp4 ...)
@@ -535,6 +538,7 @@ def _provider(v: Any, strict: bool) -> ProviderPreferences:
         else _bool(p["allow_fallbacks"], "provider.allow_fallbacks"),
         sort=sort,
         max_price=max_price,
+        require_parameters=require,
     )
 
 

@@ -386,6 +386,10 @@ class Router:
         attempts: Attempts,
     ) -> RouteResult:
         deployments = self.eligible(model, request.provider)
+        prefs = request.provider
+        if request.input_type is not None and prefs is not None and prefs.require_parameters:
+            # OpenRouter's require_parameters: only the providers that take input_type (else it is left out)
+            deployments = [d for d in deployments if self._config.providers[d.provider].accepts_input_type]
         if request.is_multimodal:
             deployments = [d for d in deployments if self._multimodal(d)]
             if not deployments:  # nothing could be tried: a fallback may take it, and it hides no earlier error
@@ -624,7 +628,9 @@ class Router:
                 n_items=n_items,
                 dimensions=request.dimensions,
                 user=request.user,
-                input_type=request.input_type,
+                # left out where the provider does not take it, as OpenRouter leaves out what a provider does not
+                # support (OpenAI's API answers 400 to a field it does not know)
+                input_type=request.input_type if provider.accepts_input_type else None,
                 timeout_s=timeout_s,
                 headers=self._hook.headers(token),
             )
