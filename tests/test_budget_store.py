@@ -378,7 +378,11 @@ async def test_adjust_moves_existing_counters_only_and_never_below_zero(store: B
     assert (await store.read(["c:a"], [], now_ms=t, window_ms=WINDOW_MS)).values == (7,)
     await store.adjust([("c:a", -50), ("c:missing", 5)], now_ms=t)
     got = await store.read(["c:a", "c:missing"], [], now_ms=t, window_ms=WINDOW_MS)
-    assert got.values == (0, 0)  # clamped; a counter that does not exist (expired) is not recreated
+    # not applied: more than the counter holds is a return of a reserve it no longer holds (clamped to 0, it
+    # took what later reserves had counted); a counter that does not exist (expired) is not recreated
+    assert got.values == (7, 0)
+    await store.adjust([("c:a", -7)], now_ms=t)
+    assert (await store.read(["c:a"], [], now_ms=t, window_ms=WINDOW_MS)).values == (0,)
 
 
 # --- the engine on each store ---------------------------------------------------------------------
@@ -890,6 +894,30 @@ async def test_redis_store_fails_while_redis_is_down_and_recovers_after_a_restar
         result = await store.reserve(counter, [], now_ms=3, window_ms=WINDOW_MS, member="r3")
         assert result.failed == -1 and result.values == (5,)  # the restarted server starts from nothing
         assert await store.ping() is True
+    finally:
+        await store.aclose()
+        server.stop()
+
+
+@pytest.mark.anyio
+async def test_a_settle_from_before_redis_lost_its_data_takes_nothing_from_the_new_counters(tmp_path: Any) -> None:
+    # A request reserved 902 tokens, Redis restarted empty, 600 were reserved since; the request then settled at
+    # 1 token: its -901 took the new counter to 0 (clamped), and 1,600 tokens went through a 1,000 budget.
+    require_programs("redis-server")
+    server = ThrowawayRedis(tmp_path)
+    server.start()
+    store = RedisBudgetStore(server.url, socket_timeout=0.5)
+    engine_ = engine(store, BudgetConfig(scope="api_key", target="team-a", token_limit=1000))
+    try:
+        held = await engine_.reserve(SUBJECT, tokens=902, cost_usd=0.0)
+        server.stop()
+        server.start()
+        await store.ping()  # the old connection's loss, found (the next command connects again)
+        for _ in range(6):
+            await engine_.reserve(SUBJECT, tokens=100, cost_usd=0.0)
+        await engine_.settle(held, tokens=1, cost_usd=0.0)
+        usage = await engine_.usage()
+        assert usage[0]["tokens"]["used"] == 600
     finally:
         await store.aclose()
         server.stop()

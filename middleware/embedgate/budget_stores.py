@@ -127,7 +127,11 @@ class BudgetStore(Protocol):
         ...
 
     async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int) -> None:
-        """Add each delta to its counter if the counter still exists, never going below zero."""
+        """Add each delta to its counter if the counter still exists, unless it would take it below zero.
+
+        A settle or a release returns at most what its own reserve added, so a counter lower than that no longer
+        holds the reserve: Redis lost its data (a restart) and the counter started again since. Taking the amount
+        from the new counter would let the budget be overspent by it."""
         ...
 
     async def read(self, counters: Sequence[str], windows: Sequence[str], *, now_ms: int, window_ms: int) -> ReadResult:
@@ -287,8 +291,8 @@ class MemoryBudgetStore:
         """See ``BudgetStore.adjust``."""
         for key, delta in deltas:
             entry = self._counters.get(key)
-            if entry is not None and (entry[1] is None or entry[1] > now_ms):
-                self._counters[key] = (max(0, entry[0] + delta), entry[1])
+            if entry is not None and (entry[1] is None or entry[1] > now_ms) and entry[0] + delta >= 0:
+                self._counters[key] = (entry[0] + delta, entry[1])
 
     async def read(self, counters: Sequence[str], windows: Sequence[str], *, now_ms: int, window_ms: int) -> ReadResult:
         """See ``BudgetStore.read``."""
@@ -384,12 +388,12 @@ end
 return out
 """
 
-# KEYS: counters; ARGV: one delta per counter. A missing (expired) counter is left alone; none goes below 0.
+# KEYS: counters; ARGV: one delta per counter. A missing (expired) counter is left alone, and so is one the delta
+# would take below 0 (a reserve Redis no longer holds: see BudgetStore.adjust).
 _ADJUST = """
 for i = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    if redis.call('INCRBY', KEYS[i], ARGV[i]) < 0 then redis.call('SET', KEYS[i], 0, 'KEEPTTL') end
-  end
+  local v = redis.call('GET', KEYS[i])
+  if v and tonumber(v) + tonumber(ARGV[i]) >= 0 then redis.call('INCRBY', KEYS[i], ARGV[i]) end
 end
 return {}
 """
