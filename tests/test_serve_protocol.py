@@ -379,10 +379,11 @@ def test_a_transfer_coding_other_than_chunked_is_a_501(both: tuple[int, int], co
     head = b"POST /echo HTTP/1.1\r\nHost: x\r\n" + lines + b"\r\n"
     [(status, _, text)], closed = exchange(ours, head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body), 1)
     assert status == 501 and b"transfer coding" in text and closed
-    # chunked alone, in any case, is read
-    chunked = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
-    [(status, _, _)], _ = exchange(ours, chunked, 1)
-    assert status == 200
+    # chunked alone, in any case, and with empty list elements (RFC 9110, 5.6.1), is read
+    for coding in (b"Chunked", b", chunked", b" ,chunked"):
+        chunked = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: %s\r\n\r\n2\r\nok\r\n0\r\n\r\n" % coding
+        [(status, _, _)], _ = exchange(ours, chunked, 1)
+        assert status == 200, coding
 
 
 def _until(event: tuple[str, str], deadline: float) -> None:
@@ -901,6 +902,23 @@ def test_a_head_trickled_byte_by_byte_is_closed_after_the_keep_alive_timeout_fro
                     break
             assert closed
             assert 0.5 < time.monotonic() - started < 3.0
+        finally:
+            client.close()
+        # blank lines between requests begin none, and count for nothing either
+        client = Client(port)
+        try:
+            started = time.monotonic()
+            closed = False
+            for _ in range(40):  # 4 s of them
+                try:
+                    client.send(b"\r\n")
+                except OSError:
+                    closed = True
+                    break
+                if client.closed(wait=0.1):
+                    closed = True
+                    break
+            assert closed and time.monotonic() - started < 3.0
         finally:
             client.close()
         client = Client(port)

@@ -186,9 +186,10 @@ class GatewayHttpProtocol(asyncio.Protocol):
         pass
 
     def data_received(self, data: bytes) -> None:
-        if self.idle_timer is not None and not self.in_head:
-            # The keep-alive timeout counts from the last byte (uvicorn's does too), but a head from its first: one
-            # trickled a byte at a time held its connection for as long as the client liked.
+        if self.idle_timer is not None and self.in_message and not self.in_head:
+            # The keep-alive timeout counts from the last byte of a body (uvicorn's from any byte), and from a head's
+            # first (see on_message_begin): a head trickled a byte at a time, or blank lines between requests (which
+            # begin none), held the connection for as long as the client liked.
             self.idle_since = self.loop.time()
         if self.pending_error is not None:
             return  # a request refused, its answer owed after those before it: nothing after it is read
@@ -323,6 +324,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
     # --- httptools callbacks ----------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.idle_since = self.loop.time()
         self.in_message = True
         self.in_head = True
         self.head_feed = self.feeds
@@ -353,7 +355,8 @@ class GatewayHttpProtocol(asyncio.Protocol):
         elif name == b"host":
             self.hosts += 1
         elif name == b"transfer-encoding":
-            self.codings += [coding.strip() for coding in value.lower().split(b",")]
+            # (an empty element of the list counts for nothing: RFC 9110, 5.6.1)
+            self.codings += [coding for coding in (c.strip() for c in value.lower().split(b",")) if coding]
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
