@@ -165,6 +165,18 @@ async def _server(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
     return await asyncio.start_server(run, "127.0.0.1", 0)
 
 
+async def test_a_connection_that_never_completes_says_so() -> None:
+    # TLS to a Redis that speaks none: the handshake never ends, and asyncio.timeout's TimeoutError has no message,
+    # so the budget store's log line and /readyz read "TimeoutError: ".
+    host = require_redis().split("//", 1)[1].split("/", 1)[0]
+    client = LeanRedis(f"rediss://{host}/0?ssl_cert_reqs=none", timeout=0.3)
+    try:
+        with pytest.raises(TimeoutError, match=r"no connection to Redis within 0\.3 s"):
+            await client.execute("PING")
+    finally:
+        await client.aclose()
+
+
 async def test_a_silent_server_times_out_every_waiting_command_and_drops_the_connection() -> None:
     connections = 0
 

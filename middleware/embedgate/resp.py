@@ -426,6 +426,14 @@ class LeanRedis:
                 self._connecting = None
 
     async def _connect(self) -> _Pipe:
+        try:
+            return await self._connect_within()
+        except TimeoutError as exc:  # asyncio.timeout's says nothing (a log line, /readyz showed "TimeoutError: ")
+            if str(exc):
+                raise
+            raise TimeoutError(f"no connection to Redis within {self._timeout:g} s") from None
+
+    async def _connect_within(self) -> _Pipe:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._timeout):
             address = self._address
