@@ -94,3 +94,26 @@ async def test_a_text_only_fallback_does_not_hide_the_multimodal_models_failure(
         assert r.status_code == 400 and "multimodal" in r.json()["error"]["message"], r.text
     await app.shutdown()
     assert [c.body["model"] for c in upstream.calls] == ["mm-embed", "mm-embed"]
+
+
+@pytest.mark.anyio
+async def test_a_multimodal_model_excluded_by_preferences_is_a_404_not_the_inputs_fault(
+    make_config: Callable[..., Config], upstream: FakeUpstream
+) -> None:
+    # Its only (multimodal) provider does not take input_type, which the request requires: a 400 said no
+    # deployment accepts multimodal input, blaming the input, where the preferences excluded the one that does.
+    vision = {"type": "openai_compatible", "base_url": upstream.url, "multimodal": True, "accepts_input_type": False}
+    app = gateway(make_config(providers={"vision": vision}))
+    body = {"model": "vision/mm-embed", "input": ITEMS, "input_type": "q", "provider": {"require_parameters": True}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        r = await c.post("/api/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}"})
+        assert r.status_code == 404, r.text
+        assert (r.json()["error"]["metadata"]["code"], r.json()["error"]["metadata"]["param"]) == (
+            "no_allowed_providers",
+            "provider",
+        ), r.text
+        body["provider"] = {}  # left out there instead: served
+        r = await c.post("/api/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200, r.text
+        assert "input_type" not in upstream.calls[-1].body
+    await app.shutdown()

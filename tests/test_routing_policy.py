@@ -340,6 +340,47 @@ async def test_input_type_goes_only_to_providers_that_take_it(upstream: FakeUpst
 
 
 @pytest.mark.anyio
+async def test_require_parameters_filters_the_pool_before_allow_fallbacks_cuts_it(upstream: FakeUpstream) -> None:
+    # Cut to the first deployment (`backup`, which does not take input_type) and only then filtered: a 404, though
+    # a provider that takes it serves the model.
+    models = {"acme/embed": {"deployments": DEPLOYED["acme/embed"]["deployments"][1:]}}  # backup, then third
+    config = routing_config(upstream, providers={"third": {**THIRD, "base_url": upstream.url}}, models=models)
+    body = {"model": "acme/embed", "input": TEXTS, "input_type": "q",
+            "provider": {"allow_fallbacks": False, "require_parameters": True}}  # fmt: skip
+    async with running(config) as (c, _):
+        r = await post(c, body)
+    assert_served(r, "acme/embed", "d-third")
+
+
+@pytest.mark.anyio
+async def test_the_cache_keeps_a_vector_under_the_input_type_the_upstream_got(upstream: FakeUpstream) -> None:
+    # A vector `backup` made without the input_type it leaves out was kept under a key that holds it: a request
+    # that required the parameter (served by a provider that takes it) was answered that vector from the cache.
+    async def ask(c: httpx.AsyncClient, provider: dict[str, Any], **extra: Any) -> httpx.Response:
+        body = {"model": "acme/embed", "input": "hello", "cache": {"type": "exact_match"}, "provider": provider}
+        r = await post(c, {**body, **extra})
+        assert r.status_code == 200, r.text
+        return r
+
+    cache = {"cache": {"enabled_by_default": False}}
+    config = routing_config(upstream, providers={"third": {**THIRD, "base_url": upstream.url}}, models=DEPLOYED,
+                            **cache)  # fmt: skip
+    async with running(config) as (c, _):
+        only_backup = {"only": ["backup"]}
+        assert (await ask(c, only_backup, input_type="q")).headers["x-embedgate-cache"] == "miss"
+        required = {"require_parameters": True}
+        r = await ask(c, required, input_type="q")
+        assert (r.headers["x-embedgate-cache"], r.json()["model"]) == ("miss", "acme/embed")
+        assert "input_type" in upstream.calls[-1].body
+        assert (await ask(c, required, input_type="q")).headers["x-embedgate-cache"] == "hit"
+        # what backup made without it is what a request without input_type gets
+        assert (await ask(c, only_backup)).headers["x-embedgate-cache"] == "hit"
+        # where it depends on the deployment, nothing is cached
+        for _ in range(2):
+            assert (await ask(c, {}, input_type="z")).headers["x-embedgate-cache"] == "bypass"
+
+
+@pytest.mark.anyio
 async def test_a_load_balancer_without_models_is_none(upstream: FakeUpstream) -> None:
     # orq types load_balancer.models [array, null]: null was "expected an array, got null"
     async with running(deployed_config(upstream)) as (c, _):

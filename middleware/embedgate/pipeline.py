@@ -63,6 +63,7 @@ class Call:
     refresh: bool = False  # Cache-Control: no-cache: embedded afresh (not another request's answer) and stored
     cache_ttl: int | None = None
     cache_keys: list[str] = field(default_factory=list)
+    key_input_type: str | None = None  # the input_type the cache keys hold: as the upstream gets it (see cache_lookup)
     attempts: int = 0
     deployment: str = ""
     budget_decision: str = "none"
@@ -106,6 +107,7 @@ class Call:
         self.refresh = False
         self.cache_ttl = None
         self.cache_keys = []
+        self.key_input_type = None
         self.attempts = 0
         self.deployment = ""
         self.budget_decision = "none"
@@ -270,6 +272,14 @@ class Pipeline:
         cfg = self._cache_cfg
         if self._bypasses_cache(call):
             return
+        if req.input_type is not None:
+            # Keyed by the input_type the upstream gets (it changes the vector): none where every provider that may
+            # serve leaves it out; and not cached where that depends on the deployment (a vector made without it
+            # would be kept, and found, as one made with it).
+            sends = self._router.sends_input_type(call.chain, req)
+            if sends is None:
+                return
+            call.key_input_type = req.input_type if sends else None
         call.cache_ttl = req.cache.ttl if req.cache is not None and req.cache.ttl is not None else cfg.default_ttl
         call.cache_keys = self._item_keys(call, call.chain[0].id)
         if call.cache_control is not None and "no-cache" in _directives(call.cache_control):
@@ -299,7 +309,7 @@ class Pipeline:
         assert req is not None and call.key is not None
         items = req.items if positions is None else [req.items[p] for p in positions]
         return item_keys(workspace=call.key.workspace, model=model, dimensions=req.dimensions,
-                         input_type=req.input_type, items=items)  # fmt: skip
+                         input_type=call.key_input_type, items=items)  # fmt: skip
 
     async def budget(self, call: Call) -> None:
         """Reserve the estimated tokens and cost of what goes upstream on every applicable budget (429 if not)."""

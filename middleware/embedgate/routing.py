@@ -275,8 +275,10 @@ class Router:
             out.append(self.resolve(fb, request.param(f"fallbacks[{i}].model")))
         return out
 
-    def eligible(self, model: ResolvedModel, prefs: ProviderPreferences | None) -> list[Deployment]:
-        """The model's deployments in the order they are tried, as OpenRouter's ``provider`` asks.
+    def eligible(self, model: ResolvedModel, prefs: ProviderPreferences | None, input_type: bool = False
+                 ) -> list[Deployment]:  # fmt: skip
+        """The model's deployments in the order they are tried, as OpenRouter's ``provider`` asks (``input_type``:
+        the request has one, which ``require_parameters`` sends only to providers that take it).
 
         Provider names compare case-insensitively (OpenRouter's slugs do). A deployment without a known price
         passes ``max_price`` (nothing says it is above) and sorts last by price.
@@ -284,6 +286,9 @@ class Router:
         deps = list(model.deployments)
         if prefs is None:
             return deps
+        if input_type and prefs.require_parameters:  # the pool, before any order or cut (as OpenRouter filters it)
+            providers = self._config.providers
+            deps = [d for d in deps if providers[d.provider].accepts_input_type]
         if prefs.only is not None:
             only = {p.lower() for p in prefs.only}
             deps = [d for d in deps if d.provider.lower() in only]
@@ -385,14 +390,12 @@ class Router:
         deadline: float,
         attempts: Attempts,
     ) -> RouteResult:
-        deployments = self.eligible(model, request.provider)
-        prefs = request.provider
-        if request.input_type is not None and prefs is not None and prefs.require_parameters:
-            # OpenRouter's require_parameters: only the providers that take input_type (else it is left out)
-            deployments = [d for d in deployments if self._config.providers[d.provider].accepts_input_type]
+        deployments = self.eligible(model, request.provider, request.input_type is not None)
         if request.is_multimodal:
             deployments = [d for d in deployments if self._multimodal(d)]
-            if not deployments:  # nothing could be tried: a fallback may take it, and it hides no earlier error
+            if not any(self._multimodal(d) for d in model.deployments):
+                # nothing could be tried (else the preferences excluded it: the 404 below); a fallback may take
+                # it, and it hides no earlier error
                 raise _ModelFailed(
                     InvalidRequest(
                         f"The model '{model.id}' has no deployment that accepts multimodal input", param="input"
@@ -500,6 +503,14 @@ class Router:
         if tokens == 0 or len({p for _, p in prices}) == 1:
             return prices[-1][1]
         return sum(t * (p or 0.0) for t, p in prices) / tokens
+
+    def sends_input_type(self, chain: Sequence[ResolvedModel], request: EmbeddingRequest) -> bool | None:
+        """Whether the request's ``input_type`` reaches the upstream, whichever deployment of ``chain`` serves it:
+        True for every one, False for none, None when it depends on the deployment (see ``accepts_input_type``)."""
+        providers = self._config.providers
+        seen = {providers[d.provider].accepts_input_type
+                for m in chain for d in self.eligible(m, request.provider, True)}  # fmt: skip
+        return None if len(seen) > 1 else (seen.pop() if seen else True)
 
     def _multimodal(self, d: Deployment) -> bool:
         provider = self._config.providers.get(d.provider)
