@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 
 PACKAGE = Path(__file__).resolve().parent / "middleware" / "embedgate"
 
@@ -25,12 +26,33 @@ def _native() -> ModuleType:
     return module
 
 
+class _BuildExt(build_ext):  # type: ignore[misc]
+    """Stamps the build once the C compiler built every extension (see ``_native.stamp_build``)."""
+
+    digest: str | None = None  # of the sources mypyc read, set by ext_modules
+
+    def run(self) -> None:
+        self._failed = False
+        super().run()
+        if _BuildExt.digest is not None:
+            why = _native().stamp_build(PACKAGE, _BuildExt.digest, failed=self._failed)
+            if why is not None:
+                print(f"embedgate: not compiled ({why}); the build counts as stale", file=sys.stderr)
+
+    def build_extension(self, ext: Any) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception:  # an optional extension's failure is only warned about by setuptools: no stamp then
+            self._failed = True
+            raise
+
+
 def ext_modules() -> list[Any]:
     native = _native()
     stamp = PACKAGE / native.STAMP
+    stamp.unlink(missing_ok=True)  # until the new build is whole (see _native.stamp_build), the old one is stale
     if os.environ.get("EMBEDGATE_PURE_PYTHON", "") not in ("", "0"):
-        stamp.unlink(missing_ok=True)  # extensions of an earlier build then count as stale, never run
-        return []
+        return []  # extensions of an earlier build then count as stale, never run
     from mypyc.build import mypycify
 
     sources = [f"middleware/embedgate/{name}.py" for name in native.COMPILED]
@@ -43,16 +65,11 @@ def ext_modules() -> list[Any]:
         extensions = mypycify(sources, opt_level="3", debug_level="0", group_name="embedgate")
     except SystemExit as exc:  # mypy refused the sources (a dependency's types changed, say): install them as they are
         print(f"embedgate: not compiled (mypyc: {exc}); the sources are installed as they are", file=sys.stderr)
-        stamp.unlink(missing_ok=True)
         return []
     for extension in extensions:
         extension.optional = True  # no C compiler (or a failed compile): installed as sources, which run as they are
-    if native.source_digest(PACKAGE) == digest:
-        stamp.write_text(digest + "\n")
-    else:
-        print("embedgate: the sources changed while they compiled; the build counts as stale", file=sys.stderr)
-        stamp.unlink(missing_ok=True)
+    _BuildExt.digest = digest
     return extensions
 
 
-setup(ext_modules=ext_modules())
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": _BuildExt})

@@ -92,6 +92,25 @@ def test_a_build_whose_shared_library_failed_is_not_trusted(package: Path, monke
     assert _native.guard(package) == "stale"  # the modules' stubs would fail to import without it
 
 
+def test_the_build_is_stamped_only_once_every_extension_compiled(
+    package: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stamp was written as mypyc generated the C: while the C compiler still built the new library (minutes),
+    # and for good after a failed compile, the old library was taken for the sources on disk.
+    monkeypatch.delenv("EMBEDGATE_PURE_PYTHON", raising=False)
+    build(package)
+    (package / _native.STAMP).unlink()  # as the build starts (setup.py's ext_modules)
+    digest = _native.source_digest(package)
+    assert _native.guard(package) == "stale"  # meanwhile
+    assert _native.stamp_build(package, digest, failed=True) is not None
+    assert _native.guard(package) == "stale"
+    (package / "routing.py").write_text((package / "routing.py").read_text() + "\n# edited as it compiled\n")
+    assert _native.stamp_build(package, digest, failed=False) == "the sources changed while they compiled"
+    assert _native.guard(package) == "stale"
+    assert _native.stamp_build(package, _native.source_digest(package), failed=False) is None
+    assert _native.guard(package) == "compiled"
+
+
 def test_pure_python_can_be_asked_for_at_run_time(package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     build(package)
     monkeypatch.setenv("EMBEDGATE_PURE_PYTHON", "1")

@@ -34,7 +34,7 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["COMPILED", "LIBRARY", "STAMP", "guard", "source_digest"]
+__all__ = ["COMPILED", "LIBRARY", "STAMP", "guard", "source_digest", "stamp_build"]
 
 #: Modules of the ``embedgate`` package compiled by the build (code on every request's path, and the span export
 #: helper's encoder), as paths under the package without ``.py``: ``providers/http1`` is ``embedgate.providers.http1``.
@@ -59,6 +59,23 @@ def source_digest(package_dir: Path = _HERE) -> str:
         digest.update(name.encode() + b"\0")
         digest.update((package_dir / f"{name}.py").read_bytes())
     return digest.hexdigest()
+
+
+def stamp_build(package_dir: Path, digest: str, *, failed: bool) -> str | None:
+    """Once the build compiled the extensions: write :data:`STAMP` when it compiled all of them from sources
+    that still have ``digest`` (read before mypyc read them); else leave none (the build then counts as stale)
+    and return why. The build removes the stamp before it compiles: written as mypyc generated the C, it said the
+    library on disk matched the sources while the C compiler still built the new one (and after a failed compile,
+    for good)."""
+    stamp = package_dir / STAMP
+    if failed:
+        stamp.unlink(missing_ok=True)
+        return "a part of the build failed to compile"
+    if source_digest(package_dir) != digest:
+        stamp.unlink(missing_ok=True)
+        return "the sources changed while they compiled"
+    stamp.write_text(digest + "\n")
+    return None
 
 
 def _has_extension(directory: Path, name: str) -> bool:
