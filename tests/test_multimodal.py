@@ -117,3 +117,23 @@ async def test_a_multimodal_model_excluded_by_preferences_is_a_404_not_the_input
         assert r.status_code == 200, r.text
         assert "input_type" not in upstream.calls[-1].body
     await app.shutdown()
+
+
+@pytest.mark.anyio
+async def test_multimodal_input_with_input_type_is_cached_when_every_multimodal_deployment_takes_it(
+    make_config: Callable[..., Config], upstream: FakeUpstream
+) -> None:
+    # A text-only deployment that leaves input_type out (it can serve no multimodal input) made the request's
+    # sending of it look like it depended on the deployment: never cached.
+    vision = {"type": "openai_compatible", "base_url": upstream.url, "multimodal": True}
+    models = {"acme/mm": {"deployments": [{"provider": "backup", "upstream_model": "text-only"},
+                                          {"provider": "vision", "upstream_model": "mm-embed"}]}}  # fmt: skip
+    app = gateway(make_config(providers={"vision": vision}, models=models))
+    body = {"model": "acme/mm", "input": ITEMS[1:2], "input_type": "q", "cache": {"type": "exact_match"}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        for expected in ("miss", "hit"):
+            r = await c.post("/api/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}"})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-embedgate-cache"] == expected
+    await app.shutdown()
+    assert [call.body["input_type"] for call in upstream.calls] == ["q"]

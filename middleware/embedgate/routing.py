@@ -507,9 +507,10 @@ class Router:
     def sends_input_type(self, chain: Sequence[ResolvedModel], request: EmbeddingRequest) -> bool | None:
         """Whether the request's ``input_type`` reaches the upstream, whichever deployment of ``chain`` serves it:
         True for every one, False for none, None when it depends on the deployment (see ``accepts_input_type``)."""
-        providers = self._config.providers
+        providers, multimodal = self._config.providers, request.is_multimodal
         seen = {providers[d.provider].accepts_input_type
-                for m in chain for d in self.eligible(m, request.provider, True)}  # fmt: skip
+                for m in chain for d in self.eligible(m, request.provider, True)
+                if not multimodal or self._multimodal(d)}  # fmt: skip
         return None if len(seen) > 1 else (seen.pop() if seen else True)
 
     def _multimodal(self, d: Deployment) -> bool:
