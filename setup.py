@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -34,10 +35,19 @@ class _BuildExt(build_ext):  # type: ignore[misc]
     def run(self) -> None:
         self._failed = False
         super().run()
-        if _BuildExt.digest is not None:
-            why = _native().stamp_build(PACKAGE, _BuildExt.digest, failed=self._failed)
-            if why is not None:
-                print(f"embedgate: not compiled ({why}); the build counts as stale", file=sys.stderr)
+        if _BuildExt.digest is None:
+            return
+        native = _native()
+        why = native.stamp_build(PACKAGE, _BuildExt.digest, failed=self._failed)
+        if why is not None:
+            print(f"embedgate: not compiled ({why}); the build counts as stale", file=sys.stderr)
+        if not self.inplace:  # a wheel, `pip install .`: the build directory's copy of the package gets it too
+            built = Path(self.build_lib) / "embedgate" / native.STAMP
+            if why is None:
+                built.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(PACKAGE / native.STAMP, built)
+            else:
+                built.unlink(missing_ok=True)
 
     def build_extension(self, ext: Any) -> None:
         try:
