@@ -14,6 +14,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -872,6 +873,22 @@ def test_memory_window_trims_compacts_and_keeps_order() -> None:
     assert len(w) == 0 and _mark(w, 5) is None
 
 
+@asynccontextmanager
+async def private_store(
+    tmp_path: Path, *options: str, timeout: float = 0.5
+) -> AsyncIterator[tuple[ThrowawayRedis, RedisBudgetStore]]:
+    """A store on a redis-server of the test's own (``options`` for it), which the test may stop and start."""
+    require_programs("redis-server")
+    server = ThrowawayRedis(tmp_path, *options)
+    server.start()
+    store = RedisBudgetStore(server.url, socket_timeout=timeout)
+    try:
+        yield server, store
+    finally:
+        await store.aclose()
+        server.stop()
+
+
 @pytest.mark.anyio
 async def test_redis_store_fails_while_redis_is_down_and_recovers_after_a_restart(tmp_path: Any) -> None:
     # A private redis-server with a password, killed and started again empty (no persistence): the store's
@@ -879,12 +896,8 @@ async def test_redis_store_fails_while_redis_is_down_and_recovers_after_a_restar
     # reconnects, authenticates and loads its script again (Redis forgot it: NOSCRIPT).
     from embedgate.budget_stores import BudgetStoreError
 
-    require_programs("redis-server")
-    server = ThrowawayRedis(tmp_path)
-    server.start()
-    store = RedisBudgetStore(server.url, socket_timeout=0.5)
-    counter = [CounterSpec("c:tokens", 5, 100, 60)]
-    try:
+    async with private_store(tmp_path) as (server, store):
+        counter = [CounterSpec("c:tokens", 5, 100, 60)]
         assert (await store.reserve(counter, [], now_ms=1, window_ms=WINDOW_MS, member="r1")).failed == -1
         server.stop()
         with pytest.raises(BudgetStoreError):
@@ -894,21 +907,14 @@ async def test_redis_store_fails_while_redis_is_down_and_recovers_after_a_restar
         result = await store.reserve(counter, [], now_ms=3, window_ms=WINDOW_MS, member="r3")
         assert result.failed == -1 and result.values == (5,)  # the restarted server starts from nothing
         assert await store.ping() is True
-    finally:
-        await store.aclose()
-        server.stop()
 
 
 @pytest.mark.anyio
 async def test_a_settle_from_before_redis_lost_its_data_takes_nothing_from_the_new_counters(tmp_path: Any) -> None:
     # A request reserved 902 tokens, Redis restarted empty, 600 were reserved since; the request then settled at
     # 1 token: its -901 took the new counter to 0 (clamped), and 1,600 tokens went through a 1,000 budget.
-    require_programs("redis-server")
-    server = ThrowawayRedis(tmp_path)
-    server.start()
-    store = RedisBudgetStore(server.url, socket_timeout=0.5)
-    engine_ = engine(store, BudgetConfig(scope="api_key", target="team-a", token_limit=1000))
-    try:
+    async with private_store(tmp_path) as (server, store):
+        engine_ = engine(store, BudgetConfig(scope="api_key", target="team-a", token_limit=1000))
         held = await engine_.reserve(SUBJECT, tokens=902, cost_usd=0.0)
         server.stop()
         server.start()
@@ -918,9 +924,6 @@ async def test_a_settle_from_before_redis_lost_its_data_takes_nothing_from_the_n
         await engine_.settle(held, tokens=1, cost_usd=0.0)
         usage = await engine_.usage()
         assert usage[0]["tokens"]["used"] == 600
-    finally:
-        await store.aclose()
-        server.stop()
 
 
 def test_store_records_compare_by_their_fields() -> None:
@@ -940,18 +943,14 @@ async def test_a_reserve_that_reaches_redis_after_the_caller_gave_up_changes_not
 ) -> None:
     # Redis stalled (a slow command, a fork): the reserve timed out and the request was refused as 503, but the
     # script was already sent, ran when Redis woke, and kept the refused request's tokens until the period's end.
-    require_programs("redis-server")
-    server = ThrowawayRedis(tmp_path, "--enable-debug-command", "yes")
-    server.start()
-    store = RedisBudgetStore(server.url, socket_timeout=0.3)
-    t = int(time.time() * 1000)
-    try:
+    async with private_store(tmp_path, "--enable-debug-command", "yes", timeout=0.3) as (server, store):
+        t = int(time.time() * 1000)
         first = await store.reserve([CounterSpec("c", 5, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="1")
         assert first.failed == -1 and first.values == (5,)
         stalled = aioredis.Redis.from_url(server.url)
         await stalled.ping()  # connected beforehand: the DEBUG SLEEP goes out at once, in one write
         sleeping = asyncio.ensure_future(stalled.execute_command("DEBUG", "SLEEP", "1"))
-        await asyncio.sleep(0.2)  # Redis is asleep: what comes now waits (the reserve gives up at 0.5 s, before 1 s)
+        await asyncio.sleep(0.2)  # Redis is asleep: what comes now waits (the reserve gives up at 0.3 s, before 1 s)
         with pytest.raises(BudgetStoreError):
             await store.reserve([CounterSpec("c", 7, 100, 3600)], [], now_ms=t + 60, window_ms=WINDOW_MS,
                                 member="2")  # fmt: skip
@@ -962,9 +961,6 @@ async def test_a_reserve_that_reaches_redis_after_the_caller_gave_up_changes_not
         third = await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t + 2100, window_ms=WINDOW_MS,
                                     member="3")  # fmt: skip
         assert third.values == (6,)  # and the store goes on
-    finally:
-        await store.aclose()
-        server.stop()
 
 
 @pytest.mark.anyio
@@ -972,12 +968,8 @@ async def test_a_reserve_sent_behind_a_late_one_keeps_its_own_deadline(anyio_bac
     # Redis stalled with two reserves on the connection: when the first one's deadline passed, the second failed
     # with it (a 503 for its request), though Redis then woke within its deadline and ran its script: the refused
     # request was charged. It now waits for its own deadline, and gets Redis's answer.
-    require_programs("redis-server")
-    server = ThrowawayRedis(tmp_path, "--enable-debug-command", "yes")
-    server.start()
-    store = RedisBudgetStore(server.url, socket_timeout=2.0)
-    t = int(time.time() * 1000)
-    try:
+    async with private_store(tmp_path, "--enable-debug-command", "yes", timeout=2.0) as (server, store):
+        t = int(time.time() * 1000)
         await store.reserve([CounterSpec("c", 5, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="1")
         stalled = aioredis.Redis.from_url(server.url)
         await stalled.ping()
@@ -996,6 +988,3 @@ async def test_a_reserve_sent_behind_a_late_one_keeps_its_own_deadline(anyio_bac
         await stalled.aclose()
         got = await store.read(["c"], [], now_ms=t + 3000, window_ms=WINDOW_MS)
         assert got.values == (16,)
-    finally:
-        await store.aclose()
-        server.stop()

@@ -882,45 +882,33 @@ def test_a_new_connection_that_sends_no_whole_head_is_closed_after_the_keep_aliv
             partial.close()
 
 
+def closed_while_trickling(port: int, pieces: list[bytes]) -> float:
+    """Send ``pieces`` one every 0.1 s on a new connection until the server closes it: how long it took (it must)."""
+    client = Client(port)
+    try:
+        started = time.monotonic()
+        for piece in pieces:
+            try:
+                client.send(piece)
+            except OSError:
+                break
+            if client.closed(wait=0.1):
+                break
+        else:
+            raise AssertionError("still open after every piece")
+        return time.monotonic() - started
+    finally:
+        client.close()
+
+
 def test_a_head_trickled_byte_by_byte_is_closed_after_the_keep_alive_timeout_from_its_first_byte() -> None:
     # The timeout counted from the last byte: a head sent a byte every 0.3 s held its connection for as long as the
     # client went on (up to the 64 KiB head limit, hours at that pace). A head that arrives whole is still served.
     with served(GatewayHttpProtocol, timeout_keep_alive=1) as (port, _):
-        client = Client(port)
-        try:
-            started = time.monotonic()
-            head = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40
-            closed = False
-            for byte in head:  # 4.6 s of it, a byte every 0.1 s
-                try:
-                    client.send(bytes([byte]))
-                except OSError:
-                    closed = True
-                    break
-                if client.closed(wait=0.1):
-                    closed = True
-                    break
-            assert closed
-            assert 0.5 < time.monotonic() - started < 3.0
-        finally:
-            client.close()
+        head = b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40
+        assert 0.5 < closed_while_trickling(port, [bytes([byte]) for byte in head]) < 3.0  # of 4.6 s
         # blank lines between requests begin none, and count for nothing either
-        client = Client(port)
-        try:
-            started = time.monotonic()
-            closed = False
-            for _ in range(40):  # 4 s of them
-                try:
-                    client.send(b"\r\n")
-                except OSError:
-                    closed = True
-                    break
-                if client.closed(wait=0.1):
-                    closed = True
-                    break
-            assert closed and time.monotonic() - started < 3.0
-        finally:
-            client.close()
+        assert closed_while_trickling(port, [b"\r\n"] * 40) < 3.0  # of 4 s
         client = Client(port)
         try:
             client.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
