@@ -404,6 +404,26 @@ async def test_an_error_answer_whose_body_cannot_be_decoded_keeps_its_status(
     assert len(upstream.calls) == 3
 
 
+@pytest.mark.anyio
+async def test_an_upstream_rejection_names_the_field_the_upstream_names(upstream: FakeUpstream) -> None:
+    # Every rejection said param "input": a model that takes no `dimensions` (OpenAI's 400 names it) sent the client
+    # looking for a fault in its input. A field the client did not send as such (the model name) stays "input".
+    def rejection(param: str | None) -> Fault:
+        error = {"message": "This model does not support specifying dimensions.", "type": "invalid_request_error",
+                 "param": param, "code": None}  # fmt: skip
+        return Fault("raw", code=400, body=orjson.dumps({"error": error}), model=PRIMARY_UP)
+
+    async with running(routing_config(upstream)) as (c, _):
+        for param, named in [("dimensions", "dimensions"), ("input_type", "input_type"), ("model", "input"),
+                             (None, "input")]:  # fmt: skip
+            upstream.script.append(rejection(param))
+            r = await c.post("/v1/embeddings", json={**body_for(), "dimensions": 8}, headers=AUTH)
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert (error["code"], error["param"]) == ("upstream_rejected_input", named)
+            assert "does not support specifying dimensions" in error["message"]
+
+
 ESTIMATE = sum(len(t.encode()) + 2 for t in TEXTS)  # the request's upper bound: UTF-8 bytes + 2 a string
 TOKEN_BUDGET = {"scope": "api_key", "target": "team-a", "period": "daily", "token_limit": 1000}
 

@@ -198,10 +198,13 @@ class UpstreamError(GatewayError):
         upstream_status: int | None = None,
         retry_after_s: float | None = None,
         code: str | None = None,
+        upstream_param: str | None = None,
     ) -> None:
         super().__init__(message, code=code)
         self.upstream_status = upstream_status
         self.retry_after_s = retry_after_s
+        #: The request field the upstream's error names (OpenAI's ``error.param``), where it is one the client sent.
+        self.upstream_param = upstream_param
 
 
 class Unavailable(GatewayError):

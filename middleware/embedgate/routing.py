@@ -588,7 +588,10 @@ class Router:
             except (UpstreamError, UpstreamTimeout) as err:
                 status = getattr(err, "upstream_status", None)
                 if status in _INPUT_ERRORS:
-                    raise InvalidRequest(f"The upstream rejected the input: {err.message}", param="input",
+                    # named as the upstream names it, where that is a field the client sent (else the input)
+                    param = getattr(err, "upstream_param", None) or "input"
+                    what = "the input" if param == "input" else f"'{param}'"
+                    raise InvalidRequest(f"The upstream rejected {what}: {err.message}", param=param,
                                          code="upstream_rejected_input") from None  # fmt: skip
                 last = err
                 if status in _KEY_ERRORS:

@@ -117,6 +117,7 @@ class OpenAIAdapter:
                 f"{self.name} answered {status}: {self._message(content)}",
                 upstream_status=status,
                 retry_after_s=_retry_after(retry_after.decode("latin-1") if retry_after is not None else None),
+                upstream_param=_param(content),
             )
         return self._parse(content, n_items, dimensions)
 
@@ -164,6 +165,21 @@ class OpenAIAdapter:
             model = self._scrubbed(model)
         return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total, b64=b64,
                           model=model)  # fmt: skip
+
+
+#: The fields of the upstream call a client sends as they are: an error naming one names it to the client too.
+_CLIENT_PARAMS: Final = frozenset({"input", "dimensions", "user", "input_type"})
+
+
+def _param(content: bytes | bytearray) -> str | None:
+    """The client's field an error answer names (OpenAI's ``{"error": {"param": ...}}``), if any."""
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+    err = data.get("error") if isinstance(data, dict) else None
+    param = err.get("param") if isinstance(err, dict) else None
+    return param if isinstance(param, str) and param in _CLIENT_PARAMS else None
 
 
 def _retry_after(value: str | None) -> float | None:
