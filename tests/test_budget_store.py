@@ -910,20 +910,24 @@ async def test_redis_store_fails_while_redis_is_down_and_recovers_after_a_restar
 
 
 @pytest.mark.anyio
-async def test_a_settle_from_before_redis_lost_its_data_takes_nothing_from_the_new_counters(tmp_path: Any) -> None:
+@pytest.mark.parametrize("held", [902, 400])
+async def test_a_settle_from_before_redis_lost_its_data_takes_nothing_from_the_new_counters(
+    tmp_path: Any, held: int
+) -> None:
     # A request reserved 902 tokens, Redis restarted empty, 600 were reserved since; the request then settled at
-    # 1 token: its -901 took the new counter to 0 (clamped), and 1,600 tokens went through a 1,000 budget.
+    # 1 token: its -901 took the new counter to 0 (clamped), and 1,600 tokens went through a 1,000 budget. A
+    # smaller one (400) still took 399 from counters that never held it: the counters' epoch tells them apart.
     async with private_store(tmp_path) as (server, store):
         engine_ = engine(store, BudgetConfig(scope="api_key", target="team-a", token_limit=1000))
-        held = await engine_.reserve(SUBJECT, tokens=902, cost_usd=0.0)
+        before = await engine_.reserve(SUBJECT, tokens=held, cost_usd=0.0)
         server.stop()
         server.start()
         await store.ping()  # the old connection's loss, found (the next command connects again)
-        for _ in range(6):
-            await engine_.reserve(SUBJECT, tokens=100, cost_usd=0.0)
-        await engine_.settle(held, tokens=1, cost_usd=0.0)
-        usage = await engine_.usage()
-        assert usage[0]["tokens"]["used"] == 600
+        after = [await engine_.reserve(SUBJECT, tokens=100, cost_usd=0.0) for _ in range(6)]
+        await engine_.settle(before, tokens=1, cost_usd=0.0)
+        assert (await engine_.usage())[0]["tokens"]["used"] == 600
+        await engine_.settle(after[0], tokens=40, cost_usd=0.0)  # a settle of this life still applies
+        assert (await engine_.usage())[0]["tokens"]["used"] == 540
 
 
 def test_store_records_compare_by_their_fields() -> None:

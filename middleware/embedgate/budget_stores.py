@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import random
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar, Final, Protocol
@@ -84,16 +85,19 @@ class ReserveResult(_Record):
 
     ``values``/``counts`` are after the reservation when admitted, unchanged when refused. ``marks[i]`` is the
     timestamp (ms) of the request whose leaving lets window ``i`` admit one more (None: the window is empty).
+
+    ``epoch`` (optional): the store's own token for the counters' current life (see ``adjust``).
     """
 
     _fields = ("failed", "values", "counts", "marks")
 
     def __init__(self, failed: int, values: tuple[int, ...], counts: tuple[int, ...],
-                 marks: tuple[int | None, ...]) -> None:  # fmt: skip
+                 marks: tuple[int | None, ...], epoch: int | None = None) -> None:  # fmt: skip
         self.failed = failed
         self.values = values
         self.counts = counts
         self.marks = marks
+        self.epoch = epoch
 
 
 class ReadResult(_Record):
@@ -126,12 +130,14 @@ class BudgetStore(Protocol):
         nothing. Ids whose time has passed are dropped."""
         ...
 
-    async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int) -> None:
+    async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int, epoch: int | None = None) -> None:
         """Add each delta to its counter if the counter still exists, unless it would take it below zero.
 
         A settle or a release returns at most what its own reserve added, so a counter lower than that no longer
         holds the reserve: Redis lost its data (a restart) and the counter started again since. Taking the amount
-        from the new counter would let the budget be overspent by it."""
+        from the new counter would let the budget be overspent by it. ``epoch``, passed when the reserve returned
+        one: the adjust changes nothing unless the counters are still in that life (a store that can lose its
+        data tells it so: the Redis store)."""
         ...
 
     async def read(self, counters: Sequence[str], windows: Sequence[str], *, now_ms: int, window_ms: int) -> ReadResult:
@@ -287,8 +293,8 @@ class MemoryBudgetStore:
             marks.append(_mark(lg, windows[j].limit))
         return ReserveResult(failed, tuple(values), tuple(counts), tuple(marks))
 
-    async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int) -> None:
-        """See ``BudgetStore.adjust``."""
+    async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int, epoch: int | None = None) -> None:
+        """See ``BudgetStore.adjust`` (counters in this process's memory have one life: no epoch)."""
         for key, delta in deltas:
             entry = self._counters.get(key)
             if entry is not None and (entry[1] is None or entry[1] > now_ms) and entry[0] + delta >= 0:
@@ -321,6 +327,7 @@ def _mark(log_: _Window, limit: int) -> int | None:
     return log_[rank] if rank < len(log_) else None
 
 
+_EPOCH: Final = "epoch"  # the key (under the prefix) of the counters' current life: see _RESERVE and _ADJUST
 _SCAN_COUNT: Final = 1000  # set members read per ZSCAN step (each step is one bounded Redis command)
 _MAX_SCAN_STEPS: Final = 1000
 _CLOCK_READ_MS: Final = 60_000  # how often Redis's clock is read again (for the reserve's deadline)
@@ -385,13 +392,22 @@ for j = 1, m do
   local e = redis.call('ZRANGE', KEYS[n + j], rank, rank, 'WITHSCORES')
   if e[2] then out[#out + 1] = tonumber(e[2]) else out[#out + 1] = -1 end
 end
+-- the counters' life: set by the first reserve after Redis lost its data (or ever), read by the adjusts
+local epoch = redis.call('GET', KEYS[#KEYS])
+if not epoch then
+  epoch = ARGV[#ARGV - 2]
+  redis.call('SET', KEYS[#KEYS], epoch)
+end
+out[#out + 1] = epoch
 return out
 """
 
-# KEYS: counters; ARGV: one delta per counter. A missing (expired) counter is left alone, and so is one the delta
-# would take below 0 (a reserve Redis no longer holds: see BudgetStore.adjust).
+# KEYS: counters, then the epoch key; ARGV: one delta per counter, then the reserve's epoch ('' for none). Nothing
+# changes unless the counters are in that epoch (Redis lost its data since: the new ones never held the reserve);
+# a missing (expired) counter is left alone, and so is one the delta would take below 0 (see BudgetStore.adjust).
 _ADJUST = """
-for i = 1, #KEYS do
+if ARGV[#ARGV] ~= '' and redis.call('GET', KEYS[#KEYS]) ~= ARGV[#ARGV] then return {} end
+for i = 1, #KEYS - 1 do
   local v = redis.call('GET', KEYS[i])
   if v and tonumber(v) + tonumber(ARGV[i]) >= 0 then redis.call('INCRBY', KEYS[i], ARGV[i]) end
 end
@@ -457,19 +473,21 @@ class RedisBudgetStore:
         """See ``BudgetStore.reserve``."""
         p = self._prefix
         keys = [p + c.key for c in counters] + [p + w.key for w in windows] + [p + s for s, _, _ in index]
+        keys.append(p + _EPOCH)
         args: list[Any] = [len(counters), len(windows), len(index), now_ms, window_ms, member]
         for c in counters:
             args += [c.amount, c.limit, c.ttl_s]
         args += [w.limit for w in windows]
         for _, member_id, until in index:
             args += [member_id, until]
-        args += [NEVER_MS, await self._deadline()]
+        # a new epoch, should this reserve be the first since Redis lost its data (below 2**53: exact in Lua)
+        args += [random.getrandbits(52) + 1, NEVER_MS, await self._deadline()]
         out = await self._call(self._reserve, keys, args)
         if out[0] < 0:  # it reached Redis past its deadline and changed nothing (else: 0, or the failed index)
             raise BudgetStoreError("Redis ran the reserve too late to answer it in time")
         n, m = len(counters), len(windows)
         marks = tuple(None if v < 0 else v for v in out[1 + n + m : 1 + n + 2 * m])
-        return ReserveResult(out[0] - 1, tuple(out[1 : 1 + n]), tuple(out[1 + n : 1 + n + m]), marks)
+        return ReserveResult(out[0] - 1, tuple(out[1 : 1 + n]), tuple(out[1 + n : 1 + n + m]), marks, out[-1])
 
     async def _deadline(self) -> int:
         """The time, on Redis's clock (ms), after which a reserve sent now must change nothing: before this store
@@ -497,11 +515,13 @@ class RedisBudgetStore:
             now = after
         return int(now + self._offset_ms + 0.8 * self._timeout_ms)
 
-    async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int) -> None:
+    async def adjust(self, deltas: Sequence[tuple[str, int]], *, now_ms: int, epoch: int | None = None) -> None:
         """See ``BudgetStore.adjust``."""
         deltas = [(k, d) for k, d in deltas if d]
         if deltas:
-            await self._call(self._adjust, [self._prefix + k for k, _ in deltas], [d for _, d in deltas])
+            keys = [self._prefix + k for k, _ in deltas] + [self._prefix + _EPOCH]
+            args: list[Any] = [d for _, d in deltas] + ["" if epoch is None else epoch]
+            await self._call(self._adjust, keys, args)
 
     async def read(self, counters: Sequence[str], windows: Sequence[str], *, now_ms: int, window_ms: int) -> ReadResult:
         """See ``BudgetStore.read``."""

@@ -250,6 +250,7 @@ class Reservation:
     counters: tuple[_Gate, ...] = ()
     _headers: dict[str, str] = field(default_factory=dict)
     _open: bool = True
+    epoch: int | None = None  # the store's epoch of the counters it reserved on (see BudgetStore.adjust)
 
     def __init__(
         self,
@@ -259,6 +260,7 @@ class Reservation:
         cost_nano: int = 0,
         counters: tuple[_Gate, ...] = (),
         _headers: dict[str, str] | None = None,
+        epoch: int | None = None,
     ) -> None:
         self.id = id
         self.decision = decision
@@ -267,6 +269,7 @@ class Reservation:
         self.counters = counters
         self._headers = {} if _headers is None else _headers
         self._open = True
+        self.epoch = epoch
 
     def headers(self) -> dict[str, str]:
         """``x-ratelimit-{limit,remaining,reset}-{requests,tokens,cost}`` of the most restrictive budget per
@@ -464,7 +467,7 @@ class BudgetEngine:
         headers = self._headers(counters, windows, res, now_ms)
         if res.failed >= 0:
             raise self._refusal(counters, windows, res, now_ms, headers, {"tokens": tokens, "cost": cost_nano})
-        return Reservation(rid, "reserved", tokens, cost_nano, tuple(counters), headers)
+        return Reservation(rid, "reserved", tokens, cost_nano, tuple(counters), headers, res.epoch)
 
     def _headers(self, counters: list[_Gate], windows: list[_Gate], res: ReserveResult, now_ms: int) -> dict[str, str]:
         # Per dimension, the gate with the smallest remaining amount wins; on a tie, the one that frees up later.
@@ -578,7 +581,11 @@ class BudgetEngine:
         if not deltas:
             return
         try:
-            await self._store.adjust(deltas, now_ms=int(self._clock() * 1000))
+            now_ms = int(self._clock() * 1000)
+            if reservation.epoch is None:  # (a store of one's own may take no epoch)
+                await self._store.adjust(deltas, now_ms=now_ms)
+            else:
+                await self._store.adjust(deltas, now_ms=now_ms, epoch=reservation.epoch)
         except BudgetStoreError as exc:
             # A command that timed out may still reach Redis and apply: it is not sent again (it could apply twice).
             log.warning(
