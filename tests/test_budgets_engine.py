@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from embedgate.budgets import (
 from embedgate.config import BudgetConfig, Deployment, ModelConfig
 from embedgate.errors import BudgetExceeded, Dialect, Unavailable, render_error
 from tests.budget_util import T0, Clock
+from tests.redis_util import require_redis
 
 CLOSED_REDIS = "redis://127.0.0.1:6391/0"  # nothing listens here
 ALICE = Subject(
@@ -388,6 +390,44 @@ async def test_no_store_call_when_no_budget_applies() -> None:
     assert (res.decision, res.headers(), store.calls) == ("none", {}, 0)
     await eng.reserve(replace(ALICE, api_key="team-b"), tokens=1, cost_usd=0.0)
     assert store.calls == 1
+
+
+@pytest.mark.anyio
+async def test_a_wrapper_written_before_epochs_still_settles() -> None:
+    # The engine passed the Redis store's epoch to every adjust: a wrapper of that store whose adjust took no epoch
+    # (as the store's methods were) raised TypeError on every settle, and the reservation kept its estimate.
+    class Wrapper:
+        def __init__(self, inner: RedisBudgetStore) -> None:
+            self.inner = inner
+
+        async def reserve(self, *args: Any, **kwargs: Any) -> Any:
+            return await self.inner.reserve(*args, **kwargs)
+
+        async def adjust(self, deltas: Any, *, now_ms: int) -> None:
+            await self.inner.adjust(deltas, now_ms=now_ms)
+
+        async def read(self, *args: Any, **kwargs: Any) -> Any:
+            return await self.inner.read(*args, **kwargs)
+
+        async def members(self, *args: Any, **kwargs: Any) -> Any:
+            return await self.inner.members(*args, **kwargs)
+
+        async def ping(self) -> bool:
+            return await self.inner.ping()
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    store = RedisBudgetStore(require_redis(), prefix=f"eg:test:{uuid.uuid4().hex}:")
+    target = f"wrapped-{uuid.uuid4().hex}"
+    eng = BudgetEngine(budgets(BudgetConfig(scope="api_key", target=target, token_limit=1000)), Wrapper(store))
+    try:
+        held = await eng.reserve(replace(ALICE, api_key=target), tokens=100, cost_usd=0.0)
+        assert held.epoch is not None
+        await eng.settle(held, tokens=10, cost_usd=0.0)
+        assert (await eng.usage())[0]["tokens"]["used"] == 10
+    finally:
+        await store.aclose()
 
 
 @pytest.mark.anyio

@@ -414,10 +414,12 @@ async def test_an_upstream_rejection_names_the_field_the_upstream_names(upstream
         return Fault("raw", code=400, body=orjson.dumps({"error": error}), model=PRIMARY_UP)
 
     async with running(routing_config(upstream)) as (c, _):
-        for param, named in [("dimensions", "dimensions"), ("input_type", "input_type"), ("model", "input"),
-                             (None, "input")]:  # fmt: skip
+        cases = [("dimensions", "dimensions"), ("input_type", "input_type"), ("model", "input"), (None, "input"),
+                 ("user", "input")]  # fmt: skip
+        for param, named in cases:  # (no user sent: an upstream naming it names no field of the client's)
             upstream.script.append(rejection(param))
-            r = await c.post("/v1/embeddings", json={**body_for(), "dimensions": 8}, headers=AUTH)
+            sent = {**body_for(), "dimensions": 8, "input_type": "query"}
+            r = await c.post("/v1/embeddings", json=sent, headers=AUTH)
             assert r.status_code == 400, r.text
             error = r.json()["error"]
             assert (error["code"], error["param"]) == ("upstream_rejected_input", named)

@@ -21,6 +21,7 @@ operation, run with EVALSHA, so the check-and-reserve is atomic across any numbe
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import time
@@ -277,6 +278,18 @@ class Reservation:
         return dict(self._headers)
 
 
+def _takes_epoch(store: BudgetStore) -> bool:
+    """Whether ``store.adjust`` takes ``epoch=`` (a store of one's own, or a wrapper of the Redis one, written before
+    it had one does not: settles through it raised TypeError)."""
+    if type(store) is RedisBudgetStore or type(store) is MemoryBudgetStore:
+        return True
+    try:
+        parameters = inspect.signature(store.adjust).parameters
+    except (TypeError, ValueError):  # no signature to read: called as before epochs
+        return False
+    return "epoch" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 def _usd(nano: int) -> str:
     """Nano-dollars as USD text, without trailing zeros: ``1500000000`` is ``1.5``."""
     whole = nano // NANO  # floor division and modulo, as divmod: frac is in [0, NANO)
@@ -318,6 +331,7 @@ class BudgetEngine:
         # starts with one of them and "/", else an identity id alone (every workspace's identity of that id).
         self._workspaces: tuple[str, ...] = tuple(dict.fromkeys(workspaces or (q.partition("/")[0] for q in projects)))
         self._store = store
+        self._adjust_takes_epoch = _takes_epoch(store)
         self._fail_open = fail_open
         self._window_ms = int(window_s * 1000)
         self._clock = clock
@@ -582,7 +596,7 @@ class BudgetEngine:
             return
         try:
             now_ms = int(self._clock() * 1000)
-            if reservation.epoch is None:  # (a store of one's own may take no epoch)
+            if reservation.epoch is None or not self._adjust_takes_epoch:  # a store (a wrapper) of one's own may not
                 await self._store.adjust(deltas, now_ms=now_ms)
             else:
                 await self._store.adjust(deltas, now_ms=now_ms, epoch=reservation.epoch)

@@ -117,7 +117,7 @@ class OpenAIAdapter:
                 f"{self.name} answered {status}: {self._message(content)}",
                 upstream_status=status,
                 retry_after_s=_retry_after(retry_after.decode("latin-1") if retry_after is not None else None),
-                upstream_param=_param(content),
+                upstream_param=_param(content, body),
             )
         return self._parse(content, n_items, dimensions)
 
@@ -171,15 +171,15 @@ class OpenAIAdapter:
 _CLIENT_PARAMS: Final = frozenset({"input", "dimensions", "user", "input_type"})
 
 
-def _param(content: bytes | bytearray) -> str | None:
-    """The client's field an error answer names (OpenAI's ``{"error": {"param": ...}}``), if any."""
+def _param(content: bytes | bytearray, sent: dict[str, Any]) -> str | None:
+    """The client's field an error answer names (OpenAI's ``{"error": {"param": ...}}``), if the call sent it."""
     try:
         data = orjson.loads(content)
     except orjson.JSONDecodeError:
         return None
     err = data.get("error") if isinstance(data, dict) else None
     param = err.get("param") if isinstance(err, dict) else None
-    return param if isinstance(param, str) and param in _CLIENT_PARAMS else None
+    return param if isinstance(param, str) and param in _CLIENT_PARAMS and param in sent else None
 
 
 def _retry_after(value: str | None) -> float | None:
