@@ -113,11 +113,13 @@ class OpenAIAdapter:
             raise UpstreamError(f"{self.name}: connection failed ({_describe(exc)})") from None
         if not 200 <= status < 300:  # any 2xx carries an answer (201 is NestJS's default for a POST)
             retry_after = header_value(answer_headers, b"retry-after")
+            message, param = self._error(content)
             raise UpstreamError(
-                f"{self.name} answered {status}: {self._message(content)}",
+                f"{self.name} answered {status}: {message}",
                 upstream_status=status,
                 retry_after_s=_retry_after(retry_after.decode("latin-1") if retry_after is not None else None),
-                upstream_param=_param(content, body),
+                # the field it names, where it is one the client sent and this call sent on
+                upstream_param=param if param in _CLIENT_PARAMS and param in body else None,
             )
         return self._parse(content, n_items, dimensions)
 
@@ -131,23 +133,27 @@ class OpenAIAdapter:
         request.read()  # so that ``request.content`` is there for any transport (one chunk: no copy)
         return request
 
-    def _message(self, content: bytes | bytearray) -> str:
-        """The upstream's error message, short, and scrubbed of our provider key should it echo it."""
+    def _error(self, content: bytes | bytearray) -> tuple[str, str | None]:
+        """The upstream's error message, short, and scrubbed of our provider key should it echo it; and the field
+        its error names (OpenAI's ``{"error": {"param": ...}}``), if any."""
         forms = self._secret_forms
         # Cut after the key is taken out, reading far enough that no piece of a key cut in two (no longer found)
         # can end up within the message: every key taken out before it shortens the text (to "[redacted]"), and
         # a byte is at least a quarter of a character. A piece starting at byte p stays at character
         # >= min(10 p / len, p / 4) >= _MAX_MESSAGE for p >= 50 len + 4 _MAX_MESSAGE.
         window = 51 * (len(forms[0]) if forms else 0) + 4 * _MAX_MESSAGE
+        param: str | None = None
         try:
             data = orjson.loads(content)
             err = data.get("error") if isinstance(data, dict) else None
             message = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
+            named = err.get("param") if isinstance(err, dict) else None
+            param = named if isinstance(named, str) else None
             # any other JSON is shown re-written: its strings decoded, so an escaped key is found as well
             text = str(message) if message else orjson.dumps(data).decode()
         except orjson.JSONDecodeError:
             text = content[:window].decode("utf-8", "replace")
-        return self._scrubbed(text[:window])[:_MAX_MESSAGE] or "(empty body)"
+        return self._scrubbed(text[:window])[:_MAX_MESSAGE] or "(empty body)", param
 
     def _scrubbed(self, text: str) -> str:
         """``text`` without our provider key in any of the forms it may be echoed in."""
@@ -169,17 +175,6 @@ class OpenAIAdapter:
 
 #: The fields of the upstream call a client sends as they are: an error naming one names it to the client too.
 _CLIENT_PARAMS: Final = frozenset({"input", "dimensions", "user", "input_type"})
-
-
-def _param(content: bytes | bytearray, sent: dict[str, Any]) -> str | None:
-    """The client's field an error answer names (OpenAI's ``{"error": {"param": ...}}``), if the call sent it."""
-    try:
-        data = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return None
-    err = data.get("error") if isinstance(data, dict) else None
-    param = err.get("param") if isinstance(err, dict) else None
-    return param if isinstance(param, str) and param in _CLIENT_PARAMS and param in sent else None
 
 
 def _retry_after(value: str | None) -> float | None:
