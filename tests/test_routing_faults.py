@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 from embedgate.app import create_app
 from embedgate.config import Config, parse_config
 from embedgate.gateway import EmbeddingGateway
+from embedgate.logs import BODY_PARTS, REQUEST_TASK
 from tests.conftest import KEY, config_dict, gateway
 from tests.fake_upstream import FakeUpstream, Fault, expected_vector, tokens_of
 from tests.test_observability_gateway import scrape, value
@@ -500,7 +501,7 @@ async def test_a_retry_after_http_date_is_waited_for(upstream: FakeUpstream) -> 
 async def test_an_error_while_writing_the_answer_is_a_500_in_the_routes_shape(upstream: FakeUpstream,
                                                                               route: str) -> None:  # fmt: skip
     class Failing(EmbeddingGateway):
-        def _render(self, call: Any) -> bytes:
+        def _render(self, call: Any) -> list[bytes]:
             raise TypeError("Integer exceeds 64-bit range")
 
     config = routing_config(upstream, budgets=[TOKEN_BUDGET])
@@ -576,6 +577,41 @@ async def test_a_client_gone_before_its_answer_went_out_is_a_499_billed(upstream
     assert line["billed_tokens"] == tokens_of("gone")  # the upstream was paid: billed all the same
     requests = [row for row in scraped.splitlines() if row.startswith("embedgate_requests_total{")]
     assert len(requests) == 1 and 'status="499"' in requests[0]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("encoding", ["base64", "float"])
+async def test_a_server_that_takes_the_body_in_pieces_gets_the_answer_unjoined(upstream: FakeUpstream,
+                                                                               encoding: str) -> None:  # fmt: skip
+    """Under a server with the ``embedgate.body_parts`` extension (embedgate serve), a base64 answer goes out as its
+    pieces (a 256 batch's 2.1 MB is not copied once more to join it); they make the same bytes as a joined body."""
+    app = gateway(routing_config(upstream))
+    request = orjson.dumps({"model": PRIMARY, "input": TEXTS, "encoding_format": encoding})
+
+    async def answer(extensions: dict[str, Any] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        scope = {**embed_scope(), "headers": [*embed_scope()["headers"], (b"x-request-id", b"same-id")]}
+        if extensions is not None:
+            scope["extensions"] = extensions
+        messages: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": request}
+
+        async def send(message: dict[str, Any]) -> None:
+            messages.append(message)
+
+        await app(scope, receive, send)  # type: ignore[arg-type]
+        return messages[:1], messages[1:]
+
+    (start,), body = await answer({REQUEST_TASK: {}, BODY_PARTS: {}})
+    (plain_start,), plain = await answer(None)
+    await app.shutdown()
+    assert [m["type"] for m in plain] == ["http.response.body"]
+    sent = b"".join(body[0]["parts"]) if body[0]["type"] == BODY_PARTS else body[0]["body"]
+    assert sent == plain[0]["body"] and dict(start["headers"])[b"content-length"] == b"%d" % len(sent)
+    assert dict(plain_start["headers"])[b"content-length"] == b"%d" % len(sent)
+    assert orjson.loads(sent)["data"][1]["index"] == 1
+    assert [m["type"] for m in body] == [BODY_PARTS if encoding == "base64" else "http.response.body"]
 
 
 @pytest.mark.anyio

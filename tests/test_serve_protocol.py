@@ -20,11 +20,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import uvicorn
 
-from embedgate.logs import REQUEST_TASK
+from embedgate.logs import BODY_PARTS, REQUEST_TASK
 from embedgate.serve_protocol import HIGH_WATER, GatewayHttpProtocol
 
 from .conftest import free_port
@@ -805,7 +806,70 @@ def test_each_request_runs_in_a_context_of_its_own_and_the_scope_says_so() -> No
             while data.count(b"}") < 2:
                 data += sock.recv(65536)
             answers += [orjson.loads(part.partition(b"\r\n\r\n")[2]) for part in data.split(b"HTTP/1.1 ")[1:]]
-    assert answers == [{"seen": None, "extensions": [REQUEST_TASK]}] * 4
+    assert answers == [{"seen": None, "extensions": sorted([BODY_PARTS, REQUEST_TASK])}] * 4
+
+
+PIECES = [b'{"a":', memoryview(b"xx[1,2]yy")[2:7], b"", bytearray(b',"b":"'), b"c" * 100_000, b'"}']
+WHOLE = b"".join(PIECES)
+
+
+async def parts_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers ``PIECES`` as one ``embedgate.body_parts`` message (with a length), as two (chunked), or as more than
+    its length says."""
+    if scope["type"] != "http":
+        return
+    path = scope["path"]
+    if path == "/big":  # 2 MB in 513 pieces, views among them: more than the transport takes before it waits
+        block = bytes(range(256)) * 32
+        pieces: list[Any] = [b"["]
+        for i in range(256):
+            pieces += [memoryview(block)[i:], b"%d," % i]
+        size = sum(len(p) for p in pieces)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % size)]})
+        await send({"type": BODY_PARTS, "parts": pieces})
+        return
+    length = len(WHOLE) - 1 if path == "/too-long" else len(WHOLE)
+    headers = [] if path == "/chunked" else [(b"content-length", b"%d" % length)]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    if path == "/chunked":
+        await send({"type": BODY_PARTS, "parts": PIECES[:3], "more_body": True})
+        await send({"type": BODY_PARTS, "parts": PIECES[3:]})
+    else:
+        await send({"type": BODY_PARTS, "parts": PIECES})
+
+
+@pytest.mark.parametrize("path", ["/length", "/chunked"])
+def test_an_answer_sent_in_pieces_reaches_the_client_whole(path: str) -> None:
+    """The ``embedgate.body_parts`` extension: the pieces, bytes or views, go out in order, framed as one body."""
+    with served(GatewayHttpProtocol, served_app=parts_app, lifespan="off") as (port, _):
+        r = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+    assert r.status_code == 200 and r.content == WHOLE
+    assert r.headers.get("transfer-encoding") == ("chunked" if path == "/chunked" else None)
+
+
+def test_an_answer_in_pieces_to_a_slow_reader_arrives_whole() -> None:
+    """The transport keeps the pieces it could not write yet (the client waits before reading) and writes them
+    unchanged, in order, as the client reads."""
+    block = bytes(range(256)) * 32
+    expected = b"[" + b"".join(block[i:] + b"%d," % i for i in range(256))
+    with served(GatewayHttpProtocol, served_app=parts_app, lifespan="off") as (port, _):
+        client = Client(port)
+        try:
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            client.send(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.3)
+            status, _, body = client.response()
+            assert status == 200 and body == expected
+            client.send(b"GET /length HTTP/1.1\r\nHost: x\r\n\r\n")  # and the connection goes on
+            assert client.response()[2] == WHOLE
+        finally:
+            client.close()
+
+
+def test_pieces_longer_than_the_answers_length_are_a_500() -> None:
+    with served(GatewayHttpProtocol, served_app=parts_app, lifespan="off") as (port, _):
+        r = httpx.get(f"http://127.0.0.1:{port}/too-long", timeout=5)
+    assert r.status_code == 500
 
 
 @pytest.mark.parametrize("path", ["/no-content-with-body", "/negative-length"])

@@ -46,6 +46,7 @@ from .errors import (
 )
 from .identities import IdentityStore, identity_store
 from .logs import (
+    BODY_PARTS,
     REQUEST_TASK,
     bind_request,
     bind_task,
@@ -359,13 +360,14 @@ class EmbeddingGateway:
             # Standalone, the request's task is the gateway's alone; mounted, the host's middlewares run on in it
             # after the gateway, with their own bindings, which clear_request restores.
             own_task = self._standalone and extensions is not None and REQUEST_TASK in extensions
+            in_pieces = own_task and extensions is not None and BODY_PARTS in extensions  # see BODY_PARTS
             if own_task:  # the bindings end with the request's task: nothing to undo
                 bind_task(request_id=request_id, trace_id=root.trace_id_hex, span_id=root.span_id_hex)
             else:
                 bind_request(request_id=request_id, trace_id=root.trace_id_hex, span_id=root.span_id_hex)
             self._in_flight += 1
             try:
-                rendered = b""
+                rendered: list[bytes | memoryview] = []
                 if error is None:
                     try:
                         await self.pipeline.run(call)
@@ -382,19 +384,28 @@ class EmbeddingGateway:
                         log.exception("unhandled error", request_id=request_id)
                         error = GatewayError("Internal error in the gateway; see its logs for this request id")
                 if error is None:
-                    status, body = 200, rendered
+                    status, parts = 200, rendered
                 else:
-                    status, body = error.status, render_error(error, dialect)
+                    status, parts = error.status, [render_error(error, dialect)]
                     call.headers.update(error.headers)
                     if isinstance(error, BudgetExceeded):
                         self.metrics.observe_budget_rejection(error.scope_kind, error.dimension)
                 # With its length, the answer goes out as one body (no chunked framing: uvicorn would copy it
-                # into chunks, ~2 MB for a 256 batch, and every client would parse the framing).
-                out = response_headers(call, len(body), root.trace_id_hex)
+                # into chunks, ~2 MB for a 256 batch, and every client would parse the framing); in pieces to a
+                # server that takes them (embedgate serve), else joined.
+                size = len(parts[0]) if len(parts) == 1 else sum([len(p) for p in parts])
+                out = response_headers(call, size, root.trace_id_hex)
+                message: dict[str, Any]
+                if len(parts) == 1:
+                    message = {"type": "http.response.body", "body": parts[0]}
+                elif in_pieces:
+                    message = {"type": BODY_PARTS, "parts": parts}
+                else:
+                    message = {"type": "http.response.body", "body": b"".join(parts)}
                 send_failed: BaseException | None = None
                 try:
                     await send({"type": "http.response.start", "status": status, "headers": out})
-                    await send({"type": "http.response.body", "body": body})
+                    await send(message)
                 except BaseException as exc:  # the client went away: finished all the same, then raised
                     send_failed = exc
                 answered = time.perf_counter()  # the access line's latency: the settle below is not the client's
@@ -457,7 +468,8 @@ class EmbeddingGateway:
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _render(self, call: Call) -> bytes:
+    def _render(self, call: Call) -> list[bytes | memoryview]:
+        """The answer's body, in pieces to be sent in order (one for a float answer, two per vector for base64)."""
         req = call.request
         assert req is not None
         base64 = req.encoding_format == "base64"
@@ -471,18 +483,18 @@ class EmbeddingGateway:
             usage["cost"] = round(call.cost_usd, 12)
         out = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
         if not base64:
-            return out
+            return [out]
         # The base64 items go in as bytes where orjson wrote "data":null (its first occurrence: only "id", of a
         # request id's safe characters, comes before it): the upstream's own base64 text when it sent one (no
         # second encoding, and no str of ~8 KB per vector for orjson to copy), else the vector encoded here.
         head, tail = out.split(b'"data":null', 1)
-        parts = [head, b'"data":[']
+        parts: list[bytes | memoryview] = [head, b'"data":[']
         for i, (vector, text) in enumerate(zip(call.vectors, call.b64, strict=True)):
             parts.append(_ITEM_HEAD % i if i else _FIRST_ITEM_HEAD)
             parts.append(text if text is not None else bytes_to_b64(vector))  # type: ignore[arg-type]
         parts.append(b'"}]' if call.vectors else b"]")
         parts.append(tail)
-        return b"".join(parts)
+        return parts
 
     # --- GET endpoints ---------------------------------------------------------------------------------------
 

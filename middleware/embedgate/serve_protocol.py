@@ -41,7 +41,7 @@ from uvicorn.protocols.http.httptools_impl import HEADER_RE, STATUS_LINE
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 from .errors import ClientGone
-from .logs import REQUEST_TASK
+from .logs import BODY_PARTS, REQUEST_TASK
 
 __all__ = ["GatewayHttpProtocol"]
 
@@ -401,7 +401,8 @@ class GatewayHttpProtocol(asyncio.Protocol):
             "headers": self.headers,
             "state": self.app_state.copy(),
             # Each request runs in an asyncio task of its own: what the app sets in its context ends with it.
-            "extensions": {REQUEST_TASK: {}},
+            # Its answer's body may come in pieces, written without being joined first (BODY_PARTS).
+            "extensions": {REQUEST_TASK: {}, BODY_PARTS: {}},
         }
         app = self.app
         limit = self.limit_concurrency
@@ -658,25 +659,34 @@ class RequestCycle:
             return
         if self.complete:
             raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
-        if kind != "http.response.body":
+        pieces: list[bytes | bytearray | memoryview]
+        if kind == "http.response.body":
+            body: bytes | bytearray | memoryview = message.get("body", b"")  # bytes-like, as uvicorn takes it
+            pieces = [body] if body else []
+            size = len(body)
+        elif kind == BODY_PARTS:
+            pieces = [p for p in message["parts"] if len(p)]
+            size = sum([len(p) for p in pieces])
+        else:
             raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{kind}'.")
-        body: bytes | bytearray | memoryview = message.get("body", b"")  # bytes-like, as uvicorn takes it
         more_body = bool(message.get("more_body", False))
-        if body and self.length >= 0 and not self.head_request and len(body) > self.length:
+        if size and self.length >= 0 and not self.head_request and size > self.length:
             raise RuntimeError("Response content longer than Content-Length")  # the head still unsent: a 500
         head, self.head = self.head, None
         out: list[bytes | bytearray | memoryview] = [] if head is None else [head]
         if self.head_request:
             self.length = 0
         elif self.chunked:
-            if body:
-                out += [b"%x\r\n" % len(body), body, b"\r\n"]
+            if size:
+                out.append(b"%x\r\n" % size)
+                out += pieces
+                out.append(b"\r\n")
             if not more_body:
                 out.append(_LAST_CHUNK)
-        elif body:
+        elif size:
             if self.length >= 0:
-                self.length -= len(body)
-            out.append(body)
+                self.length -= size
+            out += pieces
         transport = conn.transport
         if out and transport is not None:
             if len(out) == 1:
