@@ -8,19 +8,19 @@ keep matching across releases: a change of the key material or of the stored for
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 from collections.abc import Sequence
 from typing import Any, Final
 
 import orjson
+from pybase64 import b64encode
 
 __all__ = ["KEY_PREFIX", "KEY_VERSION", "item_keys"]
 
 KEY_PREFIX: Final = "eg:c:"
 #: Bumped whenever the key material or the stored format changes: old entries then simply stop matching.
 KEY_VERSION: Final = "v1"
-_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+_URLSAFE: Final = b"-_"  # for + and /
 _SORT_KEYS: Final = orjson.OPT_SORT_KEYS
 _ZERO: Final = b"\0"
 
@@ -55,5 +55,5 @@ def item_keys(
     # encodings sit side by side; the first 43 of each are the digest's own unpadded encoding (the 43rd holds the
     # digest's last 4 bits and 2 zero bits, as the padded encoding's does).
     digests.append(b"")
-    text = binascii.b2a_base64(_ZERO.join(digests), newline=False).translate(_URLSAFE).decode("ascii")
+    text = b64encode(_ZERO.join(digests), altchars=_URLSAFE).decode("ascii")  # pybase64: ~20 us less for 256
     return [KEY_PREFIX + text[i : i + 43] for i in range(0, len(text), 44)]
