@@ -405,6 +405,31 @@ async def test_cache_hits_count_against_requests_per_minute(upstream: FakeUpstre
         assert len(upstream.calls) == 1
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("limit", [18, 100])
+async def test_cached_items_embedded_again_are_reserved_before_they_go(upstream: FakeUpstream, limit: int) -> None:
+    # A partial hit whose cached item is of the model's old vector size embeds that item again. Only the missing
+    # item was reserved: the request was admitted with 1 token of room and billed 11 (12 + 11 of a limit of 18).
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": limit}])
+    cached, new = list(range(1, 11)), [7]  # token ids: estimated and billed at their length
+    async with running(config) as (app, c):
+        assert (await embed(c, [cached], cache=CACHE)).status_code == 200
+        upstream.dims = 9
+        assert (await embed(c, [[1, 2]], cache=CACHE, retry={"count": 2})).status_code == 200  # 9 adopted
+        (row,) = await app.budgets.usage()  # type: ignore[union-attr]
+        before = row["tokens"]["used"]
+        if limit == 18:
+            assert 1 <= limit - before <= len(cached)  # room for the new item, not for both
+        r = await embed(c, [cached, new], cache=CACHE)
+        (row,) = await app.budgets.usage()  # type: ignore[union-attr]
+    if limit == 18:
+        assert r.status_code == 429 and r.json()["error"]["code"] == "token_budget_exceeded"
+        assert row["tokens"]["used"] == before + len(new) <= limit  # the new item was paid for upstream, no more
+    else:
+        assert r.status_code == 200 and [len(v["embedding"]) for v in r.json()["data"]] == [9, 9]
+        assert row["tokens"]["used"] == before + len(cached) + len(new)
+
+
 # --- failed upstream calls -------------------------------------------------------------------------------
 
 

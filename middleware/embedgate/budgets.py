@@ -577,6 +577,40 @@ class BudgetEngine:
             headers={**headers, **extra},
         )
 
+    async def extend(self, reservation: Reservation, *, tokens: int, cost_usd: float) -> None:
+        """Reserve ``tokens`` and ``cost_usd`` more on the counters ``reservation`` holds, all or nothing: work its
+        estimate did not cover (cached items embedded again). Raises as :meth:`reserve` does (no request is counted
+        again); the settle then corrects the whole amount. (Were the store's counters lost in between, the
+        extension lands on the new ones and the settle, of the older epoch, leaves it: counted in full.)"""
+        if reservation.decision != "reserved" or not reservation._open or not reservation.counters:
+            return
+        cost_nano = nano_up(cost_usd)
+        tokens = max(0, tokens)
+        now = self._clock()
+        counters = list(reservation.counters)
+        specs = [
+            CounterSpec(
+                g.key,
+                tokens if g.dimension == "tokens" else cost_nano,
+                g.limit,
+                0 if g.reset_at is None else math.ceil(g.reset_at - now) + PERIOD_GRACE_S,
+            )
+            for g in counters
+        ]
+        now_ms = int(now * 1000)
+        try:
+            res = await self._store.reserve(specs, [], now_ms=now_ms, window_ms=self._window_ms, member=reservation.id)
+        except BudgetStoreError as exc:
+            if not self._fail_open:
+                raise Unavailable(
+                    "budget store unavailable; the request was not admitted", code="store_unavailable"
+                ) from exc
+            return
+        if res.failed >= 0:
+            raise self._refusal(counters, [], res, now_ms, {}, {"tokens": tokens, "cost": cost_nano})
+        reservation.tokens += tokens
+        reservation.cost_nano += cost_nano
+
     async def settle(self, reservation: Reservation, *, tokens: int, cost_usd: float) -> None:
         """Adjust the reserved counters to the real usage. Idempotent; a store failure is only logged."""
         cost_nano = nano_up(cost_usd)

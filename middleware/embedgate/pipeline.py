@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .budgets import BudgetEngine, Subject, cost_usd, estimate_tokens, model_price
+from .budgets import BudgetEngine, Reservation, Subject, cost_usd, estimate_tokens, model_price
 from .cache import CachedItem, Coalescer, VectorCache
 from .cache_keys import item_keys
 from .config import Config, KeyConfig, hash_key
@@ -67,6 +67,7 @@ class Call:
     attempts: int = 0
     deployment: str = ""
     budget_decision: str = "none"
+    reservation: Reservation | None = None  # what the budget stage reserved for the upstream work, if anything
     items_fetched: int = 0  # items this request itself sent upstream (or repeats of them in its batch)
     deadline: float | None = None  # routing's overall deadline, set by the first upstream call: later ones share it
     headers: dict[str, str] = field(default_factory=dict)
@@ -111,6 +112,7 @@ class Call:
         self.attempts = 0
         self.deployment = ""
         self.budget_decision = "none"
+        self.reservation = None
         self.deadline = None
         self.items_fetched = 0
         self.headers = {}
@@ -339,6 +341,7 @@ class Pipeline:
             # the dearest deployment of the chain's models bounds what a fallback may cost
             price = max([self._dearest(m) for m in call.chain], default=0.0)
             reservation = await self._budgets.reserve(subject, tokens=tokens, cost_usd=cost_usd(tokens, price))
+            call.reservation = reservation
             budgets = self._budgets
 
             async def settle(call: Call, error: GatewayError | None) -> None:
@@ -447,20 +450,27 @@ class Pipeline:
         # Vectors of different models live in different spaces: one response never mixes them. When a fallback
         # served the misses, the items answered for another model are embedded again by the one that served.
         foreign = [p for p, (m, _, _) in zip(positions, results, strict=True) if m != served]
+        missing = set(positions)
         if call.cache_status in ("hit", "partial") and served != call.chain[0].id:
-            foreign += [p for p in range(len(req.items)) if p not in positions]
+            foreign += [p for p in range(len(req.items)) if p not in missing]
         elif call.cache_status == "partial":
             # Cached before the model changed its dimension count (the cache key has none when the request asks
             # for none): embedded again, as one answer never mixes vector sizes. (The missing items' vectors are
             # this request's own or another's, fetched just now.)
             width = len(call.vectors[positions[0]] or b"")
-            missing = set(positions)
             foreign += [p for p in range(len(req.items)) if p not in missing and len(call.vectors[p] or b"") != width]
         if foreign:
             first: dict[str, int] = {}  # an item repeated in the batch is embedded again once
             for p in sorted(set(foreign)):
                 first.setdefault(call.cache_keys[p], p)
             unique = list(first.values())
+            cached = [req.items[p] for p in unique if p not in missing]
+            if cached and len(call.chain) == 1 and call.reservation is not None:
+                # Without fallbacks the budget reserved only the missing items (see budget): the cached ones
+                # embedded again are reserved now (a 429 if they do not fit), or they would overshoot it.
+                tokens = estimate_tokens(cached)
+                price = self._dearest(call.chain[0])
+                await self._budgets.extend(call.reservation, tokens=tokens, cost_usd=cost_usd(tokens, price))
             again = await self._embed(call, unique, [self._router.resolve(served)])
             self._take(call, unique, again)
             for p in foreign:
