@@ -104,6 +104,19 @@ def test_every_error_has_its_yaml_path() -> None:
         assert expected in errors, f"{expected!r} missing from:\n{errors}"
 
 
+def test_a_deployment_listed_twice_in_a_model_is_an_error() -> None:
+    """One endpoint has one breaker and one backoff: listed twice, it was called again at once after it failed,
+    and with the key it had just refused (a dropped deployment is dropped by its place in the list)."""
+    providers = {"p": {"type": "openai_compatible", "base_url": "http://127.0.0.1:9/v1"}}
+    twice = [{"provider": "p", "upstream_model": "m"}, {"provider": "p"}, {"provider": "p", "upstream_model": "n"}]
+    with pytest.raises(ConfigError) as info:
+        parse_config({"providers": providers, "models": {"p/m": {"deployments": twice}}}, env={})
+    assert info.value.errors == [
+        "models.p/m.deployments[1]: the same deployment as deployments[0] (provider 'p', upstream_model 'm')"
+    ]
+    parse_config({"providers": providers, "models": {"p/m": {"deployments": [twice[0], twice[2]]}}}, env={})
+
+
 def test_two_keys_with_one_secret_are_an_error() -> None:
     """A client would authenticate as only one of them: its budgets and usage would go to the wrong key."""
     secret = "sk-shared-secret-123"

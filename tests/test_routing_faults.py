@@ -463,9 +463,12 @@ async def test_an_upstream_token_count_is_charged_only_within_the_estimate(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("value", ["-5", "nan", "soon"])
+@pytest.mark.parametrize("value", ["-5", "nan", "soon", "past date"])
 async def test_a_retry_after_that_is_no_wait_leaves_the_backoff_to_apply(upstream: FakeUpstream, value: str) -> None:
-    # "-5" and "nan" were read as 0 s: the retries went out at once, with no backoff.
+    # "-5" and "nan" were read as 0 s, and so was a date already past (a skewed clock, a date of this very second):
+    # the retries went out at once, with no backoff.
+    if value == "past date":
+        value = email.utils.formatdate(time.time() - 5, usegmt=True)
     headers = {"Retry-After": value, "Content-Type": "application/json"}
     upstream.script.append(Fault("raw", 429, headers=headers, body=b'{"error":{"message":"slow down"}}',
                                  model=PRIMARY_UP))  # fmt: skip
@@ -473,6 +476,23 @@ async def test_a_retry_after_that_is_no_wait_leaves_the_backoff_to_apply(upstrea
         r, elapsed = await timed_post(c, body_for())
     assert_served(r, PRIMARY, PRIMARY_UP)
     assert 0.225 <= elapsed < 1.5  # the 300 ms backoff, +-25%
+
+
+@pytest.mark.anyio
+async def test_a_fallback_cut_short_by_the_requests_deadline_keeps_its_breaker_closed(upstream: FakeUpstream) -> None:
+    # The primary stalls past its 350 ms timeout; the fallback, answering in 150 ms, gets the ~50 ms left of the
+    # request's 400 ms. Those timeouts were counted against the fallback: two such requests opened its breaker, and
+    # a request for the fallback model itself was then refused as "cooling down", the upstream never called.
+    config = routing_config(upstream, routing={"deadline_ms": 400, "breaker_failures": 2})
+    body = {**body_for(fallbacks=[FALLBACK], retry=0), "timeout": {"call_timeout": 350}}
+    async with running(config) as (c, _):
+        for _ in range(2):
+            upstream.script += [Fault("slow", delay=1.0, model=PRIMARY_UP), Fault("ok", delay=0.15, model=FALLBACK_UP)]
+            r, _ = await timed_post(c, body)
+            assert r.status_code == 504
+        upstream.reset()
+        r, _ = await timed_post(c, {"model": FALLBACK, "input": TEXTS})
+        assert_served(r, FALLBACK, FALLBACK_UP)
 
 
 @pytest.mark.anyio

@@ -126,13 +126,25 @@ async def test_unusual_but_valid_answers_read_as_a_full_parse_reads_them(body: b
         # the upstream itself writes "#0" (what a cut leaves behind) for a second item
         (pair(f'"{b64(0)}"', '"#0"'), "base64"),
         (pair(f'"{b64(0)}"', '"#7"'), "base64"),
+        (pair(f'"{b64(0)}"', '"#\u00b2"'), "base64"),  # a digit to str.isdigit, not to int(): was a 500
+        (pair(f'"{b64(0)}"', '"#' + "1" * 5000 + '"'), "base64"),  # more digits than int() reads: was a 500
         (pair(f'"{b64(0)}"', '"AB$D"'), "base64"),
         (pair(f'"{b64(0)}"', '"AAAA"'), "float32"),
         (pair(f'"{b64(0)}"', f'"{b64(1)}"')[:-2], "not JSON"),
         (pair(f'"{b64(0)}"', f'"{b64(1)}"').replace(b'"index":1', b'"index":0'), "appears twice"),
         (pair(f'"{b64(0)}"', f'"{b64(1, 4)}"'), "different dimensions"),
     ],
-    ids=["forged-marker", "marker-without-cut", "bad-base64", "not-float32", "cut-short", "index-twice", "dims"],
+    ids=[
+        "forged-marker",
+        "marker-without-cut",
+        "superscript-marker",
+        "long-marker",
+        "bad-base64",
+        "not-float32",
+        "cut-short",
+        "index-twice",
+        "dims",
+    ],
 )
 async def test_malformed_answers_are_refused_as_upstream_malformed(body: bytes, why: str) -> None:
     with pytest.raises(UpstreamError) as caught:

@@ -526,18 +526,24 @@ def _models(data: Any, providers: Mapping[str, ProviderConfig], errors: list[str
         elif not isinstance(raw, list) or not raw:
             s.error(s.at("deployments"), "must be a non-empty list")
         else:
+            listed: dict[tuple[str, str], int] = {}
             for i, d in enumerate(raw):
                 ds = _Section(d, f"{s.at('deployments')}[{i}]", errors)
                 provider = ds.required("provider", ds.string, "")
                 if provider and provider not in providers:
                     ds.error(ds.at("provider"), f"no provider named {_got(provider, ds.at('provider'), errors)}")
-                deployments.append(
-                    Deployment(
-                        provider=provider,
-                        upstream_model=ds.get("upstream_model", ds.string, name or mid),
-                        price_per_million_tokens=ds.get("price_per_million_tokens", ds.number, None),
-                    )
+                deployment = Deployment(
+                    provider=provider,
+                    upstream_model=ds.get("upstream_model", ds.string, name or mid),
+                    price_per_million_tokens=ds.get("price_per_million_tokens", ds.number, None),
                 )
+                # One endpoint has one breaker, backoff and dropped key: listed twice, it was called again at once,
+                # with a key it had just refused.
+                first = listed.setdefault((deployment.provider, deployment.upstream_model), i)
+                if first != i:
+                    same = f"provider {deployment.provider!r}, upstream_model {deployment.upstream_model!r}"
+                    ds.error(ds.path, f"the same deployment as deployments[{first}] ({same})")
+                deployments.append(deployment)
                 ds.finish()
         out[mid] = ModelConfig(
             id=mid,

@@ -632,7 +632,10 @@ class Router:
         """One upstream call: hook, adapter, answer checks and the deployment's breaker; raises on failure."""
         adapter = self._adapters[deployment.provider]
         provider = self._config.providers[deployment.provider]
-        timeout_s = min((request.timeout_ms or provider.timeout_ms) / 1000, remaining)
+        call_timeout_s = (request.timeout_ms or provider.timeout_ms) / 1000
+        timeout_s = min(call_timeout_s, remaining)
+        # Cut short by what was left of the request's deadline, a timeout is the request's, not the deployment's.
+        cut_by_deadline = remaining < call_timeout_s
         token = self._hook.start(model=model.id, deployment=deployment, adapter=adapter, attempt=attempt,
                                  fallback_index=fallback_index, request=request)  # fmt: skip
         started = self._clock()
@@ -655,7 +658,8 @@ class Router:
         except (UpstreamError, UpstreamTimeout) as err:
             elapsed = self._clock() - started
             self._hook.end(token, error=err, result=None, seconds=elapsed, outcome=next_step(err))
-            self._record(deployment, ok=False, seconds=elapsed, error=err)
+            if not (cut_by_deadline and isinstance(err, UpstreamTimeout)):
+                self._record(deployment, ok=False, seconds=elapsed, error=err)
             raise
         except BaseException:
             # Cancelled (a sibling chunk failed) or an unexpected bug: the span must still end; the deployment is

@@ -153,7 +153,10 @@ def _vector_or_none(text: memoryview) -> bytes | None:
 
 def take_cut(vectors: list[bytes | None], marker: str) -> tuple[bytes, int]:
     """The vector a ``"#<k>"`` marker of :func:`cut_vectors` stands for, and ``k``; each may be taken once."""
-    k = int(marker[1:]) if marker[1:].isdigit() else len(vectors)
+    digits = marker[1:]
+    # ASCII digits only, and few: int() also takes other Unicode digits ("²" raised ValueError) and refuses more
+    # than 4300 digits (ValueError too): an upstream's own "#..." string was a 500, not a malformed answer.
+    k = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 18 else len(vectors)
     vector = vectors[k] if k < len(vectors) else None
     if vector is None:  # no such cut, or a second item naming it: the upstream wrote this "#..." string
         raise VectorError("invalid base64 embedding: not base64")

@@ -191,7 +191,9 @@ def _retry_after(value: str | None) -> float | None:
             return None
         if when.tzinfo is None:  # "-0000": UTC, as the RFC's dates are
             when = when.replace(tzinfo=UTC)
-        return max(0.0, when.timestamp() - time.time())
+        seconds = when.timestamp() - time.time()
+        # A date already past is a negative wait, as "-5" is: the backoff applies (0 retried at once, no backoff).
+        return seconds if seconds > 0.0 else None
     return seconds if seconds >= 0.0 else None  # NaN is not >= 0
 
 
