@@ -267,6 +267,49 @@ async def test_failed_attempts_say_whether_the_router_retries_or_falls_back(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("case", ["key-refused-in-on-codes", "deadline-spent"])
+async def test_a_failed_attempt_s_outcome_is_what_the_router_then_does(
+    upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter, case: str
+) -> None:
+    # Both said "retry": a 401 listed in on_codes (never retried: the deployment is dropped, the fallback served),
+    # and a timeout at the request's deadline (nothing follows it: the request is a 504).
+    routing = {"deadline_ms": 300} if case == "deadline-spent" else {}
+    gw = EmbeddingGateway(host_404, config=make_config(upstream, routing=routing), tracer_provider=provider)
+    fault = Fault("status", 401) if case == "key-refused-in-on-codes" else Fault("slow", delay=1.0)
+    upstream.script.append(fault)
+    body = {"model": "local/embed-small", "input": "x", "retry": {"count": 2, "on_codes": [401, 503]},
+            "fallbacks": [{"model": "backup/fb-model"}]}  # fmt: skip
+    async with client_for(gw) as client:
+        r = await client.post("/v1/embeddings", json=body, headers=AUTH)
+    outcomes = [dict(a.attributes or {})["embedgate.outcome"] for a in attempts_of(exporter.get_finished_spans())]
+    if case == "key-refused-in-on-codes":
+        assert (r.status_code, outcomes) == (200, ["fallback", "success"])
+    else:
+        assert (r.status_code, outcomes) == (504, ["error"])
+
+
+@pytest.mark.anyio
+async def test_a_fallback_re_embedding_a_partial_hit_s_cached_items_keeps_its_fallback_index(
+    upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    # The cached item, embedded again by the fallback that served the rest, was an attempt of fallback_index 0.
+    gw = EmbeddingGateway(host_404, config=make_config(upstream), tracer_provider=provider)
+    cache = {"type": "exact_match"}
+    async with client_for(gw) as client:
+        await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": ["a"], "cache": cache},
+                          headers=AUTH)  # fmt: skip
+        exporter.clear()
+        upstream.script.append(Fault("status", 503, model="embed-small"))
+        body = {"model": "local/embed-small", "input": ["a", "b"], "cache": cache, "retry": {"count": 0},
+                "fallbacks": [{"model": "backup/fb-model"}]}  # fmt: skip
+        r = await client.post("/v1/embeddings", json=body, headers=AUTH)
+    assert r.status_code == 200 and r.json()["model"] == "backup/fb-model"
+    attempts = [dict(a.attributes or {}) for a in attempts_of(exporter.get_finished_spans())]
+    assert [(a["gen_ai.request.model"], a["embedgate.fallback_index"]) for a in attempts] == [
+        ("embed-small", 0), ("fb-model", 1), ("fb-model", 1)]  # fmt: skip
+
+
+@pytest.mark.anyio
 async def test_cache_hit_and_budget_rejection_are_root_attributes(
     upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
@@ -456,15 +499,17 @@ async def test_metrics_move_with_traffic(upstream: FakeUpstream, provider: Trace
 
 
 @pytest.fixture
-def host_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
-    """structlog configured by the host app (JSON lines with contextvars), put back as it was after the test."""
+def host_log(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[io.StringIO]:
+    """structlog configured by the host app (JSON lines with contextvars, unless the test's ``merge`` parameter
+    is False), put back as it was after the test."""
     was_configured, saved = structlog.is_configured(), structlog.get_config()
     for name in ("_installed", "_installed_args", "_access"):  # embedgate.logs' memory of its own config
         monkeypatch.setattr(logs, name, getattr(logs, name))
     out = io.StringIO()
     structlog.reset_defaults()
+    merge = [structlog.contextvars.merge_contextvars] if getattr(request, "param", True) else []
     structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, structlog.processors.JSONRenderer()],
+        processors=[*merge, structlog.processors.JSONRenderer()],
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
@@ -512,6 +557,22 @@ async def test_host_log_lines_carry_the_request_ids_only_within_a_gateway_reques
     assert route["path"] == "/host/page"
     assert "request_id" not in route and "trace_id" not in route and "span_id" not in route and "key_id" not in route
     assert "request_id" not in structlog.contextvars.get_contextvars()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("host_log", [True, False], indirect=True, ids=["merging", "not-merging"])
+async def test_the_access_line_names_its_request_and_trace_under_any_host_logging(
+    upstream: FakeUpstream, provider: TracerProvider, host_log: io.StringIO
+) -> None:
+    # The line got its ids only from the bound contextvars: a host chain without merge_contextvars lost them (as
+    # did a gateway that could not start, which binds none), though the README says it is found by request id.
+    gw = EmbeddingGateway(host_404, config=make_config(upstream), tracer_provider=provider)
+    async with client_for(gw) as client:
+        r = await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "hi"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    (line,) = [orjson.loads(x) for x in host_log.getvalue().splitlines() if '"event": "request"' in x]
+    assert (line["request_id"], line["trace_id"]) == (r.headers["x-request-id"], r.headers["x-embedgate-trace-id"])
+    assert len(line["span_id"]) == 16
 
 
 @pytest.mark.anyio

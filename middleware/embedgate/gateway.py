@@ -315,7 +315,7 @@ class EmbeddingGateway:
             out = response_headers(call, len(body), trace_id)
             await send({"type": "http.response.start", "status": err.status, "headers": out})
             await send({"type": "http.response.body", "body": body})
-            account(self.metrics, self._access_log, call, err.status, err, time.perf_counter())
+            account(self.metrics, self._access_log, call, err.status, err, time.perf_counter(), trace_id)
         return started
 
     async def _embed(self, scope: Scope, receive: Receive, send: Send, dialect: Dialect) -> None:
@@ -426,7 +426,9 @@ class EmbeddingGateway:
                     status = error.status
                 annotate(root, call, error)
                 root.end(status, error_type=error.code if error is not None and status >= 500 else None)
-                account(self.metrics, self._access_log, call, status, error, answered)
+                account(
+                    self.metrics, self._access_log, call, status, error, answered, root.trace_id_hex, root.span_id_hex
+                )
                 if cancelled is not None:
                     raise cancelled
                 if send_failed is not None:

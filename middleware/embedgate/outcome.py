@@ -111,8 +111,11 @@ def annotate(root: RequestSpan, call: Call, error: GatewayError | None) -> None:
 
 
 def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, error: GatewayError | None,
-            answered: float) -> None:  # fmt: skip
-    """Metrics and the one access line of the request, ``answered`` (``perf_counter``) once its answer was sent."""
+            answered: float, trace_id: str | None = None, span_id: str | None = None) -> None:  # fmt: skip
+    """Metrics and the one access line of the request, ``answered`` (``perf_counter``) once its answer was sent.
+
+    The line names the request's ids itself: it must not depend on a host's structlog chain merging the bound
+    contextvars, nor on the request having bound any (a gateway that could not start binds none)."""
     req, key = call.request, call.key
     # Labelled only with a model that resolved (or served): a name that resolved to nothing (a 404) is the client's
     # own string, and spraying such names would use up the metric's label sets (capped, then folded into "other").
@@ -130,6 +133,9 @@ def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, 
         access_log(
             status=status,
             latency_ms=(answered - call.started) * 1000,  # rounded by access_log
+            request_id=call.request_id,
+            trace_id=trace_id,
+            span_id=span_id,
             route=route,
             key_id=key.id if key is not None else None,
             identity=req.identity["id"] if req is not None and req.identity else None,

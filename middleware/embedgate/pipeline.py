@@ -471,7 +471,9 @@ class Pipeline:
                 tokens = estimate_tokens(cached)
                 price = self._dearest(call.chain[0])
                 await self._budgets.extend(call.reservation, tokens=tokens, cost_usd=cost_usd(tokens, price))
-            again = await self._embed(call, unique, [self._router.resolve(served)])
+            # attempts of the model that served: its place in the request's chain is its fallback index
+            index = next((i for i, m in enumerate(call.chain) if m.id == served), 0)
+            again = await self._embed(call, unique, [self._router.resolve(served)], index)
             self._take(call, unique, again)
             for p in foreign:
                 q = first[call.cache_keys[p]]
@@ -488,13 +490,14 @@ class Pipeline:
                 max(ttl, kept_for[0]),
             )  # fmt: skip
 
-    async def _embed(self, call: Call, positions: list[int], chain: list[ResolvedModel]) -> RouteResult:
+    async def _embed(self, call: Call, positions: list[int], chain: list[ResolvedModel],
+                     first_index: int = 0) -> RouteResult:  # fmt: skip
         assert call.request is not None
         if call.deadline is None:
             call.deadline = self._router.deadline()
         attempts = Attempts()
         try:
-            return await self._router.embed(call.request, positions, chain, call.deadline, attempts)
+            return await self._router.embed(call.request, positions, chain, call.deadline, attempts, first_index)
         except BaseException:
             # Failed, or cancelled (the server stopping, a host's timeout): the attempts it made are the request's,
             # and so is what they were paid for (a chunk embedded before another failed), in its budgets and cost.

@@ -333,6 +333,7 @@ class Router:
         chain: Sequence[ResolvedModel] | None = None,
         deadline: float | None = None,
         attempts: Attempts | None = None,
+        first_index: int = 0,
     ) -> RouteResult:
         """Embed the items at ``positions`` of ``request``; vectors come back in that order. ``deadline`` (from
         :meth:`deadline`) is shared by the calls of one request (a fallback embedding a partial hit's cached items
@@ -347,8 +348,9 @@ class Router:
         if attempts is None:
             attempts = Attempts()
         try:
-            for fallback_index, model in enumerate(chain):
-                attempts.models_left = len(chain) - 1 - fallback_index
+            for k, model in enumerate(chain):
+                fallback_index = first_index + k  # ``first_index``: the chain is the tail of the request's, from there
+                attempts.models_left = len(chain) - 1 - k
                 try:
                     return await self._serve_model(request, positions, model, fallback_index, retry, deadline, attempts)
                 except _ModelFailed as failed:
@@ -365,8 +367,8 @@ class Router:
                         break
                     if self._clock() >= deadline:
                         break
-                    if fallback_index + 1 < len(chain):
-                        log.warning("model failed, falling back", model=model.id, fallback=chain[fallback_index + 1].id,
+                    if k + 1 < len(chain):
+                        log.warning("model failed, falling back", model=model.id, fallback=chain[k + 1].id,
                                     error=err.code, upstream_status=status)  # fmt: skip
             if attempts.last_error is None:
                 reason = "; ".join(attempts.skipped) or "no deployment matches the provider preferences"
@@ -545,10 +547,14 @@ class Router:
             status = getattr(err, "upstream_status", None)
             if status in _INPUT_ERRORS:
                 return "error"
-            if status is None or status in retry.on_codes:
-                more = n + 1 < tries
-            elif status in _KEY_ERRORS or status in fallback_codes:
+            if self._clock() >= deadline:  # the request's deadline is spent: neither a retry nor a fallback follows
+                return "error"
+            # In the order the handling below checks them: our key refused is never retried (even if on_codes lists it)
+            if status in _KEY_ERRORS or (status is not None and status not in retry.on_codes
+                                         and status in fallback_codes):  # fmt: skip
                 more = n + 1 < tries and len(dropped) + 1 < len(deployments)  # this deployment is dropped
+            elif status is None or status in retry.on_codes:
+                more = n + 1 < tries
             else:
                 return "error"
             if more:
@@ -657,8 +663,9 @@ class Router:
             self._check_usage(deployment.provider, payload, n_items, result)
         except (UpstreamError, UpstreamTimeout) as err:
             elapsed = self._clock() - started
-            self._hook.end(token, error=err, result=None, seconds=elapsed, outcome=next_step(err))
-            if not (cut_by_deadline and isinstance(err, UpstreamTimeout)):
+            cut = cut_by_deadline and isinstance(err, UpstreamTimeout)  # the request's deadline: nothing follows
+            self._hook.end(token, error=err, result=None, seconds=elapsed, outcome="error" if cut else next_step(err))
+            if not cut:
                 self._record(deployment, ok=False, seconds=elapsed, error=err)
             raise
         except BaseException:
