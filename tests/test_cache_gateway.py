@@ -219,6 +219,29 @@ async def test_a_full_hit_never_mixes_vector_sizes(client: httpx.AsyncClient, up
 
 
 @pytest.mark.anyio
+async def test_a_model_the_request_s_provider_preferences_exclude_is_neither_looked_up_nor_answered(
+    client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    # The cache was looked up under the chain's first model, which the router passes over: a hit answered the
+    # excluded provider's vector (a 200 where routing says 404), and what the fallback served, stored under the
+    # fallback, was never found again.
+    await embed(client, "hello")  # cached under local/embed-small
+    only_backup = {"only": ["backup"]}
+    body = {"model": "local/embed-small", "input": "hello", "cache": CACHE, "provider": only_backup}
+    r = await client.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}"})
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "no_allowed_providers")
+    calls = len(upstream.calls)
+    fallbacks = [{"model": "backup/embed-small"}]
+    answers = [await embed(client, ["hello", "fresh"], provider=only_backup, fallbacks=fallbacks) for _ in range(3)]
+    assert [(a.json()["model"], a.headers["x-embedgate-cache"]) for a in answers] == [
+        ("backup/embed-small", "miss"), ("backup/embed-small", "hit"), ("backup/embed-small", "hit")]  # fmt: skip
+    sent = [(c.headers.get("authorization"), c.body["input"]) for c in upstream.calls[calls:]]
+    assert sent == [("Bearer provider-secret-backup", ["hello", "fresh"])]  # backup's, once
+    for vec, text in zip(floats(answers[2]), ["hello", "fresh"], strict=True):
+        np.testing.assert_array_equal(vec, expected_vector("embed-small", text))
+
+
+@pytest.mark.anyio
 async def test_a_fresh_batch_repeating_an_item_is_a_miss(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
     # The repeats waited on their first occurrence's fetch and were counted as cache hits: "partial".
     r = await embed(client, ["a b", "c", "a b", "a b", "d"])

@@ -217,6 +217,7 @@ def test_cached_item_validation_and_malformed_values() -> None:
     assert len(item.dumps()) == 4 + 12
     assert CachedItem.loads(b"\x01\x00") is None
     assert CachedItem.loads(item.dumps() + b"\x00") is None
+    assert CachedItem.loads(b"abcd") is None  # a token count and no vector: was served as a 0-dimension embedding
     with pytest.raises(ValueError):
         CachedItem(vector=b"\x00" * 5, tokens=1)
     with pytest.raises(ValueError):

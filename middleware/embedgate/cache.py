@@ -68,8 +68,8 @@ class CachedItem:
     @classmethod
     def loads(cls, data: bytes) -> CachedItem | None:
         """Parse the stored form; None for a malformed value (treated as a miss, not an error)."""
-        if len(data) < _HEADER.size or (len(data) - _HEADER.size) % 4:
-            return None
+        if len(data) <= _HEADER.size or (len(data) - _HEADER.size) % 4:
+            return None  # no vector at all (a 0-dimension embedding), or not float32 bytes
         (tokens,) = _HEADER.unpack_from(data)
         return cls(vector=bytes(data[_HEADER.size :]), tokens=tokens)
 

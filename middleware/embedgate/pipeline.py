@@ -63,6 +63,7 @@ class Call:
     refresh: bool = False  # Cache-Control: no-cache: embedded afresh (not another request's answer) and stored
     cache_ttl: int | None = None
     cache_keys: list[str] = field(default_factory=list)
+    lookup_model: str = ""  # the model the cache keys are looked up under: the first of the chain that may serve
     key_input_type: str | None = None  # the input_type the cache keys hold: as the upstream gets it (see cache_lookup)
     attempts: int = 0
     deployment: str = ""
@@ -108,6 +109,7 @@ class Call:
         self.refresh = False
         self.cache_ttl = None
         self.cache_keys = []
+        self.lookup_model = ""
         self.key_input_type = None
         self.attempts = 0
         self.deployment = ""
@@ -282,8 +284,16 @@ class Pipeline:
             if sends is None:
                 return
             call.key_input_type = req.input_type if sends else None
+        # Looked up under the model that serves the request while no upstream fails: the chain's first may take no
+        # part (its deployments excluded by the request's provider preferences, none multimodal), and the router
+        # passes it over; a vector of it is then never this request's answer, and its fallback's is kept under the
+        # fallback. None can take it: not cached (routing answers why: 404 no_allowed_providers, 400).
+        lookup = self._router.first_servable(call.chain, req)
+        if lookup is None:
+            return
+        call.lookup_model = lookup.id
         call.cache_ttl = req.cache.ttl if req.cache is not None and req.cache.ttl is not None else cfg.default_ttl
-        call.cache_keys = self._item_keys(call, call.chain[0].id)
+        call.cache_keys = self._item_keys(call, lookup.id)
         if call.cache_control is not None and "no-cache" in _directives(call.cache_control):
             call.cache_status = "miss"  # embedded afresh, and stored: a refresh
             call.refresh = True
@@ -303,7 +313,7 @@ class Pipeline:
             hits = 0
         call.cache_status = "hit" if hits == len(found) else "partial" if hits else "miss"
         if hits == len(found):
-            call.served_model = call.chain[0].id
+            call.served_model = lookup.id
             call.prompt_tokens = sum(call.item_tokens)
 
     def _item_keys(self, call: Call, model: str, positions: list[int] | None = None) -> list[str]:
@@ -451,7 +461,7 @@ class Pipeline:
         # served the misses, the items answered for another model are embedded again by the one that served.
         foreign = [p for p, (m, _, _) in zip(positions, results, strict=True) if m != served]
         missing = set(positions)
-        if call.cache_status in ("hit", "partial") and served != call.chain[0].id:
+        if call.cache_status in ("hit", "partial") and served != call.lookup_model:
             foreign += [p for p in range(len(req.items)) if p not in missing]
         elif call.cache_status == "partial":
             # Cached before the model changed its dimension count (the cache key has none when the request asks

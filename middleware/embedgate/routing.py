@@ -515,6 +515,16 @@ class Router:
                 if not multimodal or self._multimodal(d)}  # fmt: skip
         return None if len(seen) > 1 else (seen.pop() if seen else True)
 
+    def first_servable(self, chain: Sequence[ResolvedModel], request: EmbeddingRequest) -> ResolvedModel | None:
+        """The first model of ``chain`` with a deployment that may take ``request`` (its ``provider`` preferences,
+        a multimodal input), as :meth:`embed` passes the others over: the model that serves it while no upstream
+        fails; None when none can (routing then answers why)."""
+        for model in chain:
+            deployments = self.eligible(model, request.provider, request.input_type is not None)
+            if any(not request.is_multimodal or self._multimodal(d) for d in deployments):
+                return model
+        return None
+
     def _multimodal(self, d: Deployment) -> bool:
         provider = self._config.providers.get(d.provider)
         return bool(provider and provider.multimodal)
