@@ -63,6 +63,11 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
     ("input-huge-token-float", body(input=[[7, 1e20]]), {}, 400, "input[0][1]", None),
     ("input-token-above-uint32", body(input=[2**32]), {}, 400, "input[0]", None),
     ("input-bad-multimodal", body(input=[{"content": [{"type": "audio"}]}]), {}, 400, "input[0].content[0].type", None),
+    # not a string (a list, an object): unhashable, it was a 500
+    ("input-multimodal-type-list", body(input=[{"content": [{"type": [1]}]}]), {}, 400, "input[0].content[0].type",
+     None),  # fmt: skip
+    ("input-multimodal-type-object", body(input=[{"content": [{"type": {"a": 1}}]}]), {}, 400,
+     "input[0].content[0].type", None),  # fmt: skip
     (
         "input-media-without-data",
         body(input=[{"content": [{"type": "input_audio", "input_audio": {"format": "wav"}}]}]),

@@ -496,6 +496,39 @@ async def test_a_fallback_cut_short_by_the_requests_deadline_keeps_its_breaker_c
 
 
 @pytest.mark.anyio
+async def test_a_model_that_ignores_dimensions_does_not_open_its_breaker_for_everyone(upstream: FakeUpstream) -> None:
+    # An upstream answering its own size whatever `dimensions` asks (many OpenAI-compatible servers do): one client's
+    # two requests (three attempts each) opened the deployment's breaker, and every other client got 503s.
+    config = routing_config(upstream, routing={"breaker_failures": 2})
+    async with running(config) as (c, _):
+        for _ in range(2):
+            upstream.script += [Fault("wrong_dims", model=PRIMARY_UP)] * 2
+            r, _ = await timed_post(c, {**body_for(), "dimensions": 4})
+            assert r.status_code == 502 and "dimensions" in r.json()["error"]["message"]
+        upstream.reset()
+        r, _ = await timed_post(c, body_for())
+    assert_served(r, PRIMARY, PRIMARY_UP)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("configured", [False, True])
+async def test_a_model_the_upstream_does_not_know_is_the_clients_404(upstream: FakeUpstream, configured: bool) -> None:
+    # A typo through "<provider>/<name>" was a 502, which SDKs retry (three calls for one typo); a model of the
+    # config whose upstream_model is wrong stays a 502 (the operator's to mend, and logged as such).
+    model = PRIMARY if configured else "local/embed-smal"
+    answer = b'{"error":{"message":"The model does not exist","type":"invalid_request_error","code":"model_not_found"}}'
+    upstream.script.append(Fault("raw", 404, headers={"Content-Type": "application/json"}, body=answer))
+    async with running(routing_config(upstream)) as (c, _):
+        r, _ = await timed_post(c, {**body_for(), "model": model})
+    error = r.json()["error"]
+    if configured:
+        assert r.status_code == 502
+    else:
+        assert (r.status_code, error["code"], error["param"]) == (404, "model_not_found", "model")
+        assert "local/embed-smal" in error["message"] and len(upstream.calls) == 1
+
+
+@pytest.mark.anyio
 async def test_an_upstream_s_retry_after_reaches_the_client_when_it_fails(upstream: FakeUpstream) -> None:
     # The upstream asked to wait 7 s; the client's 502 said nothing, and its SDK retried after 0.5 s and 1 s into
     # the same rate limit.

@@ -199,8 +199,16 @@ class UpstreamError(GatewayError):
         retry_after_s: float | None = None,
         code: str | None = None,
         upstream_param: str | None = None,
+        rejects_input: bool = False,
+        upstream_code: str | None = None,
     ) -> None:
         super().__init__(message, code=code)
+        #: The answer shows the upstream does not do what a parameter of the client asks (vectors of another size
+        #: than its ``dimensions``): retried and fallen back from as any malformed answer, but not held against
+        #: the deployment's circuit breaker (one client's parameter would take the deployment from every client).
+        self.rejects_input = rejects_input
+        #: The upstream's own error code (OpenAI's ``error.code``: ``model_not_found``), if it gave one.
+        self.upstream_code = upstream_code
         self.upstream_status = upstream_status
         self.retry_after_s = retry_after_s
         #: The request field the upstream's error names (OpenAI's ``error.param``), where it is one the client sent.

@@ -294,6 +294,9 @@ def _multimodal(v: Any, param: str) -> dict[str, Any]:
         if not isinstance(part, dict):
             raise _bad(p, f"expected an object, got {_type_name(part)}")
         kind = part.get("type")
+        if not isinstance(kind, str):  # a list or an object is no part type (and unhashable: it was a 500)
+            raise _bad(f"{p}.type", "expected 'text', 'image_url', 'input_audio', 'input_video' or 'input_file', "
+                       f"got {_shown(kind)}"[:200])  # fmt: skip
         if kind == "text":
             _obj(part, p, frozenset({"type", "text"}), True)
             _str(part.get("text"), f"{p}.text", nonempty=True)

@@ -68,6 +68,13 @@ _KEY_ERRORS: Final = frozenset({401, 403})
 _DIMS_ADOPT_STREAK: Final = 3  # agreeing answers with a new dimension count that replace the remembered one
 
 
+def _not_the_deployment(err: GatewayError | None) -> bool:
+    """Whether an upstream failure is owed to the client's request, not to the deployment: a 400/413/422, or
+    well-formed vectors of another size than the request's ``dimensions`` (a model that does not take it). Never
+    held against the deployment's breaker, which would refuse every other client's requests."""
+    return getattr(err, "upstream_status", None) in _INPUT_ERRORS or bool(getattr(err, "rejects_input", False))
+
+
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
     """A model id with everything needed to serve it."""
@@ -622,6 +629,14 @@ class Router:
                                                                                              None))  # fmt: skip
                 elif status in fallback_codes:
                     dropped.add(index)
+                elif (status == 404 and getattr(err, "upstream_code", None) == "model_not_found"
+                      and model.id not in self._config.models):  # fmt: skip
+                    # The upstream does not know the model the client named (a typo through "<provider>/<name>"):
+                    # the client's error, as OpenAI and OpenRouter answer it, not a 502 its SDK retries. (A model of
+                    # the config stays a 502: its upstream_model is the operator's to mend.)
+                    param = "model" if fallback_index == 0 else request.param(f"fallbacks[{fallback_index - 1}].model")
+                    raise _ModelFailed(NotFound(f"The model '{model.id}' is not served upstream: {err.message}",
+                                                param=param), False) from None  # fmt: skip
                 else:
                     raise _ModelFailed(err, False) from None
             finally:
@@ -789,7 +804,7 @@ class Router:
             b.failures, b.open_until = 0, 0.0
             b.latency_ewma_s = seconds if b.latency_ewma_s is None else 0.8 * b.latency_ewma_s + 0.2 * seconds
             return
-        if getattr(error, "upstream_status", None) in _INPUT_ERRORS:
+        if _not_the_deployment(error):
             return  # the client's input was bad, not the deployment
         b.failures += 1
         b.last_error = _summary(error) if error else ""

@@ -27,6 +27,11 @@ class MalformedAnswer(ValueError):
     """The answer is not one well-formed vector per input; the message says what is wrong."""
 
 
+class DimensionsNotHonoured(MalformedAnswer):
+    """Well-formed vectors, of another size than the request's ``dimensions``: the model does not take that
+    parameter (many OpenAI-compatible servers ignore it). The client's parameter, not the deployment's fault."""
+
+
 def read_answer(content: bytes | bytearray, n_items: int, dimensions: int | None) -> Answer:
     """The validated vectors of an answer to ``n_items`` inputs, in input order; :class:`MalformedAnswer` if not."""
     skeleton, cut, texts = cut_vectors(content)
@@ -68,7 +73,7 @@ def read_answer(content: bytes | bytearray, n_items: int, dimensions: int | None
         raise MalformedAnswer("vectors of different dimensions")
     dims = size // 4
     if dimensions is not None and dims != dimensions:
-        raise MalformedAnswer(f"{dims} dimensions where {dimensions} were asked for")
+        raise DimensionsNotHonoured(f"{dims} dimensions where {dimensions} were asked for")
     # A NaN or an infinity would reach a float client as null, and the cache would keep it. One dot product over
     # all of them is finite exactly when they all are (and no value is beyond ~1e19, which no embedding reaches):
     # ~9k instructions a vector of 1536, half of numpy's isfinite and all (~17k); ~0.06 ms for 256 x 1536.

@@ -19,7 +19,7 @@ import orjson
 
 from ..config import ProviderConfig
 from ..errors import UpstreamError, UpstreamTimeout
-from ..wire import MalformedAnswer, cut_vectors, read_answer, take_cut
+from ..wire import DimensionsNotHonoured, MalformedAnswer, cut_vectors, read_answer, take_cut
 from .base import Embeddings, Sender
 from .deadline import deadline
 from .http1 import Http1Transport, decoded_answer, header_value, origin_of, request_head
@@ -113,13 +113,14 @@ class OpenAIAdapter:
             raise UpstreamError(f"{self.name}: connection failed ({_describe(exc)})") from None
         if not 200 <= status < 300:  # any 2xx carries an answer (201 is NestJS's default for a POST)
             retry_after = header_value(answer_headers, b"retry-after")
-            message, param = self._error(content)
+            message, param, code = self._error(content)
             raise UpstreamError(
                 f"{self.name} answered {status}: {message}",
                 upstream_status=status,
                 retry_after_s=_retry_after(retry_after.decode("latin-1") if retry_after is not None else None),
                 # the field it names, where it is one the client sent and this call sent on
                 upstream_param=param if param in _CLIENT_PARAMS and param in body else None,
+                upstream_code=code,
             )
         return self._parse(content, n_items, dimensions)
 
@@ -133,7 +134,7 @@ class OpenAIAdapter:
         request.read()  # so that ``request.content`` is there for any transport (one chunk: no copy)
         return request
 
-    def _error(self, content: bytes | bytearray) -> tuple[str, str | None]:
+    def _error(self, content: bytes | bytearray) -> tuple[str, str | None, str | None]:
         """The upstream's error message, short, and scrubbed of our provider key should it echo it; and the field
         its error names (OpenAI's ``{"error": {"param": ...}}``), if any."""
         forms = self._secret_forms
@@ -143,17 +144,20 @@ class OpenAIAdapter:
         # >= min(10 p / len, p / 4) >= _MAX_MESSAGE for p >= 50 len + 4 _MAX_MESSAGE.
         window = 51 * (len(forms[0]) if forms else 0) + 4 * _MAX_MESSAGE
         param: str | None = None
+        code: str | None = None
         try:
             data = orjson.loads(content)
             err = data.get("error") if isinstance(data, dict) else None
             message = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
             named = err.get("param") if isinstance(err, dict) else None
             param = named if isinstance(named, str) else None
+            given = err.get("code") if isinstance(err, dict) else None
+            code = given if isinstance(given, str) else None
             # any other JSON is shown re-written: its strings decoded, so an escaped key is found as well
             text = str(message) if message else orjson.dumps(data).decode()
         except orjson.JSONDecodeError:
             text = content[:window].decode("utf-8", "replace")
-        return self._scrubbed(text[:window])[:_MAX_MESSAGE] or "(empty body)", param
+        return self._scrubbed(text[:window])[:_MAX_MESSAGE] or "(empty body)", param, code
 
     def _scrubbed(self, text: str) -> str:
         """``text`` without our provider key in any of the forms it may be echoed in."""
@@ -165,6 +169,12 @@ class OpenAIAdapter:
     def _parse(self, content: bytes | bytearray, n_items: int, dimensions: int | None) -> Embeddings:
         try:
             vectors, b64, dims, prompt, total, model = read_answer(content, n_items, dimensions)
+        except DimensionsNotHonoured as exc:
+            raise UpstreamError(
+                f"{self.name} sent a malformed answer: {exc} (does the model take 'dimensions'?)",
+                code="upstream_malformed",
+                rejects_input=True,
+            ) from None
         except MalformedAnswer as exc:
             raise UpstreamError(f"{self.name} sent a malformed answer: {exc}", code="upstream_malformed") from None
         if model is not None and self._secret_forms:  # it becomes a span attribute: no echoed key in it
