@@ -422,6 +422,10 @@ async def test_cached_items_embedded_again_are_reserved_before_they_go(upstream:
             assert 1 <= limit - before <= len(cached)  # room for the new item, not for both
         r = await embed(c, [cached, new], cache=CACHE)
         (row,) = await app.budgets.usage()  # type: ignore[union-attr]
+        calls = len(upstream.calls)
+        # What was fetched (and paid for) is cached even when refused: another key of the workspace finds it.
+        again = await embed(c, [new], cache=CACHE, key=SAME_WORKSPACE_KEY)
+    assert (again.status_code, again.headers["x-embedgate-cache"], len(upstream.calls)) == (200, "hit", calls)
     if limit == 18:
         assert r.status_code == 429 and r.json()["error"]["code"] == "token_budget_exceeded"
         assert row["tokens"]["used"] == before + len(new) <= limit  # the new item was paid for upstream, no more

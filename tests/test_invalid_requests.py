@@ -35,6 +35,7 @@ def body(**changes: Any) -> dict[str, Any]:
 
 
 # (case id, body (dict, or raw bytes), extra headers, status, param, code)
+MM_TYPE = "input[0].content[0].type"
 CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
     ("not-json", b"{nope", {}, 400, None, "invalid_json"),
     ("json-array-body", b"[1, 2]", {}, 400, None, None),
@@ -64,10 +65,8 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
     ("input-token-above-uint32", body(input=[2**32]), {}, 400, "input[0]", None),
     ("input-bad-multimodal", body(input=[{"content": [{"type": "audio"}]}]), {}, 400, "input[0].content[0].type", None),
     # not a string (a list, an object): unhashable, it was a 500
-    ("input-multimodal-type-list", body(input=[{"content": [{"type": [1]}]}]), {}, 400, "input[0].content[0].type",
-     None),  # fmt: skip
-    ("input-multimodal-type-object", body(input=[{"content": [{"type": {"a": 1}}]}]), {}, 400,
-     "input[0].content[0].type", None),  # fmt: skip
+    ("input-multimodal-type-list", body(input=[{"content": [{"type": [1]}]}]), {}, 400, MM_TYPE, None),
+    ("input-multimodal-type-object", body(input=[{"content": [{"type": {"a": 1}}]}]), {}, 400, MM_TYPE, None),
     (
         "input-media-without-data",
         body(input=[{"content": [{"type": "input_audio", "input_audio": {"format": "wav"}}]}]),

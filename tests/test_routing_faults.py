@@ -529,6 +529,25 @@ async def test_a_model_the_upstream_does_not_know_is_the_clients_404(upstream: F
 
 
 @pytest.mark.anyio
+async def test_a_hung_deployment_opens_its_breaker_under_a_deadline_shorter_than_its_timeout(
+    upstream: FakeUpstream,
+) -> None:
+    # With deadline_ms below the call timeout every attempt's timeout was cut by the deadline, and no such timeout
+    # counted against the breaker: a hung primary took each request's whole deadline (504), the fallback never ran.
+    config = routing_config(upstream, routing={"deadline_ms": 300, "breaker_failures": 2})
+    body = body_for(fallbacks=[FALLBACK], retry=0)
+    del body["timeout"]  # the provider's own call timeout (30 s), above the deadline
+    async with running(config) as (c, _):
+        for _ in range(2):
+            upstream.script.append(Fault("slow", delay=1.0, model=PRIMARY_UP))
+            r, _ = await timed_post(c, body)
+            assert r.status_code == 504
+        r, elapsed = await timed_post(c, body)
+    assert_served(r, FALLBACK, FALLBACK_UP)
+    assert elapsed < 0.25  # the primary's breaker is open: skipped
+
+
+@pytest.mark.anyio
 async def test_an_upstream_s_retry_after_reaches_the_client_when_it_fails(upstream: FakeUpstream) -> None:
     # The upstream asked to wait 7 s; the client's 502 said nothing, and its SDK retried after 0.5 s and 1 s into
     # the same rate limit.
@@ -650,10 +669,14 @@ async def test_a_server_that_takes_the_body_in_pieces_gets_the_answer_unjoined(u
         async def receive() -> dict[str, Any]:
             return {"type": "http.request", "body": request}
 
-        async def send(message: dict[str, Any]) -> None:
-            messages.append(message)
+        class RequestCycle:  # the server's own send (serve_protocol's), which the extension's pieces go to
+            def __init__(self, scope: dict[str, Any]) -> None:
+                self.scope = scope
 
-        await app(scope, receive, send)  # type: ignore[arg-type]
+            async def send(self, message: dict[str, Any]) -> None:
+                messages.append(message)
+
+        await app(scope, receive, RequestCycle(scope).send)  # type: ignore[arg-type]
         return messages[:1], messages[1:]
 
     (start,), body = await answer({REQUEST_TASK: {}, BODY_PARTS: {}})

@@ -1100,3 +1100,23 @@ def test_the_gateway_answers_pipelined_requests_on_either_protocol(make_config: 
             assert [client.response()[0] for _ in range(5)] == [200] * 5
         finally:
             client.close()
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_host_middleware_around_the_gateway_gets_a_body_it_knows(make_config: Any, wrapped: bool) -> None:
+    """Served with embedgate's protocol, a base64 answer goes to the server in pieces; wrapped in a host middleware
+    (Starlette's GZipMiddleware), the gateway sent those pieces through the middleware, which knows no such message:
+    a 500 for the client, a 200 in the gateway's own access line."""
+    from starlette.middleware.gzip import GZipMiddleware
+
+    from embedgate.app import create_app
+
+    from .conftest import KEY, serve
+
+    app = create_app(make_config())
+    body = {"model": "local/embed-small", "input": ["one", "two"], "encoding_format": "base64"}
+    with serve(GZipMiddleware(app, minimum_size=10) if wrapped else app, http=GatewayHttpProtocol) as url:
+        r = httpx.post(url + "/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}"}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert [d["index"] for d in r.json()["data"]] == [0, 1]
+    assert r.headers.get("content-encoding") == ("gzip" if wrapped else None)

@@ -360,7 +360,11 @@ class EmbeddingGateway:
             # Standalone, the request's task is the gateway's alone; mounted, the host's middlewares run on in it
             # after the gateway, with their own bindings, which clear_request restores.
             own_task = self._standalone and extensions is not None and REQUEST_TASK in extensions
-            in_pieces = own_task and extensions is not None and BODY_PARTS in extensions  # see BODY_PARTS
+            # In pieces only to the server's own send: a host middleware around the app (Starlette's GZipMiddleware,
+            # say) knows no such message, and dropped it (a 500), or would pass on a body it never saw.
+            owner = getattr(send, "__self__", None)
+            servers_own = getattr(owner, "scope", None) is scope and type(owner).__name__ == "RequestCycle"
+            in_pieces = own_task and extensions is not None and BODY_PARTS in extensions and servers_own
             if own_task:  # the bindings end with the request's task: nothing to undo
                 bind_task(request_id=request_id, trace_id=root.trace_id_hex, span_id=root.span_id_hex)
             else:

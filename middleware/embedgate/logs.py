@@ -42,7 +42,8 @@ REQUEST_TASK: Final = "embedgate.request_task"
 #: The ASGI scope extension of a server that takes an answer's body as pieces: a message
 #: ``{"type": BODY_PARTS, "parts": [bytes-like, ...], "more_body": bool}`` sends the pieces in order, as one
 #: ``http.response.body`` of their concatenation would, without that copy (``embedgate serve``'s protocol writes
-#: them with one ``writev``). The gateway sends a 256-vector answer, ~2.1 MB, as 515 pieces so.
+#: them with one ``writev``). The gateway sends a 256-vector answer, ~2.1 MB, as 515 pieces so, but only to the
+#: server's own ``send``: a host middleware wrapped around the app under that server would not know the message.
 BODY_PARTS: Final = "embedgate.body_parts"
 
 # The processor list of the configuration this module installed, to tell ours from a host app's later one.

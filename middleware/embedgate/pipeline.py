@@ -480,7 +480,23 @@ class Pipeline:
                 # embedded again are reserved now (a 429 if they do not fit), or they would overshoot it.
                 tokens = estimate_tokens(cached)
                 price = self._dearest(call.chain[0])
-                await self._budgets.extend(call.reservation, tokens=tokens, cost_usd=cost_usd(tokens, price))
+                refused: GatewayError | None = None
+                try:
+                    await self._budgets.extend(call.reservation, tokens=tokens, cost_usd=cost_usd(tokens, price))
+                except GatewayError as exc:
+                    refused = exc  # acted on below, outside the handler (no await in one: see embedgate._native)
+                if refused is not None:
+                    # The missing items were embedded, and paid for: kept in the cache all the same (another key
+                    # of the workspace, or this one once its budget allows, finds them), then the 429 (or 503).
+                    again_of = set(foreign)
+                    kept = sorted(p for p in fetched_here.union(longer) if p not in again_of)
+                    if kept:
+                        await self._cache.set_many(
+                            [(k, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]))  # type: ignore[arg-type]
+                             for k, p in zip(self._item_keys(call, served, kept), kept, strict=True)],
+                            max(ttl, kept_for[0]),
+                        )  # fmt: skip
+                    raise refused
             # attempts of the model that served: its place in the request's chain is its fallback index
             index = next((i for i, m in enumerate(call.chain) if m.id == served), 0)
             again = await self._embed(call, unique, [self._router.resolve(served)], index)

@@ -665,8 +665,12 @@ class Router:
         provider = self._config.providers[deployment.provider]
         call_timeout_s = (request.timeout_ms or provider.timeout_ms) / 1000
         timeout_s = min(call_timeout_s, remaining)
-        # Cut short by what was left of the request's deadline, a timeout is the request's, not the deployment's.
-        cut_by_deadline = remaining < call_timeout_s
+        # Cut short by what was left of the request's deadline (under half of what a request's first attempt gets,
+        # its call timeout or the whole deadline_ms, whichever is shorter), a timeout is the request's, not the
+        # deployment's. One given (about) all a request can give is the deployment's: with deadline_ms below the
+        # call timeout, every attempt is "cut", and a hung deployment never opened its breaker.
+        full_s = min(call_timeout_s, self._routing.deadline_ms / 1000)  # what a request's first attempt gets
+        cut_by_deadline = remaining < call_timeout_s and remaining < 0.5 * full_s
         token = self._hook.start(model=model.id, deployment=deployment, adapter=adapter, attempt=attempt,
                                  fallback_index=fallback_index, request=request)  # fmt: skip
         started = self._clock()
