@@ -785,3 +785,26 @@ async def test_model_names_a_client_makes_up_share_one_metric_label(upstream: Fa
     (line,) = [ln for ln in scraped.splitlines() if ln.startswith("embedgate_requests_total{") and "local/*" in ln]
     assert line.endswith(" 30.0")
     assert f'model="{PRIMARY}"' in scraped  # a configured model keeps its own label
+
+
+@pytest.mark.anyio
+async def test_a_clients_typo_stays_its_404_wherever_it_was_named(upstream: FakeUpstream) -> None:
+    # Held against its breaker, the same typo was a 503 with a Retry-After from its 3rd request (SDKs retry it);
+    # through load_balancer it named `model`; as a fallback after a failed primary, the primary's 502 hid it.
+    answer = b'{"error":{"message":"The model does not exist","type":"invalid_request_error","code":"model_not_found"}}'
+
+    def not_found() -> Fault:
+        return Fault("raw", 404, headers={"Content-Type": "application/json"}, body=answer)
+
+    async with running(routing_config(upstream, routing={"breaker_failures": 2})) as (c, _):
+        for _ in range(3):
+            upstream.script.append(not_found())
+            r, _ = await timed_post(c, {"model": "local/embed-smal", "input": TEXTS})
+            assert (r.status_code, r.json()["error"]["param"]) == (404, "model"), r.text
+        upstream.script.append(not_found())
+        lb = {"type": "weight_based", "models": [{"model": "local/embed-smal", "weight": 1}]}
+        r, _ = await timed_post(c, {"model": PRIMARY, "input": TEXTS, "load_balancer": lb})
+        assert (r.status_code, r.json()["error"]["param"]) == (404, "load_balancer.models[0].model"), r.text
+        upstream.script += [Fault("status", 500, model=PRIMARY_UP)] * 2 + [not_found()]
+        r, _ = await timed_post(c, body_for(fallbacks=["local/fb-typo"]))
+        assert (r.status_code, r.json()["error"]["param"]) == (404, "fallbacks[0].model"), r.text

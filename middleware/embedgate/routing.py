@@ -366,7 +366,7 @@ class Router:
                     # a model only cooling down replaces one that cannot take the input at all (InvalidRequest: no
                     # multimodal deployment): the request is fine, the upstream is not, for now.
                     last = attempts.last_error
-                    if (last is None or not isinstance(err, (Unavailable, InvalidRequest, NotFound))
+                    if (last is None or failed.answered or not isinstance(err, (Unavailable, InvalidRequest, NotFound))
                             or (failed.cooling and isinstance(last, (InvalidRequest, NotFound)))):  # fmt: skip
                         attempts.last_error = err
                     status = getattr(err, "upstream_status", None)
@@ -629,14 +629,12 @@ class Router:
                                                                                              None))  # fmt: skip
                 elif status in fallback_codes:
                     dropped.add(index)
-                elif (status == 404 and getattr(err, "upstream_code", None) == "model_not_found"
-                      and model.id not in self._config.models):  # fmt: skip
+                elif self._unknown_upstream(model, err):
                     # The upstream does not know the model the client named (a typo through "<provider>/<name>"):
                     # the client's error, as OpenAI and OpenRouter answer it, not a 502 its SDK retries. (A model of
                     # the config stays a 502: its upstream_model is the operator's to mend.)
-                    param = "model" if fallback_index == 0 else request.param(f"fallbacks[{fallback_index - 1}].model")
-                    raise _ModelFailed(NotFound(f"The model '{model.id}' is not served upstream: {err.message}",
-                                                param=param), False) from None  # fmt: skip
+                    raise _ModelFailed(self._not_served(request, model, fallback_index, err), False,
+                                       answered=True) from None  # fmt: skip
                 else:
                     raise _ModelFailed(err, False) from None
             finally:
@@ -646,7 +644,30 @@ class Router:
                 return served
             if stop:
                 break
+        if last is not None and self._unknown_upstream(model, last):  # dropped (fallback_on_codes lists 404)
+            raise _ModelFailed(self._not_served(request, model, fallback_index, last), True, answered=True)
         raise _ModelFailed(last or UpstreamTimeout("The overall deadline was reached"), True)
+
+    def _unknown_upstream(self, model: ResolvedModel, err: GatewayError) -> bool:
+        """An upstream 404 ``model_not_found`` for a model the config does not list: the client's typo."""
+        code = getattr(err, "upstream_code", None)
+        return (
+            getattr(err, "upstream_status", None) == 404
+            and code == "model_not_found"
+            and model.id not in self._config.models
+        )
+
+    def _not_served(self, request: EmbeddingRequest, model: ResolvedModel, fallback_index: int,
+                    err: GatewayError) -> NotFound:  # fmt: skip
+        """The client's 404 for a model the upstream does not know, naming the field that named the model."""
+        if fallback_index:
+            param = request.param(f"fallbacks[{fallback_index - 1}].model")
+        elif request.load_balancer:  # the weighted pick replaced the request's ``model``
+            i = next((i for i, (m, _) in enumerate(request.load_balancer) if m == model.id), 0)
+            param = request.param(f"load_balancer.models[{i}].model")
+        else:
+            param = "model"
+        return NotFound(f"The model '{model.id}' is not served upstream: {err.message}", param=param)
 
     async def _attempt(
         self,
@@ -694,7 +715,9 @@ class Router:
             elapsed = self._clock() - started
             cut = cut_by_deadline and isinstance(err, UpstreamTimeout)  # the request's deadline: nothing follows
             self._hook.end(token, error=err, result=None, seconds=elapsed, outcome="error" if cut else next_step(err))
-            if not cut:
+            # a client's typo through "<provider>/<name>" is not the deployment's failure either: counted, the typo's
+            # breaker opened, and its next requests were 503s with a Retry-After, which SDKs retry
+            if not cut and not self._unknown_upstream(model, err):
                 self._record(deployment, ok=False, seconds=elapsed, error=err)
             raise
         except BaseException:
@@ -848,11 +871,13 @@ class _ModelFailed(Exception):
     """A model of the chain failed; ``spent`` says whether its attempts ran out (always fall back then);
     ``cooling``, that it could not be tried only because its circuit breakers are open (a passing state)."""
 
-    def __init__(self, error: GatewayError, spent: bool, *, cooling: bool = False) -> None:
+    def __init__(self, error: GatewayError, spent: bool, *, cooling: bool = False, answered: bool = False) -> None:
         super().__init__(error.message)
         self.error = error
         self.spent = spent
         self.cooling = cooling
+        #: ``error`` is an upstream's own answer (a 404 for a model it does not know), not "nothing could be tried"
+        self.answered = answered
 
 
 class _Skipped(Exception):
