@@ -25,7 +25,7 @@ import inspect
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -305,6 +305,20 @@ def _project_id(subject: Subject) -> str:
     return f"{subject.workspace}/{subject.project}"
 
 
+def _specs(counters: Sequence[_Gate], tokens: int, cost_nano: int, now: float) -> list[CounterSpec]:
+    """What a reserve adds to each of ``counters``: the tokens or the cost, by its dimension; its expiry the end of
+    its period (and a grace), or none."""
+    return [
+        CounterSpec(
+            g.key,
+            tokens if g.dimension == "tokens" else cost_nano,
+            g.limit,
+            0 if g.reset_at is None else math.ceil(g.reset_at - now) + PERIOD_GRACE_S,
+        )
+        for g in counters
+    ]
+
+
 class BudgetEngine:
     """Applies the configured budgets to requests; see the module docstring for the protocol."""
 
@@ -445,15 +459,7 @@ class BudgetEngine:
             return Reservation(rid, "none")
         cost_nano = 0 if cached else nano_up(cost_usd)
         tokens = 0 if cached else max(0, tokens)
-        specs = [
-            CounterSpec(
-                g.key,
-                tokens if g.dimension == "tokens" else cost_nano,
-                g.limit,
-                0 if g.reset_at is None else math.ceil(g.reset_at - now) + PERIOD_GRACE_S,
-            )
-            for g in counters
-        ]
+        specs = _specs(counters, tokens, cost_nano, now)
         now_ms = int(now * 1000)
         try:
             res = await self._store.reserve(
@@ -588,15 +594,7 @@ class BudgetEngine:
         tokens = max(0, tokens)
         now = self._clock()
         counters = list(reservation.counters)
-        specs = [
-            CounterSpec(
-                g.key,
-                tokens if g.dimension == "tokens" else cost_nano,
-                g.limit,
-                0 if g.reset_at is None else math.ceil(g.reset_at - now) + PERIOD_GRACE_S,
-            )
-            for g in counters
-        ]
+        specs = _specs(counters, tokens, cost_nano, now)
         now_ms = int(now * 1000)
         try:
             res = await self._store.reserve(specs, [], now_ms=now_ms, window_ms=self._window_ms, member=reservation.id)
