@@ -169,9 +169,9 @@ class OpenAIAdapter:
     def _parse(self, content: bytes | bytearray, n_items: int, dimensions: int | None) -> Embeddings:
         try:
             vectors, b64, dims, prompt, total, model = read_answer(content, n_items, dimensions)
-        except DimensionsNotHonoured as exc:
+        except DimensionsNotHonoured as wrong_size:  # its own name: compiled, one name has one type (see _native)
             raise UpstreamError(
-                f"{self.name} sent a malformed answer: {exc} (does the model take 'dimensions'?)",
+                f"{self.name} sent a malformed answer: {wrong_size} (does the model take 'dimensions'?)",
                 code="upstream_malformed",
                 rejects_input=True,
             ) from None
