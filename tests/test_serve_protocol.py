@@ -731,21 +731,28 @@ def test_connections_that_come_and_go_leave_nothing_behind() -> None:
         assert server.server_state.total_requests >= 50
 
 
+def read_slowly(port: int, path: bytes, then: bytes) -> tuple[int, bytes, Response]:
+    """GET ``path`` with a small receive buffer, read only after a pause; then GET ``then`` on the same connection:
+    the first answer's status and body, and the second answer."""
+    client = Client(port)
+    try:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+        time.sleep(0.3)
+        status, _, body = client.response()
+        client.send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % then)
+        return status, body, client.response()
+    finally:
+        client.close()
+
+
 def test_a_large_answer_to_a_slow_reader_arrives_whole(both: tuple[int, int]) -> None:
     """4 MB in two body messages (the first more than the transport holds before it pauses the writer) to a
     client that waits before reading: all of it arrives, and the connection serves its next request."""
     ours, _ = both
-    client = Client(ours)
-    try:
-        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        client.send(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
-        time.sleep(0.3)
-        status, _, body = client.response()
-        assert status == 200 and body == bytes(range(256)) * (16 * 1024)
-        client.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert client.response()[0] == 200
-    finally:
-        client.close()
+    status, body, after = read_slowly(ours, b"/big", b"/echo")
+    assert status == 200 and body == bytes(range(256)) * (16 * 1024)
+    assert after[0] == 200
 
 
 def test_an_upgrade_request_is_answered_as_http_then_the_connection_closes(both: tuple[int, int]) -> None:
@@ -813,6 +820,15 @@ PIECES = [b'{"a":', memoryview(b"xx[1,2]yy")[2:7], b"", bytearray(b',"b":"'), b"
 WHOLE = b"".join(PIECES)
 
 
+def big_pieces() -> list[Any]:
+    """``[``, then 256 times a view of a block from its i-th byte and ``i,``."""
+    block = bytes(range(256)) * 32
+    pieces: list[Any] = [b"["]
+    for i in range(256):
+        pieces += [memoryview(block)[i:], b"%d," % i]
+    return pieces
+
+
 async def parts_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Answers ``PIECES`` as one ``embedgate.body_parts`` message (with a length), as two (chunked), or as more than
     its length says."""
@@ -820,10 +836,7 @@ async def parts_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     path = scope["path"]
     if path == "/big":  # 2 MB in 513 pieces, views among them: more than the transport takes before it waits
-        block = bytes(range(256)) * 32
-        pieces: list[Any] = [b"["]
-        for i in range(256):
-            pieces += [memoryview(block)[i:], b"%d," % i]
+        pieces = big_pieces()
         size = sum(len(p) for p in pieces)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % size)]})
         await send({"type": BODY_PARTS, "parts": pieces})
@@ -850,20 +863,11 @@ def test_an_answer_sent_in_pieces_reaches_the_client_whole(path: str) -> None:
 def test_an_answer_in_pieces_to_a_slow_reader_arrives_whole() -> None:
     """The transport keeps the pieces it could not write yet (the client waits before reading) and writes them
     unchanged, in order, as the client reads."""
-    block = bytes(range(256)) * 32
-    expected = b"[" + b"".join(block[i:] + b"%d," % i for i in range(256))
+    expected = b"".join(bytes(p) for p in big_pieces())
     with served(GatewayHttpProtocol, served_app=parts_app, lifespan="off") as (port, _):
-        client = Client(port)
-        try:
-            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            client.send(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
-            time.sleep(0.3)
-            status, _, body = client.response()
-            assert status == 200 and body == expected
-            client.send(b"GET /length HTTP/1.1\r\nHost: x\r\n\r\n")  # and the connection goes on
-            assert client.response()[2] == WHOLE
-        finally:
-            client.close()
+        status, body, after = read_slowly(port, b"/big", b"/length")
+    assert status == 200 and body == expected
+    assert after[2] == WHOLE  # and the connection goes on
 
 
 def test_pieces_longer_than_the_answers_length_are_a_500() -> None:

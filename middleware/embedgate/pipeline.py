@@ -490,12 +490,7 @@ class Pipeline:
                     # of the workspace, or this one once its budget allows, finds them), then the 429 (or 503).
                     again_of = set(foreign)
                     kept = sorted(p for p in fetched_here.union(longer) if p not in again_of)
-                    if kept:
-                        await self._cache.set_many(
-                            [(k, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]))  # type: ignore[arg-type]
-                             for k, p in zip(self._item_keys(call, served, kept), kept, strict=True)],
-                            max(ttl, kept_for[0]),
-                        )  # fmt: skip
+                    await self._store(call, served, kept, max(ttl, kept_for[0]))
                     raise refused
             # attempts of the model that served: its place in the request's chain is its fallback index
             index = next((i for i, m in enumerate(call.chain) if m.id == served), 0)
@@ -508,12 +503,16 @@ class Pipeline:
                     call.item_tokens[p] = call.item_tokens[q]
             fetched_here.update(foreign)
         fresh = sorted(fetched_here.union(longer))  # (the status counts only what this request fetched)
-        if fresh:
-            keys_served = self._item_keys(call, served, fresh)
+        await self._store(call, served, fresh, max(ttl, kept_for[0]))
+
+    async def _store(self, call: Call, model: str, positions: list[int], ttl: int) -> None:
+        """Keep the vectors at ``positions`` under ``model``'s keys for ``ttl`` seconds."""
+        if positions:
+            keys = self._item_keys(call, model, positions)
             await self._cache.set_many(
                 [(k, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]))  # type: ignore[arg-type]
-                 for k, p in zip(keys_served, fresh, strict=True)],
-                max(ttl, kept_for[0]),
+                 for k, p in zip(keys, positions, strict=True)],
+                ttl,
             )  # fmt: skip
 
     async def _embed(self, call: Call, positions: list[int], chain: list[ResolvedModel],
