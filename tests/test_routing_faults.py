@@ -511,6 +511,42 @@ async def test_a_model_that_ignores_dimensions_does_not_open_its_breaker_for_eve
 
 
 @pytest.mark.anyio
+async def test_a_clients_own_short_call_timeout_does_not_open_the_breaker_for_everyone(upstream: FakeUpstream) -> None:
+    # One client's `timeout.call_timeout` of a few ms, below what the deployment takes (~100 ms, measured): its
+    # timeouts were held against the deployment, its breaker opened, and every other client and workspace got
+    # 503s with a Retry-After for breaker_cooldown_ms, the upstream never called.
+    config = routing_config(upstream, routing={"breaker_failures": 2})
+    async with running(config) as (c, _):
+        upstream.script.append(Fault("ok", delay=0.1, model=PRIMARY_UP))
+        assert_served((await timed_post(c, body_for()))[0], PRIMARY, PRIMARY_UP)
+        upstream.script += [Fault("slow", delay=0.1, model=PRIMARY_UP)] * 4
+        r, _ = await timed_post(c, {**body_for(retry=3), "timeout": {"call_timeout": 5}})
+        assert r.status_code == 504 and len(upstream.calls) == 5
+        upstream.reset()
+        r, _ = await timed_post(c, body_for())
+    assert_served(r, PRIMARY, PRIMARY_UP)
+
+
+@pytest.mark.anyio
+async def test_a_deployment_that_hangs_opens_its_breaker_under_clients_short_call_timeouts(
+    upstream: FakeUpstream,
+) -> None:
+    # The other side of the rule above: a 300 ms call timeout is ample for a deployment measured at a few ms, so
+    # a deployment that stops answering still opens its breaker although no client gives it its own 30 s.
+    config = routing_config(upstream, routing={"breaker_failures": 2})
+    body = body_for(fallbacks=[FALLBACK], retry=0)
+    async with running(config) as (c, _):
+        assert_served((await timed_post(c, body))[0], PRIMARY, PRIMARY_UP)
+        for _ in range(2):
+            upstream.script += [Fault("slow", delay=1.0, model=PRIMARY_UP)]
+            r, _ = await timed_post(c, body)
+            assert_served(r, FALLBACK, FALLBACK_UP)
+        r, elapsed = await timed_post(c, body)
+    assert_served(r, FALLBACK, FALLBACK_UP)
+    assert elapsed < 0.25  # the primary's breaker is open: skipped
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("configured", [False, True])
 async def test_a_model_the_upstream_does_not_know_is_the_clients_404(upstream: FakeUpstream, configured: bool) -> None:
     # A typo through "<provider>/<name>" was a 502, which SDKs retry (three calls for one typo); a model of the

@@ -717,7 +717,8 @@ class Router:
             self._hook.end(token, error=err, result=None, seconds=elapsed, outcome="error" if cut else next_step(err))
             # a client's typo through "<provider>/<name>" is not the deployment's failure either: counted, the typo's
             # breaker opened, and its next requests were 503s with a Retry-After, which SDKs retry
-            if not cut and not self._unknown_upstream(model, err):
+            short = isinstance(err, UpstreamTimeout) and self._short(provider.timeout_ms, deployment, timeout_s)
+            if not (cut or short) and not self._unknown_upstream(model, err):
                 self._record(deployment, ok=False, seconds=elapsed, error=err)
             raise
         except BaseException:
@@ -730,6 +731,18 @@ class Router:
         self._hook.end(token, error=None, result=result, seconds=elapsed)
         self._record(deployment, ok=True, seconds=elapsed, error=None)
         return result
+
+    def _short(self, timeout_ms: int, deployment: Deployment, timeout_s: float) -> bool:
+        """Whether an attempt's timeout of ``timeout_s`` was the request's, not the deployment's: under half of the
+        deployment's own (its provider's ``timeout_ms``, or ``deadline_ms`` if shorter), by the client's own
+        ``timeout.call_timeout`` (a 1 ms one opened a shared deployment's breaker for every client and workspace) or
+        by what its deadline left, and under four times the deployment's measured latency. Four times that is ample
+        for a deployment that answers: one that stops answering still opens its breaker under clients' short
+        timeouts (one never measured, through requests that give it its own)."""
+        if timeout_s >= 0.5 * min(timeout_ms, self._routing.deadline_ms) / 1000:
+            return False
+        b = self.breakers.get(_deployment_id(deployment))
+        return b is None or b.latency_ewma_s is None or timeout_s < 4 * b.latency_ewma_s
 
     def _check_usage(self, provider: str, payload: Any, n_items: int, result: Embeddings) -> None:
         """The answer's token count as budgets will charge it: the upstream's, unless it gave none (or fewer than
