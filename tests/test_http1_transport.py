@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import os
 import struct
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -749,3 +750,29 @@ async def test_an_answer_cut_in_a_body_read_by_its_length_is_a_read_error() -> N
         with pytest.raises(httpx.ReadError, match="middle of its answer"):
             await post(transport, server.url)
         await transport.aclose()
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident memory from /proc (Linux)")
+async def test_an_announced_body_takes_no_memory_until_it_comes() -> None:
+    # The body's buffer was zeroed when the head announced it: a pass over 2.1 MB for every 256-input answer, and an
+    # upstream announcing 60 MB and sending nothing more made the gateway's memory 60 MB larger at once.
+    announced = 60 * 1024 * 1024
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % announced + b"x" * 70_000  # more than one read
+    async with serve(lambda n: (answer, False)) as server:
+        transport = Http1Transport()
+        before = _resident_bytes()
+        call = asyncio.ensure_future(post(transport, server.url))
+        while not server.requests:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the head and the body's start read: the buffer is allocated
+        grown = _resident_bytes() - before
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await transport.aclose()
+    assert grown < 16 * 1024 * 1024

@@ -23,11 +23,12 @@ cancelled mid-way closes its connection, since an answer may still be on its way
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ssl
 import time
 import zlib
 from collections import deque
-from typing import Final
+from typing import Any, Final
 
 import httptools
 import httpx
@@ -49,6 +50,32 @@ MAX_BODY: Final = 256 * 1024 * 1024
 #: The largest answer head (status line and headers): more is a protocol error. llhttp keeps a head's headers until
 #: each is whole, so an upstream sending header lines without end grew the gateway's memory by gigabytes.
 MAX_HEAD: Final = 1024 * 1024
+
+
+def _pyapi_new_bytearray() -> Any:
+    try:
+        function = ctypes.pythonapi.PyByteArray_FromStringAndSize
+    except AttributeError:  # an interpreter without CPython's C API
+        return None
+    function.restype = ctypes.py_object
+    function.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    return function
+
+
+_NEW_BYTEARRAY: Final[Any] = _pyapi_new_bytearray()
+
+
+def body_buffer(size: int) -> bytearray:
+    """A ``bytearray`` of ``size`` bytes, not zeroed: CPython's ``PyByteArray_FromStringAndSize(NULL, size)``.
+
+    An answer's body buffer is filled whole by the socket before anything reads it (an answer that stops short
+    drops it unread), so ``bytearray(size)``'s zeroing was a pass over 2.1 MB for a 256-input answer for nothing:
+    ~40 us, 20% of the instructions of such a cache miss. Untouched, a large buffer's pages are not committed
+    either until the socket fills them (an upstream announcing 64 MB and sending nothing costs no memory)."""
+    if _NEW_BYTEARRAY is None:
+        return bytearray(size)
+    buffer: bytearray = _NEW_BYTEARRAY(None, size)
+    return buffer
 
 
 #: The most a compressed answer may decode to, on every path (direct, proxied, an injected client's): the largest
@@ -180,7 +207,7 @@ class _Connection(asyncio.BufferedProtocol):
             # A body of known length still coming: the rest goes straight into its buffer, and llhttp, which
             # waits for it, starts afresh with the next answer.
             self._parser = httptools.HttpResponseParser(self)
-            body = bytearray(length)
+            body = body_buffer(length)
             filled = 0
             for piece in self._body:
                 body[filled : filled + len(piece)] = piece
