@@ -565,6 +565,23 @@ def test_trailers_are_not_merged_into_the_headers_and_count_against_the_limit(bo
     assert "x-trailer" not in dict(orjson.loads(body)["headers"])
     [(status, _, _)], _ = exchange(ours, head + b"X-Trailer: " + b"a" * 100_000 + b"\r\n\r\n", 1)
     assert status == 431
+    # one trailer line without end, in pieces: llhttp held it all until it ended (a client grew the server's memory
+    # by 100 MB, no 431), while a long body of small chunks, framing and all, is no trailer
+    client = Client(ours)
+    try:
+        client.send(head + b"X-Trailer: ")
+        for _ in range(100):  # 16 MB at most, in 160 KB pieces
+            try:
+                client.send(b"a" * 160_000)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        assert client.response()[0] == 431
+        assert client.closed()
+    finally:
+        client.close()
+    chunks = b"A\r\n0123456789\r\n" * 100_000
+    [(status, _, _)], _ = exchange(ours, head.replace(b"0\r\n", chunks + b"0\r\n\r\n"), 1)
+    assert status == 200
 
 
 def test_requests_arrive_whole_and_answers_carry_uvicorns_headers(both: tuple[int, int]) -> None:

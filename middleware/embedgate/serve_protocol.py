@@ -130,6 +130,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.feeds = 0
         self.head_feed = 0
         self.head_bytes = 0
+        self.unbodied = 0  # bytes read in a body since it last grew: chunk framing and trailers
         self.begun = 0  # requests whose first byte was read
         self.read_len = 0  # bytes of the read being parsed
         self.pending_error: tuple[int, str] | None = None  # an answer owed after the earlier requests' answers
@@ -198,6 +199,9 @@ class GatewayHttpProtocol(asyncio.Protocol):
         # whether this read holds nothing of an earlier request: it starts between two, and begins only one
         between = not self.in_message
         begun = self.begun
+        in_body = self.in_message and not self.in_head
+        if in_body:
+            self.unbodied += len(data)  # (on_body sets it back to 0)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -232,6 +236,12 @@ class GatewayHttpProtocol(asyncio.Protocol):
                 _log.warning("Request head larger than %d bytes received.", MAX_HEAD_BYTES)
                 self._refuse(431, "Request header fields too large.")
                 self.in_head = False
+        elif in_body and self.in_message and self.unbodied > MAX_HEAD_BYTES:
+            # A chunked body's trailer line still coming, which llhttp holds until it ends (on_header counts whole
+            # ones): one endless line grew the server's memory by all a client sent. Bounded by the bytes read since
+            # the body last grew (a read more, 256 KiB at most, may pass the limit).
+            _log.warning("Request head larger than %d bytes received.", MAX_HEAD_BYTES)
+            self._refuse(431, "Request header fields too large.")
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -423,6 +433,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
                 self.pause_reading()
 
     def on_body(self, body: bytes) -> None:
+        self.unbodied = 0
         cycle = self.cycle
         if cycle is None or cycle.complete:
             return
