@@ -600,6 +600,23 @@ def test_a_compressed_answer_is_decoded_up_to_a_bound(coding: str) -> None:
             decoded(200, headers, compress(data), limit=2_999_999)
 
 
+def test_every_gzip_member_and_every_content_encoding_line_is_decoded_and_a_cut_stream_refused() -> None:
+    # Two gzip members decoded to the first one's bytes; a gzip stream cut short was taken as a shorter answer;
+    # "Content-Encoding: deflate" and "Content-Encoding: gzip" on two lines (one list, RFC 9110) failed to decode.
+    data = orjson.dumps({"data": [{"embedding": "AAAA"}] * 50})
+    members = gzip.compress(data[:100]) + gzip.compress(data[100:])
+    assert decoded(200, [(b"Content-Encoding", b"gzip")], members) == data
+    with pytest.raises(httpx.DecodingError, match="stops before its end"):
+        decoded(200, [(b"Content-Encoding", b"gzip")], gzip.compress(data)[:-10])
+    with pytest.raises(httpx.DecodingError):
+        decoded(200, [(b"Content-Encoding", b"gzip")], gzip.compress(data)[:30])
+    two_lines = [(b"Content-Encoding", b"deflate"), (b"content-encoding", b"gzip")]
+    assert decoded(200, two_lines, gzip.compress(zlib.compress(data))) == data
+    assert decoded(502, [(b"Content-Encoding", b"gzip")], b"") == b""  # an empty error answer stays empty
+    big = b"0" * (3 * 4 * 1024 * 1024)  # decoded in several steps: each step's output is not a stop
+    assert decoded(200, [(b"Content-Encoding", b"gzip")], gzip.compress(big)) == big
+
+
 # --- bodies read by their length ---------------------------------------------------------------------------------
 
 

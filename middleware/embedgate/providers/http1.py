@@ -83,6 +83,7 @@ def body_buffer(size: int) -> bytearray:
 MAX_DECODED: Final = 256 * 1024 * 1024
 _ZLIB_CODINGS: Final = frozenset({"gzip", "deflate", "identity", ""})
 _INFLATE_STEP: Final = 4 * 1024 * 1024  # decoded bytes made at a time
+_GZIP_WBITS: Final = 16 + zlib.MAX_WBITS
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -508,7 +509,8 @@ def decoded(
     """A compressed answer's body, at most ``limit`` bytes once decoded (a few KB of gzip can hold gigabytes
     of zeros): gzip and deflate (what the gateway asks for) decoded here in bounded steps, any other coding by
     httpx (br, zstd where installed), then measured."""
-    named = header_value(headers, b"content-encoding") or b""
+    # every Content-Encoding line, in order: two lines are one list (RFC 9110, 5.3)
+    named = b",".join(v for k, v in headers if len(k) == 16 and k.lower() == b"content-encoding")
     codings = [c.strip().lower() for c in named.decode("latin-1").split(",")]
     data = bytes(body)
     if any(c not in _ZLIB_CODINGS for c in codings):
@@ -519,7 +521,7 @@ def decoded(
     try:
         for coding in reversed(codings):  # the last coding applied is the first undone
             if coding == "gzip":
-                data = _inflate(data, 16 + zlib.MAX_WBITS, limit)
+                data = _inflate(data, _GZIP_WBITS, limit)
             elif coding == "deflate":  # zlib-wrapped as the RFC says, or raw deflate as some servers send it
                 try:
                     data = _inflate(data, zlib.MAX_WBITS, limit)
@@ -532,19 +534,24 @@ def decoded(
 
 def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
     """``data`` decompressed (``wbits`` as zlib takes it), refused beyond ``limit`` bytes before they are all
-    made."""
-    inflater = zlib.decompressobj(wbits)
+    made. Every member of a gzip answer is decoded (RFC 1952: they concatenate; the first alone was taken); a
+    stream that stops before its end is a ``zlib.error`` (it was taken as a shorter answer); an empty body is
+    empty (servers send one with the header on an empty error answer)."""
+    if not data:
+        return b""
     pieces: list[bytes] = []
     size = 0
-    while data:
-        piece = inflater.decompress(data, _INFLATE_STEP)
-        size += len(piece)
-        if size > limit:
-            raise httpx.DecodingError(f"more than {limit} bytes once decompressed")
-        pieces.append(piece)
-        if inflater.eof:
-            break
-        data = inflater.unconsumed_tail
-    if not inflater.eof:
-        pieces.append(inflater.flush())
-    return b"".join(pieces)
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        while not inflater.eof:
+            piece = inflater.decompress(data, _INFLATE_STEP)
+            size += len(piece)
+            if size > limit:
+                raise httpx.DecodingError(f"more than {limit} bytes once decompressed")
+            pieces.append(piece)
+            data = inflater.unconsumed_tail
+            if not piece and not data:  # all read, nothing more made: the stream ended before its end
+                raise zlib.error("the compressed data stops before its end")
+        data = inflater.unused_data
+        if not data or wbits != _GZIP_WBITS:
+            return b"".join(pieces)
