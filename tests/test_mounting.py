@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
@@ -314,3 +316,33 @@ async def test_a_host_s_log_bindings_come_back_after_a_request_served_in_a_task_
         structlog.contextvars.clear_contextvars()
         await gateway.shutdown()
     assert sent[0]["status"] == 200
+
+
+# The connections pooled under a loop that closed with them open are dropped under the next one; their
+# transports, which that loop can no longer close, close their sockets when collected, with a ResourceWarning.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_a_gateway_used_under_one_event_loop_after_another_serves_every_request(
+    make_config: Callable[..., Config], upstream: FakeUpstream
+) -> None:
+    # One app, one event loop per test (pytest's and anyio's default; a TestClient used without `with` runs each
+    # request in a loop of its own), no lifespan: the upstream connection pooled under the first loop was reused
+    # under the next. The request went out on it, then waiting for the answer failed: a 500, the upstream's call
+    # made and billed, every other request.
+    gateway = EmbeddingGateway(FastAPI(), config=make_config())
+    body = {"model": "local/embed-small", "input": "hi"}
+    headers = {"authorization": f"Bearer {KEY}"}
+    client = TestClient(gateway)  # without `with`: a new event loop for every request
+    statuses = [client.post("/v1/embeddings", json={**body, "input": f"test client {i}"}, headers=headers).status_code
+                for i in range(3)]  # fmt: skip
+    assert statuses == [200, 200, 200]
+
+    async def one(i: int, last: bool) -> int:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(gateway), base_url="http://host") as c:
+            r = await c.post("/v1/embeddings", json={**body, "input": f"loop {i}"}, headers=headers)
+        if last:
+            await gateway.shutdown()  # under the loop its last connection is open in
+        return r.status_code
+
+    assert [asyncio.run(one(i, i == 2)) for i in range(3)] == [200, 200, 200]
+    assert len(upstream.calls) == 6
+    gc.collect()  # the transports of closed loops, here (where their warning is ignored), not in a later test

@@ -100,7 +100,7 @@ class _Connection(asyncio.BufferedProtocol):
     def __init__(self, origin: _Origin, loop: asyncio.AbstractEventLoop, max_body: int = MAX_BODY) -> None:
         self.origin = origin
         self._max_body = max_body
-        self._loop = loop  # the connection's for its life (asyncio.get_running_loop() costs a getpid call)
+        self.loop = loop  # the connection's for its life (asyncio.get_running_loop() costs a getpid call)
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -127,7 +127,7 @@ class _Connection(asyncio.BufferedProtocol):
     async def exchange(self, data: bytes) -> _Answer:
         """Write one request and wait for its whole answer."""
         assert self.transport is not None and self._waiter is None
-        waiter: asyncio.Future[_Answer] = self._loop.create_future()
+        waiter: asyncio.Future[_Answer] = self.loop.create_future()
         self._waiter = waiter
         self._status, self._headers, self._body, self._body_size = 0, [], [], 0
         self._until_close = self.answered = False
@@ -152,7 +152,7 @@ class _Connection(asyncio.BufferedProtocol):
     def close(self) -> None:
         """Close now (an answer still on its way is dropped with the connection)."""
         self.closed = True
-        if self.transport is not None:
+        if self.transport is not None and not self.loop.is_closed():  # (a closed loop took its socket with it)
             self.transport.abort()
 
     def _fail(self, exc: Exception) -> None:
@@ -298,6 +298,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         # Closes idle connections past keepalive_s. _acquire takes the most recently used one, so those left
         # idle under it by a burst were never looked at while traffic went on: the pool stayed at its peak.
         self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper_loop: asyncio.AbstractEventLoop | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` on a pooled connection and return the answer with its body read."""
@@ -346,8 +347,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
         if conn.keep_alive and conn.usable and not self._closed:
             conn.idle_since = time.monotonic()
             self._idle.setdefault(origin, []).append(conn)
-            if self._sweeper is None:
-                self._sweeper = asyncio.get_running_loop().call_later(self._keepalive_s, self._sweep)
+            if self._sweeper is None or self._sweeper_loop is not conn.loop:  # (a timer of another loop never runs)
+                self._sweeper_loop = conn.loop
+                self._sweeper = conn.loop.call_later(self._keepalive_s, self._sweep)
             self._wake()
         else:
             self._discard(conn)
@@ -357,9 +359,12 @@ class Http1Transport(httpx.AsyncBaseTransport):
         while True:
             idle = self._idle.get(origin)
             now = time.monotonic()
+            loop = asyncio.get_running_loop() if idle and not fresh else None
             while idle and not fresh:
                 conn = idle.pop()  # the most recently used: the least likely to have been closed by the server
-                if conn.usable and now - conn.idle_since < self._keepalive_s:
+                # Not one opened under another event loop (a test's, a host's TestClient's per request): the
+                # request went out on it, and waiting for its answer failed (a 500, the upstream's call billed).
+                if conn.usable and now - conn.idle_since < self._keepalive_s and conn.loop is loop:
                     return conn
                 self._discard(conn)
             if self._open < self._limit:
@@ -425,8 +430,8 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 self._discard(idle.pop(0))
             if idle:
                 oldest = min(oldest, idle[0].idle_since)
-        if any(self._idle.values()) and not self._closed:
-            self._sweeper = asyncio.get_running_loop().call_later(oldest + self._keepalive_s - now, self._sweep)
+        if any(self._idle.values()) and not self._closed and self._sweeper_loop is not None:
+            self._sweeper = self._sweeper_loop.call_later(oldest + self._keepalive_s - now, self._sweep)
 
     def _close_one_idle(self) -> bool:
         for idle in self._idle.values():
