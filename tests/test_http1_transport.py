@@ -221,6 +221,21 @@ async def test_at_most_max_connections_are_open_and_waiting_callers_are_served()
     assert server.peak_open == 2
 
 
+async def test_a_full_pool_to_one_upstream_does_not_hold_up_calls_to_another() -> None:
+    # The connection limit was one count over all origins: a slow provider's calls in flight took every slot, and
+    # a healthy provider's calls waited behind them, timed out and opened its breaker.
+    async with serve(lambda n: ok(), delay_s=1.0) as slow, serve(lambda n: ok(b'{"fast":true}')) as fast:
+        transport = Http1Transport(max_connections=2)
+        stuck = [asyncio.ensure_future(post(transport, slow.url)) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        async with asyncio.timeout(0.5):
+            answer = await post(transport, fast.url)
+        assert answer.json() == {"fast": True}
+        assert [r.status_code for r in await asyncio.gather(*stuck)] == [200] * 3
+        await transport.aclose()
+    assert slow.peak_open == 2
+
+
 async def test_a_cancelled_call_closes_its_connection_and_frees_its_slot() -> None:
     async with serve(lambda n: ok(b'{"n":%d}' % n), delay_s=0.2) as server:
         transport = Http1Transport(max_connections=1)

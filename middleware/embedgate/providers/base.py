@@ -79,7 +79,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     def _open(self) -> aiohttp.ClientSession:
         # Created on first use, inside the running event loop that will own it.
-        connector = aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=self._keepalive_s, ttl_dns_cache=300)
+        # per upstream host, as Http1Transport's pool: one slow provider does not take the others' connections
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._limit, keepalive_timeout=self._keepalive_s,
+                                         ttl_dns_cache=300)  # fmt: skip
         # No aiohttp timers: every adapter call runs under its own deadline (the attempt's timeout, capped
         # by the request's deadline), so aiohttp's default 300 s total and 30 s connect timers, armed and
         # cancelled on every request, would only cost time (~8% of a call, measured).

@@ -8,11 +8,11 @@ pooled connection and letting llhttp hand back status, headers and body costs a 
 
 What it does: keep-alive connections pooled per origin (``http``/``https``, most recently used first, closed after
 ``keepalive_s`` idle, when the server says ``Connection: close``, or when an answer came with bytes beyond its end),
-at most ``max_connections`` open at once (callers beyond that wait for one), bodies by ``Content-Length``, chunked
-or until close; httpx decodes ``Content-Encoding`` as for any transport. A request is sent once more, on a new
-connection, when a reused one closes before any byte of its answer came: the server's idle timeout ended just as it
-went out (aiohttp's client does the same; httpcore raises). What it leaves out, because no embedding API needs it:
-HTTP/2, proxies, upgrades, ``Expect: 100-continue``, HEAD.
+at most ``max_connections`` open at once to each origin (callers beyond that wait for one), bodies by
+``Content-Length``, chunked or until close; httpx decodes ``Content-Encoding`` as for any transport. A request is
+sent once more, on a new connection, when a reused one closes before any byte of its answer came: the server's idle
+timeout ended just as it went out (aiohttp's client does the same; httpcore raises). What it leaves out, because no
+embedding API needs it: HTTP/2, proxies, upgrades, ``Expect: 100-continue``, HEAD.
 
 Timeouts: none of its own. The caller bounds each call (the adapters run it under ``deadline``); a call
 cancelled mid-way closes its connection, since an answer may still be on its way. Errors keep httpx's types:
@@ -292,8 +292,10 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._keepalive_s = keepalive_s
         self._ssl = ssl_context
         self._idle: dict[_Origin, list[_Connection]] = {}
-        self._open = 0  # connections open or being opened
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Per origin (an upstream host): one slow or hung provider filling the pool made every other provider's
+        # calls wait for its slots, time out and open their breakers.
+        self._open: dict[_Origin, int] = {}  # connections open or being opened
+        self._waiters: dict[_Origin, deque[asyncio.Future[None]]] = {}
         self._closed = False
         # Closes idle connections past keepalive_s. _acquire takes the most recently used one, so those left
         # idle under it by a burst were never looked at while traffic went on: the pool stayed at its peak.
@@ -350,7 +352,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
             if self._sweeper is None or self._sweeper_loop is not conn.loop:  # (a timer of another loop never runs)
                 self._sweeper_loop = conn.loop
                 self._sweeper = conn.loop.call_later(self._keepalive_s, self._sweep)
-            self._wake()
+            self._wake(origin)
         else:
             self._discard(conn)
         return answer
@@ -367,24 +369,24 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 if conn.usable and now - conn.idle_since < self._keepalive_s and conn.loop is loop:
                     return conn
                 self._discard(conn)
-            if self._open < self._limit:
+            if self._open.get(origin, 0) < self._limit:
                 return await self._connect(origin, request)
-            if not self._close_one_idle():
-                waiter = asyncio.get_running_loop().create_future()
-                self._waiters.append(waiter)
-                try:
-                    await waiter
-                except BaseException:
-                    if waiter.done() and not waiter.cancelled():
-                        self._wake()  # woken, then cancelled: the free slot goes to the next caller waiting
-                    raise
-                finally:
-                    if waiter in self._waiters:
-                        self._waiters.remove(waiter)
+            waiter = asyncio.get_running_loop().create_future()
+            waiters = self._waiters.setdefault(origin, deque())
+            waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake(origin)  # woken, then cancelled: the free slot goes to the next caller waiting
+                raise
+            finally:
+                if waiter in waiters:
+                    waiters.remove(waiter)
 
     async def _connect(self, origin: _Origin, request: httpx.Request | None) -> _Connection:
         scheme, host, port = origin
-        self._open += 1
+        self._open[origin] = self._open.get(origin, 0) + 1
         try:
             tls = self._ssl_context() if scheme == b"https" else None
             loop = asyncio.get_running_loop()
@@ -396,8 +398,8 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 server_hostname=host.decode("ascii") if tls else None,
             )
         except BaseException as exc:
-            self._open -= 1
-            self._wake()
+            self._open[origin] -= 1
+            self._wake(origin)
             if isinstance(exc, OSError):  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
                 raise httpx.ConnectError(f"{type(exc).__name__}: {exc}", request=request) from exc
             raise
@@ -416,8 +418,8 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     def _discard(self, conn: _Connection) -> None:
         conn.close()
-        self._open -= 1
-        self._wake()
+        self._open[conn.origin] -= 1
+        self._wake(conn.origin)
 
     def _sweep(self) -> None:
         """Close the idle connections past keepalive_s; come back when the oldest left will be."""
@@ -433,16 +435,10 @@ class Http1Transport(httpx.AsyncBaseTransport):
         if any(self._idle.values()) and not self._closed and self._sweeper_loop is not None:
             self._sweeper = self._sweeper_loop.call_later(oldest + self._keepalive_s - now, self._sweep)
 
-    def _close_one_idle(self) -> bool:
-        for idle in self._idle.values():
-            if idle:
-                self._discard(idle.pop(0))
-                return True
-        return False
-
-    def _wake(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
+    def _wake(self, origin: _Origin) -> None:
+        waiters = self._waiters.get(origin)
+        while waiters:
+            waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 return
