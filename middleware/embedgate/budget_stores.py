@@ -506,12 +506,13 @@ class RedisBudgetStore:
             redis_ms = int(seconds) * 1000 + int(micros) / 1000
             if after - now <= _CLOCK_READ_MAX_RTT_MS:
                 self._offset_ms = redis_ms - (now + after) / 2
-                self._offset_read_at = after
-            elif self._offset_read_at == -math.inf:
-                # A slow first answer (Redis stalled): Redis read its clock anywhere within the wait, at the end
-                # at the latest. Taken as the end, the deadline can only come early (a late reserve refused), never
-                # late (one the client was refused, still charged); read again by the next reserve.
+            else:
+                # A slow answer (Redis stalled, or far away): Redis read its clock anywhere within the wait, at the
+                # end at the latest. Taken as the end, the deadline can only come early (a late reserve refused),
+                # never late (one the client was refused, still charged), by a round trip at most. Kept for a
+                # minute too: read again by every reserve, a distant Redis cost each request two round trips.
                 self._offset_ms = redis_ms - after
+            self._offset_read_at = after
             now = after
         return int(now + self._offset_ms + 0.8 * self._timeout_ms)
 
