@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -32,6 +33,7 @@ from embedgate.budgets import (
 )
 from embedgate.config import BudgetConfig, Deployment, ModelConfig
 from embedgate.errors import BudgetExceeded, Dialect, Unavailable, render_error
+from embedgate.resp import parse_url
 from tests.budget_util import T0, Clock
 from tests.redis_util import require_redis
 
@@ -569,3 +571,60 @@ def test_one_time_period_never_ends() -> None:
 def test_usd_text_of_nano_dollars(nano: int, text: str) -> None:
     """The x-ratelimit-*-cost headers' USD text: no trailing zeros, no float rounding."""
     assert budgets_module._usd(nano) == text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("step", ["reserve", "extend"])
+async def test_a_reserve_cancelled_while_redis_is_slow_is_undone_when_it_lands(step: str) -> None:
+    # A host's timeout (or the server's graceful shutdown) cancelled the reserve while Redis was slow: Redis ran it
+    # all the same, and with no reservation in the request's hands nothing released it. The tokens of a request
+    # that was answered 503 stayed counted until the period's end.
+    address = parse_url(require_redis())
+    slow = asyncio.Event()
+    handlers: list[asyncio.Task[Any]] = []
+
+    async def slowing_proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        redis_reader, redis_writer = await asyncio.open_connection(address.host, address.port)
+
+        async def to_redis() -> None:
+            while data := await reader.read(65536):
+                if slow.is_set() and b"EVAL" in data:
+                    await asyncio.sleep(0.3)
+                redis_writer.write(data)
+                await redis_writer.drain()
+            redis_writer.close()
+
+        async def from_redis() -> None:
+            while data := await redis_reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        await asyncio.gather(to_redis(), from_redis(), return_exceptions=True)
+        for w in (writer, redis_writer):
+            w.close()
+            await w.wait_closed()
+
+    proxy = await asyncio.start_server(slowing_proxy, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    store = RedisBudgetStore(f"redis://127.0.0.1:{port}/{address.db}", prefix=f"eg:test:{uuid.uuid4().hex}:")
+    target = f"slow-{uuid.uuid4().hex}"
+    eng = BudgetEngine(budgets(BudgetConfig(scope="api_key", target=target, token_limit=1000)), store)
+    subject = replace(ALICE, api_key=target)
+    try:
+        held = await eng.reserve(subject, tokens=10, cost_usd=0.0)
+        slow.set()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                if step == "reserve":
+                    await eng.reserve(subject, tokens=100, cost_usd=0.0)
+                else:
+                    await eng.extend(held, tokens=100, cost_usd=0.0)
+        await asyncio.sleep(0.5)  # Redis ran it meanwhile; its answer came
+        slow.clear()
+        assert (await eng.usage())[0]["tokens"]["used"] == 10
+    finally:
+        await store.aclose()
+        proxy.close()
+        await asyncio.wait(handlers, timeout=5)  # the client gone, each connection ends

@@ -21,6 +21,7 @@ operation, run with EVALSHA, so the check-and-reserve is atomic across any numbe
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 import random
@@ -346,6 +347,8 @@ class BudgetEngine:
         self._workspaces: tuple[str, ...] = tuple(dict.fromkeys(workspaces or (q.partition("/")[0] for q in projects)))
         self._store = store
         self._adjust_takes_epoch = _takes_epoch(store)
+        self._immediate = type(store) is MemoryBudgetStore  # its reserve never waits: nothing can cancel it midway
+        self._undoing: set[asyncio.Future[None]] = set()
         self._fail_open = fail_open
         self._window_ms = int(window_s * 1000)
         self._clock = clock
@@ -462,14 +465,7 @@ class BudgetEngine:
         specs = _specs(counters, tokens, cost_nano, now)
         now_ms = int(now * 1000)
         try:
-            res = await self._store.reserve(
-                specs,
-                [WindowSpec(g.key, g.limit) for g in windows],
-                now_ms=now_ms,
-                window_ms=self._window_ms,
-                member=rid,
-                index=index,
-            )
+            res = await self._reserved(specs, [WindowSpec(g.key, g.limit) for g in windows], now_ms, rid, index)
         except BudgetStoreError as exc:
             # Told in both modes (at most once a WARN_INTERVAL_S): failing closed, the 503s alone did not say why (a
             # wrong password, a db out of range, Redis down).
@@ -488,6 +484,33 @@ class BudgetEngine:
         if res.failed >= 0:
             raise self._refusal(counters, windows, res, now_ms, headers, {"tokens": tokens, "cost": cost_nano})
         return Reservation(rid, "reserved", tokens, cost_nano, tuple(counters), headers, res.epoch)
+
+    async def _reserved(self, specs: list[CounterSpec], windows: list[WindowSpec], now_ms: int, member: str,
+                        index: Sequence[tuple[str, str, int]]) -> ReserveResult:  # fmt: skip
+        """The store's reserve. On a store that answers later (Redis), a reserve cancelled on its way (a host's
+        timeout, the server's graceful shutdown, while Redis is slow) still runs there, and nothing released it: its
+        tokens and cost stayed counted until the period's end (a one_time budget's, for ever). Run apart from the
+        request's task, it is undone when its answer comes, as a released reservation is (the request counted)."""
+        reserving = self._store.reserve(specs, windows, now_ms=now_ms, window_ms=self._window_ms, member=member,
+                                        index=index)  # fmt: skip
+        if self._immediate:  # the memory store: all done within the call
+            return await reserving
+        task = asyncio.ensure_future(reserving)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._undo_late(done, specs))
+            raise
+
+    def _undo_late(self, done: asyncio.Future[ReserveResult], specs: list[CounterSpec]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        res = done.result()
+        deltas = [(c.key, -c.amount) for c in specs if c.amount]
+        if res.failed < 0 and deltas:
+            undo = asyncio.ensure_future(self._apply(deltas, res.epoch, "release"))
+            self._undoing.add(undo)  # (a task only the loop holds may be collected before it runs)
+            undo.add_done_callback(self._undoing.discard)
 
     def _headers(self, counters: list[_Gate], windows: list[_Gate], res: ReserveResult, now_ms: int) -> dict[str, str]:
         # Per dimension, the gate with the smallest remaining amount wins; on a tie, the one that frees up later.
@@ -597,7 +620,7 @@ class BudgetEngine:
         specs = _specs(counters, tokens, cost_nano, now)
         now_ms = int(now * 1000)
         try:
-            res = await self._store.reserve(specs, [], now_ms=now_ms, window_ms=self._window_ms, member=reservation.id)
+            res = await self._reserved(specs, [], now_ms, reservation.id, ())
         except BudgetStoreError as exc:
             if not self._fail_open:
                 raise Unavailable(
@@ -624,14 +647,16 @@ class BudgetEngine:
         reservation._open = False  # before awaiting, so a concurrent second call is a no-op too
         deltas = [(g.key, d_tokens if g.dimension == "tokens" else d_cost) for g in reservation.counters]
         deltas = [(k, d) for k, d in deltas if d]
-        if not deltas:
-            return
+        if deltas:
+            await self._apply(deltas, reservation.epoch, what)
+
+    async def _apply(self, deltas: list[tuple[str, int]], epoch: int | None, what: str) -> None:
         try:
             now_ms = int(self._clock() * 1000)
-            if reservation.epoch is None or not self._adjust_takes_epoch:  # a store (a wrapper) of one's own may not
+            if epoch is None or not self._adjust_takes_epoch:  # a store (a wrapper) of one's own may not
                 await self._store.adjust(deltas, now_ms=now_ms)
             else:
-                await self._store.adjust(deltas, now_ms=now_ms, epoch=reservation.epoch)
+                await self._store.adjust(deltas, now_ms=now_ms, epoch=epoch)
         except BudgetStoreError as exc:
             # A command that timed out may still reach Redis and apply: it is not sent again (it could apply twice).
             log.warning(
