@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import httpx
 import numpy as np
 import orjson
@@ -573,6 +574,40 @@ async def test_the_access_line_names_its_request_and_trace_under_any_host_loggin
     (line,) = [orjson.loads(x) for x in host_log.getvalue().splitlines() if '"event": "request"' in x]
     assert (line["request_id"], line["trace_id"]) == (r.headers["x-request-id"], r.headers["x-embedgate-trace-id"])
     assert len(line["span_id"]) == 16
+
+
+@pytest.mark.anyio
+async def test_a_request_cut_by_a_hosts_anyio_timeout_still_has_its_access_line_and_metrics(
+    upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter, host_log: io.StringIO
+) -> None:
+    # An anyio cancel scope (a host's timeout middleware) cancels every await of the task once it fires, where
+    # asyncio's cancellation comes once: the settle's Redis round trip was cancelled again, which skipped the access
+    # line, the metrics and the root span's end (closed as a 500 where the client got a 503).
+    workspace = f"ws-anyio-{uuid.uuid4().hex[:12]}"
+    keys = [{"id": "team-a", "key": KEY, "workspace": workspace, "project": "search"}]
+    budgets = [{"scope": "workspace", "target": workspace, "token_limit": 1_000_000}]
+    config = make_config(upstream, redis_url=require_redis(), keys=keys, budgets=budgets)
+    gw = EmbeddingGateway(host_404, config=config, tracer_provider=provider)
+
+    async def timeout_middleware(scope: Any, receive: Any, send: Any) -> None:
+        with anyio.fail_after(0.3):
+            await gw(scope, receive, send)
+
+    upstream.script.append(Fault("slow", delay=1.5))
+    transport = httpx.ASGITransport(timeout_middleware, raise_app_exceptions=False)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            r = await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "hi"}, headers=AUTH)
+            metrics = (await client.get("/metrics")).text
+    finally:
+        await gw.shutdown()
+    assert r.status_code == 503 and r.json()["error"]["code"] == "gateway_stopping"
+    (line,) = [orjson.loads(x) for x in host_log.getvalue().splitlines() if '"event": "request"' in x]
+    assert line["status"] == 503 and line["request_id"] == r.headers["x-request-id"]
+    requests = 'embedgate_requests_total{cache="bypass",model="local/embed-small",route="openai",status="503"} 1.0'
+    assert requests in metrics
+    (root,) = roots(exporter)
+    assert root.attributes is not None and root.attributes["http.response.status_code"] == 503
 
 
 @pytest.mark.anyio

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from decimal import Decimal
 from typing import Any, Final
 
+import anyio
 import httpx
 import orjson
 import structlog
@@ -417,11 +418,14 @@ class EmbeddingGateway:
                 # trip), the root span's end (it spans the send, as OTel's ASGI middleware's does), metrics and
                 # the access line. Not in a finally block: the build compiles this module, and mypyc's coroutines
                 # lose the exception being handled across an await there (see embedgate._native).
-                for finish in call.finish:
-                    try:
-                        await finish(call, error)
-                    except Exception:
-                        log.exception("finishing the request failed", request_id=request_id)
+                if cancelled is None and not isinstance(send_failed, asyncio.CancelledError):
+                    await self._finish(call, error, request_id)
+                else:
+                    # A host's anyio cancel scope (a timeout middleware's fail_after, Starlette's task groups)
+                    # cancels every await of the task from then on, where asyncio's own cancellation came once: the
+                    # settle's store round trip was cancelled too, and the request had no access line, no metrics.
+                    with anyio.CancelScope(shield=True):
+                        await self._finish(call, error, request_id)
                 if isinstance(send_failed, OSError) and error is None:
                     # The client left before its answer went out (a server on ASGI 2.4 says so: embedgate serve's
                     # protocol; uvicorn's says nothing): logged, traced and counted as nginx's 499, with what the
@@ -441,6 +445,14 @@ class EmbeddingGateway:
                 self._in_flight -= 1
                 if not own_task:
                     clear_request()
+
+    async def _finish(self, call: Call, error: GatewayError | None, request_id: str) -> None:
+        """Run the request's finishing steps (its budget settle), each whatever the others do."""
+        for finish in call.finish:
+            try:
+                await finish(call, error)
+            except Exception:
+                log.exception("finishing the request failed", request_id=request_id)
 
     async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
         ctype = headers.get("content-type")
