@@ -5,14 +5,20 @@ Under CI (``CI=true``) a missing server fails the test; elsewhere it skips it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from embedgate.resp import parse_url
 
 REDIS_URL = os.environ.get("EMBEDGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -94,3 +100,42 @@ class ThrowawayRedis:
             self.process.kill()
             self.process.wait(timeout=10)
         self.process = None
+
+
+Relay = Callable[[bytes], Awaitable[None]]
+
+
+@asynccontextmanager
+async def redis_proxy(url: str, *, to_redis: Relay | None = None, to_client: Relay | None = None) -> AsyncIterator[str]:
+    """A TCP proxy on 127.0.0.1 to the Redis of ``url``; yields the proxy's URL (same db). ``to_redis`` and
+    ``to_client`` are awaited with each chunk before it is passed on (to hold it: a stalled or distant Redis).
+    Every connection it made is closed when it ends."""
+    address = parse_url(url)
+    handlers: list[asyncio.Task[Any]] = []
+
+    async def relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter, hook: Relay | None) -> None:
+        while data := await source.read(65536):
+            if hook is not None:
+                await hook(data)
+            sink.write(data)
+            await sink.drain()
+        sink.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append(task)
+        redis_reader, redis_writer = await asyncio.open_connection(address.host, address.port)
+        await asyncio.gather(relay(reader, redis_writer, to_redis), relay(redis_reader, writer, to_client),
+                             return_exceptions=True)  # fmt: skip
+        for w in (writer, redis_writer):
+            w.close()
+            await w.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/{address.db}"
+    finally:
+        server.close()
+        if handlers:
+            await asyncio.wait(handlers, timeout=5)  # its clients gone, each connection ends

@@ -38,9 +38,8 @@ from embedgate.budgets import (
 from embedgate.config import BudgetConfig
 from embedgate.errors import BudgetExceeded
 from embedgate.identities import IdentityStore, MemoryIdentityStore, RedisIdentityStore
-from embedgate.resp import parse_url
 from tests.budget_util import T0, Clock
-from tests.redis_util import ThrowawayRedis, require_programs, require_redis
+from tests.redis_util import ThrowawayRedis, redis_proxy, require_programs, require_redis
 
 WINDOW_MS = 60_000
 SUBJECT = Subject(
@@ -312,45 +311,56 @@ async def test_a_slow_read_of_redis_s_clock_never_makes_the_reserve_deadline_lat
     # And read again by every reserve while its answers stayed slow (a distant Redis, > 20 ms away): two round trips
     # for each budgeted request, not one a minute.
     url = require_redis()
-    address = parse_url(url)
     times = 0
 
-    async def stalling_proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def stall_time(data: bytes) -> None:
         nonlocal times
-        upstream_reader, upstream_writer = await asyncio.open_connection(address.host, address.port)
+        if b"TIME" in data:
+            times += 1
+            await asyncio.sleep(0.4)  # Redis reads its clock at the end of the wait
 
-        async def to_redis() -> None:
-            nonlocal times
-            while data := await reader.read(65536):
-                if b"TIME" in data:
-                    times += 1
-                    await asyncio.sleep(0.4)  # Redis reads its clock at the end of the wait
-                upstream_writer.write(data)
-                await upstream_writer.drain()
-            upstream_writer.close()
-
-        async def from_redis() -> None:
-            while data := await upstream_reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-            writer.close()
-
-        await asyncio.gather(to_redis(), from_redis(), return_exceptions=True)
-
-    proxy = await asyncio.start_server(stalling_proxy, "127.0.0.1", 0)
-    port = proxy.sockets[0].getsockname()[1]
-    store = RedisBudgetStore(f"redis://127.0.0.1:{port}/{address.db}", prefix=f"eg:b:test:{uuid.uuid4().hex}:")
-    client = aioredis.Redis.from_url(url)
-    try:
-        deadline = await store._deadline()
-        seconds, micros = await client.time()
-        await store._deadline()
-    finally:
-        await store.aclose()
-        await client.aclose()
-        proxy.close()
+    async with redis_proxy(url, to_redis=stall_time) as proxied:
+        store = RedisBudgetStore(proxied, prefix=f"eg:b:test:{uuid.uuid4().hex}:")
+        client = aioredis.Redis.from_url(url)
+        try:
+            deadline = await store._deadline()
+            seconds, micros = await client.time()
+            await store._deadline()
+        finally:
+            await store.aclose()
+            await client.aclose()
     assert deadline <= seconds * 1000 + micros / 1000 + 0.8 * 1000 + 20  # the store's wait: 0.8 of its 1 s timeout
     assert times == 1
+
+
+@pytest.mark.anyio
+async def test_one_slow_answer_to_time_does_not_replace_a_trusted_offset(anyio_backend: str) -> None:
+    # TIME read at the start of a long wait (its answer held on the way back) and taken as read at its end: the
+    # offset came out the whole wait early, every reserve's deadline passed before it reached Redis, and for a
+    # minute every budgeted request was a 503.
+    hold = {"replies": False, "next": False}
+
+    async def mark_time(data: bytes) -> None:
+        if hold["replies"] and b"TIME" in data:
+            hold["next"] = True
+
+    async def hold_reply(data: bytes) -> None:
+        if hold["next"]:
+            hold["next"] = False
+            await asyncio.sleep(0.85)
+
+    t = int(T0 * 1000)
+    async with redis_proxy(require_redis(), to_redis=mark_time, to_client=hold_reply) as proxied:
+        store = RedisBudgetStore(proxied, prefix=f"eg:b:test:{uuid.uuid4().hex}:")
+        try:
+            await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="0")
+            store._offset_read_at -= 61_000  # a minute on: the clock is read again, and its answer is held
+            hold["replies"] = True
+            got = [await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS,
+                                       member=str(i)) for i in range(1, 4)]  # fmt: skip
+        finally:
+            await store.aclose()
+    assert [r.values for r in got] == [(2,), (3,), (4,)]
 
 
 @pytest.mark.anyio

@@ -332,6 +332,7 @@ _SCAN_COUNT: Final = 1000  # set members read per ZSCAN step (each step is one b
 _MAX_SCAN_STEPS: Final = 1000
 _CLOCK_READ_MS: Final = 60_000  # how often Redis's clock is read again (for the reserve's deadline)
 _CLOCK_READ_MAX_RTT_MS: Final = 20  # a TIME answer slower than this is not trusted for the offset (see _deadline)
+_CLOCK_REREAD_SLOW_MS: Final = 5000  # after such an answer, the clock is read again this much later
 
 # KEYS: n counters, m windows, k index sets (sorted sets: id -> listed until, ms). ARGV: n, m, k, now_ms, window_ms,
 # member, then amount, limit, ttl per counter, limit per window, id and until per index set, NEVER_MS, and last the
@@ -506,13 +507,16 @@ class RedisBudgetStore:
             redis_ms = int(seconds) * 1000 + int(micros) / 1000
             if after - now <= _CLOCK_READ_MAX_RTT_MS:
                 self._offset_ms = redis_ms - (now + after) / 2
+                self._offset_read_at = after
             else:
                 # A slow answer (Redis stalled, or far away): Redis read its clock anywhere within the wait, at the
                 # end at the latest. Taken as the end, the deadline can only come early (a late reserve refused),
-                # never late (one the client was refused, still charged), by a round trip at most. Kept for a
-                # minute too: read again by every reserve, a distant Redis cost each request two round trips.
-                self._offset_ms = redis_ms - after
-            self._offset_read_at = after
+                # never late (one the client was refused, still charged): used only when there is no better one (a
+                # stall's whole wait early made every reserve "late"). Read again in a few seconds, not by every
+                # reserve: a distant Redis cost each request two round trips.
+                if self._offset_read_at == -math.inf:
+                    self._offset_ms = redis_ms - after
+                self._offset_read_at = max(self._offset_read_at, after - _CLOCK_READ_MS + _CLOCK_REREAD_SLOW_MS)
             now = after
         return int(now + self._offset_ms + 0.8 * self._timeout_ms)
 
