@@ -33,9 +33,8 @@ from embedgate.budgets import (
 )
 from embedgate.config import BudgetConfig, Deployment, ModelConfig
 from embedgate.errors import BudgetExceeded, Dialect, Unavailable, render_error
-from embedgate.resp import parse_url
 from tests.budget_util import T0, Clock
-from tests.redis_util import require_redis
+from tests.redis_util import redis_proxy, require_redis
 
 CLOSED_REDIS = "redis://127.0.0.1:6391/0"  # nothing listens here
 ALICE = Subject(
@@ -574,57 +573,42 @@ def test_usd_text_of_nano_dollars(nano: int, text: str) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("step", ["reserve", "extend"])
+@pytest.mark.parametrize("step", ["reserve", "extend", "reserve, then shut down"])
 async def test_a_reserve_cancelled_while_redis_is_slow_is_undone_when_it_lands(step: str) -> None:
     # A host's timeout (or the server's graceful shutdown) cancelled the reserve while Redis was slow: Redis ran it
     # all the same, and with no reservation in the request's hands nothing released it. The tokens of a request
-    # that was answered 503 stayed counted until the period's end.
-    address = parse_url(require_redis())
+    # that was answered 503 stayed counted until the period's end. The gateway's shutdown, closing the store right
+    # after, cut the late answer off (and the undo with it), unless it waits for them (drain).
     slow = asyncio.Event()
-    handlers: list[asyncio.Task[Any]] = []
 
-    async def slowing_proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
-        redis_reader, redis_writer = await asyncio.open_connection(address.host, address.port)
+    async def slow_scripts(data: bytes) -> None:
+        if slow.is_set() and b"EVAL" in data:
+            await asyncio.sleep(0.3)
 
-        async def to_redis() -> None:
-            while data := await reader.read(65536):
-                if slow.is_set() and b"EVAL" in data:
-                    await asyncio.sleep(0.3)
-                redis_writer.write(data)
-                await redis_writer.drain()
-            redis_writer.close()
-
-        async def from_redis() -> None:
-            while data := await redis_reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-            writer.close()
-
-        await asyncio.gather(to_redis(), from_redis(), return_exceptions=True)
-        for w in (writer, redis_writer):
-            w.close()
-            await w.wait_closed()
-
-    proxy = await asyncio.start_server(slowing_proxy, "127.0.0.1", 0)
-    port = proxy.sockets[0].getsockname()[1]
-    store = RedisBudgetStore(f"redis://127.0.0.1:{port}/{address.db}", prefix=f"eg:test:{uuid.uuid4().hex}:")
+    prefix = f"eg:test:{uuid.uuid4().hex}:"
     target = f"slow-{uuid.uuid4().hex}"
-    eng = BudgetEngine(budgets(BudgetConfig(scope="api_key", target=target, token_limit=1000)), store)
+    config = budgets(BudgetConfig(scope="api_key", target=target, token_limit=1000))
     subject = replace(ALICE, api_key=target)
+    async with redis_proxy(require_redis(), to_redis=slow_scripts) as proxied:
+        store = RedisBudgetStore(proxied, prefix=prefix)
+        eng = BudgetEngine(config, store)
+        try:
+            held = await eng.reserve(subject, tokens=10, cost_usd=0.0)
+            slow.set()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    if step == "extend":
+                        await eng.extend(held, tokens=100, cost_usd=0.0)
+                    else:
+                        await eng.reserve(subject, tokens=100, cost_usd=0.0)
+            if step == "reserve, then shut down":
+                await eng.drain(5.0)  # as the gateway's shutdown does, before it closes the store
+            else:
+                await asyncio.sleep(0.5)  # Redis ran it meanwhile; its answer came
+        finally:
+            await store.aclose()
+    store = RedisBudgetStore(require_redis(), prefix=prefix)
     try:
-        held = await eng.reserve(subject, tokens=10, cost_usd=0.0)
-        slow.set()
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.1):
-                if step == "reserve":
-                    await eng.reserve(subject, tokens=100, cost_usd=0.0)
-                else:
-                    await eng.extend(held, tokens=100, cost_usd=0.0)
-        await asyncio.sleep(0.5)  # Redis ran it meanwhile; its answer came
-        slow.clear()
-        assert (await eng.usage())[0]["tokens"]["used"] == 10
+        assert (await BudgetEngine(config, store).usage())[0]["tokens"]["used"] == 10
     finally:
         await store.aclose()
-        proxy.close()
-        await asyncio.wait(handlers, timeout=5)  # the client gone, each connection ends

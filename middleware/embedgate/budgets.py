@@ -348,7 +348,7 @@ class BudgetEngine:
         self._store = store
         self._adjust_takes_epoch = _takes_epoch(store)
         self._immediate = type(store) is MemoryBudgetStore  # its reserve never waits: nothing can cancel it midway
-        self._undoing: set[asyncio.Future[None]] = set()
+        self._undoing: set[asyncio.Future[Any]] = set()  # reserves cancelled on their way, and their undoing
         self._fail_open = fail_open
         self._window_ms = int(window_s * 1000)
         self._clock = clock
@@ -499,10 +499,20 @@ class BudgetEngine:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
+            self._undoing.add(task)  # (drain waits for its answer, and the undo it makes)
+            task.add_done_callback(self._undoing.discard)
             task.add_done_callback(lambda done: self._undo_late(done, specs))
             raise
 
-    def _undo_late(self, done: asyncio.Future[ReserveResult], specs: list[CounterSpec]) -> None:
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (up to ``timeout_s``) for the reserves cancelled on their way and the undoing of those that landed:
+        before the store closes (the gateway's shutdown), which would cut their answers off, and the undo with them."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout_s
+        while self._undoing and loop.time() < until:
+            await asyncio.wait(list(self._undoing), timeout=until - loop.time())
+
+    def _undo_late(self, done: asyncio.Future[Any], specs: list[CounterSpec]) -> None:
         if done.cancelled() or done.exception() is not None:
             return
         res = done.result()

@@ -197,6 +197,8 @@ class EmbeddingGateway:
             until = loop.time() + _DRAIN_S
             while self._in_flight and loop.time() < until:
                 await asyncio.sleep(0.01)
+            if self.budgets is not None:  # and the reserves they left on their way
+                await self.budgets.drain(max(0.0, until - loop.time()))
             self._open = False
             if self._transport is not None:
                 await self._transport.aclose()
