@@ -621,6 +621,12 @@ def test_every_gzip_member_and_every_content_encoding_line_is_decoded_and_a_cut_
     data = orjson.dumps({"data": [{"embedding": "AAAA"}] * 50})
     members = gzip.compress(data[:100]) + gzip.compress(data[100:])
     assert decoded(200, [(b"Content-Encoding", b"gzip")], members) == data
+    for after in (
+        b"\n",
+        b"\0" * 8,
+        gzip.compress(b""),
+    ):  # what gzip and httpx take too: trailing bytes, an empty member
+        assert decoded(200, [(b"Content-Encoding", b"gzip")], gzip.compress(data) + after) == data
     with pytest.raises(httpx.DecodingError, match="stops before its end"):
         decoded(200, [(b"Content-Encoding", b"gzip")], gzip.compress(data)[:-10])
     with pytest.raises(httpx.DecodingError):

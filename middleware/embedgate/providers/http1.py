@@ -551,8 +551,9 @@ def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
                 raise httpx.DecodingError(f"more than {limit} bytes once decompressed")
             pieces.append(piece)
             data = inflater.unconsumed_tail
-            if not piece and not data:  # all read, nothing more made: the stream ended before its end
+            if not piece and not data and not inflater.eof:  # all read, nothing more made: cut before its end
                 raise zlib.error("the compressed data stops before its end")
         data = inflater.unused_data
-        if not data or wbits != _GZIP_WBITS:
+        # another member follows; anything else after the stream (a newline, padding) is ignored, as gzip does
+        if wbits != _GZIP_WBITS or not data.startswith(b"\x1f\x8b"):
             return b"".join(pieces)
