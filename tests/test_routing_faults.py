@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import httpx
 import numpy as np
 import orjson
@@ -745,11 +746,13 @@ async def test_a_failed_request_paid_for_upstream_shows_its_tokens_and_cost(upst
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("host", ["asyncio", "anyio"])
 async def test_a_request_cancelled_mid_way_keeps_its_attempts_and_what_they_were_paid_for(
-    upstream: FakeUpstream,
+    upstream: FakeUpstream, host: str
 ) -> None:
     # A host's timeout (or the server's graceful shutdown running out) cancelled a split batch after its first
     # chunk was embedded: the access line said 0 attempts and nothing billed, the budget released the reservation.
+    # An anyio cancel scope cancelled the wait for the cancelled chunks too: the embedded chunk was not billed.
     upstream.script.extend([Fault("ok", model=PRIMARY_UP), Fault("slow", delay=3, model=PRIMARY_UP)])
     config = routing_config(upstream, models={PRIMARY: {"max_inputs": 1, "price_per_million_tokens": 0.02}},
                             routing={"split_concurrency": 1})  # fmt: skip
@@ -767,9 +770,16 @@ async def test_a_request_cancelled_mid_way_keeps_its_attempts_and_what_they_were
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
+    async def bounded() -> None:  # as a host bounding its requests
+        if host == "asyncio":
+            await asyncio.wait_for(app(scope, receive, send), 0.5)
+        else:
+            with anyio.fail_after(0.5):
+                await app(scope, receive, send)
+
     with capture_logs() as logs:
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(app(scope, receive, send), 0.5)  # as a host bounding its requests
+            await bounded()
         await app.shutdown()
     assert sent[0]["status"] == 503
     (line,) = [e for e in logs if e["event"] == "request"]

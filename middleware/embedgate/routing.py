@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import anyio
 import structlog
 from mypy_extensions import mypyc_attr
 
@@ -465,7 +466,8 @@ class Router:
                 # One chunk failed for this model: the others are worthless (the next model redoes all of them).
                 for t in tasks:
                     t.cancel()
-                outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+                with anyio.CancelScope(shield=True):  # a host's anyio scope, cancelling, would cancel this wait too
+                    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
                 # The chunks this model did embed were paid for upstream: billed, though the next model serves them.
                 for outcome in outcomes:
                     if isinstance(outcome, tuple):
