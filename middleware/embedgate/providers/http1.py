@@ -152,8 +152,16 @@ class _Connection(asyncio.BufferedProtocol):
     def close(self) -> None:
         """Close now (an answer still on its way is dropped with the connection)."""
         self.closed = True
-        if self.transport is not None and not self.loop.is_closed():  # (a closed loop took its socket with it)
+        if self.transport is None:
+            return
+        if not self.loop.is_closed():
             self.transport.abort()
+        else:
+            # Opened under an event loop closed since (a test's, a TestClient's), which can no longer run the
+            # transport's close: its socket, still open, is closed here (else when the collector gets to it).
+            sock = getattr(self.transport, "_sock", None)  # asyncio's transports; uvloop's close with their loop
+            if sock is not None:
+                sock.close()
 
     def _fail(self, exc: Exception) -> None:
         if self._waiter is not None and not self._waiter.done():
