@@ -150,6 +150,40 @@ def test_missing_env_var_is_an_error() -> None:
     assert any("keys[0].key: environment variable NOT_SET_ANYWHERE is not set" in e for e in info.value.errors)
 
 
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("a: " + "[" * 600 + "]" * 600, "<yaml>: nested too deeply"),  # was a RecursionError's traceback
+        ("[]\n", "<root>: must be a mapping, got a list"),  # these four were read as an empty config: "ok"
+        ("false\n", "<root>: must be a mapping, got a boolean"),
+        ("0\n", "<root>: must be a mapping, got int"),
+        ("''\n", "<root>: must be a mapping, got a string"),
+        ("redis_url: {}\n", "redis_url: must be a string, got a mapping"),  # was "no Redis"
+    ],
+    ids=["deep", "list", "false", "zero", "empty-string", "redis-url-mapping"],
+)
+def test_a_file_that_is_no_config_is_an_error(tmp_path: Path, text: str, error: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.errors == [error]
+    path.write_text("# nothing set yet\n")
+    assert load_config(path, env={}).keys == ()  # an empty file is still an empty config
+
+
+def test_a_mistyped_url_scheme_does_not_show_its_credentials_nor_a_bad_scope_a_second_error() -> None:
+    providers = {"p": {"type": "openai", "base_url": "htps://user:SECRETPW@api.example.com/v1"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config({"providers": providers}, env={})
+    assert info.value.errors == ["providers.p.base_url: must be an http(s) URL, got a value with '@' in it (not shown)"]
+    # A scope typo was told, then its target checked as a workspace's: "no key has the workspace 'dev'".
+    with pytest.raises(ConfigError) as info:
+        parse_config({"keys": [{"id": "dev", "key": "sk-dev-1"}],
+                      "budgets": [{"scope": "apikey", "target": "dev", "amount_usd": 1}]}, env={})  # fmt: skip
+    assert len(info.value.errors) == 1 and info.value.errors[0].startswith("budgets[0].scope: must be one of")
+
+
 def test_check_config_cli(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("providers:\n  p: {type: nope}\n")

@@ -422,7 +422,9 @@ def _url(sec: _Section) -> Callable[[Any, str], str | None]:
         if s is None:
             return None
         if not re.match(r"^https?://[^/\s]+", s):
-            sec.error(path, f"must be an http(s) URL, got {_got(s, path, sec.errors)}")
+            # (not shown when it may hold user:password@, as a valid URL's are not)
+            shown = _got(s, path, sec.errors) if "@" not in s else "a value with '@' in it (not shown)"
+            sec.error(path, f"must be an http(s) URL, got {shown}")
             return None
         try:  # as the adapter reads it at start-up (a bad port or host failed there, without a YAML path)
             parts = urllib.parse.urlsplit(s)
@@ -611,7 +613,7 @@ def _budgets(data: Any, errors: list[str]) -> tuple[BudgetConfig, ...]:
     for i, body in enumerate(data):
         s = _Section(body, f"budgets[{i}]", errors)
         b = BudgetConfig(
-            scope=s.required("scope", s.choice(BUDGET_SCOPES), "workspace"),
+            scope=s.required("scope", s.choice(BUDGET_SCOPES), ""),  # (none told of its target then)
             target=s.required("target", s.string, "*"),
             period=s.get("period", s.choice(BUDGET_PERIODS), "daily"),
             amount_usd=s.get("amount_usd", s.number, None),
@@ -716,7 +718,7 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         root.seen.add(key)
     root.seen.update(("telemetry", "admin", "budget_options"))
     providers = _providers(root.data.get("providers"), errors)
-    redis_url = root.data.get("redis_url") or ""
+    redis_url = root.get("redis_url", root.string, "")  # `{}` or `false` were "no Redis"
     if redis_url:
         try:
             parse_redis_url(str(redis_url))
@@ -757,7 +759,7 @@ def _dead_budgets(config: Config, errors: list[str]) -> list[str]:
     providers = set(config.providers) | {m.partition("/")[0] for m in config.models}
     out = []
     for b in config.budgets:
-        if b.target == "*":
+        if b.target == "*" or b.scope not in BUDGET_SCOPES:  # a bad scope is told: not its target as well
             continue
         path = f"budgets[{b.index}].target"
         target = _got(b.target, path, errors)
@@ -807,10 +809,13 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         raise ConfigError([f"<file>: {path} is not UTF-8 text (byte {exc.start})"]) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader: builds no Python objects
+    except RecursionError:  # PyYAML's parser recurses: ~600 nested lists were a traceback
+        raise ConfigError(["<yaml>: nested too deeply"]) from None
     except ValueError as exc:  # an integer of more than 4300 digits
         raise ConfigError([f"<yaml>: {str(exc)[:200]}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         raise ConfigError([f"<yaml {where}>: {getattr(exc, 'problem', exc)}"]) from None
-    return parse_config(data or {}, env)
+    return parse_config({} if data is None else data, env)  # an empty file (only comments): no settings; `[]`,
+    # `false` or `0` are not a config (they were read as an empty one)
