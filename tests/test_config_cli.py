@@ -184,6 +184,20 @@ def test_a_mistyped_url_scheme_does_not_show_its_credentials_nor_a_bad_scope_a_s
     assert len(info.value.errors) == 1 and info.value.errors[0].startswith("budgets[0].scope: must be one of")
 
 
+def test_a_top_level_x_key_holds_shared_anchors(tmp_path: Path) -> None:
+    # A compose-style "x-defaults: &d {...}" was an unknown key: anchors could only sit on a real provider or model.
+    path = tmp_path / "c.yaml"
+    path.write_text("x-defaults: &d {type: openai_compatible, timeout_ms: 7000}\n"
+                    "providers:\n  a: {<<: *d, base_url: 'http://127.0.0.1:9/v1'}\n"
+                    "  b: {<<: *d, base_url: 'http://127.0.0.1:10/v1', timeout_ms: 9000}\n")  # fmt: skip
+    config = load_config(path, env={})
+    assert (config.providers["a"].timeout_ms, config.providers["b"].timeout_ms) == (7000, 9000)
+    path.write_text("y-defaults: {}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert "unknown key" in info.value.errors[0]
+
+
 def test_check_config_cli(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("providers:\n  p: {type: nope}\n")

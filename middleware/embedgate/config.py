@@ -717,6 +717,9 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     for key in ("server", "redis_url", "providers", "models", "keys", "budgets", "cache", "routing"):
         root.seen.add(key)
     root.seen.update(("telemetry", "admin", "budget_options"))
+    # Top-level "x-..." keys are read by no one, as docker compose's extension fields: a place for the anchors that
+    # providers and models share (an unknown key elsewhere, they could only sit on a real provider or model).
+    root.seen.update(k for k in root.data if isinstance(k, str) and k.startswith("x-"))
     providers = _providers(root.data.get("providers"), errors)
     redis_url = root.get("redis_url", root.string, "")  # `{}` or `false` were "no Redis"
     if redis_url:
