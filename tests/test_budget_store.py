@@ -364,6 +364,34 @@ async def test_one_slow_answer_to_time_does_not_replace_a_trusted_offset(anyio_b
 
 
 @pytest.mark.anyio
+async def test_a_distant_redis_replaces_a_wrong_clock_offset_at_its_next_reading(anyio_backend: str) -> None:
+    # Every answer of a Redis over 20 ms away is "slow": the first reading, held 0.9 s by a stall, stayed the
+    # offset for the process's life (a later slow reading never replaced it), and every reserve was "late": a 503.
+    times = {"asked": 0, "held": False}
+
+    async def ask(data: bytes) -> None:
+        times["asked"] += data.count(b"TIME")
+
+    async def distant(data: bytes) -> None:
+        await asyncio.sleep(0.025)
+        if times["asked"] == 1 and not times["held"]:  # the first TIME's answer, held by a stall
+            times["held"] = True
+            await asyncio.sleep(0.9)
+
+    t = int(T0 * 1000)
+    async with redis_proxy(require_redis(), to_redis=ask, to_client=distant) as proxied:
+        store = RedisBudgetStore(proxied, prefix=f"eg:b:test:{uuid.uuid4().hex}:")
+        try:
+            with pytest.raises(BudgetStoreError, match="too late"):  # its deadline a whole stall early
+                await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="0")
+            store._offset_read_at -= 61_000  # the next reading is due
+            got = await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="1")
+        finally:
+            await store.aclose()
+    assert got.values == (1,)
+
+
+@pytest.mark.anyio
 async def test_index_ids_past_their_time_leave_redis(anyio_backend: str) -> None:
     url = require_redis()
     prefix = f"eg:b:test:{uuid.uuid4().hex}:"

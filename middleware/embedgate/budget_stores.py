@@ -509,14 +509,20 @@ class RedisBudgetStore:
                 self._offset_ms = redis_ms - (now + after) / 2
                 self._offset_read_at = after
             else:
-                # A slow answer (Redis stalled, or far away): Redis read its clock anywhere within the wait, at the
-                # end at the latest. Taken as the end, the deadline can only come early (a late reserve refused),
-                # never late (one the client was refused, still charged): used only when there is no better one (a
-                # stall's whole wait early made every reserve "late"). Read again in a few seconds, not by every
-                # reserve: a distant Redis cost each request two round trips.
-                if self._offset_read_at == -math.inf:
-                    self._offset_ms = redis_ms - after
-                self._offset_read_at = max(self._offset_read_at, after - _CLOCK_READ_MS + _CLOCK_REREAD_SLOW_MS)
+                # A slow answer (Redis stalled, or far away): Redis read its clock anywhere within the wait, so the
+                # offset lies between these two. One held that agrees (a fast reading's, whose own error is up to
+                # the fast bound) is kept, and read again in a minute: replaced by the wait's end, a stall's whole
+                # wait early, it made every reserve "late". One that does not (none yet, a clock stepped, an
+                # earlier stall's) is replaced by the end: the deadline can then only come early (a late reserve
+                # refused), never late (one the client was refused, still charged); read again in a few seconds,
+                # not by every reserve (a distant Redis cost each request two round trips).
+                low, high = redis_ms - after, redis_ms - now
+                slack = _CLOCK_READ_MAX_RTT_MS
+                if self._offset_read_at != -math.inf and low - slack <= self._offset_ms <= high + slack:
+                    self._offset_read_at = after
+                else:
+                    self._offset_ms = low
+                    self._offset_read_at = after - _CLOCK_READ_MS + _CLOCK_REREAD_SLOW_MS
             now = after
         return int(now + self._offset_ms + 0.8 * self._timeout_ms)
 
