@@ -821,12 +821,25 @@ async def test_an_announced_body_takes_no_memory_until_it_comes() -> None:
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")  # the transport, collected, says it was not closed
-def test_a_connection_left_by_a_closed_event_loop_is_closed_not_left_to_the_collector() -> None:
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_connection_left_by_a_closed_event_loop_is_closed_not_left_to_the_collector(scheme: str) -> None:
     # Under the next loop, the pool drops a connection the closed loop left open; its socket stayed open until the
-    # cyclic collector came by (with the collector off, two sockets more for every loop).
+    # cyclic collector came by (with the collector off, two sockets more for every loop). Over TLS the socket is
+    # the transport's beneath the TLS one.
+    import ssl
+
+    import trustme
+
     ended: list[int] = []
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
 
     def answer(conn: socket.socket, number: int) -> None:
+        if scheme == "https":
+            conn = server_ctx.wrap_socket(conn, server_side=True)
         with conn:
             conn.settimeout(3)
             conn.recv(65536)
@@ -844,8 +857,8 @@ def test_a_connection_left_by_a_closed_event_loop_is_closed_not_left_to_the_coll
 
     listener = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=serve, args=(listener,), daemon=True).start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1/embeddings"
-    transport = Http1Transport()
+    url = f"{scheme}://127.0.0.1:{listener.getsockname()[1]}/v1/embeddings"
+    transport = Http1Transport(ssl_context=client_ctx)
     gc.disable()
     try:
         assert asyncio.run(post(transport, url)).status_code == 200

@@ -159,7 +159,9 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             # Opened under an event loop closed since (a test's, a TestClient's), which can no longer run the
             # transport's close: its socket, still open, is closed here (else when the collector gets to it).
-            sock = getattr(self.transport, "_sock", None)  # asyncio's transports; uvloop's close with their loop
+            # asyncio's transports (over TLS, the one beneath); uvloop's close with their loop
+            beneath = getattr(getattr(self.transport, "_ssl_protocol", None), "_transport", None) or self.transport
+            sock = getattr(beneath, "_sock", None)
             if sock is not None:
                 sock.close()
 
