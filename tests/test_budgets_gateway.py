@@ -13,8 +13,10 @@ its word count, which shows the settlement correcting a reservation to the real 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +30,7 @@ from embedgate.config import Config, parse_config
 from embedgate.gateway import EmbeddingGateway
 from tests.conftest import KEY, OTHER_KEY, config_dict, gateway, serve
 from tests.fake_upstream import FakeUpstream, Fault, free_port, tokens_of
+from tests.redis_util import redis_proxy, require_redis
 
 SAME_WORKSPACE_KEY = "sk-test-team-a2-5555555555"  # team-a2: workspace acme, project other
 ADMIN_KEY = "adm-test-0123456789abcdef"
@@ -800,3 +803,31 @@ def test_cli_usage_and_identities_print_the_admin_views(
     assert [(i["id"], i["email"]) for i in cli_idents] == [("carol", "c@example.com")]
     assert one == cli_idents and none == []
     assert not math.isnan(cli_idents[0]["last_seen"])
+
+
+@pytest.mark.anyio
+async def test_the_shutdown_waits_for_a_reserve_a_cancelled_request_left_on_its_way(upstream: FakeUpstream) -> None:
+    # A host's timeout cancelled a request while its reserve was on its way to a slow Redis, then the gateway shut
+    # down: the store closed under the reserve's late answer, nothing undid it, and its tokens stayed counted.
+    workspace = f"ws-drain-{uuid.uuid4().hex[:12]}"
+    slow = asyncio.Event()
+
+    async def slow_scripts(data: bytes) -> None:
+        if slow.is_set() and b"EVAL" in data:
+            await asyncio.sleep(0.6)
+
+    budgets = [{"scope": "workspace", "target": workspace, "token_limit": 1_000_000}]
+    keys = [{"id": "team-a", "key": KEY, "workspace": workspace, "project": "search"}]
+    async with redis_proxy(require_redis(), to_redis=slow_scripts) as proxied:
+        app = gateway(budget_config(upstream.url, budgets, redis_url=proxied, keys=keys))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+            assert (await embed(c, "warm the connection and the script")).status_code == 200
+            slow.set()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):  # as a host bounding its requests
+                    await embed(c, "cut while reserving")
+        await app.shutdown()
+    config = budget_config(upstream.url, budgets, redis_url=require_redis(), keys=keys)
+    async with running(config) as (_, c):
+        (row,) = await admin_usage(c)
+    assert row["tokens"]["used"] == tokens_of("warm the connection and the script")
