@@ -8,6 +8,7 @@ the real fake upstream (so retries, fallbacks and the injected ``traceparent`` a
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import threading
@@ -35,7 +36,7 @@ from embedgate.config import Config, parse_config
 from embedgate.telemetry import ALLOWED_ATTRIBUTES
 from tests.conftest import KEY, OTHER_KEY, config_dict
 from tests.fake_upstream import FakeUpstream, Fault, tokens_of
-from tests.redis_util import require_redis
+from tests.redis_util import redis_proxy, require_redis
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -608,6 +609,74 @@ async def test_a_request_cut_by_a_hosts_anyio_timeout_still_has_its_access_line_
     assert requests in metrics
     (root,) = roots(exporter)
     assert root.attributes is not None and root.attributes["http.response.status_code"] == 503
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("host", ["asyncio", "anyio"])
+async def test_a_hosts_timeout_during_the_settle_keeps_the_access_line_and_lets_the_settle_finish(
+    upstream: FakeUpstream, provider: TracerProvider, host_log: io.StringIO, host: str
+) -> None:
+    # The answer sent, the settle (a Redis round trip) was cut by the host's timeout: no access line, no count in
+    # /metrics, and the settle itself cut off, leaving the reservation's estimate counted.
+    workspace = f"ws-settle-{uuid.uuid4().hex[:12]}"
+    keys = [{"id": "team-a", "key": KEY, "workspace": workspace, "project": "search"}]
+    budgets = [{"scope": "workspace", "target": workspace, "token_limit": 1_000_000}]
+    slow = asyncio.Event()
+
+    async def slow_scripts(data: bytes) -> None:
+        if slow.is_set() and b"EVAL" in data:
+            await asyncio.sleep(0.5)
+
+    body = orjson.dumps({"model": "local/embed-small", "input": "a few words to settle"})
+    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "raw_path": b"/v1/embeddings",
+             "query_string": b"", "root_path": "", "http_version": "1.1", "scheme": "http",
+             "headers": [(b"authorization", f"Bearer {KEY}".encode()),
+                         (b"content-type", b"application/json")]}  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async with redis_proxy(require_redis(), to_redis=slow_scripts) as proxied:
+        config = make_config(upstream, redis_url=proxied, keys=keys, budgets=budgets)
+        gw = EmbeddingGateway(host_404, config=config, tracer_provider=provider)
+        await gw.startup()
+        try:
+            if host == "asyncio":
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(None) as bound:
+
+                        async def send(message: dict[str, Any]) -> None:
+                            sent.append(message)
+                            if message["type"] == "http.response.body":  # the settle now: slow, and cut at 0.1 s
+                                slow.set()
+                                bound.reschedule(asyncio.get_running_loop().time() + 0.1)
+
+                        await gw(scope, receive, send)
+            else:
+                with anyio.CancelScope() as cancel_scope:
+
+                    async def send(message: dict[str, Any]) -> None:
+                        sent.append(message)
+                        if message["type"] == "http.response.body":
+                            slow.set()
+                            cancel_scope.deadline = anyio.current_time() + 0.1
+
+                    await gw(scope, receive, send)
+                assert cancel_scope.cancelled_caught
+            metrics = gw.metrics.render()[0].decode()
+            await asyncio.sleep(0.6)  # the settle goes on meanwhile
+            slow.clear()
+            usage = await gw.budgets.usage() if gw.budgets is not None else []
+        finally:
+            await gw.shutdown()
+    assert sent[0]["status"] == 200
+    (line,) = [orjson.loads(x) for x in host_log.getvalue().splitlines() if '"event": "request"' in x]
+    assert line["status"] == 200 and line["tokens"] == tokens_of("a few words to settle")
+    assert (
+        'embedgate_requests_total{cache="bypass",model="local/embed-small",route="openai",status="200"} 1.0' in metrics
+    )
+    assert usage[0]["tokens"]["used"] == tokens_of("a few words to settle")  # settled: not the estimate
 
 
 @pytest.mark.anyio

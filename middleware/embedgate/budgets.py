@@ -504,6 +504,11 @@ class BudgetEngine:
             task.add_done_callback(lambda done: self._undo_late(done, specs))
             raise
 
+    @property
+    def immediate(self) -> bool:
+        """Whether the store answers within each call (the memory store): nothing of a reserve or a settle waits."""
+        return self._immediate
+
     async def drain(self, timeout_s: float) -> None:
         """Wait (up to ``timeout_s``) for the reserves cancelled on their way and the undoing of those that landed:
         before the store closes (the gateway's shutdown), which would cut their answers off, and the undo with them."""

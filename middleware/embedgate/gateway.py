@@ -135,6 +135,7 @@ class EmbeddingGateway:
         self._open = False
         self._opening = asyncio.Lock()
         self._in_flight = 0  # embedding requests between their trace's start and their end
+        self._finishing: set[asyncio.Future[None]] = set()  # settles a host's timeout left running (see _embed)
         self.router: Router | None = None
         self.cache: VectorCache | None = None
         self.pipeline: Pipeline | None = None
@@ -197,6 +198,8 @@ class EmbeddingGateway:
             until = loop.time() + _DRAIN_S
             while self._in_flight and loop.time() < until:
                 await asyncio.sleep(0.01)
+            if self._finishing:  # the settles a host's timeout left running
+                await asyncio.wait(list(self._finishing), timeout=max(0.0, until - loop.time()))
             if self.budgets is not None:  # and the reserves they left on their way
                 await self.budgets.drain(max(0.0, until - loop.time()))
             self._open = False
@@ -421,7 +424,18 @@ class EmbeddingGateway:
                 # the access line. Not in a finally block: the build compiles this module, and mypyc's coroutines
                 # lose the exception being handled across an await there (see embedgate._native).
                 if cancelled is None and not isinstance(send_failed, asyncio.CancelledError):
-                    await self._finish(call, error, request_id)
+                    if not call.finish or self.budgets is None or self.budgets.immediate:
+                        await self._finish(call, error, request_id)  # (nothing in it waits: nothing to cancel)
+                    else:
+                        # A host's timeout firing during the settle (a Redis round trip) skipped the access line and
+                        # the metrics, and cut the settle off: it runs on, and the request is accounted, then raised.
+                        finishing = asyncio.ensure_future(self._finish(call, error, request_id))
+                        try:
+                            await asyncio.shield(finishing)
+                        except asyncio.CancelledError as exc:
+                            cancelled = exc
+                            self._finishing.add(finishing)  # (the shutdown waits for it)
+                            finishing.add_done_callback(self._finishing.discard)
                 else:
                     # A host's anyio cancel scope (a timeout middleware's fail_after, Starlette's task groups)
                     # cancels every await of the task from then on, where asyncio's own cancellation came once: the
