@@ -212,8 +212,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
                 self.cycle.wake()
         except httptools.HttpParserError as exc:
             if isinstance(exc.__context__, _HeadTooLarge):
-                _log.warning("Request head larger than %d bytes received.", MAX_HEAD_BYTES)
-                self._refuse(431, "Request header fields too large.")
+                self._refuse_head_too_large()
             elif isinstance(exc.__context__, _BadHost):
                 _log.warning("Request without exactly one Host header received.")
                 self._refuse(400, "A request must have exactly one Host header.")
@@ -233,15 +232,13 @@ class GatewayHttpProtocol(asyncio.Protocol):
             elif between and self.begun == begun + 1:
                 self.head_bytes = len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
-                _log.warning("Request head larger than %d bytes received.", MAX_HEAD_BYTES)
-                self._refuse(431, "Request header fields too large.")
+                self._refuse_head_too_large()
                 self.in_head = False
         elif in_body and self.in_message and self.unbodied > MAX_HEAD_BYTES:
             # A chunked body's trailer line still coming, which llhttp holds until it ends (on_header counts whole
             # ones): one endless line grew the server's memory by all a client sent. Bounded by the bytes read since
             # the body last grew (a read more, 256 KiB at most, may pass the limit).
-            _log.warning("Request head larger than %d bytes received.", MAX_HEAD_BYTES)
-            self._refuse(431, "Request header fields too large.")
+            self._refuse_head_too_large()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -516,6 +513,11 @@ class GatewayHttpProtocol(asyncio.Protocol):
             self.close_when_sent()
         else:
             cycle.keep_alive = False
+
+    def _refuse_head_too_large(self) -> None:
+        """A 431: a head (or a chunked body's trailers) over ``MAX_HEAD_BYTES``."""
+        _log.warning("Request head larger than %d bytes received.", MAX_HEAD_BYTES)
+        self._refuse(431, "Request header fields too large.")
 
     def _refuse(self, status: int, msg: str) -> None:
         """Answer a request that cannot be read (400, 431) and close: after the answers owed to the requests
