@@ -9,6 +9,7 @@ given, a list-form ``load_balancer`` becomes the object form, and the ``X-ORQ-ID
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -572,6 +573,9 @@ def parse_request(
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        found = _lone_surrogate(body) if "surrogate" in str(exc) else None
+        if found is not None:
+            raise InvalidRequest(f"Invalid '{found[0]}': {found[1]}", param=found[0]) from None
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", param=None, code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"The request body must be a JSON object, got {_type_name(data)}", param=None)
@@ -640,6 +644,32 @@ def parse_request(
         session_id=None if data.get("session_id") is None else _str(data["session_id"], "session_id"),
         written=_written(cache_p, fb_p, lb_p, lb_v),
     )
+
+
+def _lone_surrogate(body: bytes) -> tuple[str, str] | None:
+    """Where a body that is JSON but for a lone UTF-16 surrogate holds it (``input[3]``), and what it is: orjson
+    refuses the whole body, so this error path alone re-reads it with the standard library, which keeps them."""
+    try:
+        data = json.loads(bytes(body).decode("utf-8", "surrogatepass"))
+    except (ValueError, RecursionError):
+        return None
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            bad = next((c for c in v if "\ud800" <= c <= "\udfff"), None)
+            if bad is not None:
+                return (
+                    path or "body",
+                    f"contains a lone UTF-16 surrogate (\\u{ord(bad):04x}), which is not valid Unicode",
+                )
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in reversed(list(enumerate(v))))
+        elif isinstance(v, dict):
+            if any("\ud800" <= c <= "\udfff" for key in v for c in key):  # such a key can't be named: name its place
+                return path or "body", "holds a field name with a lone UTF-16 surrogate, which is not valid Unicode"
+            stack.extend((f"{path}.{key}" if path else key, x) for key, x in reversed(list(v.items())))
+    return None
 
 
 def _written(cache_p: str, fb_p: str, lb_p: str, lb_v: Any) -> dict[str, str] | None:
