@@ -249,6 +249,58 @@ async def test_a_failed_gateway_startup_is_told_to_the_server(make_config: Calla
     assert "RuntimeError" in sent[0]["message"] and host_started == []
 
 
+@pytest.mark.anyio
+async def test_the_gateway_opens_before_the_host_s_startup_and_closes_after_its_shutdown(
+    make_config: Callable[..., Config], upstream: FakeUpstream
+) -> None:
+    # A host's startup and shutdown code may embed through the gateway (a warm-up, a last flush); the gateway used
+    # to close when the shutdown message came, before the host's own shutdown ran; and to stay open, its pool,
+    # stores and export helper with it, when the host's startup failed.
+    seen: list[int] = []
+
+    async def embed(app: Any) -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+            r = await c.post("/v1/embeddings", json={"model": "local/embed-small", "input": "hi"},
+                             headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+            seen.append(r.status_code)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await embed(gw)
+        yield
+        await embed(gw)
+
+    host = FastAPI(lifespan=lifespan)
+    gw = RecordingGateway(host, config=make_config())
+    RecordingGateway.events = []
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+
+    await gw({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert seen == [200, 200] and len(upstream.calls) == 2
+    assert RecordingGateway.events == ["gateway-startup", "gateway-shutdown"] and not gw._open
+
+    @asynccontextmanager
+    async def failing(app: FastAPI) -> AsyncIterator[None]:
+        raise RuntimeError("the host's database is down")
+        yield
+
+    gw = RecordingGateway(FastAPI(lifespan=failing), config=make_config())
+    RecordingGateway.events, sent = [], []
+    messages = iter([{"type": "lifespan.startup"}])
+    with pytest.raises(RuntimeError):
+        await gw({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    assert sent == ["lifespan.startup.failed"]
+    assert RecordingGateway.events == ["gateway-startup", "gateway-shutdown"] and not gw._open
+
+
 def test_mounted_with_admin_off_the_admin_paths_are_the_hosts(make_config: Callable[..., Config]) -> None:
     from starlette.applications import Starlette
     from starlette.requests import Request

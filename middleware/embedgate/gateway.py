@@ -82,6 +82,8 @@ _ROUTES: Final = {
     "/api/v1/embeddings": Dialect.OPENROUTER,
 }
 _getrandbits: Final = random.getrandbits
+#: The host's words that end its lifespan's use of the gateway.
+_HOST_DONE: Final = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed", "lifespan.startup.failed"})
 _DRAIN_S: Final = 2.0  # the most shutdown waits for requests still finishing
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _FIRST_ITEM_HEAD: Final = b'{"object":"embedding","index":0,"embedding":"'
@@ -238,19 +240,28 @@ class EmbeddingGateway:
                     )
                     raise failure
             elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
+                stopping.append(True)
             return message
 
         async def wrapped_send(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete" and self.telemetry is not None:
-                self.telemetry.settle()  # the host's startup has run: has it set a TracerProvider?
+            kind = message["type"]
+            if kind == "lifespan.startup.complete":
+                if self.telemetry is not None:
+                    self.telemetry.settle()  # the host's startup has run: has it set a TracerProvider?
+            elif kind in _HOST_DONE:
+                # Opened before the host's startup, closed after its shutdown (or its failed startup, after which
+                # no shutdown comes): the host's own startup and shutdown code may use the gateway.
+                await self.shutdown()
             await send(message)
 
+        stopping: list[bool] = []
         try:
             await self.app(scope, wrapped_receive, wrapped_send)
         finally:  # a host without lifespan support raises here, after our startup: its startup is all there is
             if self.telemetry is not None:
                 self.telemetry.settle()
+            if stopping and self._open:  # the host's lifespan ended without a word on its shutdown
+                await self.shutdown()
 
     # --- ASGI ------------------------------------------------------------------------------------------------
 
