@@ -738,3 +738,30 @@ async def test_base64_answers_pass_the_upstreams_text_on_and_encode_only_cached_
         np.testing.assert_array_equal(vec, expected_vector("embed-small", text))
     if route == "/api/v1/embeddings":
         assert next(iter(payload)) == "id" and payload["usage"]["cost"] >= 0
+
+
+@pytest.mark.anyio
+async def test_what_a_request_paid_for_is_kept_when_an_item_it_waited_on_fails(upstream: FakeUpstream) -> None:
+    # B fetches "y" itself and waits on A's "x", which fails: B answers A's 502, but its "y" was embedded and paid
+    # for; it used to be thrown away, and the next request for "y" was embedded, and charged, once more.
+    app = gateway(parse_config(cache_config(upstream.url), env={}))
+    no_retry = {"count": 0}
+    got: dict[str, httpx.Response] = {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+
+        async def post(name: str, after: float, inputs: list[str]) -> None:
+            await anyio.sleep(after)
+            body = {"model": "local/embed-small", "input": inputs, "cache": CACHE, "retry": no_retry}
+            got[name] = await c.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}"})
+
+        upstream.script.append(Fault("status", 500, delay=0.4))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, "a", 0.0, ["x"])
+            tg.start_soon(post, "b", 0.1, ["x", "y"])
+        assert got["a"].status_code == 502 and got["b"].status_code == 502
+        assert sorted(str(call.body["input"]) for call in upstream.calls) == ["['x']", "['y']"]
+        r = await embed(c, ["y"])
+        assert r.status_code == 200 and r.headers["x-embedgate-cache"] == "hit"
+        assert len(upstream.calls) == 2
+        np.testing.assert_array_equal(floats(r)[0], expected_vector("embed-small", "y"))
+    await app.shutdown()

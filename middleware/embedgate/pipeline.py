@@ -420,7 +420,18 @@ class Pipeline:
             # this point meanwhile takes it rather than fetching it again.
             held: list[tuple[str, asyncio.Future[tuple[str, CachedItem, list[int]]]]] = []
             try:
-                results = await coalescer.run(keys, fetch, held)
+                failure: GatewayError | None = None
+                try:
+                    results = await coalescer.run(keys, fetch, held)
+                except GatewayError as exc:
+                    failure = exc  # acted on below, outside the handler (no await in one: see embedgate._native)
+                if failure is not None:
+                    # Another request's item this one waited on failed: what this one fetched was paid for, and is
+                    # kept in the cache all the same (the same key asking again is not charged twice).
+                    if fetched_here and call.served_model:
+                        await self._store(call, call.served_model, sorted(fetched_here), max(call.cache_ttl,
+                                                                                             kept_for[0]))
+                    raise failure
                 await self._merge_and_store(call, positions, results, fetched_here, kept_for)
             finally:  # the last request of a policy removes its coalescer (no await here: see embedgate._native)
                 coalescer.release(held)
