@@ -578,6 +578,25 @@ async def test_the_access_line_names_its_request_and_trace_under_any_host_loggin
 
 
 @pytest.mark.anyio
+async def test_a_failed_load_balanced_request_s_access_line_names_the_model_it_picked(
+    upstream: FakeUpstream, provider: TracerProvider, host_log: io.StringIO
+) -> None:
+    # The request's `model` is ignored under a load balancer: its access line named it all the same when nothing
+    # served, where the metrics, the root span and a budget's refusal name the pick.
+    gw = EmbeddingGateway(host_404, config=make_config(upstream), tracer_provider=provider)
+    upstream.script.append(Fault("status", 500, model="embed-b"))
+    body = {"model": "local/embed-small", "input": "hi", "retry": {"count": 0},
+            "load_balancer": {"type": "weight_based", "models": [{"model": "local/embed-b", "weight": 1}]}}  # fmt: skip
+    async with client_for(gw) as client:
+        r = await client.post("/v1/embeddings", json=body, headers=AUTH)
+        unknown = await client.post("/v1/embeddings", json={"model": "nope/x", "input": "hi"}, headers=AUTH)
+    assert r.status_code == 502 and unknown.status_code == 404
+    failed, missing = [orjson.loads(x) for x in host_log.getvalue().splitlines() if '"event": "request"' in x]
+    assert failed["model"] == "local/embed-b" and failed["status"] == 502
+    assert missing["model"] == "nope/x"  # resolved to none: the model as sent
+
+
+@pytest.mark.anyio
 async def test_a_request_cut_by_a_hosts_anyio_timeout_still_has_its_access_line_and_metrics(
     upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter, host_log: io.StringIO
 ) -> None:

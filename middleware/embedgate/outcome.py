@@ -139,7 +139,9 @@ def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, 
             route=route,
             key_id=key.id if key is not None else None,
             identity=req.identity["id"] if req is not None and req.identity else None,
-            model=call.served_model or (req.model if req is not None else None),
+            # none served: the model it was routed to (a load balancer's pick: the request's `model` is ignored
+            # then), as the metrics and the root span name it; the model as sent when it resolved to none (404)
+            model=call.served_model or (call.chain[0].id if call.chain else req.model if req is not None else None),
             cache=call.cache_status,
             # The answer's usage; what was billed (its budgets and metrics count it): on a cache hit nothing, and a
             # request may be billed for chunks of a split batch a model embedded before it failed, failed or not.
