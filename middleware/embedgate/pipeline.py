@@ -429,8 +429,9 @@ class Pipeline:
                     # Another request's item this one waited on failed: what this one fetched was paid for, and is
                     # kept in the cache all the same (the same key asking again is not charged twice).
                     if fetched_here and call.served_model:
-                        await self._store(call, call.served_model, sorted(fetched_here), max(call.cache_ttl,
-                                                                                             kept_for[0]))
+                        await self._store(
+                            call, call.served_model, sorted(fetched_here), max(call.cache_ttl, kept_for[0])
+                        )
                     raise failure
                 await self._merge_and_store(call, positions, results, fetched_here, kept_for)
             finally:  # the last request of a policy removes its coalescer (no await here: see embedgate._native)
