@@ -120,6 +120,18 @@ async def test_identity_ids_in_a_workspace_whose_name_holds_a_slash() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_project_budget_named_alone_lists_every_workspace_s_row_whose_name_holds_a_slash() -> None:
+    # The usage view split "acme/team/search" at its first "/", so acme/team's row of project "search" was never
+    # listed, though its budget was enforced.
+    eng = engine(BudgetConfig(scope="project", target="search", token_limit=1000),
+                 projects=[("acme", "search"), ("acme/team", "search")])  # fmt: skip
+    for workspace in ("acme", "acme/team"):
+        await eng.reserve(replace(ALICE, workspace=workspace), tokens=7, cost_usd=0.0)
+    rows = await eng.usage(only_id="search")
+    assert [(r["id"], r["tokens"]["used"]) for r in rows] == [("acme/search", 7), ("acme/team/search", 7)]
+
+
+@pytest.mark.anyio
 async def test_identity_budgets_apply_only_to_requests_with_an_identity() -> None:
     eng = engine(BudgetConfig(scope="identity", target="*", requests_per_minute=1))
     anonymous = replace(ALICE, identity=None)

@@ -131,6 +131,22 @@ def test_two_keys_with_one_secret_are_an_error() -> None:
     parse_config({"keys": [keys[0], {"id": "b", "key": secret + "-other"}]}, env={})  # distinct secrets: fine
 
 
+def test_a_workspace_nested_in_another_is_an_error() -> None:
+    """Projects and identities are counted (and identities stored) as "<workspace>/<id>": a client of "acme" sending
+    the identity "team/bob" spent, and in Redis rewrote the profile of, workspace "acme/team"'s "bob"."""
+    keys = [{"id": "a", "key": "sk-a-1111111111", "workspace": "acme"},
+            {"id": "b", "key": "sk-b-2222222222", "workspace": "acme/team"},
+            {"id": "c", "key": "sk-c-3333333333", "workspace": "acme/team"},
+            {"id": "d", "key": "sk-d-4444444444", "workspace": "acmeteam/x"}]  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        parse_config({"keys": keys}, env={})
+    assert info.value.errors == [
+        "keys[1].workspace: 'acme/team' is keys[0].workspace ('acme') and '/' more: their projects and identities "
+        "would share names ('<workspace>/<id>'); rename one"
+    ]
+    parse_config({"keys": [keys[1], keys[2], keys[3]]}, env={})  # a '/' alone is fine: only a nesting is ambiguous
+
+
 def test_the_admin_key_is_no_client_key() -> None:
     """A client holding it would also read every key's usage and every identity."""
     secret = "sk-shared-secret-123"

@@ -333,18 +333,19 @@ class BudgetEngine:
         fail_open: bool = False,
         window_s: float = 60.0,
         clock: Callable[[], float] = time.time,
-        projects: Iterable[str] = (),
+        projects: Iterable[tuple[str, str]] = (),
         workspaces: Iterable[str] = (),
     ) -> None:
         self._budgets = budgets
         # The qualified ids ("acme/search") a project budget named by the project alone ("search") counts under,
-        # for the usage view: ``projects`` are the qualified ids the keys have.
+        # for the usage view: ``projects`` are the keys' (workspace, project) pairs (a workspace may hold a '/').
+        pairs = list(dict.fromkeys(projects))
         self._qualified: dict[str, list[str]] = {}
-        for qualified in dict.fromkeys(projects):
-            self._qualified.setdefault(qualified.partition("/")[2], []).append(qualified)
+        for workspace, project in pairs:
+            self._qualified.setdefault(project, []).append(f"{workspace}/{project}")
         # The workspaces of the keys: an identity budget's target, or a usage view's id, "<workspace>/<id>" when it
         # starts with one of them and "/", else an identity id alone (every workspace's identity of that id).
-        self._workspaces: tuple[str, ...] = tuple(dict.fromkeys(workspaces or (q.partition("/")[0] for q in projects)))
+        self._workspaces: tuple[str, ...] = tuple(dict.fromkeys(workspaces or (w for w, _ in pairs)))
         self._store = store
         self._adjust_takes_epoch = _takes_epoch(store)
         self._immediate = type(store) is MemoryBudgetStore  # its reserve never waits: nothing can cancel it midway

@@ -741,6 +741,7 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         budget_options=_budget_options(root.data.get("budget_options"), errors),
     )
     root.finish()
+    errors += _nested_workspaces(config.keys, errors)
     for i, client in enumerate(config.keys):
         if config.admin.sha256 is not None and client.sha256 == config.admin.sha256:
             # That client would also read the operator endpoints (every key's usage, every identity).
@@ -749,6 +750,23 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     if errors:
         raise ConfigError(errors)
     return config
+
+
+def _nested_workspaces(keys: tuple[KeyConfig, ...], errors: list[str]) -> list[str]:
+    """A workspace named as another and "/" more (``acme`` and ``acme/team``): projects and identities are counted
+    (and identities stored) as ``<workspace>/<id>``, and a client of ``acme`` sending the identity ``team/bob`` would
+    spend, and rewrite, ``acme/team``'s ``bob``."""
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key.workspace, i)
+    out = []
+    for name, i in first.items():
+        outer = next((o for o in first if name.startswith(o + "/")), None)
+        if outer is not None:
+            path, other = f"keys[{i}].workspace", f"keys[{first[outer]}].workspace"
+            out.append(f"{path}: {_got(name, path, errors)} is {other} ({_got(outer, other, errors)}) and '/' more: "
+                       "their projects and identities would share names ('<workspace>/<id>'); rename one")  # fmt: skip
+    return out
 
 
 def _dead_budgets(config: Config, errors: list[str]) -> list[str]:

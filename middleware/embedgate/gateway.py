@@ -173,7 +173,7 @@ class EmbeddingGateway:
             self.metrics.set_cache_bytes_source(self.cache.bytes_used if self.cache.backend == "memory" else None)
             self.budgets = BudgetEngine(self.config.budgets, budget_store(self.config.redis_url),
                                         fail_open=self.config.budget_options.fail_open,
-                                        projects=[f"{k.workspace}/{k.project}" for k in self.config.keys],
+                                        projects=[(k.workspace, k.project) for k in self.config.keys],
                                         workspaces=self._workspaces)  # fmt: skip
             self.identities = identity_store(self.config.redis_url)
             self.pipeline = Pipeline(self.config, self.router, self.cache, self.budgets, self.identities,
