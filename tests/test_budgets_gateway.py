@@ -14,6 +14,7 @@ its word count, which shows the settlement correcting a reservation to the real 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import uuid
@@ -617,7 +618,7 @@ async def test_admin_usage_of_one_id(upstream: FakeUpstream) -> None:
         assert [r["id"] for r in await admin_usage(c, scope="identity", id="acme/nobody")] == ["acme/nobody"]
         # the three seen by "*", and bob's own budget in each workspace
         assert len(await admin_usage(c, scope="identity")) == 5
-        r = await c.get("/admin/usage", params={"id": "x" * 257}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+        r = await c.get("/admin/usage", params={"id": "x" * 264}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
         assert r.status_code == 400 and error_of(r)["param"] == "id"
 
 
@@ -750,8 +751,43 @@ async def test_admin_views_refuse_a_blank_filter_rather_than_list_everything(ups
             r = await c.get(f"{path}?{param}=", headers=admin)
             assert r.status_code == 400, (path, param, r.text)
             assert error_of(r)["param"] == param
-        r = await c.get("/admin/identities", params={"id": "x" * 257}, headers=admin)
+        r = await c.get("/admin/identities", params={"id": "x" * 264}, headers=admin)
         assert (r.status_code, error_of(r)["param"]) == (400, "id")
+
+
+@pytest.mark.anyio
+async def test_admin_views_find_what_their_listings_name(upstream: FakeUpstream) -> None:
+    # An identity id of 256 characters was listed as "acme/<id>", and that name asked for was a 400 (ids were cut at
+    # 256 characters); "?id=vip" missed the budget that names it "acme/vip"; a misspelt parameter answered it all.
+    budgets = [{"scope": "identity", "target": "acme/vip", "token_limit": 100},
+               {"scope": "identity", "target": "*", "token_limit": 1000}]  # fmt: skip
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    long_id = "u" * 256
+    async with running(budget_config(upstream.url, budgets)) as (_, c):
+        for who in ("vip", long_id):
+            assert (await embed(c, "one two", identity={"id": who})).status_code == 200
+        rows = await admin_usage(c, id="vip")
+        assert [(r["target"], r["id"], r["tokens"]["used"]) for r in rows] == [
+            ("acme/vip", "acme/vip", 2), ("*", "acme/vip", 2), ("*", "globex/vip", 0)]  # fmt: skip
+        assert [(r["target"], r["id"]) for r in await admin_usage(c, id="globex/vip")] == [("*", "globex/vip")]
+        rows = await admin_usage(c, id=f"acme/{long_id}")
+        assert [(r["id"], r["tokens"]["used"]) for r in rows] == [(f"acme/{long_id}", 2)]
+        r = await c.get("/admin/identities", params={"id": f"acme/{long_id}"}, headers=admin)
+        assert r.status_code == 200 and [i["id"] for i in r.json()["data"]] == [long_id]
+        for path, param in (("/admin/identities", "workspace"), ("/admin/identities", "ID"),
+                            ("/admin/usage", "limit"), ("/admin/usage", "scopes")):  # fmt: skip
+            r = await c.get(path, params={param: "acme"}, headers=admin)
+            assert r.status_code == 400 and error_of(r)["param"] == param, (path, param, r.text)
+
+
+@pytest.mark.anyio
+async def test_an_admin_key_hashed_from_nothing_opens_nothing(upstream: FakeUpstream) -> None:
+    # An admin sha256 made of an unset variable (`printf %s "$UNSET" | sha256sum`) let "Authorization: Bearer" in.
+    config = budget_config(upstream.url, [], admin={"sha256": hashlib.sha256(b"").hexdigest()})
+    async with running(config) as (_, c):
+        for header in ("Bearer", "Bearer ", "Bearer   "):
+            r = await c.get("/admin/identities", headers={"authorization": header})
+            assert r.status_code == 401, (header, r.text)
 
 
 @pytest.mark.anyio

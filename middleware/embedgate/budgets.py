@@ -715,7 +715,11 @@ class BudgetEngine:
                     continue
                 if b.target != "*":
                     counted = self._counted(b.scope, b.target)
-                    rows += [(b, sid) for sid in counted if only_id is None or only_id in (sid, b.target)]
+                    # an id asked alone ("vip") finds a budget that names it qualified ("acme/vip") too
+                    if only_id is not None and only_id != b.target:
+                        wanted = {only_id, *self._counted(b.scope, only_id)}
+                        counted = [sid for sid in counted if sid in wanted]
+                    rows += [(b, sid) for sid in counted]
                     continue
                 if only_id is not None:  # one id's usage: no listing of the ids seen
                     rows += [(b, sid) for sid in self._counted(b.scope, only_id)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import gc
+import hmac
 import logging
 import os
 import random
@@ -613,22 +614,30 @@ class EmbeddingGateway:
                            code="not_found")  # fmt: skip
         auth = _headers(scope).get("authorization", "")
         scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or hash_key(token.strip()) != digest:
+        token = token.strip()
+        # No token is no key (as for a client): an admin sha256 of "" (an unset variable hashed) opens nothing.
+        if scheme.lower() != "bearer" or not token or not hmac.compare_digest(hash_key(token), digest):
             raise Unauthorized("The admin endpoints need 'Authorization: Bearer <admin key>'", param="authorization")
+
+    def _admin_id(self, query: dict[str, str]) -> str | None:
+        """The ``id`` asked for: an identity id (up to 256 characters) may come qualified by its workspace."""
+        name = query.get("id")
+        longest = 256 + 1 + max((len(ws) for ws in self._workspaces), default=0)
+        if name is not None and not 0 < len(name) <= longest:
+            raise InvalidRequest(f"Invalid 'id': expected 1 to {longest} characters", param="id")
+        return name
 
     async def _admin_usage(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
         assert self.budgets is not None
         try:
             self._admin(scope)
-            query = _query(scope)
+            query = _query(scope, ("scope", "id"))
             scope_filter = query.get("scope")
             if scope_filter is not None and scope_filter not in BUDGET_SCOPES:
                 # A misspelt scope would otherwise answer an empty list, as if nothing were spent.
                 raise InvalidRequest(f"Invalid 'scope': expected one of {', '.join(BUDGET_SCOPES)}, "
                                      f"got {scope_filter[:100]!r}", param="scope")  # fmt: skip
-            only_id = query.get("id")
-            if only_id is not None and not 0 < len(only_id) <= 256:
-                raise InvalidRequest("Invalid 'id': expected 1 to 256 characters", param="id")
+            only_id = self._admin_id(query)
             rows = await self.budgets.usage(scope=scope_filter, only_id=only_id)
         except GatewayError as err:
             return err.status, render_error(err, Dialect.OPENAI), {}
@@ -638,12 +647,10 @@ class EmbeddingGateway:
         assert self.identities is not None
         try:
             self._admin(scope)
-            query = _query(scope)
+            query = _query(scope, ("limit", "id"))
             limit = _query_int(query, "limit", 100, 1, 10000)
-            if "id" in query:  # "<workspace>/<id>", or an id alone: each workspace's identity of that id
-                name = query["id"]
-                if not 0 < len(name) <= 256:
-                    raise InvalidRequest("Invalid 'id': expected 1 to 256 characters", param="id")
+            name = self._admin_id(query)
+            if name is not None:  # "<workspace>/<id>", or an id alone: each workspace's identity of that id
                 qualified = self.budgets.qualified_identity(name) if self.budgets is not None else None
                 candidates = [qualified] if qualified is not None else [(ws, name) for ws in self._workspaces]
                 found_all = [await self.identities.get(ws, iid) for ws, iid in candidates]
@@ -719,11 +726,19 @@ def _reaches_some(globs: tuple[str, ...] | None, prefix: str) -> bool:
     return False
 
 
-def _query(scope: Scope) -> dict[str, str]:
+def _query(scope: Scope, known: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The query's parameters (the last of a repeated one); with ``known``, any other is a 400: a misspelt filter
+    (``?ID=``, ``?workspace=``) would otherwise answer the whole listing as if it were the one asked for."""
     from urllib.parse import parse_qsl
 
     # Blank values kept: "?id=" (an operator's script with an empty variable) is refused, not the whole listing.
-    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+    query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+    if known is not None:
+        for name in query:
+            if name not in known:
+                raise InvalidRequest(f"Unknown query parameter {name[:100]!r}: expected {' or '.join(known)}",
+                                     param=name[:100])  # fmt: skip
+    return query
 
 
 def _headers(scope: Scope) -> dict[str, str]:
