@@ -131,6 +131,21 @@ def test_two_keys_with_one_secret_are_an_error() -> None:
     parse_config({"keys": [keys[0], {"id": "b", "key": secret + "-other"}]}, env={})  # distinct secrets: fine
 
 
+def test_a_refused_secret_is_one_error_not_three() -> None:
+    """A key refused as given (a space, a bad ${...}, an unset variable) was also said to be missing or empty."""
+    keys = [{"id": "a", "key": "sk one"}, {"id": "b", "key": "${X-y}"}, {"id": "c"},
+            {"id": "d", "key": "${UNSET_IN_TEST}"}, {"id": "e", "key": "${EMPTY_IN_TEST:-}"}]  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        parse_config({"keys": keys}, env={})
+    assert sorted(info.value.errors) == [
+        "keys[0].key: must be visible ASCII characters (no spaces, no accents: an HTTP header carries it)",
+        "keys[1].key: a '${' that is not ${NAME} or ${NAME:-default} (NAME: letters, digits and _)",
+        "keys[2]: needs key or sha256",
+        "keys[3].key: environment variable UNSET_IN_TEST is not set (use ${UNSET_IN_TEST:-})",
+        "keys[4].key: is empty (is its environment variable set?)",
+    ]
+
+
 def test_a_workspace_nested_in_another_is_an_error() -> None:
     """Projects and identities are counted (and identities stored) as "<workspace>/<id>": a client of "acme" sending
     the identity "team/bob" spent, and in Redis rewrote the profile of, workspace "acme/team"'s "bob"."""

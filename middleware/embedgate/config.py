@@ -576,7 +576,9 @@ def _keys(data: Any, errors: list[str]) -> tuple[KeyConfig, ...]:
         clear = s.get("key", s.secret, None)
         digest = s.get("sha256", _sha256_hex(s), None)
         sha = digest or hash_key(clear or "")
-        if clear is not None and digest is not None:
+        if any(e.startswith((f"{s.at('key')}:", f"{s.at('sha256')}:")) for e in errors):
+            pass  # the secret given was refused, or its ${...}: said once, not again as missing or empty
+        elif clear is not None and digest is not None:
             s.error(s.path, "give either key or sha256, not both")
         elif clear is None and digest is None:
             s.error(s.path, "needs key or sha256")
