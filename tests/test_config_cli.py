@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import redis
 import yaml
@@ -309,6 +310,44 @@ def test_serve_cli_serves(tmp_path: Path, upstream: FakeUpstream, http: list[str
         r = embed(url)
         assert r.status_code == 200, r.text
         assert r.json()["model"] == "local/embed-small"
+
+
+def test_serve_goes_on_serving_while_nobody_reads_its_log_output(tmp_path: Path, upstream: FakeUpstream) -> None:
+    # A stdout pipe nobody read (a stalled log shipper) filled after ~140 access lines, and the server stopped in
+    # its write: every request and /healthz with it, until the reader came back.
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD)
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
+    output: list[bytes] = []
+    with serving([*EMBEDGATE, "serve", "--config", str(path), "--port", str(port)], port, env, output) as url:
+        with httpx.Client(base_url=url, timeout=5) as c:  # (serving reads the output only once it ends)
+            for i in range(400):
+                r = c.post("/v1/embeddings", json={"model": "local/embed-small", "input": f"x{i}"},
+                           headers={"authorization": "Bearer sk-a"})  # fmt: skip
+                assert r.status_code == 200, (i, r.text)
+            assert c.get("/healthz").status_code == 200
+    lines = [orjson.loads(x) for x in output[0].splitlines() if x.startswith(b'{"logger":"embedgate.access"')]
+    assert len(lines) == 400  # written once the pipe was read: none lost
+
+
+def test_serve_starts_with_a_stdout_that_takes_nothing(tmp_path: Path, upstream: FakeUpstream) -> None:
+    # The "config ok" line's print raised on a full stdout: a traceback and exit status 1, read as a bad config.
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD)
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.Popen([*EMBEDGATE, "serve", "--config", str(path), "--port", str(port)], env=env,
+                                stdout=full, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        wait_serving(proc, f"http://127.0.0.1:{port}")
+        assert embed(f"http://127.0.0.1:{port}").status_code == 200
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err
 
 
 def test_uvicorn_serves_the_app_on_embedgates_http_protocol(tmp_path: Path, upstream: FakeUpstream) -> None:

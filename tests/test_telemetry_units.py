@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -958,6 +959,48 @@ def test_an_access_line_to_an_output_that_is_gone_is_lost_without_an_error(fresh
         os.close(read_fd)  # the reader went away: a write is a BrokenPipeError
         logs.access_log(status=200, latency_ms=1.0)  # outside a loop: written and flushed at once
     logs.access_log(status=200, latency_ms=1.0)  # the file is closed now: a ValueError underneath
+
+
+def test_a_log_output_nobody_reads_never_holds_up_the_writer() -> None:
+    # A pipe nobody reads (a stalled log shipper) stopped the gateway's event loop in a blocking write, health
+    # checks and all. Now the lines go to a thread of their own; past MAX_PENDING_BYTES waiting they are dropped,
+    # and counted in a line of the thread's own once it catches up. Every line is either written whole or counted.
+    read_fd, write_fd = os.pipe()
+    sink = logs._Sink(write_fd)
+    line = b'{"event":"request","pad":"' + b"x" * 1000 + b'"}\n'
+    total = logs.MAX_PENDING_BYTES // len(line) + 3000
+    started = time.monotonic()
+    for _ in range(total):
+        sink.write(line)
+    sink.flush()
+    assert time.monotonic() - started < 10  # the pipe holds 64 KiB: a blocking write would wait for ever
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_fd, 65536), b"")))
+    reader.start()
+    sink.close()
+    os.close(write_fd)
+    reader.join(30)
+    os.close(read_fd)
+    lines = b"".join(chunks).splitlines(keepends=True)
+    written = sum(1 for x in lines if x == line)
+    (note,) = [orjson.loads(x) for x in lines if x != line]
+    assert note["event"].startswith("log lines dropped") and note["level"] == "warning"
+    assert note["dropped"] > 0 and written + note["dropped"] == total
+
+
+def test_a_log_line_that_cannot_be_written_never_raises_into_what_logged_it(fresh_structlog: None) -> None:
+    # A warning logged within a request (a model failing over to its fallback) raised BrokenPipeError or ENOSPC
+    # into the request: a plain-text 500 instead of the fallback's answer, the budget left at its estimate.
+    class Full(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            raise OSError(28, "No space left on device")
+
+    assert logs.configure_logging(file=Full())
+    structlog.get_logger("embedgate.routing").warning("model failed, falling back", model="a/b")
+    structlog.get_logger("embedgate").exception("unhandled error")
 
 
 def test_the_access_line_goes_through_structlog_under_capture_logs(log_output: io.BytesIO) -> None:

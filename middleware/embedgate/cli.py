@@ -15,7 +15,7 @@ from .config import BUDGET_SCOPES, ConfigError, hash_key, header_safe, load_conf
 __all__ = ["main"]
 
 
-def _check(path: str) -> int:
+def _check(path: str, *, serving: bool = False) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -23,17 +23,25 @@ def _check(path: str) -> int:
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
         return 1
-    print(
-        f"{path}: ok ({len(config.providers)} providers, {len(config.models)} models, {len(config.keys)} keys, "
-        f"{len(config.budgets)} budgets)"
-    )
+    ok = (f"{path}: ok ({len(config.providers)} providers, {len(config.models)} models, {len(config.keys)} keys, "
+          f"{len(config.budgets)} budgets)")  # fmt: skip
+    if serving:
+        # Written past Python's buffer: a stdout that takes nothing (a full disk, a reader gone) loses the line, and
+        # does not stop the server (a traceback and exit status 1, read as a bad config), nor fail its exit.
+        try:
+            sys.stdout.flush()
+            os.write(sys.stdout.fileno(), ok.encode() + b"\n")
+        except (OSError, ValueError):
+            pass
+    else:
+        print(ok)
     if not config.keys:
         print("warning: no keys are configured; every embedding request will get 401", file=sys.stderr)
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if _check(args.config) != 0:
+    if _check(args.config, serving=True) != 0:
         return 1
     config = load_config(args.config)
     if args.workers > 1 and config.budgets and not config.redis_url:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextvars
-import io
 import logging
+import os
+import queue
 import select
 import sys
+import threading
 import time
+from datetime import UTC, datetime
 from typing import IO, Any, BinaryIO, Final, TextIO, cast
 
 import orjson
@@ -76,7 +79,10 @@ class _Lines:
         self._out = structlog.BytesLogger(file)
 
     def msg(self, message: bytes | str) -> None:
-        self._out.msg(message.encode() if isinstance(message, str) else message)
+        try:
+            self._out.msg(message.encode() if isinstance(message, str) else message)
+        except (OSError, ValueError):  # an output gone, full or closed: the line is lost, not what logged it
+            pass
 
     def debug(self, message: bytes | str) -> None:
         self.msg(message)
@@ -170,26 +176,119 @@ def configure_logging(
     return True
 
 
-_own_stdout: io.BufferedWriter | None = None
+_own_stdout: _Sink | None = None
 _PIPE_BUF: Final = getattr(select, "PIPE_BUF", 4096)  # POSIX's bound of a pipe write kept in one piece
+#: Bytes of lines a flush hands to the writer thread at the latest (between flushes the lines wait in a list).
+_HANDOFF_BYTES: Final = 64 * 1024
+#: Bytes of lines handed off and not yet written, at most: beyond it, lines are dropped (and counted), not kept.
+MAX_PENDING_BYTES: Final = 16 * 1024 * 1024
+#: How long the process's exit waits for the lines still to be written.
+_EXIT_WAIT_S: Final = 10.0
+
+
+class _Sink:
+    """stdout for the log lines, written by a thread of its own: the event loop never waits on it. A pipe that
+    nobody reads (a stalled log shipper) or a full disk used to stop the whole gateway in a blocking write, health
+    checks included. Lines wait in a list until a flush; a flush hands them to the thread, which writes whole lines
+    at most PIPE_BUF bytes at a time (``--workers N`` share one stdout: a pipe keeps such a write in one piece, a
+    larger one could be cut by another worker's lines). When more than ``MAX_PENDING_BYTES`` wait for the thread,
+    further lines are dropped, and the thread says how many (a line of its own) once it catches up; a write that
+    fails (a reader gone, a full disk) loses its lines, never the request that logged them."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._pending = 0  # handed to the thread, not yet written
+        self._dropped = 0  # lines dropped since the thread last said so
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def write(self, data: bytes) -> int:
+        with self._lock:
+            self._lines.append(data)
+            self._size += len(data)
+            full = self._size >= _HANDOFF_BYTES
+        if full:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._lines:
+                return
+            lines, self._lines, self._size = self._lines, [], 0
+            chunk = b"".join(lines)
+            if self._pending + len(chunk) > MAX_PENDING_BYTES:
+                self._dropped += chunk.count(b"\n")
+                return
+            self._pending += len(chunk)
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                thread = self._thread = threading.Thread(target=self._run, name="embedgate-log-writer", daemon=True)
+                thread.start()
+        self._queue.put(chunk)
+
+    def close(self) -> None:
+        """Write out what waits (at the process's exit), for ``_EXIT_WAIT_S`` at most."""
+        self.flush()
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join(_EXIT_WAIT_S)
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            if chunk is None:
+                return
+            self._write_out(chunk)
+            with self._lock:
+                self._pending -= len(chunk)
+                dropped = self._dropped if self._pending == 0 else 0
+                self._dropped -= dropped
+            if dropped:
+                note = {"logger": "embedgate", "event": "log lines dropped: their output was not taken in time (a "
+                        "full pipe or disk, or a reader gone)", "dropped": dropped, "level": "warning",
+                        "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}  # fmt: skip
+                self._write_out(orjson.dumps(note) + b"\n", counted=False)
+
+    def _write_out(self, chunk: bytes, *, counted: bool = True) -> None:
+        start, end, size = 0, 0, len(chunk)
+        view = memoryview(chunk)
+        while start < size:
+            end = start + _PIPE_BUF
+            if end < size:
+                cut = chunk.rfind(b"\n", start, end)
+                end = cut + 1 if cut >= start else (chunk.find(b"\n", end) + 1 or size)  # a long line alone
+            else:
+                end = size
+            piece = view[start:end]
+            try:
+                while piece:
+                    piece = piece[os.write(self._fd, piece) :]
+            except OSError:
+                if counted:
+                    with self._lock:
+                        self._dropped += chunk.count(b"\n", start)
+                return
+            start = end
 
 
 def _stdout() -> BinaryIO:
-    """stdout, through a buffer of our own: with ``PYTHONUNBUFFERED`` set (Docker images set it, ours too),
-    ``sys.stdout.buffer`` is the raw file and every line would be a write call (~12 us of CPU per request in place).
-    Flushed as the access lines need it, at the gateway's shutdown and at exit. A stdout that is not a file
-    (replaced by a test harness, say) is used as it is."""
+    """stdout, through a writer of our own (see :class:`_Sink`): with ``PYTHONUNBUFFERED`` set (Docker images set
+    it, ours too), ``sys.stdout.buffer`` is the raw file and every line would be a write call (~12 us of CPU per
+    request in place). Flushed as the access lines need it, at the gateway's shutdown and at exit. A stdout that
+    is not a file (replaced by a test harness, say) is used as it is."""
     global _own_stdout
     if _own_stdout is None:
         try:
             fd = sys.stdout.fileno()
         except (AttributeError, OSError, ValueError):
             return cast(BinaryIO, sys.stdout.buffer)
-        # A file object of its own on the same descriptor: closing it never closes sys.stdout. Its buffer holds
-        # PIPE_BUF bytes: it writes out whole lines, at most that many at a time, which a pipe keeps in one piece
-        # (``--workers N`` share one stdout: a larger write could be cut by another worker's lines).
-        _own_stdout = io.BufferedWriter(io.FileIO(fd, "wb", closefd=False), buffer_size=_PIPE_BUF)
-        atexit.register(_flush, _own_stdout)
+        _own_stdout = _Sink(fd)  # the descriptor is sys.stdout's, never closed here
+        atexit.register(_own_stdout.close)
     return cast(BinaryIO, _own_stdout)
 
 
