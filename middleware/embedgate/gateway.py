@@ -261,8 +261,8 @@ class EmbeddingGateway:
         finally:  # a host without lifespan support raises here, after our startup: its startup is all there is
             if self.telemetry is not None:
                 self.telemetry.settle()
-            if stopping and self._open:  # the host's lifespan ended without a word on its shutdown
-                await self.shutdown()
+        if stopping and self._open:  # the host's lifespan ended without a word on its shutdown (no await in finally:
+            await self.shutdown()  # see embedgate._native)
 
     # --- ASGI ------------------------------------------------------------------------------------------------
 

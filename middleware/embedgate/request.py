@@ -664,11 +664,17 @@ def _lone_surrogate(body: bytes) -> tuple[str, str] | None:
                     f"contains a lone UTF-16 surrogate (\\u{ord(bad):04x}), which is not valid Unicode",
                 )
         elif isinstance(v, list):
-            stack.extend((f"{path}[{i}]", x) for i, x in reversed(list(enumerate(v))))
+            items: list[Any] = v
+            for i in range(len(items) - 1, -1, -1):  # (index loops: mypyc 2.4 fails on reversed(enumerate) here)
+                stack.append((f"{path}[{i}]", items[i]))
         elif isinstance(v, dict):
-            if any("\ud800" <= c <= "\udfff" for key in v for c in key):  # such a key can't be named: name its place
-                return path or "body", "holds a field name with a lone UTF-16 surrogate, which is not valid Unicode"
-            stack.extend((f"{path}.{key}" if path else key, x) for key, x in reversed(list(v.items())))
+            pairs: list[tuple[str, Any]] = list(v.items())
+            for key, _ in pairs:
+                if any("\ud800" <= c <= "\udfff" for c in key):  # such a key can't be named: name its place
+                    return path or "body", "holds a field name with a lone UTF-16 surrogate, which is not valid Unicode"
+            for j in range(len(pairs) - 1, -1, -1):
+                key, x = pairs[j]
+                stack.append((f"{path}.{key}" if path else key, x))
     return None
 
 
