@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import select
+import stat
 import sys
 import threading
 import time
@@ -189,14 +190,22 @@ _EXIT_WAIT_S: Final = 10.0
 class _Sink:
     """stdout for the log lines, written by a thread of its own: the event loop never waits on it. A pipe that
     nobody reads (a stalled log shipper) or a full disk used to stop the whole gateway in a blocking write, health
-    checks included. Lines wait in a list until a flush; a flush hands them to the thread, which writes whole lines
-    at most PIPE_BUF bytes at a time (``--workers N`` share one stdout: a pipe keeps such a write in one piece, a
-    larger one could be cut by another worker's lines). When more than ``MAX_PENDING_BYTES`` wait for the thread,
-    further lines are dropped, and the thread says how many (a line of its own) once it catches up; a write that
-    fails (a reader gone, a full disk) loses its lines, never the request that logged them."""
+    checks included. Lines wait in a list until a flush; a flush hands them to the thread, which writes whole
+    lines, to a pipe at most PIPE_BUF bytes at a time (``--workers N`` share one stdout: a pipe keeps such a write
+    in one piece, a larger one could be cut by another worker's lines), to a file a chunk at a time. When more
+    than ``MAX_PENDING_BYTES`` wait for the thread, further lines are dropped, and the thread says how many (a line
+    of its own) once it catches up; a write that fails (a reader gone, a full disk) loses its lines, never the
+    request that logged them."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        # A regular file takes a chunk in one write (Linux appends each write whole, also for processes sharing the
+        # file): fewer system calls and GIL hand-offs for the thread; a pipe, a socket or a terminal PIPE_BUF bytes.
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            regular = False
+        self._piece = _HANDOFF_BYTES * 2 if regular else _PIPE_BUF
         self._lock = threading.Lock()
         self._lines: list[bytes] = []
         self._size = 0
@@ -258,7 +267,7 @@ class _Sink:
         start, end, size = 0, 0, len(chunk)
         view = memoryview(chunk)
         while start < size:
-            end = start + _PIPE_BUF
+            end = start + self._piece
             if end < size:
                 cut = chunk.rfind(b"\n", start, end)
                 end = cut + 1 if cut >= start else (chunk.find(b"\n", end) + 1 or size)  # a long line alone
