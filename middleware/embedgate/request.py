@@ -646,6 +646,10 @@ def parse_request(
     )
 
 
+#: A UTF-16 surrogate code point (a regex escape: mypyc takes no surrogate in a string literal).
+_SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
+
+
 def _lone_surrogate(body: bytes) -> tuple[str, str] | None:
     """Where a body that is JSON but for a lone UTF-16 surrogate holds it (``input[3]``), and what it is: orjson
     refuses the whole body, so this error path alone re-reads it with the standard library, which keeps them."""
@@ -657,11 +661,11 @@ def _lone_surrogate(body: bytes) -> tuple[str, str] | None:
     while stack:
         path, v = stack.pop()
         if isinstance(v, str):
-            bad = next((c for c in v if "\ud800" <= c <= "\udfff"), None)
+            bad = _SURROGATE.search(v)
             if bad is not None:
                 return (
                     path or "body",
-                    f"contains a lone UTF-16 surrogate (\\u{ord(bad):04x}), which is not valid Unicode",
+                    f"contains a lone UTF-16 surrogate (\\u{ord(bad.group()):04x}), which is not valid Unicode",
                 )
         elif isinstance(v, list):
             items: list[Any] = v
@@ -670,7 +674,7 @@ def _lone_surrogate(body: bytes) -> tuple[str, str] | None:
         elif isinstance(v, dict):
             pairs: list[tuple[str, Any]] = list(v.items())
             for key, _ in pairs:
-                if any("\ud800" <= c <= "\udfff" for c in key):  # such a key can't be named: name its place
+                if _SURROGATE.search(key):  # such a key can't be named: name its place
                     return path or "body", "holds a field name with a lone UTF-16 surrogate, which is not valid Unicode"
             for j in range(len(pairs) - 1, -1, -1):
                 key, x = pairs[j]
