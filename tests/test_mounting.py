@@ -301,6 +301,31 @@ async def test_the_gateway_opens_before_the_host_s_startup_and_closes_after_its_
     assert RecordingGateway.events == ["gateway-startup", "gateway-shutdown"] and not gw._open
 
 
+@pytest.mark.anyio
+async def test_a_host_whose_shutdown_raises_still_has_the_gateway_closed(make_config: Callable[..., Config]) -> None:
+    # A raw ASGI host that raises on its shutdown, without a lifespan.shutdown.failed, left the gateway open: its
+    # pool, stores and export helper, and its last access lines unflushed.
+    async def host(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        raise RuntimeError("the host's shutdown failed")
+
+    gw = RecordingGateway(host, config=make_config())
+    RecordingGateway.events = []
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    with pytest.raises(RuntimeError, match="shutdown failed"):
+        await gw({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    assert RecordingGateway.events == ["gateway-startup", "gateway-shutdown"] and not gw._open
+
+
 def test_mounted_with_admin_off_the_admin_paths_are_the_hosts(make_config: Callable[..., Config]) -> None:
     from starlette.applications import Starlette
     from starlette.requests import Request

@@ -988,6 +988,71 @@ def test_a_log_output_nobody_reads_never_holds_up_the_writer() -> None:
     assert note["dropped"] > 0 and written + note["dropped"] == total
 
 
+@pytest.mark.parametrize(
+    "script",
+    [
+        # a line logged by an atexit handler that runs after the writer's own close was lost
+        """
+        import atexit, structlog
+        log = structlog.get_logger("host")
+        atexit.register(lambda: log.info("goodbye"))
+        from embedgate import logs
+        logs.configure_logging()
+        log.info("hello")
+        """,
+        # a forked child wrote the parent's lines handed to the writer once more
+        """
+        import os, sys, structlog
+        from embedgate import logs
+        logs.configure_logging()
+        log = structlog.get_logger("host")
+        log.info("hello")
+        pid = os.fork()
+        if pid == 0:
+            log.info("child")
+            sys.exit(0)
+        os.waitpid(pid, 0)
+        log.info("goodbye")
+        """,
+    ],
+    ids=["atexit", "fork"],
+)
+def test_every_line_reaches_stdout_once(script: str) -> None:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr.decode()
+    events = sorted(orjson.loads(line)["event"] for line in out.stdout.splitlines())
+    assert events == sorted(["hello", "goodbye", *(["child"] if "fork" in script else [])])
+
+
+def test_lines_flushed_from_several_threads_keep_their_order(tmp_path: Path) -> None:
+    # A chunk was queued after the sink's lock was let go: two flushers could queue theirs the other way round.
+    out = tmp_path / "log"
+    sink = logs._Sink(os.open(out, os.O_WRONLY | os.O_CREAT))
+    order = threading.Lock()
+    seq = [0]
+
+    def worker() -> None:
+        for _ in range(20000):
+            with order:
+                seq[0] += 1
+                sink.write(b"%d\n" % seq[0])
+            sink.flush()
+
+    was = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(was)
+    sink.close()
+    numbers = [int(x) for x in out.read_bytes().split()]
+    assert numbers == list(range(1, 80001))
+
+
 def test_a_log_line_that_cannot_be_written_never_raises_into_what_logged_it(fresh_structlog: None) -> None:
     # A warning logged within a request (a model failing over to its fallback) raised BrokenPipeError or ENOSPC
     # into the request: a plain-text 500 instead of the fallback's answer, the budget left at its estimate.

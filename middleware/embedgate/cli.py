@@ -31,7 +31,7 @@ def _check(path: str, *, serving: bool = False) -> int:
         try:
             sys.stdout.flush()
             os.write(sys.stdout.fileno(), ok.encode() + b"\n")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # (AttributeError: no stdout at all, sys.stdout None)
             pass
     else:
         print(ok)

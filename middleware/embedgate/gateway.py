@@ -256,13 +256,17 @@ class EmbeddingGateway:
             await send(message)
 
         stopping: list[bool] = []
+        raised: BaseException | None = None
         try:
             await self.app(scope, wrapped_receive, wrapped_send)
-        finally:  # a host without lifespan support raises here, after our startup: its startup is all there is
-            if self.telemetry is not None:
-                self.telemetry.settle()
-        if stopping and self._open:  # the host's lifespan ended without a word on its shutdown (no await in finally:
-            await self.shutdown()  # see embedgate._native)
+        except BaseException as exc:  # a host without lifespan support raises here, after our startup: its startup
+            raised = exc  # is all there is (acted on below, outside the handler: see embedgate._native)
+        if self.telemetry is not None:
+            self.telemetry.settle()
+        if stopping and self._open:  # the host's lifespan ended, or raised, without a word on its shutdown
+            await self.shutdown()
+        if raised is not None:
+            raise raised
 
     # --- ASGI ------------------------------------------------------------------------------------------------
 

@@ -206,13 +206,25 @@ class _Sink:
         except OSError:
             regular = False
         self._piece = _HANDOFF_BYTES * 2 if regular else _PIPE_BUF
-        self._lock = threading.Lock()
+        # Reentrant: a signal handler that logs while this thread is within write() would wait for itself.
+        self._lock = threading.RLock()
         self._lines: list[bytes] = []
         self._size = 0
         self._pending = 0  # handed to the thread, not yet written
         self._dropped = 0  # lines dropped since the thread last said so
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._closed = False  # past the exit's close: lines are written by whoever logs them, at once
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        """In a forked child: the parent's lines, waiting or handed off, are the parent's to write (the child wrote
+        them once more), and its thread and lock are not the child's."""
+        self._lock = threading.RLock()
+        self._lines, self._size, self._pending, self._dropped = [], 0, 0, 0
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._closed = False
 
     def write(self, data: bytes) -> int:
         with self._lock:
@@ -232,19 +244,28 @@ class _Sink:
             if self._pending + len(chunk) > MAX_PENDING_BYTES:
                 self._dropped += chunk.count(b"\n")
                 return
-            self._pending += len(chunk)
-            thread = self._thread
-            if thread is None or not thread.is_alive():
-                thread = self._thread = threading.Thread(target=self._run, name="embedgate-log-writer", daemon=True)
-                thread.start()
-        self._queue.put(chunk)
+            if not self._closed:
+                self._pending += len(chunk)
+                thread = self._thread
+                if thread is None or not thread.is_alive():
+                    thread = self._thread = threading.Thread(target=self._run, name="embedgate-log-writer",
+                                                             daemon=True)  # fmt: skip
+                    thread.start()
+                self._queue.put(chunk)  # under the lock: chunks queued in the order their lines came
+                return
+        # Logged after the exit's close (another atexit handler, a daemon thread): a thread started now would never
+        # run before the interpreter ends.
+        self._write_out(chunk)
 
     def close(self) -> None:
         """Write out what waits (at the process's exit), for ``_EXIT_WAIT_S`` at most."""
         self.flush()
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            self._queue.put(None)
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+            if thread is not None and thread.is_alive():
+                self._queue.put(None)
+        if thread is not None:
             thread.join(_EXIT_WAIT_S)
 
     def _run(self) -> None:
