@@ -162,6 +162,23 @@ def test_compiled_coroutines_never_await_inside_a_handler() -> None:
     assert _awaits_in_handlers(ast.parse(seen)) == [2]  # the check sees one
 
 
+#: GCC's keywords that a compiled class's attribute "_x" becomes as its C field "__x" (mypyc prefixes one "_").
+_GCC_KEYWORDS = {"thread", "asm", "inline", "restrict", "attribute", "typeof", "const", "volatile", "signed",
+                 "real", "imag", "complex", "int128", "auto_type", "label__", "extension__", "alignof"}  # fmt: skip
+
+
+def test_compiled_attributes_are_no_c_keywords() -> None:
+    """A log writer's ``self._thread`` became the C field ``__thread``, a GCC keyword: the whole build failed to
+    compile, and installed the sources instead (seen only by CI's compiled run)."""
+    offending = [
+        (name, node.lineno, node.attr)
+        for name in _native.COMPILED
+        for node in ast.walk(ast.parse((PACKAGE / f"{name}.py").read_text()))
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and node.attr[1:] in _GCC_KEYWORDS
+    ]
+    assert offending == []
+
+
 def test_written_out_initializers_set_every_field() -> None:
     # The request path's dataclasses write their ``__init__`` out (a generated one stays interpreted in the compiled
     # build): a field added later but not set there would be missing on every instance, caught here.

@@ -213,7 +213,7 @@ class _Sink:
         self._pending = 0  # handed to the thread, not yet written
         self._dropped = 0  # lines dropped since the thread last said so
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
         self._closed = False  # past the exit's close: lines are written by whoever logs them, at once
         os.register_at_fork(after_in_child=self._forget)
 
@@ -223,7 +223,7 @@ class _Sink:
         self._lock = threading.RLock()
         self._lines, self._size, self._pending, self._dropped = [], 0, 0, 0
         self._queue = queue.SimpleQueue()
-        self._thread = None
+        self._writer = None
         self._closed = False
 
     def write(self, data: bytes) -> int:
@@ -246,9 +246,9 @@ class _Sink:
                 return
             if not self._closed:
                 self._pending += len(chunk)
-                thread = self._thread
+                thread = self._writer
                 if thread is None or not thread.is_alive():
-                    thread = self._thread = threading.Thread(target=self._run, name="embedgate-log-writer",
+                    thread = self._writer = threading.Thread(target=self._run, name="embedgate-log-writer",
                                                              daemon=True)  # fmt: skip
                     thread.start()
                 self._queue.put(chunk)  # under the lock: chunks queued in the order their lines came
@@ -262,7 +262,7 @@ class _Sink:
         self.flush()
         with self._lock:
             self._closed = True
-            thread = self._thread
+            thread = self._writer
             if thread is not None and thread.is_alive():
                 self._queue.put(None)
         if thread is not None:
