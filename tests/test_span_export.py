@@ -21,6 +21,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from embedgate import lean_trace
 from embedgate.lean_trace import LeanTracer, LeanTracerProvider
 from embedgate.span_export import SpanPipe, unpack
 from tests.otlp_receiver import OtlpReceiver
@@ -166,6 +167,27 @@ def test_the_helper_process_exports_to_a_real_receiver(monkeypatch: pytest.Monke
     assert list(attempt.attributes["gen_ai.request.encoding_formats"]) == ["base64"]
     assert root.resource["service.name"] == "span-export-test"
     assert attempt.scope == "embedgate"
+
+
+def test_the_sdk_s_span_limits_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    # OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT and OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT were ignored by the standalone tracer
+    # (128 attributes, values whole), where the SDK's tracer (mounted) applies them: a client's 256-character
+    # identity id went out whole past a backend's limit.
+    monkeypatch.setattr(lean_trace, "_max_attributes", lean_trace._max_attributes)  # put back after the test
+    monkeypatch.setattr(lean_trace, "_max_length", lean_trace._max_length)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "4")
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "3")
+    provider = LeanTracerProvider(["otlp"], "limits")
+    provider.shutdown()
+    sink = Captured()
+    span = LeanTracer(sink, ["embedgate", None]).start_span("s", attributes={"a": "u" * 200})  # type: ignore[arg-type]
+    span.set_attribute("b", ["abcdef", "xy"])
+    span.set_attributes({"c": 7, "d": "dropped: the span is full"})
+    span.set_plain({"a": "overwritten in place", "e": 1.5})
+    span.end()
+    (packed,) = sink.packed
+    assert packed[9] == {"a": "over", "b": ("abcd", "xy"), "c": 7}
 
 
 def test_the_helper_gathers_small_frames_into_full_batches(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,6 +43,7 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.sdk.trace import SpanLimits
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.sampling import DEFAULT_ON, Decision, Sampler
 from opentelemetry.trace import (
@@ -72,7 +73,11 @@ _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
 _INT64_MIN: Final = -(1 << 63)  # OTLP's int64: an int attribute outside it is dropped
 _INT64_END: Final = 1 << 63
-_MAX_ATTRIBUTES: Final = 128
+# The SDK's span limits, as OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT / OTEL_ATTRIBUTE_COUNT_LIMIT and
+# OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT set them (read by the SDK's SpanLimits when a provider is made): attributes a
+# span keeps, and the length its str values are cut to (None: as they are).
+_max_attributes = 128
+_max_length: int | None = None
 _UNSET: Final = StatusCode.UNSET.value
 _NO_STATUS: Final[list[Any]] = [_UNSET, None]  # shared by every span whose status is never set (only read)
 _NO_EVENTS: Final[list[list[Any]]] = []  # shared likewise until a span's first event
@@ -114,12 +119,25 @@ def _clean(value: Any) -> Any:
     return None
 
 
+def _cut(value: Any) -> Any:
+    """``value`` with its str parts cut to ``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT``, as the SDK cuts them."""
+    limit = _max_length
+    if limit is None or value is None:
+        return value
+    if type(value) is str:
+        return value[:limit]
+    if type(value) is tuple:
+        return tuple([v[:limit] if type(v) is str else v for v in value])
+    return value
+
+
 def _clean_all(attributes: Attributes) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if attributes:
+        most = _max_attributes
         for key, value in attributes.items():
-            v = value if _plain(value) else _clean(value)
-            if v is not None and len(out) < _MAX_ATTRIBUTES:
+            v = _cut(value if _plain(value) else _clean(value))
+            if v is not None and len(out) < most:
                 out[key] = v
     return out
 
@@ -167,16 +185,17 @@ class LeanSpan(Span):
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
         if self._end is None:
-            v = value if _plain(value) else _clean(value)
-            if v is not None and (key in self._attrs or len(self._attrs) < _MAX_ATTRIBUTES):
+            v = _cut(value if _plain(value) else _clean(value))
+            if v is not None and (key in self._attrs or len(self._attrs) < _max_attributes):
                 self._attrs[key] = v
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
         if self._end is None:
             attrs = self._attrs
+            most = _max_attributes
             for key, value in attributes.items():
-                v = value if _plain(value) else _clean(value)
-                if v is not None and (key in attrs or len(attrs) < _MAX_ATTRIBUTES):
+                v = _cut(value if _plain(value) else _clean(value))
+                if v is not None and (key in attrs or len(attrs) < most):
                     attrs[key] = v
 
     def set_plain(self, attributes: dict[str, Any]) -> None:
@@ -185,7 +204,7 @@ class LeanSpan(Span):
         if self._end is not None:
             return
         attrs = self._attrs
-        if len(attrs) + len(attributes) <= _MAX_ATTRIBUTES:
+        if _max_length is None and len(attrs) + len(attributes) <= _max_attributes:
             for value in attributes.values():
                 if not _plain(value):
                     break
@@ -354,8 +373,13 @@ class LeanTracerProvider(trace.TracerProvider):
     """
 
     def __init__(self, exporters: Sequence[str], service_name: str) -> None:
-        #: The sampler the SDK would use, read from OTEL_TRACES_SAMPLER[_ARG] by the SDK itself.
+        #: The sampler the SDK would use, read from OTEL_TRACES_SAMPLER[_ARG] by the SDK itself, and its span limits.
         self.sampler: Sampler = SdkTracerProvider(shutdown_on_exit=False).sampler
+        global _max_attributes, _max_length
+        limits = SpanLimits()
+        most = limits.max_span_attributes
+        _max_attributes = most if most is not None else 1 << 62
+        _max_length = limits.max_span_attribute_length
         self._delay_s = _env_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
         self._max_queue = _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
         _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)  # validated here; the helper process batches its exports
