@@ -326,6 +326,35 @@ async def test_a_host_whose_shutdown_raises_still_has_the_gateway_closed(make_co
     assert RecordingGateway.events == ["gateway-startup", "gateway-shutdown"] and not gw._open
 
 
+def test_a_lifespan_coroutine_closed_unfinished_closes_cleanly(make_config: Callable[..., Config]) -> None:
+    # Its GeneratorExit was caught with the rest, and the gateway's close awaited: "no running event loop".
+    async def host(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await asyncio.sleep(3600)  # the host's shutdown code, still running
+
+    gw = RecordingGateway(host, config=make_config())
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    coro = gw({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(coro)
+        loop.run_until_complete(asyncio.sleep(0.3))
+        coro.close()  # as a collected task's coroutine is closed
+        assert not task.done() or task.cancelled() or task.exception() is None
+    finally:
+        loop.run_until_complete(gw.shutdown())
+        loop.close()
+
+
 def test_mounted_with_admin_off_the_admin_paths_are_the_hosts(make_config: Callable[..., Config]) -> None:
     from starlette.applications import Starlette
     from starlette.requests import Request

@@ -19,6 +19,7 @@ import structlog
 import structlog.testing
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from embedgate import lean_trace
@@ -169,25 +170,37 @@ def test_the_helper_process_exports_to_a_real_receiver(monkeypatch: pytest.Monke
     assert attempt.scope == "embedgate"
 
 
-def test_the_sdk_s_span_limits_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_sdk_s_span_limits_apply_as_the_sdk_applies_them(monkeypatch: pytest.MonkeyPatch) -> None:
     # OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT and OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT were ignored by the standalone tracer
     # (128 attributes, values whole), where the SDK's tracer (mounted) applies them: a client's 256-character
-    # identity id went out whole past a backend's limit.
-    monkeypatch.setattr(lean_trace, "_max_attributes", lean_trace._max_attributes)  # put back after the test
-    monkeypatch.setattr(lean_trace, "_max_length", lean_trace._max_length)
+    # identity id went out whole past a backend's limit. A full span keeps the newest attributes, as the SDK's;
+    # an event has limits of its own.
+    for name in ("_max_attributes", "_max_length", "_max_event_attributes", "_max_event_length"):
+        monkeypatch.setattr(lean_trace, name, getattr(lean_trace, name))  # put back after the test
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "4")
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "4")
+    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "6")
     monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "3")
+    monkeypatch.setenv("OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", "2")
     provider = LeanTracerProvider(["otlp"], "limits")
     provider.shutdown()
+
+    def drive(span: trace.Span) -> None:
+        span.set_attribute("b", ["abcdef", "xy"])
+        span.set_attributes({"c": 7, "d": "the span is full: the oldest goes"})
+        span.set_attribute("a", "overwritten in place")
+        span.set_attribute("e", 1.5)
+        span.add_event("ev", {"e2": 1, "e3": 2, "e1": "x" * 30})
+        span.end()
+
     sink = Captured()
-    span = LeanTracer(sink, ["embedgate", None]).start_span("s", attributes={"a": "u" * 200})  # type: ignore[arg-type]
-    span.set_attribute("b", ["abcdef", "xy"])
-    span.set_attributes({"c": 7, "d": "dropped: the span is full"})
-    span.set_plain({"a": "overwritten in place", "e": 1.5})
-    span.end()
+    lean = LeanTracer(sink, ["embedgate", None]).start_span("s", attributes={"a": "u" * 200})  # type: ignore[arg-type]
+    drive(lean)
+    sdk = SdkTracerProvider().get_tracer("t").start_span("s", attributes={"a": "u" * 200})
+    drive(sdk)
     (packed,) = sink.packed
-    assert packed[9] == {"a": "over", "b": ("abcd", "xy"), "c": 7}
+    assert packed[9] == dict(sdk.attributes or {}) == {"d": "the ", "a": "over", "e": 1.5}
+    assert packed[11][0][2] == dict(sdk.events[0].attributes or {}) == {"e3": 2, "e1": "xxxxxx"}
 
 
 def test_the_helper_gathers_small_frames_into_full_batches(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1024,6 +1024,60 @@ def test_every_line_reaches_stdout_once(script: str) -> None:
     assert events == sorted(["hello", "goodbye", *(["child"] if "fork" in script else [])])
 
 
+def test_an_exit_with_a_log_pipe_nobody_reads_ends_in_its_wait() -> None:
+    # A line logged after the writer's close (an atexit handler) was written where it was logged, in a blocking
+    # write: a pipe nobody read held the process's exit for ever.
+    script = """
+import atexit, structlog
+log = structlog.get_logger("host")
+atexit.register(lambda: log.info("goodbye from atexit"))
+from embedgate import logs
+logs._exit_wait_s = 0.5
+logs.configure_logging()
+for i in range(3000):
+    log.info("filler", n=i, pad="x" * 100)
+"""
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        try:
+            assert proc.wait(timeout=20) == 0  # (nobody reads its stdout: the pipe is full)
+        finally:
+            proc.kill()
+
+
+def test_a_child_forked_while_another_thread_logs_can_log() -> None:
+    # structlog's write lock around the writer was inherited held by a child forked while a thread logged: the
+    # child's first line waited for ever (about one fork in six).
+    script = """
+import os, sys, threading, time
+import structlog
+from embedgate import logs
+logs.configure_logging()
+log = structlog.get_logger("host")
+def chatter():
+    while True:
+        log.info("parent chatter")
+threading.Thread(target=chatter, daemon=True).start()
+hung = 0
+for _ in range(30):
+    pid = os.fork()
+    if pid == 0:
+        log.info("child line")
+        os._exit(0)
+    deadline = time.monotonic() + 2
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.monotonic() > deadline:
+            hung += 1
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.01)
+sys.stderr.write(f"hung {hung}\\n")
+"""
+    out = subprocess.run([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         timeout=120)  # fmt: skip
+    assert out.stderr.decode().splitlines()[-1] == "hung 0", out.stderr.decode()[-2000:]
+
+
 def test_lines_flushed_from_several_threads_keep_their_order(tmp_path: Path) -> None:
     # A chunk was queued after the sink's lock was let go: two flushers could queue theirs the other way round.
     out = tmp_path / "log"

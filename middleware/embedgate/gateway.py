@@ -259,12 +259,15 @@ class EmbeddingGateway:
         raised: BaseException | None = None
         try:
             await self.app(scope, wrapped_receive, wrapped_send)
+        except GeneratorExit:  # the coroutine closed (its task collected): nothing may be awaited
+            raise
         except BaseException as exc:  # a host without lifespan support raises here, after our startup: its startup
             raised = exc  # is all there is (acted on below, outside the handler: see embedgate._native)
         if self.telemetry is not None:
             self.telemetry.settle()
         if stopping and self._open:  # the host's lifespan ended, or raised, without a word on its shutdown
-            await self.shutdown()
+            with anyio.CancelScope(shield=True):  # (a cancelled lifespan's close runs whole, as a cancelled request's)
+                await self.shutdown()
         if raised is not None:
             raise raised
 

@@ -78,6 +78,9 @@ _INT64_END: Final = 1 << 63
 # span keeps, and the length its str values are cut to (None: as they are).
 _max_attributes = 128
 _max_length: int | None = None
+# An event's: OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT (128), and OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT alone (not the span's).
+_max_event_attributes = 128
+_max_event_length: int | None = None
 _UNSET: Final = StatusCode.UNSET.value
 _NO_STATUS: Final[list[Any]] = [_UNSET, None]  # shared by every span whose status is never set (only read)
 _NO_EVENTS: Final[list[list[Any]]] = []  # shared likewise until a span's first event
@@ -119,9 +122,8 @@ def _clean(value: Any) -> Any:
     return None
 
 
-def _cut(value: Any) -> Any:
-    """``value`` with its str parts cut to ``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT``, as the SDK cuts them."""
-    limit = _max_length
+def _cut(value: Any, limit: int | None) -> Any:
+    """``value`` with its str parts cut to ``limit`` characters, as the SDK cuts them."""
     if limit is None or value is None:
         return value
     if type(value) is str:
@@ -131,15 +133,27 @@ def _cut(value: Any) -> Any:
     return value
 
 
-def _clean_all(attributes: Attributes) -> dict[str, Any]:
+def _put(attrs: dict[str, Any], key: str, value: Any, most: int) -> None:
+    """Set an attribute as the SDK's bounded attributes do: on a full span, a new key evicts the oldest."""
+    if key not in attrs and len(attrs) >= most:
+        if most <= 0:
+            return
+        del attrs[next(iter(attrs))]
+    attrs[key] = value
+
+
+def _clean_all(attributes: Attributes, most: int, limit: int | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if attributes:
-        most = _max_attributes
         for key, value in attributes.items():
-            v = _cut(value if _plain(value) else _clean(value))
-            if v is not None and len(out) < most:
-                out[key] = v
+            v = _cut(value if _plain(value) else _clean(value), limit)
+            if v is not None:
+                _put(out, key, v, most)
     return out
+
+
+def _span_attributes(attributes: Attributes) -> dict[str, Any]:
+    return _clean_all(attributes, _max_attributes, _max_length)
 
 
 class LeanSpan(Span):
@@ -185,18 +199,18 @@ class LeanSpan(Span):
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
         if self._end is None:
-            v = _cut(value if _plain(value) else _clean(value))
-            if v is not None and (key in self._attrs or len(self._attrs) < _max_attributes):
-                self._attrs[key] = v
+            v = _cut(value if _plain(value) else _clean(value), _max_length)
+            if v is not None:
+                _put(self._attrs, key, v, _max_attributes)
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
         if self._end is None:
             attrs = self._attrs
-            most = _max_attributes
+            most, limit = _max_attributes, _max_length
             for key, value in attributes.items():
-                v = _cut(value if _plain(value) else _clean(value))
-                if v is not None and (key in attrs or len(attrs) < most):
-                    attrs[key] = v
+                v = _cut(value if _plain(value) else _clean(value), limit)
+                if v is not None:
+                    _put(attrs, key, v, most)
 
     def set_plain(self, attributes: dict[str, Any]) -> None:
         """``set_attributes`` for a dict: a value of a plain type (str, bool, float, an int within int64) is stored
@@ -218,7 +232,8 @@ class LeanSpan(Span):
         if self._end is None:
             if self._events is _NO_EVENTS:
                 self._events = []
-            self._events.append([name, timestamp or _time_ns(), _clean_all(attributes)])
+            self._events.append([name, timestamp or _time_ns(),
+                                 _clean_all(attributes, _max_event_attributes, _max_event_length)])  # fmt: skip
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
         """Links are not recorded (see the module docstring)."""
@@ -288,7 +303,7 @@ class LeanTracer(trace.Tracer):
     ) -> Span:
         current = current_span(context)
         if type(current) is LeanSpan:  # the common case, a child of one of ours: sampled, ids at hand
-            attrs = _clean_all(attributes) if attributes else {}
+            attrs = _span_attributes(attributes) if attributes else {}
             return LeanSpan(self, name, current._trace_id, getrandbits(64) or 1, current._trace_state,
                             [current._span_id, False], kind, attrs, start_time or _time_ns())  # fmt: skip
         # No span in the context at all (a request without traceparent): no parent, without asking the API's
@@ -300,7 +315,7 @@ class LeanTracer(trace.Tracer):
             if not parent.trace_flags.sampled:
                 return NonRecordingSpan(SpanContext(parent.trace_id, getrandbits(64) or 1, False, _NOT_SAMPLED,
                                                     parent.trace_state))  # fmt: skip
-            attrs = _clean_all(attributes) if attributes else {}
+            attrs = _span_attributes(attributes) if attributes else {}
             return LeanSpan(self, name, parent.trace_id, getrandbits(64) or 1, parent.trace_state,
                             [parent.span_id, False], kind, attrs, start_time or _time_ns())  # fmt: skip
         trace_id = parent.trace_id if valid else (getrandbits(128) or 1)
@@ -313,12 +328,12 @@ class LeanTracer(trace.Tracer):
             return LeanSpan(self, name, trace_id, getrandbits(64) or 1,
                             parent.trace_state if valid else _NO_TRACE_STATE,
                             [parent.span_id, True] if valid else None,  # here a valid parent is remote
-                            kind, _clean_all(attributes), start_time or _time_ns())  # fmt: skip
+                            kind, _span_attributes(attributes), start_time or _time_ns())  # fmt: skip
         result = self.provider.sampler.should_sample(context, trace_id, name, kind, attributes, links)
         trace_state = result.trace_state if result.trace_state is not None else TraceState()
         if result.decision is not Decision.RECORD_AND_SAMPLE:
             return NonRecordingSpan(SpanContext(trace_id, getrandbits(64) or 1, False, _NOT_SAMPLED, trace_state))
-        attrs = _clean_all(result.attributes or attributes)
+        attrs = _span_attributes(result.attributes or attributes)
         packed_parent = [parent.span_id, True] if valid else None  # here a valid parent is remote
         return LeanSpan(self, name, trace_id, getrandbits(64) or 1, trace_state, packed_parent, kind, attrs,
                         start_time or _time_ns())  # fmt: skip
@@ -375,11 +390,14 @@ class LeanTracerProvider(trace.TracerProvider):
     def __init__(self, exporters: Sequence[str], service_name: str) -> None:
         #: The sampler the SDK would use, read from OTEL_TRACES_SAMPLER[_ARG] by the SDK itself, and its span limits.
         self.sampler: Sampler = SdkTracerProvider(shutdown_on_exit=False).sampler
-        global _max_attributes, _max_length
+        global _max_attributes, _max_length, _max_event_attributes, _max_event_length
         limits = SpanLimits()
         most = limits.max_span_attributes
         _max_attributes = most if most is not None else 1 << 62
         _max_length = limits.max_span_attribute_length
+        most = limits.max_event_attributes
+        _max_event_attributes = most if most is not None else 1 << 62
+        _max_event_length = limits.max_attribute_length
         self._delay_s = _env_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
         self._max_queue = _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
         _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)  # validated here; the helper process batches its exports

@@ -78,10 +78,19 @@ class _Lines:
 
     def __init__(self, file: BinaryIO) -> None:
         self._out = structlog.BytesLogger(file)
+        self._sink: _Sink | None = file if isinstance(file, _Sink) else None
 
     def msg(self, message: bytes | str) -> None:
+        line = message.encode() if isinstance(message, str) else message
+        sink = self._sink
+        if sink is not None:
+            # Our own stdout writer, thread-safe itself: not under BytesLogger's lock, which a forked child could
+            # inherit held (its first line then waited for ever), and a signal handler logging within a write wait on.
+            sink.write(line + b"\n")
+            sink.flush()
+            return
         try:
-            self._out.msg(message.encode() if isinstance(message, str) else message)
+            self._out.msg(line)
         except (OSError, ValueError):  # an output gone, full or closed: the line is lost, not what logged it
             pass
 
@@ -183,8 +192,8 @@ _PIPE_BUF: Final = getattr(select, "PIPE_BUF", 4096)  # POSIX's bound of a pipe 
 _HANDOFF_BYTES: Final = 64 * 1024
 #: Bytes of lines handed off and not yet written, at most: beyond it, lines are dropped (and counted), not kept.
 MAX_PENDING_BYTES: Final = 16 * 1024 * 1024
-#: How long the process's exit waits for the lines still to be written.
-_EXIT_WAIT_S: Final = 10.0
+#: How long the process's exit waits for the lines still to be written (not Final: a test shortens it).
+_exit_wait_s = 10.0
 
 
 class _Sink:
@@ -215,6 +224,7 @@ class _Sink:
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._closed = False  # past the exit's close: lines are written by whoever logs them, at once
+        self._until = 0.0  # until when (time.monotonic()) such lines may wait for the output
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
@@ -254,19 +264,20 @@ class _Sink:
                 self._queue.put(chunk)  # under the lock: chunks queued in the order their lines came
                 return
         # Logged after the exit's close (another atexit handler, a daemon thread): a thread started now would never
-        # run before the interpreter ends.
-        self._write_out(chunk)
+        # run before the interpreter ends. Written here, within the exit's wait (a pipe nobody reads stops no exit).
+        self._write_out(chunk, until=self._until)
 
     def close(self) -> None:
-        """Write out what waits (at the process's exit), for ``_EXIT_WAIT_S`` at most."""
+        """Write out what waits (at the process's exit), for ``_exit_wait_s`` at most."""
         self.flush()
         with self._lock:
             self._closed = True
+            self._until = time.monotonic() + _exit_wait_s
             thread = self._writer
             if thread is not None and thread.is_alive():
                 self._queue.put(None)
         if thread is not None:
-            thread.join(_EXIT_WAIT_S)
+            thread.join(_exit_wait_s)
 
     def _run(self) -> None:
         while True:
@@ -284,7 +295,9 @@ class _Sink:
                         "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}  # fmt: skip
                 self._write_out(orjson.dumps(note) + b"\n", counted=False)
 
-    def _write_out(self, chunk: bytes, *, counted: bool = True) -> None:
+    def _write_out(self, chunk: bytes, *, counted: bool = True, until: float | None = None) -> None:
+        """Write ``chunk`` whole lines at a time; a write that fails, or (``until``, a ``time.monotonic()``) that
+        cannot start in time, loses the rest, counted."""
         start, end, size = 0, 0, len(chunk)
         view = memoryview(chunk)
         while start < size:
@@ -297,8 +310,13 @@ class _Sink:
             piece = view[start:end]
             try:
                 while piece:
+                    if (
+                        until is not None
+                        and not select.select([], [self._fd], [], max(0.0, until - time.monotonic()))[1]
+                    ):
+                        raise BlockingIOError("the output took nothing in time")
                     piece = piece[os.write(self._fd, piece) :]
-            except OSError:
+            except (OSError, ValueError):  # (ValueError: select on a descriptor it cannot watch)
                 if counted:
                     with self._lock:
                         self._dropped += chunk.count(b"\n", start)
