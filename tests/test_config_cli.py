@@ -132,6 +132,43 @@ def test_two_keys_with_one_secret_are_an_error() -> None:
     parse_config({"keys": [keys[0], {"id": "b", "key": secret + "-other"}]}, env={})  # distinct secrets: fine
 
 
+def test_a_provider_s_headers_are_checked_and_never_shown() -> None:
+    def errors(headers: Any, api_key: str = "") -> list[str]:
+        provider = {"type": "openai", "base_url": "https://x.example/v1", "api_key": api_key, "headers": headers}
+        try:
+            parse_config({"providers": {"az": provider}}, env={})
+        except ConfigError as exc:
+            return exc.errors
+        return []
+
+    assert errors({"api-key": "s3cret value", "X-Title": "acme"}) == []
+    assert errors(["api-key"]) == ["providers.az.headers: must be a mapping of header names to values"]
+    assert errors({"Host": "x", "Content-Length": "1", "traceparent": "t"}) == [
+        "providers.az.headers.Host: is set by the gateway itself",
+        "providers.az.headers.Content-Length: is set by the gateway itself",
+        "providers.az.headers.traceparent: is set by the gateway itself",
+    ]
+    assert errors({"bad name": "x"}) == ["providers.az.headers: 'bad name' is no HTTP header name"]
+    assert errors({"api-key": "a", "API-KEY": "b"}) == [
+        "providers.az.headers.API-KEY: is given twice (header names are case-insensitive)"
+    ]
+    bad = errors({"api-key": "secret\r\nX-Evil: 1", "x-n": 7})
+    assert bad == [
+        "providers.az.headers.api-key: must be a string of visible ASCII characters and spaces (no line breaks, no "
+        "accents, none at either end)",
+        "providers.az.headers.x-n: must be a string of visible ASCII characters and spaces (no line breaks, no "
+        "accents, none at either end)",
+    ]
+    assert errors({"api-key": ""}) == ["providers.az.headers.api-key: is empty (is its environment variable set?)"]
+    assert errors({"api-key": "${AZURE_KEY_UNSET}"}) == [
+        "providers.az.headers.api-key: environment variable AZURE_KEY_UNSET is not set (use ${AZURE_KEY_UNSET:-})"
+    ]
+    assert errors({"Authorization": "Basic abc"}) == []  # a scheme of its own, with no api_key
+    assert errors({"authorization": "Basic abc"}, api_key="sk-x") == [
+        "providers.az.headers: give api_key (sent as 'Authorization: Bearer') or an Authorization header, not both"
+    ]
+
+
 def test_a_refused_secret_is_one_error_not_three() -> None:
     """A key refused as given (a space, a bad ${...}, an unset variable) was also said to be missing or empty."""
     keys = [{"id": "a", "key": "sk one"}, {"id": "b", "key": "${X-y}"}, {"id": "c"},

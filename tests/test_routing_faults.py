@@ -222,6 +222,28 @@ async def test_key_errors_are_logged_and_fallen_back_from_without_retrying(upstr
 
 
 @pytest.mark.anyio
+async def test_a_provider_s_own_headers_go_with_every_call_and_are_never_echoed(upstream: FakeUpstream) -> None:
+    # Azure OpenAI takes its key as "api-key", not as a bearer token: a provider without api_key and with that
+    # header. An upstream error quoting it has it taken out, as the api_key would be.
+    azure = {"type": "openai", "base_url": upstream.url, "api_key": "", "timeout_ms": 5000,
+             "headers": {"api-key": "azure-secret-0123456789", "X-Title": "acme search"}}  # fmt: skip
+    config = parse_config(config_dict(upstream.url, providers={"azure": azure}), env={})
+    async with running(config) as (c, _):
+        r = await c.post("/v1/embeddings", json={"model": "azure/embed-small", "input": "hi"},
+                         headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        (call,) = upstream.calls
+        assert call.headers["api-key"] == "azure-secret-0123456789" and call.headers["x-title"] == "acme search"
+        assert "authorization" not in call.headers
+        upstream.script.append(Fault("status", 400, message="key azure-secret-0123456789 is for another resource"))
+        with capture_logs() as logs:
+            r = await c.post("/v1/embeddings", json={"model": "azure/embed-small", "input": "hi"},
+                             headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.status_code == 400 and "[redacted]" in r.text
+        assert "azure-secret" not in r.text and "azure-secret" not in repr(logs)
+
+
+@pytest.mark.anyio
 async def test_key_error_on_a_deployment_fails_over_to_the_next_one(upstream: FakeUpstream) -> None:
     upstream.script.append(Fault("status", 401, model="multi-a"))
     async with running(routing_config(upstream)) as (c, _):

@@ -75,6 +75,8 @@ class ProviderConfig:
     multimodal: bool = False
     #: Whether the request's ``input_type`` is sent here (OpenAI's API refuses fields it does not know).
     accepts_input_type: bool = True
+    #: Headers sent with every call, as given (Azure OpenAI's ``api-key``, a proxy's own); kept as secrets are.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -503,9 +505,51 @@ def _providers(data: Any, errors: list[str]) -> dict[str, ProviderConfig]:
             multimodal=s.get("multimodal", s.boolean, False),
             # OpenAI's API answers 400 to a field it does not know; servers that speak its API may take more
             accepts_input_type=s.get("accepts_input_type", s.boolean, kind != "openai"),
+            headers=s.get("headers", _provider_headers(s), ()),
         )
+        if out[str(name)].api_key and any(n.lower() == "authorization" for n, _ in out[str(name)].headers):
+            s.error(s.at("headers"), "give api_key (sent as 'Authorization: Bearer') or an Authorization header, "
+                    "not both")  # fmt: skip
         s.finish()
     return out
+
+
+#: Headers the gateway writes itself on an upstream call: a provider's ``headers`` may not set them.
+_OWN_HEADERS: Final = frozenset({"host", "content-length", "content-type", "transfer-encoding", "connection",
+                                 "accept-encoding", "te", "upgrade", "traceparent", "tracestate"})  # fmt: skip
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE: Final = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+
+
+def _provider_headers(s: _Section) -> Callable[[Any, str], tuple[tuple[str, str], ...] | None]:
+    def check(v: Any, path: str) -> tuple[tuple[str, str], ...] | None:
+        if not isinstance(v, dict):
+            s.error(path, "must be a mapping of header names to values")
+            return None
+        out: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for name, value in v.items():
+            at = f"{path}.{name}"
+            if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+                s.error(path, f"{str(name)[:100]!r} is no HTTP header name")
+            elif name.lower() in _OWN_HEADERS:
+                s.error(at, "is set by the gateway itself")
+            elif name.lower() in seen:
+                s.error(at, "is given twice (header names are case-insensitive)")
+            elif any(e.startswith(f"{at}:") for e in s.errors):
+                pass  # its ${...} was refused: said once
+            elif value == "":
+                s.error(at, "is empty (is its environment variable set?)")
+            elif not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+                # not shown: it may be a secret (an api-key)
+                s.error(at, "must be a string of visible ASCII characters and spaces (no line breaks, no accents, "
+                        "none at either end)")  # fmt: skip
+            else:
+                seen.add(name.lower())
+                out.append((name, value))
+        return tuple(out)
+
+    return check
 
 
 def _models(data: Any, providers: Mapping[str, ProviderConfig], errors: list[str]) -> dict[str, ModelConfig]:

@@ -42,9 +42,12 @@ class OpenAIAdapter:
         self._secret = provider.api_key
         # The key as an error body may echo it: as is, URL-encoded, JSON-escaped (a "/" written "\/", as PHP's
         # json_encode does). A JSON body's strings are read decoded, so its \u escapes are covered too.
-        key = provider.api_key if len(provider.api_key) >= 4 else ""
-        forms = [key, quote(key, safe=""), quote(key), quote_plus(key), orjson.dumps(key).decode()[1:-1]]
-        forms.append(forms[-1].replace("/", "\\/"))
+        # So may a value of the provider's own headers (Azure's api-key): those of 8 characters or more.
+        forms: list[str] = []
+        for key in (provider.api_key if len(provider.api_key) >= 4 else "",
+                    *[value for _, value in provider.headers if len(value) >= 8]):  # fmt: skip
+            escaped = orjson.dumps(key).decode()[1:-1]
+            forms += [key, quote(key, safe=""), quote(key), quote_plus(key), escaped, escaped.replace("/", "\\/")]
         self._secret_forms: tuple[str, ...] = tuple(sorted({f for f in forms if f}, key=len, reverse=True))
         # Every header but the body's length, as raw pairs: with ``stream=`` httpx adds none of its own and
         # normalizes nothing twice (measured: ~4x cheaper than ``content=`` with a header dict).
@@ -57,6 +60,7 @@ class OpenAIAdapter:
         ]
         if provider.api_key:
             self._headers.append((b"Authorization", f"Bearer {provider.api_key}".encode("latin-1")))
+        self._headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in provider.headers]
         # Sending through embedgate's own transport (the default), the request goes as bytes: its line and fixed
         # headers written once here, no httpx.Request or httpx.Response per call. Any other transport or client
         # (an httpx.MockTransport, an injected AsyncClient, the proxy routes) gets httpx objects.
