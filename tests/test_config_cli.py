@@ -156,9 +156,13 @@ def test_a_provider_s_headers_are_checked_and_never_shown() -> None:
     assert bad == [
         "providers.az.headers.api-key: must be a string of visible ASCII characters and spaces (no line breaks, no "
         "accents, none at either end)",
-        "providers.az.headers.x-n: must be a string of visible ASCII characters and spaces (no line breaks, no "
-        "accents, none at either end)",
+        "providers.az.headers.x-n: must be a string, got int (quote it: YAML reads an unquoted number or yes/no its "
+        "own way)",
     ]
+    # "{api-key:SECRET}" (no space after the colon) is one name holding the secret: not shown
+    (colon,) = errors({"api-key:sk-secret-123": None})
+    assert "sk-secret" not in colon and "a space missing after a colon" in colon
+    assert errors({"Accept": "text/plain"}) == ["providers.az.headers.Accept: is set by the gateway itself"]
     assert errors({"api-key": ""}) == ["providers.az.headers.api-key: is empty (is its environment variable set?)"]
     assert errors({"api-key": "${AZURE_KEY_UNSET}"}) == [
         "providers.az.headers.api-key: environment variable AZURE_KEY_UNSET is not set (use ${AZURE_KEY_UNSET:-})"

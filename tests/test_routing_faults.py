@@ -242,6 +242,15 @@ async def test_a_provider_s_own_headers_go_with_every_call_and_are_never_echoed(
         assert r.status_code == 400 and "[redacted]" in r.text
         assert "azure-secret" not in r.text and "azure-secret" not in repr(logs)
 
+    # A credential in an Authorization header of a scheme of its own is quoted without the scheme
+    token = {**azure, "headers": {"Authorization": "Token tok-0123456789abcdef"}}
+    config = parse_config(config_dict(upstream.url, providers={"tok": token}), env={})
+    upstream.script.append(Fault("status", 400, message="Incorrect API key provided: tok-0123456789abcdef"))
+    async with running(config) as (c, _):
+        r = await c.post("/v1/embeddings", json={"model": "tok/embed-small", "input": "hi"},
+                         headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.status_code == 400 and "[redacted]" in r.text and "tok-0123" not in r.text
+
 
 @pytest.mark.anyio
 async def test_key_error_on_a_deployment_fails_over_to_the_next_one(upstream: FakeUpstream) -> None:

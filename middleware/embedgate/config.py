@@ -515,7 +515,7 @@ def _providers(data: Any, errors: list[str]) -> dict[str, ProviderConfig]:
 
 
 #: Headers the gateway writes itself on an upstream call: a provider's ``headers`` may not set them.
-_OWN_HEADERS: Final = frozenset({"host", "content-length", "content-type", "transfer-encoding", "connection",
+_OWN_HEADERS: Final = frozenset({"host", "content-length", "content-type", "transfer-encoding", "connection", "accept",
                                  "accept-encoding", "te", "upgrade", "traceparent", "tracestate"})  # fmt: skip
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_VALUE: Final = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
@@ -531,7 +531,13 @@ def _provider_headers(s: _Section) -> Callable[[Any, str], tuple[tuple[str, str]
         for name, value in v.items():
             at = f"{path}.{name}"
             if not isinstance(name, str) or not _TOKEN.fullmatch(name):
-                s.error(path, f"{str(name)[:100]!r} is no HTTP header name")
+                # "{api-key:SECRET}" (no space after the colon) is one name holding the value: not shown
+                shown = (
+                    "a name with ':' in it (a space missing after a colon?)"
+                    if ":" in str(name)
+                    else repr(str(name)[:100])
+                )
+                s.error(path, f"{shown} is no HTTP header name")
             elif name.lower() in _OWN_HEADERS:
                 s.error(at, "is set by the gateway itself")
             elif name.lower() in seen:
@@ -540,7 +546,10 @@ def _provider_headers(s: _Section) -> Callable[[Any, str], tuple[tuple[str, str]
                 pass  # its ${...} was refused: said once
             elif value == "":
                 s.error(at, "is empty (is its environment variable set?)")
-            elif not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+            elif not isinstance(value, str):
+                s.error(at, f"must be a string, got {_kind(value)} (quote it: YAML reads an unquoted number or "
+                        "yes/no its own way)")  # fmt: skip
+            elif not _HEADER_VALUE.fullmatch(value):
                 # not shown: it may be a secret (an api-key)
                 s.error(at, "must be a string of visible ASCII characters and spaces (no line breaks, no accents, "
                         "none at either end)")  # fmt: skip

@@ -44,8 +44,11 @@ class OpenAIAdapter:
         # json_encode does). A JSON body's strings are read decoded, so its \u escapes are covered too.
         # So may a value of the provider's own headers (Azure's api-key): those of 8 characters or more.
         forms: list[str] = []
-        for key in (provider.api_key if len(provider.api_key) >= 4 else "",
-                    *[value for _, value in provider.headers if len(value) >= 8]):  # fmt: skip
+        values = [value for _, value in provider.headers]
+        # an Authorization header's credential is quoted without its scheme ("Incorrect API key provided: sk-...")
+        values += [value.partition(" ")[2].strip() for name, value in provider.headers
+                   if name.lower() in ("authorization", "proxy-authorization")]  # fmt: skip
+        for key in (provider.api_key if len(provider.api_key) >= 4 else "", *[v for v in values if len(v) >= 8]):
             escaped = orjson.dumps(key).decode()[1:-1]
             forms += [key, quote(key, safe=""), quote(key), quote_plus(key), escaped, escaped.replace("/", "\\/")]
         self._secret_forms: tuple[str, ...] = tuple(sorted({f for f in forms if f}, key=len, reverse=True))
