@@ -179,6 +179,22 @@ def test_compiled_attributes_are_no_c_keywords() -> None:
     assert offending == []
 
 
+def test_no_call_in_a_compiled_slice_but_len() -> None:
+    """mypyc 2.4 evaluates a slice bound of a memoryview twice: ``piece[os.write(fd, piece):]`` wrote every log line
+    twice in the compiled build. A bound computed before the slice is safe."""
+    offending = [
+        (name, node.lineno)
+        for name in _native.COMPILED
+        for node in ast.walk(ast.parse((PACKAGE / f"{name}.py").read_text()))
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Slice)
+        for bound in (node.slice.lower, node.slice.upper, node.slice.step)
+        if bound is not None
+        for call in ast.walk(bound)
+        if isinstance(call, ast.Call) and not (isinstance(call.func, ast.Name) and call.func.id == "len")
+    ]
+    assert offending == []
+
+
 def test_written_out_initializers_set_every_field() -> None:
     # The request path's dataclasses write their ``__init__`` out (a generated one stays interpreted in the compiled
     # build): a field added later but not set there would be missing on every instance, caught here.

@@ -77,8 +77,10 @@ class _Lines:
     renderer (its console, say) but not its logger factory keeps this one (``BytesLogger`` raised TypeError)."""
 
     def __init__(self, file: BinaryIO) -> None:
-        self._out = structlog.BytesLogger(file)
+        # Our own writer needs no BytesLogger (which keeps a lock per file by weak reference: a compiled class
+        # takes none, and every line raised TypeError).
         self._sink: _Sink | None = file if isinstance(file, _Sink) else None
+        self._out = structlog.BytesLogger(file) if self._sink is None else None
 
     def msg(self, message: bytes | str) -> None:
         line = message.encode() if isinstance(message, str) else message
@@ -90,7 +92,8 @@ class _Lines:
             sink.flush()
             return
         try:
-            self._out.msg(line)
+            if self._out is not None:
+                self._out.msg(line)
         except (OSError, ValueError):  # an output gone, full or closed: the line is lost, not what logged it
             pass
 
@@ -315,7 +318,8 @@ class _Sink:
                         and not select.select([], [self._fd], [], max(0.0, until - time.monotonic()))[1]
                     ):
                         raise BlockingIOError("the output took nothing in time")
-                    piece = piece[os.write(self._fd, piece) :]
+                    written = os.write(self._fd, piece)  # (not in the slice: compiled, its call ran twice)
+                    piece = piece[written:]
             except (OSError, ValueError):  # (ValueError: select on a descriptor it cannot watch)
                 if counted:
                     with self._lock:
