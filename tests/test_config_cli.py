@@ -24,7 +24,7 @@ import redis
 import yaml
 
 from embedgate.config import ConfigError, hash_key, load_config, parse_config
-from tests.conftest import config_dict, wait_serving
+from tests.conftest import KEY, config_dict, wait_serving
 from tests.fake_upstream import FakeUpstream, Fault, free_port
 from tests.redis_util import require_redis
 
@@ -594,6 +594,52 @@ def test_a_request_cut_by_the_shutdown_is_a_503_in_its_shape_and_releases_its_re
     assert r.json()["error"]["code"] == "gateway_stopping" and "param" in r.json()["error"]  # the orq shape
     assert values and all(v == 0 for v in values)  # reserved, then released
     assert b"Traceback" not in out and b'"status":503' in out  # no traceback; the access line was written
+
+
+def test_the_workers_write_every_access_line_before_they_end(tmp_path: Path, upstream: FakeUpstream) -> None:
+    # A worker of --workers N ends by uvicorn's SIGTERM raised again after its shutdown: no exit handler of its
+    # runs, and the access lines its log writer still held (the 503s of the requests the shutdown cut) were lost.
+    data = config_dict(upstream.url)
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(data))
+    upstream.script.extend([Fault("slow", delay=4, model="embed-small")] * 6)
+    port = free_port()
+    argv = [*EMBEDGATE, "serve", "--config", str(path), "--port", str(port), "--workers", "2",
+            "--timeout-graceful-shutdown", "0.5"]  # fmt: skip
+    answers: list[httpx.Response] = []
+    with started(argv, {**os.environ, "OTEL_TRACES_EXPORTER": "none"}) as proc:
+        wait_serving(proc, f"http://127.0.0.1:{port}")
+        body = {"model": "local/embed-small", "input": "a slow one"}
+        senders = [threading.Thread(target=lambda i=i: answers.append(httpx.post(
+            f"http://127.0.0.1:{port}/v1/embeddings", json=body,
+            headers={"authorization": f"Bearer {KEY}", "x-request-id": f"cut-{i}"}, timeout=20)))
+            for i in range(6)]  # fmt: skip
+        for sender in senders:
+            sender.start()
+        wait_for(lambda: len(upstream.calls) == 6, "the requests to reach the upstream", timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        for sender in senders:
+            sender.join(timeout=20)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and [r.status_code for r in answers] == [503] * 6
+    lines = [orjson.loads(x) for x in out.splitlines() if x.startswith(b'{"logger":"embedgate.access"')]
+    assert sorted(line["request_id"] for line in lines) == [f"cut-{i}" for i in range(6)], out.decode()[-3000:]
+
+
+def test_serve_runs_with_stdout_and_stderr_closed(tmp_path: Path, upstream: FakeUpstream) -> None:
+    # `embedgate serve ... >&- 2>&-`: uvicorn's log setup failed on the missing stdout (a traceback, exit 1).
+    path = tmp_path / "gw.yaml"
+    path.write_text(GOOD)
+    port = free_port()
+    env = {**os.environ, "UPSTREAM_URL": upstream.url, "TEAM_A_KEY": "sk-a", "OTEL_TRACES_EXPORTER": "none"}
+    proc = subprocess.Popen([*EMBEDGATE, "serve", "--config", str(path), "--port", str(port)], env=env,
+                            stdin=subprocess.DEVNULL, preexec_fn=lambda: (os.close(1), os.close(2)))  # fmt: skip
+    try:
+        wait_serving(proc, f"http://127.0.0.1:{port}")
+        assert embed(f"http://127.0.0.1:{port}").status_code == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -40,7 +40,22 @@ def _check(path: str, *, serving: bool = False) -> int:
     return 0
 
 
+def _open_stdio() -> None:
+    """A closed stdout or stderr (``>&-``) onto /dev/null: uvicorn's log setup failed on it (a traceback, exit 1), and a
+    socket opened later took its descriptor, so that log lines went to a client."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, "w", closefd=False))  # the process's own, for good
+
+
 def _serve(args: argparse.Namespace) -> int:
+    _open_stdio()
     if _check(args.config, serving=True) != 0:
         return 1
     config = load_config(args.config)

@@ -228,6 +228,8 @@ class _Sink:
         self._writer: threading.Thread | None = None
         self._closed = False  # past the exit's close: lines are written by whoever logs them, at once
         self._until = 0.0  # until when (time.monotonic()) such lines may wait for the output
+        self._idle = threading.Event()  # set while the thread holds nothing to write
+        self._idle.set()
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
@@ -238,6 +240,8 @@ class _Sink:
         self._queue = queue.SimpleQueue()
         self._writer = None
         self._closed = False
+        self._idle = threading.Event()
+        self._idle.set()
 
     def write(self, data: bytes) -> int:
         with self._lock:
@@ -259,6 +263,7 @@ class _Sink:
                 return
             if not self._closed:
                 self._pending += len(chunk)
+                self._idle.clear()
                 thread = self._writer
                 if thread is None or not thread.is_alive():
                     thread = self._writer = threading.Thread(target=self._run, name="embedgate-log-writer",
@@ -270,6 +275,11 @@ class _Sink:
         # run before the interpreter ends. Written here, within the exit's wait (a pipe nobody reads stops no exit).
         self._write_out(chunk, until=self._until)
 
+    def drain(self, timeout: float) -> None:
+        """Hand over what waits, and wait (``timeout`` seconds at most) until the thread has written all it holds."""
+        self.flush()
+        self._idle.wait(timeout)
+
     def close(self) -> None:
         """Write out what waits (at the process's exit), for ``_exit_wait_s`` at most."""
         self.flush()
@@ -280,7 +290,10 @@ class _Sink:
             if thread is not None and thread.is_alive():
                 self._queue.put(None)
         if thread is not None:
-            thread.join(_exit_wait_s)
+            try:
+                thread.join(_exit_wait_s)
+            except KeyboardInterrupt:  # Ctrl-C during the wait: stop waiting (no traceback at exit)
+                pass
 
     def _run(self) -> None:
         while True:
@@ -292,11 +305,16 @@ class _Sink:
                 self._pending -= len(chunk)
                 dropped = self._dropped if self._pending == 0 else 0
                 self._dropped -= dropped
+                if self._pending == 0 and not dropped:
+                    self._idle.set()
             if dropped:
                 note = {"logger": "embedgate", "event": "log lines dropped: their output was not taken in time (a "
                         "full pipe or disk, or a reader gone)", "dropped": dropped, "level": "warning",
                         "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}  # fmt: skip
                 self._write_out(orjson.dumps(note) + b"\n", counted=False)
+                with self._lock:
+                    if self._pending == 0:
+                        self._idle.set()
 
     def _write_out(self, chunk: bytes, *, counted: bool = True, until: float | None = None) -> None:
         """Write ``chunk`` whole lines at a time; a write that fails, or (``until``, a ``time.monotonic()``) that
@@ -338,6 +356,9 @@ def _stdout() -> BinaryIO:
         try:
             fd = sys.stdout.fileno()
         except (AttributeError, OSError, ValueError):
+            if sys.stdout is None:  # no stdout at all (closed when the process started): the lines go nowhere
+                _own_stdout = _Sink(os.open(os.devnull, os.O_WRONLY))
+                return cast(BinaryIO, _own_stdout)
             return cast(BinaryIO, sys.stdout.buffer)
         _own_stdout = _Sink(fd)  # the descriptor is sys.stdout's, never closed here
         atexit.register(_own_stdout.close)
@@ -534,11 +555,16 @@ def set_access_flush_delay(seconds: float) -> None:
 
 
 def flush_access_lines() -> None:
-    """Write out the access lines still waiting (the gateway calls it at shutdown)."""
+    """Write out the access lines still waiting (the gateway calls it at shutdown), and wait for stdout's writer to
+    have written them, ``_exit_wait_s`` at most: a worker of ``embedgate serve --workers N`` ends by uvicorn's
+    SIGTERM raised again after its shutdown, and no exit handler of its runs."""
     global _flush_loop
     _flush_loop = None
     if _direct is not None:
         _flush(_direct[0])
+    sink = _own_stdout
+    if sink is not None:
+        sink.drain(_exit_wait_s)
 
 
 def _flush(out: BinaryIO) -> None:
