@@ -304,6 +304,18 @@ async def test_a_wall_clock_stepped_back_does_not_fail_redis_reserves(
     assert got.values == (2,)
 
 
+@asynccontextmanager
+async def proxied_store(url: str, **hooks: Any) -> AsyncIterator[RedisBudgetStore]:
+    """A Redis budget store of a prefix of its own, talking to ``url`` through a proxy with ``hooks`` (``to_redis``,
+    ``to_client``: see ``redis_proxy``); closed afterwards."""
+    async with redis_proxy(url, **hooks) as proxied:
+        store = RedisBudgetStore(proxied, prefix=f"eg:b:test:{uuid.uuid4().hex}:")
+        try:
+            yield store
+        finally:
+            await store.aclose()
+
+
 @pytest.mark.anyio
 async def test_a_slow_read_of_redis_s_clock_never_makes_the_reserve_deadline_late(anyio_backend: str) -> None:
     # Redis stalled, then answered TIME as it resumed: the offset, taken at the middle of the wait, was half the
@@ -319,15 +331,13 @@ async def test_a_slow_read_of_redis_s_clock_never_makes_the_reserve_deadline_lat
             times += 1
             await asyncio.sleep(0.4)  # Redis reads its clock at the end of the wait
 
-    async with redis_proxy(url, to_redis=stall_time) as proxied:
-        store = RedisBudgetStore(proxied, prefix=f"eg:b:test:{uuid.uuid4().hex}:")
+    async with proxied_store(url, to_redis=stall_time) as store:
         client = aioredis.Redis.from_url(url)
         try:
             deadline = await store._deadline()
             seconds, micros = await client.time()
             await store._deadline()
         finally:
-            await store.aclose()
             await client.aclose()
     assert deadline <= seconds * 1000 + micros / 1000 + 0.8 * 1000 + 20  # the store's wait: 0.8 of its 1 s timeout
     assert times == 1
@@ -350,16 +360,12 @@ async def test_one_slow_answer_to_time_does_not_replace_a_trusted_offset(anyio_b
             await asyncio.sleep(0.85)
 
     t = int(T0 * 1000)
-    async with redis_proxy(require_redis(), to_redis=mark_time, to_client=hold_reply) as proxied:
-        store = RedisBudgetStore(proxied, prefix=f"eg:b:test:{uuid.uuid4().hex}:")
-        try:
-            await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="0")
-            store._offset_read_at -= 61_000  # a minute on: the clock is read again, and its answer is held
-            hold["replies"] = True
-            got = [await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS,
-                                       member=str(i)) for i in range(1, 4)]  # fmt: skip
-        finally:
-            await store.aclose()
+    async with proxied_store(require_redis(), to_redis=mark_time, to_client=hold_reply) as store:
+        await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="0")
+        store._offset_read_at -= 61_000  # a minute on: the clock is read again, and its answer is held
+        hold["replies"] = True
+        got = [await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS,
+                                   member=str(i)) for i in range(1, 4)]  # fmt: skip
     assert [r.values for r in got] == [(2,), (3,), (4,)]
 
 
@@ -379,15 +385,11 @@ async def test_a_distant_redis_replaces_a_wrong_clock_offset_at_its_next_reading
             await asyncio.sleep(0.9)
 
     t = int(T0 * 1000)
-    async with redis_proxy(require_redis(), to_redis=ask, to_client=distant) as proxied:
-        store = RedisBudgetStore(proxied, prefix=f"eg:b:test:{uuid.uuid4().hex}:")
-        try:
-            with pytest.raises(BudgetStoreError, match="too late"):  # its deadline a whole stall early
-                await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="0")
-            store._offset_read_at -= 61_000  # the next reading is due
-            got = await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="1")
-        finally:
-            await store.aclose()
+    async with proxied_store(require_redis(), to_redis=ask, to_client=distant) as store:
+        with pytest.raises(BudgetStoreError, match="too late"):  # its deadline a whole stall early
+            await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="0")
+        store._offset_read_at -= 61_000  # the next reading is due
+        got = await store.reserve([CounterSpec("c", 1, 100, 3600)], [], now_ms=t, window_ms=WINDOW_MS, member="1")
     assert got.values == (1,)
 
 
