@@ -217,6 +217,13 @@ class _Errors(list[str]):
         self.from_env: set[str] = set()
 
 
+def _told(errors: list[str], *paths: str) -> bool:
+    """Whether an error was already reported at one of ``paths`` (a refused ``${...}``, say): said once, not again
+    as a missing or empty value."""
+    heads = tuple(f"{path}:" for path in paths)
+    return any(e.startswith(heads) for e in errors)
+
+
 def _got(v: Any, path: str, errors: list[str]) -> str:
     """``v`` as an error message shows it: its repr, unless the environment gave it."""
     if isinstance(errors, _Errors) and path in errors.from_env:
@@ -542,8 +549,8 @@ def _provider_headers(s: _Section) -> Callable[[Any, str], tuple[tuple[str, str]
                 s.error(at, "is set by the gateway itself")
             elif name.lower() in seen:
                 s.error(at, "is given twice (header names are case-insensitive)")
-            elif any(e.startswith(f"{at}:") for e in s.errors):
-                pass  # its ${...} was refused: said once
+            elif _told(s.errors, at):
+                pass  # its ${...} was refused
             elif value == "":
                 s.error(at, "is empty (is its environment variable set?)")
             elif not isinstance(value, str):
@@ -629,8 +636,8 @@ def _keys(data: Any, errors: list[str]) -> tuple[KeyConfig, ...]:
         clear = s.get("key", s.secret, None)
         digest = s.get("sha256", _sha256_hex(s), None)
         sha = digest or hash_key(clear or "")
-        if any(e.startswith((f"{s.at('key')}:", f"{s.at('sha256')}:")) for e in errors):
-            pass  # the secret given was refused, or its ${...}: said once, not again as missing or empty
+        if _told(errors, s.at("key"), s.at("sha256")):
+            pass  # the secret given was refused, or its ${...}
         elif clear is not None and digest is not None:
             s.error(s.path, "give either key or sha256, not both")
         elif clear is None and digest is None:
