@@ -87,6 +87,31 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
         "invalid_request",
     ),
     ("input-huge-token-float", body(input=[[7, 1e20]]), {}, 400, "input[0][1]", None),
+    # Beyond a double's range: orjson refuses the whole body; the error names the number's place all the same.
+    (
+        "dimensions-out-of-range",
+        b'{"model": "local/embed-small", "input": "x", "dimensions": 1e400}',
+        {},
+        400,
+        "dimensions",
+        "invalid_request",
+    ),
+    (
+        "input-token-out-of-range",
+        b'{"model": "local/embed-small", "input": [[7, -2e999]]}',
+        {},
+        400,
+        "input[0][1]",
+        "invalid_request",
+    ),
+    (
+        "input-token-400-digits",
+        b'{"model": "local/embed-small", "input": [1' + b"0" * 400 + b"]}",
+        {},
+        400,
+        "input[0]",
+        "invalid_request",
+    ),
     ("input-token-above-uint32", body(input=[2**32]), {}, 400, "input[0]", None),
     ("input-bad-multimodal", body(input=[{"content": [{"type": "audio"}]}]), {}, 400, "input[0].content[0].type", None),
     # not a string (a list, an object): unhashable, it was a 500

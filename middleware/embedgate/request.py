@@ -573,7 +573,7 @@ def parse_request(
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        found = _lone_surrogate(body) if "surrogate" in str(exc) else None
+        found = _unreadable(body, str(exc))
         if found is not None:
             raise InvalidRequest(f"Invalid '{found[0]}': {found[1]}", param=found[0]) from None
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", param=None, code="invalid_json") from None
@@ -647,12 +647,17 @@ def parse_request(
 
 
 #: A UTF-16 surrogate code point (a regex escape: mypyc takes no surrogate in a string literal).
+_MAX_DOUBLE: Final = int(1.7976931348623157e308)
 _SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
 
 
-def _lone_surrogate(body: bytes) -> tuple[str, str] | None:
-    """Where a body that is JSON but for a lone UTF-16 surrogate holds it (``input[3]``), and what it is: orjson
-    refuses the whole body, so this error path alone re-reads it with the standard library, which keeps them."""
+def _unreadable(body: bytes, reason: str) -> tuple[str, str] | None:
+    """Where a body that is JSON but for what orjson refuses holds it (``input[3]``), and what it is: a lone UTF-16
+    surrogate, or a number beyond a double's range (``1e400``). orjson refuses the whole body, so this error path
+    alone re-reads it with the standard library, which keeps both (the number as infinity)."""
+    surrogate = "surrogate" in reason
+    if not surrogate and "infinity" not in reason:
+        return None
     try:
         data = json.loads(bytes(body).decode("utf-8", "surrogatepass"))
     except (ValueError, RecursionError):
@@ -661,12 +666,16 @@ def _lone_surrogate(body: bytes) -> tuple[str, str] | None:
     while stack:
         path, v = stack.pop()
         if isinstance(v, str):
-            bad = _SURROGATE.search(v)
+            bad = _SURROGATE.search(v) if surrogate else None
             if bad is not None:
                 return (
                     path or "body",
                     f"contains a lone UTF-16 surrogate (\\u{ord(bad.group()):04x}), which is not valid Unicode",
                 )
+        elif isinstance(v, (float, int)):
+            # (orjson reads a whole number of more than 64 bits as a double: one past a double's range is infinity)
+            if not surrogate and (math.isinf(v) if isinstance(v, float) else abs(v) > _MAX_DOUBLE):
+                return path or "body", "is a number out of range (beyond +-1.8e308)"
         elif isinstance(v, list):
             items: list[Any] = v
             for i in range(len(items) - 1, -1, -1):  # (index loops: mypyc 2.4 fails on reversed(enumerate) here)
@@ -674,7 +683,7 @@ def _lone_surrogate(body: bytes) -> tuple[str, str] | None:
         elif isinstance(v, dict):
             pairs: list[tuple[str, Any]] = list(v.items())
             for key, _ in pairs:
-                if _SURROGATE.search(key):  # such a key can't be named: name its place
+                if surrogate and _SURROGATE.search(key):  # such a key can't be named: name its place
                     return path or "body", "holds a field name with a lone UTF-16 surrogate, which is not valid Unicode"
             for j in range(len(pairs) - 1, -1, -1):
                 key, x = pairs[j]
