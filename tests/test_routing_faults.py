@@ -457,6 +457,23 @@ async def test_an_upstream_rejection_names_the_field_the_upstream_names(upstream
             error = r.json()["error"]
             assert (error["code"], error["param"]) == ("upstream_rejected_input", named)
             assert "does not support specifying dimensions" in error["message"]
+        # FastAPI's validation errors name it in `detail[].loc` (TEI, Jina, DeepInfra; Mistral within `message`)
+        extra = {"type": "extra_forbidden", "loc": ["body", "dimensions"], "msg": "Extra inputs are not permitted"}
+        detailed = [
+            {"detail": [extra]},
+            {"object": "error", "message": {"detail": [extra]}, "type": "invalid_request_error", "param": None},
+            {"error": {"message": "bad", "detail": [{"loc": ["body", "input", 0], "msg": "too long"}]}},
+            {"detail": [{"loc": ["body", "model"], "msg": "unknown"}]},  # not a field of the client's
+            {"detail": [{"loc": [], "msg": "?"}]},
+            {"detail": "Not Found"},
+        ]
+        for answer, named in zip(detailed, ["dimensions", "dimensions", "input", "input", "input", "input"],
+                                 strict=True):  # fmt: skip
+            upstream.script.append(Fault("raw", code=422, body=orjson.dumps(answer), model=PRIMARY_UP))
+            r = await c.post("/v1/embeddings", json={**body_for(), "dimensions": 8}, headers=AUTH)
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert (error["code"], error["param"]) == ("upstream_rejected_input", named), answer
 
 
 ESTIMATE = sum(len(t.encode()) + 2 for t in TEXTS)  # the request's upper bound: UTF-8 bytes + 2 a string

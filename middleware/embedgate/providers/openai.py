@@ -157,7 +157,7 @@ class OpenAIAdapter:
             err = data.get("error") if isinstance(data, dict) else None
             message = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
             named = err.get("param") if isinstance(err, dict) else None
-            param = named if isinstance(named, str) else None
+            param = named if isinstance(named, str) else _detail_field(data, err)
             given = err.get("code") if isinstance(err, dict) else None
             code = given if isinstance(given, str) else None
             # any other JSON is shown re-written: its strings decoded, so an escaped key is found as well
@@ -188,6 +188,19 @@ class OpenAIAdapter:
             model = self._scrubbed(model)
         return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total, b64=b64,
                           model=model)  # fmt: skip
+
+
+def _detail_field(data: Any, err: Any) -> str | None:
+    """The field a FastAPI-style validation error names (``{"detail": [{"loc": ["body", "dimensions"], ...}]}``,
+    as TEI, Jina or DeepInfra answer; Mistral nests it in ``message``): its first item's, if a name."""
+    for holder in (data, err, data.get("message") if isinstance(data, dict) else None):
+        detail = holder.get("detail") if isinstance(holder, dict) else None
+        if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+            loc = detail[0].get("loc")
+            if isinstance(loc, list) and loc:
+                field = loc[1] if loc[0] == "body" and len(loc) > 1 else loc[0]
+                return field if isinstance(field, str) else None
+    return None
 
 
 #: The fields of the upstream call a client sends as they are: an error naming one names it to the client too.
