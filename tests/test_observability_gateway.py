@@ -164,6 +164,34 @@ async def test_root_span_is_named_after_name_then_orq_name_then_model(
     assert [s.attributes["embedgate.route"] for s in found if s.attributes] == ["openai", "orq", "orq", "openrouter",
                                                                                 "orq"]  # fmt: skip
     assert found[-1].attributes is not None and found[-1].attributes["gen_ai.request.model"] == "local/embed-b"
+    # the HTTP server conventions' required attributes (the root span had none of them)
+    http = ("http.request.method", "http.route", "url.path", "url.scheme")
+    assert [{k: v for k, v in (s.attributes or {}).items() if k in http} for s in found] == [
+        {"http.request.method": "POST", "http.route": path, "url.path": path, "url.scheme": "http"}
+        for path, _, _ in requests
+    ]
+
+
+@pytest.mark.anyio
+async def test_the_root_span_spans_the_reading_of_the_body(
+    upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    # It started once the body was read and parsed: a body that took 1.5 s to arrive made a 1 ms root span, where
+    # the access line said 1,500 ms.
+    gw = EmbeddingGateway(host_404, config=make_config(upstream), tracer_provider=provider)
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        await asyncio.sleep(0.3)
+        yield orjson.dumps({"model": "local/embed-small", "input": "hello"})
+
+    async with client_for(gw) as client:
+        r = await client.post("/v1/embeddings", content=slow_body(), headers=AUTH)
+    assert r.status_code == 200, r.text
+    (root,) = roots(exporter)
+    assert root.start_time is not None and root.end_time is not None
+    assert root.end_time - root.start_time >= 300_000_000
+    children = [span for span in trace_of(exporter, root) if span is not root]
+    assert children and all(c.start_time is not None and c.start_time >= root.start_time for c in children)
 
 
 @pytest.mark.anyio
@@ -226,6 +254,7 @@ async def test_retries_and_a_fallback_give_one_client_span_per_attempt(
         "gen_ai.embeddings.dimension.count": upstream.dims,
         "gen_ai.request.encoding_formats": (sent["encoding_format"],),  # what was asked of the upstream
         "server.address": "127.0.0.1",
+        "server.port": upstream.port,
         "embedgate.attempt": 1,
         "embedgate.fallback_index": 1,
         "embedgate.deployment": "backup/fb-model",

@@ -650,6 +650,8 @@ class ScriptedAdapter:
 
     name = "local"
     server_address = "in-process"
+    server_port = None
+    gen_ai_provider = "local"
 
     def __init__(self) -> None:
         self.calls = 0

@@ -1317,3 +1317,30 @@ def test_a_key_id_bound_later_is_undone_with_the_request_and_the_hosts_value_com
     inside, after = lines(log_output)
     assert (inside["request_id"], inside["key_id"]) == ("r-1", "team-a")
     assert "request_id" not in after and after["key_id"] == "host-value"
+
+
+@pytest.mark.parametrize(
+    ("base_url", "provider_name", "port"),
+    [
+        ("https://api.openai.com/v1", "openai", 443),
+        ("https://acme.openai.azure.com/openai/deployments/te3?api-version=2024-02-01", "azure.ai.openai", 443),
+        ("https://api.mistral.ai/v1", "mistral_ai", 443),
+        ("https://generativelanguage.googleapis.com/v1beta/openai", "gcp.gemini", 443),
+        (
+            "https://us-central1-aiplatform.googleapis.com/v1/projects/p/locations/l/endpoints/openapi",
+            "gcp.vertex_ai",
+            443,
+        ),
+        ("http://10.0.0.7:8080/v1", "azure", 8080),  # any other host: the provider's name in the config
+        ("http://tei.internal/v1", "azure", 80),
+        ("https://api.openai.com.evil.example/v1", "azure", 443),
+    ],
+)
+def test_an_attempt_span_names_a_well_known_provider_and_the_port(base_url: str, provider_name: str, port: int) -> None:
+    # `gen_ai.provider.name` was the provider's name in the config ("azure" for the README's Azure example), where
+    # the GenAI conventions say a well-known value MUST be used; `server.port` was never set.
+    from embedgate.config import ProviderConfig
+    from embedgate.providers.openai import OpenAIAdapter
+
+    adapter = OpenAIAdapter(ProviderConfig(name="azure", type="openai", base_url=base_url, api_key="k"), send=None)  # type: ignore[arg-type]
+    assert (adapter.gen_ai_provider, adapter.server_port) == (provider_name, port)

@@ -28,6 +28,7 @@ import orjson
 import structlog
 from mypy_extensions import mypyc_attr
 from opentelemetry.trace import TracerProvider
+from opentelemetry.util.types import AttributeValue
 
 from .budgets import BUILTIN_PRICES, BudgetEngine, budget_store, model_price
 from .cache import VectorCache
@@ -139,6 +140,7 @@ class EmbeddingGateway:
         self._opening = asyncio.Lock()
         self._in_flight = 0  # embedding requests between their trace's start and their end
         self._finishing: set[asyncio.Future[None]] = set()  # settles a host's timeout left running (see _embed)
+        self._server_attrs: dict[tuple[str, str], dict[str, AttributeValue]] = {}  # the root span's HTTP ones
         self.router: Router | None = None
         self.cache: VectorCache | None = None
         self.pipeline: Pipeline | None = None
@@ -344,6 +346,7 @@ class EmbeddingGateway:
         return started
 
     async def _embed(self, scope: Scope, receive: Receive, send: Send, dialect: Dialect) -> None:
+        arrived = time.time_ns()  # the root span starts here: it spans the body's reading too, as the access line
         if not self._open and not await self._opened(send, dialect, scope):
             return
         assert self.pipeline is not None and self.telemetry is not None
@@ -380,7 +383,8 @@ class EmbeddingGateway:
                 error = GatewayError("Internal error in the gateway; see its logs for this request id")
         req = call.request
         name = (req.name or f"embeddings {req.model}") if req is not None else "embeddings"
-        with self.telemetry.start_request(name, headers=scope["headers"]) as root:
+        with self.telemetry.start_request(name, headers=scope["headers"], attributes=self._http_attributes(scope),
+                                          start_time=arrived) as root:  # fmt: skip
             extensions = scope.get("extensions")
             # Standalone, the request's task is the gateway's alone; mounted, the host's middlewares run on in it
             # after the gateway, with their own bindings, which clear_request restores.
@@ -480,6 +484,16 @@ class EmbeddingGateway:
                 self._in_flight -= 1
                 if not own_task:
                     clear_request()
+
+    def _http_attributes(self, scope: Scope) -> dict[str, AttributeValue]:
+        """The HTTP server conventions' attributes of an embedding POST's root span (its path is a route's)."""
+        path, scheme = scope["path"], scope.get("scheme", "http")
+        attrs = self._server_attrs.get((path, scheme))
+        if attrs is None:
+            attrs = {"http.request.method": "POST", "http.route": path, "url.path": path, "url.scheme": scheme}
+            if len(self._server_attrs) < 64:  # a few routes, each under a root path or two: bounded all the same
+                self._server_attrs[(path, scheme)] = attrs
+        return attrs
 
     async def _finish(self, call: Call, error: GatewayError | None, request_id: str) -> None:
         """Run the request's finishing steps (its budget settle), each whatever the others do."""

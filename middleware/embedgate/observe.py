@@ -25,9 +25,10 @@ class ObservedAttempts(AttemptHook):
     def start(self, *, model: str, deployment: Deployment, adapter: Adapter, attempt: int, fallback_index: int,
               request: EmbeddingRequest) -> Any:  # fmt: skip
         span = self._telemetry.attempt(
-            provider=deployment.provider,
+            provider=adapter.gen_ai_provider,
             request_model=deployment.upstream_model,
             server_address=adapter.server_address,
+            server_port=adapter.server_port,
             attempt=attempt,
             fallback_index=fallback_index,
             deployment=f"{deployment.provider}/{deployment.upstream_model}",

@@ -449,8 +449,10 @@ class Telemetry:
         *,
         headers: Iterable[tuple[bytes, bytes]],
         attributes: Mapping[str, AttributeValue] | None = None,
+        start_time: int | None = None,
     ) -> RequestSpan:
-        """Start the SERVER root span ``name``, continuing a W3C ``traceparent`` in the ASGI ``headers``.
+        """Start the SERVER root span ``name``, continuing a W3C ``traceparent`` in the ASGI ``headers``; from
+        ``start_time`` (ns since the epoch, the request's arrival) if given, else now.
 
         When a span is already current (a host's own OTel ASGI middleware), it is the parent instead: it has
         already continued the caller's trace. ``attributes`` keys must be in ``ALLOWED_ATTRIBUTES``.
@@ -464,9 +466,10 @@ class Telemetry:
             parent = self._extract(headers)
         lean = self._lean
         if lean is not None:
-            span: Span = lean.start_span(name, parent, _SERVER, attributes)
+            span: Span = lean.start_span(name, parent, _SERVER, attributes, None, start_time)
         else:
-            span = self._tracer.start_span(name, context=parent, kind=_SERVER, attributes=attributes)
+            span = self._tracer.start_span(name, context=parent, kind=_SERVER, attributes=attributes,
+                                           start_time=start_time)  # fmt: skip
         if type(span) is not LeanSpan and not span.get_span_context().is_valid:  # a LeanSpan's ids are valid
             # No SDK anywhere and no caller trace: a random, unsampled context still gives the response
             # header, the logs and the upstream traceparent one shared trace id.
@@ -504,12 +507,14 @@ class Telemetry:
         fallback_index: int,
         deployment: str,
         encoding_format: str,
+        server_port: int | None = None,
     ) -> AttemptSpan:
         """Start the CLIENT span of one upstream attempt, child of the current span, with GenAI attributes.
 
-        ``provider`` is the provider's name, ``request_model`` the model id sent upstream, ``server_address``
-        the upstream host, ``attempt`` counts from 1 within a model, ``fallback_index`` is 0 for the requested
-        model and n for the n-th fallback, ``encoding_format`` the format asked of the upstream.
+        ``provider`` is the provider's ``gen_ai.provider.name``, ``request_model`` the model id sent upstream,
+        ``server_address`` the upstream host (``server_port`` its port), ``attempt`` counts from 1 within a model,
+        ``fallback_index`` is 0 for the requested model and n for the n-th fallback, ``encoding_format`` the
+        format asked of the upstream.
         """
         lean = self._lean
         name = f"embeddings {request_model}"
@@ -529,6 +534,8 @@ class Telemetry:
                     "embedgate.deployment": deployment,
                 }
             )
+            if server_port is not None:
+                span.set_attribute("server.port", server_port)
         return AttemptSpan(span)
 
     def shutdown(self) -> None:

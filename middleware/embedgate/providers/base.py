@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import aiohttp
 import httpx
 
-__all__ = ["Adapter", "AiohttpTransport", "Embeddings", "Sender", "sender_for"]
+__all__ = ["Adapter", "AiohttpTransport", "Embeddings", "Sender", "gen_ai_provider_name", "sender_for"]
 
 Sender = Callable[[httpx.Request], Awaitable[httpx.Response]]
 _OWN_HEADERS = frozenset({"host", "content-length"})
@@ -48,7 +48,12 @@ class Adapter(Protocol):
     """One upstream provider API. Raises only ``embedgate.errors`` types (translated at this boundary)."""
 
     name: str
+    #: The upstream's host and port (``server.address``, ``server.port`` of its attempt spans).
     server_address: str
+    server_port: int | None
+    #: Its ``gen_ai.provider.name``: a well-known value of the GenAI conventions (``openai``, ``azure.ai.openai``)
+    #: where its host is one of theirs, else the provider's name in the config.
+    gen_ai_provider: str
 
     async def embed(
         self,
@@ -181,3 +186,32 @@ def sender_for(upstream: httpx.AsyncClient | httpx.AsyncBaseTransport) -> Sender
         return await _read(await upstream.handle_async_request(request))
 
     return send
+
+
+#: The GenAI conventions' well-known ``gen_ai.provider.name`` values, by the upstream's host: that host, or one of
+#: its subdomains (a region's, an Azure resource's).
+_GEN_AI_PROVIDERS: Final = (
+    ("api.openai.com", "openai"),
+    ("openai.azure.com", "azure.ai.openai"),
+    ("services.ai.azure.com", "azure.ai.inference"),
+    ("models.ai.azure.com", "azure.ai.inference"),
+    ("api.mistral.ai", "mistral_ai"),
+    ("api.cohere.ai", "cohere"),
+    ("api.cohere.com", "cohere"),
+    ("generativelanguage.googleapis.com", "gcp.gemini"),
+    ("aiplatform.googleapis.com", "gcp.vertex_ai"),
+    ("api.deepseek.com", "deepseek"),
+    ("api.groq.com", "groq"),
+    ("api.x.ai", "x_ai"),
+    ("api.perplexity.ai", "perplexity"),
+)
+
+
+def gen_ai_provider_name(host: str) -> str | None:
+    """The well-known ``gen_ai.provider.name`` of an upstream host (``api.openai.com``: ``openai``), if any."""
+    host = host.lower().rstrip(".")
+    for known, name in _GEN_AI_PROVIDERS:
+        if host == known or host.endswith("." + known):
+            return name
+    # Vertex AI's regional hosts: us-central1-aiplatform.googleapis.com
+    return "gcp.vertex_ai" if host.endswith("-aiplatform.googleapis.com") else None

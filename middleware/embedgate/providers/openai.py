@@ -20,7 +20,7 @@ import orjson
 from ..config import ProviderConfig
 from ..errors import UpstreamError, UpstreamTimeout
 from ..wire import DimensionsNotHonoured, MalformedAnswer, cut_vectors, read_answer, take_cut
-from .base import Embeddings, Sender
+from .base import Embeddings, Sender, gen_ai_provider_name
 from .deadline import deadline
 from .http1 import Http1Transport, decoded_answer, header_value, origin_of, request_head
 
@@ -38,7 +38,10 @@ class OpenAIAdapter:
         # "/embeddings" goes on the path: a base_url's query (Azure's ?api-version=) stays the query.
         base = httpx.URL(provider.base_url)
         self._url = base.copy_with(path=base.path.rstrip("/") + "/embeddings")
-        self.server_address = urlsplit(provider.base_url).hostname or ""
+        parts = urlsplit(provider.base_url)
+        self.server_address = parts.hostname or ""
+        self.server_port: int | None = parts.port or (443 if parts.scheme == "https" else 80)
+        self.gen_ai_provider = gen_ai_provider_name(self.server_address) or provider.name
         self._secret = provider.api_key
         # The key as an error body may echo it: as is, URL-encoded, JSON-escaped (a "/" written "\/", as PHP's
         # json_encode does). A JSON body's strings are read decoded, so its \u escapes are covered too.
