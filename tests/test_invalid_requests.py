@@ -22,6 +22,7 @@ OK = {"model": "local/embed-small", "input": "hello"}
 
 
 DEEP = orjson.loads("[" * 300 + "]" * 300)  # orjson reads 1024 levels, writes 255
+DEEPEST = b"[" * 1000 + b"]" * 1000  # as deep as orjson reads: Python's str() of it raises RecursionError
 
 
 def body(**changes: Any) -> dict[str, Any]:
@@ -113,6 +114,31 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
         "invalid_request",
     ),
     ("input-token-above-uint32", body(input=[2**32]), {}, 400, "input[0]", None),
+    # Values nested beyond what orjson writes, quoted in their error: a 500 with a traceback logged, keyless.
+    (
+        "encoding-format-deepest",
+        b'{"model": "local/embed-small", "input": "x", "encoding_format": ' + DEEPEST + b"}",
+        {},
+        400,
+        "encoding_format",
+        None,
+    ),
+    (
+        "input-token-deepest",
+        b'{"model": "local/embed-small", "input": [1, ' + DEEPEST + b"]}",
+        {},
+        400,
+        "input[1]",
+        None,
+    ),
+    (
+        "cache-type-deepest",
+        b'{"model": "local/embed-small", "input": "x", "cache": {"type": ' + DEEPEST + b"}}",
+        {},
+        400,
+        "cache.type",
+        None,
+    ),
     ("input-bad-multimodal", body(input=[{"content": [{"type": "audio"}]}]), {}, 400, "input[0].content[0].type", None),
     # not a string (a list, an object): unhashable, it was a 500
     ("input-multimodal-type-list", body(input=[{"content": [{"type": [1]}]}]), {}, 400, MM_TYPE, None),

@@ -181,8 +181,9 @@ def _shown(v: Any) -> str:
     """A client's value as it wrote it (JSON: ``null``, ``true``, ``"text"``) for a message, at most 100 characters."""
     try:
         text = orjson.dumps(v).decode()
-    except orjson.JSONEncodeError:  # an integer beyond 64 bits
-        text = str(v)
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits, or arrays or objects nested beyond 254 levels
+        # (str() of such nesting raised RecursionError, a 500: its type alone is named)
+        text = str(v) if type(v) is int and v.bit_length() < 1024 else _type_name(v)
     return text if len(text) <= 100 else text[:97] + "..."
 
 
