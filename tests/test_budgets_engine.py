@@ -624,3 +624,20 @@ async def test_a_reserve_cancelled_while_redis_is_slow_is_undone_when_it_lands(s
         assert (await BudgetEngine(config, store).usage())[0]["tokens"]["used"] == 10
     finally:
         await store.aclose()
+
+
+def test_a_fallbacks_charge_is_its_answer_and_the_chunks_it_spent() -> None:
+    # What settles a fallback's own budgets: the answer's usage if it served (all billed but other models' chunks),
+    # plus the chunks it embedded before it failed.
+    from embedgate.errors import Dialect
+    from embedgate.pipeline import Call, _charged_by
+
+    call = Call(dialect=Dialect.OPENAI, body=b"", request_id="r")
+    call.billed_tokens, call.cost_usd = 10, 1.0
+    call.spent = [("a/one", 3, 0.25), ("b/two", 2, 0.5)]
+    call.served_model = "b/two"
+    assert _charged_by(call, "b/two") == (7, 0.75)  # 10 - 5 of the answer, and its own 2
+    assert _charged_by(call, "a/one") == (3, 0.25)
+    assert _charged_by(call, "c/three") == (0, 0.0)
+    call.served_model = None  # none served: only what each spent
+    assert _charged_by(call, "b/two") == (2, 0.5)

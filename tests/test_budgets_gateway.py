@@ -474,6 +474,45 @@ async def test_a_fallback_bills_the_tokens_of_the_model_that_served(upstream: Fa
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("scope", ["model", "provider"])
+async def test_a_fallback_is_not_spent_past_its_own_model_or_provider_budget(upstream: FakeUpstream,
+                                                                             scope: str) -> None:  # fmt: skip
+    # Only the requested model's budgets applied: a client reached a spent model (or provider) by naming it as the
+    # fallback of a model that fails (or with its own fallback_on_codes: any 404), as often as it liked.
+    target = "backup/embed-small" if scope == "model" else "backup"
+    config = budget_config(upstream.url, [{"scope": scope, "target": target, "token_limit": 6}])
+    via = {"retry": {"count": 0, "on_codes": [503]}, "fallbacks": [{"model": "backup/embed-small"}]}
+
+    async def usage() -> int:
+        rows = {(row["scope"], row["id"]): row for row in await admin_usage(c)}
+        used: int = rows[scope, target]["tokens"]["used"]
+        return used
+
+    async with running(config) as (_, c):
+        upstream.script.append(Fault("status", 503, model="embed-small"))
+        r = await embed(c, [1, 2, 3], **via)
+        assert (r.status_code, r.json()["model"]) == (200, "backup/embed-small")
+        assert await usage() == 3  # the fallback served: its budget counts it
+        r = await embed(c, [1, 2, 3], **via)
+        assert (r.status_code, r.json()["model"]) == (200, "local/embed-small")
+        assert "x-embedgate-fallbacks-skipped" not in r.headers
+        assert await usage() == 3  # held while the request ran, then released: the primary served
+        assert (await embed(c, [1, 2, 3], model="backup/embed-small")).status_code == 200
+        assert await usage() == 6
+        # spent: as a fallback it is not tried; the primary still serves, and its failure is the answer
+        r = await embed(c, [1, 2, 3], **via)
+        assert (r.status_code, r.json()["model"]) == (200, "local/embed-small")
+        assert r.headers["x-embedgate-fallbacks-skipped"] == "backup/embed-small"
+        calls = len(upstream.calls)
+        upstream.script.append(Fault("status", 503, model="embed-small"))
+        r = await embed(c, [1, 2, 3], **via)
+        assert (r.status_code, error_of(r)["code"]) == (502, "upstream_error")
+        assert r.headers["x-embedgate-fallbacks-skipped"] == "backup/embed-small"
+        assert len(upstream.calls) == calls + 1  # the primary's one attempt, no fallback call
+        assert await usage() == 6
+
+
+@pytest.mark.anyio
 async def test_the_cost_estimate_uses_a_deployments_own_price(upstream: FakeUpstream) -> None:
     # Only the deployment had a price: the estimate was $0, so every request was admitted and the budget overrun.
     models = {"local/dep": {"deployments": [{"provider": "local", "upstream_model": "dep",

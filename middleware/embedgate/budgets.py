@@ -355,6 +355,7 @@ class BudgetEngine:
         self._clock = clock
         self._last_warn = -math.inf
         self._memo: dict[tuple[Subject, bool, int], tuple[list[_Gate], list[_Gate], list[tuple[str, str, int]]]] = {}
+        self._fallback_memo: dict[tuple[str, int], tuple[list[_Gate], list[_Gate], list[tuple[str, str, int]]]] = {}
         # Applicable-budget lookup, precomputed: (scope, target) -> budgets, and scope -> its "*" budgets.
         self._exact: dict[tuple[str, str], list[BudgetConfig]] = {}
         self._wild: dict[str, list[BudgetConfig]] = {}
@@ -393,12 +394,18 @@ class BudgetEngine:
             # a target "<workspace>/<id>" names the qualified id; an id alone, the request's identity id
             qualified = f"{subject.workspace}/{subject.identity}"
             ids.append(("identity", qualified, (qualified,)))
+        return self._matching(ids, subject.identity)
+
+    def _matching(
+        self, ids: list[tuple[str, str, tuple[str, ...]]], identity: str | None
+    ) -> list[tuple[BudgetConfig, str]]:
+        """The budgets of each ``(scope, concrete id, targets that name it)``, with the concrete id."""
         out: list[tuple[BudgetConfig, str]] = []
         for scope, concrete, targets in ids:
             for target in dict.fromkeys(targets):
                 out += [(b, concrete) for b in self._exact.get((scope, target), ())]
             if scope == "identity":
-                out += [(b, concrete) for b in self._exact.get(("identity:id", subject.identity or ""), ())]
+                out += [(b, concrete) for b in self._exact.get(("identity:id", identity or ""), ())]
             out += [(b, concrete) for b in self._wild.get(scope, ())]
         return out
 
@@ -413,11 +420,11 @@ class BudgetEngine:
             return found
         if len(self._memo) >= 10_000:
             self._memo.clear()
-        found = self._memo[memo_key] = self._compute_gates(subject, now, cached)
+        found = self._memo[memo_key] = self._compute_gates(self.applicable(subject), now, cached)
         return found
 
     def _compute_gates(
-        self, subject: Subject, now: float, cached: bool
+        self, applicable: list[tuple[BudgetConfig, str]], now: float, cached: bool
     ) -> tuple[list[_Gate], list[_Gate], list[tuple[str, str, int]]]:
         counters: dict[str, _Gate] = {}
         windows: dict[str, _Gate] = {}
@@ -425,7 +432,7 @@ class BudgetEngine:
         # period's end and its grace; a one_time budget's never end), so that ids made up by clients (identities,
         # <provider>/<name> models) do not pile up in the store for ever.
         index: dict[tuple[str, str], int] = {}
-        for b, sid in self.applicable(subject):
+        for b, sid in applicable:
             stamp, end = period_bounds(b.period, now)
             if b.target == "*":
                 until = NEVER_MS if end is None else math.ceil((end + PERIOD_GRACE_S) * 1000)
@@ -465,8 +472,54 @@ class BudgetEngine:
         tokens = 0 if cached else max(0, tokens)
         specs = _specs(counters, tokens, cost_nano, now)
         now_ms = int(now * 1000)
+        res = await self._reserve_or_fail(specs, [WindowSpec(g.key, g.limit) for g in windows], now_ms, rid, index)
+        if res is None:
+            return Reservation(rid, "fail_open")
+        headers = self._headers(counters, windows, res, now_ms)
+        if res.failed >= 0:
+            raise self._refusal(counters, windows, res, now_ms, headers, {"tokens": tokens, "cost": cost_nano})
+        return Reservation(rid, "reserved", tokens, cost_nano, tuple(counters), headers, res.epoch)
+
+    async def reserve_fallback(self, model: str, held: Reservation, *, tokens: int, cost_usd: float) -> Reservation:
+        """Reserve ``tokens`` and ``cost_usd`` on the ``model`` and ``provider`` budgets of a fallback ``model`` (a
+        ``<provider>/<name>`` id) that the request's own reservation ``held`` does not hold already, all or nothing:
+        a client naming a model as its fallback must not spend it past its budget. Counts no request (the request is
+        counted once, on its own budgets); decision ``none`` when no such budget applies. Raises as :meth:`reserve`
+        does; settle it with what that model charged, else release it."""
+        rid = _getrandbits(128).to_bytes(16, "big").hex()
+        now = self._clock()
+        memo_key = (model, int(now // 86400))  # as _gates: per model and UTC day
+        found = self._fallback_memo.get(memo_key)
+        if found is None:
+            if len(self._fallback_memo) >= 10_000:
+                self._fallback_memo.clear()
+            provider = model.partition("/")[0]
+            ids: list[tuple[str, str, tuple[str, ...]]] = [
+                ("provider", provider, (provider,)),
+                ("model", model, (model,)),
+            ]
+            found = self._fallback_memo[memo_key] = self._compute_gates(self._matching(ids, None), now, False)
+        held_keys = {g.key for g in held.counters}
+        counters = [g for g in found[0] if g.key not in held_keys]
+        if not counters:
+            return Reservation(rid, "none")
+        cost_nano = nano_up(cost_usd)
+        tokens = max(0, tokens)
+        now_ms = int(now * 1000)
+        res = await self._reserve_or_fail(_specs(counters, tokens, cost_nano, now), [], now_ms, rid, found[2])
+        if res is None:
+            return Reservation(rid, "fail_open")
+        headers = self._headers(counters, [], res, now_ms)
+        if res.failed >= 0:
+            raise self._refusal(counters, [], res, now_ms, headers, {"tokens": tokens, "cost": cost_nano})
+        return Reservation(rid, "reserved", tokens, cost_nano, tuple(counters), headers, res.epoch)
+
+    async def _reserve_or_fail(self, specs: list[CounterSpec], windows: list[WindowSpec], now_ms: int, member: str,
+                               index: Sequence[tuple[str, str, int]]) -> ReserveResult | None:  # fmt: skip
+        """The store's reserve; None when the store is unreachable and the engine is ``fail_open``, else
+        ``Unavailable`` (503)."""
         try:
-            res = await self._reserved(specs, [WindowSpec(g.key, g.limit) for g in windows], now_ms, rid, index)
+            return await self._reserved(specs, windows, now_ms, member, index)
         except BudgetStoreError as exc:
             # Told in both modes (at most once a WARN_INTERVAL_S): failing closed, the 503s alone did not say why (a
             # wrong password, a db out of range, Redis down).
@@ -480,11 +533,7 @@ class BudgetEngine:
                 raise Unavailable(
                     "budget store unavailable; the request was not admitted", code="store_unavailable"
                 ) from exc
-            return Reservation(rid, "fail_open")
-        headers = self._headers(counters, windows, res, now_ms)
-        if res.failed >= 0:
-            raise self._refusal(counters, windows, res, now_ms, headers, {"tokens": tokens, "cost": cost_nano})
-        return Reservation(rid, "reserved", tokens, cost_nano, tuple(counters), headers, res.epoch)
+            return None
 
     async def _reserved(self, specs: list[CounterSpec], windows: list[WindowSpec], now_ms: int, member: str,
                         index: Sequence[tuple[str, str, int]]) -> ReserveResult:  # fmt: skip

@@ -18,16 +18,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from .budgets import BudgetEngine, Reservation, Subject, cost_usd, estimate_tokens, model_price
 from .cache import CachedItem, Coalescer, VectorCache
 from .cache_keys import item_keys
 from .config import Config, KeyConfig, hash_key
-from .errors import Dialect, Forbidden, GatewayError, InvalidRequest, Spent, Unauthorized
+from .errors import BudgetExceeded, Dialect, Forbidden, GatewayError, InvalidRequest, Spent, Unauthorized
 from .identities import IdentityStore
 from .logs import bind_more
 from .request import EmbeddingRequest, parse_request
 from .routing import Attempts, ResolvedModel, Router, RouteResult
 from .telemetry import Telemetry
+
+log = structlog.get_logger("embedgate.budgets")
 
 __all__ = ["Call", "KeyIndex", "Pipeline"]
 
@@ -353,16 +357,54 @@ class Pipeline:
             reservation = await self._budgets.reserve(subject, tokens=tokens, cost_usd=cost_usd(tokens, price))
             call.reservation = reservation
             budgets = self._budgets
+            held: list[tuple[str, Reservation]] = []  # the fallbacks' own, by model id
 
             async def settle(call: Call, error: GatewayError | None) -> None:
                 if call.billed_tokens or error is None:
                     await budgets.settle(reservation, tokens=call.billed_tokens, cost_usd=call.cost_usd)
                 else:
                     await budgets.release(reservation)
+                for model_id, fallback_held in held:
+                    spent_tokens, spent_cost = _charged_by(call, model_id)
+                    if spent_tokens:
+                        await budgets.settle(fallback_held, tokens=spent_tokens, cost_usd=spent_cost)
+                    else:
+                        await budgets.release(fallback_held)
 
-            call.finish.append(settle)
+            call.finish.append(settle)  # (before the fallbacks' reserves: whatever they do, this one is undone)
+            if len(call.chain) > 1:
+                await self._reserve_fallbacks(call, reservation, held, tokens)
         call.budget_decision = reservation.decision
         call.headers.update(reservation.headers())
+
+    async def _reserve_fallbacks(self, call: Call, reservation: Reservation, held: list[tuple[str, Reservation]],
+                                 tokens: int) -> None:  # fmt: skip
+        """Reserve on each fallback's own ``model`` and ``provider`` budgets (a fallback may embed every item); one
+        whose budget refuses is dropped from the chain, not tried: a client naming a capped model as its fallback
+        (behind a model that fails, or with its own ``fallback_on_codes``) spent it past its budget."""
+        kept = [call.chain[0]]
+        skipped: list[str] = []
+        seen = {call.chain[0].id}
+        for model in call.chain[1:]:
+            if model.id in seen:
+                kept.append(model)
+                continue
+            seen.add(model.id)
+            try:
+                own = await self._budgets.reserve_fallback(
+                    model.id, reservation, tokens=tokens, cost_usd=cost_usd(tokens, self._dearest(model))
+                )
+            except BudgetExceeded as refused:
+                log.info("fallback not tried: its budget is spent", fallback=model.id, scope=refused.scope_kind,
+                         target=refused.scope_target_id, dimension=refused.dimension)  # fmt: skip
+                skipped.append(model.id)
+                continue
+            kept.append(model)
+            if own.decision == "reserved":
+                held.append((model.id, own))
+        if skipped:
+            call.chain = kept
+            call.headers["x-embedgate-fallbacks-skipped"] = ", ".join(skipped)
 
     def _price(self, model_id: str) -> float:
         return model_price(model_id, self._config.models) or 0.0
@@ -578,6 +620,23 @@ class Pipeline:
             call.billed_tokens += tokens
             call.cost_usd += cost
             call.spent.append((model_id, tokens, cost))  # its usage metrics are the spending model's
+
+
+def _charged_by(call: Call, model_id: str) -> tuple[int, float]:
+    """The tokens and cost ``model_id`` charged for the request: its answer's, if it served, and the chunks of a split
+    batch it embedded before it failed (``Call.spent``)."""
+    tokens, cost = 0, 0.0
+    spent_tokens, spent_cost = 0, 0.0
+    for spender, t, c in call.spent:
+        spent_tokens += t
+        spent_cost += c
+        if spender == model_id:
+            tokens += t
+            cost += c
+    if call.served_model == model_id:  # what the answer charged: all billed but what other models spent
+        tokens += call.billed_tokens - spent_tokens
+        cost += call.cost_usd - spent_cost
+    return tokens, max(cost, 0.0)
 
 
 def weight(item: Any) -> int:
