@@ -121,6 +121,18 @@ def test_a_proxy_httpx_cannot_use_stops_the_start_without_showing_its_credential
     assert "s3cret" not in str(e.value)
 
 
+@pytest.mark.parametrize("proxy", ["http://user:s3cret-pass@[bad", "http://user:s3cret-pass@", "http://bad host:3128",
+                                   "http://proxy.internal:99999", "http://proxy.internal:0"])  # fmt: skip
+def test_a_proxy_url_without_a_usable_host_stops_the_start(monkeypatch: pytest.MonkeyPatch, proxy: str) -> None:
+    # httpx took these, and every upstream call through them was a 502 (ConnectError) while the server ran on.
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    with pytest.raises(ValueError, match=r"http_proxy .*: not a URL with a valid host and port") as e:
+        upstream_transport()
+    assert "s3cret" not in str(e.value)
+    monkeypatch.setenv("HTTP_PROXY", "http://[::1]:3128")  # an IPv6 proxy is one
+    upstream_transport()
+
+
 @pytest.mark.parametrize(
     ("host", "port", "no_proxy", "direct"),
     [

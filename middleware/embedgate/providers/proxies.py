@@ -10,6 +10,7 @@ variables the gateway uses :class:`Http1Transport` alone, so the request path pa
 
 from __future__ import annotations
 
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 
@@ -34,6 +35,16 @@ def _shown(proxy: str) -> str:
     except httpx.InvalidURL:
         return "(not a URL)"
     return f"{url.scheme}://{url.host}" + (f":{url.port}" if url.port else "")
+
+
+def _has_host(proxy: str) -> bool:
+    """Whether a proxy URL names a host (no blanks, brackets only around an IPv6 address) and a port in range."""
+    try:
+        parts = urllib.parse.urlsplit(proxy)
+        port = parts.port
+    except ValueError:  # "[bad": an IPv6 address not closed; a port out of range
+        return False
+    return bool(parts.hostname) and not any(c.isspace() for c in proxy) and (port is None or port > 0)
 
 
 def bypassed(host: str, port: int, no_proxy: str) -> bool:
@@ -61,6 +72,8 @@ class ProxyRoutes(httpx.AsyncBaseTransport):
         self._via: dict[str, httpx.AsyncBaseTransport] = {}  # proxy URL -> its transport
         for key, proxy in self._proxies.items():
             if key != "no" and proxy not in self._via:
+                if not _has_host(proxy):  # httpx takes it, and every call through it failed (a 502 each)
+                    raise ValueError(f"{key}_proxy {_shown(proxy)}: not a URL with a valid host and port")
                 try:  # made now: a proxy httpx cannot use stops the start, not a request
                     self._via[proxy] = httpx.AsyncHTTPTransport(proxy=proxy)
                 except ImportError as exc:  # socks5:// without httpx[socks]
