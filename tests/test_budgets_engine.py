@@ -639,5 +639,5 @@ def test_a_fallbacks_charge_is_its_answer_and_the_chunks_it_spent() -> None:
     assert _charged_by(call, "b/two") == (7, 0.75)  # 10 - 5 of the answer, and its own 2
     assert _charged_by(call, "a/one") == (3, 0.25)
     assert _charged_by(call, "c/three") == (0, 0.0)
-    call.served_model = None  # none served: only what each spent
+    call.served_model = ""  # none served: only what each spent
     assert _charged_by(call, "b/two") == (2, 0.5)

@@ -510,6 +510,52 @@ async def test_a_fallback_is_not_spent_past_its_own_model_or_provider_budget(ups
         assert r.headers["x-embedgate-fallbacks-skipped"] == "backup/embed-small"
         assert len(upstream.calls) == calls + 1  # the primary's one attempt, no fallback call
         assert await usage() == 6
+        # named twice, it is skipped twice (the second was tried, and served past the budget)
+        twice = {**via, "fallbacks": [{"model": "backup/embed-small"}] * 2}
+        upstream.script.append(Fault("status", 503, model="embed-small"))
+        r = await embed(c, [1, 2, 3], **twice)
+        assert (r.status_code, r.headers["x-embedgate-fallbacks-skipped"]) == (502, "backup/embed-small")
+        assert len(upstream.calls) == calls + 2
+        # the fallbacks after a skipped one keep their places: a 404 for the next names fallbacks[1]
+        answer = b'{"error":{"message":"no such model","type":"invalid_request_error","code":"model_not_found"}}'
+        upstream.script.append(Fault("status", 503, model="embed-small"))
+        upstream.script.append(Fault("raw", 404, headers={"Content-Type": "application/json"}, body=answer))
+        after = {**via, "fallbacks": [{"model": "backup/embed-small"}, {"model": "local/no-such"}],
+                 "fallback_on_codes": [404, 503]}  # fmt: skip
+        r = await embed(c, [1, 2, 3], **after)
+        assert (r.status_code, error_of(r)["code"], error_of(r)["param"]) == (404, "model_not_found",
+                                                                               "fallbacks[1].model")  # fmt: skip
+        # a client's id that a header cannot hold is percent-encoded there (it was a 500, or no answer at all)
+        odd = "backup/x\r\nSet-Cookie: a=b, c"
+        r = await embed(c, [1, 2, 3], fallbacks=[{"model": odd}, {"model": "backup/embed-small"}])
+        assert r.status_code == 200, r.text
+        skipped = "backup/x%0D%0ASet-Cookie:%20a=b%2C%20c, " if scope == "provider" else ""
+        assert r.headers["x-embedgate-fallbacks-skipped"] == skipped + "backup/embed-small"
+        assert await usage() == 6
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("spent", [False, True])
+async def test_a_skipped_fallback_leaves_the_requests_reservation_as_it_was(upstream: FakeUpstream,
+                                                                            spent: bool) -> None:  # fmt: skip
+    # The request with fallbacks reserved every item; its skipped fallback once cut the chain to one model, and a
+    # cached item of the model's old vector size was then reserved a second time: a 429 for a request that fit.
+    budgets = [{"scope": "api_key", "target": "team-a", "token_limit": 28},
+               {"scope": "model", "target": "backup/embed-small", "token_limit": 14}]  # fmt: skip
+    cached = list(range(1, 11))
+    async with running(budget_config(upstream.url, budgets)) as (_, c):
+        assert (await embed(c, [cached], cache={"type": "exact_match"})).status_code == 200  # 10 of 28
+        upstream.dims = 9  # the model's vectors change size: three agreeing answers replace the count
+        r = await embed(c, [[1, 2]], cache={"type": "exact_match"}, retry={"count": 2})
+        assert r.status_code == 200, r.text  # 12 of 28
+        if spent:
+            r = await embed(c, [[1, 2, 3, 4]], model="backup/embed-small", key=OTHER_KEY)
+            assert r.status_code == 200, r.text  # 4 of the fallback's 14: 11 more do not fit
+        r = await embed(c, [cached, [7]], cache={"type": "exact_match"}, fallbacks=[{"model": "backup/embed-small"}])
+        assert r.status_code == 200, r.text
+        assert r.headers.get("x-embedgate-fallbacks-skipped") == ("backup/embed-small" if spent else None)
+        rows = {(row["scope"], row["id"]): row for row in await admin_usage(c)}
+        assert rows["api_key", "team-a"]["tokens"]["used"] == 23
 
 
 @pytest.mark.anyio

@@ -16,7 +16,8 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
+from urllib.parse import quote
 
 import structlog
 
@@ -32,6 +33,10 @@ from .routing import Attempts, ResolvedModel, Router, RouteResult
 from .telemetry import Telemetry
 
 log = structlog.get_logger("embedgate.budgets")
+
+_NONE_SKIPPED: frozenset[str] = frozenset()
+#: What a model id keeps as is in a header value: printable ASCII but the list's comma and quote's own "%".
+_HEADER_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in ",%")
 
 __all__ = ["Call", "KeyIndex", "Pipeline"]
 
@@ -78,6 +83,7 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     finish: list[Callable[[Call, GatewayError | None], Awaitable[None]]] = field(default_factory=list)
     span: Any = None
+    skipped: frozenset[str] = frozenset()  # fallbacks not tried: their own budget is spent (see budget)
 
     def __init__(
         self,
@@ -124,6 +130,7 @@ class Call:
         self.headers = {}
         self.finish = []
         self.span = None
+        self.skipped = _NONE_SKIPPED
 
     def missing(self) -> list[int]:
         """Positions of the items that still have no vector."""
@@ -380,16 +387,16 @@ class Pipeline:
     async def _reserve_fallbacks(self, call: Call, reservation: Reservation, held: list[tuple[str, Reservation]],
                                  tokens: int) -> None:  # fmt: skip
         """Reserve on each fallback's own ``model`` and ``provider`` budgets (a fallback may embed every item); one
-        whose budget refuses is dropped from the chain, not tried: a client naming a capped model as its fallback
-        (behind a model that fails, or with its own ``fallback_on_codes``) spent it past its budget."""
-        kept = [call.chain[0]]
+        whose budget refuses is not tried (``Call.skipped``; it keeps its place in the chain): a client naming a
+        capped model as its fallback (behind a model that fails, or with its own ``fallback_on_codes``) spent it
+        past its budget."""
+        primary = call.chain[0].id
         skipped: list[str] = []
-        seen = {call.chain[0].id}
+        decided = {primary}
         for model in call.chain[1:]:
-            if model.id in seen:
-                kept.append(model)
+            if model.id in decided:  # named twice (or the primary again): decided once
                 continue
-            seen.add(model.id)
+            decided.add(model.id)
             try:
                 own = await self._budgets.reserve_fallback(
                     model.id, reservation, tokens=tokens, cost_usd=cost_usd(tokens, self._dearest(model))
@@ -399,12 +406,12 @@ class Pipeline:
                          target=refused.scope_target_id, dimension=refused.dimension)  # fmt: skip
                 skipped.append(model.id)
                 continue
-            kept.append(model)
             if own.decision == "reserved":
                 held.append((model.id, own))
         if skipped:
-            call.chain = kept
-            call.headers["x-embedgate-fallbacks-skipped"] = ", ".join(skipped)
+            call.skipped = frozenset(skipped)
+            # (a client's own model ids: any character a header value cannot hold is percent-encoded)
+            call.headers["x-embedgate-fallbacks-skipped"] = ", ".join([quote(m, safe=_HEADER_SAFE) for m in skipped])
 
     def _price(self, model_id: str) -> float:
         return model_price(model_id, self._config.models) or 0.0
@@ -576,7 +583,8 @@ class Pipeline:
             call.deadline = self._router.deadline()
         attempts = Attempts()
         try:
-            return await self._router.embed(call.request, positions, chain, call.deadline, attempts, first_index)
+            return await self._router.embed(call.request, positions, chain, call.deadline, attempts, first_index,
+                                            call.skipped)  # fmt: skip
         except BaseException:
             # Failed, or cancelled (the server stopping, a host's timeout): the attempts it made are the request's,
             # and so is what they were paid for (a chunk embedded before another failed), in its budgets and cost.

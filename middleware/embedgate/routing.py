@@ -38,7 +38,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -342,10 +342,12 @@ class Router:
         deadline: float | None = None,
         attempts: Attempts | None = None,
         first_index: int = 0,
+        skipped: Collection[str] = (),
     ) -> RouteResult:
         """Embed the items at ``positions`` of ``request``; vectors come back in that order. ``deadline`` (from
         :meth:`deadline`) is shared by the calls of one request (a fallback embedding a partial hit's cached items
-        again); by default the call has a deadline of its own."""
+        again); by default the call has a deadline of its own. The chain's models whose ids are in ``skipped`` (a
+        fallback whose budget is spent) are not tried; the others keep their places (their fallback index)."""
         chain = chain or self.chain(request)
         retry = request.retry or self._routing.default_retry
         fallback_codes = (
@@ -356,9 +358,10 @@ class Router:
         if attempts is None:
             attempts = Attempts()
         try:
-            for k, model in enumerate(chain):
+            tried = [(k, m) for k, m in enumerate(chain) if m.id not in skipped] if skipped else list(enumerate(chain))
+            for n, (k, model) in enumerate(tried):
                 fallback_index = first_index + k  # ``first_index``: the chain is the tail of the request's, from there
-                attempts.models_left = len(chain) - 1 - k
+                attempts.models_left = len(tried) - 1 - n
                 try:
                     return await self._serve_model(request, positions, model, fallback_index, retry, deadline, attempts)
                 except _ModelFailed as failed:
@@ -375,8 +378,8 @@ class Router:
                         break
                     if self._clock() >= deadline:
                         break
-                    if k + 1 < len(chain):
-                        log.warning("model failed, falling back", model=model.id, fallback=chain[k + 1].id,
+                    if n + 1 < len(tried):
+                        log.warning("model failed, falling back", model=model.id, fallback=tried[n + 1][1].id,
                                     error=err.code, upstream_status=status)  # fmt: skip
             if attempts.last_error is None:
                 reason = "; ".join(attempts.skipped) or "no deployment matches the provider preferences"
