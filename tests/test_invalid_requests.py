@@ -106,6 +106,14 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
         "invalid_request",
     ),
     (
+        "input-token-5000-digits",  # beyond what int() reads (4,300 digits)
+        b'{"model": "local/embed-small", "input": [1, 2' + b"0" * 5000 + b"]}",
+        {},
+        400,
+        "input[1]",
+        "invalid_request",
+    ),
+    (
         "input-token-400-digits",
         b'{"model": "local/embed-small", "input": [1' + b"0" * 400 + b"]}",
         {},

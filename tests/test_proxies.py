@@ -129,8 +129,9 @@ def test_a_proxy_url_without_a_usable_host_stops_the_start(monkeypatch: pytest.M
     with pytest.raises(ValueError, match=r"http_proxy .*: not a URL with a valid host and port") as e:
         upstream_transport()
     assert "s3cret" not in str(e.value)
-    monkeypatch.setenv("HTTP_PROXY", "http://[::1]:3128")  # an IPv6 proxy is one
-    upstream_transport()
+    for usable in ("http://[::1]:3128", "http://proxy.internal:3128 ", "http://user:p w@proxy.internal:3128"):
+        monkeypatch.setenv("HTTP_PROXY", usable)  # an IPv6 proxy, blanks httpx strips or encodes: usable
+        upstream_transport()
 
 
 @pytest.mark.parametrize(

@@ -652,6 +652,10 @@ _MAX_DOUBLE: Final = int(1.7976931348623157e308)
 _SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
 
 
+def _whole(digits: str) -> int | float:
+    return int(digits) if len(digits) < 400 else float(digits)
+
+
 def _unreadable(body: bytes, reason: str) -> tuple[str, str] | None:
     """Where a body that is JSON but for what orjson refuses holds it (``input[3]``), and what it is: a lone UTF-16
     surrogate, or a number beyond a double's range (``1e400``). orjson refuses the whole body, so this error path
@@ -660,7 +664,8 @@ def _unreadable(body: bytes, reason: str) -> tuple[str, str] | None:
     if not surrogate and "infinity" not in reason:
         return None
     try:
-        data = json.loads(bytes(body).decode("utf-8", "surrogatepass"))
+        # (a whole number of over 4,300 digits is a ValueError to int(): read as a double, infinity, as orjson did)
+        data = json.loads(bytes(body).decode("utf-8", "surrogatepass"), parse_int=_whole)
     except (ValueError, RecursionError):
         return None
     stack: list[tuple[str, Any]] = [("", data)]

@@ -38,13 +38,15 @@ def _shown(proxy: str) -> str:
 
 
 def _has_host(proxy: str) -> bool:
-    """Whether a proxy URL names a host (no blanks, brackets only around an IPv6 address) and a port in range."""
+    """Whether a proxy URL names a host (no blanks in it, brackets only around an IPv6 address) and a port in
+    range."""
     try:
-        parts = urllib.parse.urlsplit(proxy)
+        parts = urllib.parse.urlsplit(proxy.strip())  # (httpx strips the URL, and encodes a blank in a password)
         port = parts.port
     except ValueError:  # "[bad": an IPv6 address not closed; a port out of range
         return False
-    return bool(parts.hostname) and not any(c.isspace() for c in proxy) and (port is None or port > 0)
+    host = parts.hostname
+    return bool(host) and not any(c.isspace() for c in host or "") and (port is None or port > 0)
 
 
 def bypassed(host: str, port: int, no_proxy: str) -> bool:
