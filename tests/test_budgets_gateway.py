@@ -559,6 +559,26 @@ async def test_a_skipped_fallback_leaves_the_requests_reservation_as_it_was(upst
 
 
 @pytest.mark.anyio
+async def test_a_request_whose_fallback_is_skipped_shares_no_upstream_call_with_one_whose_is_not(
+    upstream: FakeUpstream,
+) -> None:
+    # Two like requests in flight share one upstream call: the second, its fallback skipped (the first held the
+    # fallback's last tokens), was answered by that fallback all the same, its header saying it was skipped.
+    budgets = [{"scope": "model", "target": "backup/embed-small", "token_limit": 3}]
+    via = {"cache": {"type": "exact_match"}, "retry": {"count": 0, "on_codes": [503]},
+           "fallbacks": [{"model": "backup/embed-small"}]}  # fmt: skip
+    async with running(budget_config(upstream.url, budgets)) as (_, c):
+        upstream.script.append(Fault("status", 503, delay=0.3, model="embed-small"))
+        first = asyncio.ensure_future(embed(c, [1, 2, 3], **via))
+        await asyncio.sleep(0.1)
+        second = await embed(c, [1, 2, 3], **via)
+        assert (second.status_code, second.headers["x-embedgate-fallbacks-skipped"]) == (200, "backup/embed-small")
+        assert second.json()["model"] == "local/embed-small"  # its own call, the primary's
+        r = await first
+        assert (r.status_code, r.json()["model"]) == (200, "backup/embed-small")
+
+
+@pytest.mark.anyio
 async def test_the_cost_estimate_uses_a_deployments_own_price(upstream: FakeUpstream) -> None:
     # Only the deployment had a price: the estimate was $0, so every request was admitted and the budget overrun.
     models = {"local/dep": {"deployments": [{"provider": "local", "upstream_model": "dep",
