@@ -488,13 +488,17 @@ def test_a_request_span_s_attributes_set_as_a_dict_are_what_the_api_calls_keep()
     odd = {"embedgate.model": None, "embedgate.input_count": 2**63, "embedgate.attempts": Level.HIGH,
            "embedgate.route": Name("openai"), "gen_ai.request.encoding_formats": ["base64"]}  # fmt: skip
     every = {key: i for i, key in enumerate(allowed)}  # every allowed name, on a span that already has 100
-    cases: list[dict[str, Any]] = [plain, odd, every]
-    for attributes in cases:
+    hundred = {f"preset.{i}": i for i in range(100)}
+    # many onto a few (the root's outcome onto its HTTP attributes, merged the other way round), one of them again
+    few = {"url.path": "/v1/embeddings", "embedgate.model": "old"}
+    cases: list[tuple[dict[str, Any], dict[str, Any]]] = [(hundred, plain), (hundred, odd), (hundred, every),
+                                                           (few, plain), (few, every)]  # fmt: skip
+    for presets, attributes in cases:
         kept = []
         for via_set_many in (True, False):
             sink = Captured()
             span = LeanTracer(sink, ["embedgate", None]).start_span(  # type: ignore[arg-type]
-                "root", attributes={f"preset.{i}": i for i in range(100)}
+                "root", attributes=presets
             )
             if via_set_many:
                 RequestSpan(span).set_many(attributes)
@@ -504,8 +508,12 @@ def test_a_request_span_s_attributes_set_as_a_dict_are_what_the_api_calls_keep()
             kept.append(sink.packed[0][9])
         assert kept[0] == kept[1]
         assert all(type(v) in (str, int, float, bool, tuple) for v in kept[0].values())
-        assert len(kept[0]) == min(128, 100 + len(attributes) - list(attributes.values()).count(None)
+        kept_also = [key for key in presets if key not in attributes]
+        assert len(kept[0]) == min(128, len(kept_also) + len(attributes) - list(attributes.values()).count(None)
                                    - (2**63 in attributes.values()))  # fmt: skip
+        if presets is few:
+            assert kept[0]["url.path"] == attributes.get("url.path", "/v1/embeddings")
+            assert kept[0]["embedgate.model"] == attributes["embedgate.model"]  # the later value
 
 
 def _entry_point_exporter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, export_body: str) -> None:

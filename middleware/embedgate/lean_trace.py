@@ -153,6 +153,12 @@ def _clean_all(attributes: Attributes, most: int, limit: int | None) -> dict[str
 
 
 def _span_attributes(attributes: Attributes) -> dict[str, Any]:
+    if type(attributes) is dict and _max_length is None and len(attributes) <= _max_attributes:
+        for value in attributes.values():
+            if not _plain(value):
+                break
+        else:
+            return attributes.copy()  # the usual: a few plain values, as they are
     return _clean_all(attributes, _max_attributes, _max_length)
 
 
@@ -223,7 +229,15 @@ class LeanSpan(Span):
                 if not _plain(value):
                     break
             else:
-                attrs.update(attributes)
+                if len(attributes) > 2 * len(attrs):
+                    # Many onto a few (the root span's outcome onto its HTTP attributes): the many copied whole and
+                    # the few put back, rather than inserted one by one into a small dict that grows twice.
+                    merged = attributes.copy()
+                    for key, value in attrs.items():
+                        merged.setdefault(key, value)
+                    self._attrs = merged
+                else:
+                    attrs.update(attributes)
                 return
         for key, value in attributes.items():
             self.set_attribute(key, value)

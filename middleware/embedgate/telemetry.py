@@ -457,7 +457,7 @@ class Telemetry:
         When a span is already current (a host's own OTel ASGI middleware), it is the parent instead: it has
         already continued the caller's trace. ``attributes`` keys must be in ``ALLOWED_ATTRIBUTES``.
         """
-        if attributes:
+        if attributes and not ALLOWED_ATTRIBUTES.issuperset(attributes):
             for key in attributes:
                 _check(key)
         parent: Context | None = None
