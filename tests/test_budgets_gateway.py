@@ -576,6 +576,23 @@ async def test_a_request_whose_fallback_is_skipped_shares_no_upstream_call_with_
         assert second.json()["model"] == "local/embed-small"  # its own call, the primary's
         r = await first
         assert (r.status_code, r.json()["model"]) == (200, "backup/embed-small")
+        # nor with one that names its models at other places: an error's param is each request's own
+        answer = b'{"error":{"message":"no such model","type":"invalid_request_error","code":"model_not_found"}}'
+        on = {**via, "fallback_on_codes": [404, 503]}
+        skipping = {**on, "fallbacks": [{"model": "backup/embed-small"}, {"model": "local/no-such"}]}
+        plain = {**on, "fallbacks": [{"model": "local/no-such"}]}
+        for owner, joiner in ((plain, skipping), (skipping, plain)):
+            for _ in range(2):
+                upstream.script.append(Fault("status", 503, delay=0.3, model="embed-small"))
+                upstream.script.append(Fault("raw", 404, headers={"Content-Type": "application/json"}, body=answer,
+                                             model="no-such"))  # fmt: skip
+            owned = asyncio.ensure_future(embed(c, [4, 5, 6], **owner))
+            await asyncio.sleep(0.1)
+            joined = await embed(c, [4, 5, 6], **joiner)
+            for r, sent in ((await owned, owner), (joined, joiner)):
+                param = "fallbacks[1].model" if sent is skipping else "fallbacks[0].model"
+                assert (r.status_code, error_of(r)["param"]) == (404, param)
+            upstream.script.clear()
 
 
 @pytest.mark.anyio

@@ -129,7 +129,8 @@ def test_a_proxy_url_without_a_usable_host_stops_the_start(monkeypatch: pytest.M
     with pytest.raises(ValueError, match=r"http_proxy .*: not a URL with a valid host and port") as e:
         upstream_transport()
     assert "s3cret" not in str(e.value)
-    for usable in ("http://[::1]:3128", "http://proxy.internal:3128 ", "http://user:p w@proxy.internal:3128"):
+    for usable in ("http://[::1]:3128", "http://proxy.internal:3128 ", "http://user:p w@proxy.internal:3128",
+                   "http://user:pa[ss@proxy.internal:3128"):  # fmt: skip
         monkeypatch.setenv("HTTP_PROXY", usable)  # an IPv6 proxy, blanks httpx strips or encodes: usable
         upstream_transport()
 

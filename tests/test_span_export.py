@@ -507,6 +507,7 @@ def test_a_request_span_s_attributes_set_as_a_dict_are_what_the_api_calls_keep()
             span.end()
             kept.append(sink.packed[0][9])
         assert kept[0] == kept[1]
+        assert list(kept[0]) == list(kept[1])  # in the same order: a full span evicts its oldest first
         assert all(type(v) in (str, int, float, bool, tuple) for v in kept[0].values())
         kept_also = [key for key in presets if key not in attributes]
         assert len(kept[0]) == min(128, len(kept_also) + len(attributes) - list(attributes.values()).count(None)

@@ -229,15 +229,7 @@ class LeanSpan(Span):
                 if not _plain(value):
                     break
             else:
-                if len(attributes) > 2 * len(attrs):
-                    # Many onto a few (the root span's outcome onto its HTTP attributes): the many copied whole and
-                    # the few put back, rather than inserted one by one into a small dict that grows twice.
-                    merged = attributes.copy()
-                    for key, value in attrs.items():
-                        merged.setdefault(key, value)
-                    self._attrs = merged
-                else:
-                    attrs.update(attributes)
+                attrs.update(attributes)  # (in order: a full span evicts its oldest, as the SDK's)
                 return
         for key, value in attributes.items():
             self.set_attribute(key, value)

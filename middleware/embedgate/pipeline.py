@@ -451,10 +451,10 @@ class Pipeline:
             return [(result.model, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]), kept_for)  # type: ignore[arg-type]
                     for p in own]  # fmt: skip
 
-        # (the chain as tried: a request whose fallback's budget is spent shares no upstream call with one whose is not)
-        chain = tuple([m.id for m in call.chain if m.id not in call.skipped]) if call.skipped else (
-            tuple([m.id for m in call.chain]))  # fmt: skip
-        policy = (chain, req.retry, req.fallback_on_codes, req.timeout_ms, req.provider, req.user)
+        # (and the fallbacks not tried: a request whose fallback's budget is spent shares no upstream call with one
+        # whose is not, and the models keep their places, which an error's param names)
+        policy = (tuple([m.id for m in call.chain]), call.skipped, req.retry, req.fallback_on_codes, req.timeout_ms,
+                  req.provider, req.user)  # fmt: skip
         if call.refresh:  # a refresh takes no other request's answer, in flight or just fetched
             first: dict[str, int] = {}  # an item repeated in the batch goes upstream once
             for i, key in enumerate(keys):

@@ -10,7 +10,6 @@ variables the gateway uses :class:`Http1Transport` alone, so the request path pa
 
 from __future__ import annotations
 
-import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 
@@ -40,13 +39,13 @@ def _shown(proxy: str) -> str:
 def _has_host(proxy: str) -> bool:
     """Whether a proxy URL names a host (no blanks in it, brackets only around an IPv6 address) and a port in
     range."""
-    try:
-        parts = urllib.parse.urlsplit(proxy.strip())  # (httpx strips the URL, and encodes a blank in a password)
-        port = parts.port
-    except ValueError:  # "[bad": an IPv6 address not closed; a port out of range
+    try:  # read as httpx reads it (a "[" in a password is no IPv6 address; blanks around the URL are stripped)
+        url = httpx.URL(proxy.strip())
+    except httpx.InvalidURL:
         return False
-    host = parts.hostname
-    return bool(host) and not any(c.isspace() for c in host or "") and (port is None or port > 0)
+    host, port = url.host, url.port
+    # (httpx keeps a host it cannot read percent-encoded: "[bad" is "%5Bbad", "bad host" "bad%20host")
+    return bool(host) and "%" not in host and (port is None or 0 < port < 65536)
 
 
 def bypassed(host: str, port: int, no_proxy: str) -> bool:
