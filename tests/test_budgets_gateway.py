@@ -532,6 +532,11 @@ async def test_a_fallback_is_not_spent_past_its_own_model_or_provider_budget(ups
         skipped = "backup/x%0D%0ASet-Cookie:%20a=b%2C%20c, " if scope == "provider" else ""
         assert r.headers["x-embedgate-fallbacks-skipped"] == skipped + "backup/embed-small"
         assert await usage() == 6
+        # the provider preferences leaving no model but the skipped fallback: its budget's 429, not a 404 saying
+        # no retry could help
+        r = await embed(c, [1, 2, 3], fallbacks=[{"model": "backup/embed-small"}], provider={"only": ["backup"]})
+        assert (r.status_code, error_of(r)["code"]) == (429, "token_budget_exceeded"), r.text
+        assert target in error_of(r)["message"]
 
 
 @pytest.mark.anyio
@@ -704,6 +709,31 @@ async def test_unreachable_store_with_fail_open_admits(upstream: FakeUpstream) -
             assert r.status_code == 200, r.text
             assert "x-ratelimit-limit-requests" not in r.headers  # nothing was counted
         assert len(upstream.calls) == 3
+
+
+@pytest.mark.anyio
+async def test_a_stalled_store_with_fail_open_costs_one_wait_not_one_per_fallback(upstream: FakeUpstream) -> None:
+    # Each fallback's own reserve waited out the store's timeout after the request's had: (1 + N) seconds.
+    release = asyncio.Event()
+    stalled: list[bytes] = []
+
+    async def stall(data: bytes) -> None:
+        if b"EVAL" in data and not release.is_set():
+            stalled.append(data)
+            await asyncio.wait_for(release.wait(), 10)
+
+    async with redis_proxy(require_redis(), to_redis=stall) as proxied:
+        config = budget_config(upstream.url, [{"scope": "model", "target": "*", "token_limit": 100}],
+                               redis_url=proxied, budget_options={"fail_open": True})  # fmt: skip
+        async with running(config) as (_, c):
+            fallbacks = [{"model": m} for m in ("backup/embed-small", "local/embed-b", "local/embed-c")]
+            started = asyncio.get_running_loop().time()
+            r = await embed(c, [1, 2, 3], fallbacks=fallbacks)
+            elapsed = asyncio.get_running_loop().time() - started
+            release.set()
+    assert r.status_code == 200, r.text
+    assert elapsed < 2.5  # one store timeout (1 s): not four
+    assert len(stalled) == 1
 
 
 # --- admin endpoints and CLI -----------------------------------------------------------------------------

@@ -25,7 +25,16 @@ from .budgets import BudgetEngine, Reservation, Subject, cost_usd, estimate_toke
 from .cache import CachedItem, Coalescer, VectorCache
 from .cache_keys import item_keys
 from .config import Config, KeyConfig, hash_key
-from .errors import BudgetExceeded, Dialect, Forbidden, GatewayError, InvalidRequest, Spent, Unauthorized
+from .errors import (
+    BudgetExceeded,
+    Dialect,
+    Forbidden,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    Spent,
+    Unauthorized,
+)
 from .identities import IdentityStore
 from .logs import bind_more
 from .request import EmbeddingRequest, parse_request
@@ -84,6 +93,7 @@ class Call:
     finish: list[Callable[[Call, GatewayError | None], Awaitable[None]]] = field(default_factory=list)
     span: Any = None
     skipped: frozenset[str] = frozenset()  # fallbacks not tried: their own budget is spent (see budget)
+    skipped_refusal: GatewayError | None = None  # the first of those refusals
 
     def __init__(
         self,
@@ -131,6 +141,7 @@ class Call:
         self.finish = []
         self.span = None
         self.skipped = _NONE_SKIPPED
+        self.skipped_refusal = None
 
     def missing(self) -> list[int]:
         """Positions of the items that still have no vector."""
@@ -379,7 +390,7 @@ class Pipeline:
                         await budgets.release(fallback_held)
 
             call.finish.append(settle)  # (before the fallbacks' reserves: whatever they do, this one is undone)
-            if len(call.chain) > 1:
+            if len(call.chain) > 1 and reservation.decision != "fail_open":  # (the store down: not asked again)
                 await self._reserve_fallbacks(call, reservation, held, tokens)
         call.budget_decision = reservation.decision
         call.headers.update(reservation.headers())
@@ -405,9 +416,13 @@ class Pipeline:
                 log.info("fallback not tried: its budget is spent", fallback=model.id, scope=refused.scope_kind,
                          target=refused.scope_target_id, dimension=refused.dimension)  # fmt: skip
                 skipped.append(model.id)
+                if call.skipped_refusal is None:
+                    call.skipped_refusal = refused
                 continue
             if own.decision == "reserved":
                 held.append((model.id, own))
+            elif own.decision == "fail_open":  # the store went down: the rest are admitted too, without a wait each
+                break
         if skipped:
             call.skipped = frozenset(skipped)
             # (a client's own model ids: any character a header value cannot hold is percent-encoded)
@@ -587,11 +602,16 @@ class Pipeline:
         try:
             return await self._router.embed(call.request, positions, chain, call.deadline, attempts, first_index,
                                             call.skipped)  # fmt: skip
-        except BaseException:
+        except BaseException as exc:
             # Failed, or cancelled (the server stopping, a host's timeout): the attempts it made are the request's,
             # and so is what they were paid for (a chunk embedded before another failed), in its budgets and cost.
             call.attempts += attempts.count
             self._bill_spent(call, attempts.spent)
+            refusal = call.skipped_refusal
+            if refusal is not None and isinstance(exc, NotFound) and exc.code == "no_allowed_providers":
+                # The provider preferences leave no model but a skipped fallback: its budget is why none served (a
+                # 404 said no retry could help).
+                raise refusal from None
             raise
 
     def _take(self, call: Call, positions: list[int], result: RouteResult) -> None:
