@@ -540,6 +540,18 @@ async def test_a_fallback_is_not_spent_past_its_own_model_or_provider_budget(ups
 
 
 @pytest.mark.anyio
+async def test_a_fallback_of_the_requested_provider_is_not_reserved_twice_on_its_budget(upstream: FakeUpstream) -> None:
+    # The request's own reservation holds the provider's counter: the fallback's reserves only what it does not.
+    config = budget_config(upstream.url, [{"scope": "provider", "target": "local", "token_limit": 3}])
+    async with running(config) as (_, c):
+        r = await embed(c, [1, 2, 3], fallbacks=[{"model": "local/embed-b"}])
+        assert r.status_code == 200, r.text
+        assert "x-embedgate-fallbacks-skipped" not in r.headers
+        (row,) = await admin_usage(c)
+        assert row["tokens"]["used"] == 3
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("spent", [False, True])
 async def test_a_skipped_fallback_leaves_the_requests_reservation_as_it_was(upstream: FakeUpstream,
                                                                             spent: bool) -> None:  # fmt: skip
