@@ -309,7 +309,10 @@ def test_a_client_sees_what_uvicorns_protocol_answers(both: tuple[int, int], cas
     data, answers, head = CASES[case]
     ours, theirs = both
     got = exchange(ours, data, answers, head)
-    assert got == exchange(theirs, data, answers, head)
+    if case == "malformed":  # the same status; its body in the gateway's error shape (see below), not plain text
+        assert [r[0] for r in got[0]] == [r[0] for r in exchange(theirs, data, answers, head)[0]]
+    else:
+        assert got == exchange(theirs, data, answers, head)
     responses, _ = got
     if case == "malformed":
         assert responses[0][0] == 400
@@ -322,6 +325,34 @@ def test_a_client_sees_what_uvicorns_protocol_answers(both: tuple[int, int], cas
 
 
 # Where uvicorn's httptools protocol departs from the RFCs (its h11 protocol does not), ours follows them.
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "param", "code"),
+    [
+        (b"POST {path} HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431, "headers",
+         "request_header_fields_too_large"),
+        (b"POST {path} HTTP/1.1\r\n\r\n", 400, "host", "invalid_http_request"),
+        (b"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501, "transfer-encoding",
+         "unsupported_transfer_coding"),
+        (b"POST {path} HTTP/1.1\r\nHost x\r\n\r\n", 400, None, "invalid_http_request"),
+    ],
+    ids=["431", "no host", "gzip coding", "malformed"],
+)  # fmt: skip
+def test_a_request_the_protocol_refuses_is_answered_in_the_routes_error_shape(
+    both: tuple[int, int], head: bytes, status: int, param: str | None, code: str
+) -> None:
+    # They were plain text ("Request header fields too large."), which no embedding SDK reads as an error body.
+    ours, _ = both
+    for path in ("/v1/embeddings", "/api/v1/embeddings", "/v2/router/embeddings"):
+        [(got, headers, body)], closed = exchange(ours, head.replace(b"{path}", path.encode()), 1)
+        assert (got, dict(headers)["content-type"], closed) == (status, "application/json", True)
+        error = orjson.loads(body)["error"]
+        if path == "/api/v1/embeddings":  # OpenRouter's: the status as its code, the rest in metadata
+            assert (error["code"], error["metadata"]["code"], error["metadata"].get("param")) == (status, code, param)
+        else:
+            assert (error["code"], error["param"], error["type"]) == (code, param, "invalid_request_error")
+        assert error["message"]
 
 
 def test_an_answer_without_a_length_to_http_1_0_ends_with_the_connection(both: tuple[int, int]) -> None:

@@ -40,7 +40,7 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavai
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, STATUS_LINE
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
-from .errors import ClientGone
+from .errors import ClientGone, Dialect, InvalidRequest, render_error
 from .logs import BODY_PARTS, REQUEST_TASK
 
 __all__ = ["GatewayHttpProtocol"]
@@ -133,7 +133,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.unbodied = 0  # bytes read in a body since it last grew: chunk framing and trailers
         self.begun = 0  # requests whose first byte was read
         self.read_len = 0  # bytes of the read being parsed
-        self.pending_error: tuple[int, str] | None = None  # an answer owed after the earlier requests' answers
+        self.pending_error: tuple[int, bytes] | None = None  # an answer owed after the earlier requests' answers
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.expect_continue = False
@@ -215,10 +215,10 @@ class GatewayHttpProtocol(asyncio.Protocol):
                 self._refuse_head_too_large()
             elif isinstance(exc.__context__, _BadHost):
                 _log.warning("Request without exactly one Host header received.")
-                self._refuse(400, "A request must have exactly one Host header.")
+                self._refuse(400, "A request must have exactly one Host header.", "host")
             elif isinstance(exc.__context__, _BadCoding):
                 _log.warning("Request with an unsupported transfer coding received.")
-                self._refuse(501, "Unsupported transfer coding: only chunked is.")
+                self._refuse(501, "Unsupported transfer coding: only chunked is.", "transfer-encoding")
             else:
                 _log.warning("Invalid HTTP request received.")
                 self._refuse(400, "Invalid HTTP request received.")
@@ -517,34 +517,58 @@ class GatewayHttpProtocol(asyncio.Protocol):
     def _refuse_head_too_large(self) -> None:
         """A 431: a head (or a chunked body's trailers) over ``MAX_HEAD_BYTES``."""
         _log.warning("Request head larger than %d bytes received.", MAX_HEAD_BYTES)
-        self._refuse(431, "Request header fields too large.")
+        self._refuse(431, f"Request header fields too large: at most {MAX_HEAD_BYTES} bytes of request line and "
+                          "headers.", "headers")  # fmt: skip
 
-    def _refuse(self, status: int, msg: str) -> None:
+    def _refuse(self, status: int, msg: str, param: str | None = None) -> None:
         """Answer a request that cannot be read (400, 431) and close: after the answers owed to the requests
         pipelined before it, in order (RFC 9112, 9.3.2); at once if it is the one being answered (its body broken)."""
         bad = self.cycle if self.in_message and not self.in_head else None  # its head was read: queued or started
         if bad is not None and not bad.complete and bad is not self.serving:
             self.pipeline = deque(queued for queued in self.pipeline if queued[0] is not bad)  # never started
         serving = self.serving
+        body = _error_body(status, msg, param, self.url)  # the request line's path, if it was read (else the last)
         if bad is not serving and ((serving is not None and not serving.complete) or self.pipeline):
-            self.pending_error = (status, msg)
+            self.pending_error = (status, body)
             self.pause_reading()  # nothing after it can be read
         else:
-            self._send_error(status, msg)
+            self._send_error(status, body)
 
-    def _send_error(self, status: int, msg: str) -> None:
+    def _send_error(self, status: int, body: bytes) -> None:
         transport = self.transport
         if transport is None:
             return
-        body = msg.encode("ascii")
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             head.append(name + b": " + value + b"\r\n")
-        head.append(b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % len(body))
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
         head.append(b"connection: close\r\n\r\n")
         head.append(body)
         transport.write(b"".join(head))
         transport.close()
+
+
+#: The codes of the requests this protocol refuses before any app sees them.
+_REFUSED: Final = {
+    400: "invalid_http_request",
+    431: "request_header_fields_too_large",
+    501: "unsupported_transfer_coding",
+}
+
+
+def _error_body(status: int, msg: str, param: str | None, url: bytes) -> bytes:
+    """A refusal's body in the error shape of the route ``url`` names (OpenRouter's, orq's, else OpenAI's), as the
+    gateway's own errors are: every client's SDK reads it."""
+    err = InvalidRequest(msg, param=param, code=_REFUSED.get(status, "invalid_http_request"))
+    err.status = status
+    path = url.partition(b"?")[0]
+    if b"/api/v1/" in path:
+        dialect = Dialect.OPENROUTER
+    elif b"/v2/router/" in path:
+        dialect = Dialect.ORQ
+    else:
+        dialect = Dialect.OPENAI
+    return render_error(err, dialect)
 
 
 class _HeadTooLarge(Exception):
