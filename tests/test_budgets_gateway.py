@@ -537,6 +537,33 @@ async def test_a_fallback_is_not_spent_past_its_own_model_or_provider_budget(ups
         r = await embed(c, [1, 2, 3], fallbacks=[{"model": "backup/embed-small"}], provider={"only": ["backup"]})
         assert (r.status_code, error_of(r)["code"]) == (429, "token_budget_exceeded"), r.text
         assert target in error_of(r)["message"]
+        # nor when no model but the skipped fallback takes a multimodal input (a 400 blamed the input)
+        image = [{"content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]
+        r = await embed(c, image, fallbacks=[{"model": "backup/embed-small"}])
+        assert (r.status_code, error_of(r)["code"]) == (429, "token_budget_exceeded"), r.text
+
+
+@pytest.mark.anyio
+async def test_a_fallback_named_twice_holds_its_budget_for_each_turn(upstream: FakeUpstream) -> None:
+    # Reserved once and tried twice: its first turn embedded a chunk of the split batch and failed, its second served
+    # the whole batch, and the budget ended at 6 tokens of 4.
+    models = {"backup/split": {"deployments": [{"provider": "backup", "upstream_model": "embed-f"}], "max_inputs": 2}}
+    config = budget_config(upstream.url, [{"scope": "model", "target": "backup/split", "token_limit": 4}],
+                           models=models, routing={"split_concurrency": 1, "breaker_failures": 1000})  # fmt: skip
+    async with running(config) as (_, c):
+        upstream.script.append(Fault("status", 503, model="embed-small"))
+        upstream.script.append(Fault("ok", model="embed-f"))
+        upstream.script.append(Fault("status", 503, model="embed-f"))
+        r = await embed(c, [[1], [2], [3], [4]], retry={"count": 0, "on_codes": [503]},
+                        fallbacks=[{"model": "backup/split"}, {"model": "backup/split"}])  # fmt: skip
+        assert (r.status_code, r.headers["x-embedgate-fallbacks-skipped"]) == (502, "backup/split"), r.text
+        (row,) = await admin_usage(c)
+        assert row["tokens"]["used"] == 2  # the chunk its first turn embedded, and no second turn
+        # with room for both turns, both are tried: the second serves
+        upstream.script.clear()
+        r = await embed(c, [[1]], retry={"count": 0, "on_codes": [503]},
+                        fallbacks=[{"model": "backup/split"}, {"model": "backup/split"}])  # fmt: skip
+        assert r.status_code == 200 and "x-embedgate-fallbacks-skipped" not in r.headers, r.text
 
 
 @pytest.mark.anyio

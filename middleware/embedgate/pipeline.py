@@ -43,7 +43,7 @@ from .telemetry import Telemetry
 
 log = structlog.get_logger("embedgate.budgets")
 
-_NONE_SKIPPED: frozenset[str] = frozenset()
+_NONE_SKIPPED: frozenset[int] = frozenset()
 #: What a model id keeps as is in a header value: printable ASCII but the list's comma and quote's own "%".
 _HEADER_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in ",%")
 
@@ -92,7 +92,7 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     finish: list[Callable[[Call, GatewayError | None], Awaitable[None]]] = field(default_factory=list)
     span: Any = None
-    skipped: frozenset[str] = frozenset()  # fallbacks not tried: their own budget is spent (see budget)
+    skipped: frozenset[int] = frozenset()  # places in the chain not tried: fallbacks whose own budget is spent
     skipped_refusal: GatewayError | None = None  # the first of those refusals
 
     def __init__(
@@ -382,8 +382,11 @@ class Pipeline:
                     await budgets.settle(reservation, tokens=call.billed_tokens, cost_usd=call.cost_usd)
                 else:
                     await budgets.release(reservation)
+                settled: set[str] = set()
                 for model_id, fallback_held in held:
-                    spent_tokens, spent_cost = _charged_by(call, model_id)
+                    # all a model charged, on its first reservation (a model named twice holds two: the other released)
+                    spent_tokens, spent_cost = _charged_by(call, model_id) if model_id not in settled else (0, 0.0)
+                    settled.add(model_id)
                     if spent_tokens:
                         await budgets.settle(fallback_held, tokens=spent_tokens, cost_usd=spent_cost)
                     else:
@@ -398,16 +401,13 @@ class Pipeline:
     async def _reserve_fallbacks(self, call: Call, reservation: Reservation, held: list[tuple[str, Reservation]],
                                  tokens: int) -> None:  # fmt: skip
         """Reserve on each fallback's own ``model`` and ``provider`` budgets (a fallback may embed every item); one
-        whose budget refuses is not tried (``Call.skipped``; it keeps its place in the chain): a client naming a
+        whose budget refuses is not tried (its place in ``Call.skipped``; the others keep theirs): a client naming a
         capped model as its fallback (behind a model that fails, or with its own ``fallback_on_codes``) spent it
-        past its budget."""
-        primary = call.chain[0].id
-        skipped: list[str] = []
-        decided = {primary}
-        for model in call.chain[1:]:
-            if model.id in decided:  # named twice (or the primary again): decided once
-                continue
-            decided.add(model.id)
+        past its budget. A model named twice is reserved twice (each turn may embed every item: one that embedded
+        chunks of a split batch before failing, then served, charged both)."""
+        skipped: dict[str, None] = {}
+        for place in range(1, len(call.chain)):
+            model = call.chain[place]
             try:
                 own = await self._budgets.reserve_fallback(
                     model.id, reservation, tokens=tokens, cost_usd=cost_usd(tokens, self._dearest(model))
@@ -415,7 +415,8 @@ class Pipeline:
             except BudgetExceeded as refused:
                 log.info("fallback not tried: its budget is spent", fallback=model.id, scope=refused.scope_kind,
                          target=refused.scope_target_id, dimension=refused.dimension)  # fmt: skip
-                skipped.append(model.id)
+                call.skipped = call.skipped | {place}
+                skipped[model.id] = None
                 if call.skipped_refusal is None:
                     call.skipped_refusal = refused
                 continue
@@ -424,7 +425,6 @@ class Pipeline:
             elif own.decision == "fail_open":  # the store went down: the rest are admitted too, without a wait each
                 break
         if skipped:
-            call.skipped = frozenset(skipped)
             # (a client's own model ids: any character a header value cannot hold is percent-encoded)
             call.headers["x-embedgate-fallbacks-skipped"] = ", ".join([quote(m, safe=_HEADER_SAFE) for m in skipped])
 
@@ -608,9 +608,10 @@ class Pipeline:
             call.attempts += attempts.count
             self._bill_spent(call, attempts.spent)
             refusal = call.skipped_refusal
-            if refusal is not None and isinstance(exc, NotFound) and exc.code == "no_allowed_providers":
-                # The provider preferences leave no model but a skipped fallback: its budget is why none served (a
-                # 404 said no retry could help).
+            if refusal is not None and attempts.count == 0 and isinstance(exc, (NotFound, InvalidRequest)):
+                # No model could be tried (the provider preferences exclude them, none takes a multimodal input) but
+                # a skipped fallback: its budget is why none served (a 404 said no retry could help, a 400 blamed
+                # the input).
                 raise refusal from None
             raise
 

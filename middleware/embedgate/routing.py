@@ -342,12 +342,12 @@ class Router:
         deadline: float | None = None,
         attempts: Attempts | None = None,
         first_index: int = 0,
-        skipped: Collection[str] = (),
+        skipped: Collection[int] = (),
     ) -> RouteResult:
         """Embed the items at ``positions`` of ``request``; vectors come back in that order. ``deadline`` (from
         :meth:`deadline`) is shared by the calls of one request (a fallback embedding a partial hit's cached items
-        again); by default the call has a deadline of its own. The chain's models whose ids are in ``skipped`` (a
-        fallback whose budget is spent) are not tried; the others keep their places (their fallback index)."""
+        again); by default the call has a deadline of its own. The models at the places in ``skipped`` of the
+        request's chain (fallback indexes: a fallback whose budget is spent) are not tried; the others keep theirs."""
         chain = chain or self.chain(request)
         retry = request.retry or self._routing.default_retry
         fallback_codes = (
@@ -358,7 +358,8 @@ class Router:
         if attempts is None:
             attempts = Attempts()
         try:
-            tried = [(k, m) for k, m in enumerate(chain) if m.id not in skipped] if skipped else list(enumerate(chain))
+            tried = [(k, m) for k, m in enumerate(chain) if first_index + k not in skipped] if skipped else (
+                list(enumerate(chain)))  # fmt: skip
             for n, (k, model) in enumerate(tried):
                 fallback_index = first_index + k  # ``first_index``: the chain is the tail of the request's, from there
                 attempts.models_left = len(tried) - 1 - n
