@@ -480,7 +480,9 @@ async def test_a_fallback_is_not_spent_past_its_own_model_or_provider_budget(ups
     # Only the requested model's budgets applied: a client reached a spent model (or provider) by naming it as the
     # fallback of a model that fails (or with its own fallback_on_codes: any 404), as often as it liked.
     target = "backup/embed-small" if scope == "model" else "backup"
-    config = budget_config(upstream.url, [{"scope": scope, "target": target, "token_limit": 6}])
+    multimodal = {"type": "openai", "base_url": upstream.url, "api_key": "provider-secret-backup", "multimodal": True}
+    config = budget_config(upstream.url, [{"scope": scope, "target": target, "token_limit": 6}],
+                           providers={"backup": multimodal})  # fmt: skip
     via = {"retry": {"count": 0, "on_codes": [503]}, "fallbacks": [{"model": "backup/embed-small"}]}
 
     async def usage() -> int:
@@ -541,6 +543,10 @@ async def test_a_fallback_is_not_spent_past_its_own_model_or_provider_budget(ups
         image = [{"content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]
         r = await embed(c, image, fallbacks=[{"model": "backup/embed-small"}])
         assert (r.status_code, error_of(r)["code"]) == (429, "token_budget_exceeded"), r.text
+        # but a skipped fallback that could not have taken it either leaves the request's own error
+        r = await embed(c, [1, 2, 3], fallbacks=[{"model": "backup/embed-small"}], provider={"only": ["nowhere"]})
+        assert (r.status_code, error_of(r)["code"]) == (404, "no_allowed_providers"), r.text
+        assert r.headers["x-embedgate-fallbacks-skipped"] == "backup/embed-small"
 
 
 @pytest.mark.anyio

@@ -340,19 +340,30 @@ def test_a_client_sees_what_uvicorns_protocol_answers(both: tuple[int, int], cas
     ids=["431", "no host", "gzip coding", "malformed"],
 )  # fmt: skip
 def test_a_request_the_protocol_refuses_is_answered_in_the_routes_error_shape(
-    both: tuple[int, int], head: bytes, status: int, param: str | None, code: str
+    head: bytes, status: int, param: str | None, code: str
 ) -> None:
-    # They were plain text ("Request header fields too large."), which no embedding SDK reads as an error body.
-    ours, _ = both
-    for path in ("/v1/embeddings", "/api/v1/embeddings", "/v2/router/embeddings"):
-        [(got, headers, body)], closed = exchange(ours, head.replace(b"{path}", path.encode()), 1)
-        assert (got, dict(headers)["content-type"], closed) == (status, "application/json", True)
-        error = orjson.loads(body)["error"]
-        if path == "/api/v1/embeddings":  # OpenRouter's: the status as its code, the rest in metadata
-            assert (error["code"], error["metadata"]["code"], error["metadata"].get("param")) == (status, code, param)
-        else:
-            assert (error["code"], error["param"], error["type"]) == (code, param, "invalid_request_error")
-        assert error["message"]
+    # They were plain text ("Request header fields too large."), which no embedding SDK reads as an error body. The
+    # shape is the route's as the gateway matches it: under path_prefix /api, /api/v1/embeddings is OpenAI's route
+    # (read from the path alone, it was answered in OpenRouter's shape).
+    from embedgate import create_app
+    from embedgate.config import parse_config
+    from tests.conftest import config_dict
+
+    gateway = create_app(parse_config(config_dict("http://127.0.0.1:9/v1", server={"path_prefix": "/api"}), env={}))
+    shapes = {"/api/v1/embeddings": "openai", "/api/api/v1/embeddings": "openrouter",
+              "/api/v2/router/embeddings": "orq", "/api/api/v1/embeddings/models": "openrouter",
+              "/elsewhere": "openai", "http://api/v1/embeddings?x=/v2/router/": "openai"}  # fmt: skip
+    with served(GatewayHttpProtocol, served_app=gateway) as (port, _):
+        for path, shape in shapes.items():
+            [(got, headers, body)], closed = exchange(port, head.replace(b"{path}", path.encode()), 1)
+            assert (got, dict(headers)["content-type"], closed) == (status, "application/json", True)
+            error = orjson.loads(body)["error"]
+            if shape == "openrouter":  # OpenRouter's: the status as its code, the rest in metadata
+                metadata = error["metadata"]
+                assert (error["code"], metadata["code"], metadata.get("param")) == (status, code, param), path
+            else:
+                assert (error["code"], error["param"], error["type"]) == (code, param, "invalid_request_error"), path
+            assert error["message"]
 
 
 def test_an_answer_without_a_length_to_http_1_0_ends_with_the_connection(both: tuple[int, int]) -> None:

@@ -306,17 +306,22 @@ class EmbeddingGateway:
     async def _wrong_method(self, send: Send, method: str, path: str) -> bool:
         """Standalone, a path of the gateway asked with a method it does not serve: 405 with ``allow``, in the
         route's error shape. False for any other path (mounted, the host app answers all of these)."""
-        dialect = self._embed_paths.get(path)
-        if dialect is not None:
-            allow = "POST"
-        elif path in self._get_paths:
-            allow = "GET, HEAD"
-            dialect = Dialect.OPENROUTER if path.endswith("/api/v1/embeddings/models") else Dialect.OPENAI
-        else:
+        dialect = self.dialect_for(path)
+        if dialect is None:
             return False
+        allow = "POST" if path in self._embed_paths else "GET, HEAD"
         err = MethodNotAllowed(f"{method} is not allowed on {path}; allowed: {allow}")
         await _send(send, err.status, render_error(err, dialect), {"allow": allow}, head=method == "HEAD")
         return True
+
+    def dialect_for(self, path: str) -> Dialect | None:
+        """Which API the gateway's route at ``path`` (below any root path) speaks, for its error shape; None for a
+        path that is no route of the gateway's (``embedgate serve``'s protocol asks it for the requests it refuses
+        before the gateway sees them)."""
+        dialect = self._embed_paths.get(path)
+        if dialect is None and path in self._get_paths:
+            dialect = Dialect.OPENROUTER if path.endswith("/api/v1/embeddings/models") else Dialect.OPENAI
+        return dialect
 
     async def _opened(self, send: Send, dialect: Dialect, scope: Scope | None = None) -> bool:
         """Open the resources on first use (no lifespan ran); if that fails, answer 503 in the route's shape and

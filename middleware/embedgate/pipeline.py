@@ -93,7 +93,7 @@ class Call:
     finish: list[Callable[[Call, GatewayError | None], Awaitable[None]]] = field(default_factory=list)
     span: Any = None
     skipped: frozenset[int] = frozenset()  # places in the chain not tried: fallbacks whose own budget is spent
-    skipped_refusal: GatewayError | None = None  # the first of those refusals
+    skipped_refusals: dict[int, GatewayError] | None = None  # their budgets' refusals, by place
 
     def __init__(
         self,
@@ -141,7 +141,7 @@ class Call:
         self.finish = []
         self.span = None
         self.skipped = _NONE_SKIPPED
-        self.skipped_refusal = None
+        self.skipped_refusals = None
 
     def missing(self) -> list[int]:
         """Positions of the items that still have no vector."""
@@ -417,8 +417,9 @@ class Pipeline:
                          target=refused.scope_target_id, dimension=refused.dimension)  # fmt: skip
                 call.skipped = call.skipped | {place}
                 skipped[model.id] = None
-                if call.skipped_refusal is None:
-                    call.skipped_refusal = refused
+                if call.skipped_refusals is None:
+                    call.skipped_refusals = {}
+                call.skipped_refusals[place] = refused
                 continue
             if own.decision == "reserved":
                 held.append((model.id, own))
@@ -607,13 +608,23 @@ class Pipeline:
             # and so is what they were paid for (a chunk embedded before another failed), in its budgets and cost.
             call.attempts += attempts.count
             self._bill_spent(call, attempts.spent)
-            refusal = call.skipped_refusal
-            if refusal is not None and attempts.count == 0 and isinstance(exc, (NotFound, InvalidRequest)):
+            refusals = call.skipped_refusals
+            if refusals is not None and attempts.count == 0 and isinstance(exc, (NotFound, InvalidRequest)):
                 # No model could be tried (the provider preferences exclude them, none takes a multimodal input) but
-                # a skipped fallback: its budget is why none served (a 404 said no retry could help, a 400 blamed
-                # the input).
-                raise refusal from None
+                # a skipped fallback that could have: its budget is why none served (a 404 said no retry could help,
+                # a 400 blamed the input).
+                refusal = self._servable_refusal(call, refusals)
+                if refusal is not None:
+                    raise refusal from None
             raise
+
+    def _servable_refusal(self, call: Call, refusals: dict[int, GatewayError]) -> GatewayError | None:
+        """The budget refusal of the first skipped fallback that could have taken the request, if any."""
+        assert call.request is not None
+        for place in sorted(refusals):
+            if self._router.first_servable([call.chain[place]], call.request) is not None:
+                return refusals[place]
+        return None
 
     def _take(self, call: Call, positions: list[int], result: RouteResult) -> None:
         req = call.request

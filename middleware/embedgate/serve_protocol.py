@@ -527,7 +527,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if bad is not None and not bad.complete and bad is not self.serving:
             self.pipeline = deque(queued for queued in self.pipeline if queued[0] is not bad)  # never started
         serving = self.serving
-        body = _error_body(status, msg, param, self.url)  # the request line's path, if it was read (else the last)
+        body = _error_body(status, msg, param, _route_dialect(self.app, self.url))  # (the url read, if any)
         if bad is not serving and ((serving is not None and not serving.complete) or self.pipeline):
             self.pending_error = (status, body)
             self.pause_reading()  # nothing after it can be read
@@ -556,19 +556,30 @@ _REFUSED: Final = {
 }
 
 
-def _error_body(status: int, msg: str, param: str | None, url: bytes) -> bytes:
-    """A refusal's body in the error shape of the route ``url`` names (OpenRouter's, orq's, else OpenAI's), as the
-    gateway's own errors are: every client's SDK reads it."""
+def _error_body(status: int, msg: str, param: str | None, dialect: Dialect) -> bytes:
+    """A refusal's body in a route's error shape, as the gateway's own errors are: every client's SDK reads it."""
     err = InvalidRequest(msg, param=param, code=_REFUSED.get(status, "invalid_http_request"))
     err.status = status
-    path = url.partition(b"?")[0]
-    if b"/api/v1/" in path:
-        dialect = Dialect.OPENROUTER
-    elif b"/v2/router/" in path:
-        dialect = Dialect.ORQ
-    else:
-        dialect = Dialect.OPENAI
     return render_error(err, dialect)
+
+
+def _route_dialect(app: Any, url: bytes) -> Dialect:
+    """The dialect of the gateway's route the request target ``url`` names, as the gateway matches it (its
+    ``dialect_for``: ``server.path_prefix`` and all); OpenAI's for any other path, or another app."""
+    try:
+        raw = url.partition(b"?")[0] if url[:1] == b"/" else (httptools.parse_url(url).path or b"")
+        path = urllib.parse.unquote(raw.decode("latin-1"))
+    except Exception:  # a target httptools cannot read: no route
+        return Dialect.OPENAI
+    for _ in range(8):  # the gateway, under the middlewares uvicorn may wrap it in (proxy headers, ...)
+        finder = getattr(app, "dialect_for", None)
+        if finder is not None:
+            found = finder(path)
+            return found if isinstance(found, Dialect) else Dialect.OPENAI
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return Dialect.OPENAI
 
 
 class _HeadTooLarge(Exception):
