@@ -473,12 +473,7 @@ class BudgetEngine:
         specs = _specs(counters, tokens, cost_nano, now)
         now_ms = int(now * 1000)
         res = await self._reserve_or_fail(specs, [WindowSpec(g.key, g.limit) for g in windows], now_ms, rid, index)
-        if res is None:
-            return Reservation(rid, "fail_open")
-        headers = self._headers(counters, windows, res, now_ms)
-        if res.failed >= 0:
-            raise self._refusal(counters, windows, res, now_ms, headers, {"tokens": tokens, "cost": cost_nano})
-        return Reservation(rid, "reserved", tokens, cost_nano, tuple(counters), headers, res.epoch)
+        return self._reservation(rid, res, counters, windows, now_ms, tokens, cost_nano)
 
     async def reserve_fallback(self, model: str, held: Reservation, *, tokens: int, cost_usd: float) -> Reservation:
         """Reserve ``tokens`` and ``cost_usd`` on the ``model`` and ``provider`` budgets of a fallback ``model`` (a
@@ -507,11 +502,16 @@ class BudgetEngine:
         tokens = max(0, tokens)
         now_ms = int(now * 1000)
         res = await self._reserve_or_fail(_specs(counters, tokens, cost_nano, now), [], now_ms, rid, found[2])
+        return self._reservation(rid, res, counters, [], now_ms, tokens, cost_nano)
+
+    def _reservation(self, rid: str, res: ReserveResult | None, counters: list[_Gate], windows: list[_Gate],
+                     now_ms: int, tokens: int, cost_nano: int) -> Reservation:  # fmt: skip
+        """What a store's reserve answered, as a reservation (``fail_open`` without an answer), or its refusal."""
         if res is None:
             return Reservation(rid, "fail_open")
-        headers = self._headers(counters, [], res, now_ms)
+        headers = self._headers(counters, windows, res, now_ms)
         if res.failed >= 0:
-            raise self._refusal(counters, [], res, now_ms, headers, {"tokens": tokens, "cost": cost_nano})
+            raise self._refusal(counters, windows, res, now_ms, headers, {"tokens": tokens, "cost": cost_nano})
         return Reservation(rid, "reserved", tokens, cost_nano, tuple(counters), headers, res.epoch)
 
     async def _reserve_or_fail(self, specs: list[CounterSpec], windows: list[WindowSpec], now_ms: int, member: str,

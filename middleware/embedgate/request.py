@@ -647,12 +647,14 @@ def parse_request(
     )
 
 
-#: A UTF-16 surrogate code point (a regex escape: mypyc takes no surrogate in a string literal).
+#: The largest finite double, as a whole number: a larger one reads as infinity.
 _MAX_DOUBLE: Final = int(1.7976931348623157e308)
+#: A UTF-16 surrogate code point (a regex escape: mypyc takes no surrogate in a string literal).
 _SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
 
 
 def _whole(digits: str) -> int | float:
+    """A JSON whole number for ``_unreadable``: one of 400 digits or more as a double (infinity), as orjson reads it."""
     return int(digits) if len(digits) < 400 else float(digits)
 
 

@@ -522,20 +522,19 @@ class Telemetry:
         if span.is_recording():
             if "@" in server_address:  # never let userinfo from a base URL through
                 server_address = server_address.rsplit("@", 1)[1]
-            span.set_attributes(
-                {
-                    "gen_ai.operation.name": "embeddings",
-                    "gen_ai.provider.name": provider,
-                    "gen_ai.request.model": request_model,
-                    "gen_ai.request.encoding_formats": (encoding_format,),
-                    "server.address": server_address,
-                    "embedgate.attempt": attempt,
-                    "embedgate.fallback_index": fallback_index,
-                    "embedgate.deployment": deployment,
-                }
-            )
+            attributes: dict[str, AttributeValue] = {
+                "gen_ai.operation.name": "embeddings",
+                "gen_ai.provider.name": provider,
+                "gen_ai.request.model": request_model,
+                "gen_ai.request.encoding_formats": (encoding_format,),
+                "server.address": server_address,
+                "embedgate.attempt": attempt,
+                "embedgate.fallback_index": fallback_index,
+                "embedgate.deployment": deployment,
+            }
             if server_port is not None:
-                span.set_attribute("server.port", server_port)
+                attributes["server.port"] = server_port
+            span.set_attributes(attributes)  # one call
         return AttemptSpan(span)
 
     def shutdown(self) -> None:
