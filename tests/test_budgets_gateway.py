@@ -585,6 +585,68 @@ async def test_a_fallback_of_the_requested_provider_is_not_reserved_twice_on_its
 
 
 @pytest.mark.anyio
+async def test_a_provider_budget_counts_what_its_deployments_serve_under_another_model_id(upstream: FakeUpstream
+                                                                                          ) -> None:  # fmt: skip
+    # A provider budget counted only requests whose model id named the provider: local/multi's deployment on backup,
+    # or an alias whose deployments are all on backup, spent at backup without its budget seeing it.
+    models = {
+        "acme/embed": {"deployments": [{"provider": "backup", "upstream_model": "embed-small"}]},
+        "local/split": {
+            "deployments": [
+                {"provider": "local", "upstream_model": "multi-a"},
+                {"provider": "backup", "upstream_model": "multi-b"},
+            ],
+            "max_inputs": 2,
+        },
+    }
+    config = budget_config(upstream.url, [{"scope": "provider", "target": "backup", "token_limit": 8}],
+                           models={**config_dict(upstream.url)["models"], **models},
+                           routing={"split_concurrency": 1, "breaker_failures": 1000})  # fmt: skip
+
+    async def used() -> int:
+        rows = {(row["scope"], row["id"]): row for row in await admin_usage(c)}
+        n: int = rows["provider", "backup"]["tokens"]["used"]
+        return n
+
+    async with running(config) as (_, c):
+        upstream.script.append(Fault("status", 503, model="multi-a"))
+        r = await embed(c, [1, 2, 3], model="local/multi", retry={"count": 0, "on_codes": [503]})
+        assert (r.status_code, upstream.calls[-1].body["model"]) == (200, "multi-b"), r.text
+        assert await used() == 3  # served by backup's deployment: counted there
+        r = await embed(c, [1, 2, 3], model="local/multi")
+        assert (r.status_code, upstream.calls[-1].body["model"]) == (200, "multi-a"), r.text
+        assert await used() == 3  # held while it ran, released: local served
+        # a split batch: each chunk counts where it was embedded (the second chunk's retry went to backup)
+        upstream.script.append(Fault("ok", model="multi-a"))
+        upstream.script.append(Fault("status", 503, model="multi-a"))
+        r = await embed(c, [[1], [2], [3], [4]], model="local/split", retry={"count": 1, "on_codes": [503]})
+        assert r.status_code == 200, r.text
+        assert await used() == 5
+        assert (await embed(c, [1, 2, 3], model="acme/embed")).status_code == 200
+        assert await used() == 8
+        # spent: backup's deployments are not used; local's still serve, and its failure is the answer
+        r = await embed(c, [1, 2, 3], model="local/multi")
+        assert (r.status_code, upstream.calls[-1].body["model"]) == (200, "multi-a"), r.text
+        calls = len(upstream.calls)
+        upstream.script.extend([Fault("status", 503, model="multi-a")] * 2)
+        r = await embed(c, [1, 2, 3], model="local/multi", retry={"count": 1, "on_codes": [503]})
+        assert (r.status_code, error_of(r)["code"]) == (502, "upstream_error"), r.text
+        assert [call.body["model"] for call in upstream.calls[calls:]] == ["multi-a", "multi-a"]
+        # a model served only there: the provider budget's 429, named; as a fallback, skipped and named so
+        r = await embed(c, [1, 2, 3], model="acme/embed")
+        assert (r.status_code, error_of(r)["code"]) == (429, "token_budget_exceeded"), r.text
+        assert "backup" in error_of(r)["message"]
+        r = await embed(c, [1, 2, 3], fallbacks=[{"model": "acme/embed"}])
+        assert (r.status_code, r.headers["x-embedgate-fallbacks-skipped"]) == (200, "acme/embed"), r.text
+        calls = len(upstream.calls)
+        upstream.script.append(Fault("status", 503, model="embed-small"))
+        r = await embed(c, [1, 2, 3], fallbacks=[{"model": "acme/embed"}], retry={"count": 0, "on_codes": [503]})
+        assert (r.status_code, error_of(r)["code"]) == (502, "upstream_error"), r.text
+        assert len(upstream.calls) == calls + 1
+        assert await used() == 8
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("spent", [False, True])
 async def test_a_skipped_fallback_leaves_the_requests_reservation_as_it_was(upstream: FakeUpstream,
                                                                             spent: bool) -> None:  # fmt: skip

@@ -355,7 +355,9 @@ class BudgetEngine:
         self._clock = clock
         self._last_warn = -math.inf
         self._memo: dict[tuple[Subject, bool, int], tuple[list[_Gate], list[_Gate], list[tuple[str, str, int]]]] = {}
-        self._fallback_memo: dict[tuple[str, int], tuple[list[_Gate], list[_Gate], list[tuple[str, str, int]]]] = {}
+        self._beside_memo: dict[
+            tuple[tuple[str, str], int], tuple[list[_Gate], list[_Gate], list[tuple[str, str, int]]]
+        ] = {}
         # Applicable-budget lookup, precomputed: (scope, target) -> budgets, and scope -> its "*" budgets.
         self._exact: dict[tuple[str, str], list[BudgetConfig]] = {}
         self._wild: dict[str, list[BudgetConfig]] = {}
@@ -481,19 +483,33 @@ class BudgetEngine:
         a client naming a model as its fallback must not spend it past its budget. Counts no request (the request is
         counted once, on its own budgets); decision ``none`` when no such budget applies. Raises as :meth:`reserve`
         does; settle it with what that model charged, else release it."""
+        provider = model.partition("/")[0]
+        ids: list[tuple[str, str, tuple[str, ...]]] = [("provider", provider, (provider,)), ("model", model, (model,))]
+        return await self._reserve_beside(("model", model), ids, held, tokens, cost_usd)
+
+    async def reserve_provider(self, provider: str, held: Reservation, *, tokens: int, cost_usd: float
+                               ) -> Reservation:  # fmt: skip
+        """As :meth:`reserve_fallback`, on the ``provider`` budgets of a provider that serves a model of the
+        request's chain under another model id (a deployment of ``acme/embed`` on ``azure``): what the request
+        spends at that provider counts on its budgets, whichever model id it asked for."""
+        ids: list[tuple[str, str, tuple[str, ...]]] = [("provider", provider, (provider,))]
+        return await self._reserve_beside(("provider", provider), ids, held, tokens, cost_usd)
+
+    def counts_provider(self, provider: str) -> bool:
+        """Whether any budget counts ``provider`` (``scope: provider``, its name or ``*``)."""
+        return ("provider", provider) in self._exact or "provider" in self._wild
+
+    async def _reserve_beside(self, what: tuple[str, str], ids: list[tuple[str, str, tuple[str, ...]]],
+                              held: Reservation, tokens: int, cost_usd: float) -> Reservation:  # fmt: skip
+        """Reserve on the token and cost counters of the budgets ``ids`` name, but those ``held`` holds already."""
         rid = _getrandbits(128).to_bytes(16, "big").hex()
         now = self._clock()
-        memo_key = (model, int(now // 86400))  # as _gates: per model and UTC day
-        found = self._fallback_memo.get(memo_key)
+        memo_key = (what, int(now // 86400))  # as _gates: per model (or provider) and UTC day
+        found = self._beside_memo.get(memo_key)
         if found is None:
-            if len(self._fallback_memo) >= 10_000:
-                self._fallback_memo.clear()
-            provider = model.partition("/")[0]
-            ids: list[tuple[str, str, tuple[str, ...]]] = [
-                ("provider", provider, (provider,)),
-                ("model", model, (model,)),
-            ]
-            found = self._fallback_memo[memo_key] = self._compute_gates(self._matching(ids, None), now, False)
+            if len(self._beside_memo) >= 10_000:
+                self._beside_memo.clear()
+            found = self._beside_memo[memo_key] = self._compute_gates(self._matching(ids, None), now, False)
         held_keys = {g.key for g in held.counters}
         counters = [g for g in found[0] if g.key not in held_keys]
         if not counters:

@@ -52,8 +52,8 @@ class Dialect(Enum):
     OPENROUTER = "openrouter"  # /api/v1/embeddings
 
 
-#: Upstream work paid for but not in the answer: ``(model id, tokens, USD per million tokens or None)``.
-Spent = tuple[str, int, float | None]
+#: Upstream work paid for but not in the answer: ``(model id, tokens, USD per million tokens or None, provider)``.
+Spent = tuple[str, int, float | None, str]
 
 
 class GatewayError(Exception):

@@ -94,6 +94,10 @@ class Call:
     span: Any = None
     skipped: frozenset[int] = frozenset()  # places in the chain not tried: fallbacks whose own budget is spent
     skipped_refusals: dict[int, GatewayError] | None = None  # their budgets' refusals, by place
+    # Providers not to spend at, by place in the chain: their own provider budget refused (see Pipeline._hold)
+    refused_providers: dict[int, dict[str, GatewayError]] | None = None
+    # What each provider charged, when a provider's own budget holds a reservation: (model id, provider, tokens, cost)
+    charges: list[tuple[str, str, int, float]] | None = None
 
     def __init__(
         self,
@@ -142,6 +146,8 @@ class Call:
         self.span = None
         self.skipped = _NONE_SKIPPED
         self.skipped_refusals = None
+        self.refused_providers = None
+        self.charges = None
 
     def missing(self) -> list[int]:
         """Positions of the items that still have no vector."""
@@ -208,6 +214,8 @@ class Pipeline:
         self._bind_key_id = bind_key_id
         self._subjects: dict[tuple[str, str, str | None], Subject] = {}
         self._dearest_prices: dict[str, float] = {}
+        self._counts_providers = any(b.scope == "provider" for b in config.budgets)
+        self._serving: dict[str, tuple[str, ...]] = {}  # per model id, see _serving_providers
         # Misses coalesce only among requests routed alike: one whose fallbacks, retries, timeout, provider
         # preferences or user differ gets its own call (another's failure, or a model outside its chain, a
         # fallback its key is not granted, is not its answer).
@@ -375,37 +383,53 @@ class Pipeline:
             reservation = await self._budgets.reserve(subject, tokens=tokens, cost_usd=cost_usd(tokens, price))
             call.reservation = reservation
             budgets = self._budgets
-            held: list[tuple[str, Reservation]] = []  # the fallbacks' own, by model id
+            # The fallbacks' own, by model id (provider None); the providers' that serve a model under another id, by
+            # (model id, provider).
+            held: list[tuple[str, str | None, Reservation]] = []
 
             async def settle(call: Call, error: GatewayError | None) -> None:
                 if call.billed_tokens or error is None:
                     await budgets.settle(reservation, tokens=call.billed_tokens, cost_usd=call.cost_usd)
                 else:
                     await budgets.release(reservation)
-                settled: set[str] = set()
-                for model_id, fallback_held in held:
-                    # all a model charged, on its first reservation (a model named twice holds two: the other released)
-                    spent_tokens, spent_cost = _charged_by(call, model_id) if model_id not in settled else (0, 0.0)
-                    settled.add(model_id)
-                    if spent_tokens:
-                        await budgets.settle(fallback_held, tokens=spent_tokens, cost_usd=spent_cost)
+                settled: set[tuple[str, str | None]] = set()
+                for model_id, provider, own in held:
+                    # all a model (or a provider, for that model) charged, on its first reservation (a model named
+                    # twice holds two: the other released)
+                    if (model_id, provider) in settled:
+                        spent_tokens, spent_cost = 0, 0.0
+                    elif provider is None:
+                        spent_tokens, spent_cost = _charged_by(call, model_id)
                     else:
-                        await budgets.release(fallback_held)
+                        spent_tokens, spent_cost = _charged_at(call, model_id, provider)
+                    settled.add((model_id, provider))
+                    if spent_tokens:
+                        await budgets.settle(own, tokens=spent_tokens, cost_usd=spent_cost)
+                    else:
+                        await budgets.release(own)
 
-            call.finish.append(settle)  # (before the fallbacks' reserves: whatever they do, this one is undone)
-            if len(call.chain) > 1 and reservation.decision != "fail_open":  # (the store down: not asked again)
-                await self._reserve_fallbacks(call, reservation, held, tokens)
+            call.finish.append(settle)  # (before the other reserves: whatever they do, this one is undone)
+            if reservation.decision != "fail_open":  # (the store down: not asked again)
+                up = len(call.chain) == 1 or await self._reserve_fallbacks(call, reservation, held, tokens)
+                serving = self._serving_providers(call) if self._counts_providers and up else None
+                if serving:
+                    # a provider may embed every item: a partial hit's cached ones too, if found at an old size
+                    every = tokens if len(counted) == len(req.items) else estimate_tokens(req.items)
+                    await self._reserve_providers(call, reservation, held, every, serving)
+            if call.skipped:
+                # (a client's own model ids: any character a header value cannot hold is percent-encoded)
+                names = dict.fromkeys([call.chain[place].id for place in sorted(call.skipped)])
+                call.headers["x-embedgate-fallbacks-skipped"] = ", ".join([quote(m, safe=_HEADER_SAFE) for m in names])
         call.budget_decision = reservation.decision
         call.headers.update(reservation.headers())
 
-    async def _reserve_fallbacks(self, call: Call, reservation: Reservation, held: list[tuple[str, Reservation]],
-                                 tokens: int) -> None:  # fmt: skip
+    async def _reserve_fallbacks(self, call: Call, reservation: Reservation,
+                                 held: list[tuple[str, str | None, Reservation]], tokens: int) -> bool:  # fmt: skip
         """Reserve on each fallback's own ``model`` and ``provider`` budgets (a fallback may embed every item); one
         whose budget refuses is not tried (its place in ``Call.skipped``; the others keep theirs): a client naming a
         capped model as its fallback (behind a model that fails, or with its own ``fallback_on_codes``) spent it
         past its budget. A model named twice is reserved twice (each turn may embed every item: one that embedded
-        chunks of a split batch before failing, then served, charged both)."""
-        skipped: dict[str, None] = {}
+        chunks of a split batch before failing, then served, charged both). False when the store went down."""
         for place in range(1, len(call.chain)):
             model = call.chain[place]
             try:
@@ -415,19 +439,64 @@ class Pipeline:
             except BudgetExceeded as refused:
                 log.info("fallback not tried: its budget is spent", fallback=model.id, scope=refused.scope_kind,
                          target=refused.scope_target_id, dimension=refused.dimension)  # fmt: skip
-                call.skipped = call.skipped | {place}
-                skipped[model.id] = None
-                if call.skipped_refusals is None:
-                    call.skipped_refusals = {}
-                call.skipped_refusals[place] = refused
+                _skip(call, place, refused)
                 continue
             if own.decision == "reserved":
-                held.append((model.id, own))
+                held.append((model.id, None, own))
             elif own.decision == "fail_open":  # the store went down: the rest are admitted too, without a wait each
+                return False
+        return True
+
+    def _serving_providers(self, call: Call) -> list[tuple[int, str]]:
+        """``(place, provider)`` of the chain's models (but fallbacks already skipped) whose deployments go to a
+        provider of another name than the model id's prefix (``acme/embed`` served by ``azure``), and that provider
+        has a budget: what is spent there counts on it too, whichever model id the request named."""
+        out: list[tuple[int, str]] = []
+        for place, model in enumerate(call.chain):
+            if place in call.skipped:
+                continue
+            providers = self._serving.get(model.id)
+            if providers is None:
+                prefix = model.id.partition("/")[0]
+                counted = [d.provider for d in model.deployments if d.provider != prefix]
+                providers = tuple([p for p in dict.fromkeys(counted) if self._budgets.counts_provider(p)])
+                if len(self._serving) >= 10_000:  # made-up <provider>/<name> ids: bounded
+                    self._serving.clear()
+                self._serving[model.id] = providers
+            out += [(place, p) for p in providers]
+        return out
+
+    async def _reserve_providers(self, call: Call, reservation: Reservation,
+                                 held: list[tuple[str, str | None, Reservation]], tokens: int,
+                                 serving: list[tuple[int, str]]) -> None:  # fmt: skip
+        """Reserve on the budgets of each provider that may serve a model of the chain under another model id; one
+        that refuses is not used there (``Call.refused_providers``), and a fallback none of whose deployments may
+        then be used is skipped, as one whose own budget refused."""
+        refused_at: dict[int, dict[str, GatewayError]] = {}
+        for place, provider in serving:
+            model = call.chain[place]
+            try:
+                own = await self._budgets.reserve_provider(
+                    provider, reservation, tokens=tokens, cost_usd=cost_usd(tokens, self._dearest(model))
+                )
+            except BudgetExceeded as refused:
+                log.info("provider not used: its budget is spent", model=model.id, provider=provider,
+                         scope=refused.scope_kind, target=refused.scope_target_id,
+                         dimension=refused.dimension)  # fmt: skip
+                refused_at.setdefault(place, {})[provider] = refused
+                continue
+            if own.decision == "reserved":
+                held.append((model.id, provider, own))
+                if call.charges is None:
+                    call.charges = []  # what each provider charged is kept from now on (see _take)
+            elif own.decision == "fail_open":
                 break
-        if skipped:
-            # (a client's own model ids: any character a header value cannot hold is percent-encoded)
-            call.headers["x-embedgate-fallbacks-skipped"] = ", ".join([quote(m, safe=_HEADER_SAFE) for m in skipped])
+        if not refused_at:
+            return
+        call.refused_providers = refused_at
+        for place, refusals in refused_at.items():
+            if place and all(d.provider in refusals for d in call.chain[place].deployments):
+                _skip(call, place, next(iter(refusals.values())))
 
     def _price(self, model_id: str) -> float:
         return model_price(model_id, self._config.models) or 0.0
@@ -469,8 +538,10 @@ class Pipeline:
 
         # (and the fallbacks not tried: a request whose fallback's budget is spent shares no upstream call with one
         # whose is not, and the models keep their places, which an error's param names)
+        refused = call.refused_providers
+        unused = None if refused is None else frozenset([(k, p) for k, ps in refused.items() for p in ps])
         policy = (tuple([m.id for m in call.chain]), call.skipped, req.retry, req.fallback_on_codes, req.timeout_ms,
-                  req.provider, req.user)  # fmt: skip
+                  req.provider, req.user, unused)  # fmt: skip
         if call.refresh:  # a refresh takes no other request's answer, in flight or just fetched
             first: dict[str, int] = {}  # an item repeated in the batch goes upstream once
             for i, key in enumerate(keys):
@@ -602,7 +673,7 @@ class Pipeline:
         attempts = Attempts()
         try:
             return await self._router.embed(call.request, positions, chain, call.deadline, attempts, first_index,
-                                            call.skipped)  # fmt: skip
+                                            call.skipped, call.refused_providers)  # fmt: skip
         except BaseException as exc:
             # Failed, or cancelled (the server stopping, a host's timeout): the attempts it made are the request's,
             # and so is what they were paid for (a chunk embedded before another failed), in its budgets and cost.
@@ -651,17 +722,22 @@ class Pipeline:
         if price is None:
             price = self._price(result.model)
         call.cost_usd += cost_usd(result.prompt_tokens, price)
+        if call.charges is not None:
+            for provider, tokens, each in result.charges:
+                call.charges.append((result.model, provider, tokens, cost_usd(tokens, price if each is None else each)))
         if result.spent:
             self._bill_spent(call, result.spent)
 
     def _bill_spent(self, call: Call, spent: Sequence[Spent]) -> None:
         """Tokens and cost the upstreams charged for work the answer does not use (``RouteResult.spent``): the
         request's budgets, usage metrics and cost count them, its ``usage.prompt_tokens`` does not."""
-        for model_id, tokens, price in spent:
+        for model_id, tokens, price, provider in spent:
             cost = cost_usd(tokens, price if price is not None else self._price(model_id))
             call.billed_tokens += tokens
             call.cost_usd += cost
             call.spent.append((model_id, tokens, cost))  # its usage metrics are the spending model's
+            if call.charges is not None:
+                call.charges.append((model_id, provider, tokens, cost))
 
 
 def _charged_by(call: Call, model_id: str) -> tuple[int, float]:
@@ -679,6 +755,24 @@ def _charged_by(call: Call, model_id: str) -> tuple[int, float]:
         tokens += call.billed_tokens - spent_tokens
         cost += call.cost_usd - spent_cost
     return tokens, max(cost, 0.0)
+
+
+def _charged_at(call: Call, model_id: str, provider: str) -> tuple[int, float]:
+    """The tokens and cost the deployments of ``provider`` charged while serving ``model_id`` (``Call.charges``)."""
+    tokens, cost = 0, 0.0
+    for model, at, t, c in call.charges or ():
+        if model == model_id and at == provider:
+            tokens += t
+            cost += c
+    return tokens, cost
+
+
+def _skip(call: Call, place: int, refused: GatewayError) -> None:
+    """Leave the fallback at ``place`` untried, as its budget (or its providers') refused it."""
+    call.skipped = call.skipped | {place}
+    if call.skipped_refusals is None:
+        call.skipped_refusals = {}
+    call.skipped_refusals.setdefault(place, refused)
 
 
 def weight(item: Any) -> int:

@@ -49,6 +49,7 @@ from mypy_extensions import mypyc_attr
 from .budgets import BUILTIN_PRICES, estimate_tokens, is_bounded
 from .config import Config, Deployment, ModelConfig, RetryPolicy
 from .errors import (
+    BudgetExceeded,
     GatewayError,
     InvalidRequest,
     NotFound,
@@ -103,6 +104,9 @@ class RouteResult:
     #: Paid for, not served: chunks a model of the chain embedded before another chunk of the same batch failed
     #: on it (the whole batch then went to the next model).
     spent: list[Spent] = field(default_factory=list)
+    #: The answer's tokens by the provider of the deployment that embedded them: ``(provider, tokens, USD per
+    #: million tokens or None)``, one per chunk (a split batch's chunks may go to deployments of several providers).
+    charges: list[tuple[str, int, float | None]] = field(default_factory=list)
 
     def __init__(
         self,
@@ -115,6 +119,7 @@ class RouteResult:
         deployment: str = "",
         b64: list[bytes | memoryview | None] | None = None,
         spent: list[Spent] | None = None,
+        charges: list[tuple[str, int, float | None]] | None = None,
     ) -> None:
         self.model = model
         self.vectors = vectors
@@ -124,6 +129,7 @@ class RouteResult:
         self.deployment = deployment
         self.b64 = b64
         self.spent = [] if spent is None else spent
+        self.charges = [] if charges is None else charges
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -343,11 +349,14 @@ class Router:
         attempts: Attempts | None = None,
         first_index: int = 0,
         skipped: Collection[int] = (),
+        refused: Mapping[int, Mapping[str, GatewayError]] | None = None,
     ) -> RouteResult:
         """Embed the items at ``positions`` of ``request``; vectors come back in that order. ``deadline`` (from
         :meth:`deadline`) is shared by the calls of one request (a fallback embedding a partial hit's cached items
         again); by default the call has a deadline of its own. The models at the places in ``skipped`` of the
-        request's chain (fallback indexes: a fallback whose budget is spent) are not tried; the others keep theirs."""
+        request's chain (fallback indexes: a fallback whose budget is spent) are not tried; the others keep theirs.
+        ``refused``, by place: providers whose budget refused the request there, with the refusal; the model's
+        deployments of those providers are not tried (all of them refused: the model fails with the refusal)."""
         chain = chain or self.chain(request)
         retry = request.retry or self._routing.default_retry
         fallback_codes = (
@@ -364,15 +373,20 @@ class Router:
                 fallback_index = first_index + k  # ``first_index``: the chain is the tail of the request's, from there
                 attempts.models_left = len(tried) - 1 - n
                 try:
-                    return await self._serve_model(request, positions, model, fallback_index, retry, deadline, attempts)
+                    return await self._serve_model(request, positions, model, fallback_index, retry, deadline, attempts,
+                                                   refused.get(fallback_index) if refused else None)  # fmt: skip
                 except _ModelFailed as failed:
                     err = failed.error
                     # "Nothing could be tried" for this model must not hide a real upstream error of an earlier one;
                     # a model only cooling down replaces one that cannot take the input at all (InvalidRequest: no
                     # multimodal deployment): the request is fine, the upstream is not, for now.
+                    # A budget's refusal (no deployment's provider may spend more) is another "nothing tried": it
+                    # names the reason for a model no preference or input excluded.
                     last = attempts.last_error
-                    if (last is None or failed.answered or not isinstance(err, (Unavailable, InvalidRequest, NotFound))
-                            or (failed.cooling and isinstance(last, (InvalidRequest, NotFound)))):  # fmt: skip
+                    if (last is None or failed.answered
+                            or not isinstance(err, (Unavailable, InvalidRequest, NotFound, BudgetExceeded))
+                            or ((failed.cooling or isinstance(err, BudgetExceeded))
+                                and isinstance(last, (InvalidRequest, NotFound)))):  # fmt: skip
                         attempts.last_error = err
                     status = getattr(err, "upstream_status", None)
                     if not failed.spent and status not in fallback_codes and status not in _KEY_ERRORS:
@@ -403,6 +417,7 @@ class Router:
         retry: RetryPolicy,
         deadline: float,
         attempts: Attempts,
+        refused: Mapping[str, GatewayError] | None = None,
     ) -> RouteResult:
         deployments = self.eligible(model, request.provider, request.input_type is not None)
         if request.is_multimodal:
@@ -422,6 +437,12 @@ class Router:
             attempts.skipped.append(f"{model.id}: no deployment matches the provider preferences")
             raise _ModelFailed(NotFound(f"No deployment of '{model.id}' matches the provider preferences",
                                         code="no_allowed_providers", param="provider"), True)  # fmt: skip
+        if refused:
+            allowed = [d for d in deployments if d.provider not in refused]
+            if not allowed:
+                attempts.skipped.append(f"{model.id}: its providers' budgets are spent")
+                raise _ModelFailed(refused[deployments[0].provider], True)
+            deployments = allowed
         size = max(1, model.max_inputs)
         groups = [positions]
         if request.input_kind == "mixed":  # strings and token arrays: each kind in calls of its own
@@ -476,7 +497,7 @@ class Router:
                 for outcome in outcomes:
                     if isinstance(outcome, tuple):
                         emb, d = outcome
-                        attempts.spent.append((model.id, emb.prompt_tokens, self._price(model, d)))
+                        attempts.spent.append((model.id, emb.prompt_tokens, self._price(model, d), d.provider))
                 if isinstance(failure, _Skipped):  # not the cause: raise the failure that made the others skip
                     cause = next((o for o in outcomes if isinstance(o, Exception) and not isinstance(o, _Skipped)),
                                  None)  # fmt: skip
@@ -488,7 +509,7 @@ class Router:
             # One answer never mixes vector sizes: chunks answered at a change of the model's dimension count
             # (each passed the per-model check in its turn). Paid for, and failed as a malformed answer.
             for emb, d in results:
-                attempts.spent.append((model.id, emb.prompt_tokens, self._price(model, d)))
+                attempts.spent.append((model.id, emb.prompt_tokens, self._price(model, d), d.provider))
             raise _ModelFailed(UpstreamError(f"'{model.id}' answered the chunks of one batch with {sizes[0]} and "
                                              f"{sizes[-1]} dimensions", code="upstream_malformed"), True)  # fmt: skip
         tokens = sum(emb.prompt_tokens for emb, _ in results)
@@ -507,6 +528,7 @@ class Router:
             price_per_million_tokens=self._blended_price(model, results, tokens),
             deployment=_deployment_id(results[-1][1]),
             spent=list(attempts.spent),
+            charges=[(d.provider, emb.prompt_tokens, self._price(model, d)) for emb, d in results],
         )
 
     def _blended_price(self, model: ResolvedModel, results: list[tuple[Embeddings, Deployment]],
