@@ -504,9 +504,35 @@ async def test_invalid_request(
             assert err["code"] == code
     if param:
         assert param.split(".")[0].split("[")[0] in err["message"] or status in (401, 403, 413, 415)
+    # a 401 names the scheme its key goes in (RFC 9110, 15.5.2)
+    assert r.headers.get("www-authenticate") == ("Bearer" if status == 401 else None)
     assert "Traceback" not in r.text
     assert KEY not in r.text
     assert not upstream.calls, "nothing may be sent upstream for an invalid request"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("route", [*ROUTES, "/v1/models", "/admin/usage"])
+async def test_two_different_authorization_headers_are_refused_not_one_picked(
+    make_config: Callable[..., Config], route: str
+) -> None:
+    # The last one was taken: a proxy in front that adds its own key beside the client's decided whose it was.
+    app = gateway(make_config(admin={"key": "adm-test-0123456789abcdef"}))
+    two = [("authorization", f"Bearer {KEY}"), ("authorization", "Bearer sk-test-someone-else")]
+    same = [("authorization", f"Bearer {KEY}")] * 2  # the same key twice (a proxy that repeats it) is one key
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        for headers in (two, same):
+            r = await (
+                c.post(route, json=OK, headers=headers) if "embeddings" in route else c.get(route, headers=headers)
+            )
+            if headers is same:
+                assert r.status_code == (401 if route.startswith("/admin") else 200), r.text
+                continue
+            assert (r.status_code, r.headers["www-authenticate"]) == (401, "Bearer"), r.text
+            err = r.json()["error"]
+            assert "Two different Authorization headers" in err["message"]
+            assert (err["metadata"]["param"] if route == "/api/v1/embeddings" else err["param"]) == "authorization"
+    await app.shutdown()
 
 
 @pytest.mark.anyio

@@ -107,11 +107,17 @@ class InvalidRequest(GatewayError):
 
 
 class Unauthorized(GatewayError):
-    """No API key, or one that is not configured."""
+    """No API key, or one that is not configured; answered with the ``WWW-Authenticate`` challenge a 401 carries
+    (RFC 9110, 15.5.2): the bearer scheme the key goes in."""
 
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        super().__init__(message, param=param, code=code, headers=headers)
+        self.headers.setdefault("www-authenticate", "Bearer")
 
 
 class Forbidden(GatewayError):

@@ -62,7 +62,7 @@ from .memory import keep_freed_memory
 from .metrics import Metrics
 from .observe import ObservedAttempts
 from .outcome import JSON_CONTENT_TYPE, account, annotate, embed_headers, response_headers
-from .pipeline import Call, Pipeline
+from .pipeline import TWO_AUTHORIZATIONS, Call, Pipeline
 from .providers import build_adapter, sender_for, upstream_transport
 from .routing import Router
 from .telemetry import Telemetry
@@ -574,7 +574,7 @@ class EmbeddingGateway:
         try:
             ids = self._granted_models(scope)
         except GatewayError as err:
-            return err.status, render_error(err, Dialect.OPENAI), {}
+            return err.status, render_error(err, Dialect.OPENAI), err.headers
         data = [{"id": mid, "object": "model", "created": 0, "owned_by": mid.partition("/")[0]} for mid in ids]
         return 200, orjson.dumps({"object": "list", "data": data}), {}
 
@@ -588,7 +588,7 @@ class EmbeddingGateway:
             start = _query_int(query, "offset", 0, 0, 999_999_999)
             limit = _query_int(query, "limit", 0, 1, 1000) if "limit" in query else None
         except GatewayError as err:
-            return err.status, render_error(err, Dialect.OPENROUTER), {}
+            return err.status, render_error(err, Dialect.OPENROUTER), err.headers
         total = len(ids)
         end = total if limit is None else start + limit
         following = f"{scope['path']}?offset={end}&limit={limit}" if limit is not None and end < total else None
@@ -620,7 +620,7 @@ class EmbeddingGateway:
         ``<provider>/*`` for a provider without any."""
         assert self.pipeline is not None
         keys = self.pipeline.keys
-        key = keys.authenticate(_headers(scope).get("authorization"))
+        key = keys.authenticate(_authorization(scope))
         ids = list(self.config.models)
         ids += [f"{p}/*" for p in self.config.providers if not any(m.startswith(f"{p}/") for m in ids)]
         # A provider without listed models: shown to a key granted any model of it ("openai/te-3-*" too)
@@ -638,7 +638,10 @@ class EmbeddingGateway:
         if digest is None:
             raise NotFound("The admin endpoints are off: set admin.key (or admin.sha256) in the config",
                            code="not_found")  # fmt: skip
-        auth = _headers(scope).get("authorization", "")
+        auth = _authorization(scope) or ""
+        if auth == TWO_AUTHORIZATIONS:
+            raise Unauthorized("Two different Authorization headers: send one, 'Bearer <admin key>'",
+                               param="authorization")  # fmt: skip
         scheme, _, token = auth.partition(" ")
         token = token.strip()
         # No token is no key (as for a client): an admin sha256 of "" (an unset variable hashed) opens nothing.
@@ -666,7 +669,7 @@ class EmbeddingGateway:
             only_id = self._admin_id(query)
             rows = await self.budgets.usage(scope=scope_filter, only_id=only_id)
         except GatewayError as err:
-            return err.status, render_error(err, Dialect.OPENAI), {}
+            return err.status, render_error(err, Dialect.OPENAI), err.headers
         return 200, orjson.dumps({"object": "list", "data": rows}), {}
 
     async def _admin_identities(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
@@ -684,7 +687,7 @@ class EmbeddingGateway:
             else:
                 items = await self.identities.list(limit)
         except GatewayError as err:
-            return err.status, render_error(err, Dialect.OPENAI), {}
+            return err.status, render_error(err, Dialect.OPENAI), err.headers
         except ConnectionError:
             down = Unavailable("The identity store is unavailable", code="store_unavailable")
             return down.status, render_error(down, Dialect.OPENAI), {}
@@ -769,6 +772,18 @@ def _query(scope: Scope, known: tuple[str, ...] | None = None) -> dict[str, str]
 
 def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _authorization(scope: Scope) -> str | None:
+    """The request's ``Authorization``; :data:`TWO_AUTHORIZATIONS` when it sent two different ones."""
+    found: str | None = None
+    for name, value in scope["headers"]:
+        if name.lower() == b"authorization":
+            text = value.decode("latin-1")
+            if found is not None and text != found:
+                return TWO_AUTHORIZATIONS
+            found = text
+    return found
 
 
 async def _send(send: Send, status: int, body: bytes, headers: dict[str, str], *, head: bool = False) -> None:

@@ -47,7 +47,10 @@ _NONE_SKIPPED: frozenset[int] = frozenset()
 #: What a model id keeps as is in a header value: printable ASCII but the list's comma and quote's own "%".
 _HEADER_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in ",%")
 
-__all__ = ["Call", "KeyIndex", "Pipeline"]
+__all__ = ["TWO_AUTHORIZATIONS", "Call", "KeyIndex", "Pipeline"]
+
+#: What a request's ``Authorization`` is taken as when it sent two different ones (no header value holds a newline).
+TWO_AUTHORIZATIONS: Final = "\n"
 
 
 @dataclass(init=False, slots=True)
@@ -170,6 +173,8 @@ class KeyIndex:
         """The key of a ``Bearer`` header, or 401."""
         if not authorization:
             raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'", param="authorization")
+        if authorization == TWO_AUTHORIZATIONS:
+            raise Unauthorized("Two different Authorization headers: send one, 'Bearer <key>'", param="authorization")
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
