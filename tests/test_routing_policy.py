@@ -629,11 +629,12 @@ async def test_input_errors_do_not_count_against_the_breaker(upstream: FakeUpstr
 
 
 class RecordingHook(AttemptHook):
-    """Counts attempts started and the error code each one ended with (None: success)."""
+    """Counts attempts started and the error code each one ended with (None: success), and its outcome."""
 
     def __init__(self) -> None:
         self.started = 0
         self.ended: list[str | None] = []
+        self.outcomes: list[str | None] = []  # and what the router did next, after a failure
 
     def start(self, *, model: str, deployment: Deployment, adapter: Adapter, attempt: int, fallback_index: int,
               request: EmbeddingRequest) -> Any:  # fmt: skip
@@ -643,6 +644,7 @@ class RecordingHook(AttemptHook):
     def end(self, token: Any, *, error: GatewayError | None, result: Embeddings | None, seconds: float,
             outcome: str = "error") -> None:  # fmt: skip
         self.ended.append(None if error is None else error.code)
+        self.outcomes.append(None if error is None else outcome)
 
 
 class ScriptedAdapter:
@@ -684,6 +686,8 @@ async def test_chunks_in_flight_are_cancelled_and_still_end_their_attempt(upstre
     assert failed.value.upstream_status == 500
     assert adapter.calls == hook.started == 3
     assert sorted(hook.ended, key=str) == ["attempt_cancelled", "attempt_cancelled", "upstream_error"]
+    # cut short, not failed: their spans say so, and only the chunk that failed says what the router did next
+    assert sorted(hook.outcomes, key=str) == ["cancelled", "cancelled", "error"]
     assert router.status()["local/embed-small"]["consecutive_failures"] == 1  # cancellation blames nobody
 
 

@@ -137,7 +137,8 @@ class AttemptHook:
     """Observes upstream attempts (telemetry and metrics plug in here); the default does nothing.
 
     ``end`` is called exactly once for every ``start``, also when the attempt is cancelled (a sibling chunk of a
-    split batch failed): then ``error`` is an ``UpstreamError`` with code ``attempt_cancelled``.
+    split batch failed, the request was cancelled): then ``error`` is an ``UpstreamError`` with code
+    ``attempt_cancelled``, and ``outcome`` is ``cancelled``.
     """
 
     def start(self, *, model: str, deployment: Deployment, adapter: Adapter, attempt: int, fallback_index: int,
@@ -152,7 +153,8 @@ class AttemptHook:
     def end(self, token: Any, *, error: GatewayError | None, result: Embeddings | None, seconds: float,
             outcome: str = "error") -> None:  # fmt: skip
         """Called after an attempt, with its error or result; after a failure, ``outcome`` is what the router does
-        next: ``retry`` (this model again), ``fallback`` (the next model of the chain) or ``error`` (gives up)."""
+        next: ``retry`` (this model again), ``fallback`` (the next model of the chain) or ``error`` (gives up);
+        ``cancelled`` for an attempt cut short, which is not the deployment's failure."""
 
 
 @dataclass(slots=True)
@@ -753,7 +755,7 @@ class Router:
             # Cancelled (a sibling chunk failed) or an unexpected bug: the span must still end; the deployment is
             # not blamed for our cancellation.
             self._hook.end(token, error=UpstreamError("The attempt was cancelled", code="attempt_cancelled"),
-                           result=None, seconds=self._clock() - started)  # fmt: skip
+                           result=None, seconds=self._clock() - started, outcome="cancelled")  # fmt: skip
             raise
         elapsed = self._clock() - started
         self._hook.end(token, error=None, result=result, seconds=elapsed)
