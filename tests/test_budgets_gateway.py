@@ -411,24 +411,33 @@ async def test_cache_hits_count_against_requests_per_minute(upstream: FakeUpstre
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("limit", [18, 100])
-async def test_cached_items_embedded_again_are_reserved_before_they_go(upstream: FakeUpstream, limit: int) -> None:
+@pytest.mark.parametrize("counted", ["api_key", "provider-serving-an-alias"])
+async def test_cached_items_embedded_again_are_reserved_before_they_go(upstream: FakeUpstream, limit: int,
+                                                                      counted: str) -> None:  # fmt: skip
     # A partial hit whose cached item is of the model's old vector size embeds that item again. Only the missing
     # item was reserved: the request was admitted with 1 token of room and billed 11 (12 + 11 of a limit of 18).
-    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": limit}])
+    # (And on the budget of a provider serving the model under another id.)
+    if counted == "api_key":
+        model, budget = "local/embed-small", {"scope": "api_key", "target": "team-a", "token_limit": limit}
+        config = budget_config(upstream.url, [budget])
+    else:
+        model, budget = "acme/embed", {"scope": "provider", "target": "backup", "token_limit": limit}
+        alias = {"acme/embed": {"deployments": [{"provider": "backup", "upstream_model": "alias-b"}]}}
+        config = budget_config(upstream.url, [budget], models={**config_dict(upstream.url)["models"], **alias})
     cached, new = list(range(1, 11)), [7]  # token ids: estimated and billed at their length
     async with running(config) as (app, c):
-        assert (await embed(c, [cached], cache=CACHE)).status_code == 200
+        assert (await embed(c, [cached], cache=CACHE, model=model)).status_code == 200
         upstream.dims = 9
-        assert (await embed(c, [[1, 2]], cache=CACHE, retry={"count": 2})).status_code == 200  # 9 adopted
+        assert (await embed(c, [[1, 2]], cache=CACHE, retry={"count": 2}, model=model)).status_code == 200  # adopted
         (row,) = await app.budgets.usage()  # type: ignore[union-attr]
         before = row["tokens"]["used"]
         if limit == 18:
             assert 1 <= limit - before <= len(cached)  # room for the new item, not for both
-        r = await embed(c, [cached, new], cache=CACHE)
+        r = await embed(c, [cached, new], cache=CACHE, model=model)
         (row,) = await app.budgets.usage()  # type: ignore[union-attr]
         calls = len(upstream.calls)
         # What was fetched (and paid for) is cached even when refused: another key of the workspace finds it.
-        again = await embed(c, [new], cache=CACHE, key=SAME_WORKSPACE_KEY)
+        again = await embed(c, [new], cache=CACHE, key=SAME_WORKSPACE_KEY, model=model)
     assert (again.status_code, again.headers["x-embedgate-cache"], len(upstream.calls)) == (200, "hit", calls)
     if limit == 18:
         assert r.status_code == 429 and r.json()["error"]["code"] == "token_budget_exceeded"
@@ -644,6 +653,59 @@ async def test_a_provider_budget_counts_what_its_deployments_serve_under_another
         assert (r.status_code, error_of(r)["code"]) == (502, "upstream_error"), r.text
         assert len(upstream.calls) == calls + 1
         assert await used() == 8
+
+
+@pytest.mark.anyio
+async def test_provider_budgets_are_taken_in_the_chains_order_for_the_items_that_go_upstream(
+    upstream: FakeUpstream,
+) -> None:
+    # The fallback's reservation was made first and took the budget the requested model's own provider needed: another
+    # model answered a request its own model fitted. And a partial hit reserved every item on the provider: a 429 for
+    # one item that fitted.
+    models = {"acme/embed": {"deployments": [{"provider": "backup", "upstream_model": "alias-b"}]}}
+    config = budget_config(upstream.url, [{"scope": "provider", "target": "backup", "token_limit": 14}],
+                           models={**config_dict(upstream.url)["models"], **models})  # fmt: skip
+    async with running(config) as (_, c):
+        r = await embed(c, [list(range(1, 11))], model="acme/embed", cache={"type": "exact_match"})
+        assert r.status_code == 200, r.text  # 10 of 14
+        r = await embed(c, [list(range(1, 11)), [7]], model="acme/embed", cache={"type": "exact_match"})
+        assert (r.status_code, r.headers["x-embedgate-cache"]) == (200, "partial"), r.text  # 11 of 14
+        r = await embed(c, [1, 2, 3], model="acme/embed", fallbacks=[{"model": "backup/embed-small"}])
+        assert (r.status_code, r.json()["model"]) == (200, "acme/embed"), r.text  # 14 of 14
+        assert r.headers["x-embedgate-fallbacks-skipped"] == "backup/embed-small"
+        (row,) = await admin_usage(c)
+        assert row["tokens"]["used"] == 14
+
+
+@pytest.mark.anyio
+async def test_a_provider_budget_refusal_leaves_an_upstreams_own_404_and_the_requests_preferences(
+    upstream: FakeUpstream,
+) -> None:
+    # A fallback whose usable deployment's provider was spent answered the budget's 429 in place of the upstream's
+    # 404 for the client's typo; and a provider the request excluded was reserved on, and named its fallback skipped.
+    third = {"type": "openai_compatible", "base_url": upstream.url, "api_key": "provider-secret-third"}
+    models = {"acme/two": {"deployments": [{"provider": "third", "upstream_model": "two-t"},
+                                           {"provider": "backup", "upstream_model": "two-b"}]}}  # fmt: skip
+    models = {**config_dict(upstream.url)["models"], **models}
+    config = budget_config(upstream.url, [{"scope": "provider", "target": "backup", "token_limit": 3}],
+                           providers={"third": third}, models=models)  # fmt: skip
+    async with running(config) as (_, c):
+        r = await embed(
+            c, [1, 2, 3], model="acme/two", fallbacks=[{"model": "acme/two"}], provider={"ignore": ["backup"]}
+        )
+        assert r.status_code == 200 and "x-embedgate-fallbacks-skipped" not in r.headers, r.text
+        assert (await embed(c, [1, 2, 3], model="acme/two", provider={"only": ["backup"]})).status_code == 200
+        (row,) = await admin_usage(c)
+        assert row["tokens"]["used"] == 3  # spent
+        answer = b'{"error":{"message":"no such model","type":"invalid_request_error","code":"model_not_found"}}'
+        upstream.script.append(Fault("raw", 404, headers={"Content-Type": "application/json"}, body=answer))
+        r = await embed(c, [1, 2, 3], model="local/typo", fallbacks=[{"model": "acme/two"}], fallback_on_codes=[404],
+                        provider={"ignore": ["third"]}, retry={"count": 0})  # fmt: skip
+        assert (r.status_code, error_of(r)["code"], error_of(r)["param"]) == (404, "model_not_found", "model"), r.text
+        assert r.headers["x-embedgate-fallbacks-skipped"] == "acme/two"  # its one usable deployment's provider spent
+        # with no earlier answer, the budget's refusal is why nothing served
+        r = await embed(c, [1, 2, 3], model="acme/two", provider={"ignore": ["third"]})
+        assert (r.status_code, error_of(r)["code"]) == (429, "token_budget_exceeded"), r.text
 
 
 @pytest.mark.anyio

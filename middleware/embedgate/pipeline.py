@@ -99,8 +99,11 @@ class Call:
     skipped_refusals: dict[int, GatewayError] | None = None  # their budgets' refusals, by place
     # Providers not to spend at, by place in the chain: their own provider budget refused (see Pipeline._hold)
     refused_providers: dict[int, dict[str, GatewayError]] | None = None
-    # What each provider charged, when a provider's own budget holds a reservation: (model id, provider, tokens, cost)
+    # What each provider charged, when provider budgets may hold a reservation: (model id, provider, tokens, cost)
     charges: list[tuple[str, str, int, float]] | None = None
+    # What the budget stage reserved beside ``reservation``: (model id, None) a fallback's own budgets, (model id,
+    # provider) a provider's that serves that model under another id
+    held: list[tuple[str, str | None, Reservation]] | None = None
 
     def __init__(
         self,
@@ -151,6 +154,7 @@ class Call:
         self.skipped_refusals = None
         self.refused_providers = None
         self.charges = None
+        self.held = None
 
     def missing(self) -> list[int]:
         """Positions of the items that still have no vector."""
@@ -414,13 +418,8 @@ class Pipeline:
                         await budgets.release(own)
 
             call.finish.append(settle)  # (before the other reserves: whatever they do, this one is undone)
-            if reservation.decision != "fail_open":  # (the store down: not asked again)
-                up = len(call.chain) == 1 or await self._reserve_fallbacks(call, reservation, held, tokens)
-                serving = self._serving_providers(call) if self._counts_providers and up else None
-                if serving:
-                    # a provider may embed every item: a partial hit's cached ones too, if found at an old size
-                    every = tokens if len(counted) == len(req.items) else estimate_tokens(req.items)
-                    await self._reserve_providers(call, reservation, held, every, serving)
+            if reservation.decision != "fail_open" and (len(call.chain) > 1 or self._counts_providers):
+                await self._reserve_chain(call, reservation, held, tokens)  # (the store down: not asked again)
             if call.skipped:
                 # (a client's own model ids: any character a header value cannot hold is percent-encoded)
                 names = dict.fromkeys([call.chain[place].id for place in sorted(call.skipped)])
@@ -428,80 +427,89 @@ class Pipeline:
         call.budget_decision = reservation.decision
         call.headers.update(reservation.headers())
 
-    async def _reserve_fallbacks(self, call: Call, reservation: Reservation,
-                                 held: list[tuple[str, str | None, Reservation]], tokens: int) -> bool:  # fmt: skip
-        """Reserve on each fallback's own ``model`` and ``provider`` budgets (a fallback may embed every item); one
-        whose budget refuses is not tried (its place in ``Call.skipped``; the others keep theirs): a client naming a
-        capped model as its fallback (behind a model that fails, or with its own ``fallback_on_codes``) spent it
-        past its budget. A model named twice is reserved twice (each turn may embed every item: one that embedded
-        chunks of a split batch before failing, then served, charged both). False when the store went down."""
-        for place in range(1, len(call.chain)):
-            model = call.chain[place]
-            try:
-                own = await self._budgets.reserve_fallback(
-                    model.id, reservation, tokens=tokens, cost_usd=cost_usd(tokens, self._dearest(model))
-                )
-            except BudgetExceeded as refused:
-                log.info("fallback not tried: its budget is spent", fallback=model.id, scope=refused.scope_kind,
-                         target=refused.scope_target_id, dimension=refused.dimension)  # fmt: skip
-                _skip(call, place, refused)
-                continue
-            if own.decision == "reserved":
-                held.append((model.id, None, own))
-            elif own.decision == "fail_open":  # the store went down: the rest are admitted too, without a wait each
-                return False
-        return True
+    async def _reserve_chain(self, call: Call, reservation: Reservation,
+                             held: list[tuple[str, str | None, Reservation]], tokens: int) -> None:  # fmt: skip
+        """Reserve, in the chain's order (an earlier model's budget is not taken by a later one's reservation), what
+        the request's own reservation does not count:
 
-    def _serving_providers(self, call: Call) -> list[tuple[int, str]]:
-        """``(place, provider)`` of the chain's models (but fallbacks already skipped) whose deployments go to a
-        provider of another name than the model id's prefix (``acme/embed`` served by ``azure``), and that provider
-        has a budget: what is spent there counts on it too, whichever model id the request named."""
-        out: list[tuple[int, str]] = []
+        - each fallback's own ``model`` and ``provider`` budgets (a fallback may embed every item). One whose budget
+          refuses is not tried (its place in ``Call.skipped``; the others keep theirs): a client naming a capped
+          model as its fallback (behind a model that fails, or with its own ``fallback_on_codes``) spent it past its
+          budget. A model named twice is reserved twice (each turn may embed every item: one that embedded chunks of
+          a split batch before failing, then served, charged both).
+        - the budgets of each provider that serves a model under another model id (``acme/embed`` on ``azure``),
+          among the deployments the request may use. One that refuses is not used there (``Call.refused_providers``);
+          a fallback none of whose usable deployments is then left is skipped, as one whose own budget refused.
+        """
+        req = call.request
+        assert req is not None
+        call.held = held
+        if self._counts_providers:
+            call.charges = []  # what each provider charged (see _take): it settles the providers' reservations
         for place, model in enumerate(call.chain):
-            if place in call.skipped:
+            cost = cost_usd(tokens, self._dearest(model))
+            if place:
+                outcome = await self._hold(held, model, None, reservation, tokens, cost)
+                if outcome is False:  # the store went down: the rest are admitted too, without a wait each
+                    return
+                if isinstance(outcome, BudgetExceeded):
+                    log.info("fallback not tried: its budget is spent", fallback=model.id, scope=outcome.scope_kind,
+                             target=outcome.scope_target_id, dimension=outcome.dimension)  # fmt: skip
+                    _skip(call, place, outcome)
+                    continue
+            if not self._counts_providers:
                 continue
-            providers = self._serving.get(model.id)
-            if providers is None:
-                prefix = model.id.partition("/")[0]
-                counted = [d.provider for d in model.deployments if d.provider != prefix]
-                providers = tuple([p for p in dict.fromkeys(counted) if self._budgets.counts_provider(p)])
-                if len(self._serving) >= 10_000:  # made-up <provider>/<name> ids: bounded
-                    self._serving.clear()
-                self._serving[model.id] = providers
-            out += [(place, p) for p in providers]
-        return out
-
-    async def _reserve_providers(self, call: Call, reservation: Reservation,
-                                 held: list[tuple[str, str | None, Reservation]], tokens: int,
-                                 serving: list[tuple[int, str]]) -> None:  # fmt: skip
-        """Reserve on the budgets of each provider that may serve a model of the chain under another model id; one
-        that refuses is not used there (``Call.refused_providers``), and a fallback none of whose deployments may
-        then be used is skipped, as one whose own budget refused."""
-        refused_at: dict[int, dict[str, GatewayError]] = {}
-        for place, provider in serving:
-            model = call.chain[place]
-            try:
-                own = await self._budgets.reserve_provider(
-                    provider, reservation, tokens=tokens, cost_usd=cost_usd(tokens, self._dearest(model))
-                )
-            except BudgetExceeded as refused:
-                log.info("provider not used: its budget is spent", model=model.id, provider=provider,
-                         scope=refused.scope_kind, target=refused.scope_target_id,
-                         dimension=refused.dimension)  # fmt: skip
-                refused_at.setdefault(place, {})[provider] = refused
+            refusals: dict[str, GatewayError] = {}
+            for provider in self._serving_providers(req, model):
+                outcome = await self._hold(held, model, provider, reservation, tokens, cost)
+                if outcome is False:
+                    return
+                if isinstance(outcome, BudgetExceeded):
+                    log.info("provider not used: its budget is spent", model=model.id, provider=provider,
+                             scope=outcome.scope_kind, target=outcome.scope_target_id,
+                             dimension=outcome.dimension)  # fmt: skip
+                    refusals[provider] = outcome
+            if not refusals:
                 continue
-            if own.decision == "reserved":
-                held.append((model.id, provider, own))
-                if call.charges is None:
-                    call.charges = []  # what each provider charged is kept from now on (see _take)
-            elif own.decision == "fail_open":
-                break
-        if not refused_at:
-            return
-        call.refused_providers = refused_at
-        for place, refusals in refused_at.items():
-            if place and all(d.provider in refusals for d in call.chain[place].deployments):
+            if call.refused_providers is None:
+                call.refused_providers = {}
+            call.refused_providers[place] = refusals
+            usable = self._router.usable(model, req)
+            if place and usable and all(d.provider in refusals for d in usable):
                 _skip(call, place, next(iter(refusals.values())))
+
+    async def _hold(self, held: list[tuple[str, str | None, Reservation]], model: ResolvedModel, provider: str | None,
+                    reservation: Reservation, tokens: int, cost: float) -> BudgetExceeded | bool:  # fmt: skip
+        """Reserve on the budgets of a fallback ``model`` (``provider`` None), or of a ``provider`` serving ``model``
+        under another id, what ``reservation`` does not hold; kept in ``held`` when reserved. The refusal, or
+        whether the store answered (False: it went down, and ``fail_open`` admitted the request)."""
+        try:
+            if provider is None:
+                own = await self._budgets.reserve_fallback(model.id, reservation, tokens=tokens, cost_usd=cost)
+            else:
+                own = await self._budgets.reserve_provider(provider, reservation, tokens=tokens, cost_usd=cost)
+        except BudgetExceeded as refused:
+            return refused
+        if own.decision == "reserved":
+            held.append((model.id, provider, own))
+        return own.decision != "fail_open"
+
+    def _serving_providers(self, req: EmbeddingRequest, model: ResolvedModel) -> tuple[str, ...]:
+        """The providers with a budget that serve ``model`` under another name than its id's prefix (``acme/embed``
+        served by ``azure``), among its deployments ``req`` may use: what is spent there counts on their budgets too,
+        whichever model id the request named."""
+        providers = self._serving.get(model.id)
+        if providers is None:
+            prefix = model.id.partition("/")[0]
+            named = [d.provider for d in model.deployments if d.provider != prefix]
+            providers = tuple([p for p in dict.fromkeys(named) if self._budgets.counts_provider(p)])
+            if len(self._serving) >= 10_000:  # made-up <provider>/<name> ids: bounded
+                self._serving.clear()
+            self._serving[model.id] = providers
+        if providers and (req.provider is not None or req.is_multimodal):
+            usable = {d.provider for d in self._router.usable(model, req)}
+            providers = tuple([p for p in providers if p in usable])
+        return providers
 
     def _price(self, model_id: str) -> float:
         return model_price(model_id, self._config.models) or 0.0
@@ -638,6 +646,9 @@ class Pipeline:
                 refused: GatewayError | None = None
                 try:
                     await self._budgets.extend(call.reservation, tokens=tokens, cost_usd=cost_usd(tokens, price))
+                    for _, provider, own in call.held or ():  # and the providers serving it under another id
+                        if provider is not None:
+                            await self._budgets.extend(own, tokens=tokens, cost_usd=cost_usd(tokens, price))
                 except GatewayError as exc:
                     refused = exc  # acted on below, outside the handler (no await in one: see embedgate._native)
                 if refused is not None:

@@ -185,10 +185,12 @@ class Attempts:
     skipped: list[str] = field(default_factory=list)
     models_left: int = 0  # models of the chain after the one being tried
     spent: list[Spent] = field(default_factory=list)  # see RouteResult.spent
+    answered: bool = False  # last_error is an upstream's own answer (a 404 for a model it does not know)
 
     def __init__(self) -> None:
         self.count = 0
         self.last_error = None
+        self.answered = False
         self.skipped = []
         self.models_left = 0
         self.spent = []
@@ -204,6 +206,25 @@ class _Dims:
 
 
 _WORSE: Final = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def _replaces(attempts: Attempts, failed: _ModelFailed) -> bool:
+    """Whether a model's failure is the request's error, rather than an earlier model's (``attempts.last_error``).
+
+    "Nothing could be tried" for this model (every breaker open, no deployment its preferences allow or that takes a
+    multimodal input, its providers' budgets spent) must not hide a real upstream error of an earlier one. A model
+    only cooling down, or one its providers' budgets refused, replaces one that could not take the request at all
+    (InvalidRequest: no multimodal deployment; NotFound: its preferences excluded every deployment): the request is
+    fine, the upstream or the budget is not, for now. A budget's refusal leaves an upstream's own answer (a 404 for a
+    client's typo) as it is."""
+    last, err = attempts.last_error, failed.error
+    if last is None or failed.answered:
+        return True
+    if not isinstance(err, (Unavailable, InvalidRequest, NotFound, BudgetExceeded)):
+        return True
+    if not isinstance(last, (InvalidRequest, NotFound)):
+        return False
+    return failed.cooling or (isinstance(err, BudgetExceeded) and not attempts.answered)
 
 
 def _deployment_id(d: Deployment) -> str:
@@ -379,17 +400,9 @@ class Router:
                                                    refused.get(fallback_index) if refused else None)  # fmt: skip
                 except _ModelFailed as failed:
                     err = failed.error
-                    # "Nothing could be tried" for this model must not hide a real upstream error of an earlier one;
-                    # a model only cooling down replaces one that cannot take the input at all (InvalidRequest: no
-                    # multimodal deployment): the request is fine, the upstream is not, for now.
-                    # A budget's refusal (no deployment's provider may spend more) is another "nothing tried": it
-                    # names the reason for a model no preference or input excluded.
-                    last = attempts.last_error
-                    if (last is None or failed.answered
-                            or not isinstance(err, (Unavailable, InvalidRequest, NotFound, BudgetExceeded))
-                            or ((failed.cooling or isinstance(err, BudgetExceeded))
-                                and isinstance(last, (InvalidRequest, NotFound)))):  # fmt: skip
+                    if _replaces(attempts, failed):
                         attempts.last_error = err
+                        attempts.answered = failed.answered
                     status = getattr(err, "upstream_status", None)
                     if not failed.spent and status not in fallback_codes and status not in _KEY_ERRORS:
                         break
@@ -557,10 +570,16 @@ class Router:
         a multimodal input), as :meth:`embed` passes the others over: the model that serves it while no upstream
         fails; None when none can (routing then answers why)."""
         for model in chain:
-            deployments = self.eligible(model, request.provider, request.input_type is not None)
-            if any(not request.is_multimodal or self._multimodal(d) for d in deployments):
+            if self.usable(model, request):
                 return model
         return None
+
+    def usable(self, model: ResolvedModel, request: EmbeddingRequest) -> list[Deployment]:
+        """The deployments of ``model`` that may take ``request``: its ``provider`` preferences, a multimodal input."""
+        deployments = self.eligible(model, request.provider, request.input_type is not None)
+        if request.is_multimodal:
+            return [d for d in deployments if self._multimodal(d)]
+        return deployments
 
     def _multimodal(self, d: Deployment) -> bool:
         provider = self._config.providers.get(d.provider)
