@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import select
 import signal
@@ -430,6 +431,10 @@ def test_serve_exits_when_the_gateway_cannot_start(tmp_path: Path, workers: str)
     assert "https_proxy ftp://proxy.internal:2121: not an http, https or socks5 proxy URL" in out
     assert "Application startup failed" in out
     assert "pr0xy-pass" not in out
+    # told as every other line is, one JSON object (it was a console line and a traceback over many lines)
+    told = [json.loads(line) for line in r.stdout.splitlines() if "could not start" in line]  # (by each worker)
+    assert told and all(t["event"] == "the gateway could not start" and t["level"] == "error" for t in told)
+    assert all("not an http, https or socks5 proxy URL" in json.dumps(t["exception"]) for t in told)
 
 
 def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
@@ -798,6 +803,10 @@ def test_interpolation_reads_as_the_shell_and_refuses_what_it_cannot_read() -> N
             parse_config({**base, "keys": [{"id": "a", "key": written}]}, env={"K": "sk-from-env"})
         assert any(e.startswith("keys[0].key: a '${' that is not") for e in bad.value.errors), bad.value.errors
         assert "sk-from-env" not in str(bad.value)
+    # one error, not a second saying the value it left empty is required
+    with pytest.raises(ConfigError) as bad:
+        parse_config({"providers": {"p": {"type": "openai_compatible", "base_url": "${URL-x}"}}}, env={})
+    assert [e.partition(":")[0] for e in bad.value.errors] == ["providers.p.base_url"], bad.value.errors
 
 
 @pytest.mark.parametrize(
@@ -808,8 +817,10 @@ def test_interpolation_reads_as_the_shell_and_refuses_what_it_cannot_read() -> N
         ({"models": {"p/m": {"price_per_million_tokens": float("inf")}}}, "models.p/m.price_per_million_tokens"),
         ({"cache": {"default_ttl": 10**20, "max_ttl": 10**20}}, "cache.default_ttl"),
         ({"server": {"max_body_bytes": "9" * 5000}}, "server.max_body_bytes"),
+        # read as 2048 all the same: a setting that did nothing, without a word
+        ({"models": {"p/m": {"max_request_inputs": 3}}}, "models.p/m.max_request_inputs"),
     ],
-    ids=["amount-inf", "amount-1e308", "price-inf", "ttl-1e20", "5000-digits"],
+    ids=["amount-inf", "amount-1e308", "price-inf", "ttl-1e20", "5000-digits", "request-inputs-under-2048"],
 )
 def test_numbers_out_of_any_use_are_config_errors(changes: dict[str, Any], path: str) -> None:
     # Accepted before: an infinite amount or price failed every budgeted request as a 500 (OverflowError), a TTL

@@ -329,7 +329,8 @@ class _Section:
     def required(self, key: str, check: Callable[[Any, str], T | None], default: T) -> T:
         if key not in self.data or self.data[key] in (None, ""):
             self.seen.add(key)
-            self.error(self.at(key), "is required")
+            if not _told(self.errors, self.at(key)):  # (a refused ${...} is left empty: said once)
+                self.error(self.at(key), "is required")
             return default
         return self.get(key, check, default)
 
@@ -612,7 +613,8 @@ def _models(data: Any, providers: Mapping[str, ProviderConfig], errors: list[str
             deployments=tuple(deployments),
             price_per_million_tokens=s.get("price_per_million_tokens", s.number, None),
             max_inputs=s.get("max_inputs", s.integer(1, 1_000_000), 2048),
-            max_request_inputs=s.get("max_request_inputs", s.integer(1, 1_000_000), 2048),
+            # below 2048 it would refuse what the OpenAI API takes in one request: a setting that did nothing
+            max_request_inputs=s.get("max_request_inputs", s.integer(2048, 1_000_000), 2048),
         )
         s.finish()
     return out

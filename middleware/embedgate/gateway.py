@@ -152,15 +152,17 @@ class EmbeddingGateway:
         async with self._opening:
             if self._open:
                 return
+            # First: a start that fails below is told in JSON lines, as everything else (and so is the 503 access
+            # line of a request that found the gateway unable to start). Mounted, everything passes (the host's
+            # debug lines too): a host that configures structlog after this (in its own lifespan, which runs inside
+            # ours) keeps what it does not set.
+            configure_logging(level=logging.INFO if self._standalone else logging.NOTSET)
             if self._given_client is not None:
                 send = sender_for(self._given_client)
             else:
                 self._transport = upstream_transport()  # through the proxies HTTPS_PROXY etc. name, if any
                 send = sender_for(self._transport)
             adapters = {name: build_adapter(p, send) for name, p in self.config.providers.items()}
-            # Mounted, everything passes (the host's debug lines too): a host that configures structlog after this
-            # (in its own lifespan, which runs inside ours) keeps what it does not set.
-            configure_logging(level=logging.INFO if self._standalone else logging.NOTSET)
             set_access_flush_delay(self.config.telemetry.access_log_flush_ms / 1000)
             self.telemetry = Telemetry(
                 self._tracer_provider,
