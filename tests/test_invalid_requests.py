@@ -519,7 +519,8 @@ async def test_two_different_authorization_headers_are_refused_not_one_picked(
     # The last one was taken: a proxy in front that adds its own key beside the client's decided whose it was.
     app = gateway(make_config(admin={"key": "adm-test-0123456789abcdef"}))
     two = [("authorization", f"Bearer {KEY}"), ("authorization", "Bearer sk-test-someone-else")]
-    same = [("authorization", f"Bearer {KEY}")] * 2  # the same key twice (a proxy that repeats it) is one key
+    # the same key twice (a proxy that repeats it) is one key, however its scheme is written
+    same = [("authorization", f"Bearer {KEY}"), ("Authorization", f"bearer  {KEY}")]
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
         for headers in (two, same):
             r = await (

@@ -691,6 +691,21 @@ async def test_chunks_in_flight_are_cancelled_and_still_end_their_attempt(upstre
     assert router.status()["local/embed-small"]["consecutive_failures"] == 1  # cancellation blames nobody
 
 
+@pytest.mark.anyio
+async def test_an_attempt_that_fails_on_a_gateway_bug_is_not_said_cancelled(upstream: FakeUpstream) -> None:
+    # Its span said embedgate.outcome=cancelled, error.type attempt_cancelled: the bug hidden as a cancellation.
+    class Broken(ScriptedAdapter):
+        async def embed(self, **kwargs: Any) -> Embeddings:
+            raise RuntimeError("a bug")
+
+    hook = RecordingHook()
+    router = Router(routing_config(upstream), {"local": Broken()}, hook=hook)
+    with pytest.raises(RuntimeError):
+        await router.embed(parse_request(b'{"model": "local/embed-small", "input": "a"}'), [0])
+    assert (hook.ended, hook.outcomes) == (["internal_error"], ["error"])
+    assert router.status()["local/embed-small"]["consecutive_failures"] == 0  # our bug blames no deployment
+
+
 # --- a batch of strings and token arrays ------------------------------------------------------------------------
 
 

@@ -62,7 +62,7 @@ from .memory import keep_freed_memory
 from .metrics import Metrics
 from .observe import ObservedAttempts
 from .outcome import JSON_CONTENT_TYPE, account, annotate, embed_headers, response_headers
-from .pipeline import TWO_AUTHORIZATIONS, Call, Pipeline
+from .pipeline import TWO_AUTHORIZATIONS, Call, Pipeline, one_authorization
 from .providers import build_adapter, sender_for, upstream_transport
 from .routing import Router
 from .telemetry import Telemetry
@@ -782,9 +782,7 @@ def _authorization(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
         if name.lower() == b"authorization":
             text = value.decode("latin-1")
-            if found is not None and text != found:
-                return TWO_AUTHORIZATIONS
-            found = text
+            found = text if found is None else one_authorization(found, text)
     return found
 
 

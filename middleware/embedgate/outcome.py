@@ -15,7 +15,7 @@ from opentelemetry.util.types import AttributeValue
 from .errors import BudgetExceeded, GatewayError
 from .logs import access_log
 from .metrics import Metrics
-from .pipeline import TWO_AUTHORIZATIONS, Call
+from .pipeline import Call, one_authorization
 from .telemetry import RequestSpan
 
 __all__ = ["JSON_CONTENT_TYPE", "account", "annotate", "embed_headers", "response_headers"]
@@ -31,8 +31,8 @@ JSON_CONTENT_TYPE: Final = (b"content-type", b"application/json")
 
 def embed_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     """The headers of :data:`_EMBED_HEADERS` in the ASGI ``raw`` headers, by lowercase name: the last one of a
-    repeated name, but ``Cache-Control``'s lines joined with commas, as one list (RFC 9110, 5.3), and two different
-    ``Authorization`` lines :data:`TWO_AUTHORIZATIONS`."""
+    repeated name, but ``Cache-Control``'s lines joined with commas, as one list (RFC 9110, 5.3), and two
+    ``Authorization`` lines as :func:`~embedgate.pipeline.one_authorization` reads them."""
     out: dict[str, str] = {}
     for key, value in raw:
         name = _EMBED_HEADERS.get(key)
@@ -49,8 +49,8 @@ def embed_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
         if name in out:
             if name == "cache-control":
                 text = f"{out[name]}, {text}"
-            elif name == "authorization" and text != out[name]:
-                text = TWO_AUTHORIZATIONS  # which of two keys is the client's? (KeyIndex.authenticate says so)
+            elif name == "authorization":
+                text = one_authorization(out[name], text)  # which of two keys is the client's? (a 401 says so)
         out[name] = text
     return out
 

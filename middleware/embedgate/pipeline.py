@@ -47,10 +47,22 @@ _NONE_SKIPPED: frozenset[int] = frozenset()
 #: What a model id keeps as is in a header value: printable ASCII but the list's comma and quote's own "%".
 _HEADER_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in ",%")
 
-__all__ = ["TWO_AUTHORIZATIONS", "Call", "KeyIndex", "Pipeline"]
+__all__ = ["TWO_AUTHORIZATIONS", "Call", "KeyIndex", "Pipeline", "one_authorization"]
 
 #: What a request's ``Authorization`` is taken as when it sent two different ones (no header value holds a newline).
 TWO_AUTHORIZATIONS: Final = "\n"
+
+
+def one_authorization(first: str, second: str) -> str:
+    """What two ``Authorization`` lines of one request amount to: the first, when both carry the same credentials
+    (the scheme's case and the blanks aside, as :meth:`KeyIndex.authenticate` reads them: a proxy that repeats the
+    client's), else :data:`TWO_AUTHORIZATIONS` (whose key is it?)."""
+    return first if _credentials(first) == _credentials(second) else TWO_AUTHORIZATIONS
+
+
+def _credentials(authorization: str) -> tuple[str, str]:
+    scheme, _, token = authorization.strip().partition(" ")
+    return scheme.lower(), token.strip()
 
 
 @dataclass(init=False, slots=True)

@@ -770,11 +770,15 @@ class Router:
             if not (cut or short) and not self._unknown_upstream(model, err):
                 self._record(deployment, ok=False, seconds=elapsed, error=err)
             raise
-        except BaseException:
-            # Cancelled (a sibling chunk failed) or an unexpected bug: the span must still end; the deployment is
-            # not blamed for our cancellation.
-            self._hook.end(token, error=UpstreamError("The attempt was cancelled", code="attempt_cancelled"),
-                           result=None, seconds=self._clock() - started, outcome="cancelled")  # fmt: skip
+        except BaseException as exc:
+            # Cancelled (a sibling chunk failed, the request was cancelled), or an unexpected bug: the span must still
+            # end, and says which; the deployment is not blamed for our cancellation, nor for our bug.
+            if isinstance(exc, asyncio.CancelledError):
+                ended: GatewayError = UpstreamError("The attempt was cancelled", code="attempt_cancelled")
+                outcome = "cancelled"
+            else:
+                ended, outcome = GatewayError("The attempt failed in the gateway", code="internal_error"), "error"
+            self._hook.end(token, error=ended, result=None, seconds=self._clock() - started, outcome=outcome)
             raise
         elapsed = self._clock() - started
         self._hook.end(token, error=None, result=result, seconds=elapsed)
