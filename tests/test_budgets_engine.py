@@ -641,3 +641,21 @@ def test_a_fallbacks_charge_is_its_answer_and_the_chunks_it_spent() -> None:
     assert _charged_by(call, "c/three") == (0, 0.0)
     call.served_model = ""  # none served: only what each spent
     assert _charged_by(call, "b/two") == (2, 0.5)
+
+
+def test_tighter_headers_take_the_budget_with_less_left_per_dimension() -> None:
+    from embedgate.budgets import tighter_headers
+
+    headers = {"x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "900",
+               "x-ratelimit-reset-tokens": "60", "x-ratelimit-limit-cost": "50", "x-ratelimit-remaining-cost": "9",
+               "x-ratelimit-reset-cost": "60", "x-ratelimit-limit-requests": "10"}  # fmt: skip
+    # tokens: less left, of a one_time budget (no reset); cost: more left (10 > 9 as numbers, not as text)
+    other = {"x-ratelimit-limit-tokens": "8", "x-ratelimit-remaining-tokens": "5", "x-ratelimit-limit-cost": "90",
+             "x-ratelimit-remaining-cost": "10", "x-ratelimit-reset-cost": "1"}  # fmt: skip
+    tighter_headers(headers, other)
+    assert headers == {"x-ratelimit-limit-tokens": "8", "x-ratelimit-remaining-tokens": "5",
+                       "x-ratelimit-limit-cost": "50", "x-ratelimit-remaining-cost": "9",
+                       "x-ratelimit-reset-cost": "60", "x-ratelimit-limit-requests": "10"}  # fmt: skip
+    tighter_headers(headers, {"x-ratelimit-limit-cost": "1", "x-ratelimit-remaining-cost": "0.125",
+                              "x-ratelimit-reset-cost": "9"})  # fmt: skip
+    assert (headers["x-ratelimit-remaining-cost"], headers["x-ratelimit-reset-cost"]) == ("0.125", "9")

@@ -608,8 +608,9 @@ async def test_a_provider_budget_counts_what_its_deployments_serve_under_another
             "max_inputs": 2,
         },
     }
-    config = budget_config(upstream.url, [{"scope": "provider", "target": "backup", "token_limit": 8}],
-                           models={**config_dict(upstream.url)["models"], **models},
+    budgets = [{"scope": "provider", "target": "backup", "token_limit": 8},
+               {"scope": "api_key", "target": "team-a", "token_limit": 1000}]  # fmt: skip
+    config = budget_config(upstream.url, budgets, models={**config_dict(upstream.url)["models"], **models},
                            routing={"split_concurrency": 1, "breaker_failures": 1000})  # fmt: skip
 
     async def used() -> int:
@@ -621,6 +622,8 @@ async def test_a_provider_budget_counts_what_its_deployments_serve_under_another
         upstream.script.append(Fault("status", 503, model="multi-a"))
         r = await embed(c, [1, 2, 3], model="local/multi", retry={"count": 0, "on_codes": [503]})
         assert (r.status_code, upstream.calls[-1].body["model"]) == (200, "multi-b"), r.text
+        # the tightest budget gating the request is the provider's: its headers say so (3 held of 8)
+        assert (r.headers["x-ratelimit-limit-tokens"], r.headers["x-ratelimit-remaining-tokens"]) == ("8", "5")
         assert await used() == 3  # served by backup's deployment: counted there
         r = await embed(c, [1, 2, 3], model="local/multi")
         assert (r.status_code, upstream.calls[-1].body["model"]) == (200, "multi-a"), r.text

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, Final
 
 import structlog
@@ -69,6 +70,7 @@ __all__ = [
     "is_bounded",
     "model_price",
     "period_bounds",
+    "tighter_headers",
 ]
 
 log = structlog.get_logger("embedgate.budgets")
@@ -277,6 +279,22 @@ class Reservation:
         """``x-ratelimit-{limit,remaining,reset}-{requests,tokens,cost}`` of the most restrictive budget per
         dimension, as of the reservation."""
         return dict(self._headers)
+
+
+def tighter_headers(headers: dict[str, str], other: Mapping[str, str]) -> None:
+    """Fold ``other``'s ``x-ratelimit-{limit,remaining,reset}-{tokens,cost}`` into ``headers`` for each dimension
+    where its budget has less left (both reservations gate one request): the headers name the most restrictive."""
+    for dim, read in (("tokens", int), ("cost", Decimal)):
+        left = other.get(f"x-ratelimit-remaining-{dim}")
+        mine = headers.get(f"x-ratelimit-remaining-{dim}")
+        if left is None or (mine is not None and read(mine) <= read(left)):
+            continue
+        for part in ("limit", "remaining", "reset"):
+            name = f"x-ratelimit-{part}-{dim}"
+            if name in other:
+                headers[name] = other[name]
+            else:
+                headers.pop(name, None)  # (a one_time budget's: no reset)
 
 
 def _takes_epoch(store: BudgetStore) -> bool:

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import structlog
 
-from .budgets import BudgetEngine, Reservation, Subject, cost_usd, estimate_tokens, model_price
+from .budgets import BudgetEngine, Reservation, Subject, cost_usd, estimate_tokens, model_price, tighter_headers
 from .cache import CachedItem, Coalescer, VectorCache
 from .cache_keys import item_keys
 from .config import Config, KeyConfig, hash_key
@@ -392,6 +392,7 @@ class Pipeline:
                 workspace=key.workspace, project=key.project, api_key=key.id, provider=model.id.partition("/")[0],
                 model=model.id, identity=identity)  # fmt: skip
         missing = call.missing()
+        gating: list[Reservation] = []
         if not missing:  # a full cache hit counts against requests per minute only
             reservation = await self._budgets.reserve(subject, tokens=0, cost_usd=0.0, cached=True)
         else:
@@ -431,16 +432,20 @@ class Pipeline:
 
             call.finish.append(settle)  # (before the other reserves: whatever they do, this one is undone)
             if reservation.decision != "fail_open" and (len(call.chain) > 1 or self._counts_providers):
-                await self._reserve_chain(call, reservation, held, tokens)  # (the store down: not asked again)
+                gating = await self._reserve_chain(call, reservation, held, tokens)  # (store down: not asked again)
             if call.skipped:
                 # (a client's own model ids: any character a header value cannot hold is percent-encoded)
                 names = dict.fromkeys([call.chain[place].id for place in sorted(call.skipped)])
                 call.headers["x-embedgate-fallbacks-skipped"] = ", ".join([quote(m, safe=_HEADER_SAFE) for m in names])
         call.budget_decision = reservation.decision
-        call.headers.update(reservation.headers())
+        headers = reservation.headers()
+        for own in gating:  # the providers serving the requested model gate it too: the headers name the tightest
+            tighter_headers(headers, own.headers())
+        call.headers.update(headers)
 
     async def _reserve_chain(self, call: Call, reservation: Reservation,
-                             held: list[tuple[str, str | None, Reservation]], tokens: int) -> None:  # fmt: skip
+                             held: list[tuple[str, str | None, Reservation]], tokens: int
+                             ) -> list[Reservation]:  # fmt: skip
         """Reserve, in the chain's order (an earlier model's budget is not taken by a later one's reservation), what
         the request's own reservation does not count:
 
@@ -452,18 +457,22 @@ class Pipeline:
         - the budgets of each provider that serves a model under another model id (``acme/embed`` on ``azure``),
           among the deployments the request may use. One that refuses is not used there (``Call.refused_providers``);
           a fallback none of whose usable deployments is then left is skipped, as one whose own budget refused.
+
+        The reservations made for the providers serving the requested model (the chain's first), which gate it as
+        its own budgets do.
         """
         req = call.request
         assert req is not None
         call.held = held
+        gating: list[Reservation] = []
         if self._counts_providers:
             call.charges = []  # what each provider charged (see _take): it settles the providers' reservations
         for place, model in enumerate(call.chain):
             cost = cost_usd(tokens, self._dearest(model))
             if place:
                 outcome = await self._hold(held, model, None, reservation, tokens, cost)
-                if outcome is False:  # the store went down: the rest are admitted too, without a wait each
-                    return
+                if outcome is None:  # the store went down: the rest are admitted too, without a wait each
+                    return gating
                 if isinstance(outcome, BudgetExceeded):
                     log.info("fallback not tried: its budget is spent", fallback=model.id, scope=outcome.scope_kind,
                              target=outcome.scope_target_id, dimension=outcome.dimension)  # fmt: skip
@@ -474,13 +483,15 @@ class Pipeline:
             refusals: dict[str, GatewayError] = {}
             for provider in self._serving_providers(req, model):
                 outcome = await self._hold(held, model, provider, reservation, tokens, cost)
-                if outcome is False:
-                    return
+                if outcome is None:
+                    return gating
                 if isinstance(outcome, BudgetExceeded):
                     log.info("provider not used: its budget is spent", model=model.id, provider=provider,
                              scope=outcome.scope_kind, target=outcome.scope_target_id,
                              dimension=outcome.dimension)  # fmt: skip
                     refusals[provider] = outcome
+                elif not place and outcome.decision == "reserved":
+                    gating.append(outcome)
             if not refusals:
                 continue
             if call.refused_providers is None:
@@ -489,12 +500,14 @@ class Pipeline:
             usable = self._router.usable(model, req)
             if place and usable and all(d.provider in refusals for d in usable):
                 _skip(call, place, next(iter(refusals.values())))
+        return gating
 
     async def _hold(self, held: list[tuple[str, str | None, Reservation]], model: ResolvedModel, provider: str | None,
-                    reservation: Reservation, tokens: int, cost: float) -> BudgetExceeded | bool:  # fmt: skip
+                    reservation: Reservation, tokens: int, cost: float
+                    ) -> Reservation | BudgetExceeded | None:  # fmt: skip
         """Reserve on the budgets of a fallback ``model`` (``provider`` None), or of a ``provider`` serving ``model``
-        under another id, what ``reservation`` does not hold; kept in ``held`` when reserved. The refusal, or
-        whether the store answered (False: it went down, and ``fail_open`` admitted the request)."""
+        under another id, what ``reservation`` does not hold; kept in ``held`` when reserved. The reservation, the
+        refusal, or None when the store went down (and ``fail_open`` admitted the request)."""
         try:
             if provider is None:
                 own = await self._budgets.reserve_fallback(model.id, reservation, tokens=tokens, cost_usd=cost)
@@ -504,7 +517,7 @@ class Pipeline:
             return refused
         if own.decision == "reserved":
             held.append((model.id, provider, own))
-        return own.decision != "fail_open"
+        return None if own.decision == "fail_open" else own
 
     def _serving_providers(self, req: EmbeddingRequest, model: ResolvedModel) -> tuple[str, ...]:
         """The providers with a budget that serve ``model`` under another name than its id's prefix (``acme/embed``
