@@ -16,7 +16,7 @@ from embedgate.config import Config, Deployment
 from embedgate.errors import GatewayError, UpstreamError
 from embedgate.providers import Adapter, Embeddings
 from embedgate.request import EmbeddingRequest, parse_request
-from embedgate.routing import AttemptHook, Router
+from embedgate.routing import AttemptHook, Attempts, Router
 from tests.fake_upstream import FakeUpstream, Fault, tokens_of
 from tests.test_routing_faults import AUTH, TEXTS, assert_served, routing_config, running
 
@@ -680,14 +680,17 @@ async def test_chunks_in_flight_are_cancelled_and_still_end_their_attempt(upstre
     router = Router(config, {"local": adapter}, hook=hook)
     request = parse_request(b'{"model": "local/embed-small", "input": ["a", "b", "c", "d", "e", "f"], '
                             b'"retry": {"count": 0}}')  # fmt: skip
+    attempts = Attempts()
     with anyio.fail_after(2):  # the hanging chunks would take the provider's 5 s timeout
         with pytest.raises(UpstreamError) as failed:
-            await router.embed(request, list(range(6)))
+            await router.embed(request, list(range(6)), attempts=attempts)
     assert failed.value.upstream_status == 500
     assert adapter.calls == hook.started == 3
     assert sorted(hook.ended, key=str) == ["attempt_cancelled", "attempt_cancelled", "upstream_error"]
     # cut short, not failed: their spans say so, and only the chunk that failed says what the router did next
     assert sorted(hook.outcomes, key=str) == ["cancelled", "cancelled", "error"]
+    # cut off in flight, they may be charged whole upstream, their usage never known: counted at their estimate
+    assert sorted(attempts.spent) == [("local/embed-small", 6, None, "local")] * 2  # two one-letter strings each
     assert router.status()["local/embed-small"]["consecutive_failures"] == 1  # cancellation blames nobody
 
 

@@ -654,8 +654,17 @@ class Router:
                         stop = True
                     else:
                         attempts.count += 1
-                        result = await self._attempt(request, payload, len(chunk), model, deployment, n + 1,
-                                                     fallback_index, remaining, next_step)  # fmt: skip
+                        try:
+                            result = await self._attempt(request, payload, len(chunk), model, deployment, n + 1,
+                                                         fallback_index, remaining, next_step)  # fmt: skip
+                        except asyncio.CancelledError:
+                            # Cut off in flight (a sibling chunk failed, the request was cancelled): the upstream may
+                            # have taken it, and charge it, whole, and its usage never arrives. Counted at its
+                            # estimate (an upper bound): a budget errs on the side of refusing, never of overspending.
+                            estimate = estimate_tokens([request.items[p] for p in chunk])
+                            attempts.spent.append((model.id, estimate, self._price(model, deployment),
+                                                   deployment.provider))  # fmt: skip
+                            raise
                         served = result, deployment
             except (UpstreamError, UpstreamTimeout) as err:
                 status = getattr(err, "upstream_status", None)
