@@ -819,8 +819,17 @@ def test_interpolation_reads_as_the_shell_and_refuses_what_it_cannot_read() -> N
         ({"server": {"max_body_bytes": "9" * 5000}}, "server.max_body_bytes"),
         # read as 2048 all the same: a setting that did nothing, without a word
         ({"models": {"p/m": {"max_request_inputs": 3}}}, "models.p/m.max_request_inputs"),
+        ({"server": {"max_in_flight": -1}}, "server.max_in_flight"),
     ],
-    ids=["amount-inf", "amount-1e308", "price-inf", "ttl-1e20", "5000-digits", "request-inputs-under-2048"],
+    ids=[
+        "amount-inf",
+        "amount-1e308",
+        "price-inf",
+        "ttl-1e20",
+        "5000-digits",
+        "request-inputs-under-2048",
+        "negative-in-flight",
+    ],
 )
 def test_numbers_out_of_any_use_are_config_errors(changes: dict[str, Any], path: str) -> None:
     # Accepted before: an infinite amount or price failed every budgeted request as a 500 (OverflowError), a TTL

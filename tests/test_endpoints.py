@@ -247,3 +247,50 @@ async def test_standalone_a_wrong_method_is_405_with_allow_in_the_route_shape(
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
         assert unknown.headers["content-length"] == str(len(unknown.content))
     await app.shutdown()
+
+
+@pytest.mark.anyio
+async def test_past_max_in_flight_a_request_is_shed_with_a_503_before_its_body_is_read(
+    make_config: Callable[..., Config], upstream: FakeUpstream
+) -> None:
+    # No cap: each request in flight holds its body and its answer (up to ~3x max_body_bytes), as many as came.
+    import anyio
+
+    from tests.fake_upstream import Fault
+
+    app = gateway(make_config(server={"max_in_flight": 1}))
+    auth = {"authorization": f"Bearer {KEY}"}
+    body = {"model": "local/embed-small", "input": "hello"}
+    upstream.script.append(Fault("slow", delay=0.5))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        async with anyio.create_task_group() as tg:
+            first: list[httpx.Response] = []
+
+            async def slow() -> None:
+                first.append(await c.post("/v1/embeddings", json=body, headers=auth))
+
+            tg.start_soon(slow)
+            await anyio.sleep(0.2)  # the first is waiting on the upstream
+            read: list[str] = []
+
+            async def receive() -> dict[str, Any]:
+                read.append("body")
+                return {"type": "http.request", "body": b"{}", "more_body": False}
+
+            sent: list[dict[str, Any]] = []
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            scope = {"type": "http", "method": "POST", "path": "/api/v1/embeddings", "raw_path": b"/api/v1/embeddings",
+                     "query_string": b"", "root_path": "", "http_version": "1.1", "scheme": "http",
+                     "headers": [(b"authorization", f"Bearer {KEY}".encode())]}  # fmt: skip
+            await app(scope, receive, send)
+            assert (sent[0]["status"], read) == (503, [])
+            headers = dict(sent[0]["headers"])
+            assert headers[b"retry-after"] == b"1"
+            error = httpx.Response(503, content=sent[1]["body"]).json()["error"]  # OpenRouter's shape
+            assert (error["code"], error["metadata"]["code"]) == (503, "gateway_overloaded")
+        assert first[0].status_code == 200
+        assert (await c.post("/v1/embeddings", json=body, headers=auth)).status_code == 200  # room again
+    await app.shutdown()

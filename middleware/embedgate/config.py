@@ -61,6 +61,7 @@ class ServerConfig:
     path_prefix: str = ""
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     unknown_fields: Literal["reject", "ignore"] = "reject"
+    max_in_flight: int = 0  # embedding requests a process serves at once, past it a 503 (0: no limit)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -490,6 +491,7 @@ def _server(data: Any, errors: list[str]) -> ServerConfig:
         path_prefix=prefix,
         max_body_bytes=s.get("max_body_bytes", s.integer(1024), DEFAULT_MAX_BODY_BYTES),
         unknown_fields=s.get("unknown_fields", s.choice(("reject", "ignore")), "reject"),  # type: ignore[arg-type]
+        max_in_flight=s.get("max_in_flight", s.integer(0, 1_000_000), 0),
     )
     s.finish()
     return cfg
