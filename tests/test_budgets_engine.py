@@ -659,3 +659,12 @@ def test_tighter_headers_take_the_budget_with_less_left_per_dimension() -> None:
     tighter_headers(headers, {"x-ratelimit-limit-cost": "1", "x-ratelimit-remaining-cost": "0.125",
                               "x-ratelimit-reset-cost": "9"})  # fmt: skip
     assert (headers["x-ratelimit-remaining-cost"], headers["x-ratelimit-reset-cost"]) == ("0.125", "9")
+    # a tie: the budget that frees up later, a one_time one (no reset) latest of all
+    tighter_headers(headers, {"x-ratelimit-limit-cost": "2", "x-ratelimit-remaining-cost": "0.125",
+                              "x-ratelimit-reset-cost": "30"})  # fmt: skip
+    assert (headers["x-ratelimit-limit-cost"], headers["x-ratelimit-reset-cost"]) == ("2", "30")
+    tighter_headers(headers, {"x-ratelimit-limit-cost": "3", "x-ratelimit-remaining-cost": "0.125"})
+    assert (headers["x-ratelimit-limit-cost"], "x-ratelimit-reset-cost" in headers) == ("3", False)
+    tighter_headers(headers, {"x-ratelimit-limit-cost": "4", "x-ratelimit-remaining-cost": "0.125",
+                              "x-ratelimit-reset-cost": "99"})  # fmt: skip
+    assert headers["x-ratelimit-limit-cost"] == "3"

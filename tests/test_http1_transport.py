@@ -873,3 +873,26 @@ def test_a_connection_left_by_a_closed_event_loop_is_closed_not_left_to_the_coll
     asyncio.run(transport.aclose())  # the second connection, of a closed loop too
     del transport
     gc.collect()  # here, where the transports' warning is ignored
+
+
+async def test_a_call_says_whether_it_went_out_or_still_waits_for_a_connection() -> None:
+    # The router bills a call that went out and got no usable answer at its estimate, and one that sent nothing not
+    # at all: a call cancelled while it waited for a pooled connection was billed as one the upstream had taken.
+    from embedgate.providers.http1 import SENDING, SENT, UNKNOWN, WAITING
+
+    async def call(transport: Http1Transport, url: str, state: list[int]) -> None:
+        SENDING.set(state)  # (in this task's own context)
+        await post(transport, url)
+
+    async with serve(lambda n: ok(), delay_s=0.3) as server:
+        transport = Http1Transport(max_connections=1)
+        first, second = [UNKNOWN], [UNKNOWN]
+        holding = asyncio.ensure_future(call(transport, server.url, first))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.ensure_future(call(transport, server.url, second))
+        await asyncio.sleep(0.05)
+        assert (first, second) == ([SENT], [WAITING])
+        waiting.cancel()
+        await asyncio.gather(holding, waiting, return_exceptions=True)
+        await transport.aclose()
+    assert second == [WAITING] and len(server.requests) == 1

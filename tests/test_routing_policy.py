@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from embedgate.config import Config, Deployment
-from embedgate.errors import GatewayError, UpstreamError
+from embedgate.errors import GatewayError, UpstreamError, UpstreamTimeout
 from embedgate.providers import Adapter, Embeddings
+from embedgate.providers.http1 import SENDING, SENT, UNKNOWN, WAITING
 from embedgate.request import EmbeddingRequest, parse_request
 from embedgate.routing import AttemptHook, Attempts, Router
 from tests.fake_upstream import FakeUpstream, Fault, tokens_of
@@ -745,3 +746,38 @@ async def test_a_mixed_batch_partly_cached_sends_only_its_new_items(upstream: Fa
     assert r.headers["x-embedgate-cache"] == "partial"
     sent = [call.body["input"] for call in upstream.calls_for("embed-small")]
     assert sorted(map(repr, sent)) == sorted(map(repr, [["new one"], [[9]]]))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("sending", "error", "billed"),
+    [
+        (SENT, UpstreamTimeout("no answer"), True),
+        (WAITING, UpstreamTimeout("no connection"), False),  # nothing went out
+        (UNKNOWN, UpstreamTimeout("no answer"), True),  # a transport that does not say: it may have
+        (SENT, UpstreamError("connection lost mid-answer"), True),
+        (SENT, UpstreamError("bad JSON", code="upstream_malformed"), True),
+        (SENT, UpstreamError("local answered 503", upstream_status=503), False),  # an error status charges nothing
+    ],
+    ids=["timeout", "never-sent", "transport-silent", "dropped", "malformed", "error-status"],
+)
+async def test_a_call_that_went_out_and_got_no_usable_answer_is_billed_at_its_estimate(
+    upstream: FakeUpstream, sending: int, error: GatewayError, billed: bool
+) -> None:
+    # Its usage never arrives, and the provider may have served and charged it whole: counted as nothing, a provider
+    # budget ended spent past its limit upstream.
+    class Unanswered(ScriptedAdapter):
+        async def embed(self, **kwargs: Any) -> Embeddings:
+            state = SENDING.get()
+            assert state is not None
+            state[0] = sending
+            raise error
+
+    router = Router(routing_config(upstream), {"local": Unanswered()})
+    attempts = Attempts()
+    with pytest.raises(GatewayError):
+        await router.embed(parse_request(b'{"model": "local/embed-small", "input": "abc", "retry": {"count": 0}}'),
+                           [0], attempts=attempts)  # fmt: skip
+    assert [(m, tokens, provider) for m, tokens, _, provider in attempts.spent] == (
+        [("local/embed-small", 5, "local")] if billed else []  # "abc": 3 bytes + 2
+    )

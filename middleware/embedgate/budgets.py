@@ -283,12 +283,20 @@ class Reservation:
 
 def tighter_headers(headers: dict[str, str], other: Mapping[str, str]) -> None:
     """Fold ``other``'s ``x-ratelimit-{limit,remaining,reset}-{tokens,cost}`` into ``headers`` for each dimension
-    where its budget has less left (both reservations gate one request): the headers name the most restrictive."""
+    where its budget has less left (both reservations gate one request): the headers name the most restrictive, on a
+    tie the one that frees up later (a ``one_time`` budget, without a reset, never does), as a reservation's own."""
     for dim, read in (("tokens", int), ("cost", Decimal)):
         left = other.get(f"x-ratelimit-remaining-{dim}")
         mine = headers.get(f"x-ratelimit-remaining-{dim}")
-        if left is None or (mine is not None and read(mine) <= read(left)):
+        if left is None:
             continue
+        if mine is not None:
+            if read(mine) < read(left):
+                continue
+            if read(mine) == read(left):
+                reset, its = headers.get(f"x-ratelimit-reset-{dim}"), other.get(f"x-ratelimit-reset-{dim}")
+                if reset is None or (its is not None and int(its) <= int(reset)):
+                    continue
         for part in ("limit", "remaining", "reset"):
             name = f"x-ratelimit-{part}-{dim}"
             if name in other:

@@ -458,8 +458,8 @@ class Pipeline:
           among the deployments the request may use. One that refuses is not used there (``Call.refused_providers``);
           a fallback none of whose usable deployments is then left is skipped, as one whose own budget refused.
 
-        The reservations made for the providers serving the requested model (the chain's first), which gate it as
-        its own budgets do.
+        The reservations made for the provider serving the requested model (the chain's first) when it alone does,
+        which gate it as its own budgets do.
         """
         req = call.request
         assert req is not None
@@ -490,7 +490,7 @@ class Pipeline:
                              scope=outcome.scope_kind, target=outcome.scope_target_id,
                              dimension=outcome.dimension)  # fmt: skip
                     refusals[provider] = outcome
-                elif not place and outcome.decision == "reserved":
+                elif not place and outcome.decision == "reserved" and self._only_at(req, model, provider):
                     gating.append(outcome)
             if not refusals:
                 continue
@@ -518,6 +518,12 @@ class Pipeline:
         if own.decision == "reserved":
             held.append((model.id, provider, own))
         return None if own.decision == "fail_open" else own
+
+    def _only_at(self, req: EmbeddingRequest, model: ResolvedModel, provider: str) -> bool:
+        """Whether every deployment of ``model`` that ``req`` may use is at ``provider``: its budget then gates the
+        request (with deployments elsewhere too, another may serve it when that one's budget is spent)."""
+        usable = self._router.usable(model, req)
+        return bool(usable) and all(d.provider == provider for d in usable)
 
     def _serving_providers(self, req: EmbeddingRequest, model: ResolvedModel) -> tuple[str, ...]:
         """The providers with a budget that serve ``model`` under another name than its id's prefix (``acme/embed``

@@ -59,6 +59,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .providers import Adapter, Embeddings
+from .providers.http1 import SENDING, UNKNOWN, WAITING
 from .request import EmbeddingRequest, ProviderPreferences
 
 __all__ = ["AttemptHook", "Attempts", "Breaker", "ResolvedModel", "RouteResult", "Router"]
@@ -654,17 +655,20 @@ class Router:
                         stop = True
                     else:
                         attempts.count += 1
+                        sending = [UNKNOWN]  # where the call stands, as the transport tells
+                        token = SENDING.set(sending)
                         try:
                             result = await self._attempt(request, payload, len(chunk), model, deployment, n + 1,
                                                          fallback_index, remaining, next_step)  # fmt: skip
                         except asyncio.CancelledError:
-                            # Cut off in flight (a sibling chunk failed, the request was cancelled): the upstream may
-                            # have taken it, and charge it, whole, and its usage never arrives. Counted at its
-                            # estimate (an upper bound): a budget errs on the side of refusing, never of overspending.
-                            estimate = estimate_tokens([request.items[p] for p in chunk])
-                            attempts.spent.append((model.id, estimate, self._price(model, deployment),
-                                                   deployment.provider))  # fmt: skip
+                            self._bill_unanswered(attempts, request, chunk, model, deployment, sending[0])
                             raise
+                        except (UpstreamError, UpstreamTimeout) as err:
+                            if getattr(err, "upstream_status", None) is None:  # no HTTP error status: no answer
+                                self._bill_unanswered(attempts, request, chunk, model, deployment, sending[0])
+                            raise
+                        finally:
+                            SENDING.reset(token)
                         served = result, deployment
             except (UpstreamError, UpstreamTimeout) as err:
                 status = getattr(err, "upstream_status", None)
@@ -705,6 +709,17 @@ class Router:
         if last is not None and self._unknown_upstream(model, last):  # dropped (fallback_on_codes lists 404)
             raise _ModelFailed(self._not_served(request, model, fallback_index, last), True, answered=True)
         raise _ModelFailed(last or UpstreamTimeout("The overall deadline was reached"), True)
+
+    def _bill_unanswered(self, attempts: Attempts, request: EmbeddingRequest, chunk: list[int], model: ResolvedModel,
+                         deployment: Deployment, sending: int) -> None:  # fmt: skip
+        """A call that went out and got no usable answer (cut off in flight: a sibling chunk failed, the request was
+        cancelled; timed out; its connection lost, its answer malformed) may have been served, and charged, whole
+        upstream, and its usage never arrives: counted at its estimate (an upper bound), so a budget errs on the
+        side of refusing, never of overspending. Not when the transport says nothing was sent (waiting for a
+        pooled connection, or connecting); an upstream's error status is no charge either (not called then)."""
+        if sending != WAITING:
+            estimate = estimate_tokens([request.items[p] for p in chunk])
+            attempts.spent.append((model.id, estimate, self._price(model, deployment), deployment.provider))
 
     def _unknown_upstream(self, model: ResolvedModel, err: GatewayError) -> bool:
         """An upstream 404 ``model_not_found`` for a model the config does not list: the client's typo."""

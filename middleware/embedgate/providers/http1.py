@@ -28,12 +28,14 @@ import ssl
 import time
 import zlib
 from collections import deque
+from contextvars import ContextVar
 from typing import Any, Final
 
 import httptools
 import httpx
 
-__all__ = ["MAX_DECODED", "MAX_HEAD", "Http1Transport", "decoded", "decoded_answer"]
+__all__ = ["MAX_DECODED", "MAX_HEAD", "SENDING", "SENT", "UNKNOWN", "WAITING", "Http1Transport", "decoded",
+           "decoded_answer"]  # fmt: skip
 
 _Origin = tuple[bytes, bytes, int]  # scheme, host, port
 #: An answer: status, headers as sent, body as sent (a bytearray when it came in several reads: see _Connection).
@@ -84,6 +86,15 @@ MAX_DECODED: Final = 256 * 1024 * 1024
 _ZLIB_CODINGS: Final = frozenset({"gzip", "deflate", "identity", ""})
 _INFLATE_STEP: Final = 4 * 1024 * 1024  # decoded bytes made at a time
 _GZIP_WBITS: Final = 16 + zlib.MAX_WBITS
+
+
+#: Where one upstream call stands, for whoever set it around the call (the router, which bills a call that went out
+#: and got no usable answer at its estimate): ``UNKNOWN`` as set (a transport that does not say), ``WAITING`` for a
+#: pooled connection or its connect (nothing sent), ``SENT`` once the request's bytes go out on one.
+SENDING: ContextVar[list[int] | None] = ContextVar("embedgate_sending", default=None)
+UNKNOWN: Final = 0
+WAITING: Final = 1
+SENT: Final = 2
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -313,7 +324,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._sweeper_loop: asyncio.AbstractEventLoop | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Send ``request`` on a pooled connection and return the answer with its body read."""
+        """Send ``request`` on a pooled connection and return the answer with its body read (see :data:`SENDING`)."""
         status, headers, content = await self.exchange(origin_of(request.url), await _serialize(request), request)
         body = content if type(content) is bytes else bytes(content)
         response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body), request=request,
@@ -339,7 +350,12 @@ class Http1Transport(httpx.AsyncBaseTransport):
         Python made ~13% of a cache miss's instructions. Errors are those of ``handle_async_request``;
         ``request``, when given, is set on them.
         """
+        state = SENDING.get()
+        if state is not None:
+            state[0] = WAITING
         conn = await self._acquire(origin, request)
+        if state is not None:
+            state[0] = SENT
         try:
             answer: _Answer | None = await conn.exchange(data)
         except BaseException as exc:
