@@ -22,7 +22,7 @@ from ..errors import UpstreamError, UpstreamTimeout
 from ..wire import DimensionsNotHonoured, MalformedAnswer, cut_vectors, read_answer, take_cut
 from .base import Embeddings, Sender, gen_ai_provider_name
 from .deadline import deadline
-from .http1 import SENDING, WAITING, Http1Transport, decoded_answer, header_value, origin_of, request_head
+from .http1 import Http1Transport, decoded_answer, header_value, origin_of, request_head
 
 __all__ = ["OpenAIAdapter", "cut_vectors", "take_cut"]
 
@@ -113,7 +113,6 @@ class OpenAIAdapter:
                     response = await self._send(self._request(length, headers, payload))
                     status, answer_headers, content = response.status_code, response.headers.raw, response.content
         except (TimeoutError, httpx.TimeoutException) as exc:
-            _unsent(exc)
             if isinstance(exc, httpx.TimeoutException) and not _is_timeout(exc):
                 raise UpstreamError(f"{self.name}: connection failed ({_describe(exc)})") from None
             raise UpstreamTimeout(f"{self.name}: no answer within {timeout_s * 1000:.0f} ms") from None
@@ -121,7 +120,6 @@ class OpenAIAdapter:
             raise UpstreamError(f"{self.name} sent a malformed answer: its body could not be decoded ({exc})",
                                 code="upstream_malformed") from None  # fmt: skip
         except httpx.HTTPError as exc:
-            _unsent(exc)
             raise UpstreamError(f"{self.name}: connection failed ({_describe(exc)})") from None
         if not 200 <= status < 300:  # any 2xx carries an answer (201 is NestJS's default for a POST)
             retry_after = header_value(answer_headers, b"retry-after")
@@ -230,15 +228,6 @@ def _retry_after(value: str | None) -> float | None:
         # A date already past is a negative wait, as "-5" is: the backoff applies (0 retried at once, no backoff).
         return seconds if seconds > 0.0 else None
     return seconds if seconds >= 0.0 else None  # NaN is not >= 0
-
-
-def _unsent(exc: BaseException) -> None:
-    """A call that never reached the upstream (no connection made, or none free in the pool), told to whoever follows
-    the call (:data:`~embedgate.providers.http1.SENDING`: the router bills no such call), whatever the transport."""
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
-        state = SENDING.get()
-        if state is not None:
-            state[0] = WAITING
 
 
 def _is_timeout(exc: BaseException) -> bool:
