@@ -562,8 +562,7 @@ def test_a_request_cut_by_the_shutdown_is_a_503_in_its_shape_and_releases_its_re
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
     # Past --timeout-graceful-shutdown, uvicorn cancels the requests still running: they got a bare text/plain 500
-    # (a CancelledError traceback in the log) and their budget reservations stayed taken in Redis (as a reservation,
-    # never settled: now settled to the estimate of the call cut off in flight).
+    # (a CancelledError traceback in the log) and their budget reservations stayed taken in Redis.
     redis_url = require_redis()
     workspace = f"ws-stop-{uuid.uuid4().hex[:12]}"
     data = config_dict(upstream.url, redis_url=redis_url)
@@ -598,8 +597,7 @@ def test_a_request_cut_by_the_shutdown_is_a_503_in_its_shape_and_releases_its_re
     r = answers[0]
     assert r.status_code == 503 and r.headers["content-type"] == "application/json"
     assert r.json()["error"]["code"] == "gateway_stopping" and "param" in r.json()["error"]  # the orq shape
-    # reserved, then settled to the call cut off in flight, which the upstream may charge whole: its estimate
-    assert values == [len("a slow one") + 2]
+    assert values and all(v == 0 for v in values)  # reserved, then released
     assert b"Traceback" not in out and b'"status":503' in out  # no traceback; the access line was written
 
 

@@ -15,7 +15,7 @@ import pytest
 from embedgate.config import Config, Deployment
 from embedgate.errors import GatewayError, UpstreamError, UpstreamTimeout
 from embedgate.providers import Adapter, Embeddings
-from embedgate.providers.http1 import SENDING, SENT, UNKNOWN, WAITING
+from embedgate.providers.http1 import SENDING, SENT, WAITING
 from embedgate.request import EmbeddingRequest, parse_request
 from embedgate.routing import AttemptHook, Attempts, Router
 from tests.fake_upstream import FakeUpstream, Fault, tokens_of
@@ -750,30 +750,25 @@ async def test_a_mixed_batch_partly_cached_sends_only_its_new_items(upstream: Fa
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("sending", "error", "billed"),
+    ("error", "billed"),
     [
-        (SENT, UpstreamTimeout("no answer"), True),
-        (WAITING, UpstreamTimeout("no connection"), False),  # nothing went out
-        (UNKNOWN, UpstreamTimeout("no answer"), True),  # a transport that does not say: it may have
-        (SENT, UpstreamError("connection lost mid-answer"), True),
-        (SENT, UpstreamError("bad JSON", code="upstream_malformed"), True),
-        (SENT, UpstreamError("local answered 503", upstream_status=503), False),  # an error status charges nothing
+        (UpstreamError("bad JSON", code="upstream_malformed"), True),  # answered, and charged, but of no use
+        (UpstreamTimeout("no answer"), False),  # an upstream that hangs makes these by the thousand
+        (UpstreamError("connection lost mid-answer"), False),
+        (UpstreamError("local answered 503", upstream_status=503), False),  # an error status charges nothing
     ],
-    ids=["timeout", "never-sent", "transport-silent", "dropped", "malformed", "error-status"],
+    ids=["malformed", "timeout", "dropped", "error-status"],
 )
-async def test_a_call_that_went_out_and_got_no_usable_answer_is_billed_at_its_estimate(
-    upstream: FakeUpstream, sending: int, error: GatewayError, billed: bool
+async def test_an_answer_of_no_use_is_billed_at_its_estimate_a_call_without_one_is_not(
+    upstream: FakeUpstream, error: GatewayError, billed: bool
 ) -> None:
-    # Its usage never arrives, and the provider may have served and charged it whole: counted as nothing, a provider
-    # budget ended spent past its limit upstream.
-    class Unanswered(ScriptedAdapter):
+    # The upstream served and charged a malformed answer (bad JSON, another vector size) whole, and its usage was
+    # counted as nothing: a provider budget ended spent past its limit upstream.
+    class Unusable(ScriptedAdapter):
         async def embed(self, **kwargs: Any) -> Embeddings:
-            state = SENDING.get()
-            assert state is not None
-            state[0] = sending
             raise error
 
-    router = Router(routing_config(upstream), {"local": Unanswered()})
+    router = Router(routing_config(upstream), {"local": Unusable()})
     attempts = Attempts()
     with pytest.raises(GatewayError):
         await router.embed(parse_request(b'{"model": "local/embed-small", "input": "abc", "retry": {"count": 0}}'),
@@ -781,3 +776,27 @@ async def test_a_call_that_went_out_and_got_no_usable_answer_is_billed_at_its_es
     assert [(m, tokens, provider) for m, tokens, _, provider in attempts.spent] == (
         [("local/embed-small", 5, "local")] if billed else []  # "abc": 3 bytes + 2
     )
+
+
+@pytest.mark.anyio
+async def test_chunks_the_router_cuts_off_are_billed_only_once_they_went_out(upstream: FakeUpstream) -> None:
+    # Cut off because a sibling failed, a call the upstream was serving is charged whole there, its usage never
+    # known: counted at its estimate. One still waiting for a pooled connection sent nothing: not counted.
+    class Siblings(ScriptedAdapter):
+        async def embed(self, *, input: Any, timeout_s: float, **kwargs: Any) -> Embeddings:
+            state = SENDING.get()
+            assert state is not None
+            if input == ["a"]:
+                await anyio.sleep(0.05)
+                raise UpstreamError("local answered 500: scripted", upstream_status=500)
+            state[0] = SENT if input == ["bb"] else WAITING
+            await anyio.sleep(timeout_s)
+            raise AssertionError("cut off before")
+
+    config = routing_config(upstream, models={"local/embed-small": {"max_inputs": 1}}, routing={"split_concurrency": 3})
+    router = Router(config, {"local": Siblings()})
+    attempts = Attempts()
+    with anyio.fail_after(2), pytest.raises(UpstreamError):
+        await router.embed(parse_request(b'{"model": "local/embed-small", "input": ["a", "bb", "ccc"], '
+                                         b'"retry": {"count": 0}}'), [0, 1, 2], attempts=attempts)  # fmt: skip
+    assert [(m, tokens) for m, tokens, _, _ in attempts.spent] == [("local/embed-small", 4)]  # "bb", sent

@@ -187,11 +187,13 @@ class Attempts:
     models_left: int = 0  # models of the chain after the one being tried
     spent: list[Spent] = field(default_factory=list)  # see RouteResult.spent
     answered: bool = False  # last_error is an upstream's own answer (a 404 for a model it does not know)
+    cut_off: list[Spent] = field(default_factory=list)  # calls cancelled after they went out (see Router._estimated)
 
     def __init__(self) -> None:
         self.count = 0
         self.last_error = None
         self.answered = False
+        self.cut_off = []
         self.skipped = []
         self.models_left = 0
         self.spent = []
@@ -509,6 +511,11 @@ class Router:
                     t.cancel()
                 with anyio.CancelScope(shield=True):  # a host's anyio scope, cancelling, would cancel this wait too
                     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+                # Cut off in flight by the router, their upstream serving them: billed at their estimate (not when
+                # the request itself was cancelled: see _estimated).
+                if not isinstance(failure, asyncio.CancelledError):
+                    attempts.spent += attempts.cut_off
+                attempts.cut_off.clear()
                 # The chunks this model did embed were paid for upstream: billed, though the next model serves them.
                 for outcome in outcomes:
                     if isinstance(outcome, tuple):
@@ -661,11 +668,12 @@ class Router:
                             result = await self._attempt(request, payload, len(chunk), model, deployment, n + 1,
                                                          fallback_index, remaining, next_step)  # fmt: skip
                         except asyncio.CancelledError:
-                            self._bill_unanswered(attempts, request, chunk, model, deployment, sending[0])
+                            if sending[0] != WAITING:  # (billed if the router cut it off: see _serve_model)
+                                attempts.cut_off.append(self._estimated(request, chunk, model, deployment))
                             raise
-                        except (UpstreamError, UpstreamTimeout) as err:
-                            if getattr(err, "upstream_status", None) is None:  # no HTTP error status: no answer
-                                self._bill_unanswered(attempts, request, chunk, model, deployment, sending[0])
+                        except UpstreamError as err:
+                            if err.code == "upstream_malformed":  # answered, and so charged, but of no use
+                                attempts.spent.append(self._estimated(request, chunk, model, deployment))
                             raise
                         finally:
                             SENDING.reset(token)
@@ -710,16 +718,15 @@ class Router:
             raise _ModelFailed(self._not_served(request, model, fallback_index, last), True, answered=True)
         raise _ModelFailed(last or UpstreamTimeout("The overall deadline was reached"), True)
 
-    def _bill_unanswered(self, attempts: Attempts, request: EmbeddingRequest, chunk: list[int], model: ResolvedModel,
-                         deployment: Deployment, sending: int) -> None:  # fmt: skip
-        """A call that went out and got no usable answer (cut off in flight: a sibling chunk failed, the request was
-        cancelled; timed out; its connection lost, its answer malformed) may have been served, and charged, whole
-        upstream, and its usage never arrives: counted at its estimate (an upper bound), so a budget errs on the
-        side of refusing, never of overspending. Not when the transport says nothing was sent (waiting for a
-        pooled connection, or connecting); an upstream's error status is no charge either (not called then)."""
-        if sending != WAITING:
-            estimate = estimate_tokens([request.items[p] for p in chunk])
-            attempts.spent.append((model.id, estimate, self._price(model, deployment), deployment.provider))
+    def _estimated(self, request: EmbeddingRequest, chunk: list[int], model: ResolvedModel,
+                   deployment: Deployment) -> Spent:  # fmt: skip
+        """What a call whose usage never arrived is billed: its estimate (an upper bound). For a call the upstream
+        charged whole (an answer of no use: malformed, of another size), or one the router cut off while the upstream
+        was serving it (a sibling chunk failed): a budget errs on the side of refusing, never of overspending. Not
+        for a call that timed out, lost its connection, or was cancelled with its request: an upstream that hangs
+        makes them by the thousand, and counted so they would spend a day's budget on calls it never served."""
+        estimate = estimate_tokens([request.items[p] for p in chunk])
+        return (model.id, estimate, self._price(model, deployment), deployment.provider)
 
     def _unknown_upstream(self, model: ResolvedModel, err: GatewayError) -> bool:
         """An upstream 404 ``model_not_found`` for a model the config does not list: the client's typo."""
