@@ -752,18 +752,19 @@ async def test_a_mixed_batch_partly_cached_sends_only_its_new_items(upstream: Fa
 @pytest.mark.parametrize(
     ("error", "billed"),
     [
-        (UpstreamError("bad JSON", code="upstream_malformed"), True),  # answered, and charged, but of no use
+        (UpstreamError("vectors of 9 dimensions", code="upstream_malformed", served=True), True),  # charged, no use
+        (UpstreamError("bad JSON", code="upstream_malformed"), False),  # no answer: a proxy's error page, say
         (UpstreamTimeout("no answer"), False),  # an upstream that hangs makes these by the thousand
         (UpstreamError("connection lost mid-answer"), False),
         (UpstreamError("local answered 503", upstream_status=503), False),  # an error status charges nothing
     ],
-    ids=["malformed", "timeout", "dropped", "error-status"],
+    ids=["another-size", "bad-json", "timeout", "dropped", "error-status"],
 )
 async def test_an_answer_of_no_use_is_billed_at_its_estimate_a_call_without_one_is_not(
     upstream: FakeUpstream, error: GatewayError, billed: bool
 ) -> None:
-    # The upstream served and charged a malformed answer (bad JSON, another vector size) whole, and its usage was
-    # counted as nothing: a provider budget ended spent past its limit upstream.
+    # The upstream served and charged an answer of vectors of another size whole, and its usage was counted as
+    # nothing: a provider budget ended spent past its limit upstream.
     class Unusable(ScriptedAdapter):
         async def embed(self, **kwargs: Any) -> Embeddings:
             raise error

@@ -207,8 +207,11 @@ class UpstreamError(GatewayError):
         upstream_param: str | None = None,
         rejects_input: bool = False,
         upstream_code: str | None = None,
+        served: bool = False,
     ) -> None:
         super().__init__(message, code=code)
+        #: The upstream served the call (and charged it): its answer held vectors, of no use (of another size).
+        self.served = served
         #: The answer shows the upstream does not do what a parameter of the client asks (vectors of another size
         #: than its ``dimensions``): retried and fallen back from as any malformed answer, but not held against
         #: the deployment's circuit breaker (one client's parameter would take the deployment from every client).

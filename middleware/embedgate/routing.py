@@ -672,7 +672,7 @@ class Router:
                                 attempts.cut_off.append(self._estimated(request, chunk, model, deployment))
                             raise
                         except UpstreamError as err:
-                            if err.code == "upstream_malformed":  # answered, and so charged, but of no use
+                            if err.served:  # answered, and so charged, but of no use
                                 attempts.spent.append(self._estimated(request, chunk, model, deployment))
                             raise
                         finally:
@@ -721,10 +721,12 @@ class Router:
     def _estimated(self, request: EmbeddingRequest, chunk: list[int], model: ResolvedModel,
                    deployment: Deployment) -> Spent:  # fmt: skip
         """What a call whose usage never arrived is billed: its estimate (an upper bound). For a call the upstream
-        charged whole (an answer of no use: malformed, of another size), or one the router cut off while the upstream
-        was serving it (a sibling chunk failed): a budget errs on the side of refusing, never of overspending. Not
-        for a call that timed out, lost its connection, or was cancelled with its request: an upstream that hangs
-        makes them by the thousand, and counted so they would spend a day's budget on calls it never served."""
+        served and charged whole (an answer of no use: vectors of another size), or one the router cut off while the
+        upstream was serving it (a sibling chunk failed): a budget errs on the side of refusing, never of
+        overspending. Not for a call that timed out, lost its connection, was cancelled with its request, or got
+        an answer that is none (bad JSON, a wrong count: a proxy's error page, say): an upstream that hangs, or a
+        base_url that is no provider, makes them by the thousand, and counted so they would spend a day's budget on
+        calls never served."""
         estimate = estimate_tokens([request.items[p] for p in chunk])
         return (model.id, estimate, self._price(model, deployment), deployment.provider)
 
@@ -864,6 +866,7 @@ class Router:
             f"{deployment.provider} sent a malformed answer: {result.dimensions} dimensions where '{model_id}' "
             f"answers {seen.known}",
             code="upstream_malformed",
+            served=True,
         )
 
     def _cooldown_left(self, deployments: list[Deployment]) -> int:

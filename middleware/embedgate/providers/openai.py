@@ -184,6 +184,7 @@ class OpenAIAdapter:
                 f"{self.name} sent a malformed answer: {wrong_size} (does the model take 'dimensions'?)",
                 code="upstream_malformed",
                 rejects_input=True,
+                served=True,
             ) from None
         except MalformedAnswer as exc:
             raise UpstreamError(f"{self.name} sent a malformed answer: {exc}", code="upstream_malformed") from None
