@@ -1195,3 +1195,17 @@ async def test_the_shutdown_waits_for_a_reserve_a_cancelled_request_left_on_its_
     async with running(config) as (_, c):
         (row,) = await admin_usage(c)
     assert row["tokens"]["used"] == tokens_of("warm the connection and the script")
+
+
+@pytest.mark.anyio
+async def test_an_answer_of_another_vector_size_is_billed_the_usage_it_gives(upstream: FakeUpstream) -> None:
+    # Served and charged upstream, of no use to the request: counted as nothing, a provider budget ended spent past
+    # its limit upstream. Its own usage where it gives one (2 words), not its estimate (10 bytes + 2).
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 100}])
+    async with running(config) as (_, c):
+        assert (await embed(c, "alpha beta")).status_code == 200
+        upstream.dims = 9  # the model's answers change size: one is of no use until three agree
+        r = await embed(c, "alpha beta", retry={"count": 0})
+        assert (r.status_code, error_of(r)["code"]) == (502, "upstream_malformed"), r.text
+        (row,) = await admin_usage(c)
+        assert row["tokens"]["used"] == tokens_of("alpha beta") * 2

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from embedgate.config import Config
@@ -250,10 +251,10 @@ async def test_standalone_a_wrong_method_is_405_with_allow_in_the_route_shape(
 
 
 @pytest.mark.anyio
-async def test_past_max_in_flight_a_request_is_shed_with_a_503_before_its_body_is_read(
+async def test_past_max_in_flight_a_request_is_shed_with_a_503(
     make_config: Callable[..., Config], upstream: FakeUpstream
 ) -> None:
-    # No cap: each request in flight holds its body and its answer (up to ~3x max_body_bytes), as many as came.
+    # No cap: each request in flight holds its body, its upstream calls and its answer, as many as came.
     import anyio
 
     from tests.fake_upstream import Fault
@@ -261,6 +262,9 @@ async def test_past_max_in_flight_a_request_is_shed_with_a_503_before_its_body_i
     app = gateway(make_config(server={"max_in_flight": 1}))
     auth = {"authorization": f"Bearer {KEY}"}
     body = {"model": "local/embed-small", "input": "hello"}
+    scope = {"type": "http", "method": "POST", "path": "/api/v1/embeddings", "raw_path": b"/api/v1/embeddings",
+             "query_string": b"", "root_path": "", "http_version": "1.1", "scheme": "http",
+             "headers": [(b"authorization", f"Bearer {KEY}".encode())]}  # fmt: skip
     upstream.script.append(Fault("slow", delay=0.5))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
         async with anyio.create_task_group() as tg:
@@ -271,26 +275,75 @@ async def test_past_max_in_flight_a_request_is_shed_with_a_503_before_its_body_i
 
             tg.start_soon(slow)
             await anyio.sleep(0.2)  # the first is waiting on the upstream
-            read: list[str] = []
+            sent: list[dict[str, Any]] = []
 
             async def receive() -> dict[str, Any]:
-                read.append("body")
-                return {"type": "http.request", "body": b"{}", "more_body": False}
-
-            sent: list[dict[str, Any]] = []
+                return {"type": "http.request", "body": b'{"model": "local/embed-small", "input": "x"}'}
 
             async def send(message: dict[str, Any]) -> None:
                 sent.append(message)
 
-            scope = {"type": "http", "method": "POST", "path": "/api/v1/embeddings", "raw_path": b"/api/v1/embeddings",
-                     "query_string": b"", "root_path": "", "http_version": "1.1", "scheme": "http",
-                     "headers": [(b"authorization", f"Bearer {KEY}".encode())]}  # fmt: skip
             await app(scope, receive, send)
-            assert (sent[0]["status"], read) == (503, [])
-            headers = dict(sent[0]["headers"])
-            assert headers[b"retry-after"] == b"1"
+            assert sent[0]["status"] == 503
+            assert dict(sent[0]["headers"])[b"retry-after"] == b"1"
             error = httpx.Response(503, content=sent[1]["body"]).json()["error"]  # OpenRouter's shape
             assert (error["code"], error["metadata"]["code"]) == (503, "gateway_overloaded")
         assert first[0].status_code == 200
         assert (await c.post("/v1/embeddings", json=body, headers=auth)).status_code == 200  # room again
+
+        # A request still sending its body (slowly, with no key: a client could hold every place so) holds none.
+        stalled = anyio.Event()
+
+        async def never() -> dict[str, Any]:
+            await stalled.wait()
+            return {"type": "http.disconnect"}
+
+        async def discard(message: dict[str, Any]) -> None:
+            pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app, {**scope, "headers": []}, never, discard)
+            await anyio.sleep(0.05)
+            assert (await c.post("/v1/embeddings", json=body, headers=auth)).status_code == 200
+            stalled.set()
     await app.shutdown()
+
+
+@pytest.mark.anyio
+async def test_a_request_s_place_is_free_once_its_answer_is_sent_not_once_its_budget_settles(
+    make_config: Callable[..., Config],
+) -> None:
+    # Held through the budget's settle (a Redis round trip after the answer): a client sending its requests one after
+    # another, never two at once, was answered 503 gateway_overloaded.
+    import anyio
+
+    from tests.redis_util import redis_proxy, require_redis
+
+    async def slowly(chunk: bytes) -> None:
+        await anyio.sleep(0.1)  # a distant Redis: each answer comes 100 ms late
+
+    budget = [{"scope": "api_key", "target": "team-a", "token_limit": 1_000_000}]
+    async with redis_proxy(require_redis(), to_client=slowly) as url:
+        app = gateway(make_config(server={"max_in_flight": 1}, redis_url=url, budgets=budget))
+        body = {"model": "local/embed-small", "input": "hello"}
+        scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "raw_path": b"/v1/embeddings",
+                 "query_string": b"", "root_path": "", "http_version": "1.1", "scheme": "http",
+                 "headers": [(b"authorization", f"Bearer {KEY}".encode())]}  # fmt: skip
+        statuses: list[int] = []
+        answered = anyio.Event()
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": orjson.dumps(body)}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+            elif message["type"] == "http.response.body":
+                answered.set()  # the client has its answer: it sends the next at once
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app, scope, receive, send)  # answered, then settles for ~100 ms
+            await answered.wait()
+            await app(scope, receive, send)
+        await app.shutdown()
+    assert statuses == [200, 200]

@@ -780,16 +780,25 @@ async def test_an_answer_of_no_use_is_billed_at_its_estimate_a_call_without_one_
 
 
 @pytest.mark.anyio
-async def test_chunks_the_router_cuts_off_are_billed_only_once_they_went_out(upstream: FakeUpstream) -> None:
+@pytest.mark.parametrize(
+    ("failure", "billed"),
+    [(UpstreamError("local answered 500: scripted", upstream_status=500), [("local/embed-small", 4)]),
+     (UpstreamTimeout("no answer within 50 ms"), [])],
+    ids=["sibling-answered", "sibling-timed-out"],
+)  # fmt: skip
+async def test_chunks_the_router_cuts_off_are_billed_only_once_they_went_out_to_an_upstream_that_answers(
+    upstream: FakeUpstream, failure: GatewayError, billed: list[tuple[str, int]]
+) -> None:
     # Cut off because a sibling failed, a call the upstream was serving is charged whole there, its usage never
-    # known: counted at its estimate. One still waiting for a pooled connection sent nothing: not counted.
+    # known: counted at its estimate. One still waiting for a pooled connection sent nothing: not counted; nor one cut
+    # off after a sibling timed out (an upstream that hangs would bill every split batch, serving none).
     class Siblings(ScriptedAdapter):
         async def embed(self, *, input: Any, timeout_s: float, **kwargs: Any) -> Embeddings:
             state = SENDING.get()
             assert state is not None
             if input == ["a"]:
                 await anyio.sleep(0.05)
-                raise UpstreamError("local answered 500: scripted", upstream_status=500)
+                raise failure
             state[0] = SENT if input == ["bb"] else WAITING
             await anyio.sleep(timeout_s)
             raise AssertionError("cut off before")
@@ -797,7 +806,7 @@ async def test_chunks_the_router_cuts_off_are_billed_only_once_they_went_out(ups
     config = routing_config(upstream, models={"local/embed-small": {"max_inputs": 1}}, routing={"split_concurrency": 3})
     router = Router(config, {"local": Siblings()})
     attempts = Attempts()
-    with anyio.fail_after(2), pytest.raises(UpstreamError):
+    with anyio.fail_after(2), pytest.raises(GatewayError):
         await router.embed(parse_request(b'{"model": "local/embed-small", "input": ["a", "bb", "ccc"], '
                                          b'"retry": {"count": 0}}'), [0, 1, 2], attempts=attempts)  # fmt: skip
-    assert [(m, tokens) for m, tokens, _, _ in attempts.spent] == [("local/embed-small", 4)]  # "bb", sent
+    assert [(m, tokens) for m, tokens, _, _ in attempts.spent] == billed  # "bb", sent

@@ -208,10 +208,13 @@ class UpstreamError(GatewayError):
         rejects_input: bool = False,
         upstream_code: str | None = None,
         served: bool = False,
+        served_tokens: int | None = None,
     ) -> None:
         super().__init__(message, code=code)
-        #: The upstream served the call (and charged it): its answer held vectors, of no use (of another size).
+        #: The upstream served the call (and charged it): its answer held vectors, of no use (of another size), and
+        #: ``served_tokens`` the tokens it said it charged, where it said (else None: the router bills its estimate).
         self.served = served
+        self.served_tokens = served_tokens
         #: The answer shows the upstream does not do what a parameter of the client asks (vectors of another size
         #: than its ``dimensions``): retried and fallen back from as any malformed answer, but not held against
         #: the deployment's circuit breaker (one client's parameter would take the deployment from every client).

@@ -127,7 +127,7 @@ class EmbeddingGateway:
             self._get_paths[prefix + "/admin/identities"] = self._admin_identities
         self._max_body = self.config.server.max_body_bytes
         self._max_in_flight = self.config.server.max_in_flight
-        self._reading = 0  # embedding requests reading their body (not yet in _in_flight)
+        self._admitted = 0  # embedding requests holding a place of max_in_flight (from their body read to their answer)
         self._workspaces: tuple[str, ...] = tuple(dict.fromkeys(k.workspace for k in self.config.keys))
         self._standalone = standalone
         self._given_client = http_client
@@ -373,33 +373,34 @@ class EmbeddingGateway:
         )
         error: GatewayError | None = None
         cancelled: asyncio.CancelledError | None = None
+        try:
+            call.body = await self._read_body(headers, receive)
+            await self.pipeline.normalize(call)
+        except GatewayError as err:
+            error = err
+        except asyncio.CancelledError as exc:  # the server stopping while the body still came: as below
+            cancelled = exc
+            error = Unavailable("The gateway stopped before the request was read; retry the request",
+                                code="gateway_stopping")  # fmt: skip
+        except Exception as exc:  # a bug in reading the body: still one answer in the route's shape, and an access line
+            if getattr(exc, "status_code", None) == 413:
+                # The host's own body limit (FastAPI's max_body_size, Starlette's), raised by its receive(): the
+                # client's 413, in the route's shape (it was a 500 "internal error", with a traceback logged).
+                error = PayloadTooLarge("The request body is larger than the host app accepts")
+            else:
+                log.exception("unhandled error", request_id=request_id)
+                error = GatewayError("Internal error in the gateway; see its logs for this request id")
+        admitted = False  # holds one of server.max_in_flight's places, until its answer is sent
         limit = self._max_in_flight
-        if limit and self._in_flight + self._reading >= limit:
-            # Shed before the body is read: each request in flight holds its body, and its answer, in memory. SDKs
-            # retry a 503 after its Retry-After.
-            error = Unavailable(f"The gateway is serving its limit of {limit} requests at once; retry the request",
-                                code="gateway_overloaded", headers={"retry-after": "1"})  # fmt: skip
-        else:
-            self._reading += 1
-            try:
-                call.body = await self._read_body(headers, receive)
-                await self.pipeline.normalize(call)
-            except GatewayError as err:
-                error = err
-            except asyncio.CancelledError as exc:  # the server stopping while the body still came: as below
-                cancelled = exc
-                error = Unavailable("The gateway stopped before the request was read; retry the request",
-                                    code="gateway_stopping")  # fmt: skip
-            except Exception as exc:  # a bug in reading the body: one answer in the route's shape, and an access line
-                if getattr(exc, "status_code", None) == 413:
-                    # The host's own body limit (FastAPI's max_body_size, Starlette's), raised by its receive(): the
-                    # client's 413, in the route's shape (it was a 500 "internal error", with a traceback logged).
-                    error = PayloadTooLarge("The request body is larger than the host app accepts")
-                else:
-                    log.exception("unhandled error", request_id=request_id)
-                    error = GatewayError("Internal error in the gateway; see its logs for this request id")
-            finally:
-                self._reading -= 1
+        if limit and error is None:
+            if self._admitted >= limit:
+                # Shed once its body is read (a client still sending one, slowly say, holds no place): each request
+                # admitted holds its body, its upstream calls and its answer. SDKs retry a 503 after its Retry-After.
+                error = Unavailable(f"The gateway is serving its limit of {limit} requests at once; retry the "
+                                    "request", code="gateway_overloaded", headers={"retry-after": "1"})  # fmt: skip
+            else:
+                self._admitted += 1
+                admitted = True
         req = call.request
         name = (req.name or f"embeddings {req.model}") if req is not None else "embeddings"
         with self.telemetry.start_request(name, headers=scope["headers"], attributes=self._http_attributes(scope),
@@ -461,6 +462,9 @@ class EmbeddingGateway:
                 except BaseException as exc:  # the client went away: finished all the same, then raised
                     send_failed = exc
                 answered = time.perf_counter()  # the access line's latency: the settle below is not the client's
+                if admitted:  # (the settle below is no reason to turn the client's next request away)
+                    self._admitted -= 1
+                    admitted = False
                 # After the answer is on its way (none of this changes it): the budget settle (a store round
                 # trip), the root span's end (it spans the send, as OTel's ASGI middleware's does), metrics and
                 # the access line. Not in a finally block: the build compiles this module, and mypyc's coroutines
@@ -501,6 +505,8 @@ class EmbeddingGateway:
                     raise send_failed
             finally:
                 self._in_flight -= 1
+                if admitted:
+                    self._admitted -= 1
                 if not own_task:
                     clear_request()
 

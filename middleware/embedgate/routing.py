@@ -211,6 +211,15 @@ class _Dims:
 _WORSE: Final = {"closed": 0, "half_open": 1, "open": 2}
 
 
+def _answered(failure: BaseException | None) -> bool:
+    """Whether a chunk's failure came from an upstream that answers (an error status, vectors of no use, an input it
+    refused), not from one that hangs or drops (a timeout, a lost connection, an answer that is none)."""
+    err = failure.error if isinstance(failure, _ModelFailed) else failure
+    if isinstance(err, UpstreamError):
+        return err.upstream_status is not None or err.served
+    return isinstance(err, InvalidRequest) and err.code == "upstream_rejected_input"
+
+
 def _replaces(attempts: Attempts, failed: _ModelFailed) -> bool:
     """Whether a model's failure is the request's error, rather than an earlier model's (``attempts.last_error``).
 
@@ -511,9 +520,14 @@ class Router:
                     t.cancel()
                 with anyio.CancelScope(shield=True):  # a host's anyio scope, cancelling, would cancel this wait too
                     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-                # Cut off in flight by the router, their upstream serving them: billed at their estimate (not when
-                # the request itself was cancelled: see _estimated).
-                if not isinstance(failure, asyncio.CancelledError):
+                cause: BaseException | None = failure
+                if isinstance(failure, _Skipped):  # not the cause: the failure that made the others skip
+                    cause = next((o for o in outcomes if isinstance(o, Exception) and not isinstance(o, _Skipped)),
+                                 None)  # fmt: skip
+                # Cut off in flight by the router while their upstream answers (the sibling's failure was an answer):
+                # billed at their estimate. Not when the request itself was cancelled, nor when the upstream hangs or
+                # drops (a timeout, a lost connection): see _estimated.
+                if _answered(cause):
                     attempts.spent += attempts.cut_off
                 attempts.cut_off.clear()
                 # The chunks this model did embed were paid for upstream: billed, though the next model serves them.
@@ -521,11 +535,8 @@ class Router:
                     if isinstance(outcome, tuple):
                         emb, d = outcome
                         attempts.spent.append((model.id, emb.prompt_tokens, self._price(model, d), d.provider))
-                if isinstance(failure, _Skipped):  # not the cause: raise the failure that made the others skip
-                    cause = next((o for o in outcomes if isinstance(o, Exception) and not isinstance(o, _Skipped)),
-                                 None)  # fmt: skip
-                    if cause is not None:
-                        raise cause from None
+                if isinstance(failure, _Skipped) and cause is not None:
+                    raise cause from None
                 raise failure
         sizes = sorted({emb.dimensions for emb, _ in results}) if len(results) > 1 else []
         if len(sizes) > 1:
@@ -672,8 +683,11 @@ class Router:
                                 attempts.cut_off.append(self._estimated(request, chunk, model, deployment))
                             raise
                         except UpstreamError as err:
-                            if err.served:  # answered, and so charged, but of no use
-                                attempts.spent.append(self._estimated(request, chunk, model, deployment))
+                            if err.served:  # answered, and so charged, but of no use: its usage, else its estimate
+                                spent = self._estimated(request, chunk, model, deployment)
+                                if err.served_tokens is not None:
+                                    spent = (spent[0], min(err.served_tokens, spent[1]), spent[2], spent[3])
+                                attempts.spent.append(spent)
                             raise
                         finally:
                             SENDING.reset(token)
@@ -722,11 +736,11 @@ class Router:
                    deployment: Deployment) -> Spent:  # fmt: skip
         """What a call whose usage never arrived is billed: its estimate (an upper bound). For a call the upstream
         served and charged whole (an answer of no use: vectors of another size), or one the router cut off while the
-        upstream was serving it (a sibling chunk failed): a budget errs on the side of refusing, never of
-        overspending. Not for a call that timed out, lost its connection, was cancelled with its request, or got
-        an answer that is none (bad JSON, a wrong count: a proxy's error page, say): an upstream that hangs, or a
-        base_url that is no provider, makes them by the thousand, and counted so they would spend a day's budget on
-        calls never served."""
+        upstream was serving it (a sibling chunk failed on the upstream's answer): a budget errs on the side of
+        refusing, never of overspending. Not for a call that timed out, lost its connection, was cancelled with its
+        request, or got an answer that is none (bad JSON, a wrong count: a proxy's error page, say), nor for one cut
+        off after such a failure: an upstream that hangs, or a base_url that is no provider, makes them by the
+        thousand, and counted so they would spend a day's budget on calls never served."""
         estimate = estimate_tokens([request.items[p] for p in chunk])
         return (model.id, estimate, self._price(model, deployment), deployment.provider)
 
@@ -867,6 +881,7 @@ class Router:
             f"answers {seen.known}",
             code="upstream_malformed",
             served=True,
+            served_tokens=result.prompt_tokens if result.prompt_tokens > 0 else None,
         )
 
     def _cooldown_left(self, deployments: list[Deployment]) -> int:
