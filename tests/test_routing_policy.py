@@ -690,8 +690,8 @@ async def test_chunks_in_flight_are_cancelled_and_still_end_their_attempt(upstre
     assert sorted(hook.ended, key=str) == ["attempt_cancelled", "attempt_cancelled", "upstream_error"]
     # cut short, not failed: their spans say so, and only the chunk that failed says what the router did next
     assert sorted(hook.outcomes, key=str) == ["cancelled", "cancelled", "error"]
-    # cut off in flight, they may be charged whole upstream, their usage never known: counted at their estimate
-    assert sorted(attempts.spent) == [("local/embed-small", 6, None, "local")] * 2  # two one-letter strings each
+    # cut off in flight while nothing showed the upstream serving the batch (no chunk came back): not billed
+    assert attempts.spent == []
     assert router.status()["local/embed-small"]["consecutive_failures"] == 1  # cancellation blames nobody
 
 
@@ -752,19 +752,24 @@ async def test_a_mixed_batch_partly_cached_sends_only_its_new_items(upstream: Fa
 @pytest.mark.parametrize(
     ("error", "billed"),
     [
-        (UpstreamError("vectors of 9 dimensions", code="upstream_malformed", served=True), True),  # charged, no use
-        (UpstreamError("bad JSON", code="upstream_malformed"), False),  # no answer: a proxy's error page, say
-        (UpstreamTimeout("no answer"), False),  # an upstream that hangs makes these by the thousand
-        (UpstreamError("connection lost mid-answer"), False),
-        (UpstreamError("local answered 503", upstream_status=503), False),  # an error status charges nothing
+        (UpstreamError("vectors of 9 dimensions", code="upstream_malformed", served=True), 5),  # its estimate
+        (UpstreamError("vectors of 9 dimensions", code="upstream_malformed", served=True, served_tokens=2), 2),
+        (UpstreamError("vectors of 9 dimensions", code="upstream_malformed", served=True, served_tokens=99), 5),
+        (UpstreamError("vectors of 9 dimensions", code="upstream_malformed", served=True, served_tokens=0), 5),
+        (UpstreamError("bad JSON", code="upstream_malformed"), None),  # no answer: a proxy's error page, say
+        (UpstreamTimeout("no answer"), None),  # an upstream that hangs makes these by the thousand
+        (UpstreamError("connection lost mid-answer"), None),
+        (UpstreamError("local answered 503", upstream_status=503), None),  # an error status charges nothing
     ],
-    ids=["another-size", "bad-json", "timeout", "dropped", "error-status"],
-)
-async def test_an_answer_of_no_use_is_billed_at_its_estimate_a_call_without_one_is_not(
-    upstream: FakeUpstream, error: GatewayError, billed: bool
+    ids=["another-size", "its-usage", "usage-above-estimate", "usage-below-one-an-item", "bad-json", "timeout",
+         "dropped", "error-status"],
+)  # fmt: skip
+async def test_an_answer_of_no_use_is_billed_a_call_without_one_is_not(
+    upstream: FakeUpstream, error: GatewayError, billed: int | None
 ) -> None:
     # The upstream served and charged an answer of vectors of another size whole, and its usage was counted as
-    # nothing: a provider budget ended spent past its limit upstream.
+    # nothing: a provider budget ended spent past its limit upstream. Its usage where it gives one, bounded as any
+    # answer's ("abc": at least 1, at most the estimate, 3 bytes + 2).
     class Unusable(ScriptedAdapter):
         async def embed(self, **kwargs: Any) -> Embeddings:
             raise error
@@ -775,27 +780,35 @@ async def test_an_answer_of_no_use_is_billed_at_its_estimate_a_call_without_one_
         await router.embed(parse_request(b'{"model": "local/embed-small", "input": "abc", "retry": {"count": 0}}'),
                            [0], attempts=attempts)  # fmt: skip
     assert [(m, tokens, provider) for m, tokens, _, provider in attempts.spent] == (
-        [("local/embed-small", 5, "local")] if billed else []  # "abc": 3 bytes + 2
+        [] if billed is None else [("local/embed-small", billed, "local")]
     )
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("failure", "billed"),
-    [(UpstreamError("local answered 500: scripted", upstream_status=500), [("local/embed-small", 4)]),
-     (UpstreamTimeout("no answer within 50 ms"), [])],
-    ids=["sibling-answered", "sibling-timed-out"],
+    ("failure", "served", "billed"),
+    [(UpstreamError("local answered 500: scripted", upstream_status=500), True, [4]),
+     (UpstreamError("local answered 500: scripted", upstream_status=500), False, []),
+     (UpstreamError("local answered 401: our key", upstream_status=401), False, []),
+     (UpstreamTimeout("no answer within 50 ms"), True, [4]),
+     (UpstreamTimeout("no answer within 50 ms"), False, [])],
+    ids=["batch-being-served", "nothing-served", "key-refused", "timeout-while-serving", "timeout-nothing-served"],
 )  # fmt: skip
-async def test_chunks_the_router_cuts_off_are_billed_only_once_they_went_out_to_an_upstream_that_answers(
-    upstream: FakeUpstream, failure: GatewayError, billed: list[tuple[str, int]]
+async def test_chunks_the_router_cuts_off_are_billed_only_while_the_upstream_serves_the_batch(
+    upstream: FakeUpstream, failure: GatewayError, served: bool, billed: list[int]
 ) -> None:
     # Cut off because a sibling failed, a call the upstream was serving is charged whole there, its usage never
-    # known: counted at its estimate. One still waiting for a pooled connection sent nothing: not counted; nor one cut
-    # off after a sibling timed out (an upstream that hangs would bill every split batch, serving none).
+    # known: counted at its estimate ("bb"). One still waiting for a pooled connection sent nothing ("ccc"): not
+    # counted. Nor any when nothing shows the upstream serving the batch (no sibling came back embedded): an upstream
+    # that hangs, refuses our key or fails every call would bill every split batch, serving none.
     class Siblings(ScriptedAdapter):
         async def embed(self, *, input: Any, timeout_s: float, **kwargs: Any) -> Embeddings:
             state = SENDING.get()
             assert state is not None
+            if input == ["dddd"]:
+                if not served:
+                    await anyio.sleep(timeout_s)
+                return Embeddings(vectors=[bytes(16)], dimensions=4, prompt_tokens=1, total_tokens=1)
             if input == ["a"]:
                 await anyio.sleep(0.05)
                 raise failure
@@ -803,10 +816,11 @@ async def test_chunks_the_router_cuts_off_are_billed_only_once_they_went_out_to_
             await anyio.sleep(timeout_s)
             raise AssertionError("cut off before")
 
-    config = routing_config(upstream, models={"local/embed-small": {"max_inputs": 1}}, routing={"split_concurrency": 3})
+    config = routing_config(upstream, models={"local/embed-small": {"max_inputs": 1}}, routing={"split_concurrency": 4})
     router = Router(config, {"local": Siblings()})
     attempts = Attempts()
     with anyio.fail_after(2), pytest.raises(GatewayError):
-        await router.embed(parse_request(b'{"model": "local/embed-small", "input": ["a", "bb", "ccc"], '
-                                         b'"retry": {"count": 0}}'), [0, 1, 2], attempts=attempts)  # fmt: skip
-    assert [(m, tokens) for m, tokens, _, _ in attempts.spent] == billed  # "bb", sent
+        await router.embed(parse_request(b'{"model": "local/embed-small", "input": ["a", "bb", "ccc", "dddd"], '
+                                         b'"retry": {"count": 0}}'), [0, 1, 2, 3], attempts=attempts)  # fmt: skip
+    cut_off = [tokens for _, tokens, _, _ in attempts.spent if tokens != 1]  # (the embedded "dddd" is billed its 1)
+    assert cut_off == billed

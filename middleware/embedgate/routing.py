@@ -211,13 +211,9 @@ class _Dims:
 _WORSE: Final = {"closed": 0, "half_open": 1, "open": 2}
 
 
-def _answered(failure: BaseException | None) -> bool:
-    """Whether a chunk's failure came from an upstream that answers (an error status, vectors of no use, an input it
-    refused), not from one that hangs or drops (a timeout, a lost connection, an answer that is none)."""
-    err = failure.error if isinstance(failure, _ModelFailed) else failure
-    if isinstance(err, UpstreamError):
-        return err.upstream_status is not None or err.served
-    return isinstance(err, InvalidRequest) and err.code == "upstream_rejected_input"
+def _failed_with(failure: BaseException | None) -> BaseException | None:
+    """The error a chunk's failure carries (``_ModelFailed`` wraps it)."""
+    return failure.error if isinstance(failure, _ModelFailed) else failure
 
 
 def _replaces(attempts: Attempts, failed: _ModelFailed) -> bool:
@@ -524,10 +520,12 @@ class Router:
                 if isinstance(failure, _Skipped):  # not the cause: the failure that made the others skip
                     cause = next((o for o in outcomes if isinstance(o, Exception) and not isinstance(o, _Skipped)),
                                  None)  # fmt: skip
-                # Cut off in flight by the router while their upstream answers (the sibling's failure was an answer):
-                # billed at their estimate. Not when the request itself was cancelled, nor when the upstream hangs or
-                # drops (a timeout, a lost connection): see _estimated.
-                if _answered(cause):
+                # Cut off in flight by the router while their upstream was serving this batch (a sibling chunk came
+                # back embedded, or with vectors of no use): billed at their estimate. Not when the request itself was
+                # cancelled, nor when nothing shows the upstream serving (it hangs, drops, refuses our key, rate
+                # limits or fails every call): see _estimated.
+                serving = getattr(_failed_with(cause), "served", False) or any(isinstance(o, tuple) for o in outcomes)
+                if serving and not isinstance(failure, asyncio.CancelledError):
                     attempts.spent += attempts.cut_off
                 attempts.cut_off.clear()
                 # The chunks this model did embed were paid for upstream: billed, though the next model serves them.
@@ -685,8 +683,9 @@ class Router:
                         except UpstreamError as err:
                             if err.served:  # answered, and so charged, but of no use: its usage, else its estimate
                                 spent = self._estimated(request, chunk, model, deployment)
-                                if err.served_tokens is not None:
-                                    spent = (spent[0], min(err.served_tokens, spent[1]), spent[2], spent[3])
+                                given = err.served_tokens
+                                if given is not None and len(chunk) <= given < spent[1]:  # (as _check_usage bounds it)
+                                    spent = (spent[0], given, spent[2], spent[3])
                                 attempts.spent.append(spent)
                             raise
                         finally:
@@ -736,11 +735,12 @@ class Router:
                    deployment: Deployment) -> Spent:  # fmt: skip
         """What a call whose usage never arrived is billed: its estimate (an upper bound). For a call the upstream
         served and charged whole (an answer of no use: vectors of another size), or one the router cut off while the
-        upstream was serving it (a sibling chunk failed on the upstream's answer): a budget errs on the side of
-        refusing, never of overspending. Not for a call that timed out, lost its connection, was cancelled with its
-        request, or got an answer that is none (bad JSON, a wrong count: a proxy's error page, say), nor for one cut
-        off after such a failure: an upstream that hangs, or a base_url that is no provider, makes them by the
-        thousand, and counted so they would spend a day's budget on calls never served."""
+        upstream was serving this batch (a sibling chunk failed, and another came back embedded, or of no use): a
+        budget errs on the side of refusing, never of overspending. Not for a call that timed out, lost its
+        connection, was cancelled with its request, or got an answer that is none (bad JSON, a wrong count: a proxy's
+        error page, say), nor for one cut off while nothing showed the upstream serving: an upstream that hangs,
+        refuses our key, rate limits every call, or a base_url that is no provider, makes them by the thousand, and
+        counted so they would spend a day's budget on calls never served."""
         estimate = estimate_tokens([request.items[p] for p in chunk])
         return (model.id, estimate, self._price(model, deployment), deployment.provider)
 
