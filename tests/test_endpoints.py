@@ -278,7 +278,7 @@ async def test_past_max_in_flight_a_request_is_shed_with_a_503(
             sent: list[dict[str, Any]] = []
 
             async def receive() -> dict[str, Any]:
-                return {"type": "http.request", "body": b'{"model": "local/embed-small", "input": "x"}'}
+                return {"type": "http.request", "body": b'{"model": "not json'}  # shed before it is parsed
 
             async def send(message: dict[str, Any]) -> None:
                 sent.append(message)

@@ -373,8 +373,19 @@ class EmbeddingGateway:
         )
         error: GatewayError | None = None
         cancelled: asyncio.CancelledError | None = None
+        admitted = False  # holds one of server.max_in_flight's places, until its answer is sent
+        limit = self._max_in_flight
         try:
             call.body = await self._read_body(headers, receive)
+            if limit:
+                if self._admitted >= limit:
+                    # Shed once its body is read (a client still sending one, slowly say, holds no place), before
+                    # it is parsed: each request admitted holds its body, its upstream calls and its answer. SDKs
+                    # retry a 503 after its Retry-After.
+                    raise Unavailable(f"The gateway is serving its limit of {limit} requests at once; retry the "
+                                      "request", code="gateway_overloaded", headers={"retry-after": "1"})  # fmt: skip
+                self._admitted += 1
+                admitted = True
             await self.pipeline.normalize(call)
         except GatewayError as err:
             error = err
@@ -390,17 +401,6 @@ class EmbeddingGateway:
             else:
                 log.exception("unhandled error", request_id=request_id)
                 error = GatewayError("Internal error in the gateway; see its logs for this request id")
-        admitted = False  # holds one of server.max_in_flight's places, until its answer is sent
-        limit = self._max_in_flight
-        if limit and error is None:
-            if self._admitted >= limit:
-                # Shed once its body is read (a client still sending one, slowly say, holds no place): each request
-                # admitted holds its body, its upstream calls and its answer. SDKs retry a 503 after its Retry-After.
-                error = Unavailable(f"The gateway is serving its limit of {limit} requests at once; retry the "
-                                    "request", code="gateway_overloaded", headers={"retry-after": "1"})  # fmt: skip
-            else:
-                self._admitted += 1
-                admitted = True
         req = call.request
         name = (req.name or f"embeddings {req.model}") if req is not None else "embeddings"
         with self.telemetry.start_request(name, headers=scope["headers"], attributes=self._http_attributes(scope),

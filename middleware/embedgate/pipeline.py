@@ -109,7 +109,7 @@ class Call:
     span: Any = None
     skipped: frozenset[int] = frozenset()  # places in the chain not tried: fallbacks whose own budget is spent
     skipped_refusals: dict[int, GatewayError] | None = None  # their budgets' refusals, by place
-    # Providers not to spend at, by place in the chain: their own provider budget refused (see Pipeline._hold)
+    # Providers not to spend at, by place in the chain: their own provider budget refused (see Pipeline._reserve_chain)
     refused_providers: dict[int, dict[str, GatewayError]] | None = None
     # What each provider charged, when provider budgets may hold a reservation: (model id, provider, tokens, cost)
     charges: list[tuple[str, str, int, float]] | None = None
