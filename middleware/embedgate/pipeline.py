@@ -480,8 +480,15 @@ class Pipeline:
                     continue
             if not self._counts_providers:
                 continue
+            providers = self._serving_providers(model)
+            if not providers:
+                continue
+            usable = self._router.usable(model, req)  # what its provider preferences and input leave
+            at = {d.provider for d in usable}
             refusals: dict[str, GatewayError] = {}
-            for provider in self._serving_providers(req, model):
+            for provider in providers:
+                if provider not in at:
+                    continue
                 outcome = await self._hold(held, model, provider, reservation, tokens, cost)
                 if outcome is None:
                     return gating
@@ -490,14 +497,13 @@ class Pipeline:
                              scope=outcome.scope_kind, target=outcome.scope_target_id,
                              dimension=outcome.dimension)  # fmt: skip
                     refusals[provider] = outcome
-                elif not place and outcome.decision == "reserved" and self._only_at(req, model, provider):
-                    gating.append(outcome)
+                elif not place and outcome.decision == "reserved" and at == {provider}:
+                    gating.append(outcome)  # it alone serves the requested model: its budget gates the request
             if not refusals:
                 continue
             if call.refused_providers is None:
                 call.refused_providers = {}
             call.refused_providers[place] = refusals
-            usable = self._router.usable(model, req)
             if place and usable and all(d.provider in refusals for d in usable):
                 _skip(call, place, next(iter(refusals.values())))
         return gating
@@ -519,16 +525,10 @@ class Pipeline:
             held.append((model.id, provider, own))
         return None if own.decision == "fail_open" else own
 
-    def _only_at(self, req: EmbeddingRequest, model: ResolvedModel, provider: str) -> bool:
-        """Whether every deployment of ``model`` that ``req`` may use is at ``provider``: its budget then gates the
-        request (with deployments elsewhere too, another may serve it when that one's budget is spent)."""
-        usable = self._router.usable(model, req)
-        return bool(usable) and all(d.provider == provider for d in usable)
-
-    def _serving_providers(self, req: EmbeddingRequest, model: ResolvedModel) -> tuple[str, ...]:
+    def _serving_providers(self, model: ResolvedModel) -> tuple[str, ...]:
         """The providers with a budget that serve ``model`` under another name than its id's prefix (``acme/embed``
-        served by ``azure``), among its deployments ``req`` may use: what is spent there counts on their budgets too,
-        whichever model id the request named."""
+        served by ``azure``): what is spent there counts on their budgets too, whichever model id the request named.
+        Once per model id."""
         providers = self._serving.get(model.id)
         if providers is None:
             prefix = model.id.partition("/")[0]
@@ -537,9 +537,6 @@ class Pipeline:
             if len(self._serving) >= 10_000:  # made-up <provider>/<name> ids: bounded
                 self._serving.clear()
             self._serving[model.id] = providers
-        if providers and (req.provider is not None or req.is_multimodal):
-            usable = {d.provider for d in self._router.usable(model, req)}
-            providers = tuple([p for p in providers if p in usable])
         return providers
 
     def _price(self, model_id: str) -> float:

@@ -88,9 +88,9 @@ _INFLATE_STEP: Final = 4 * 1024 * 1024  # decoded bytes made at a time
 _GZIP_WBITS: Final = 16 + zlib.MAX_WBITS
 
 
-#: Where one upstream call stands, for whoever set it around the call (the router, which bills a call that went out
-#: and got no usable answer at its estimate): ``UNKNOWN`` as set (a transport that does not say), ``WAITING`` for a
-#: pooled connection or its connect (nothing sent), ``SENT`` once the request's bytes go out on one.
+#: Where one upstream call stands, for whoever set it around the call (the router, which bills a chunk it cut off only
+#: if it went out): ``UNKNOWN`` as set (a transport that does not say), ``WAITING`` for a pooled connection or its
+#: connect (nothing sent), ``SENT`` once the request's bytes go out on one.
 SENDING: ContextVar[list[int] | None] = ContextVar("embedgate_sending", default=None)
 UNKNOWN: Final = 0
 WAITING: Final = 1
