@@ -662,6 +662,46 @@ async def test_a_provider_budget_counts_what_its_deployments_serve_under_another
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_provider_budgets_requests_per_minute_counts_a_model_it_alone_serves_under_another_id(
+    upstream: FakeUpstream, store: str
+) -> None:
+    # A provider's requests_per_minute counted only requests whose model id started with its name: an alias served
+    # by that provider alone went there without end (its tokens and cost were counted, its requests not).
+    name = f"bk{uuid.uuid4().hex[:10]}"  # (provider budgets are not per workspace: one of its own in the shared Redis)
+    provider = {"type": "openai", "base_url": upstream.url, "api_key": "provider-secret-bk", "timeout_ms": 5000}
+    models = {
+        "acme/embed": {"deployments": [{"provider": name, "upstream_model": "embed-small"}]},
+        "local/multi": {"deployments": [{"provider": "local", "upstream_model": "multi-a"},
+                                        {"provider": name, "upstream_model": "multi-b"}]},
+    }  # fmt: skip
+    stores: dict[str, Any] = {"redis_url": require_redis()} if store == "redis" else {}
+    config = budget_config(upstream.url, [{"scope": "provider", "target": name, "requests_per_minute": 2}],
+                           providers={name: provider}, models={**config_dict(upstream.url)["models"], **models},
+                           **stores)  # fmt: skip
+    text = f"cached text {name}"  # (and the cache too, in Redis)
+    async with running(config) as (_, c):
+        r = await embed(c, text, model="acme/embed", cache=CACHE)
+        assert (r.status_code, r.headers["x-ratelimit-remaining-requests"]) == (200, "1"), r.text
+        r = await embed(c, text, model="acme/embed", cache=CACHE)  # a cache hit counts, as on its own
+        assert (r.status_code, r.headers["x-embedgate-cache"]) == (200, "hit"), r.text
+        assert (r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-remaining-requests"]) == ("2", "0")
+        for cache in (CACHE, None):  # a hit and a miss alike: the provider's minute is spent
+            r = await embed(c, text, model="acme/embed", **({"cache": cache} if cache else {}))
+            assert (r.status_code, error_of(r)["code"]) == (429, "requests_per_minute_exceeded"), r.text
+            assert name in error_of(r)["message"] and "retry-after" in r.headers
+        assert len(upstream.calls) == 1
+        rows = {(row["scope"], row["id"]): row for row in await admin_usage(c, scope="provider", id=name)}
+        assert rows["provider", name]["requests_per_minute"]["used"] == 2
+        # A model served there among others is not counted there (where it goes is the balancer's), and the spent
+        # minute does not turn it away; nor its fallbacks, counted on the requested model's budgets alone.
+        r = await embed(c, "other text", model="local/multi")
+        assert r.status_code == 200, r.text
+        r = await embed(c, "other text", fallbacks=[{"model": "acme/embed"}])
+        assert (r.status_code, r.json()["model"]) == (200, "local/embed-small"), r.text
+
+
+@pytest.mark.anyio
 async def test_provider_budgets_are_taken_in_the_chains_order_for_the_items_that_go_upstream(
     upstream: FakeUpstream,
 ) -> None:

@@ -282,10 +282,11 @@ class Reservation:
 
 
 def tighter_headers(headers: dict[str, str], other: Mapping[str, str]) -> None:
-    """Fold ``other``'s ``x-ratelimit-{limit,remaining,reset}-{tokens,cost}`` into ``headers`` for each dimension
-    where its budget has less left (both reservations gate one request): the headers name the most restrictive, on a
-    tie the one that frees up later (a ``one_time`` budget, without a reset, never does), as a reservation's own."""
-    for dim, read in (("tokens", int), ("cost", Decimal)):
+    """Fold ``other``'s ``x-ratelimit-{limit,remaining,reset}-{requests,tokens,cost}`` into ``headers`` for each
+    dimension where its budget has less left (both reservations gate one request): the headers name the most
+    restrictive, on a tie the one that frees up later (a ``one_time`` budget, without a reset, never does), as a
+    reservation's own."""
+    for dim, read in (("requests", int), ("tokens", int), ("cost", Decimal)):
         left = other.get(f"x-ratelimit-remaining-{dim}")
         mine = headers.get(f"x-ratelimit-remaining-{dim}")
         if left is None:
@@ -513,21 +514,25 @@ class BudgetEngine:
         ids: list[tuple[str, str, tuple[str, ...]]] = [("provider", provider, (provider,)), ("model", model, (model,))]
         return await self._reserve_beside(("model", model), ids, held, tokens, cost_usd)
 
-    async def reserve_provider(self, provider: str, held: Reservation, *, tokens: int, cost_usd: float
-                               ) -> Reservation:  # fmt: skip
+    async def reserve_provider(self, provider: str, held: Reservation, *, tokens: int, cost_usd: float,
+                               request: bool = False, cached: bool = False) -> Reservation:  # fmt: skip
         """As :meth:`reserve_fallback`, on the ``provider`` budgets of a provider that serves a model of the
         request's chain under another model id (a deployment of ``acme/embed`` on ``azure``): what the request
-        spends at that provider counts on its budgets, whichever model id it asked for."""
+        spends at that provider counts on its budgets, whichever model id it asked for. With ``request``, the
+        request counts against their ``requests_per_minute`` too (the provider alone serves the requested model);
+        ``cached`` (a full cache hit), against that alone, as on the request's own budgets."""
         ids: list[tuple[str, str, tuple[str, ...]]] = [("provider", provider, (provider,))]
-        return await self._reserve_beside(("provider", provider), ids, held, tokens, cost_usd)
+        return await self._reserve_beside(("provider", provider), ids, held, tokens, cost_usd, request, cached)
 
     def counts_provider(self, provider: str) -> bool:
         """Whether any budget counts ``provider`` (``scope: provider``, its name or ``*``)."""
         return ("provider", provider) in self._exact or "provider" in self._wild
 
     async def _reserve_beside(self, what: tuple[str, str], ids: list[tuple[str, str, tuple[str, ...]]],
-                              held: Reservation, tokens: int, cost_usd: float) -> Reservation:  # fmt: skip
-        """Reserve on the token and cost counters of the budgets ``ids`` name, but those ``held`` holds already."""
+                              held: Reservation, tokens: int, cost_usd: float, request: bool = False,
+                              cached: bool = False) -> Reservation:  # fmt: skip
+        """Reserve on the token and cost counters of the budgets ``ids`` name, but those ``held`` holds already
+        (none when ``cached``); with ``request``, count one request on their request windows too."""
         rid = _getrandbits(128).to_bytes(16, "big").hex()
         now = self._clock()
         memo_key = (what, int(now // 86400))  # as _gates: per model (or provider) and UTC day
@@ -537,14 +542,17 @@ class BudgetEngine:
                 self._beside_memo.clear()
             found = self._beside_memo[memo_key] = self._compute_gates(self._matching(ids, None), now, False)
         held_keys = {g.key for g in held.counters}
-        counters = [g for g in found[0] if g.key not in held_keys]
-        if not counters:
+        counters = [] if cached else [g for g in found[0] if g.key not in held_keys]
+        # (the held reservation's windows are its subject's: rpm of the requested model's own provider prefix)
+        windows = found[1] if request else []
+        if not counters and not windows:
             return Reservation(rid, "none")
-        cost_nano = nano_up(cost_usd)
-        tokens = max(0, tokens)
+        cost_nano = 0 if cached else nano_up(cost_usd)
+        tokens = 0 if cached else max(0, tokens)
         now_ms = int(now * 1000)
-        res = await self._reserve_or_fail(_specs(counters, tokens, cost_nano, now), [], now_ms, rid, found[2])
-        return self._reservation(rid, res, counters, [], now_ms, tokens, cost_nano)
+        specs, spans = _specs(counters, tokens, cost_nano, now), [WindowSpec(g.key, g.limit) for g in windows]
+        res = await self._reserve_or_fail(specs, spans, now_ms, rid, found[2])
+        return self._reservation(rid, res, counters, windows, now_ms, tokens, cost_nano)
 
     def _reservation(self, rid: str, res: ReserveResult | None, counters: list[_Gate], windows: list[_Gate],
                      now_ms: int, tokens: int, cost_nano: int) -> Reservation:  # fmt: skip

@@ -395,6 +395,8 @@ class Pipeline:
         gating: list[Reservation] = []
         if not missing:  # a full cache hit counts against requests per minute only
             reservation = await self._budgets.reserve(subject, tokens=0, cost_usd=0.0, cached=True)
+            if self._counts_providers and reservation.decision != "fail_open":
+                gating = await self._count_serving(call, model, reservation)
         else:
             # A fallback serving a partial hit embeds the cached items again (one answer never mixes models):
             # with fallbacks, every item may be charged.
@@ -486,10 +488,11 @@ class Pipeline:
             usable = self._router.usable(model, req)  # what its provider preferences and input leave
             at = {d.provider for d in usable}
             refusals: dict[str, GatewayError] = {}
+            alone = not place and len(at) == 1  # it alone serves the requested model: it counts the request too
             for provider in providers:
                 if provider not in at:
                     continue
-                outcome = await self._hold(held, model, provider, reservation, tokens, cost)
+                outcome = await self._hold(held, model, provider, reservation, tokens, cost, alone)
                 if outcome is None:
                     return gating
                 if isinstance(outcome, BudgetExceeded):
@@ -497,8 +500,8 @@ class Pipeline:
                              scope=outcome.scope_kind, target=outcome.scope_target_id,
                              dimension=outcome.dimension)  # fmt: skip
                     refusals[provider] = outcome
-                elif not place and outcome.decision == "reserved" and at == {provider}:
-                    gating.append(outcome)  # it alone serves the requested model: its budget gates the request
+                elif alone and outcome.decision == "reserved":
+                    gating.append(outcome)  # its budget gates the request: the headers may name it
             if not refusals:
                 continue
             if call.refused_providers is None:
@@ -509,21 +512,39 @@ class Pipeline:
         return gating
 
     async def _hold(self, held: list[tuple[str, str | None, Reservation]], model: ResolvedModel, provider: str | None,
-                    reservation: Reservation, tokens: int, cost: float
+                    reservation: Reservation, tokens: int, cost: float, request: bool = False
                     ) -> Reservation | BudgetExceeded | None:  # fmt: skip
         """Reserve on the budgets of a fallback ``model`` (``provider`` None), or of a ``provider`` serving ``model``
-        under another id, what ``reservation`` does not hold; kept in ``held`` when reserved. The reservation, the
-        refusal, or None when the store went down (and ``fail_open`` admitted the request)."""
+        under another id (with ``request``, counting the request against its ``requests_per_minute`` too), what
+        ``reservation`` does not hold; kept in ``held`` when reserved. The reservation, the refusal, or None when the
+        store went down (and ``fail_open`` admitted the request)."""
         try:
             if provider is None:
                 own = await self._budgets.reserve_fallback(model.id, reservation, tokens=tokens, cost_usd=cost)
             else:
-                own = await self._budgets.reserve_provider(provider, reservation, tokens=tokens, cost_usd=cost)
+                own = await self._budgets.reserve_provider(provider, reservation, tokens=tokens, cost_usd=cost,
+                                                           request=request)  # fmt: skip
         except BudgetExceeded as refused:
             return refused
         if own.decision == "reserved":
             held.append((model.id, provider, own))
         return None if own.decision == "fail_open" else own
+
+    async def _count_serving(self, call: Call, model: ResolvedModel, reservation: Reservation) -> list[Reservation]:
+        """A full cache hit of a model that one provider alone serves under another id: counted against that
+        provider's ``requests_per_minute`` as the request is on its own budgets (it would have gone there). The
+        reservation (its headers gate the request), if any; raises its refusal."""
+        req = call.request
+        assert req is not None
+        providers = self._serving_providers(model)
+        if not providers:
+            return []
+        at = {d.provider for d in self._router.usable(model, req)}
+        if len(at) != 1 or next(iter(at)) not in providers:
+            return []
+        own = await self._budgets.reserve_provider(next(iter(at)), reservation, tokens=0, cost_usd=0.0, request=True,
+                                                   cached=True)  # fmt: skip
+        return [own] if own.decision == "reserved" else []
 
     def _serving_providers(self, model: ResolvedModel) -> tuple[str, ...]:
         """The providers with a budget that serve ``model`` under another name than its id's prefix (``acme/embed``
