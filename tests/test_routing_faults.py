@@ -904,3 +904,46 @@ async def test_a_clients_typo_stays_its_404_wherever_it_was_named(upstream: Fake
         upstream.script += [Fault("status", 500, model=PRIMARY_UP)] * 2 + [not_found()]
         r, _ = await timed_post(c, body_for(fallbacks=["local/fb-typo"]))
         assert (r.status_code, r.json()["error"]["param"]) == (404, "fallbacks[0].model"), r.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        {"error": {"message": "encoding_format 'base64' is not supported", "param": "encoding_format"}},
+        {"detail": [{"loc": ["body", "encoding_format"], "msg": "Input should be 'float'", "type": "literal_error"}]},
+        {"error": "Unsupported encoding format: base64"},
+    ],
+    ids=["openai", "fastapi", "message"],
+)
+async def test_an_upstream_that_refuses_base64_answers_is_asked_for_floats(upstream: FakeUpstream,
+                                                                          refusal: dict[str, Any]) -> None:  # fmt: skip
+    # The gateway asks every upstream for base64; a server that takes only floats answered 400 naming
+    # encoding_format, a field the client never sent: the client got a 400 blaming its input, and no fallback.
+    body = orjson.dumps(refusal)
+    async with running(routing_config(upstream)) as (c, _):
+        code = 422 if "detail" in refusal else 400
+        upstream.script.append(Fault("raw", code, headers={"Content-Type": "application/json"}, body=body))
+        for encoding in ("float", "base64"):
+            r, _ = await timed_post(c, body_for(fallbacks=[FALLBACK], encoding_format=encoding))
+            assert_served(r, PRIMARY, PRIMARY_UP)
+            assert isinstance(r.json()["data"][0]["embedding"], list if encoding == "float" else str)
+        sent = [call.body.get("encoding_format") for call in upstream.calls]
+        assert sent == ["base64", None, None]  # refused, asked again for floats at once, and remembered
+        # one refusing provider says nothing of another
+        r, _ = await timed_post(c, body_for(retry=None) | {"model": FALLBACK})
+        assert_served(r, FALLBACK, FALLBACK_UP)
+        assert upstream.calls[-1].body["encoding_format"] == "base64"
+
+
+@pytest.mark.anyio
+async def test_an_input_refusal_is_not_taken_for_a_base64_one(upstream: FakeUpstream) -> None:
+    refusal = orjson.dumps({"error": {"message": "input is too long for this base model", "param": "input"}})
+    async with running(routing_config(upstream)) as (c, _):
+        upstream.script.append(Fault("raw", 400, headers={"Content-Type": "application/json"}, body=refusal))
+        r, _ = await timed_post(c, body_for(fallbacks=[FALLBACK]))
+        assert (r.status_code, r.json()["error"]["code"], r.json()["error"]["param"]) == (
+            400, "upstream_rejected_input", "input")  # fmt: skip
+        r, _ = await timed_post(c, body_for())
+        assert_served(r, PRIMARY, PRIMARY_UP)
+        assert [call.body.get("encoding_format") for call in upstream.calls] == ["base64", "base64"]

@@ -212,3 +212,18 @@ async def test_token_counts_are_whole_numbers_in_range_or_minus_one(usage: bytes
     body = pair(f'"{b64(0)}"', f'"{b64(1)}"')[:-1] + b',"usage":' + usage + b"}"
     result = await answered(body, 2)
     assert (result.prompt_tokens, result.total_tokens) == (prompt, total)
+
+
+async def test_an_index_written_as_a_whole_float_places_its_vector() -> None:
+    # OpenRouter's schema types an answer's index as a double: 1.0 was refused as a malformed answer (a 502).
+    body = answer([{"index": 1.0, "embedding": b64(1)}, {"index": 0.0, "embedding": b64(0)}])
+    assert await embed(body, 2) == [vec(0), vec(1)]
+
+
+@pytest.mark.parametrize("index", [0.5, 2.0, -1.0, float("nan"), True, "0", None, 2, -1])
+async def test_an_index_that_is_no_place_of_the_batch_is_a_malformed_answer(index: object) -> None:
+    body = answer([{"index": index, "embedding": b64(1)}, {"index": 0, "embedding": b64(0)}])
+    with pytest.raises(UpstreamError) as raised:
+        await embed(body, 2)
+    assert raised.value.code == "upstream_malformed"
+    assert "index" in raised.value.message

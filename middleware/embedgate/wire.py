@@ -51,9 +51,15 @@ def read_answer(content: bytes | bytearray, n_items: int, dimensions: int | None
         if type(item) is not dict:
             raise MalformedAnswer("a data item is not an object")
         index = item.get("index", position)
-        if type(index) is not int or not 0 <= index < n_items:
-            shown = index if type(index) is int else f"of type {type(index).__name__}"  # its text may be anything
-            raise MalformedAnswer(f"index {shown} out of range")
+        if type(index) is not int:
+            # A whole number written as a float (1.0: OpenRouter's schema types it a double) is that index.
+            if type(index) is float and index.is_integer() and 0 <= index < n_items:
+                index = int(index)
+            else:
+                shown = repr(index) if type(index) is float else f"of type {type(index).__name__}"  # (any text)
+                raise MalformedAnswer(f"index {shown} is not one of 0 to {n_items - 1}")
+        elif not 0 <= index < n_items:
+            raise MalformedAnswer(f"index {index} out of range")
         if vectors[index] is not None:
             raise MalformedAnswer(f"index {index} appears twice")
         embedding = item.get("embedding")

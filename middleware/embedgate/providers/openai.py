@@ -16,6 +16,7 @@ from urllib.parse import quote, quote_plus, urlsplit
 
 import httpx
 import orjson
+import structlog
 
 from ..config import ProviderConfig
 from ..errors import UpstreamError, UpstreamTimeout
@@ -28,12 +29,17 @@ __all__ = ["OpenAIAdapter", "cut_vectors", "take_cut"]
 
 _MAX_MESSAGE: Final = 500
 
+log = structlog.get_logger("embedgate.providers")
+
 
 class OpenAIAdapter:
     """Calls an OpenAI-compatible ``/embeddings`` endpoint with the provider's own key (never the client's)."""
 
     def __init__(self, provider: ProviderConfig, send: Sender) -> None:
         self.name = provider.name
+        #: Whether calls ask for base64 answers (a third of the floats' text, read without parsing a number): until
+        #: the upstream refuses them.
+        self.base64 = True
         self._send = send
         # "/embeddings" goes on the path: a base_url's query (Azure's ?api-version=) stays the query.
         base = httpx.URL(provider.base_url)
@@ -88,30 +94,26 @@ class OpenAIAdapter:
         headers: dict[str, str] | None = None,
     ) -> Embeddings:
         """Embed ``input`` (``n_items`` items) and return the validated vectors in input order."""
-        body: dict[str, Any] = {"model": upstream_model, "input": input, "encoding_format": "base64"}
+        body: dict[str, Any] = {"model": upstream_model, "input": input}
+        if self.base64:
+            body["encoding_format"] = "base64"
         if dimensions is not None:
             body["dimensions"] = dimensions
         if user is not None:
             body["user"] = user
         if input_type is not None:
             body["input_type"] = input_type
-        payload = orjson.dumps(body)
-        length = str(len(payload)).encode()
-        direct = self._direct
         try:
             async with deadline(timeout_s):
-                if direct is not None:  # the request's bytes straight to the transport: no httpx objects
-                    wire = [self._head, b"Content-Length: ", length, b"\r\n"]
-                    if headers:
-                        for k, v in headers.items():
-                            wire += (k.encode("latin-1"), b": ", v.encode("latin-1"), b"\r\n")
-                    wire += (b"\r\n", payload)
-                    status, answer_headers, content = await direct.exchange(self._origin, b"".join(wire))
-                    if header_value(answer_headers, b"content-encoding") is not None:
-                        content = decoded_answer(status, answer_headers, content)
-                else:
-                    response = await self._send(self._request(length, headers, payload))
-                    status, answer_headers, content = response.status_code, response.headers.raw, response.content
+                status, answer_headers, content = await self._exchange(orjson.dumps(body), headers)
+                if status in _REFUSALS and "encoding_format" in body and _refuses_base64(*self._error(content)[:2]):
+                    # A server that takes no base64 answers (its 400 or 422 names encoding_format, which the client
+                    # did not send: it is ours): asked for floats from now on, this call at once, within its time.
+                    self.base64 = False
+                    log.warning("upstream refuses base64 answers: asking it for floats", provider=self.name,
+                                status=status)  # fmt: skip
+                    del body["encoding_format"]
+                    status, answer_headers, content = await self._exchange(orjson.dumps(body), headers)
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, httpx.TimeoutException) and not _is_timeout(exc):
                 raise UpstreamError(f"{self.name}: connection failed ({_describe(exc)})") from None
@@ -133,6 +135,24 @@ class OpenAIAdapter:
                 upstream_code=code,
             )
         return self._parse(content, n_items, dimensions)
+
+    async def _exchange(self, payload: bytes, headers: dict[str, str] | None
+                        ) -> tuple[int, Any, bytes | bytearray]:  # fmt: skip
+        """One call: the upstream's status, headers (raw pairs) and body, decoded."""
+        length = str(len(payload)).encode()
+        direct = self._direct
+        if direct is not None:  # the request's bytes straight to the transport: no httpx objects
+            wire = [self._head, b"Content-Length: ", length, b"\r\n"]
+            if headers:
+                for k, v in headers.items():
+                    wire += (k.encode("latin-1"), b": ", v.encode("latin-1"), b"\r\n")
+            wire += (b"\r\n", payload)
+            status, answer_headers, content = await direct.exchange(self._origin, b"".join(wire))
+            if header_value(answer_headers, b"content-encoding") is not None:
+                content = decoded_answer(status, answer_headers, content)
+            return status, answer_headers, content
+        response = await self._send(self._request(length, headers, payload))
+        return response.status_code, response.headers.raw, response.content
 
     def _request(self, length: bytes, headers: dict[str, str] | None, payload: bytes) -> httpx.Request:
         """The call as an httpx request, for a transport or client other than ``Http1Transport`` itself: the
@@ -209,6 +229,17 @@ def _detail_field(data: Any, err: Any) -> str | None:
 
 #: The fields of the upstream call a client sends as they are: an error naming one names it to the client too.
 _CLIENT_PARAMS: Final = frozenset({"input", "dimensions", "user", "input_type"})
+#: The statuses of a server refusing a field of the call (a FastAPI app's validation: 422).
+_REFUSALS: Final = frozenset({400, 422})
+
+
+def _refuses_base64(message: str, param: str | None) -> bool:
+    """Whether an upstream's refusal is of the base64 answers the call asked for (``encoding_format``, which only the
+    gateway sets): its error names the field, or its message does."""
+    if param == "encoding_format":
+        return True
+    text = message.lower()
+    return "encoding_format" in text or "encoding format" in text
 
 
 def _retry_after(value: str | None) -> float | None:
