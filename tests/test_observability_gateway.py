@@ -320,6 +320,33 @@ async def test_a_failed_attempt_s_outcome_is_what_the_router_then_does(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("case", ["breaker-opens", "backoff-past-the-deadline", "retry-after-past-the-deadline"])
+@pytest.mark.parametrize("fallback", [False, True])
+async def test_the_last_attempt_says_no_retry_where_none_could_follow(
+    upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter, case: str, fallback: bool
+) -> None:
+    # Both said "retry" with no retry after them: an attempt whose failure opened its deployment's circuit breaker
+    # (no deployment left), and one whose backoff (or the upstream's Retry-After) would outlast the deadline.
+    routing: dict[str, Any] = {
+        "breaker-opens": {"breaker_failures": 2},
+        "backoff-past-the-deadline": {"backoff_base_ms": 2000, "deadline_ms": 1500},
+        "retry-after-past-the-deadline": {"deadline_ms": 1500},
+    }[case]
+    gw = EmbeddingGateway(host_404, config=make_config(upstream, routing=routing), tracer_provider=provider)
+    retry_after = 5.0 if case == "retry-after-past-the-deadline" else None
+    upstream.script.extend([Fault("status", 500, retry_after=retry_after, model="embed-small")] * 3)
+    body: dict[str, Any] = {"model": "local/embed-small", "input": "x", "retry": {"count": 2, "on_codes": [500]}}
+    if fallback:
+        body["fallbacks"] = [{"model": "backup/fb-model"}]
+    async with client_for(gw) as client:
+        r = await client.post("/v1/embeddings", json=body, headers=AUTH)
+    outcomes = [dict(a.attributes or {})["embedgate.outcome"] for a in attempts_of(exporter.get_finished_spans())]
+    last = "fallback" if fallback else "error"
+    expected = ["retry", last] if case == "breaker-opens" else [last]
+    assert (r.status_code, outcomes) == ((200, [*expected, "success"]) if fallback else (502, expected)), r.text
+
+
+@pytest.mark.anyio
 async def test_a_fallback_re_embedding_a_partial_hit_s_cached_items_keeps_its_fallback_index(
     upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:

@@ -622,26 +622,39 @@ class Router:
             request.fallback_on_codes if request.fallback_on_codes is not None else self._routing.fallback_on_codes
         )
         tries = max(1 + retry.count, len(deployments))
+        planned: dict[int, float] = {}  # a retry's backoff, drawn when the failed attempt's span was told of it
 
         def next_step(err: GatewayError) -> str:
             """What the handling below does after the current attempt ``n`` failed with ``err``, for its span.
 
-            Called from within ``_attempt``, so ``n`` and ``dropped`` are still the current attempt's."""
+            Called from within ``_attempt`` (after the deployment's breaker counted the failure), so ``n``, ``index``
+            and ``dropped`` are still the current attempt's. A retry is told only where one follows: a deployment
+            left to pick (not every breaker open), whose backoff ends before the deadline."""
             status = getattr(err, "upstream_status", None)
             if status in _INPUT_ERRORS:
                 return "error"
-            if self._clock() >= deadline:  # the request's deadline is spent: neither a retry nor a fallback follows
+            now = self._clock()
+            if now >= deadline:  # the request's deadline is spent: neither a retry nor a fallback follows
                 return "error"
             # In the order the handling below checks them: our key refused is never retried (even if on_codes lists it)
+            backoff: float | None = None
             if status in _KEY_ERRORS or (status is not None and status not in retry.on_codes
                                          and status in fallback_codes):  # fmt: skip
-                more = n + 1 < tries and len(dropped) + 1 < len(deployments)  # this deployment is dropped
+                out = dropped | {index}  # this deployment is dropped
+                more = n + 1 < tries and len(out) < len(deployments)
             elif status is None or status in retry.on_codes:
+                out = dropped
                 more = n + 1 < tries
+                backoff = planned[index] = self._backoff(failures.get(index, 0) + 1, getattr(err, "retry_after_s",
+                                                                                              None))  # fmt: skip
             else:
                 return "error"
             if more:
-                return "retry"
+                following = self._pickable(deployments, n + 1, out)
+                if following is not None:
+                    wait = backoff if following == index and backoff is not None else ready_at.get(following, 0.0) - now
+                    if wait <= 0 or wait < deadline - now:  # as the loop below decides it
+                        return "retry"
             return "fallback" if attempts.models_left else "error"
 
         for n in range(tries):
@@ -708,8 +721,10 @@ class Router:
                     dropped.add(index)
                 elif status is None or status in retry.on_codes:
                     failures[index] = failures.get(index, 0) + 1
-                    ready_at[index] = self._clock() + self._backoff(failures[index], getattr(err, "retry_after_s",
-                                                                                             None))  # fmt: skip
+                    backoff = planned.pop(index, None)  # (none drawn for an attempt the deadline cut: it says error)
+                    if backoff is None:
+                        backoff = self._backoff(failures[index], getattr(err, "retry_after_s", None))
+                    ready_at[index] = self._clock() + backoff
                 elif status in fallback_codes:
                     dropped.add(index)
                 elif self._unknown_upstream(model, err):
@@ -810,12 +825,12 @@ class Router:
         except (UpstreamError, UpstreamTimeout) as err:
             elapsed = self._clock() - started
             cut = cut_by_deadline and isinstance(err, UpstreamTimeout)  # the request's deadline: nothing follows
-            self._hook.end(token, error=err, result=None, seconds=elapsed, outcome="error" if cut else next_step(err))
             # a client's typo through "<provider>/<name>" is not the deployment's failure either: counted, the typo's
             # breaker opened, and its next requests were 503s with a Retry-After, which SDKs retry
             short = isinstance(err, UpstreamTimeout) and self._short(provider.timeout_ms, deployment, timeout_s)
             if not (cut or short) and not self._unknown_upstream(model, err):
-                self._record(deployment, ok=False, seconds=elapsed, error=err)
+                self._record(deployment, ok=False, seconds=elapsed, error=err)  # (first: it may open the breaker)
+            self._hook.end(token, error=err, result=None, seconds=elapsed, outcome="error" if cut else next_step(err))
             raise
         except BaseException as exc:
             # Cancelled (a sibling chunk failed, the request was cancelled), or an unexpected bug: the span must still
@@ -905,6 +920,17 @@ class Router:
 
     def _pick(self, deployments: list[Deployment], n: int, dropped: set[int]) -> tuple[int, bool] | None:
         """The deployment of attempt ``n`` (cycling, skipping dropped and cooling ones); whether it is a probe."""
+        index = self._pickable(deployments, n, dropped)
+        if index is None:
+            return None
+        b = self.breakers.get(_deployment_id(deployments[index]))
+        if b is not None and b.state(self._clock()) == "half_open":
+            b.probing = True  # one probe at a time; its outcome closes or reopens the breaker
+            return index, True
+        return index, False
+
+    def _pickable(self, deployments: list[Deployment], n: int, dropped: set[int]) -> int | None:
+        """The deployment attempt ``n`` would take, if any (:meth:`_pick` without claiming a probe)."""
         now = self._clock()
         count = len(deployments)
         for i in range(count):
@@ -913,13 +939,10 @@ class Router:
                 continue
             b = self.breakers.get(_deployment_id(deployments[index]))
             if b is None:
-                return index, False
+                return index
             state = b.state(now)
-            if state == "closed":
-                return index, False
-            if state == "half_open" and not b.probing:
-                b.probing = True  # one probe at a time; its outcome closes or reopens the breaker
-                return index, True
+            if state == "closed" or (state == "half_open" and not b.probing):
+                return index
         return None
 
     def _release(self, d: Deployment) -> None:
