@@ -1249,3 +1249,9 @@ async def test_an_answer_of_another_vector_size_is_billed_the_usage_it_gives(ups
         assert (r.status_code, error_of(r)["code"]) == (502, "upstream_malformed"), r.text
         (row,) = await admin_usage(c)
         assert row["tokens"]["used"] == tokens_of("alpha beta") * 2
+        # Of another size than the request's dimensions (a model that ignores them): its usage too, not the estimate.
+        upstream.script.append(Fault("wrong_dims"))
+        r = await embed(c, "alpha beta", dimensions=4, retry={"count": 0})
+        assert (r.status_code, error_of(r)["code"]) == (502, "upstream_malformed"), r.text
+        (row,) = await admin_usage(c)
+        assert row["tokens"]["used"] == tokens_of("alpha beta") * 3

@@ -13,7 +13,7 @@ from numpy import dtype, frombuffer
 
 from .vectors import VectorError, b64_to_bytes, bytes_to_b64, floats_to_bytes
 
-__all__ = ["MalformedAnswer", "count", "cut_vectors", "read_answer", "take_cut"]
+__all__ = ["MalformedAnswer", "count", "cut_vectors", "read_answer", "take_cut", "usage_of"]
 
 #: What :func:`read_answer` returns: vectors, their base64 texts, dimensions, prompt tokens (-1 where the upstream
 #: gave no whole number from 0 to ``MAX_COUNT``: the router puts its estimate), total tokens (else the prompt's),
@@ -86,15 +86,31 @@ def read_answer(content: bytes | bytearray, n_items: int, dimensions: int | None
     values = frombuffer(whole[0] if len(whole) == 1 else b"".join(whole), _F32)
     if not isfinite(float(values.dot(values))):
         raise MalformedAnswer("a vector holds NaN or infinity (or a value beyond 1e19)")
+    prompt, total = _usage(data)
+    named = data.get("model")
+    model = named[:256] if type(named) is str and named else None
+    return whole, b64, dims, prompt, total, model
+
+
+def _usage(data: dict[str, Any]) -> tuple[int, int]:
+    """An answer's prompt and total tokens (-1 where it gave no whole number)."""
     usage: Any = data.get("usage")
     if not isinstance(usage, dict):
         usage = {}
     prompt = count(usage.get("prompt_tokens"))
     total = count(usage.get("total_tokens"))
-    named = data.get("model")
-    model = named[:256] if type(named) is str and named else None
     # an embedding's tokens are all prompt tokens: an upstream that gives only the total gave them
-    return whole, b64, dims, prompt if prompt >= 0 else total, total if total >= 0 else prompt, model
+    return prompt if prompt >= 0 else total, total if total >= 0 else prompt
+
+
+def usage_of(content: bytes | bytearray) -> int:
+    """The prompt tokens an answer says it charged, -1 if it says none (for an answer refused after its parse:
+    :class:`DimensionsNotHonoured`)."""
+    try:
+        data = orjson.loads(cut_vectors(content)[0])
+    except orjson.JSONDecodeError:
+        return -1
+    return _usage(data)[0] if isinstance(data, dict) else -1
 
 
 _F32: Final = dtype("<f4")

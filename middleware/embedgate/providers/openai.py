@@ -20,7 +20,7 @@ import structlog
 
 from ..config import ProviderConfig
 from ..errors import UpstreamError, UpstreamTimeout
-from ..wire import DimensionsNotHonoured, MalformedAnswer, cut_vectors, read_answer, take_cut
+from ..wire import DimensionsNotHonoured, MalformedAnswer, cut_vectors, read_answer, take_cut, usage_of
 from .base import Embeddings, Sender, gen_ai_provider_name
 from .deadline import deadline
 from .http1 import Http1Transport, decoded_answer, header_value, origin_of, request_head
@@ -200,11 +200,13 @@ class OpenAIAdapter:
         try:
             vectors, b64, dims, prompt, total, model = read_answer(content, n_items, dimensions)
         except DimensionsNotHonoured as wrong_size:  # its own name: compiled, one name has one type (see _native)
+            tokens = usage_of(content)  # (billed, within an answer's bounds: see the router)
             raise UpstreamError(
                 f"{self.name} sent a malformed answer: {wrong_size} (does the model take 'dimensions'?)",
                 code="upstream_malformed",
                 rejects_input=True,
                 served=True,
+                served_tokens=tokens if tokens > 0 else None,
             ) from None
         except MalformedAnswer as exc:
             raise UpstreamError(f"{self.name} sent a malformed answer: {exc}", code="upstream_malformed") from None
