@@ -699,6 +699,13 @@ async def test_a_provider_budgets_requests_per_minute_counts_a_model_it_alone_se
         assert r.status_code == 200, r.text
         r = await embed(c, "other text", fallbacks=[{"model": "acme/embed"}])
         assert (r.status_code, r.json()["model"]) == (200, "local/embed-small"), r.text
+        # With a fallback, a miss passes the spent provider over for it: a cache hit, which goes to no provider, is
+        # served as that miss would be (it was a 429).
+        fallback = [{"model": "local/embed-small"}]
+        r = await embed(c, text, model="acme/embed", cache=CACHE, fallbacks=fallback)
+        assert (r.status_code, r.headers["x-embedgate-cache"], r.json()["model"]) == (200, "hit", "acme/embed"), r.text
+        r = await embed(c, "a fresh text", model="acme/embed", cache=CACHE, fallbacks=fallback)
+        assert (r.status_code, r.json()["model"]) == (200, "local/embed-small"), r.text
 
 
 @pytest.mark.anyio

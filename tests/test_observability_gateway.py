@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from embedgate import EmbeddingGateway, logs
 from embedgate.config import Config, parse_config
@@ -344,6 +345,49 @@ async def test_the_last_attempt_says_no_retry_where_none_could_follow(
     last = "fallback" if fallback else "error"
     expected = ["retry", last] if case == "breaker-opens" else [last]
     assert (r.status_code, outcomes) == ((200, [*expected, "success"]) if fallback else (502, expected)), r.text
+
+
+@pytest.mark.anyio
+async def test_a_probe_cut_by_the_clients_call_timeout_says_retry_when_it_is_retried(
+    upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    # A half-open breaker's probe that timed out under the client's own short call_timeout (not counted against the
+    # deployment) still held its probe when its span was told: "error", and a retry followed all the same.
+    routing = {"breaker_failures": 1, "breaker_cooldown_ms": 200}
+    gw = EmbeddingGateway(host_404, config=make_config(upstream, routing=routing), tracer_provider=provider)
+    async with client_for(gw) as client:
+        upstream.script.append(Fault("status", 500, model="embed-small"))
+        body: dict[str, Any] = {"model": "local/embed-small", "input": "x", "retry": {"count": 0}}
+        assert (await client.post("/v1/embeddings", json=body, headers=AUTH)).status_code == 502
+        await asyncio.sleep(0.3)  # the breaker is half-open: the next attempt is its probe
+        exporter.clear()
+        upstream.script.append(Fault("slow", delay=1.0, model="embed-small"))
+        body = {"model": "local/embed-small", "input": "y", "retry": {"count": 1}, "timeout": {"call_timeout": 100}}
+        r = await client.post("/v1/embeddings", json=body, headers=AUTH)
+    outcomes = [dict(a.attributes or {})["embedgate.outcome"] for a in attempts_of(exporter.get_finished_spans())]
+    assert (r.status_code, outcomes) == (200, ["retry", "success"]), r.text
+
+
+@pytest.mark.anyio
+async def test_an_upstream_refusing_base64_is_told_once_and_its_attempts_say_floats(
+    upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    # Its attempt spans kept saying base64 once floats were asked for; and each call in flight when it refused
+    # logged the warning the README says comes once.
+    refusal = orjson.dumps({"error": {"message": "encoding_format must be 'float'", "param": "encoding_format"}})
+    gw = EmbeddingGateway(host_404, config=make_config(upstream), tracer_provider=provider)
+    upstream.script.extend([Fault("raw", 400, headers={"Content-Type": "application/json"}, body=refusal,
+                                  delay=0.2)] * 3)  # fmt: skip
+    with capture_logs() as logs:
+        async with client_for(gw) as client:
+            body = {"model": "local/embed-small", "input": "x"}
+            answers = await asyncio.gather(*[client.post("/v1/embeddings", json=body, headers=AUTH) for _ in range(3)])
+            assert [r.status_code for r in answers] == [200] * 3
+            exporter.clear()
+            assert (await client.post("/v1/embeddings", json=body, headers=AUTH)).status_code == 200
+    assert [line["event"] for line in logs].count("upstream refuses base64 answers: asking it for floats") == 1
+    (attempt,) = attempts_of(exporter.get_finished_spans())
+    assert dict(attempt.attributes or {})["gen_ai.request.encoding_formats"] == ("float",)
 
 
 @pytest.mark.anyio

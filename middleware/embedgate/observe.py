@@ -32,7 +32,8 @@ class ObservedAttempts(AttemptHook):
             attempt=attempt,
             fallback_index=fallback_index,
             deployment=f"{deployment.provider}/{deployment.upstream_model}",
-            encoding_format="base64",
+            # what the call asks for (an adapter whose upstream refused base64 asks for floats: see OpenAIAdapter)
+            encoding_format="base64" if getattr(adapter, "base64", True) else "float",
         )
         return (span, deployment, model)
 

@@ -396,7 +396,13 @@ class Pipeline:
         if not missing:  # a full cache hit counts against requests per minute only
             reservation = await self._budgets.reserve(subject, tokens=0, cost_usd=0.0, cached=True)
             if self._counts_providers and reservation.decision != "fail_open":
-                gating = await self._count_serving(call, model, reservation)
+                try:
+                    gating = await self._count_serving(call, model, reservation)
+                except BudgetExceeded:
+                    if len(call.chain) == 1:
+                        raise
+                    # A miss would pass the spent provider over for a fallback: the hit (which goes to no provider)
+                    # is served as the miss would be, not counted there.
         else:
             # A fallback serving a partial hit embeds the cached items again (one answer never mixes models):
             # with fallbacks, every item may be charged.

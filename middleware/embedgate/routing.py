@@ -649,8 +649,8 @@ class Router:
                                                                                               None))  # fmt: skip
             else:
                 return "error"
-            if more:
-                following = self._pickable(deployments, n + 1, out)
+            if more:  # (this attempt's own probe, released after it, is no other request's: free for its retry)
+                following = self._pickable(deployments, n + 1, out, index if probe else None)
                 if following is not None:
                     wait = backoff if following == index and backoff is not None else ready_at.get(following, 0.0) - now
                     if wait <= 0 or wait < deadline - now:  # as the loop below decides it
@@ -929,8 +929,10 @@ class Router:
             return index, True
         return index, False
 
-    def _pickable(self, deployments: list[Deployment], n: int, dropped: set[int]) -> int | None:
-        """The deployment attempt ``n`` would take, if any (:meth:`_pick` without claiming a probe)."""
+    def _pickable(self, deployments: list[Deployment], n: int, dropped: set[int], own_probe: int | None = None
+                  ) -> int | None:  # fmt: skip
+        """The deployment attempt ``n`` would take, if any (:meth:`_pick` without claiming a probe; ``own_probe``
+        the deployment whose probe the caller holds, taken as free)."""
         now = self._clock()
         count = len(deployments)
         for i in range(count):
@@ -941,7 +943,7 @@ class Router:
             if b is None:
                 return index
             state = b.state(now)
-            if state == "closed" or (state == "half_open" and not b.probing):
+            if state == "closed" or (state == "half_open" and (not b.probing or index == own_probe)):
                 return index
         return None
 

@@ -109,9 +109,10 @@ class OpenAIAdapter:
                 if status in _REFUSALS and "encoding_format" in body and _refuses_base64(*self._error(content)[:2]):
                     # A server that takes no base64 answers (its 400 or 422 names encoding_format, which the client
                     # did not send: it is ours): asked for floats from now on, this call at once, within its time.
-                    self.base64 = False
-                    log.warning("upstream refuses base64 answers: asking it for floats", provider=self.name,
-                                status=status)  # fmt: skip
+                    if self.base64:  # (told once: the calls in flight at that moment are refused alike)
+                        self.base64 = False
+                        log.warning("upstream refuses base64 answers: asking it for floats", provider=self.name,
+                                    status=status)  # fmt: skip
                     del body["encoding_format"]
                     status, answer_headers, content = await self._exchange(orjson.dumps(body), headers)
         except (TimeoutError, httpx.TimeoutException) as exc:
