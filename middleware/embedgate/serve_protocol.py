@@ -139,6 +139,8 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.expect_continue = False
         self.hosts = 0  # Host header lines of the request head being read
         self.codings: list[bytes] = []  # its transfer codings, of every Transfer-Encoding line
+        self.content_length = 0  # its Content-Length, 0 if none
+        self.upgrade_body_left = 0  # bytes still to come of the body of an Upgrade request (see data_received)
         self.idle_since = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
         self.stall_timer: asyncio.TimerHandle | None = None
@@ -194,6 +196,9 @@ class GatewayHttpProtocol(asyncio.Protocol):
             self.idle_since = self.loop.time()
         if self.pending_error is not None:
             return  # a request refused, its answer owed after those before it: nothing after it is read
+        if self.upgrade_body_left:  # the rest of an Upgrade request's body (see below), past the parser
+            self._upgrade_body(data)
+            return
         self.feeds += 1
         self.read_len = len(data)
         # whether this read holds nothing of an earlier request: it starts between two, and begins only one
@@ -204,12 +209,21 @@ class GatewayHttpProtocol(asyncio.Protocol):
             self.unbodied += len(data)  # (on_body sets it back to 0)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # Served as plain HTTP (no WebSocket here); whatever follows the head is not HTTP: close after it.
-            if self.cycle is not None:
-                self.cycle.keep_alive = False
-                self.cycle.more_body = False
-                self.cycle.wake()
+        except httptools.HttpParserUpgrade as upgrade:
+            # Served as plain HTTP (no WebSocket, no h2c here), then the connection closes. httptools reads no body
+            # of such a request (a POST of `curl --http2 http://...`, say, whose body was lost: a 400 "not valid
+            # JSON"): its Content-Length bytes are taken here, from what follows the head.
+            cycle = self.cycle
+            if cycle is not None:
+                cycle.keep_alive = False
+                length = self.content_length
+                if length and not self.codings and cycle.more_body:
+                    self.upgrade_body_left = length
+                    offset = upgrade.args[0] if upgrade.args and isinstance(upgrade.args[0], int) else len(data)
+                    self._upgrade_body(data[offset:])
+                else:
+                    cycle.more_body = False
+                    cycle.wake()
         except httptools.HttpParserError as exc:
             if isinstance(exc.__context__, _HeadTooLarge):
                 self._refuse_head_too_large()
@@ -239,6 +253,17 @@ class GatewayHttpProtocol(asyncio.Protocol):
             # ones): one endless line grew the server's memory by all a client sent. Bounded by the bytes read since
             # the body last grew (a read more, 256 KiB at most, may pass the limit).
             self._refuse_head_too_large()
+
+    def _upgrade_body(self, data: bytes) -> None:
+        """Hand the body of a request served in spite of its ``Upgrade`` to its cycle, up to its Content-Length
+        (anything after it is not HTTP, and the connection closes after the answer)."""
+        left = self.upgrade_body_left
+        piece = data[:left] if len(data) > left else data
+        if piece:
+            self.upgrade_body_left = left - len(piece)
+            self.on_body(piece)
+        if not self.upgrade_body_left:
+            self._message_complete()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -341,6 +366,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.headers = []
         self.expect_continue = False
         self.hosts = 0
+        self.content_length = 0
         if self.codings:
             self.codings = []
 
@@ -361,6 +387,8 @@ class GatewayHttpProtocol(asyncio.Protocol):
             self.expect_continue = True
         elif name == b"host":
             self.hosts += 1
+        elif name == b"content-length":
+            self.content_length = int(value) if value.isdigit() else 0  # (llhttp refuses a bad one, or two)
         elif name == b"transfer-encoding":
             # (an empty element of the list counts for nothing: RFC 9110, 5.6.1)
             self.codings += [coding for coding in (c.strip() for c in value.lower().split(b",")) if coding]
@@ -441,6 +469,11 @@ class GatewayHttpProtocol(asyncio.Protocol):
         cycle.wake()
 
     def on_message_complete(self) -> None:
+        if self.content_length and not self.codings and self.parser.should_upgrade():
+            return  # an Upgrade request, whose body httptools does not read: it comes after (see data_received)
+        self._message_complete()
+
+    def _message_complete(self) -> None:
         self.in_message = False
         cycle = self.cycle
         if cycle is None or cycle.complete:
