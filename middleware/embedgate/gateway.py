@@ -391,8 +391,7 @@ class EmbeddingGateway:
             error = err
         except asyncio.CancelledError as exc:  # the server stopping while the body still came: as below
             cancelled = exc
-            error = Unavailable("The gateway stopped before the request was read; retry the request",
-                                code="gateway_stopping")  # fmt: skip
+            error = self._cut_short("the request was read")
         except Exception as exc:  # a bug in reading the body: still one answer in the route's shape, and an access line
             if getattr(exc, "status_code", None) == 413:
                 # The host's own body limit (FastAPI's max_body_size, Starlette's), raised by its receive(): the
@@ -431,8 +430,7 @@ class EmbeddingGateway:
                         # The server stopping (its graceful shutdown timed out) or the host cancelling: answered in
                         # the route's shape and finished (its reservation released), then cancelled all the same.
                         cancelled = exc
-                        error = Unavailable("The gateway stopped before the upstream answered; retry the request",
-                                            code="gateway_stopping")  # fmt: skip
+                        error = self._cut_short("the upstream answered")
                     except Exception:  # a bug: still one answer in the route's shape, and the request finished
                         log.exception("unhandled error", request_id=request_id)
                         error = GatewayError("Internal error in the gateway; see its logs for this request id")
@@ -509,6 +507,15 @@ class EmbeddingGateway:
                     self._admitted -= 1
                 if not own_task:
                     clear_request()
+
+    def _cut_short(self, before: str) -> Unavailable:
+        """The answer of a request whose task was cancelled ``before`` ...: standalone, only the server stopping (its
+        graceful shutdown timed out) cancels it; mounted, the host's own timeout or task group may too (its access
+        line said the gateway was stopping whenever a host's timeout fired)."""
+        if self._standalone:
+            return Unavailable(f"The gateway stopped before {before}; retry the request", code="gateway_stopping")
+        return Unavailable(f"The request was cancelled before {before} (the host app's timeout, or the server "
+                           "stopping); retry the request", code="request_cancelled")  # fmt: skip
 
     def _http_attributes(self, scope: Scope) -> dict[str, AttributeValue]:
         """The HTTP server conventions' attributes of an embedding POST's root span (its path is a route's)."""
