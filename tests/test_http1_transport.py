@@ -583,7 +583,7 @@ async def test_an_answers_model_and_a_bad_index_never_carry_the_key() -> None:
     assert got is not None and got.model == "m echoing Bearer [redacted]"
     answer["data"] = [{"index": f"key {_ODD_SECRET}", "embedding": vector}]
     message, _ = await _answered(_ODD_SECRET, b"200 OK", orjson.dumps(answer))
-    assert message == "up sent a malformed answer: index of type str out of range"
+    assert message == "up sent a malformed answer: index of type str is not one of 0 to 0"
 
 
 async def test_a_protocol_upgrade_is_a_protocol_error_not_a_transport_crash() -> None:
