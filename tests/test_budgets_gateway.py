@@ -683,28 +683,28 @@ async def test_a_provider_budgets_requests_per_minute_counts_a_model_it_alone_se
     async with running(config) as (_, c):
         r = await embed(c, text, model="acme/embed", cache=CACHE)
         assert (r.status_code, r.headers["x-ratelimit-remaining-requests"]) == (200, "1"), r.text
-        r = await embed(c, text, model="acme/embed", cache=CACHE)  # a cache hit counts, as on its own
+        # a cache hit goes to no provider: not counted there (the request's own budgets count it, as SPEC says)
+        r = await embed(c, text, model="acme/embed", cache=CACHE)
         assert (r.status_code, r.headers["x-embedgate-cache"]) == (200, "hit"), r.text
+        assert "x-ratelimit-remaining-requests" not in r.headers  # (none of its own budgets counts requests)
+        r = await embed(c, "another text", model="acme/embed")
         assert (r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-remaining-requests"]) == ("2", "0")
-        for cache in (CACHE, None):  # a hit and a miss alike: the provider's minute is spent
-            r = await embed(c, text, model="acme/embed", **({"cache": cache} if cache else {}))
-            assert (r.status_code, error_of(r)["code"]) == (429, "requests_per_minute_exceeded"), r.text
-            assert name in error_of(r)["message"] and "retry-after" in r.headers
-        assert len(upstream.calls) == 1
+        r = await embed(c, "a third text", model="acme/embed")
+        assert (r.status_code, error_of(r)["code"]) == (429, "requests_per_minute_exceeded"), r.text
+        assert name in error_of(r)["message"] and "retry-after" in r.headers
+        assert len(upstream.calls) == 2
         rows = {(row["scope"], row["id"]): row for row in await admin_usage(c, scope="provider", id=name)}
         assert rows["provider", name]["requests_per_minute"]["used"] == 2
+        r = await embed(c, text, model="acme/embed", cache=CACHE)  # its minute spent, a hit is still served
+        assert (r.status_code, r.headers["x-embedgate-cache"]) == (200, "hit"), r.text
         # A model served there among others is not counted there (where it goes is the balancer's), and the spent
         # minute does not turn it away; nor its fallbacks, counted on the requested model's budgets alone.
         r = await embed(c, "other text", model="local/multi")
         assert r.status_code == 200, r.text
         r = await embed(c, "other text", fallbacks=[{"model": "acme/embed"}])
         assert (r.status_code, r.json()["model"]) == (200, "local/embed-small"), r.text
-        # With a fallback, a miss passes the spent provider over for it: a cache hit, which goes to no provider, is
-        # served as that miss would be (it was a 429).
-        fallback = [{"model": "local/embed-small"}]
-        r = await embed(c, text, model="acme/embed", cache=CACHE, fallbacks=fallback)
-        assert (r.status_code, r.headers["x-embedgate-cache"], r.json()["model"]) == (200, "hit", "acme/embed"), r.text
-        r = await embed(c, "a fresh text", model="acme/embed", cache=CACHE, fallbacks=fallback)
+        # A model it alone serves, with a fallback: the spent provider is passed over for it.
+        r = await embed(c, "a fresh text", model="acme/embed", fallbacks=[{"model": "local/embed-small"}])
         assert (r.status_code, r.json()["model"]) == (200, "local/embed-small"), r.text
 
 

@@ -515,24 +515,23 @@ class BudgetEngine:
         return await self._reserve_beside(("model", model), ids, held, tokens, cost_usd)
 
     async def reserve_provider(self, provider: str, held: Reservation, *, tokens: int, cost_usd: float,
-                               request: bool = False, cached: bool = False) -> Reservation:  # fmt: skip
+                               request: bool = False) -> Reservation:  # fmt: skip
         """As :meth:`reserve_fallback`, on the ``provider`` budgets of a provider that serves a model of the
         request's chain under another model id (a deployment of ``acme/embed`` on ``azure``): what the request
         spends at that provider counts on its budgets, whichever model id it asked for. With ``request``, the
-        request counts against their ``requests_per_minute`` too (the provider alone serves the requested model);
-        ``cached`` (a full cache hit), against that alone, as on the request's own budgets."""
+        request counts against their ``requests_per_minute`` too (the provider alone serves the requested model)."""
         ids: list[tuple[str, str, tuple[str, ...]]] = [("provider", provider, (provider,))]
-        return await self._reserve_beside(("provider", provider), ids, held, tokens, cost_usd, request, cached)
+        return await self._reserve_beside(("provider", provider), ids, held, tokens, cost_usd, request)
 
     def counts_provider(self, provider: str) -> bool:
         """Whether any budget counts ``provider`` (``scope: provider``, its name or ``*``)."""
         return ("provider", provider) in self._exact or "provider" in self._wild
 
     async def _reserve_beside(self, what: tuple[str, str], ids: list[tuple[str, str, tuple[str, ...]]],
-                              held: Reservation, tokens: int, cost_usd: float, request: bool = False,
-                              cached: bool = False) -> Reservation:  # fmt: skip
-        """Reserve on the token and cost counters of the budgets ``ids`` name, but those ``held`` holds already
-        (none when ``cached``); with ``request``, count one request on their request windows too."""
+                              held: Reservation, tokens: int, cost_usd: float, request: bool = False
+                              ) -> Reservation:  # fmt: skip
+        """Reserve on the token and cost counters of the budgets ``ids`` name, but those ``held`` holds already;
+        with ``request``, count one request on their request windows too."""
         rid = _getrandbits(128).to_bytes(16, "big").hex()
         now = self._clock()
         memo_key = (what, int(now // 86400))  # as _gates: per model (or provider) and UTC day
@@ -542,13 +541,13 @@ class BudgetEngine:
                 self._beside_memo.clear()
             found = self._beside_memo[memo_key] = self._compute_gates(self._matching(ids, None), now, False)
         held_keys = {g.key for g in held.counters}
-        counters = [] if cached else [g for g in found[0] if g.key not in held_keys]
+        counters = [g for g in found[0] if g.key not in held_keys]
         # (the held reservation's windows are its subject's: rpm of the requested model's own provider prefix)
         windows = found[1] if request else []
         if not counters and not windows:
             return Reservation(rid, "none")
-        cost_nano = 0 if cached else nano_up(cost_usd)
-        tokens = 0 if cached else max(0, tokens)
+        cost_nano = nano_up(cost_usd)
+        tokens = max(0, tokens)
         now_ms = int(now * 1000)
         specs, spans = _specs(counters, tokens, cost_nano, now), [WindowSpec(g.key, g.limit) for g in windows]
         res = await self._reserve_or_fail(specs, spans, now_ms, rid, found[2])

@@ -395,14 +395,6 @@ class Pipeline:
         gating: list[Reservation] = []
         if not missing:  # a full cache hit counts against requests per minute only
             reservation = await self._budgets.reserve(subject, tokens=0, cost_usd=0.0, cached=True)
-            if self._counts_providers and reservation.decision != "fail_open":
-                try:
-                    gating = await self._count_serving(call, model, reservation)
-                except BudgetExceeded:
-                    if len(call.chain) == 1:
-                        raise
-                    # A miss would pass the spent provider over for a fallback: the hit (which goes to no provider)
-                    # is served as the miss would be, not counted there.
         else:
             # A fallback serving a partial hit embeds the cached items again (one answer never mixes models):
             # with fallbacks, every item may be charged.
@@ -535,22 +527,6 @@ class Pipeline:
         if own.decision == "reserved":
             held.append((model.id, provider, own))
         return None if own.decision == "fail_open" else own
-
-    async def _count_serving(self, call: Call, model: ResolvedModel, reservation: Reservation) -> list[Reservation]:
-        """A full cache hit of a model that one provider alone serves under another id: counted against that
-        provider's ``requests_per_minute`` as the request is on its own budgets (it would have gone there). The
-        reservation (its headers gate the request), if any; raises its refusal."""
-        req = call.request
-        assert req is not None
-        providers = self._serving_providers(model)
-        if not providers:
-            return []
-        at = {d.provider for d in self._router.usable(model, req)}
-        if len(at) != 1 or next(iter(at)) not in providers:
-            return []
-        own = await self._budgets.reserve_provider(next(iter(at)), reservation, tokens=0, cost_usd=0.0, request=True,
-                                                   cached=True)  # fmt: skip
-        return [own] if own.decision == "reserved" else []
 
     def _serving_providers(self, model: ResolvedModel) -> tuple[str, ...]:
         """The providers with a budget that serve ``model`` under another name than its id's prefix (``acme/embed``
