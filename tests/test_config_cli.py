@@ -117,6 +117,13 @@ def test_a_deployment_listed_twice_in_a_model_is_an_error() -> None:
         "models.p/m.deployments[1]: the same deployment as deployments[0] (provider 'p', upstream_model 'm')"
     ]
     parse_config({"providers": providers, "models": {"p/m": {"deployments": [twice[0], twice[2]]}}}, env={})
+    # A value from the environment is not shown, here either (the same wrong variable twice: a secret, say).
+    secret = "sk-proj-TOPSECRET123"
+    twice = [{"provider": "p", "upstream_model": "${UPSTREAM_KEY}"}] * 2
+    with pytest.raises(ConfigError) as info:
+        parse_config({"providers": providers, "models": {"p/m": {"deployments": twice}}}, env={"UPSTREAM_KEY": secret})
+    assert info.value.errors == ["models.p/m.deployments[1]: the same deployment as deployments[0] (provider 'p', "
+                                 "upstream_model a value from the environment (not shown))"]  # fmt: skip
 
 
 def test_two_keys_with_one_secret_are_an_error() -> None:

@@ -606,7 +606,8 @@ def _models(data: Any, providers: Mapping[str, ProviderConfig], errors: list[str
                 # with a key it had just refused.
                 first = listed.setdefault((deployment.provider, deployment.upstream_model), i)
                 if first != i:
-                    same = f"provider {deployment.provider!r}, upstream_model {deployment.upstream_model!r}"
+                    shown = _got(deployment.upstream_model, ds.at("upstream_model"), errors)  # (the env.: not shown)
+                    same = f"provider {_got(deployment.provider, ds.at('provider'), errors)}, upstream_model {shown}"
                     ds.error(ds.path, f"the same deployment as deployments[{first}] ({same})")
                 deployments.append(deployment)
                 ds.finish()
