@@ -893,6 +893,24 @@ def test_a_budget_whose_target_no_key_has_is_an_error() -> None:
         parse_config({"keys": keys, "budgets": [{"scope": scope, "target": target, "token_limit": 5}]}, env={})
 
 
+def test_a_whole_number_in_exponent_form_is_a_count_and_a_refused_limit_is_said_once(tmp_path: Path) -> None:
+    # PyYAML reads 1e3 as a string: token_limit refused it as "a string" (amount_usd took it), and added that the
+    # budget "sets no limit".
+    path = tmp_path / "gw.yaml"
+    keys = "keys: [{id: a, key: sk-a}]\n"
+    path.write_text(keys + "budgets: [{scope: api_key, target: a, token_limit: 1e3, requests_per_minute: 2.5E+1}]\n")
+    (budget,) = load_config(path, env={}).budgets
+    assert (budget.token_limit, budget.requests_per_minute) == (1000, 25)
+    path.write_text(keys + "budgets: [{scope: api_key, target: a, token_limit: 2.5e0}]\n")
+    with pytest.raises(ConfigError) as bad:
+        load_config(path, env={})
+    assert [e.split(",")[0] for e in bad.value.errors] == ["budgets[0].token_limit: must be an integer"]
+    path.write_text(keys + "budgets: [{scope: api_key, target: a, token_limit: lots}]\n")
+    with pytest.raises(ConfigError) as bad:
+        load_config(path, env={})
+    assert [e.split(",")[0] for e in bad.value.errors] == ["budgets[0].token_limit: must be an integer"]
+
+
 def test_a_budget_on_a_provider_or_model_that_cannot_be_asked_for_is_an_error() -> None:
     # A provider target that names no provider (openAI for openai), or a model whose prefix is no provider, never
     # applied: check-config said ok.

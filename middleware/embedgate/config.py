@@ -225,6 +225,10 @@ def _told(errors: list[str], *paths: str) -> bool:
     return any(e.startswith(heads) for e in errors)
 
 
+#: A number in exponent form, as a whole-number setting may be written (``1e6``, ``2.5e3``).
+_EXPONENT: Final = re.compile(r"-?\d{1,20}(?:\.\d{0,20})?[eE][-+]?\d{1,3}")
+
+
 def _got(v: Any, path: str, errors: list[str]) -> str:
     """``v`` as an error message shows it: its repr, unless the environment gave it."""
     if isinstance(errors, _Errors) and path in errors.from_env:
@@ -376,6 +380,8 @@ class _Section:
         def check(v: Any, path: str) -> int | None:
             if isinstance(v, str) and re.fullmatch(r"-?\d{1,30}", v.strip()):
                 v = int(v)
+            elif isinstance(v, str) and _EXPONENT.fullmatch(v.strip()):
+                v = float(v)  # 1e6: YAML 1.1 (PyYAML) reads it as a string, where amount_usd's 1e6 is a number
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
             if not isinstance(v, int) or isinstance(v, bool):
@@ -688,7 +694,8 @@ def _budgets(data: Any, errors: list[str]) -> tuple[BudgetConfig, ...]:
             requests_per_minute=s.get("requests_per_minute", s.integer(0), None),
             index=i,
         )
-        if b.amount_usd is None and b.token_limit is None and b.requests_per_minute is None:
+        limits = ("amount_usd", "token_limit", "requests_per_minute")
+        if all(s.data.get(k) is None for k in limits):  # (one given but refused has its own error)
             s.error(s.path, "sets no limit: give amount_usd, token_limit or requests_per_minute")
         out.append(b)
         s.finish()
