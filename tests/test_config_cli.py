@@ -975,6 +975,17 @@ def test_a_key_given_twice_or_a_value_glued_to_its_key_is_an_error(tmp_path: Pat
     with pytest.raises(ConfigError) as bad:
         load_config(twice, env={})
     assert "the key 'timeout_ms' is given twice" in str(bad.value)  # the last one silently won
+    # Each named by its path, with the config's other errors, all at once (the first one alone was told, by line).
+    twice.write_text(
+        "providers:\n  s: {type: openai}\n  s: {type: openai}\nservr: {}\n"
+        "keys: [{id: a, key: sk-aaa, key: sk-bbb}, {id: b, key:sk-live-SECRET1, key:sk-live-SECRET1}]\n"
+    )
+    with pytest.raises(ConfigError) as bad:
+        load_config(twice, env={})
+    assert bad.value.errors[:3] == ["providers.s: the key 's' is given twice (line 3)",
+                                    "keys[0].key: the key 'key' is given twice (line 5)",
+                                    "keys[1]: a key with ':' in it is given twice (line 5)"]  # fmt: skip
+    assert "servr: unknown key" in bad.value.errors and "SECRET1" not in str(bad.value)
     glued = tmp_path / "glued.yaml"  # no space after "key:": one key named "key:sk-live-..."
     glued.write_text("keys:\n  - {id: a, key:sk-live-SECRET2}\n")
     with pytest.raises(ConfigError) as bad:

@@ -876,22 +876,47 @@ def _askable(model: str, providers: Collection[str]) -> bool:
 
 
 class _UniqueKeys(yaml.SafeLoader):
-    """YAML's safe loader, refusing a mapping that gives one key twice (the last silently won)."""
+    """YAML's safe loader, refusing a mapping key that is no scalar (a key given twice: see :func:`_twice`)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": merged below, overridable
                 continue
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
+            if not isinstance(self.construct_object(key_node, deep=deep), Hashable):
                 raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a scalar",
                                                         key_node.start_mark)  # fmt: skip
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
-                                                        key_node.start_mark)  # fmt: skip
-            seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _twice(root: yaml.Node) -> list[str]:
+    """The keys given twice in one mapping (the last silently won), each named by its YAML path and line, from the
+    composed document (where an alias is the node it names: each node is walked once)."""
+    found: list[tuple[int, str]] = []  # (line, error)
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[tuple[str, str]] = set()
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    stack.append((value_node, path))
+                    continue
+                at = _join(path, key_node.value)
+                if (key_node.tag, key_node.value) in keys:
+                    line = key_node.start_mark.line + 1
+                    if ":" in key_node.value:  # "key:sk-..." (no space after the colon) holds a value, maybe a secret
+                        found.append((line, f"{path or '<root>'}: a key with ':' in it is given twice (line {line})"))
+                    else:
+                        found.append((line, f"{at}: the key {key_node.value!r} is given twice (line {line})"))
+                keys.add((key_node.tag, key_node.value))
+                stack.append((value_node, at))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+    return [error for _, error in sorted(found)]
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -902,8 +927,15 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         raise ConfigError([f"<file>: cannot read {path}: {exc.strerror}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"<file>: {path} is not UTF-8 text (byte {exc.start})"]) from None
+    twice: list[str] = []
     try:
-        data = yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader: builds no Python objects
+        loader = _UniqueKeys(text)  # a SafeLoader: builds no Python objects
+        try:
+            node = loader.get_single_node()
+            twice = _twice(node) if node is not None else []
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except RecursionError:  # PyYAML's parser recurses: ~600 nested lists were a traceback
         raise ConfigError(["<yaml>: nested too deeply"]) from None
     except ValueError as exc:  # an integer of more than 4300 digits
@@ -912,5 +944,11 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         raise ConfigError([f"<yaml {where}>: {getattr(exc, 'problem', exc)}"]) from None
-    return parse_config({} if data is None else data, env)  # an empty file (only comments): no settings; `[]`,
-    # `false` or `0` are not a config (they were read as an empty one)
+    try:
+        config = parse_config({} if data is None else data, env)  # an empty file (only comments): no settings; `[]`,
+        # `false` or `0` are not a config (they were read as an empty one)
+    except ConfigError as exc:
+        raise ConfigError([*twice, *exc.errors]) from None  # every error at once, the keys given twice first
+    if twice:
+        raise ConfigError(twice)
+    return config
