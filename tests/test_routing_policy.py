@@ -382,6 +382,38 @@ async def test_the_cache_keeps_a_vector_under_the_input_type_the_upstream_got(up
 
 
 @pytest.mark.anyio
+async def test_a_load_balancer_object_without_its_models_is_a_400(upstream: FakeUpstream) -> None:
+    # The schema requires models (null allowed): missing, the load balancer was silently ignored (a 404 for the
+    # placeholder model, or the model field served).
+    async with running(deployed_config(upstream)) as (c, _):
+        r = await post(c, {"model": "x/y", "input": TEXTS, "load_balancer": {"type": "weight_based"}})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "load_balancer.models"), r.text
+    assert upstream.calls == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", ["provider-preferences", "multimodal-input"])
+async def test_the_load_balancer_picks_among_the_models_that_may_take_the_request(upstream: FakeUpstream,
+                                                                                  case: str) -> None:  # fmt: skip
+    # The pick went by weight alone: a model none of whose deployments the request may use was picked half the time,
+    # and the request failed (404 no_allowed_providers, 400 multimodal) where the other model would have served it.
+    vision = {**THIRD, "base_url": upstream.url, "multimodal": True}
+    config = routing_config(upstream, providers={"third": vision}, models=DEPLOYED)
+    lb = {"type": "weight_based", "models": [{"model": "acme/embed", "weight": 1}, {"model": "local/embed-small",
+                                                                                    "weight": 1}]}  # fmt: skip
+    body: dict[str, Any] = {"model": "x/y", "load_balancer": lb}
+    if case == "provider-preferences":
+        body |= {"input": "text", "provider": {"only": ["third"]}}
+    else:
+        body |= {"input": [{"content": [{"type": "text", "text": "this photo"},
+                                        {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}  # fmt: skip
+    async with running(config) as (c, _):
+        answers = [await post(c, body) for _ in range(16)]
+    assert {(r.status_code, r.json().get("model")) for r in answers} == {(200, "acme/embed")}
+    assert {call.body["model"] for call in upstream.calls} == {"d-third"}
+
+
+@pytest.mark.anyio
 async def test_a_load_balancer_without_models_is_none(upstream: FakeUpstream) -> None:
     # orq types load_balancer.models [array, null]: null was "expected an array, got null"
     async with running(deployed_config(upstream)) as (c, _):

@@ -408,7 +408,9 @@ def _load_balancer(v: Any, p: str, strict: bool) -> tuple[tuple[str, float], ...
         lb = _obj(v, p, frozenset({"type", "models"}), strict)
         if lb.get("type") != "weight_based":
             raise _bad(f"{p}.type", f"expected 'weight_based', got {_shown(lb.get('type'))}"[:200])
-        if lb.get("models") is None:  # orq types it [array, null]: no models, no load balancing
+        if "models" not in lb:  # the schema requires it (type and models); null is allowed
+            raise _bad(f"{p}.models", "is required (the models to balance, or null for none)")
+        if lb["models"] is None:  # orq types it [array, null]: no models, no load balancing
             return ()
         models = _list(lb.get("models"), f"{p}.models")
         entries = [(f"{p}.models[{i}]", _obj(e, f"{p}.models[{i}]", frozenset({"model", "weight"}), strict))

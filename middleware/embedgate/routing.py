@@ -309,8 +309,15 @@ class Router:
         if request.load_balancer:
             models = [m for m, _ in request.load_balancer]
             weights = [w for _, w in request.load_balancer]
-            for i, m in enumerate(models):
-                self.resolve(m, request.param(f"load_balancer.models[{i}].model"))
+            resolved = [self.resolve(m, request.param(f"load_balancer.models[{i}].model"))
+                        for i, m in enumerate(models)]  # fmt: skip
+            # Picked among the models that may take the request (its provider preferences, a multimodal input): a
+            # model none of whose deployments may was picked at its weight, and the request failed (404, 400) where
+            # another could serve it. None may: among all, and routing answers why.
+            if request.provider is not None or request.is_multimodal:
+                may = [w if self.usable(r, request) else 0.0 for r, w in zip(resolved, weights, strict=True)]
+                if any(may):
+                    weights = may
             # random.choices normalizes the weights itself (cumulative sums over their total).
             primary = self._rng.choices(models, weights=weights)[0]
         else:
