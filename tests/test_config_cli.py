@@ -901,10 +901,15 @@ def test_a_whole_number_in_exponent_form_is_a_count_and_a_refused_limit_is_said_
     path.write_text(keys + "budgets: [{scope: api_key, target: a, token_limit: 1e3, requests_per_minute: 2.5E+1}]\n")
     (budget,) = load_config(path, env={}).budgets
     assert (budget.token_limit, budget.requests_per_minute) == (1000, 25)
-    path.write_text(keys + "budgets: [{scope: api_key, target: a, token_limit: 2.5e0}]\n")
+    for inexact in ("2.5e0", "1e-400", "1.00000000000000001e3"):  # no whole number, or not the one written
+        path.write_text(keys + f"budgets: [{{scope: api_key, target: a, token_limit: {inexact}}}]\n")
+        with pytest.raises(ConfigError) as bad:
+            load_config(path, env={})
+        assert [e.split(",")[0] for e in bad.value.errors] == ["budgets[0].token_limit: must be an integer"], inexact
+    path.write_text(keys + "budgets: [{scope: api_key, target: a, token_limit: '${LIMIT}'}]\n")  # unset: said once
     with pytest.raises(ConfigError) as bad:
         load_config(path, env={})
-    assert [e.split(",")[0] for e in bad.value.errors] == ["budgets[0].token_limit: must be an integer"]
+    assert bad.value.errors == ["budgets[0].token_limit: environment variable LIMIT is not set (use ${LIMIT:-})"]
     path.write_text(keys + "budgets: [{scope: api_key, target: a, token_limit: lots}]\n")
     with pytest.raises(ConfigError) as bad:
         load_config(path, env={})
@@ -986,6 +991,25 @@ def test_a_key_given_twice_or_a_value_glued_to_its_key_is_an_error(tmp_path: Pat
                                     "keys[0].key: the key 'key' is given twice (line 5)",
                                     "keys[1]: a key with ':' in it is given twice (line 5)"]  # fmt: skip
     assert "servr: unknown key" in bad.value.errors and "SECRET1" not in str(bad.value)
+    # One key in two spellings (as YAML reads it, or as the config names it); a duplicate in an anchored block named
+    # where it is written, and a merge's keys under the mapping they merge into (and overriding them is allowed).
+    for spelling, line in (("1:", 2), ("0x1:", 3), ('"1":', 3)):
+        twice.write_text(f"providers:\n  1: {{type: openai}}\n  {spelling} {{type: openai}}\n" if line == 3 else
+                         "providers:\n  1: {type: openai, type: openai}\n")  # fmt: skip
+        with pytest.raises(ConfigError) as bad:
+            load_config(twice, env={})
+        assert any(e.startswith("providers.") and f"given twice (line {line})" in e for e in bad.value.errors), (
+            spelling, bad.value.errors)  # fmt: skip
+    twice.write_text("x-a: &a {type: openai, timeout_ms: 5, timeout_ms: 6}\nx-b: &b {base_url: 'http://a.example'}\n"
+                     "providers:\n  p: *a\n  q: {<<: [*a, *b], type: openai_compatible, type: openai}\n")  # fmt: skip
+    with pytest.raises(ConfigError) as bad:
+        load_config(twice, env={})
+    assert [e for e in bad.value.errors if "given twice" in e] == [
+        "x-a.timeout_ms: the key 'timeout_ms' is given twice (line 1)",
+        "providers.q.type: the key 'type' is given twice (line 5)",
+    ]
+    twice.write_text("x-a: &a {type: openai, base_url: 'http://a.example'}\nproviders:\n  q: {<<: *a, type: openai}\n")
+    load_config(twice, env={})
     glued = tmp_path / "glued.yaml"  # no space after "key:": one key named "key:sk-live-..."
     glued.write_text("keys:\n  - {id: a, key:sk-live-SECRET2}\n")
     with pytest.raises(ConfigError) as bad:

@@ -13,6 +13,7 @@ import re
 import urllib.parse
 from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
@@ -328,6 +329,8 @@ class _Section:
         self.seen.add(key)
         if key not in self.data or self.data[key] is None:
             return default
+        if _told(self.errors, self.at(key)):  # a refused ${...}, left as written: said once, not again as its type
+            return default
         value = check(self.data[key], self.at(key))
         return default if value is None else value
 
@@ -381,7 +384,11 @@ class _Section:
             if isinstance(v, str) and re.fullmatch(r"-?\d{1,30}", v.strip()):
                 v = int(v)
             elif isinstance(v, str) and _EXPONENT.fullmatch(v.strip()):
-                v = float(v)  # 1e6: YAML 1.1 (PyYAML) reads it as a string, where amount_usd's 1e6 is a number
+                # 1e6: YAML 1.1 (PyYAML) reads it as a string, where amount_usd's 1e6 is a number. Read exactly: a
+                # value that is not a whole number (1e-400, 1.00000000000000001e3) stays refused.
+                exact = Decimal(v.strip())
+                if exact == exact.to_integral_value():
+                    v = int(exact)
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
             if not isinstance(v, int) or isinstance(v, bool):
@@ -888,9 +895,12 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _twice(root: yaml.Node) -> list[str]:
+def _twice(loader: yaml.SafeLoader, root: yaml.Node) -> list[str]:
     """The keys given twice in one mapping (the last silently won), each named by its YAML path and line, from the
-    composed document (where an alias is the node it names: each node is walked once)."""
+    composed document. Keys are compared as YAML reads them (``1`` and ``0x1``, ``true`` and ``yes`` are one key) and
+    as the config names them (``1`` and ``"1"`` name one provider). Walked in document order, each node once: an
+    anchored node is named where it is defined (an alias comes after its anchor), and a merge key's mappings
+    (``<<: [*a, *b]``) under the mapping they merge into."""
     found: list[tuple[int, str]] = []  # (line, error)
     seen: set[int] = set()
     stack: list[tuple[yaml.Node, str]] = [(root, "")]
@@ -899,23 +909,32 @@ def _twice(root: yaml.Node) -> list[str]:
         if id(node) in seen:
             continue
         seen.add(id(node))
+        children: list[tuple[yaml.Node, str]] = []
         if isinstance(node, yaml.MappingNode):
-            keys: set[tuple[str, str]] = set()
+            values: set[Any] = set()
+            names: set[str] = set()
             for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                    stack.append((value_node, path))
+                if key_node.tag == "tag:yaml.org,2002:merge":  # merged in, its keys overridable
+                    items = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                    children += [(item, path) for item in items]
+                    continue
+                if not isinstance(key_node, yaml.ScalarNode):  # (refused as it is constructed)
+                    children.append((value_node, path))
                     continue
                 at = _join(path, key_node.value)
-                if (key_node.tag, key_node.value) in keys:
+                key = loader.construct_object(key_node)
+                if key in values or str(key) in names:
                     line = key_node.start_mark.line + 1
                     if ":" in key_node.value:  # "key:sk-..." (no space after the colon) holds a value, maybe a secret
                         found.append((line, f"{path or '<root>'}: a key with ':' in it is given twice (line {line})"))
                     else:
                         found.append((line, f"{at}: the key {key_node.value!r} is given twice (line {line})"))
-                keys.add((key_node.tag, key_node.value))
-                stack.append((value_node, at))
+                values.add(key)
+                names.add(str(key))
+                children.append((value_node, at))
         elif isinstance(node, yaml.SequenceNode):
-            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+            children = [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        stack.extend(reversed(children))  # the first child is walked first: document order
     return [error for _, error in sorted(found)]
 
 
@@ -932,7 +951,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         loader = _UniqueKeys(text)  # a SafeLoader: builds no Python objects
         try:
             node = loader.get_single_node()
-            twice = _twice(node) if node is not None else []
+            twice = _twice(loader, node) if node is not None else []
             data = loader.construct_document(node) if node is not None else None
         finally:
             loader.dispose()
