@@ -414,6 +414,29 @@ async def test_the_load_balancer_picks_among_the_models_that_may_take_the_reques
 
 
 @pytest.mark.anyio
+async def test_the_load_balancer_passes_over_a_model_whose_deployments_all_cool_down(upstream: FakeUpstream) -> None:
+    # Circuit breakers did not enter the pick: a model whose one deployment's breaker was open was still picked at
+    # its weight, half the time, and answered 503 no_upstream_available where the other model would have served.
+    config = deployed_config(upstream, breaker_failures=1, breaker_cooldown_ms=60_000)
+    lb = {"type": "weight_based", "models": [{"model": "acme/embed", "weight": 1}, {"model": "local/embed-small",
+                                                                                    "weight": 1}]}  # fmt: skip
+    body = {"model": "x/y", "input": TEXTS, "load_balancer": lb, "retry": {"count": 0}}
+    async with running(config) as (c, _):
+        upstream.script.append(Fault("status", 500, model="embed-small"))
+        opened = await post(c, {"model": "local/embed-small", "input": TEXTS, "retry": {"count": 0}})
+        assert opened.status_code == 502, opened.text
+        upstream.calls.clear()
+        answers = [await post(c, body) for _ in range(16)]
+        assert {(r.status_code, r.json().get("model")) for r in answers} == {(200, "acme/embed")}
+        assert {call.body["model"] for call in upstream.calls} == {"d-local"}
+        # every model cooling down: picked by weight, and answered why (a 503 with when to come back)
+        only_cooling = {**body, "load_balancer": {**lb, "models": [{"model": "local/embed-small", "weight": 1}]}}
+        r = await post(c, only_cooling)
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "no_upstream_available"), r.text
+    assert "retry-after" in r.headers
+
+
+@pytest.mark.anyio
 async def test_a_load_balancer_without_models_is_none(upstream: FakeUpstream) -> None:
     # orq types load_balancer.models [array, null]: null was "expected an array, got null"
     async with running(deployed_config(upstream)) as (c, _):

@@ -313,11 +313,18 @@ class Router:
                         for i, m in enumerate(models)]  # fmt: skip
             # Picked among the models that may take the request (its provider preferences, a multimodal input): a
             # model none of whose deployments may was picked at its weight, and the request failed (404, 400) where
-            # another could serve it. None may: among all, and routing answers why.
-            if request.provider is not None or request.is_multimodal:
-                may = [w if self.usable(r, request) else 0.0 for r, w in zip(resolved, weights, strict=True)]
-                if any(may):
-                    weights = may
+            # another could serve it. None may: among all, and routing answers why. Then among those with a
+            # deployment that may be tried now (its circuit breaker closed, or half-open with no probe out): one whose
+            # every deployment cools down was picked at its weight too, and answered 503 (or fell back) where another
+            # would serve. None may be tried: by weight again.
+            usable = [self.usable(r, request) for r in resolved]
+            may = [w if deps else 0.0 for deps, w in zip(usable, weights, strict=True)]
+            if any(may):
+                weights = may
+                ready = [w if w and self._pickable(deps, 0, set()) is not None else 0.0
+                         for deps, w in zip(usable, may, strict=True)]  # fmt: skip
+                if any(ready):
+                    weights = ready
             # random.choices normalizes the weights itself (cumulative sums over their total).
             primary = self._rng.choices(models, weights=weights)[0]
         else:
