@@ -1180,6 +1180,28 @@ async def test_an_identity_header_is_read_as_utf8_and_named_as_sent(upstream: Fa
         assert r.status_code == 400 and error_of(r)["param"] == "x-orq-contact-id"
 
 
+@pytest.mark.anyio
+async def test_two_different_identity_headers_are_a_400_naming_the_header(upstream: FakeUpstream) -> None:
+    # The last one won: the first identity was dropped unseen, and the request counted against the other's budget.
+    config = budget_config(upstream.url, [{"scope": "identity", "target": "*", "requests_per_minute": 5}])
+    auth = ("authorization", f"Bearer {KEY}")
+    body = {"model": "local/embed-small", "input": [1]}
+    async with running(config) as (gw, c):
+        for name in ("X-ORQ-IDENTITY-ID", "X-ORQ-CONTACT-ID"):
+            r = await c.post(ROUTES["orq"], json=body, headers=[auth, (name, "ann"), (name, "bob")])
+            assert r.status_code == 400, r.text
+            assert (error_of(r)["param"], error_of(r)["code"]) == (name.lower(), "invalid_request"), r.text
+        assert upstream.calls == []
+        # the same one twice (a proxy that repeats it) is that one; a body's identity wins over both
+        r = await c.post(ROUTES["openai"], json=body, headers=[auth, *[("X-ORQ-IDENTITY-ID", "ann")] * 2])
+        assert r.status_code == 200, r.text
+        two = [auth, ("X-ORQ-IDENTITY-ID", "ann"), ("X-ORQ-IDENTITY-ID", "bob")]
+        r = await c.post(ROUTES["openai"], json={**body, "identity": {"id": "cy"}}, headers=two)
+        assert r.status_code == 200, r.text
+        assert gw.identities is not None
+        assert sorted(i.id for i in await gw.identities.list()) == ["ann", "cy"]
+
+
 def test_cli_usage_and_identities_print_the_admin_views(
     upstream: FakeUpstream, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -16,6 +16,7 @@ from .errors import BudgetExceeded, GatewayError
 from .logs import access_log
 from .metrics import Metrics
 from .pipeline import Call, one_authorization
+from .request import TWO_IDENTITIES
 from .telemetry import RequestSpan
 
 __all__ = ["JSON_CONTENT_TYPE", "account", "annotate", "embed_headers", "response_headers"]
@@ -31,8 +32,9 @@ JSON_CONTENT_TYPE: Final = (b"content-type", b"application/json")
 
 def embed_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     """The headers of :data:`_EMBED_HEADERS` in the ASGI ``raw`` headers, by lowercase name: the last one of a
-    repeated name, but ``Cache-Control``'s lines joined with commas, as one list (RFC 9110, 5.3), and two
-    ``Authorization`` lines as :func:`~embedgate.pipeline.one_authorization` reads them."""
+    repeated name, but ``Cache-Control``'s lines joined with commas, as one list (RFC 9110, 5.3), two
+    ``Authorization`` lines as :func:`~embedgate.pipeline.one_authorization` reads them, and two different identity
+    headers of one name as :data:`~embedgate.request.TWO_IDENTITIES`."""
     out: dict[str, str] = {}
     for key, value in raw:
         name = _EMBED_HEADERS.get(key)
@@ -51,6 +53,8 @@ def embed_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
                 text = f"{out[name]}, {text}"
             elif name == "authorization":
                 text = one_authorization(out[name], text)  # which of two keys is the client's? (a 401 says so)
+            elif name in ("x-orq-identity-id", "x-orq-contact-id") and text != out[name]:
+                text = TWO_IDENTITIES  # whose request is it? (a 400 says so, unless the body names the identity)
         out[name] = text
     return out
 

@@ -20,7 +20,7 @@ import orjson
 from .config import RetryPolicy
 from .errors import InvalidRequest
 
-__all__ = ["CacheRequest", "EmbeddingRequest", "ProviderPreferences", "parse_request"]
+__all__ = ["TWO_IDENTITIES", "CacheRequest", "EmbeddingRequest", "ProviderPreferences", "parse_request"]
 
 InputItem = str | tuple[int, ...] | dict[str, Any]
 HARD_MAX_ITEMS: Final = 1_000_000  # a sanity ceiling; the per-model limit is checked once the model is known
@@ -454,6 +454,8 @@ def _name(v: Any, p: str) -> str:
 #: budget counters: bounded, so that one client cannot fill the gateway's memory with made-up profiles.
 _MAX_IDENTITY_ID: Final = 256  # characters: an email address (254 at most), a UUID, an orq contact id all fit
 _MAX_IDENTITY_BYTES: Final = 8192  # the whole profile, as JSON
+#: The identity header of a request that sent two different ones (no header value holds a line feed): whose is it?
+TWO_IDENTITIES: Final = "\n"
 
 
 def _identity(v: Any, p: str, strict: bool) -> dict[str, Any]:
@@ -619,6 +621,9 @@ def parse_request(
         ident_v, ident_p = orq["contact"], "orq.contact"
     identity = _identity(ident_v, ident_p, strict) if ident_v is not None else None
     if identity is None and identity_header:
+        if identity_header == TWO_IDENTITIES:  # one of them would be dropped unseen: the client says which
+            raise InvalidRequest(f"Invalid '{identity_header_name}': sent twice with different values; send one",
+                                 param=identity_header_name)  # fmt: skip
         if len(identity_header) > _MAX_IDENTITY_ID:
             raise InvalidRequest(f"Invalid '{identity_header_name}': at most {_MAX_IDENTITY_ID} characters, got "
                                  f"{len(identity_header)}", param=identity_header_name)  # fmt: skip
