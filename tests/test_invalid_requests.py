@@ -233,9 +233,11 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
         body(load_balancer={"type": "weight_based", "models": [{"model": "local/a", "weight": 0}]}),
         {},
         400,
-        "load_balancer",
+        "load_balancer.models",  # was load_balancer, the object the models are in
         None,
     ),
+    ("lb-no-models", body(load_balancer={"type": "weight_based", "models": []}), {}, 400, "load_balancer.models", None),
+    ("lb-legacy-empty", body(orq={"load_balancer": []}), {}, 400, "orq.load_balancer", None),
     ("identity-no-id", body(identity={"display_name": "x"}), {}, 400, "identity.id", None),
     ("identity-id-too-long", body(identity={"id": "u" * 257}), {}, 400, "identity.id", None),
     ("identity-too-large", body(identity={"id": "u", "metadata": [{"k": "v" * 9000}]}), {}, 400, "identity", None),

@@ -397,6 +397,7 @@ def _retry(v: Any, p: str, strict: bool, default: RetryPolicy) -> RetryPolicy:
 
 
 def _load_balancer(v: Any, p: str, strict: bool) -> tuple[tuple[str, float], ...]:
+    listed = p  # where the models are listed: errors about them as a whole name it
     if isinstance(v, list):  # the legacy list form: [{type, model, weight}]
         entries = []
         for i, e in enumerate(v):
@@ -412,11 +413,12 @@ def _load_balancer(v: Any, p: str, strict: bool) -> tuple[tuple[str, float], ...
             raise _bad(f"{p}.models", "is required (the models to balance, or null for none)")
         if lb["models"] is None:  # orq types it [array, null]: no models, no load balancing
             return ()
-        models = _list(lb.get("models"), f"{p}.models")
+        listed = f"{p}.models"
+        models = _list(lb.get("models"), listed)
         entries = [(f"{p}.models[{i}]", _obj(e, f"{p}.models[{i}]", frozenset({"model", "weight"}), strict))
                    for i, e in enumerate(models)]  # fmt: skip
     if not entries:
-        raise _bad(p, "needs at least one model")
+        raise _bad(listed, "needs at least one model")
     out = []
     for ep, e in entries:
         model = _model(e.get("model"), f"{ep}.model")
@@ -426,7 +428,7 @@ def _load_balancer(v: Any, p: str, strict: bool) -> tuple[tuple[str, float], ...
         out.append((model, float(weight)))
     top = max(w for _, w in out)
     if top <= 0:
-        raise _bad(p, "the weights must not all be zero")
+        raise _bad(listed, "the weights must not all be zero")
     # Relative to the largest: weights near a float's limit (1e308 twice) would sum to infinity.
     return tuple((model, w / top) for model, w in out)
 
