@@ -434,6 +434,25 @@ async def test_adjust_moves_existing_counters_only_and_never_below_zero(store: B
     assert (await store.read(["c:a"], [], now_ms=t, window_ms=WINDOW_MS)).values == (0,)
 
 
+@pytest.mark.anyio
+async def test_undo_lost_takes_back_only_an_admitted_reserve_once(store: BudgetStore) -> None:
+    # The mark an admitted reserve leaves lets a store that may lose its answer (Redis) take it back, once.
+    t = int(T0 * 1000)
+    counters = [CounterSpec("k:tokens", 10, 100, 0)]
+    windows = [WindowSpec("k:rpm", 5)]
+    assert (await store.reserve(counters, windows, now_ms=t, window_ms=WINDOW_MS, member="a")).failed == -1
+    over = [CounterSpec("k:tokens", 1000, 100, 0)]  # refused: nothing to take back
+    assert (await store.reserve(over, windows, now_ms=t, window_ms=WINDOW_MS, member="b")).failed == 0
+    assert await store.undo_lost(over, windows, member="b") is False
+    if isinstance(store, MemoryBudgetStore):  # its reserves answer within their call: never lost
+        assert await store.undo_lost(counters, windows, member="a") is False
+        return
+    assert await store.undo_lost(counters, windows, member="a") is True
+    assert await store.undo_lost(counters, windows, member="a") is False  # once
+    read = await store.read(["k:tokens"], ["k:rpm"], now_ms=t, window_ms=WINDOW_MS)
+    assert (read.values, read.counts) == ((0,), (0,))
+
+
 # --- the engine on each store ---------------------------------------------------------------------
 
 

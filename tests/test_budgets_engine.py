@@ -615,13 +615,73 @@ async def test_a_reserve_cancelled_while_redis_is_slow_is_undone_when_it_lands(s
                         await eng.reserve(subject, tokens=100, cost_usd=0.0)
             if step == "reserve, then shut down":
                 await eng.drain(5.0)  # as the gateway's shutdown does, before it closes the store
-            else:
-                await asyncio.sleep(0.5)  # Redis ran it meanwhile; its answer came
+            else:  # Redis runs it meanwhile; its answer comes, and the undo (polled: a loaded machine is slow)
+                for _ in range(100):
+                    await asyncio.sleep(0.05)
+                    if not eng._undoing:
+                        break
         finally:
             await store.aclose()
     store = RedisBudgetStore(require_redis(), prefix=prefix)
     try:
         assert (await BudgetEngine(config, store).usage())[0]["tokens"]["used"] == 10
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("step", ["reserve", "extend", "reserve, fail_open", "reserve, cancelled"])
+async def test_a_reserve_whose_answer_is_lost_is_undone_if_redis_ran_it(step: str) -> None:
+    # The connection cut after Redis ran the reserve (a failover, a proxy's reset, CLIENT KILL): the client was
+    # answered 503 store_unavailable ("never charged"), and its reserve stayed counted until the period's end (a
+    # one_time budget's, for ever), its request in the minute's window too.
+    cut = asyncio.Event()
+    slow = asyncio.Event()
+
+    async def cut_the_answer(data: bytes) -> None:
+        if cut.is_set():
+            cut.clear()
+            raise ConnectionResetError("cut")  # the proxy drops Redis's answer and both connections
+
+    async def slow_scripts(data: bytes) -> None:
+        if slow.is_set() and b"EVAL" in data:
+            slow.clear()
+            cut.set()  # its answer is lost too, after the caller gave up on it
+            await asyncio.sleep(0.3)
+
+    prefix = f"eg:test:{uuid.uuid4().hex}:"
+    target = f"cut-{uuid.uuid4().hex}"
+    config = budgets(BudgetConfig(scope="api_key", target=target, token_limit=1000, requests_per_minute=100))
+    subject = replace(ALICE, api_key=target)
+    async with redis_proxy(require_redis(), to_redis=slow_scripts, to_client=cut_the_answer) as proxied:
+        store = RedisBudgetStore(proxied, prefix=prefix)
+        eng = BudgetEngine(config, store, fail_open=step == "reserve, fail_open")
+        try:
+            held = await eng.reserve(subject, tokens=10, cost_usd=0.0)
+            if step == "reserve, cancelled":
+                slow.set()
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.1):
+                        await eng.reserve(subject, tokens=100, cost_usd=0.0)
+            else:
+                cut.set()
+                if step == "extend":
+                    with pytest.raises(Unavailable):
+                        await eng.extend(held, tokens=100, cost_usd=0.0)
+                elif step == "reserve":
+                    with pytest.raises(Unavailable):
+                        await eng.reserve(subject, tokens=100, cost_usd=0.0)
+                else:
+                    assert (await eng.reserve(subject, tokens=100, cost_usd=0.0)).decision == "fail_open"
+            await eng.drain(5.0)  # the undo, once Redis answers again (the next command reconnects)
+        finally:
+            await store.aclose()
+    store = RedisBudgetStore(require_redis(), prefix=prefix)
+    try:
+        (row,) = await BudgetEngine(config, store).usage()
+        assert row["tokens"]["used"] == 10, row
+        # a request refused with a 503 leaves the minute's window too; one cancelled by its client stays counted
+        assert row["requests_per_minute"]["used"] == (2 if step == "reserve, cancelled" else 1), row
     finally:
         await store.aclose()
 

@@ -140,6 +140,12 @@ class BudgetStore(Protocol):
         data tells it so: the Redis store)."""
         ...
 
+    async def undo_lost(self, counters: Sequence[CounterSpec], windows: Sequence[WindowSpec], *, member: str) -> bool:
+        """Undo the reserve of ``member`` whose answer was lost (its connection cut after the store ran it, say), if
+        it ran and admitted: take each counter's amount back and ``member`` out of each window. Whether it undid one.
+        Run once the store answers again; a store that always answers within the call (memory) has none to undo."""
+        ...
+
     async def read(self, counters: Sequence[str], windows: Sequence[str], *, now_ms: int, window_ms: int) -> ReadResult:
         """Read counters and windows without changing them."""
         ...
@@ -300,6 +306,10 @@ class MemoryBudgetStore:
             if entry is not None and (entry[1] is None or entry[1] > now_ms) and entry[0] + delta >= 0:
                 self._counters[key] = (entry[0] + delta, entry[1])
 
+    async def undo_lost(self, counters: Sequence[CounterSpec], windows: Sequence[WindowSpec], *, member: str) -> bool:
+        """See ``BudgetStore.undo_lost``: a reserve here answers within its call, never lost."""
+        return False
+
     async def read(self, counters: Sequence[str], windows: Sequence[str], *, now_ms: int, window_ms: int) -> ReadResult:
         """See ``BudgetStore.read``."""
         logs = [self._window(w, now_ms, window_ms) for w in windows]
@@ -328,6 +338,9 @@ def _mark(log_: _Window, limit: int) -> int | None:
 
 
 _EPOCH: Final = "epoch"  # the key (under the prefix) of the counters' current life: see _RESERVE and _ADJUST
+_MARK: Final = "r:"  # the key (under the prefix, before the member) of an admitted reserve's mark: see _UNDO_LOST
+#: How long an admitted reserve's mark is kept: a reserve whose answer was lost is undone if Redis answers within it.
+_UNDO_WINDOW_MS: Final = 30_000
 _SCAN_COUNT: Final = 1000  # set members read per ZSCAN step (each step is one bounded Redis command)
 _MAX_SCAN_STEPS: Final = 1000
 _CLOCK_READ_MS: Final = 60_000  # how often Redis's clock is read again (for the reserve's deadline)
@@ -399,8 +412,27 @@ if not epoch then
   epoch = ARGV[#ARGV - 2]
   redis.call('SET', KEYS[#KEYS], epoch)
 end
+-- what an admitted reserve did, should its answer be lost: _UNDO_LOST takes it back (see RedisBudgetStore.undo_lost)
+if failed == 0 then redis.call('SET', KEYS[#KEYS - 1], epoch, 'PX', UNDO_WINDOW_MS) end
 out[#out + 1] = epoch
 return out
+""".replace("UNDO_WINDOW_MS", str(_UNDO_WINDOW_MS))
+
+# KEYS: the reserve's mark, n counters, windows, the epoch key; ARGV: n, the amount per counter, the member. Only a
+# reserve that admitted left its mark, in the counters' life it names: the amounts go back (not below 0, as _ADJUST)
+# and the member leaves the windows, once. Answers {1} if it undid one.
+_UNDO_LOST = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then return {0} end
+redis.call('DEL', KEYS[1])
+if redis.call('GET', KEYS[#KEYS]) ~= epoch then return {0} end
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  local v = redis.call('GET', KEYS[1 + i])
+  if v and tonumber(v) - tonumber(ARGV[1 + i]) >= 0 then redis.call('DECRBY', KEYS[1 + i], ARGV[1 + i]) end
+end
+for j = 2 + n, #KEYS - 1 do redis.call('ZREM', KEYS[j], ARGV[#ARGV]) end
+return {1}
 """
 
 # KEYS: counters, then the epoch key; ARGV: one delta per counter, then the reserve's epoch ('' for none). Nothing
@@ -450,6 +482,7 @@ class RedisBudgetStore:
         self._prefix = prefix
         self._reserve = Script(_RESERVE)  # EVALSHA, loading the script on NOSCRIPT
         self._adjust = Script(_ADJUST)
+        self._undo_lost = Script(_UNDO_LOST)
         self._read = Script(_READ)
         #: Why the last ``ping`` failed (None after one that did not).
         self.last_error: str | None = None
@@ -474,7 +507,7 @@ class RedisBudgetStore:
         """See ``BudgetStore.reserve``."""
         p = self._prefix
         keys = [p + c.key for c in counters] + [p + w.key for w in windows] + [p + s for s, _, _ in index]
-        keys.append(p + _EPOCH)
+        keys += (p + _MARK + member, p + _EPOCH)
         args: list[Any] = [len(counters), len(windows), len(index), now_ms, window_ms, member]
         for c in counters:
             args += [c.amount, c.limit, c.ttl_s]
@@ -533,6 +566,13 @@ class RedisBudgetStore:
             keys = [self._prefix + k for k, _ in deltas] + [self._prefix + _EPOCH]
             args: list[Any] = [d for _, d in deltas] + ["" if epoch is None else epoch]
             await self._call(self._adjust, keys, args)
+
+    async def undo_lost(self, counters: Sequence[CounterSpec], windows: Sequence[WindowSpec], *, member: str) -> bool:
+        """See ``BudgetStore.undo_lost``: through the mark an admitted reserve leaves for ``_UNDO_WINDOW_MS``."""
+        p = self._prefix
+        keys = [p + _MARK + member, *[p + c.key for c in counters], *[p + w.key for w in windows], p + _EPOCH]
+        out = await self._call(self._undo_lost, keys, [len(counters), *[c.amount for c in counters], member])
+        return out == [1]
 
     async def read(self, counters: Sequence[str], windows: Sequence[str], *, now_ms: int, window_ms: int) -> ReadResult:
         """See ``BudgetStore.read``."""

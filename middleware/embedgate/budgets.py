@@ -50,6 +50,10 @@ from .budget_stores import (
     budget_store,
 )
 
+#: When a reserve whose answer was lost is undone: after each wait in turn, while the store does not answer (within the
+#: Redis store's 30 s mark, its 1 s timeouts included).
+_UNDO_DELAYS_S: Final = (0.05, 0.5, 1.0, 2.0, 4.0, 8.0)
+
 __all__ = [
     "BUILTIN_PRICES",
     "IMAGE_TOKEN_ALLOWANCE",
@@ -600,7 +604,12 @@ class BudgetEngine:
         except asyncio.CancelledError:
             self._undoing.add(task)  # (drain waits for its answer, and the undo it makes)
             task.add_done_callback(self._undoing.discard)
-            task.add_done_callback(lambda done: self._undo_late(done, specs))
+            task.add_done_callback(lambda done: self._undo_late(done, specs, member))
+            raise
+        except BudgetStoreError:
+            # Its answer lost (the connection cut, or no answer in time) may be a reserve that Redis ran: the
+            # request refused with a 503 (or admitted unbudgeted, fail_open) stayed charged. Undone if it ran.
+            self._undo_lost(specs, windows, member)
             raise
 
     @property
@@ -616,8 +625,12 @@ class BudgetEngine:
         while self._undoing and loop.time() < until:
             await asyncio.wait(list(self._undoing), timeout=until - loop.time())
 
-    def _undo_late(self, done: asyncio.Future[Any], specs: list[CounterSpec]) -> None:
-        if done.cancelled() or done.exception() is not None:
+    def _undo_late(self, done: asyncio.Future[Any], specs: list[CounterSpec], member: str) -> None:
+        if done.cancelled():
+            return
+        if done.exception() is not None:
+            if isinstance(done.exception(), BudgetStoreError):  # lost on its way back: undone if it ran (counted)
+                self._undo_lost(specs, [], member)
             return
         res = done.result()
         deltas = [(c.key, -c.amount) for c in specs if c.amount]
@@ -625,6 +638,25 @@ class BudgetEngine:
             undo = asyncio.ensure_future(self._apply(deltas, res.epoch, "release"))
             self._undoing.add(undo)  # (a task only the loop holds may be collected before it runs)
             undo.add_done_callback(self._undoing.discard)
+
+    def _undo_lost(self, specs: list[CounterSpec], windows: list[WindowSpec], member: str) -> None:
+        """Undo, in the background, the reserve of ``member`` whose answer was lost, should it have run and admitted
+        (the store keeps what it needs for ``_UNDO_WINDOW_MS``): tried again while the store does not answer."""
+        undo = asyncio.ensure_future(self._undo_when_answered(specs, windows, member))
+        self._undoing.add(undo)
+        undo.add_done_callback(self._undoing.discard)
+
+    async def _undo_when_answered(self, specs: list[CounterSpec], windows: list[WindowSpec], member: str) -> None:
+        for delay in _UNDO_DELAYS_S:
+            await asyncio.sleep(delay)
+            try:
+                if await self._store.undo_lost(specs, windows, member=member):
+                    log.info("budget reserve undone: its answer was lost, the request was not admitted with it")
+                return
+            except BudgetStoreError:
+                continue
+        log.warning("budget reserve whose answer was lost could not be undone: the store did not answer",
+                    tokens_and_cost=[(c.key, c.amount) for c in specs])  # fmt: skip
 
     def _headers(self, counters: list[_Gate], windows: list[_Gate], res: ReserveResult, now_ms: int) -> dict[str, str]:
         # Per dimension, the gate with the smallest remaining amount wins; on a tie, the one that frees up later.
@@ -733,8 +765,8 @@ class BudgetEngine:
         counters = list(reservation.counters)
         specs = _specs(counters, tokens, cost_nano, now)
         now_ms = int(now * 1000)
-        try:
-            res = await self._reserved(specs, [], now_ms, reservation.id, ())
+        try:  # (a member of its own: the store marks each admitted reserve by it, see BudgetStore.undo_lost)
+            res = await self._reserved(specs, [], now_ms, _getrandbits(128).to_bytes(16, "big").hex(), ())
         except BudgetStoreError as exc:
             if not self._fail_open:
                 raise Unavailable(
