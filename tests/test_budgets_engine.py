@@ -686,6 +686,42 @@ async def test_a_reserve_whose_answer_is_lost_is_undone_if_redis_ran_it(step: st
         await store.aclose()
 
 
+@pytest.mark.anyio
+async def test_reserves_lost_together_are_undone_by_one_task_once_redis_answers_again() -> None:
+    # Each lost reserve had a task of its own retrying it: with Redis away, thousands of them at once.
+    cut_until = 0.0
+
+    async def cut_answers(data: bytes) -> None:
+        if asyncio.get_running_loop().time() < cut_until:
+            raise ConnectionResetError("cut")
+
+    prefix = f"eg:test:{uuid.uuid4().hex}:"
+    target = f"cut-{uuid.uuid4().hex}"
+    config = budgets(BudgetConfig(scope="api_key", target=target, token_limit=10_000, requests_per_minute=100))
+    subject = replace(ALICE, api_key=target)
+    async with redis_proxy(require_redis(), to_client=cut_answers) as proxied:
+        store = RedisBudgetStore(proxied, prefix=prefix)
+        eng = BudgetEngine(config, store)
+        try:
+            await eng.reserve(subject, tokens=10, cost_usd=0.0)  # (and Redis's clock read)
+            cut_until = asyncio.get_running_loop().time() + 3600.0
+            results = await asyncio.gather(*[eng.reserve(subject, tokens=10, cost_usd=0.0) for _ in range(20)],
+                                           return_exceptions=True)  # fmt: skip
+            assert all(isinstance(r, Unavailable) for r in results), results
+            assert len(eng._undoing) == 1  # one task for all twenty
+            await asyncio.sleep(0.3)  # its first attempts fail too (their answers cut)
+            cut_until = 0.0
+            await eng.drain(10.0)
+        finally:
+            await store.aclose()
+    store = RedisBudgetStore(require_redis(), prefix=prefix)
+    try:
+        (row,) = await BudgetEngine(config, store).usage()
+        assert (row["tokens"]["used"], row["requests_per_minute"]["used"]) == (10, 1), row
+    finally:
+        await store.aclose()
+
+
 def test_a_fallbacks_charge_is_its_answer_and_the_chunks_it_spent() -> None:
     # What settles a fallback's own budgets: the answer's usage if it served (all billed but other models' chunks),
     # plus the chunks it embedded before it failed.

@@ -26,6 +26,7 @@ import inspect
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -50,9 +51,11 @@ from .budget_stores import (
     budget_store,
 )
 
-#: When a reserve whose answer was lost is undone: after each wait in turn, while the store does not answer (within the
-#: Redis store's 30 s mark, its 1 s timeouts included).
-_UNDO_DELAYS_S: Final = (0.05, 0.5, 1.0, 2.0, 4.0, 8.0)
+#: When reserves whose answers were lost are undone: after each wait in turn (the last again), while the store does
+#: not answer.
+_UNDO_DELAYS_S: Final = (0.05, 0.5, 1.0, 2.0, 4.0)
+_UNDO_FOR_S: Final = 25.0  # (the Redis store's mark lasts 30 s)
+_MAX_LOST: Final = 10_000  # reserves waiting to be undone, at most (the oldest go first)
 
 __all__ = [
     "BUILTIN_PRICES",
@@ -381,6 +384,11 @@ class BudgetEngine:
         self._adjust_takes_epoch = _takes_epoch(store)
         self._immediate = type(store) is MemoryBudgetStore  # its reserve never waits: nothing can cancel it midway
         self._undoing: set[asyncio.Future[Any]] = set()  # reserves cancelled on their way, and their undoing
+        # reserves whose answers were lost (until when each may be undone, what it reserved, its member), and the
+        # task undoing them
+        self._lost: deque[tuple[float, list[CounterSpec], list[WindowSpec], str]] = deque(maxlen=_MAX_LOST)
+        self._lost_dropped = 0
+        self._undo_task: asyncio.Future[None] | None = None
         self._fail_open = fail_open
         self._window_ms = int(window_s * 1000)
         self._clock = clock
@@ -641,22 +649,40 @@ class BudgetEngine:
 
     def _undo_lost(self, specs: list[CounterSpec], windows: list[WindowSpec], member: str) -> None:
         """Undo, in the background, the reserve of ``member`` whose answer was lost, should it have run and admitted
-        (the store keeps what it needs for ``_UNDO_WINDOW_MS``): tried again while the store does not answer."""
-        undo = asyncio.ensure_future(self._undo_when_answered(specs, windows, member))
-        self._undoing.add(undo)
-        undo.add_done_callback(self._undoing.discard)
+        (the store keeps what it needs for a while: ``_UNDO_FOR_S`` here). Queued, bounded, for one task that undoes
+        them in turn and, while the store does not answer, waits longer each time (one attempt, not one a request)."""
+        if len(self._lost) == self._lost.maxlen:
+            self._lost_dropped += 1  # (the oldest goes)
+        self._lost.append((time.monotonic() + _UNDO_FOR_S, specs, windows, member))
+        if self._undo_task is None or self._undo_task.done():
+            self._undo_task = task = asyncio.ensure_future(self._undo_queued())
+            self._undoing.add(task)  # (drain waits for it; a task only the loop holds may be collected)
+            task.add_done_callback(self._undoing.discard)
 
-    async def _undo_when_answered(self, specs: list[CounterSpec], windows: list[WindowSpec], member: str) -> None:
-        for delay in _UNDO_DELAYS_S:
-            await asyncio.sleep(delay)
-            try:
-                if await self._store.undo_lost(specs, windows, member=member):
-                    log.info("budget reserve undone: its answer was lost, the request was not admitted with it")
-                return
-            except BudgetStoreError:
-                continue
-        log.warning("budget reserve whose answer was lost could not be undone: the store did not answer",
-                    tokens_and_cost=[(c.key, c.amount) for c in specs])  # fmt: skip
+    async def _undo_queued(self) -> None:
+        failures = undone = 0
+        lost = self._lost
+        while lost:
+            await asyncio.sleep(_UNDO_DELAYS_S[min(failures, len(_UNDO_DELAYS_S) - 1)])
+            while lost:
+                until, specs, windows, member = lost[0]
+                if time.monotonic() > until:  # its mark is gone: it stays counted
+                    lost.popleft()
+                    self._lost_dropped += 1
+                    continue
+                try:
+                    undone += await self._store.undo_lost(specs, windows, member=member)
+                except BudgetStoreError:
+                    failures += 1
+                    break
+                lost.popleft()
+                failures = 0
+        if undone:
+            log.info("budget reserves undone: their answers were lost, their requests not admitted", count=undone)
+        if self._lost_dropped:
+            log.warning("budget reserves whose answers were lost could not be undone (the store did not answer in "
+                        "time): they may stay counted", count=self._lost_dropped)  # fmt: skip
+            self._lost_dropped = 0
 
     def _headers(self, counters: list[_Gate], windows: list[_Gate], res: ReserveResult, now_ms: int) -> dict[str, str]:
         # Per dimension, the gate with the smallest remaining amount wins; on a tie, the one that frees up later.
