@@ -17,6 +17,8 @@ import asyncio
 import hashlib
 import json
 import math
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -1236,6 +1238,20 @@ def test_cli_usage_and_identities_print_the_admin_views(
     assert [(i["id"], i["email"]) for i in cli_idents] == [("carol", "c@example.com")]
     assert one == cli_idents and none == []
     assert not math.isnan(cli_idents[0]["last_seen"])
+
+
+def test_cli_admin_views_piped_to_a_reader_that_stops_end_without_a_traceback(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `embedgate identities | head -3`: head exits, and the print ended in a BrokenPipeError traceback.
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 100}])
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone
+    with serve(gateway(config)) as url, os.fdopen(write, "w") as gone:
+        monkeypatch.setattr(sys, "stdout", gone)
+        assert cli_main(["usage", "--url", url, "--admin-key", ADMIN_KEY]) == 1
+        monkeypatch.undo()
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.anyio

@@ -24,6 +24,7 @@ import pytest
 import redis
 import yaml
 
+from embedgate.cli import main as cli_main
 from embedgate.config import ConfigError, hash_key, load_config, parse_config
 from tests.conftest import KEY, config_dict, wait_serving
 from tests.fake_upstream import FakeUpstream, Fault, free_port
@@ -420,6 +421,18 @@ def test_serve_refuses_an_unknown_http_protocol(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 2
     assert "--http" in r.stderr and "'h3'" in r.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "inf"])
+def test_serve_refuses_a_graceful_shutdown_timeout_that_is_no_number_of_seconds(value: str,
+                                                                                capsys: pytest.CaptureFixture[str]
+                                                                                ) -> None:  # fmt: skip
+    # "abc" was "invalid _seconds value: 'abc'", the name of a function of ours
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["serve", "--config", "gw.yaml", "--timeout-graceful-shutdown", value])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert f"--timeout-graceful-shutdown: must be a number of seconds >= 0, got {value}" in err, err
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

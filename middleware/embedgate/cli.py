@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -260,7 +261,11 @@ def _admin(args: argparse.Namespace, path: str, params: dict[str, str]) -> int:
     except (ValueError, KeyError, TypeError):
         print(f"error: {where} answered 200 with no embedgate admin data (is it the gateway?)", file=sys.stderr)
         return 1
-    print(json.dumps(data, indent=2))
+    try:
+        print(json.dumps(data, indent=2), flush=True)
+    except BrokenPipeError:  # its reader is gone (`| head`): no traceback; the rest goes nowhere, not at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 
@@ -288,7 +293,10 @@ def _ranged(lo: int, hi: int) -> Any:
 
 
 def _seconds(text: str) -> float:
-    value = float(text)  # a ValueError: argparse says "invalid _seconds value"
+    try:
+        value = float(text)
+    except ValueError:  # argparse's own message named this function: "invalid _seconds value: 'abc'"
+        value = math.nan
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
     return value
