@@ -464,6 +464,19 @@ async def client(make_config: Callable[..., Config]) -> AsyncIterator[httpx.Asyn
     await app.shutdown()
 
 
+@pytest.mark.parametrize(("raw", "where"), [(b'{"model": "m\xff", "input": "x"}', "byte 0xff at offset 12"),
+                                           (b"\xe9t\xe9", "byte 0xe9 at offset 0")])  # fmt: skip
+def test_a_body_that_is_not_utf8_is_told_so(raw: bytes, where: str) -> None:
+    # orjson's message read "str is not valid UTF-8: surrogates not allowed" for a Latin-1 byte: no surrogate in it
+    from embedgate.errors import InvalidRequest
+    from embedgate.request import parse_request
+
+    with pytest.raises(InvalidRequest) as refused:
+        parse_request(raw)
+    assert str(refused.value) == f"The request body is not valid UTF-8 ({where}); JSON is sent as UTF-8"
+    assert refused.value.code == "invalid_json"
+
+
 def test_the_table_is_large_enough() -> None:
     assert len(CASES) >= 30
 

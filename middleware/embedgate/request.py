@@ -583,6 +583,11 @@ def parse_request(
         found = _unreadable(body, str(exc))
         if found is not None:
             raise InvalidRequest(f"Invalid '{found[0]}': {found[1]}", param=found[0]) from None
+        try:  # orjson calls bytes that are not UTF-8 "surrogates" (a Latin-1 "\xff", say): say what they are
+            bytes(body).decode()
+        except UnicodeDecodeError as bad:
+            raise InvalidRequest(f"The request body is not valid UTF-8 (byte 0x{body[bad.start]:02x} at offset "
+                                 f"{bad.start}); JSON is sent as UTF-8", param=None, code="invalid_json") from None
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", param=None, code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"The request body must be a JSON object, got {_type_name(data)}", param=None)
