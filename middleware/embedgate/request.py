@@ -587,7 +587,8 @@ def parse_request(
             bytes(body).decode()
         except UnicodeDecodeError as bad:
             raise InvalidRequest(f"The request body is not valid UTF-8 (byte 0x{body[bad.start]:02x} at offset "
-                                 f"{bad.start}); JSON is sent as UTF-8", param=None, code="invalid_json") from None
+                                 f"{bad.start}); JSON is sent as UTF-8", param=None, code="invalid_json"
+                                 ) from None  # fmt: skip
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", param=None, code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"The request body must be a JSON object, got {_type_name(data)}", param=None)
