@@ -253,6 +253,21 @@ async def test_a_provider_s_own_headers_go_with_every_call_and_are_never_echoed(
 
 
 @pytest.mark.anyio
+async def test_an_upstream_error_quoting_another_provider_s_key_is_redacted(upstream: FakeUpstream) -> None:
+    # Only the provider's own key was taken out: one behind a shared proxy (or given another's key by mistake)
+    # quoting the other provider's key passed it to the client, the log and the span.
+    other = {"type": "openai", "base_url": upstream.url, "api_key": "other-secret-0123456789", "timeout_ms": 5000}
+    config = parse_config(config_dict(upstream.url, providers={"other": other}), env={})
+    upstream.script.append(Fault("status", 400, message="key other-secret-0123456789 is not valid for local"))
+    async with running(config) as (c, _):
+        with capture_logs() as logs:
+            r = await c.post("/v1/embeddings", json={"model": "local/embed-small", "input": "hi"},
+                             headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert r.status_code == 400 and "[redacted]" in r.text, r.text
+    assert "other-secret" not in r.text and "other-secret" not in repr(logs)
+
+
+@pytest.mark.anyio
 async def test_key_error_on_a_deployment_fails_over_to_the_next_one(upstream: FakeUpstream) -> None:
     upstream.script.append(Fault("status", 401, model="multi-a"))
     async with running(routing_config(upstream)) as (c, _):

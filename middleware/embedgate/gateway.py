@@ -164,7 +164,9 @@ class EmbeddingGateway:
             else:
                 self._transport = upstream_transport()  # through the proxies HTTPS_PROXY etc. name, if any
                 send = sender_for(self._transport)
-            adapters = {name: build_adapter(p, send) for name, p in self.config.providers.items()}
+            providers = self.config.providers
+            adapters = {name: build_adapter(p, send, [o for o in providers.values() if o is not p])
+                        for name, p in providers.items()}  # fmt: skip
             set_access_flush_delay(self.config.telemetry.access_log_flush_ms / 1000)
             self.telemetry = Telemetry(
                 self._tracer_provider,

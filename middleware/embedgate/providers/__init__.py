@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..config import ProviderConfig
 from .base import Adapter, AiohttpTransport, Embeddings, Sender, sender_for
 from .http1 import Http1Transport
@@ -22,8 +24,9 @@ __all__ = [
 ]
 
 
-def build_adapter(provider: ProviderConfig, send: Sender) -> Adapter:
-    """The adapter for a configured provider (``type`` was validated with the config)."""
+def build_adapter(provider: ProviderConfig, send: Sender, others: Sequence[ProviderConfig] = ()) -> Adapter:
+    """The adapter for a configured provider (``type`` was validated with the config); ``others``: the other
+    providers, whose keys its errors are scrubbed of too."""
     # openai and openai_compatible speak the same wire format; they differ only in which extras the upstream
     # accepts, which the upstream itself tells us with a 400.
-    return OpenAIAdapter(provider, send)
+    return OpenAIAdapter(provider, send, others)

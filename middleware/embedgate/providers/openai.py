@@ -9,6 +9,7 @@ per input becomes ``UpstreamError(code="upstream_malformed")``: never passed on 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, Final
@@ -35,7 +36,7 @@ log = structlog.get_logger("embedgate.providers")
 class OpenAIAdapter:
     """Calls an OpenAI-compatible ``/embeddings`` endpoint with the provider's own key (never the client's)."""
 
-    def __init__(self, provider: ProviderConfig, send: Sender) -> None:
+    def __init__(self, provider: ProviderConfig, send: Sender, others: Sequence[ProviderConfig] = ()) -> None:
         self.name = provider.name
         #: Whether calls ask for base64 answers (a third of the floats' text, read without parsing a number): until
         #: the upstream refuses them.
@@ -49,18 +50,11 @@ class OpenAIAdapter:
         self.server_port: int | None = parts.port or (443 if parts.scheme == "https" else 80)
         self.gen_ai_provider = gen_ai_provider_name(self.server_address) or provider.name
         self._secret = provider.api_key
-        # The key as an error body may echo it: as is, URL-encoded, JSON-escaped (a "/" written "\/", as PHP's
-        # json_encode does). A JSON body's strings are read decoded, so its \u escapes are covered too.
-        # So may a value of the provider's own headers (Azure's api-key): those of 8 characters or more.
-        forms: list[str] = []
-        values = [value for _, value in provider.headers]
-        # an Authorization header's credential is quoted without its scheme ("Incorrect API key provided: sk-...")
-        values += [value.partition(" ")[2].strip() for name, value in provider.headers
-                   if name.lower() in ("authorization", "proxy-authorization")]  # fmt: skip
-        for key in (provider.api_key if len(provider.api_key) >= 4 else "", *[v for v in values if len(v) >= 8]):
-            escaped = orjson.dumps(key).decode()[1:-1]
-            forms += [key, quote(key, safe=""), quote(key), quote_plus(key), escaped, escaped.replace("/", "\\/")]
-        self._secret_forms: tuple[str, ...] = tuple(sorted({f for f in forms if f}, key=len, reverse=True))
+        # The key as an error body may echo it (see _secret_forms). The answer's model name is scrubbed of our own
+        # key; an error also of the other providers' (``others``): an upstream behind a shared proxy, or given
+        # another's key by mistake, may quote them too.
+        self._secret_forms = _secret_forms([provider])
+        self._error_forms = _secret_forms([provider, *others]) if others else self._secret_forms
         # Every header but the body's length, as raw pairs: with ``stream=`` httpx adds none of its own and
         # normalizes nothing twice (measured: ~4x cheaper than ``content=`` with a header dict).
         self._headers: list[tuple[bytes, bytes]] = [
@@ -166,9 +160,9 @@ class OpenAIAdapter:
         return request
 
     def _error(self, content: bytes | bytearray) -> tuple[str, str | None, str | None]:
-        """The upstream's error message, short, and scrubbed of our provider key should it echo it; and the field
-        its error names (OpenAI's ``{"error": {"param": ...}}``), if any."""
-        forms = self._secret_forms
+        """The upstream's error message, short, and scrubbed of the providers' keys should it echo one; and the
+        field its error names (OpenAI's ``{"error": {"param": ...}}``), if any."""
+        forms = self._error_forms
         # Cut after the key is taken out, reading far enough that no piece of a key cut in two (no longer found)
         # can end up within the message: every key taken out before it shortens the text (to "[redacted]"), and
         # a byte is at least a quarter of a character. A piece starting at byte p stays at character
@@ -188,14 +182,7 @@ class OpenAIAdapter:
             text = str(message) if message else orjson.dumps(data).decode()
         except orjson.JSONDecodeError:
             text = content[:window].decode("utf-8", "replace")
-        return self._scrubbed(text[:window])[:_MAX_MESSAGE] or "(empty body)", param, code
-
-    def _scrubbed(self, text: str) -> str:
-        """``text`` without our provider key in any of the forms it may be echoed in."""
-        for form in self._secret_forms:
-            if form in text:
-                text = text.replace(form, "[redacted]")
-        return text
+        return _scrubbed(text[:window], forms)[:_MAX_MESSAGE] or "(empty body)", param, code
 
     def _parse(self, content: bytes | bytearray, n_items: int, dimensions: int | None) -> Embeddings:
         try:
@@ -212,9 +199,33 @@ class OpenAIAdapter:
         except MalformedAnswer as exc:
             raise UpstreamError(f"{self.name} sent a malformed answer: {exc}", code="upstream_malformed") from None
         if model is not None and self._secret_forms:  # it becomes a span attribute: no echoed key in it
-            model = self._scrubbed(model)
+            model = _scrubbed(model, self._secret_forms)
         return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total, b64=b64,
                           model=model)  # fmt: skip
+
+
+def _secret_forms(providers: Sequence[ProviderConfig]) -> tuple[str, ...]:
+    """The forms a body may echo the providers' keys in, longest first: as is, URL-encoded, JSON-escaped (a "/"
+    written "\\/", as PHP's json_encode does; a JSON body's strings are read decoded, so its \\u escapes are covered
+    too). So may a value of a provider's own headers (Azure's api-key): those of 8 characters or more."""
+    forms: list[str] = []
+    for provider in providers:
+        values = [value for _, value in provider.headers]
+        # an Authorization header's credential is quoted without its scheme ("Incorrect API key provided: sk-...")
+        values += [value.partition(" ")[2].strip() for name, value in provider.headers
+                   if name.lower() in ("authorization", "proxy-authorization")]  # fmt: skip
+        for key in (provider.api_key if len(provider.api_key) >= 4 else "", *[v for v in values if len(v) >= 8]):
+            escaped = orjson.dumps(key).decode()[1:-1]
+            forms += [key, quote(key, safe=""), quote(key), quote_plus(key), escaped, escaped.replace("/", "\\/")]
+    return tuple(sorted({f for f in forms if f}, key=len, reverse=True))
+
+
+def _scrubbed(text: str, forms: tuple[str, ...]) -> str:
+    """``text`` without any of ``forms`` (the keys' forms, longest first)."""
+    for form in forms:
+        if form in text:
+            text = text.replace(form, "[redacted]")
+    return text
 
 
 def _detail_field(data: Any, err: Any) -> str | None:
