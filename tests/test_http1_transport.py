@@ -28,7 +28,7 @@ import pytest
 from embedgate.config import ProviderConfig
 from embedgate.errors import UpstreamError
 from embedgate.providers import AiohttpTransport, Embeddings, Http1Transport, OpenAIAdapter, sender_for
-from embedgate.providers.http1 import MAX_DECODED, MAX_HEAD, decoded
+from embedgate.providers.http1 import MAX_DECODED, MAX_HEAD, RESEND_WITHIN_S, decoded
 
 pytestmark = pytest.mark.anyio
 
@@ -362,6 +362,20 @@ async def test_a_request_is_resent_at_most_once() -> None:
         await transport.aclose()
     assert raised.value.request.url == server.url
     assert (len(server.requests), server.connections) == (3, 2)
+
+
+async def test_a_request_the_server_held_before_closing_is_not_resent() -> None:
+    # The server read the request, held it a while (a worker that crashed on it, a proxy's timeout), then closed
+    # without answering: it may have run the request, and charged for it. It was sent again all the same, so a
+    # POST with retry.count 0 went out twice, and the upstream billed two where the gateway counted one.
+    async with serve(lambda n: ok() if n == 1 else None) as server:
+        transport = Http1Transport()
+        await post(transport, server.url)
+        server.delay_s = RESEND_WITHIN_S + 0.15
+        with pytest.raises(httpx.ReadError, match="without answering"):
+            await post(transport, server.url)
+        await transport.aclose()
+    assert (len(server.requests), server.connections) == (2, 1)
 
 
 async def test_a_reused_connection_cut_mid_answer_is_not_resent() -> None:

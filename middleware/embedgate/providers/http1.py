@@ -10,8 +10,9 @@ What it does: keep-alive connections pooled per origin (``http``/``https``, most
 ``keepalive_s`` idle, when the server says ``Connection: close``, or when an answer came with bytes beyond its end),
 at most ``max_connections`` open at once to each origin (callers beyond that wait for one), bodies by
 ``Content-Length``, chunked or until close; httpx decodes ``Content-Encoding`` as for any transport. A request is
-sent once more, on a new connection, when a reused one closes before any byte of its answer came: the server's idle
-timeout ended just as it went out (aiohttp's client does the same; httpcore raises). What it leaves out, because no
+sent once more, on a new connection, when a reused one closes before any byte of its answer came and within
+``RESEND_WITHIN_S`` of the request going out: the server's idle timeout ended just as it went out (aiohttp's client
+resends only idempotent requests; httpcore raises). What it leaves out, because no
 embedding API needs it: HTTP/2, proxies, upgrades, ``Expect: 100-continue``, HEAD.
 
 Timeouts: none of its own. The caller bounds each call (the adapters run it under ``deadline``); a call
@@ -34,10 +35,13 @@ from typing import Any, Final
 import httptools
 import httpx
 
-__all__ = ["MAX_DECODED", "MAX_HEAD", "SENDING", "SENT", "UNKNOWN", "WAITING", "Http1Transport", "decoded",
-           "decoded_answer"]  # fmt: skip
+__all__ = ["MAX_DECODED", "MAX_HEAD", "RESEND_WITHIN_S", "SENDING", "SENT", "UNKNOWN", "WAITING", "Http1Transport",
+           "decoded", "decoded_answer"]  # fmt: skip
 
 _Origin = tuple[bytes, bytes, int]  # scheme, host, port
+#: How soon after a request went out on a reused connection its close must come for the request to be sent again:
+#: the server's idle timeout ending as it went out closes it within a round trip.
+RESEND_WITHIN_S: Final = 0.25
 #: An answer: status, headers as sent, body as sent (a bytearray when it came in several reads: see _Connection).
 _Answer = tuple[int, list[tuple[bytes, bytes]], bytes | bytearray]
 
@@ -356,16 +360,20 @@ class Http1Transport(httpx.AsyncBaseTransport):
         conn = await self._acquire(origin, request)
         if state is not None:
             state[0] = SENT
+        sent = time.monotonic()
         try:
             answer: _Answer | None = await conn.exchange(data)
         except BaseException as exc:
             self._failed(conn, exc, request)
-            if not isinstance(exc, (httpx.ReadError, httpx.WriteError)) or conn.exchanges == 1 or conn.answered:
+            if (not isinstance(exc, (httpx.ReadError, httpx.WriteError)) or conn.exchanges == 1 or conn.answered
+                    or time.monotonic() - sent > RESEND_WITHIN_S):  # fmt: skip
                 raise
             answer = None
         if answer is None:
             # A kept-alive connection the server closed just as the request went out (its idle timeout ending
-            # then): no byte of an answer came, so the request is sent once more, on a new connection.
+            # then): no byte of an answer came, so the request is sent once more, on a new connection. Only when
+            # the close came at once: a server that held the request longer (a worker that crashed on it, a proxy's
+            # own timeout) may have run it, and been paid for it; sent again, it would run twice.
             conn = await self._acquire(origin, request, fresh=True)
             try:
                 answer = await conn.exchange(data)
