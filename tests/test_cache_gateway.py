@@ -191,6 +191,29 @@ async def test_a_partial_hit_never_mixes_models(client: httpx.AsyncClient, upstr
 
 
 @pytest.mark.anyio
+async def test_what_a_fallback_fetched_is_kept_when_embedding_the_cached_items_again_fails(
+    client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    # The fallback embedded the missing item (billed), then failed embedding the cached one again: the request
+    # failed, and the item it paid for was not stored, so the next request paid for it again.
+    await embed(client, ["cached"])
+    upstream.script.extend([Fault("status", 503, model="embed-small"), Fault("ok", model="embed-b"),
+                            Fault("status", 500, model="embed-b")])  # fmt: skip
+    body = {"model": "local/embed-small", "input": ["cached", "new"], "cache": CACHE,
+            "fallbacks": [{"model": "local/embed-b"}], "retry": {"count": 0, "on_codes": [503]}}  # fmt: skip
+    r = await client.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 502, r.text
+    calls = len(upstream.calls)
+    r = await client.post("/v1/embeddings", json={"model": "local/embed-b", "input": ["new"], "cache": CACHE},
+                          headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert r.headers["x-embedgate-cache"] == "hit" and len(upstream.calls) == calls
+    np.testing.assert_array_equal(floats(r)[0], expected_vector("embed-b", "new"))
+    r = await embed(client, ["cached"])  # the primary's own entry is still its own
+    assert r.headers["x-embedgate-cache"] == "hit"
+    np.testing.assert_array_equal(floats(r)[0], expected_vector("embed-small", "cached"))
+
+
+@pytest.mark.anyio
 async def test_a_partial_hit_never_mixes_vector_sizes(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
     # The model changed its dimension count (8 -> 9, adopted after three agreeing answers): a partial hit merged a
     # vector cached at 8 floats with fresh ones of 9.

@@ -685,13 +685,18 @@ class Pipeline:
                 if refused is not None:
                     # The missing items were embedded, and paid for: kept in the cache all the same (another key
                     # of the workspace, or this one once its budget allows, finds them), then the 429 (or 503).
-                    again_of = set(foreign)
-                    kept = sorted(p for p in fetched_here.union(longer) if p not in again_of)
-                    await self._store(call, served, kept, max(ttl, kept_for[0]))
+                    await self._store_fetched(call, served, fetched_here, longer, foreign, max(ttl, kept_for[0]))
                     raise refused
             # attempts of the model that served: its place in the request's chain is its fallback index
             index = next((i for i, m in enumerate(call.chain) if m.id == served), 0)
-            again = await self._embed(call, unique, [self._router.resolve(served)], index)
+            failed: GatewayError | None = None
+            try:
+                again = await self._embed(call, unique, [self._router.resolve(served)], index)
+            except GatewayError as exc:
+                failed = exc  # acted on below, outside the handler (no await in one: see embedgate._native)
+            if failed is not None:  # so too when embedding them again fails: what was paid for is kept
+                await self._store_fetched(call, served, fetched_here, longer, foreign, max(ttl, kept_for[0]))
+                raise failed
             self._take(call, unique, again)
             for p in foreign:
                 q = first[call.cache_keys[p]]
@@ -701,6 +706,13 @@ class Pipeline:
             fetched_here.update(foreign)
         fresh = sorted(fetched_here.union(longer))  # (the status counts only what this request fetched)
         await self._store(call, served, fresh, max(ttl, kept_for[0]))
+
+    async def _store_fetched(self, call: Call, model: str, fetched_here: set[int], longer: list[int],
+                             foreign: list[int], ttl: int) -> None:  # fmt: skip
+        """Keep what this request fetched (and what it keeps longer), but the items of another model (``foreign``),
+        whose embedding again did not come: the request fails, but its missing items were embedded and paid for."""
+        again_of = set(foreign)
+        await self._store(call, model, sorted(p for p in fetched_here.union(longer) if p not in again_of), ttl)
 
     async def _store(self, call: Call, model: str, positions: list[int], ttl: int) -> None:
         """Keep the vectors at ``positions`` under ``model``'s keys for ``ttl`` seconds."""
