@@ -588,6 +588,18 @@ async def test_an_error_echoing_the_key_escaped_or_encoded_is_redacted(body: byt
     assert "[redacted]" in message and "SECRET" not in message and "zzzz9999" not in message
 
 
+@pytest.mark.parametrize("cut", [2, 10])
+async def test_an_error_echoing_the_key_cut_short_has_the_piece_taken_out(cut: int) -> None:
+    # An upstream that cut its own message mid-key passed the rest of the key on: only the whole key was found.
+    secret = "sk-prov3-0123456789abcdefSECRETKEY-cc"
+    message, _ = await _answered(secret, b"500 Internal Server Error",
+                                 b'{"error": {"message": "bad key %s"}}' % secret[:-cut].encode())  # fmt: skip
+    assert message.endswith("bad key [redacted]") and "0123" not in message, message
+    # the kind of key alone (its first characters, fewer than 16) is no secret: left as sent
+    message, _ = await _answered(secret, b"401 Unauthorized", b'{"error": {"message": "a key sk-prov3-01 ..."}}')
+    assert "a key sk-prov3-01 ..." in message
+
+
 async def test_an_answers_model_and_a_bad_index_never_carry_the_key() -> None:
     # the answer's model became a span attribute as sent; a bad index was quoted with repr into the 502's message
     vector = base64.b64encode(struct.pack("<2f", 1.0, 2.0)).decode()

@@ -29,6 +29,9 @@ from .http1 import Http1Transport, decoded_answer, header_value, origin_of, requ
 __all__ = ["OpenAIAdapter", "cut_vectors", "take_cut"]
 
 _MAX_MESSAGE: Final = 500
+#: A key's first characters: echoed cut short in an error (at least this many, as long as they match), taken out too.
+#: Fewer may be only the kind of key ("sk-proj-", "sk-ant-api03-"), which says nothing secret.
+_PIECE: Final = 16
 
 log = structlog.get_logger("embedgate.providers")
 
@@ -182,7 +185,7 @@ class OpenAIAdapter:
             text = str(message) if message else orjson.dumps(data).decode()
         except orjson.JSONDecodeError:
             text = content[:window].decode("utf-8", "replace")
-        return _scrubbed(text[:window], forms)[:_MAX_MESSAGE] or "(empty body)", param, code
+        return _scrubbed(text[:window], forms, pieces=True)[:_MAX_MESSAGE] or "(empty body)", param, code
 
     def _parse(self, content: bytes | bytearray, n_items: int, dimensions: int | None) -> Embeddings:
         try:
@@ -220,11 +223,24 @@ def _secret_forms(providers: Sequence[ProviderConfig]) -> tuple[str, ...]:
     return tuple(sorted({f for f in forms if f}, key=len, reverse=True))
 
 
-def _scrubbed(text: str, forms: tuple[str, ...]) -> str:
-    """``text`` without any of ``forms`` (the keys' forms, longest first)."""
+def _scrubbed(text: str, forms: tuple[str, ...], pieces: bool = False) -> str:
+    """``text`` without any of ``forms`` (the keys' forms, longest first); with ``pieces``, nor any piece of one
+    of :data:`_PIECE` characters or more that starts as it does (a message the upstream cut short mid-key)."""
     for form in forms:
         if form in text:
             text = text.replace(form, "[redacted]")
+    if pieces:
+        for form in forms:
+            if len(form) <= _PIECE:
+                continue
+            head = form[:_PIECE]
+            start = text.find(head)
+            while start >= 0:
+                end = start + _PIECE
+                while end < len(text) and end - start < len(form) and text[end] == form[end - start]:
+                    end += 1
+                text = f"{text[:start]}[redacted]{text[end:]}"
+                start = text.find(head, start + len("[redacted]"))
     return text
 
 
