@@ -214,6 +214,32 @@ async def test_what_a_fallback_fetched_is_kept_when_embedding_the_cached_items_a
 
 
 @pytest.mark.anyio
+async def test_a_partial_hit_whose_cached_items_fail_on_the_fallback_goes_on_to_the_next_one(
+    client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    # Embedding the cached items again went to the model that served alone: its failure was the request's 502,
+    # where the next fallback would have served (as it does without the cache).
+    await embed(client, ["hello"])
+    upstream.script.extend([Fault("status", 503, model="embed-small"), Fault("ok", model="embed-b"),
+                            Fault("status", 500, model="embed-b")])  # fmt: skip
+    fallbacks = [{"model": "local/embed-b"}, {"model": "local/embed-c"}]
+    r = await embed(client, ["hello", "world"], fallbacks=fallbacks, retry={"count": 0, "on_codes": [503]})
+    assert r.json()["model"] == "local/embed-c"
+    for vec, text in zip(floats(r), ["hello", "world"], strict=True):  # one model's answer
+        np.testing.assert_array_equal(vec, expected_vector("embed-c", text))
+    assert [(c.body["model"], c.body["input"]) for c in upstream.calls[1:]] == [
+        ("embed-small", ["world"]), ("embed-b", ["world"]), ("embed-b", ["hello"]), ("embed-c", ["hello"]),
+        ("embed-c", ["world"])]  # fmt: skip
+    calls = len(upstream.calls)
+    for model in ("embed-b", "embed-c"):  # what each was paid for is kept under it
+        r = await client.post("/v1/embeddings", json={"model": f"local/{model}", "input": ["world"], "cache": CACHE},
+                              headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.headers["x-embedgate-cache"] == "hit", model
+        np.testing.assert_array_equal(floats(r)[0], expected_vector(model, "world"))
+    assert len(upstream.calls) == calls
+
+
+@pytest.mark.anyio
 async def test_a_partial_hit_never_mixes_vector_sizes(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
     # The model changed its dimension count (8 -> 9, adopted after three agreeing answers): a partial hit merged a
     # vector cached at 8 floats with fresh ones of 9.
@@ -570,6 +596,36 @@ async def test_a_miss_waits_only_on_a_request_routed_alike(upstream: FakeUpstrea
         assert got["b"].json()["model"] == "local/embed-small"
         np.testing.assert_array_equal(floats(got["b"])[0], expected_vector("embed-small", "other text"))
     await app.shutdown()
+
+
+@pytest.mark.anyio
+async def test_a_request_sharing_a_fallback_s_item_falls_back_too_when_its_own_model_fails_it(
+    upstream: FakeUpstream,
+) -> None:
+    # B took A's item from A's call (served by the fallback), embedded its own on the primary, then embedded A's
+    # item again on the primary alone: that failed, and B got a 502 that it would not have got alone.
+    app = gateway(parse_config(cache_config(upstream.url), env={}))
+    body = {"model": "local/embed-small", "cache": CACHE, "fallbacks": [{"model": "local/embed-b"}],
+            "retry": {"count": 0, "on_codes": [503]}}  # fmt: skip
+    got: dict[str, httpx.Response] = {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+
+        async def post(name: str, after: float, inputs: list[str]) -> None:
+            await anyio.sleep(after)
+            got[name] = await c.post("/v1/embeddings", json={**body, "input": inputs},
+                                     headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+
+        upstream.script += [Fault("status", 500, model="embed-small"), Fault("slow", delay=0.4, model="embed-b"),
+                            Fault("ok", model="embed-small"), Fault("status", 500, model="embed-small")]  # fmt: skip
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, "a", 0.0, ["bad1"])
+            tg.start_soon(post, "b", 0.15, ["bad1", "ok1"])
+    await app.shutdown()
+    assert got["a"].status_code == 200 and got["a"].json()["model"] == "local/embed-b"
+    assert got["b"].status_code == 200, got["b"].text
+    assert got["b"].json()["model"] == "local/embed-b"
+    for vec, text in zip(floats(got["b"]), ["bad1", "ok1"], strict=True):
+        np.testing.assert_array_equal(vec, expected_vector("embed-b", text))
 
 
 @pytest.mark.anyio

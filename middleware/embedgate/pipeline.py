@@ -687,23 +687,43 @@ class Pipeline:
                     # of the workspace, or this one once its budget allows, finds them), then the 429 (or 503).
                     await self._store_fetched(call, served, fetched_here, longer, foreign, max(ttl, kept_for[0]))
                     raise refused
-            # attempts of the model that served: its place in the request's chain is its fallback index
-            index = next((i for i, m in enumerate(call.chain) if m.id == served), 0)
-            failed: GatewayError | None = None
-            try:
-                again = await self._embed(call, unique, [self._router.resolve(served)], index)
-            except GatewayError as exc:
-                failed = exc  # acted on below, outside the handler (no await in one: see embedgate._native)
-            if failed is not None:  # so too when embedding them again fails: what was paid for is kept
-                await self._store_fetched(call, served, fetched_here, longer, foreign, max(ttl, kept_for[0]))
-                raise failed
-            self._take(call, unique, again)
-            for p in foreign:
-                q = first[call.cache_keys[p]]
-                if q != p:
-                    call.vectors[p], call.b64[p] = call.vectors[q], call.b64[q]
-                    call.item_tokens[p] = call.item_tokens[q]
-            fetched_here.update(foreign)
+            while True:
+                # The model that served, then the fallbacks after it, as routing tries them (their place in the
+                # request's chain is their fallback index): embedding the items again on the model that served
+                # alone, a failure was the request's 502 where a later fallback would have served it, as it does
+                # without the cache.
+                index = next((i for i, m in enumerate(call.chain) if m.id == served), -1)
+                chain = call.chain[index:] if index >= 0 else [self._router.resolve(served)]
+                failed: GatewayError | None = None
+                try:
+                    again = await self._embed(call, unique, chain, max(index, 0))
+                except GatewayError as exc:
+                    failed = exc  # acted on below, outside the handler (no await in one: see embedgate._native)
+                if failed is not None:  # so too when embedding them again fails: what was paid for is kept
+                    await self._store_fetched(call, served, fetched_here, longer, foreign, max(ttl, kept_for[0]))
+                    raise failed
+                if again.model != served:
+                    # A later fallback served them: what the model before it fetched is kept under it (paid for)
+                    await self._store_fetched(call, served, fetched_here, longer, foreign, max(ttl, kept_for[0]))
+                self._take(call, unique, again)
+                for p in foreign:
+                    q = first[call.cache_keys[p]]
+                    if q != p:
+                        call.vectors[p], call.b64[p] = call.vectors[q], call.b64[q]
+                        call.item_tokens[p] = call.item_tokens[q]
+                fetched_here.update(foreign)
+                if again.model == served:
+                    break
+                # ... and the rest of the answer is embedded again by the one that served: one answer, one model
+                served = again.model
+                done = set(foreign)
+                foreign = [p for p in range(len(req.items)) if p not in done]
+                if not foreign:
+                    break
+                first = {}
+                for p in foreign:
+                    first.setdefault(call.cache_keys[p], p)
+                unique = list(first.values())
         fresh = sorted(fetched_here.union(longer))  # (the status counts only what this request fetched)
         await self._store(call, served, fresh, max(ttl, kept_for[0]))
 
