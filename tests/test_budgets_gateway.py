@@ -1183,6 +1183,20 @@ async def test_an_identity_header_is_read_as_utf8_and_named_as_sent(upstream: Fa
 
 
 @pytest.mark.anyio
+async def test_an_item_repeated_in_a_cached_batch_is_estimated_once(upstream: FakeUpstream) -> None:
+    # It goes upstream once and is billed once, but was reserved at each place: a 429 ("needs up to 42") for a
+    # request that fits the budget (14 tokens estimated, 30 left).
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 30}])
+    async with running(config) as (_, c):
+        r = await embed(c, ["aaaaaaaaaaaa"] * 3, cache={"type": "exact_match"})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-ratelimit-remaining-tokens"] == str(30 - 14)  # the estimate of one, before the settle
+        assert [call.body["input"] for call in upstream.calls] == [["aaaaaaaaaaaa"]]
+        r = await embed(c, ["aaaaaaaaaaaa"] * 3)  # without the cache, each place goes upstream: each is estimated
+        assert r.status_code == 429, r.text
+
+
+@pytest.mark.anyio
 async def test_two_different_identity_headers_are_a_400_naming_the_header(upstream: FakeUpstream) -> None:
     # The last one won: the first identity was dropped unseen, and the request counted against the other's budget.
     config = budget_config(upstream.url, [{"scope": "identity", "target": "*", "requests_per_minute": 5}])

@@ -398,7 +398,16 @@ class Pipeline:
         else:
             # A fallback serving a partial hit embeds the cached items again (one answer never mixes models):
             # with fallbacks, every item may be charged.
-            counted = missing if len(call.chain) == 1 else range(len(req.items))
+            counted: Sequence[int] = missing if len(call.chain) == 1 else range(len(req.items))
+            keys = call.cache_keys
+            if keys and len(counted) > 1:  # an item repeated in the batch goes upstream once: estimated once
+                seen: set[str] = set()
+                once: list[int] = []
+                for i in counted:
+                    if keys[i] not in seen:
+                        seen.add(keys[i])
+                        once.append(i)
+                counted = once
             tokens = estimate_tokens([req.items[i] for i in counted])
             # the dearest deployment of the chain's models bounds what a fallback may cost
             price = max([self._dearest(m) for m in call.chain], default=0.0)
