@@ -451,6 +451,13 @@ async def test_undo_lost_takes_back_only_an_admitted_reserve_once(store: BudgetS
     assert await store.undo_lost(counters, windows, member="a") is False  # once
     read = await store.read(["k:tokens"], ["k:rpm"], now_ms=t, window_ms=WINDOW_MS)
     assert (read.values, read.counts) == ((0,), (0,))
+    # an undo that comes before its reserve (still on its way): the reserve then changes nothing
+    assert await store.undo_lost(counters, windows, member="c") is False
+    with pytest.raises(BudgetStoreError, match="too late") as late:
+        await store.reserve(counters, windows, now_ms=t, window_ms=WINDOW_MS, member="c")
+    assert late.value.maybe_ran is False
+    read = await store.read(["k:tokens"], ["k:rpm"], now_ms=t, window_ms=WINDOW_MS)
+    assert (read.values, read.counts) == ((0,), (0,))
 
 
 # --- the engine on each store ---------------------------------------------------------------------

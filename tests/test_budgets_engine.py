@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -19,6 +20,7 @@ from embedgate.budgets import (
     IMAGE_TOKEN_ALLOWANCE,
     SPECIAL_TOKENS_PER_ITEM,
     BudgetEngine,
+    BudgetStoreError,
     CounterSpec,
     MemoryBudgetStore,
     ReadResult,
@@ -33,6 +35,7 @@ from embedgate.budgets import (
 )
 from embedgate.config import BudgetConfig, Deployment, ModelConfig
 from embedgate.errors import BudgetExceeded, Dialect, Unavailable, render_error
+from embedgate.resp import parse_url
 from tests.budget_util import T0, Clock
 from tests.redis_util import redis_proxy, require_redis
 
@@ -684,6 +687,99 @@ async def test_a_reserve_whose_answer_is_lost_is_undone_if_redis_ran_it(step: st
         assert row["requests_per_minute"]["used"] == (2 if step == "reserve, cancelled" else 1), row
     finally:
         await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_lost_reserve_that_reaches_redis_after_its_undo_changes_nothing() -> None:
+    # The connection cut while the reserve was still on its way (a proxy's reset): its undo came first, found no
+    # mark, and the reserve, run after it within its deadline, stayed counted for a request refused with a 503.
+    address = parse_url(require_redis())
+    held: list[bytes] = []
+    late_ran = asyncio.Event()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection(address.host, address.port)
+
+        async def back() -> None:
+            while data := await redis_reader.read(65536):
+                writer.write(data)
+
+        answers = asyncio.ensure_future(back())
+        try:
+            while data := await reader.read(65536):
+                if held == [b"hold"] and b"EVALSHA" in data and b"EVALSHA" in data[:40]:
+                    held[0] = data
+                    writer.transport.abort()  # the client's connection cut: its reserve still on its way
+                    await asyncio.sleep(0.3)  # (its deadline is 0.8 s away: it runs when it arrives)
+                    redis_writer.write(data)
+                    await redis_writer.drain()
+                    await asyncio.sleep(0.1)
+                    late_ran.set()
+                    break
+                redis_writer.write(data)
+                await redis_writer.drain()
+        finally:
+            answers.cancel()
+            redis_writer.close()
+            writer.close()
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    proxied = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/{address.db}"
+    prefix = f"eg:test:{uuid.uuid4().hex}:"
+    target = f"late-{uuid.uuid4().hex}"
+    config = budgets(BudgetConfig(scope="api_key", target=target, token_limit=1000, requests_per_minute=100))
+    subject = replace(ALICE, api_key=target)
+    store = RedisBudgetStore(proxied, prefix=prefix)
+    eng = BudgetEngine(config, store)
+    try:
+        await eng.reserve(subject, tokens=10, cost_usd=0.0)
+        held.append(b"hold")
+        with pytest.raises(Unavailable):
+            await eng.reserve(subject, tokens=100, cost_usd=0.0)
+        await eng.drain(5.0)  # the undo ran before the reserve reached Redis
+        await asyncio.wait_for(late_ran.wait(), 5.0)
+    finally:
+        await store.aclose()
+        server.close()
+        await server.wait_closed()
+    store = RedisBudgetStore(require_redis(), prefix=prefix)
+    try:
+        (row,) = await BudgetEngine(config, store).usage()
+        assert (row["tokens"]["used"], row["requests_per_minute"]["used"]) == (10, 1), row
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_only_a_reserve_that_went_out_is_undone() -> None:
+    # A reserve refused at connect never reached Redis: it was queued to be undone all the same, 10,000 of them
+    # filling the queue (pushing out the ones lost on their way) and sent to Redis in a burst when it came back.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there
+    store = RedisBudgetStore(f"redis://127.0.0.1:{port}/0")
+    eng = BudgetEngine(budgets(BudgetConfig(scope="api_key", target="team-a", token_limit=1000)), store,
+                       fail_open=True)  # fmt: skip
+    try:
+        for _ in range(3):
+            assert (await eng.reserve(ALICE, tokens=10, cost_usd=0.0)).decision == "fail_open"
+        assert not eng._undoing and not eng._lost
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_store_of_ones_own_without_undo_lost_still_serves() -> None:
+    # The undo task called store.undo_lost on a wrapper written before it: an AttributeError, a traceback a request.
+    class Failing(CountingStore):
+        async def reserve(self, *args: Any, **kwargs: Any) -> ReserveResult:
+            raise BudgetStoreError("cut")
+
+    eng = BudgetEngine(budgets(BudgetConfig(scope="api_key", target="team-a", token_limit=1000)), Failing(),
+                       fail_open=True)  # fmt: skip
+    eng._immediate = False  # (as a wrapper of the Redis store is: it may lose an answer)
+    assert (await eng.reserve(ALICE, tokens=10, cost_usd=0.0)).decision == "fail_open"
+    assert not eng._undoing and not eng._lost
 
 
 @pytest.mark.anyio

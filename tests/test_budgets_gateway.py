@@ -1208,9 +1208,13 @@ async def test_two_different_identity_headers_are_a_400_naming_the_header(upstre
             assert r.status_code == 400, r.text
             assert (error_of(r)["param"], error_of(r)["code"]) == (name.lower(), "invalid_request"), r.text
         assert upstream.calls == []
-        # the same one twice (a proxy that repeats it) is that one; a body's identity wins over both
+        # the same one twice (a proxy that repeats it) is that one, so is one beside an empty one (no identity); a
+        # body's identity wins over both
         r = await c.post(ROUTES["openai"], json=body, headers=[auth, *[("X-ORQ-IDENTITY-ID", "ann")] * 2])
         assert r.status_code == 200, r.text
+        for pair in (["", "ann"], ["ann", ""]):
+            r = await c.post(ROUTES["openai"], json=body, headers=[auth, *[("X-ORQ-IDENTITY-ID", v) for v in pair]])
+            assert r.status_code == 200, r.text
         two = [auth, ("X-ORQ-IDENTITY-ID", "ann"), ("X-ORQ-IDENTITY-ID", "bob")]
         r = await c.post(ROUTES["openai"], json={**body, "identity": {"id": "cy"}}, headers=two)
         assert r.status_code == 200, r.text

@@ -36,7 +36,14 @@ NEVER_MS: Final = 2**53
 
 
 class BudgetStoreError(Exception):
-    """The budget store could not be reached or answered an error (foreign errors are translated to this)."""
+    """The budget store could not be reached or answered an error (foreign errors are translated to this).
+
+    ``maybe_ran``: whether the operation may have changed the store all the same (its command went out, and its
+    answer was lost); False when it never reached the store, or the store said it changed nothing."""
+
+    def __init__(self, message: str, *, maybe_ran: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_ran = maybe_ran
 
 
 class _Record:
@@ -355,6 +362,8 @@ _RESERVE = """
 if redis.replicate_commands then redis.replicate_commands() end  -- TIME, then writes: Redis < 5 needs it
 local t = redis.call('TIME')
 if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[#ARGV]) then return {-1} end
+-- its mark says an undo came first (its answer lost, the caller gone): it must change nothing
+if redis.call('GET', KEYS[#KEYS - 1]) == 'undone' then return {-1} end
 local n, m, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now, window, member = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local failed, values, counts = 0, {}, {}
@@ -420,12 +429,13 @@ return out
 
 # KEYS: the reserve's mark, n counters, windows, the epoch key; ARGV: n, the amount per counter, the member. Only a
 # reserve that admitted left its mark, in the counters' life it names: the amounts go back (not below 0, as _ADJUST)
-# and the member leaves the windows, once. Answers {1} if it undid one.
+# and the member leaves the windows, once. The mark then reads 'undone', as it does when the undo comes first (the
+# reserve still on its way): the reserve, should it come later, changes nothing. Answers {1} if it undid one.
 _UNDO_LOST = """
 local epoch = redis.call('GET', KEYS[1])
-if not epoch then return {0} end
-redis.call('DEL', KEYS[1])
-if redis.call('GET', KEYS[#KEYS]) ~= epoch then return {0} end
+if epoch == 'undone' then return {0} end
+redis.call('SET', KEYS[1], 'undone', 'PX', UNDO_WINDOW_MS)
+if not epoch or redis.call('GET', KEYS[#KEYS]) ~= epoch then return {0} end
 local n = tonumber(ARGV[1])
 for i = 1, n do
   local v = redis.call('GET', KEYS[1 + i])
@@ -433,7 +443,7 @@ for i = 1, n do
 end
 for j = 2 + n, #KEYS - 1 do redis.call('ZREM', KEYS[j], ARGV[#ARGV]) end
 return {1}
-"""
+""".replace("UNDO_WINDOW_MS", str(_UNDO_WINDOW_MS))
 
 # KEYS: counters, then the epoch key; ARGV: one delta per counter, then the reserve's epoch ('' for none). Nothing
 # changes unless the counters are in that epoch (Redis lost its data since: the new ones never held the reserve);
@@ -488,10 +498,13 @@ class RedisBudgetStore:
         self.last_error: str | None = None
 
     async def _call(self, script: Script, keys: list[str], args: list[Any]) -> list[int]:
+        written = [False]
         try:
-            result = await self._redis.evalsha(script, keys, args)
+            result = await self._redis.evalsha(script, keys, args, written=written)
         except (RespError, OSError, TimeoutError) as exc:
-            raise BudgetStoreError(f"{type(exc).__name__}: {exc}") from exc
+            # An error reply: the script did not run (or stopped on an error of its own, before its last writes)
+            ran = written[0] and not isinstance(exc, RespError)
+            raise BudgetStoreError(f"{type(exc).__name__}: {exc}", maybe_ran=ran) from exc
         return [int(v) for v in result]
 
     async def reserve(
@@ -517,8 +530,8 @@ class RedisBudgetStore:
         # a new epoch, should this reserve be the first since Redis lost its data (below 2**53: exact in Lua)
         args += [random.getrandbits(52) + 1, NEVER_MS, await self._deadline()]
         out = await self._call(self._reserve, keys, args)
-        if out[0] < 0:  # it reached Redis past its deadline and changed nothing (else: 0, or the failed index)
-            raise BudgetStoreError("Redis ran the reserve too late to answer it in time")
+        if out[0] < 0:  # it reached Redis past its deadline (or after its undo) and changed nothing
+            raise BudgetStoreError("Redis ran the reserve too late to answer it in time", maybe_ran=False)
         n, m = len(counters), len(windows)
         marks = tuple(None if v < 0 else v for v in out[1 + n + m : 1 + n + 2 * m])
         return ReserveResult(out[0] - 1, tuple(out[1 : 1 + n]), tuple(out[1 + n : 1 + n + m]), marks, out[-1])
@@ -534,8 +547,8 @@ class RedisBudgetStore:
         if now - self._offset_read_at > _CLOCK_READ_MS:
             try:
                 seconds, micros = await self._redis.execute("TIME")
-            except (RespError, OSError, TimeoutError) as exc:
-                raise BudgetStoreError(f"{type(exc).__name__}: {exc}") from exc
+            except (RespError, OSError, TimeoutError) as exc:  # (before the reserve went out)
+                raise BudgetStoreError(f"{type(exc).__name__}: {exc}", maybe_ran=False) from exc
             after = time.monotonic() * 1000
             redis_ms = int(seconds) * 1000 + int(micros) / 1000
             if after - now <= _CLOCK_READ_MAX_RTT_MS:

@@ -389,6 +389,7 @@ class BudgetEngine:
         self._lost: deque[tuple[float, list[CounterSpec], list[WindowSpec], str]] = deque(maxlen=_MAX_LOST)
         self._lost_dropped = 0
         self._undo_task: asyncio.Future[None] | None = None
+        self._can_undo = callable(getattr(store, "undo_lost", None))
         self._fail_open = fail_open
         self._window_ms = int(window_s * 1000)
         self._clock = clock
@@ -614,10 +615,11 @@ class BudgetEngine:
             task.add_done_callback(self._undoing.discard)
             task.add_done_callback(lambda done: self._undo_late(done, specs, member))
             raise
-        except BudgetStoreError:
+        except BudgetStoreError as exc:
             # Its answer lost (the connection cut, or no answer in time) may be a reserve that Redis ran: the
             # request refused with a 503 (or admitted unbudgeted, fail_open) stayed charged. Undone if it ran.
-            self._undo_lost(specs, windows, member)
+            if exc.maybe_ran:
+                self._undo_lost(specs, windows, member)
             raise
 
     @property
@@ -636,9 +638,10 @@ class BudgetEngine:
     def _undo_late(self, done: asyncio.Future[Any], specs: list[CounterSpec], member: str) -> None:
         if done.cancelled():
             return
-        if done.exception() is not None:
-            if isinstance(done.exception(), BudgetStoreError):  # lost on its way back: undone if it ran (counted)
-                self._undo_lost(specs, [], member)
+        lost = done.exception()
+        if lost is not None:
+            if isinstance(lost, BudgetStoreError) and lost.maybe_ran:  # lost on its way back: undone if it ran
+                self._undo_lost(specs, [], member)  # (the request counted, as a cancelled one is)
             return
         res = done.result()
         deltas = [(c.key, -c.amount) for c in specs if c.amount]
@@ -651,6 +654,8 @@ class BudgetEngine:
         """Undo, in the background, the reserve of ``member`` whose answer was lost, should it have run and admitted
         (the store keeps what it needs for a while: ``_UNDO_FOR_S`` here). Queued, bounded, for one task that undoes
         them in turn and, while the store does not answer, waits longer each time (one attempt, not one a request)."""
+        if not self._can_undo:  # a store of its own written before undo_lost: it stays counted
+            return
         if len(self._lost) == self._lost.maxlen:
             self._lost_dropped += 1  # (the oldest goes)
         self._lost.append((time.monotonic() + _UNDO_FOR_S, specs, windows, member))

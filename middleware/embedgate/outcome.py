@@ -53,8 +53,11 @@ def embed_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
                 text = f"{out[name]}, {text}"
             elif name == "authorization":
                 text = one_authorization(out[name], text)  # which of two keys is the client's? (a 401 says so)
-            elif name in ("x-orq-identity-id", "x-orq-contact-id") and text != out[name]:
-                text = TWO_IDENTITIES  # whose request is it? (a 400 says so, unless the body names the identity)
+            elif name in ("x-orq-identity-id", "x-orq-contact-id"):
+                if not text:  # an empty one (no identity) beside one that names it: that one
+                    continue
+                if out[name] and text != out[name]:
+                    text = TWO_IDENTITIES  # whose request is it? (a 400 says so, unless the body names the identity)
         out[name] = text
     return out
 

@@ -353,13 +353,17 @@ class LeanRedis:
         self._connecting: asyncio.Future[_Pipe] | None = None
         self._closed = False
 
-    async def execute(self, *args: bytes | str | int | float) -> Any:
+    async def execute(self, *args: bytes | str | int | float, written: list[bool] | None = None) -> Any:
         """Send one command and return its reply; ``RespError`` for an error reply, ``OSError`` (connection)
-        or ``TimeoutError`` when Redis cannot be reached or does not answer in time."""
+        or ``TimeoutError`` when Redis cannot be reached or does not answer in time. ``written[0]`` is set once the
+        command went out (a failure before it: Redis never saw the command)."""
         pipe = self._pipe
         if pipe is None or pipe.closed or pipe.loop is not asyncio.get_running_loop():
             pipe = await self._connection()
-        return await pipe.call(pack(args))
+        reply = pipe.call(pack(args))
+        if written is not None:
+            written[0] = True
+        return await reply
 
     async def execute_many(self, commands: Sequence[Sequence[bytes | str | int | float]]) -> list[Any]:
         """Send ``commands`` in one write and return their replies in order; raises the first failure, once
@@ -385,16 +389,20 @@ class LeanRedis:
             raise failure
         return replies
 
-    async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[bytes | str | int | float]) -> Any:
-        """Run ``script`` (``EVALSHA``), loading it first if the server has not seen it (a restart flushes them)."""
+    async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[bytes | str | int | float], *,
+                      written: list[bool] | None = None) -> Any:  # fmt: skip
+        """Run ``script`` (``EVALSHA``), loading it first if the server has not seen it (a restart flushes them);
+        ``written`` as :meth:`execute` sets it, for the run that may have run it."""
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
-            return await self.execute(*command)
+            return await self.execute(*command, written=written)
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
+        if written is not None:
+            written[0] = False  # Redis did not know the script: it ran nothing
         await self.execute("SCRIPT", "LOAD", script.source)
-        return await self.execute(*command)
+        return await self.execute(*command, written=written)
 
     async def aclose(self) -> None:
         """Close the connection; later commands fail."""
