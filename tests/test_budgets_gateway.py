@@ -1197,6 +1197,33 @@ async def test_an_item_repeated_in_a_cached_batch_is_estimated_once(upstream: Fa
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("limit", [9, 20])
+async def test_a_later_fallback_embedding_a_partial_hit_again_stays_within_the_budget(upstream: FakeUpstream,
+                                                                                      limit: int) -> None:  # fmt: skip
+    # The fallback that served the new item failed on the cached one, and the next embedded both again: the new
+    # item was paid for twice, beyond the estimate (which counts each item once), and the budget overshot (12 of 9).
+    per_model = [{"scope": "model", "target": f"local/{m}", "token_limit": 100} for m in ("embed-b", "embed-c")]
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": limit}, *per_model])
+    cache = {"type": "exact_match"}
+    async with running(config) as (_, c):
+        assert (await embed(c, [[1, 2, 3]], cache=cache)).status_code == 200  # 3 tokens
+        upstream.script.extend([Fault("status", 503, model="embed-small"), Fault("ok", model="embed-b"),
+                                Fault("status", 500, model="embed-b")])  # fmt: skip
+        r = await embed(c, [[1, 2, 3], [4, 5, 6]], cache=cache, retry={"count": 0, "on_codes": [503]},
+                        fallbacks=[{"model": "local/embed-b"}, {"model": "local/embed-c"}])  # fmt: skip
+        rows = {row["target"]: row["tokens"]["used"] for row in await admin_usage(c)}
+    if limit == 9:  # 3 used, 6 reserved; embedding [4, 5, 6] again with embed-c needs 3 more: refused
+        assert (r.status_code, r.json()["error"]["code"]) == (429, "token_budget_exceeded"), r.text
+        assert rows["team-a"] == 9
+    else:
+        assert (r.status_code, r.json()["model"]) == (200, "local/embed-c"), r.text
+        assert rows["team-a"] == 3 + 3 + 6  # the first request, embed-b's [4, 5, 6], embed-c's both
+    # what each fallback embedded is on its own budget: embed-b's [4, 5, 6] (it was released, and embed-c charged it)
+    assert rows["local/embed-b"] == 3
+    assert rows["local/embed-c"] == (3 if limit == 9 else 6)
+
+
+@pytest.mark.anyio
 async def test_two_different_identity_headers_are_a_400_naming_the_header(upstream: FakeUpstream) -> None:
     # The last one won: the first identity was dropped unseen, and the request counted against the other's budget.
     config = budget_config(upstream.url, [{"scope": "identity", "target": "*", "requests_per_minute": 5}])

@@ -3,6 +3,7 @@ fallbacks, coalescing, two processes sharing Redis, and Redis going away and com
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import shutil
@@ -237,6 +238,58 @@ async def test_a_partial_hit_whose_cached_items_fail_on_the_fallback_goes_on_to_
         assert r.headers["x-embedgate-cache"] == "hit", model
         np.testing.assert_array_equal(floats(r)[0], expected_vector(model, "world"))
     assert len(upstream.calls) == calls
+
+
+@pytest.mark.anyio
+async def test_a_model_named_twice_in_the_chain_is_gone_down_once(client: httpx.AsyncClient,
+                                                                  upstream: FakeUpstream) -> None:  # fmt: skip
+    # [A, B, A]: after A served at its second place, embedding the rest again started from A's first place, and
+    # A and B could take turns for ever (41 calls for one request of 2 items, each round billed).
+    await embed(client, ["hello"])
+    fail_a, ok_a = Fault("status", 500, model="embed-small"), Fault("ok", model="embed-small")
+    fail_b, ok_b = Fault("status", 500, model="embed-b"), Fault("ok", model="embed-b")
+    upstream.script.extend([fail_a, ok_b, fail_b, ok_a] * 5)
+    fallbacks = [{"model": "local/embed-b"}, {"model": "local/embed-small"}]
+    body = {"model": "local/embed-small", "input": ["hello", "world"], "cache": CACHE, "fallbacks": fallbacks,
+            "retry": {"count": 0}}  # fmt: skip
+    r = await client.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}"})
+    # world: A fails, B serves; hello again from B on: B fails, A (its second place) serves; world again from
+    # there: A only, which fails (the script's next turn)
+    assert [(c.body["model"], c.body["input"]) for c in upstream.calls[1:]] == [
+        ("embed-small", ["world"]), ("embed-b", ["world"]), ("embed-b", ["hello"]), ("embed-small", ["hello"]),
+        ("embed-small", ["world"])]  # fmt: skip
+    assert r.status_code == 502, r.text
+
+
+@pytest.mark.anyio
+async def test_an_item_repeated_in_a_batch_is_fetched_once_after_its_owners_were_cancelled(
+    upstream: FakeUpstream,
+) -> None:
+    # Owner after owner cancelled: the batch fetched what was left itself, each repeat of an item in it (billed
+    # twice, where its estimate counted it once).
+    app = gateway(parse_config(cache_config(upstream.url), env={}))
+    body = {"model": "local/embed-small", "cache": CACHE}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+
+        async def post(inputs: Any) -> httpx.Response:
+            return await c.post("/v1/embeddings", json={**body, "input": inputs},
+                                headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+
+        upstream.script += [Fault("slow", delay=1.0)] * 3
+        owners = []
+        for _ in range(3):
+            owners.append(asyncio.ensure_future(post([[1, 2, 3]])))
+            await asyncio.sleep(0.05)
+        repeated = asyncio.ensure_future(post([[1, 2, 3], [1, 2, 3]]))
+        await asyncio.sleep(0.1)
+        for owner in owners:
+            owner.cancel()
+            await asyncio.sleep(0.1)
+        r = await repeated
+    await app.shutdown()
+    assert r.status_code == 200, r.text
+    assert upstream.calls[-1].body["input"] == [[1, 2, 3]]
+    assert floats(r)[0].tolist() == floats(r)[1].tolist()
 
 
 @pytest.mark.anyio

@@ -464,10 +464,17 @@ class Coalescer(Generic[T]):
             pending = await self._round(keys, pending, fetch, results, held)
             if not pending:
                 return [results[i] for i in range(len(keys))]
-        # Owner after owner was cancelled: stop depending on others and fetch the rest uncoalesced.
-        values = await fetch(pending)
-        _check_count(values, pending)
-        results.update(zip(pending, values, strict=True))
+        # Owner after owner was cancelled: stop depending on others and fetch the rest uncoalesced (an item repeated
+        # in the batch once, as a round fetches it: it is estimated and billed once).
+        first: dict[str, int] = {}
+        for i in pending:
+            first.setdefault(keys[i], i)
+        once = list(first.values())
+        values = await fetch(once)
+        _check_count(values, once)
+        results.update(zip(once, values, strict=True))
+        for i in pending:
+            results[i] = results[first[keys[i]]]
         return [results[i] for i in range(len(keys))]
 
     async def _round(

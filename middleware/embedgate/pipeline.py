@@ -97,6 +97,7 @@ class Call:
     cache_ttl: int | None = None
     cache_keys: list[str] = field(default_factory=list)
     lookup_model: str = ""  # the model the cache keys are looked up under: the first of the chain that may serve
+    served_place: int = -1  # the place in the chain of the model that served what this request fetched
     key_input_type: str | None = None  # the input_type the cache keys hold: as the upstream gets it (see cache_lookup)
     attempts: int = 0
     deployment: str = ""
@@ -152,6 +153,7 @@ class Call:
         self.cache_ttl = None
         self.cache_keys = []
         self.lookup_model = ""
+        self.served_place = -1
         self.key_input_type = None
         self.attempts = 0
         self.deployment = ""
@@ -678,42 +680,38 @@ class Pipeline:
                 first.setdefault(call.cache_keys[p], p)
             unique = list(first.values())
             cached = [req.items[p] for p in unique if p not in missing]
-            if cached and len(call.chain) == 1 and call.reservation is not None:
+            if cached and len(call.chain) == 1:
                 # Without fallbacks the budget reserved only the missing items (see budget): the cached ones
                 # embedded again are reserved now (a 429 if they do not fit), or they would overshoot it.
-                tokens = estimate_tokens(cached)
-                price = self._dearest(call.chain[0])
-                refused: GatewayError | None = None
-                try:
-                    await self._budgets.extend(call.reservation, tokens=tokens, cost_usd=cost_usd(tokens, price))
-                    for _, provider, own in call.held or ():  # and the providers serving it under another id
-                        if provider is not None:
-                            await self._budgets.extend(own, tokens=tokens, cost_usd=cost_usd(tokens, price))
-                except GatewayError as exc:
-                    refused = exc  # acted on below, outside the handler (no await in one: see embedgate._native)
+                refused = await self._extend(call, cached)
                 if refused is not None:
                     # The missing items were embedded, and paid for: kept in the cache all the same (another key
                     # of the workspace, or this one once its budget allows, finds them), then the 429 (or 503).
                     await self._store_fetched(call, served, fetched_here, longer, foreign, max(ttl, kept_for[0]))
                     raise refused
+            # The model that served, then the fallbacks after it, as routing tries them: embedding the items again on
+            # the model that served alone, its failure was the request's error where a later fallback would have
+            # served it, as it does without the cache. Its place: where it served this request's own fetch, else
+            # (items of another request's call alone) its first place in the chain.
+            place = call.served_place
+            if place < 0 or place >= len(call.chain) or call.chain[place].id != served:
+                place = next((i for i, m in enumerate(call.chain) if m.id == served), -1)
+            ttl_kept = max(ttl, kept_for[0])
             while True:
-                # The model that served, then the fallbacks after it, as routing tries them (their place in the
-                # request's chain is their fallback index): embedding the items again on the model that served
-                # alone, a failure was the request's 502 where a later fallback would have served it, as it does
-                # without the cache.
-                index = next((i for i, m in enumerate(call.chain) if m.id == served), -1)
-                chain = call.chain[index:] if index >= 0 else [self._router.resolve(served)]
+                chain = call.chain[place:] if place >= 0 else [self._router.resolve(served)]
                 failed: GatewayError | None = None
                 try:
-                    again = await self._embed(call, unique, chain, max(index, 0))
+                    again = await self._embed(call, unique, chain, max(place, 0))
                 except GatewayError as exc:
                     failed = exc  # acted on below, outside the handler (no await in one: see embedgate._native)
                 if failed is not None:  # so too when embedding them again fails: what was paid for is kept
-                    await self._store_fetched(call, served, fetched_here, longer, foreign, max(ttl, kept_for[0]))
+                    await self._store_fetched(call, served, fetched_here, longer, foreign, ttl_kept)
                     raise failed
-                if again.model != served:
-                    # A later fallback served them: what the model before it fetched is kept under it (paid for)
-                    await self._store_fetched(call, served, fetched_here, longer, foreign, max(ttl, kept_for[0]))
+                moved = again.model != served  # a later place served them (a model named twice: its own vectors)
+                if moved:
+                    # What the model before it fetched is kept under it, and charged to it (its budgets, metrics)
+                    await self._store_fetched(call, served, fetched_here, longer, foreign, ttl_kept)
+                    _supersede(call, served)
                 self._take(call, unique, again)
                 for p in foreign:
                     q = first[call.cache_keys[p]]
@@ -721,10 +719,11 @@ class Pipeline:
                         call.vectors[p], call.b64[p] = call.vectors[q], call.b64[q]
                         call.item_tokens[p] = call.item_tokens[q]
                 fetched_here.update(foreign)
-                if again.model == served:
+                if not moved:
                     break
-                # ... and the rest of the answer is embedded again by the one that served: one answer, one model
-                served = again.model
+                # ... and the rest of the answer is embedded again by the one that served: one answer, one model.
+                # Its place is later than the one before (each round goes on down the chain, so they end).
+                served, place = again.model, again.place
                 done = set(foreign)
                 foreign = [p for p in range(len(req.items)) if p not in done]
                 if not foreign:
@@ -733,8 +732,31 @@ class Pipeline:
                 for p in foreign:
                     first.setdefault(call.cache_keys[p], p)
                 unique = list(first.values())
+                # Paid for twice (by the model before, and now this one): beyond the estimate, reserved now
+                refused = await self._extend(call, [req.items[p] for p in unique])
+                if refused is not None:
+                    await self._store_fetched(call, served, fetched_here, longer, foreign, ttl_kept)
+                    raise refused
         fresh = sorted(fetched_here.union(longer))  # (the status counts only what this request fetched)
         await self._store(call, served, fresh, max(ttl, kept_for[0]))
+
+    async def _extend(self, call: Call, items: list[Any]) -> GatewayError | None:
+        """Reserve the estimate of ``items`` more on the request's budgets, and the providers' serving it under
+        another id: work its estimate did not cover. Their refusal (a 429, or a 503), if any."""
+        if call.reservation is None:
+            return None
+        tokens = estimate_tokens(items)
+        # the dearest deployment of the chain's models bounds what it may cost, as for the estimate
+        cost = cost_usd(tokens, max([self._dearest(m) for m in call.chain], default=0.0))
+        refused: GatewayError | None = None
+        try:
+            await self._budgets.extend(call.reservation, tokens=tokens, cost_usd=cost)
+            for _, provider, own in call.held or ():
+                if provider is not None:
+                    await self._budgets.extend(own, tokens=tokens, cost_usd=cost)
+        except GatewayError as exc:
+            refused = exc
+        return refused
 
     async def _store_fetched(self, call: Call, model: str, fetched_here: set[int], longer: list[int],
                              foreign: list[int], ttl: int) -> None:  # fmt: skip
@@ -802,6 +824,7 @@ class Pipeline:
         for pos, tokens in zip(positions, shares, strict=True):
             call.item_tokens[pos] = tokens
         call.served_model = result.model
+        call.served_place = result.place
         call.billed_tokens += result.prompt_tokens
         call.prompt_tokens = sum(call.item_tokens)
         call.attempts += result.attempts
@@ -826,6 +849,17 @@ class Pipeline:
             call.spent.append((model_id, tokens, cost))  # its usage metrics are the spending model's
             if call.charges is not None:
                 call.charges.append((model_id, provider, tokens, cost))
+
+
+def _supersede(call: Call, model_id: str) -> None:
+    """``model_id`` served part of the answer, which a later fallback now embeds again: what it charged (all that is
+    billed but what other models spent) becomes spent, charged to it, not to the model that will serve."""
+    tokens, cost = call.billed_tokens, call.cost_usd
+    for _, t, c in call.spent:
+        tokens -= t
+        cost -= c
+    if tokens > 0 or cost > 0:
+        call.spent.append((model_id, tokens, cost))
 
 
 def _charged_by(call: Call, model_id: str) -> tuple[int, float]:

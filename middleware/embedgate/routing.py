@@ -108,6 +108,9 @@ class RouteResult:
     #: The answer's tokens by the provider of the deployment that embedded them: ``(provider, tokens, USD per
     #: million tokens or None)``, one per chunk (a split batch's chunks may go to deployments of several providers).
     charges: list[tuple[str, int, float | None]] = field(default_factory=list)
+    #: The served model's place in the request's chain (0 the requested model, then its fallbacks'): a model named
+    #: twice is at two places.
+    place: int = 0
 
     def __init__(
         self,
@@ -121,6 +124,7 @@ class RouteResult:
         b64: list[bytes | memoryview | None] | None = None,
         spent: list[Spent] | None = None,
         charges: list[tuple[str, int, float | None]] | None = None,
+        place: int = 0,
     ) -> None:
         self.model = model
         self.vectors = vectors
@@ -131,6 +135,7 @@ class RouteResult:
         self.b64 = b64
         self.spent = [] if spent is None else spent
         self.charges = [] if charges is None else charges
+        self.place = place
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -418,8 +423,11 @@ class Router:
                 fallback_index = first_index + k  # ``first_index``: the chain is the tail of the request's, from there
                 attempts.models_left = len(tried) - 1 - n
                 try:
-                    return await self._serve_model(request, positions, model, fallback_index, retry, deadline, attempts,
-                                                   refused.get(fallback_index) if refused else None)  # fmt: skip
+                    result = await self._serve_model(request, positions, model, fallback_index, retry, deadline,
+                                                     attempts, refused.get(fallback_index) if refused else None
+                                                     )  # fmt: skip
+                    result.place = fallback_index
+                    return result
                 except _ModelFailed as failed:
                     err = failed.error
                     if _replaces(attempts, failed):
