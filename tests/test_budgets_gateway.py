@@ -14,6 +14,7 @@ its word count, which shows the settlement correcting a reservation to the real 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -32,7 +34,7 @@ from embedgate.cli import main as cli_main
 from embedgate.config import Config, parse_config
 from embedgate.gateway import EmbeddingGateway
 from tests.conftest import KEY, OTHER_KEY, config_dict, gateway, serve
-from tests.fake_upstream import FakeUpstream, Fault, free_port, tokens_of
+from tests.fake_upstream import FakeUpstream, Fault, expected_vector, free_port, tokens_of
 from tests.redis_util import redis_proxy, require_redis
 
 SAME_WORKSPACE_KEY = "sk-test-team-a2-5555555555"  # team-a2: workspace acme, project other
@@ -1221,6 +1223,119 @@ async def test_a_later_fallback_embedding_a_partial_hit_again_stays_within_the_b
     # what each fallback embedded is on its own budget: embed-b's [4, 5, 6] (it was released, and embed-c charged it)
     assert rows["local/embed-b"] == 3
     assert rows["local/embed-c"] == (3 if limit == 9 else 6)
+
+
+X3, Y3, Z3 = [1, 2, 3], [4, 5, 6], [7, 8, 9]
+B_THEN_C = [{"model": "local/embed-b"}, {"model": "local/embed-c"}]
+
+
+@pytest.mark.anyio
+async def test_a_later_fallback_taking_the_answer_over_reserves_no_provider_budget_it_does_not_use(
+    upstream: FakeUpstream,
+) -> None:
+    # The extension for the items paid for twice went to every provider budget the request held: a fallback's
+    # provider not used (backup, for embed-d) refused it, a 429 after the upstream work.
+    models = {"local/embed-small": {"price_per_million_tokens": 0.02},
+              "local/embed-d": {"deployments": [{"provider": "backup", "upstream_model": "embed-d"}]}}  # fmt: skip
+    config = budget_config(upstream.url, [{"scope": "provider", "target": "backup", "token_limit": 6}], models=models)
+    kw: dict[str, Any] = {"cache": {"type": "exact_match"}, "retry": {"count": 0},
+                          "fallbacks": [*B_THEN_C, {"model": "local/embed-d"}]}  # fmt: skip
+    async with running(config) as (_, c):
+        assert (await embed(c, [Z3], **kw)).status_code == 200
+        upstream.script.extend([Fault("status", 500, model="embed-small"), Fault("ok", model="embed-b"),
+                                Fault("status", 500, model="embed-b")])  # fmt: skip
+        r = await embed(c, [X3, Z3], **kw)
+        assert (r.status_code, r.json().get("model")) == (200, "local/embed-c"), r.text
+        assert {row["target"]: row["tokens"]["used"] for row in await admin_usage(c)} == {"backup": 0}
+
+
+@pytest.mark.anyio
+async def test_only_items_paid_for_twice_are_reserved_again(upstream: FakeUpstream) -> None:
+    # When a fallback took the answer over, the whole rest of it was reserved again, cached and coalesced items
+    # too (counted once by the estimate, not paid for yet): a 429 for a request that fits its budget exactly.
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 12}])
+    kw: dict[str, Any] = {"cache": {"type": "exact_match"}, "retry": {"count": 0}, "fallbacks": B_THEN_C}
+    async with running(config) as (_, c):
+        assert (await embed(c, [Z3], key=SAME_WORKSPACE_KEY, **kw)).status_code == 200
+        upstream.script.extend(
+            [
+                Fault("status", 500, model="embed-small"),
+                Fault("slow", delay=0.5, model="embed-b"),
+                Fault("ok", model="embed-small"),
+                Fault("status", 500, model="embed-small"),
+            ]
+        )
+        other = asyncio.ensure_future(embed(c, [X3], key=SAME_WORKSPACE_KEY, **kw))
+        await asyncio.sleep(0.2)
+        r = await embed(c, [X3, Y3, Z3], **kw)  # Y on embed-small, X from the other's call (embed-b's), ...
+        await other
+        rows = {row["target"]: row["tokens"]["used"] for row in await admin_usage(c)}
+    assert (r.status_code, r.json().get("model")) == (200, "local/embed-b"), r.text
+    assert rows["team-a"] == 12  # embed-small's Y, embed-b's X, then Y and Z
+
+
+@pytest.mark.anyio
+async def test_rounds_of_one_request_served_by_two_models_charge_and_cache_each_its_own(upstream: FakeUpstream) -> None:
+    # Its first round (Y) was served by embed-small, the second (X, after the owner it waited on was cancelled) by
+    # embed-b: everything was charged to embed-b, and Y, paid for, was never cached under embed-small.
+    budgets = [{"scope": "model", "target": m, "token_limit": 1000} for m in ("local/embed-small", "local/embed-b")]
+    config = budget_config(upstream.url, budgets)
+    kw: dict[str, Any] = {"cache": {"type": "exact_match"}, "retry": {"count": 0}, "fallbacks": B_THEN_C}
+    async with running(config) as (_, c):
+        upstream.script.extend([Fault("slow", delay=1.0, model="embed-small"), Fault("ok", model="embed-small"),
+                                Fault("status", 500, model="embed-small")])  # fmt: skip
+        owner = asyncio.ensure_future(embed(c, [X3], key=SAME_WORKSPACE_KEY, **kw))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.ensure_future(embed(c, [X3, Y3], **kw))
+        await asyncio.sleep(0.2)
+        owner.cancel()
+        r = await waiting
+        assert (r.status_code, r.json()["model"]) == (200, "local/embed-b"), r.text
+        assert [(x.body["model"], x.body["input"]) for x in upstream.calls[1:]] == [
+            ("embed-small", [Y3]), ("embed-small", [X3]), ("embed-b", [X3]), ("embed-b", [Y3])]  # fmt: skip
+        rows = {row["target"]: row["tokens"]["used"] for row in await admin_usage(c)}
+        assert rows["local/embed-b"] == 6  # X and Y, its own (embed-small's Y too, it said)
+        upstream.calls.clear()
+        again = await embed(c, [Y3], key=SAME_WORKSPACE_KEY, cache={"type": "exact_match"})
+        assert again.headers["x-embedgate-cache"] == "hit" and upstream.calls == []  # paid for: kept
+
+
+@pytest.mark.anyio
+async def test_a_request_whose_waited_item_fails_stores_no_fallback_vector_under_its_model(
+    upstream: FakeUpstream,
+) -> None:
+    # Round one served by embed-b (Y), round two by embed-small (X), then an item it waited on failed: everything
+    # it fetched was stored under embed-small, and Y answered embed-b's vector for embed-small's for its whole TTL.
+    config = budget_config(upstream.url, [])
+    kw: dict[str, Any] = {"cache": {"type": "exact_match"}, "retry": {"count": 0}, "fallbacks": B_THEN_C[:1]}
+    async with running(config) as (_, c):
+        upstream.script.extend(
+            [
+                Fault("slow", delay=1.0, model="embed-small"),
+                Fault("slow", delay=1.5, model="embed-small"),
+                Fault("status", 500, model="embed-small"),
+                Fault("status", 400, delay=0.3, model="embed-small"),
+                Fault("ok", model="embed-small"),
+            ]
+        )
+        first = asyncio.ensure_future(embed(c, [X3], key=SAME_WORKSPACE_KEY, **kw))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(embed(c, [Z3], key=SAME_WORKSPACE_KEY, **kw))
+        await asyncio.sleep(0.1)
+        third = asyncio.ensure_future(embed(c, [Z3], key=SAME_WORKSPACE_KEY, **kw))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(embed(c, [Y3, X3, Z3], **kw))
+        await asyncio.sleep(0.2)
+        first.cancel()
+        await asyncio.sleep(0.2)
+        second.cancel()
+        assert (await waiting).status_code == 400
+        await third
+        r = await embed(c, [Y3], key=SAME_WORKSPACE_KEY, cache={"type": "exact_match"})
+    assert r.json()["model"] == "local/embed-small"
+    vector = r.json()["data"][0]["embedding"]
+    got = np.frombuffer(base64.b64decode(vector), "<f4") if isinstance(vector, str) else np.asarray(vector, "<f4")
+    np.testing.assert_array_equal(got, expected_vector("embed-small", Y3))
 
 
 @pytest.mark.anyio

@@ -582,11 +582,21 @@ class Pipeline:
         keys = [call.cache_keys[p] for p in positions]
         kept_for = [call.cache_ttl]  # what this request's fetch stores its items for (waiters may raise it)
         fetched_here: set[int] = set()
+        paid: set[int] = set()  # every item this request's own calls embedded (fetched_here: of the serving model)
 
         async def fetch(idx: list[int]) -> list[tuple[str, CachedItem, list[int]]]:
             own = [positions[i] for i in idx]
             result = await self._embed(call, own, call.chain)
+            if fetched_here and result.model != call.served_model:
+                # An earlier round (before an owner this request waited on was cancelled) was served by another
+                # model: what it fetched is kept under that model and charged to it, then embedded again by this
+                # one as another model's (one answer, one model; stored under this one, it served the wrong vector)
+                ttl_kept = max(call.cache_ttl or 0, kept_for[0])
+                await self._store(call, call.served_model, sorted(fetched_here), ttl_kept)
+                _supersede(call, call.served_model)
+                fetched_here.clear()
             fetched_here.update(own)
+            paid.update(own)
             self._take(call, own, result)
             return [(result.model, CachedItem(vector=call.vectors[p], tokens=call.item_tokens[p]), kept_for)  # type: ignore[arg-type]
                     for p in own]  # fmt: skip
@@ -603,7 +613,7 @@ class Pipeline:
                 first.setdefault(key, i)
             unique = list(first.values())
             got = dict(zip([keys[i] for i in unique], await fetch(unique), strict=True))
-            await self._merge_and_store(call, positions, [got[key] for key in keys], fetched_here, kept_for)
+            await self._merge_and_store(call, positions, [got[key] for key in keys], fetched_here, kept_for, paid)
         else:
             coalescer = self._coalescers.get(policy)
             if coalescer is None:
@@ -626,7 +636,7 @@ class Pipeline:
                             call, call.served_model, sorted(fetched_here), max(call.cache_ttl, kept_for[0])
                         )
                     raise failure
-                await self._merge_and_store(call, positions, results, fetched_here, kept_for)
+                await self._merge_and_store(call, positions, results, fetched_here, kept_for, paid)
             finally:  # the last request of a policy removes its coalescer (no await here: see embedgate._native)
                 coalescer.release(held)
                 if not coalescer.in_flight() and self._coalescers.get(policy) is coalescer:
@@ -642,7 +652,7 @@ class Pipeline:
         call.prompt_tokens = sum(call.item_tokens)
 
     async def _merge_and_store(self, call: Call, positions: list[int], results: list[tuple[str, CachedItem, list[int]]],
-                               fetched_here: set[int], kept_for: list[int]) -> None:  # fmt: skip
+                               fetched_here: set[int], kept_for: list[int], paid: set[int]) -> None:  # fmt: skip
         """Take the coalesced results, embed again what another model answered, and store what was fetched for
         the longest TTL asked of it (``kept_for``, which waiters raise), and what another request fetched, if it
         keeps it for less time than this one asks (it may have stored it already)."""
@@ -680,10 +690,12 @@ class Pipeline:
                 first.setdefault(call.cache_keys[p], p)
             unique = list(first.values())
             cached = [req.items[p] for p in unique if p not in missing]
-            if cached and len(call.chain) == 1:
-                # Without fallbacks the budget reserved only the missing items (see budget): the cached ones
-                # embedded again are reserved now (a 429 if they do not fit), or they would overshoot it.
-                refused = await self._extend(call, cached)
+            # Without fallbacks the budget reserved only the missing items (see budget): the cached ones embedded
+            # again are reserved now (a 429 if they do not fit), or they would overshoot it. With fallbacks it
+            # reserved every item once: those this request paid for already (an earlier round's) are reserved again.
+            extra = cached if len(call.chain) == 1 else [req.items[p] for p in unique if p in paid]
+            if extra:
+                refused = await self._extend(call, extra, providers=len(call.chain) == 1)
                 if refused is not None:
                     # The missing items were embedded, and paid for: kept in the cache all the same (another key
                     # of the workspace, or this one once its budget allows, finds them), then the 429 (or 503).
@@ -719,6 +731,7 @@ class Pipeline:
                         call.vectors[p], call.b64[p] = call.vectors[q], call.b64[q]
                         call.item_tokens[p] = call.item_tokens[q]
                 fetched_here.update(foreign)
+                paid.update(foreign)
                 if not moved:
                     break
                 # ... and the rest of the answer is embedded again by the one that served: one answer, one model.
@@ -732,17 +745,21 @@ class Pipeline:
                 for p in foreign:
                     first.setdefault(call.cache_keys[p], p)
                 unique = list(first.values())
-                # Paid for twice (by the model before, and now this one): beyond the estimate, reserved now
-                refused = await self._extend(call, [req.items[p] for p in unique])
+                # Paid for twice (by the model before, and now this one): beyond the estimate, reserved now (the
+                # cached and coalesced ones are paid for once, within it)
+                twice = [req.items[p] for p in unique if p in paid]
+                refused = await self._extend(call, twice) if twice else None
                 if refused is not None:
                     await self._store_fetched(call, served, fetched_here, longer, foreign, ttl_kept)
                     raise refused
         fresh = sorted(fetched_here.union(longer))  # (the status counts only what this request fetched)
         await self._store(call, served, fresh, max(ttl, kept_for[0]))
 
-    async def _extend(self, call: Call, items: list[Any]) -> GatewayError | None:
-        """Reserve the estimate of ``items`` more on the request's budgets, and the providers' serving it under
-        another id: work its estimate did not cover. Their refusal (a 429, or a 503), if any."""
+    async def _extend(self, call: Call, items: list[Any], providers: bool = False) -> GatewayError | None:
+        """Reserve the estimate of ``items`` more on the request's budgets (with ``providers``, on those of the
+        providers serving its one model under another id too): work its estimate did not cover. Their refusal (a
+        429, or a 503), if any. (With fallbacks, each fallback's and provider's own budgets hold the whole estimate
+        already, for the items it embeds once.)"""
         if call.reservation is None:
             return None
         tokens = estimate_tokens(items)
@@ -751,7 +768,7 @@ class Pipeline:
         refused: GatewayError | None = None
         try:
             await self._budgets.extend(call.reservation, tokens=tokens, cost_usd=cost)
-            for _, provider, own in call.held or ():
+            for _, provider, own in call.held or () if providers else ():
                 if provider is not None:
                     await self._budgets.extend(own, tokens=tokens, cost_usd=cost)
         except GatewayError as exc:
