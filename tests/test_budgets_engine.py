@@ -632,6 +632,16 @@ async def test_a_reserve_cancelled_while_redis_is_slow_is_undone_when_it_lands(s
         await store.aclose()
 
 
+async def _usage_row(config: tuple[BudgetConfig, ...], prefix: str) -> dict[str, Any]:
+    """The one budget's usage row, read from the test Redis under ``prefix``."""
+    store = RedisBudgetStore(require_redis(), prefix=prefix)
+    try:
+        (row,) = await BudgetEngine(config, store).usage()
+        return row
+    finally:
+        await store.aclose()
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("step", ["reserve", "extend", "reserve, fail_open", "reserve, cancelled"])
 async def test_a_reserve_whose_answer_is_lost_is_undone_if_redis_ran_it(step: str) -> None:
@@ -679,14 +689,10 @@ async def test_a_reserve_whose_answer_is_lost_is_undone_if_redis_ran_it(step: st
             await eng.drain(5.0)  # the undo, once Redis answers again (the next command reconnects)
         finally:
             await store.aclose()
-    store = RedisBudgetStore(require_redis(), prefix=prefix)
-    try:
-        (row,) = await BudgetEngine(config, store).usage()
-        assert row["tokens"]["used"] == 10, row
-        # a request refused with a 503 leaves the minute's window too; one cancelled by its client stays counted
-        assert row["requests_per_minute"]["used"] == (2 if step == "reserve, cancelled" else 1), row
-    finally:
-        await store.aclose()
+    row = await _usage_row(config, prefix)
+    assert row["tokens"]["used"] == 10, row
+    # a request refused with a 503 leaves the minute's window too; one cancelled by its client stays counted
+    assert row["requests_per_minute"]["used"] == (2 if step == "reserve, cancelled" else 1), row
 
 
 @pytest.mark.anyio
@@ -742,12 +748,8 @@ async def test_a_lost_reserve_that_reaches_redis_after_its_undo_changes_nothing(
         await store.aclose()
         server.close()
         await server.wait_closed()
-    store = RedisBudgetStore(require_redis(), prefix=prefix)
-    try:
-        (row,) = await BudgetEngine(config, store).usage()
-        assert (row["tokens"]["used"], row["requests_per_minute"]["used"]) == (10, 1), row
-    finally:
-        await store.aclose()
+    row = await _usage_row(config, prefix)
+    assert (row["tokens"]["used"], row["requests_per_minute"]["used"]) == (10, 1), row
 
 
 @pytest.mark.anyio
@@ -810,12 +812,8 @@ async def test_reserves_lost_together_are_undone_by_one_task_once_redis_answers_
             await eng.drain(10.0)
         finally:
             await store.aclose()
-    store = RedisBudgetStore(require_redis(), prefix=prefix)
-    try:
-        (row,) = await BudgetEngine(config, store).usage()
-        assert (row["tokens"]["used"], row["requests_per_minute"]["used"]) == (10, 1), row
-    finally:
-        await store.aclose()
+    row = await _usage_row(config, prefix)
+    assert (row["tokens"]["used"], row["requests_per_minute"]["used"]) == (10, 1), row
 
 
 def test_a_fallbacks_charge_is_its_answer_and_the_chunks_it_spent() -> None:
