@@ -1301,6 +1301,28 @@ async def test_rounds_of_one_request_served_by_two_models_charge_and_cache_each_
 
 
 @pytest.mark.anyio
+async def test_rounds_served_by_a_model_then_another_then_the_first_again_say_miss(upstream: FakeUpstream) -> None:
+    # Rounds A, B, A: the item of round one, embedded again with B's superseded, was counted as a hit ("partial")
+    # where the request fetched every item itself.
+    kw: dict[str, Any] = {"cache": {"type": "exact_match"}, "retry": {"count": 0}, "fallbacks": B_THEN_C[:1]}
+    async with running(budget_config(upstream.url, [])) as (_, c):
+        upstream.script.extend([Fault("slow", delay=1.0, model="embed-small"), Fault("slow", delay=1.5,
+                                model="embed-small"), Fault("ok", model="embed-small"), Fault("slow", delay=1.0,
+                                model="embed-small"), Fault("status", 500, model="embed-small")])  # fmt: skip
+        owners = []
+        for item in (X3, Z3, Z3):
+            owners.append(asyncio.ensure_future(embed(c, [item], key=SAME_WORKSPACE_KEY, **kw)))
+            await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(embed(c, [Y3, X3, Z3], **kw))
+        for owner in owners:
+            await asyncio.sleep(0.2)
+            owner.cancel()
+        r = await waiting
+    assert (r.status_code, r.json()["model"]) == (200, "local/embed-small"), r.text
+    assert r.headers["x-embedgate-cache"] == "miss"
+
+
+@pytest.mark.anyio
 async def test_a_request_whose_waited_item_fails_stores_no_fallback_vector_under_its_model(
     upstream: FakeUpstream,
 ) -> None:

@@ -643,10 +643,11 @@ class Pipeline:
                     del self._coalescers[policy]
         # An item repeated in the batch waits on its first occurrence's fetch: a miss too, not a cache hit (and so
         # is a cached item a fallback embedded again, with its repeats).
-        missed = len(fetched_here)
+        # (every item its own calls embedded: one of a round whose model another round's superseded too)
+        missed = len(paid)
         if missed < len(req.items):
-            ours = {call.cache_keys[p] for p in fetched_here}
-            missed += sum(1 for p, key in enumerate(call.cache_keys) if p not in fetched_here and key in ours)
+            ours = {call.cache_keys[p] for p in paid}
+            missed += sum(1 for p, key in enumerate(call.cache_keys) if p not in paid and key in ours)
         call.items_fetched = missed
         call.cache_status = "hit" if not missed else "miss" if missed == len(req.items) else "partial"
         call.prompt_tokens = sum(call.item_tokens)
