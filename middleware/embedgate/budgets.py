@@ -51,9 +51,6 @@ from .budget_stores import (
     budget_store,
 )
 
-#: When reserves whose answers were lost are undone: after each wait in turn (the last again), while the store does
-#: not answer.
-_UNDO_DELAYS_S: Final = (0.05, 0.5, 1.0, 2.0, 4.0)
 _UNDO_FOR_S: Final = 25.0  # (the Redis store's mark lasts 30 s)
 _MAX_LOST: Final = 10_000  # reserves waiting to be undone, at most (the oldest go first)
 
@@ -665,10 +662,13 @@ class BudgetEngine:
             task.add_done_callback(self._undoing.discard)
 
     async def _undo_queued(self) -> None:
+        # The waits before each try, in turn (the last again) while the store does not answer. A local, not a
+        # module's Final: compiled, a coroutine read that tuple as never set (a NameError, the task dead).
+        delays = (0.05, 0.5, 1.0, 2.0, 4.0)
         failures = undone = 0
         lost = self._lost
         while lost:
-            await asyncio.sleep(_UNDO_DELAYS_S[min(failures, len(_UNDO_DELAYS_S) - 1)])
+            await asyncio.sleep(delays[min(failures, len(delays) - 1)])
             while lost:
                 until, specs, windows, member = lost[0]
                 if time.monotonic() > until:  # its mark is gone: it stays counted
