@@ -162,6 +162,29 @@ def test_compiled_coroutines_never_await_inside_a_handler() -> None:
     assert _awaits_in_handlers(ast.parse(seen)) == [2]  # the check sees one
 
 
+def test_no_compiled_module_holds_a_final_tuple_of_floats() -> None:
+    """mypyc 2.4.1 never sets a module's ``Final`` tuple holding a float for its compiled coroutines: the budget
+    engine's undo task read ``(0.05, 0.5, ...)`` as a ``NameError`` and died, and no lost reserve was undone (seen
+    only by CI's compiled run). Such a tuple is a local."""
+
+    def final_float_tuple(node: ast.AST) -> bool:
+        return (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.value, ast.Tuple)
+            and "Final" in ast.unparse(node.annotation)
+            and any(isinstance(c, ast.Constant) and isinstance(c.value, float) for c in ast.walk(node.value))
+        )
+
+    offending = [
+        (name, node.lineno)
+        for name in _native.COMPILED
+        for node in ast.parse((PACKAGE / f"{name}.py").read_text()).body
+        if final_float_tuple(node)
+    ]
+    assert offending == []
+    assert final_float_tuple(ast.parse("_D: Final = (0.05, 1)").body[0])  # the check sees one
+
+
 #: GCC's keywords that a compiled class's attribute "_x" becomes as its C field "__x" (mypyc prefixes one "_").
 _GCC_KEYWORDS = {"thread", "asm", "inline", "restrict", "attribute", "typeof", "const", "volatile", "signed",
                  "real", "imag", "complex", "int128", "auto_type", "label__", "extension__", "alignof"}  # fmt: skip
