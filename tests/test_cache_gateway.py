@@ -191,6 +191,12 @@ async def test_a_partial_hit_never_mixes_models(client: httpx.AsyncClient, upstr
         np.testing.assert_array_equal(vec, expected_vector("embed-b", text))
 
 
+def fail_the_cached_on_the_fallback(upstream: FakeUpstream) -> None:
+    """embed-small fails the missing item; embed-b serves it, then fails the cached item embedded again."""
+    upstream.script.extend([Fault("status", 503, model="embed-small"), Fault("ok", model="embed-b"),
+                            Fault("status", 500, model="embed-b")])  # fmt: skip
+
+
 @pytest.mark.anyio
 async def test_what_a_fallback_fetched_is_kept_when_embedding_the_cached_items_again_fails(
     client: httpx.AsyncClient, upstream: FakeUpstream
@@ -198,8 +204,7 @@ async def test_what_a_fallback_fetched_is_kept_when_embedding_the_cached_items_a
     # The fallback embedded the missing item (billed), then failed embedding the cached one again: the request
     # failed, and the item it paid for was not stored, so the next request paid for it again.
     await embed(client, ["cached"])
-    upstream.script.extend([Fault("status", 503, model="embed-small"), Fault("ok", model="embed-b"),
-                            Fault("status", 500, model="embed-b")])  # fmt: skip
+    fail_the_cached_on_the_fallback(upstream)
     body = {"model": "local/embed-small", "input": ["cached", "new"], "cache": CACHE,
             "fallbacks": [{"model": "local/embed-b"}], "retry": {"count": 0, "on_codes": [503]}}  # fmt: skip
     r = await client.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}"})
@@ -221,8 +226,7 @@ async def test_a_partial_hit_whose_cached_items_fail_on_the_fallback_goes_on_to_
     # Embedding the cached items again went to the model that served alone: its failure was the request's 502,
     # where the next fallback would have served (as it does without the cache).
     await embed(client, ["hello"])
-    upstream.script.extend([Fault("status", 503, model="embed-small"), Fault("ok", model="embed-b"),
-                            Fault("status", 500, model="embed-b")])  # fmt: skip
+    fail_the_cached_on_the_fallback(upstream)
     fallbacks = [{"model": "local/embed-b"}, {"model": "local/embed-c"}]
     r = await embed(client, ["hello", "world"], fallbacks=fallbacks, retry={"count": 0, "on_codes": [503]})
     assert r.json()["model"] == "local/embed-c"

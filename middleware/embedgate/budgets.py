@@ -51,9 +51,6 @@ from .budget_stores import (
     budget_store,
 )
 
-_UNDO_FOR_S: Final = 25.0  # (the Redis store's mark lasts 30 s)
-_MAX_LOST: Final = 10_000  # reserves waiting to be undone, at most (the oldest go first)
-
 __all__ = [
     "BUILTIN_PRICES",
     "IMAGE_TOKEN_ALLOWANCE",
@@ -76,6 +73,9 @@ __all__ = [
     "period_bounds",
     "tighter_headers",
 ]
+
+_UNDO_FOR_S: Final = 25.0  # (the Redis store's mark lasts 30 s)
+_MAX_LOST: Final = 10_000  # reserves waiting to be undone, at most (the oldest go first)
 
 log = structlog.get_logger("embedgate.budgets")
 
