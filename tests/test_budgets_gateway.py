@@ -917,12 +917,14 @@ async def test_unreachable_store_fails_closed_in_each_route_shape(upstream: Fake
                 assert err["code"] == "store_unavailable"
                 assert "param" in err and "type" in err
             assert "redis://" not in r.text and "Traceback" not in r.text
+            assert r.headers["retry-after"] == "1"  # a hint for clients and HTTP libraries that wait on a 503
         # a request no budget applies to does not need the store
         r = await embed(c, "x", key=OTHER_KEY, model="backup/embed-small")
         assert r.status_code == 200, r.text
         assert len(upstream.calls) == 1
-        r = await c.get("/admin/usage", headers={"authorization": f"Bearer {ADMIN_KEY}"})
-        assert r.status_code == 503
+        for path in ("/admin/usage", "/admin/identities"):  # the identities live in that Redis too
+            r = await c.get(path, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", path
 
 
 @pytest.mark.anyio

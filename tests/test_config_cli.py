@@ -616,6 +616,7 @@ def test_a_request_cut_by_the_shutdown_is_a_503_in_its_shape_and_releases_its_re
     assert len(answers) == 1, out.decode(errors="replace")[-2000:]
     r = answers[0]
     assert r.status_code == 503 and r.headers["content-type"] == "application/json"
+    assert r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "gateway_stopping" and "param" in r.json()["error"]  # the orq shape
     assert values and all(v == 0 for v in values)  # reserved, then released
     assert b"Traceback" not in out and b'"status":503' in out  # no traceback; the access line was written

@@ -609,6 +609,7 @@ async def test_a_request_cancelled_while_its_body_comes_is_a_503_in_its_shape(
     scraped = app.metrics.render()[0].decode()
     await app.shutdown()
     assert sent[0]["status"] == 503 and (b"x-request-id", b"req-cut") in sent[0]["headers"]
+    assert (b"retry-after", b"1") in sent[0]["headers"]
     err = orjson.loads(sent[1]["body"])["error"]
     assert err["code"] == "gateway_stopping" and "param" in err  # the orq shape
     assert 'route="orq",status="503"} 1.0' in scraped

@@ -590,7 +590,9 @@ class BudgetEngine:
                     log.warning("budget store unavailable, refusing budgeted requests (503)", error=str(exc))
             if not self._fail_open:
                 raise Unavailable(
-                    "budget store unavailable; the request was not admitted", code="store_unavailable"
+                    "budget store unavailable; the request was not admitted",
+                    code="store_unavailable",
+                    headers={"retry-after": "1"},
                 ) from exc
             return None
 
@@ -801,7 +803,9 @@ class BudgetEngine:
         except BudgetStoreError as exc:
             if not self._fail_open:
                 raise Unavailable(
-                    "budget store unavailable; the request was not admitted", code="store_unavailable"
+                    "budget store unavailable; the request was not admitted",
+                    code="store_unavailable",
+                    headers={"retry-after": "1"},
                 ) from exc
             return
         if res.failed >= 0:
@@ -895,7 +899,9 @@ class BudgetEngine:
                 window_keys.append(f"rpm:{b.scope}:{sid}")
             got = await self._store.read(counter_keys, window_keys, now_ms=int(now * 1000), window_ms=self._window_ms)
         except BudgetStoreError as exc:
-            raise Unavailable("budget store unavailable", code="store_unavailable") from exc
+            raise Unavailable(
+                "budget store unavailable", code="store_unavailable", headers={"retry-after": "1"}
+            ) from exc
         out: list[dict[str, Any]] = []
         for i, (b, sid) in enumerate(rows):
             stamp, end = period_bounds(b.period, now)

@@ -515,7 +515,11 @@ class EmbeddingGateway:
         graceful shutdown timed out) cancels it; mounted, the host's own timeout or task group may too (its access
         line said the gateway was stopping whenever a host's timeout fired)."""
         if self._standalone:
-            return Unavailable(f"The gateway stopped before {before}; retry the request", code="gateway_stopping")
+            return Unavailable(
+                f"The gateway stopped before {before}; retry the request",
+                code="gateway_stopping",
+                headers={"retry-after": "1"},
+            )
         return Unavailable(f"The request was cancelled before {before} (the host app's timeout, or the server "
                            "stopping); retry the request", code="request_cancelled")  # fmt: skip
 
@@ -719,7 +723,7 @@ class EmbeddingGateway:
             return err.status, render_error(err, Dialect.OPENAI), err.headers
         except ConnectionError:
             down = Unavailable("The identity store is unavailable", code="store_unavailable")
-            return down.status, render_error(down, Dialect.OPENAI), {}
+            return down.status, render_error(down, Dialect.OPENAI), {"retry-after": "1"}
         return 200, orjson.dumps({"object": "list", "data": [i.to_dict() for i in items]}), {}
 
     async def _readyz(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
