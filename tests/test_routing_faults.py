@@ -723,19 +723,24 @@ async def test_a_client_gone_before_its_body_is_a_499_not_a_server_error(upstrea
 
 
 @pytest.mark.anyio
-async def test_a_client_gone_before_its_answer_went_out_is_a_499_billed(upstream: FakeUpstream) -> None:
+@pytest.mark.parametrize("answer", ["200", "502"])
+async def test_a_client_gone_before_its_answer_went_out_is_a_499_billed(upstream: FakeUpstream, answer: str) -> None:
     # Its server said so (send raised an OSError, as ASGI 2.4 has it and embedgate serve's protocol does): the
-    # access line and the requests metric said 200, for an answer no client got (an SDK's timeout, say).
+    # access line and the requests metric said 200, for an answer no client got (an SDK's timeout, say); and 502
+    # where the upstream then failed (5xx rates counted answers nobody received).
     app = gateway(routing_config(upstream))
     scope = embed_scope()
     sent = False
+    if answer == "502":
+        upstream.script.append(FAULTS["500"](PRIMARY_UP))
 
     async def receive() -> dict[str, Any]:
         nonlocal sent
         if sent:
             return {"type": "http.disconnect"}
         sent = True
-        return {"type": "http.request", "body": orjson.dumps({"model": PRIMARY, "input": "gone"})}
+        body = {"model": PRIMARY, "input": "gone", "retry": {"count": 0}}
+        return {"type": "http.request", "body": orjson.dumps(body)}
 
     async def send(message: dict[str, Any]) -> None:
         raise ConnectionResetError("the client left")
@@ -746,7 +751,8 @@ async def test_a_client_gone_before_its_answer_went_out_is_a_499_billed(upstream
     await app.shutdown()
     (line,) = [e for e in logs if e["event"] == "request"]
     assert (line["status"], line["error"]) == (499, "client_disconnected")
-    assert line["billed_tokens"] == tokens_of("gone")  # the upstream was paid: billed all the same
+    # the upstream was paid: billed all the same (a failed call, nothing)
+    assert line.get("billed_tokens", 0) == (tokens_of("gone") if answer == "200" else 0)
     requests = [row for row in scraped.splitlines() if row.startswith("embedgate_requests_total{")]
     assert len(requests) == 1 and 'status="499"' in requests[0]
 

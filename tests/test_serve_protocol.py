@@ -87,6 +87,18 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             raise
         EVENTS.append(("send returned", path))
         return
+    if path == "/answer-when-cancelled":  # as the gateway: cut by the shutdown, it answers 503, then is cancelled
+        EVENTS.append(("waiting", path))
+        try:
+            await asyncio.sleep(30)  # an upstream call, deaf to the client leaving
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+        try:
+            await send({"type": "http.response.start", "status": 503, "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+        except OSError:
+            EVENTS.append(("send raised", path))
+        raise cancelled
     if path == "/streaming":  # Starlette's StreamingResponse, which under ASGI 2.4 turns send's OSError into its own
         from starlette.responses import StreamingResponse
 
@@ -183,6 +195,22 @@ def served(http: Any, *, served_app: Any = app, lifespan: str = "on", before: Ca
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextmanager
+def uvicorn_log(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Capture what is logged to uvicorn's ``uvicorn.error`` logger meanwhile, from INFO up. Enter it once the server
+    is configured: uvicorn sets that logger's level from its ``log_level`` (``served`` says "critical"), and its
+    ``uvicorn`` logger does not propagate to the root's, where caplog listens (without this, nothing was caught)."""
+    logger = logging.getLogger("uvicorn.error")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(level)
 
 
 class Client:
@@ -483,7 +511,7 @@ def test_a_client_leaving_is_told_by_send_and_is_no_app_failure(
     client.send(request_bytes)
     deadline = time.monotonic() + 5
     _until(started, deadline)
-    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
+    with uvicorn_log(caplog):
         client.close()
         if ended is not None:
             _until(ended, deadline)
@@ -496,8 +524,8 @@ def test_a_graceful_shutdown_cutting_an_answer_being_read_logs_no_app_failure(ca
     # The last send waits while the client reads a large answer; cancelled there by the graceful shutdown's timeout,
     # the request was logged as "Exception in ASGI application" with a traceback.
     EVENTS.clear()
-    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
-        with served(GatewayHttpProtocol, timeout_graceful_shutdown=1) as (port, server):
+    with served(GatewayHttpProtocol, timeout_graceful_shutdown=1) as (port, server):
+        with uvicorn_log(caplog):
             client = Client(port)
             client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             client.send(b"GET /big-once HTTP/1.1\r\nHost: x\r\n\r\n")  # 4 MB, read by nobody
@@ -509,6 +537,28 @@ def test_a_graceful_shutdown_cutting_an_answer_being_read_logs_no_app_failure(ca
                     break
                 time.sleep(0.05)
         client.close()
+    assert not [r for r in caplog.records if "Exception in ASGI application" in r.getMessage()]
+
+
+def test_a_graceful_shutdown_cutting_a_request_whose_client_left_logs_no_app_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Cancelled by the graceful shutdown's timeout, the request's answer could not go out (its client had left): the
+    # cancellation was logged as "Exception in ASGI application", a traceback on every deploy with a slow upstream.
+    EVENTS.clear()
+    with served(GatewayHttpProtocol, timeout_graceful_shutdown=1) as (port, server):
+        with uvicorn_log(caplog):
+            client = Client(port)
+            client.send(b"GET /answer-when-cancelled HTTP/1.1\r\nHost: x\r\n\r\n")
+            _until(("waiting", "/answer-when-cancelled"), time.monotonic() + 5)
+            client.close()
+            time.sleep(0.2)
+            server.should_exit = True
+            _until(("send raised", "/answer-when-cancelled"), time.monotonic() + 5)
+            deadline = time.monotonic() + 5
+            while server.server_state.tasks and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.1)
     assert not [r for r in caplog.records if "Exception in ASGI application" in r.getMessage()]
 
 
@@ -960,13 +1010,9 @@ def test_two_receives_at_once_both_learn_that_the_client_went_away(both: tuple[i
 def test_a_client_gone_before_the_answer_is_not_an_error_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
     # "ASGI callable returned without starting response." at ERROR for every client that timed out: any client
     # could flood the error log (uvicorn's protocol logs nothing then).
-    logger = logging.getLogger("uvicorn.error")  # uvicorn's "uvicorn" logger does not propagate to the root's
-    with served(GatewayHttpProtocol) as (port, _):
-        caplog.set_level(logging.ERROR, logger="uvicorn.error")
-        logger.addHandler(caplog.handler)
+    with served(GatewayHttpProtocol) as (port, _), uvicorn_log(caplog):
         leave_while_the_app_waits(port, "/wait-disconnect")
         time.sleep(0.1)
-        logger.removeHandler(caplog.handler)
     assert [r.getMessage() for r in caplog.records if r.name == "uvicorn.error" and r.levelno >= logging.ERROR] == []
 
 

@@ -488,10 +488,11 @@ class EmbeddingGateway:
                     # settle's store round trip was cancelled too, and the request had no access line, no metrics.
                     with anyio.CancelScope(shield=True):
                         await self._finish(call, error, request_id)
-                if isinstance(send_failed, OSError) and error is None:
+                if isinstance(send_failed, OSError):
                     # The client left before its answer went out (a server on ASGI 2.4 says so: embedgate serve's
                     # protocol; uvicorn's says nothing): logged, traced and counted as nginx's 499, with what the
-                    # request was billed (its settle above counted the upstream's usage), not as a 200.
+                    # request was billed (its settle above counted the upstream's usage), not as the 200 or the
+                    # error (a 502 the upstream's failure made, the 503 of a shutdown) no client received.
                     error = ClientDisconnected("The client disconnected before its answer was sent")
                     status = error.status
                 annotate(root, call, error)

@@ -668,8 +668,9 @@ class RequestCycle:
         # the client still gets a whole 500 answer, where uvicorn's protocol can only close the connection.
         nothing_sent = not self.started or self.head is not None
         transport = self.conn.transport
-        if isinstance(failed, asyncio.CancelledError) and self.complete:
-            return  # answered, then cancelled: the server stopping after its graceful timeout (see cli)
+        if isinstance(failed, asyncio.CancelledError) and (self.complete or self.disconnected):
+            # Answered, or its client gone, then cancelled: the server stopping after its graceful timeout (see cli).
+            return
         if self.disconnected and (isinstance(failed, OSError) or type(failed).__name__ == "ClientDisconnect"):
             # The app let our word that the client left go through (ClientGone, an OSError), or its framework's
             # form of it (Starlette's ClientDisconnect, raised for it under ASGI 2.4): nothing to log, nor to answer.
