@@ -180,6 +180,24 @@ async def test_a_gateway_under_a_mount_serves_below_its_root_path(make_config: C
         await gateway.shutdown()
 
 
+@pytest.mark.anyio
+async def test_a_root_path_is_taken_off_only_up_to_a_slash(make_config: Callable[..., Config],
+                                                          upstream: FakeUpstream) -> None:  # fmt: skip
+    # Under FastAPI(root_path="/v") (or --root-path /v) the root path was cut off any path that began with its
+    # text: /v1/embeddings became "1/embeddings", and the request went to the host's 404. Starlette cuts only at a "/".
+    from starlette.applications import Starlette
+
+    gateway = EmbeddingGateway(Starlette(), config=make_config())  # a host that has no route at all
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(gateway, root_path="/v"), base_url="http://h") as c:
+            for path in ("/v1/embeddings", "/v/v1/embeddings"):  # the path as it came, or with the root path in it
+                r = await c.post(path, json=_embed_body(), headers={"authorization": f"Bearer {KEY}"})
+                assert r.status_code == 200 and r.json()["model"] == "local/embed-small", (path, r.text)
+            assert (await c.get("/v/healthz")).json() == {"status": "ok"}
+    finally:
+        await gateway.shutdown()
+
+
 def test_a_host_that_configures_structlog_in_its_lifespan_keeps_logging(make_config: Callable[..., Config],
                                                                         upstream: FakeUpstream) -> None:  # fmt: skip
     # The host's lifespan runs inside the gateway's, so after the gateway configured structlog: its partial
@@ -452,3 +470,74 @@ def test_a_gateway_used_under_one_event_loop_after_another_serves_every_request(
     assert [asyncio.run(one(i, i == 2)) for i in range(3)] == [200, 200, 200]
     assert len(upstream.calls) == 6
     gc.collect()  # the transports of closed loops, here (where their warning is ignored), not in a later test
+
+
+MOUNT_SCRIPT = """
+import gc, sys
+import uvicorn
+from opentelemetry import trace
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+from embedgate import create_app
+from embedgate.config import Config
+
+gateway = create_app(Config())  # no keys: every embedding request is a 401, with its access line and its spans
+
+async def state(request):
+    return JSONResponse({"frozen": gc.get_freeze_count(), "provider": type(trace.get_tracer_provider()).__name__})
+
+lifespan = gateway.lifespan if sys.argv[1] == "lifespan" else None
+app = Starlette(routes=[Route("/state", state), Mount("/gw", app=gateway)], lifespan=lifespan)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""
+
+
+@pytest.mark.parametrize("lifespan", ["lifespan", "none"])
+def test_create_app_under_a_mount_leaves_the_host_process_alone_and_closes_with_the_host_lifespan(
+    tmp_path: Any, lifespan: str
+) -> None:
+    # Mount("/gw", app=create_app(...)) opened the gateway on its first request as the process's own: it froze the
+    # host's objects out of the GC, changed its allocator and installed its tracer provider as the global one. And a
+    # mount runs no lifespan, so the gateway was never closed: uvicorn ends by raising the signal it caught again,
+    # no atexit runs, and the last access lines and spans were lost. gateway.lifespan closes it with the host's.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.fake_upstream import free_port
+
+    script = tmp_path / "host.py"
+    script.write_text(MOUNT_SCRIPT)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | {"OTEL_TRACES_EXPORTER": "console"}
+    proc = subprocess.Popen([sys.executable, str(script), lifespan, str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    before = c.get("/state").json()
+                    break
+                except httpx.TransportError:
+                    assert proc.poll() is None and time.monotonic() < deadline, "the host did not start"
+                    time.sleep(0.05)
+            r = c.post("/gw/v1/embeddings", json={"model": "local/x", "input": "hi", "name": "last-req"},
+                       headers={"authorization": "Bearer sk-unknown-0123456789"})  # fmt: skip
+            assert r.status_code == 401, r.text
+            after = c.get("/state").json()
+        assert after == {"frozen": before["frozen"], "provider": "ProxyTracerProvider"}
+        proc.send_signal(signal.SIGTERM)  # at once: within the access line's flush delay and the spans' batch
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    text = out.decode(errors="replace")
+    if lifespan == "lifespan":  # closed with the host: the line written and the spans exported before the exit
+        assert text.count('"logger":"embedgate.access"') == 1, text[-3000:]
+        assert '"name": "last-req"' in text, text[-3000:]
+    assert "Traceback" not in text

@@ -150,7 +150,20 @@ class EmbeddingGateway:
     # --- lifecycle -------------------------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        """Open the upstream client and the stores (idempotent)."""
+        """Open the upstream client and the stores (idempotent). Standalone (``create_app``), the server's own app
+        starting: the process is the gateway's, and it sets the process's tracer provider, GC and allocator."""
+        await self._start(self._standalone)
+
+    def lifespan(self, app: object = None) -> GatewayLifespan:
+        """Open and close the gateway with a host's lifespan, where the server's lifespan does not reach it (under a
+        Starlette ``Mount``, which runs none): ``Starlette(routes=[Mount("/gw", app=gateway)],
+        lifespan=gateway.lifespan)``, or ``async with gateway.lifespan(app):`` inside the host's own. Without it,
+        the gateway opens on its first request and is never closed: its last access lines and spans are lost when
+        the server stops. The process stays the host's (its tracer provider, GC and allocator are left alone)."""
+        return GatewayLifespan(self)
+
+    async def _start(self, process: bool) -> None:
+        """Open the resources; ``process``: the process is the gateway's own (see :meth:`startup`)."""
         async with self._opening:
             if self._open:
                 return
@@ -158,7 +171,7 @@ class EmbeddingGateway:
             # line of a request that found the gateway unable to start). Mounted, everything passes (the host's
             # debug lines too): a host that configures structlog after this (in its own lifespan, which runs inside
             # ours) keeps what it does not set.
-            configure_logging(level=logging.INFO if self._standalone else logging.NOTSET)
+            configure_logging(level=logging.INFO if process else logging.NOTSET)
             if self._given_client is not None:
                 send = sender_for(self._given_client)
             else:
@@ -171,7 +184,7 @@ class EmbeddingGateway:
             self.telemetry = Telemetry(
                 self._tracer_provider,
                 service_name=self.config.telemetry.service_name,
-                standalone=self._standalone,
+                standalone=process,
                 export_process=self.config.telemetry.export_process,
             )
             self.router = Router(self.config, adapters, hook=ObservedAttempts(self.telemetry, self.metrics))
@@ -188,7 +201,7 @@ class EmbeddingGateway:
             self.pipeline = Pipeline(self.config, self.router, self.cache, self.budgets, self.identities,
                                      self.telemetry, bind_key_id=not self._standalone)  # fmt: skip
             self._open = True
-            if self._standalone:
+            if process:
                 # Everything built so far (modules, config, clients) lives as long as the process: moved out of
                 # the cyclic GC's reach, its full passes no longer rescan it in the middle of requests (measured:
                 # p99 of a cache miss at 16 connections ~55 ms -> ~31 ms). Mounted, the host's GC is its own.
@@ -286,7 +299,9 @@ class EmbeddingGateway:
         if kind == "http":
             path = scope["path"]
             root = scope.get("root_path")
-            if root and path.startswith(root):  # mounted under a Mount or --root-path: routes are below it
+            # Mounted under a Mount or --root-path: routes are below it, cut off at a "/" only (as Starlette does: a
+            # root path "/v" is no part of "/v1/embeddings")
+            if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
                 path = path[len(root) :]
             method = scope["method"]
             if method == "POST":
@@ -334,7 +349,9 @@ class EmbeddingGateway:
         log why (a lifespan startup raises instead, so the server stops). An embedding request (``scope``) gets its
         request and trace ids, its access line and its count in the metrics as any other answer."""
         try:
-            await self.startup()
+            # Not the server's lifespan: a mount, or a server run without one. The process may be a host's (a
+            # Starlette Mount of create_app()'s app): its GC, allocator and tracer provider are left alone.
+            await self._start(False)
         except Exception:
             log.exception("the gateway could not start")
             started = False
@@ -842,3 +859,20 @@ def _request_id(headers: dict[str, str]) -> str:
     """The client's ``x-request-id`` if it is a sane one, else a new one."""
     rid = headers.get("x-request-id")
     return rid if rid and _REQUEST_ID.fullmatch(rid) else _getrandbits(128).to_bytes(16, "big").hex()
+
+
+class GatewayLifespan:
+    """What :meth:`EmbeddingGateway.lifespan` returns: an async context manager that opens the gateway on entry
+    (its tracer then follows the host's provider, if set by then) and closes it on exit (access lines written,
+    spans exported)."""
+
+    def __init__(self, gateway: EmbeddingGateway) -> None:
+        self._gateway = gateway
+
+    async def __aenter__(self) -> None:
+        await self._gateway._start(False)
+        if self._gateway.telemetry is not None:
+            self._gateway.telemetry.settle()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._gateway.shutdown()
