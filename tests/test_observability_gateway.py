@@ -174,6 +174,33 @@ async def test_root_span_is_named_after_name_then_orq_name_then_model(
 
 
 @pytest.mark.anyio
+async def test_a_request_refused_as_invalid_is_named_as_its_body_names_it(
+    upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    # A 400 from validation was a root span named plain "embeddings", without its model, and an access line without
+    # one: the requests a user most needs to find by their name were the ones not findable.
+    gw = EmbeddingGateway(host_404, config=make_config(upstream), tracer_provider=provider)
+    bodies: list[tuple[dict[str, Any], str, str | None]] = [
+        ({"name": "bad-retry", "retry": {"count": 9}}, "bad-retry", "local/embed-small"),
+        ({"orq": {"name": "legacy"}, "dimensions": 0}, "legacy", "local/embed-small"),
+        ({"dimensions": 0}, "embeddings local/embed-small", "local/embed-small"),
+        ({"name": 5, "model": ["not", "a", "string"]}, "embeddings", None),  # nothing valid to name it by
+    ]
+    async with client_for(gw) as client:
+        with capture_logs() as logs:
+            for extra, _, _ in bodies:
+                r = await client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "x", **extra},
+                                      headers=AUTH)  # fmt: skip
+                assert r.status_code == 400, r.text
+    found = roots(exporter)
+    assert [s.name for s in found] == [name for _, name, _ in bodies]
+    assert [(s.attributes or {}).get("gen_ai.request.model") for s in found] == [m for _, _, m in bodies]
+    lines = [e for e in logs if e["event"] == "request"]
+    assert [line.get("model") for line in lines] == [m for _, _, m in bodies]
+    assert all(line["status"] == 400 for line in lines)
+
+
+@pytest.mark.anyio
 async def test_the_root_span_spans_the_reading_of_the_body(
     upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
@@ -505,6 +532,38 @@ async def test_caller_traceparent_is_continued_and_each_attempt_injects_its_own(
     assert new.parent is None
     (new_attempt,) = attempts_of(trace_of(exporter, new))
     assert injected[2][:2] == (hex_trace(new), hex_id(new_attempt))
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_pipelined_requests_under_uvicorns_protocols_are_one_trace_each(
+    upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter, http: str
+) -> None:
+    # uvicorn's protocols start a pipelined request in its predecessor's context, its root span current: the
+    # requests of a connection were one trace, each root the child of the one before, and a caller's traceparent
+    # was passed over for that leftover span.
+    from starlette.applications import Starlette
+
+    from tests.conftest import serve
+    from tests.test_serve_protocol import exchange
+
+    # a host that speaks the lifespan protocol: the gateway is closed with the server, on the server's loop
+    gw = EmbeddingGateway(Starlette(), config=make_config(upstream), tracer_provider=provider)
+    payload = orjson.dumps({"model": "local/embed-small", "input": "piped"})
+
+    def post(extra: bytes = b"") -> bytes:
+        return (b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n"
+                + extra + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+
+    with serve(gw, http=http) as url:
+        port = int(url.rsplit(":", 1)[1])
+        answers, _ = exchange(port, post() + post(b"traceparent: " + CALLER_TRACEPARENT.encode() + b"\r\n") + post(), 3)
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    ids = [dict(headers)["x-embedgate-trace-id"] for _, headers, _ in answers]
+    assert len(set(ids)) == 3 and ids[1] == CALLER_TRACE
+    found = {hex_trace(r): r for r in roots(exporter)}
+    assert set(found) == set(ids)
+    assert found[ids[0]].parent is None and found[ids[2]].parent is None  # each its own trace
+    assert hex_parent(found[ids[1]]) == CALLER_SPAN  # the caller's span, not the request before
 
 
 # --- metrics ------------------------------------------------------------------------------------------------

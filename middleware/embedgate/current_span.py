@@ -20,7 +20,7 @@ from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.trace import INVALID_SPAN, Span
 from opentelemetry.trace import propagation as _propagation
 
-__all__ = ["attach_span", "current_span", "detach", "has_baggage"]
+__all__ = ["attach_root", "attach_span", "current_span", "detach", "has_baggage", "is_inherited_root"]
 
 
 def _fast_path() -> tuple[ContextVar[Context], str] | None:
@@ -44,6 +44,7 @@ _RUNTIME: Final = _Runtime()
 _BAGGAGE_KEY: Final = getattr(otel_baggage, "_BAGGAGE_KEY", None)  # where the API keeps the baggage in a Context
 _INVALID_SPAN: Final = INVALID_SPAN
 _Context: Final = Context
+_ROOT_KEY: Final = otel_context.create_key("embedgate-request-root")
 # Span classes seen in the context: ``isinstance`` against the ``Span`` ABC goes through ``ABCMeta`` in Python
 # (~1% of a request's CPU, called for every span); a class already checked is found in this set instead.
 _SPAN_TYPES: Final[set[type]] = set()
@@ -72,6 +73,23 @@ def attach_span(span: Span) -> Token[Context]:
         return otel_context.attach(trace.set_span_in_context(span))
     var, key = fast
     return var.set(_Context({**var.get(), key: span}))
+
+
+def attach_root(span: Span) -> Token[Context]:
+    """:func:`attach_span` for a request's root span, marked as such in the context (see :func:`is_inherited_root`)."""
+    fast = _RUNTIME.fast
+    if fast is None:
+        return otel_context.attach(otel_context.set_value(_ROOT_KEY, span, trace.set_span_in_context(span)))
+    var, key = fast
+    return var.set(_Context({**var.get(), key: span, _ROOT_KEY: span}))
+
+
+def is_inherited_root(span: Span) -> bool:
+    """Whether ``span``, the current one, is the root span of a request of the gateway's: a request started in its
+    predecessor's context (uvicorn's protocols start a pipelined request so), not in a host's span."""
+    fast = _RUNTIME.fast
+    context = otel_context.get_current() if fast is None else fast[0].get()
+    return context.get(_ROOT_KEY) is span
 
 
 def detach(token: Token[Context]) -> None:

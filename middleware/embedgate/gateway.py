@@ -64,6 +64,7 @@ from .observe import ObservedAttempts
 from .outcome import JSON_CONTENT_TYPE, account, annotate, embed_headers, response_headers
 from .pipeline import TWO_AUTHORIZATIONS, Call, Pipeline, one_authorization
 from .providers import build_adapter, sender_for, upstream_transport
+from .request import names_of
 from .routing import Router
 from .telemetry import Telemetry
 from .vectors import bytes_to_b64, bytes_to_floats
@@ -420,7 +421,12 @@ class EmbeddingGateway:
                 log.exception("unhandled error", request_id=request_id)
                 error = GatewayError("Internal error in the gateway; see its logs for this request id")
         req = call.request
-        name = (req.name or f"embeddings {req.model}") if req is not None else "embeddings"
+        sent_model: str | None = None
+        if req is not None:
+            name = req.name or f"embeddings {req.model}"
+        else:  # refused before it was parsed whole (a 400): named as its body names it, where it does
+            sent_name, sent_model = names_of(call.body) if call.body else (None, None)
+            name = sent_name or (f"embeddings {sent_model}" if sent_model is not None else "embeddings")
         with self.telemetry.start_request(name, headers=scope["headers"], attributes=self._http_attributes(scope),
                                           start_time=arrived) as root:  # fmt: skip
             extensions = scope.get("extensions")
@@ -513,10 +519,11 @@ class EmbeddingGateway:
                     error = ClientDisconnected("The client disconnected before its answer was sent")
                     status = error.status
                 annotate(root, call, error)
+                if sent_model is not None:
+                    root.set("gen_ai.request.model", sent_model)
                 root.end(status, error_type=error.code if error is not None and status >= 500 else None)
-                account(
-                    self.metrics, self._access_log, call, status, error, answered, root.trace_id_hex, root.span_id_hex
-                )
+                account(self.metrics, self._access_log, call, status, error, answered, root.trace_id_hex,
+                        root.span_id_hex, sent_model)  # fmt: skip
                 if cancelled is not None:
                     raise cancelled
                 if send_failed is not None:

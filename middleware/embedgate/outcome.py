@@ -122,8 +122,10 @@ def annotate(root: RequestSpan, call: Call, error: GatewayError | None) -> None:
 
 
 def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, error: GatewayError | None,
-            answered: float, trace_id: str | None = None, span_id: str | None = None) -> None:  # fmt: skip
-    """Metrics and the one access line of the request, ``answered`` (``perf_counter``) once its answer was sent.
+            answered: float, trace_id: str | None = None, span_id: str | None = None,
+            sent_model: str | None = None) -> None:  # fmt: skip
+    """Metrics and the one access line of the request, ``answered`` (``perf_counter``) once its answer was sent;
+    ``sent_model``: the model a body refused before it was parsed whole names (for the access line only).
 
     The line names the request's ids itself: it must not depend on a host's structlog chain merging the bound
     contextvars, nor on the request having bound any (a gateway that could not start binds none)."""
@@ -152,7 +154,8 @@ def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, 
             identity=req.identity["id"] if req is not None and req.identity else None,
             # none served: the model it was routed to (a load balancer's pick: the request's `model` is ignored
             # then), as the metrics and the root span name it; the model as sent when it resolved to none (404)
-            model=call.served_model or (call.chain[0].id if call.chain else req.model if req is not None else None),
+            model=call.served_model
+            or (call.chain[0].id if call.chain else req.model if req is not None else sent_model),
             cache=call.cache_status,
             # The answer's usage; what was billed (its budgets and metrics count it): on a cache hit nothing, and a
             # request may be billed for chunks of a split batch a model embedded before it failed, failed or not.

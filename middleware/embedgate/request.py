@@ -20,7 +20,7 @@ import orjson
 from .config import RetryPolicy
 from .errors import InvalidRequest
 
-__all__ = ["TWO_IDENTITIES", "CacheRequest", "EmbeddingRequest", "ProviderPreferences", "parse_request"]
+__all__ = ["TWO_IDENTITIES", "CacheRequest", "EmbeddingRequest", "ProviderPreferences", "names_of", "parse_request"]
 
 InputItem = str | tuple[int, ...] | dict[str, Any]
 HARD_MAX_ITEMS: Final = 1_000_000  # a sanity ceiling; the per-model limit is checked once the model is known
@@ -566,6 +566,22 @@ def _pick(data: dict[str, Any], orq: dict[str, Any], key: str) -> tuple[Any, str
     if value is not None:
         return value, f"orq.{key}"
     return None, key
+
+
+def names_of(body: bytes) -> tuple[str | None, str | None]:
+    """The ``name`` (the top level's, else ``orq.name``) and ``model`` a body that failed validation still gives,
+    where they are valid, for its trace and access line: ``(None, None)`` if it is not a JSON object."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    orq = data.get("orq")
+    name, _ = _pick(data, orq if isinstance(orq, dict) else {}, "name")
+    model = data.get("model")
+    return (name if isinstance(name, str) and 0 < len(name) <= _MAX_NAME else None,
+            model if isinstance(model, str) and 0 < len(model) <= _MAX_MODEL else None)  # fmt: skip
 
 
 def parse_request(

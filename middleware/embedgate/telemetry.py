@@ -42,7 +42,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
-from .current_span import attach_span, current_span, detach, has_baggage
+from .current_span import attach_root, attach_span, current_span, detach, has_baggage, is_inherited_root
 from .lean_trace import LeanSpan, LeanTracer
 
 if TYPE_CHECKING:
@@ -136,6 +136,7 @@ _SERVER: Final = SpanKind.SERVER
 _INTERNAL: Final = SpanKind.INTERNAL
 _CLIENT: Final = SpanKind.CLIENT
 _INVALID_SPAN: Final = trace.INVALID_SPAN
+_NO_CONTEXT: Final = Context()  # an empty context: a span started in it has no parent
 
 
 def _default_propagation() -> bool:
@@ -239,6 +240,9 @@ class RequestSpan(_Scoped):
         self.trace_id_hex = trace_id.to_bytes(16, "big").hex()  # as format(trace_id, "032x"), at half its cost
         #: 16 lowercase hex chars, for the logs.
         self.span_id_hex = span_id.to_bytes(8, "big").hex()
+
+    def _attach(self) -> None:
+        self._token = attach_root(self._span)
 
     def rename(self, name: str) -> None:
         """Name the span anew (before it ends)."""
@@ -464,6 +468,10 @@ class Telemetry:
         current = current_span()
         if current is _INVALID_SPAN or not current.get_span_context().is_valid:  # the first: no Python to ask it
             parent = self._extract(headers)
+        elif is_inherited_root(current):
+            # A root span of the gateway's own, current where uvicorn's protocols start a pipelined request (in its
+            # predecessor's context): no parent, each request is a trace of its own (the caller's, if it sent one).
+            parent = self._extract(headers, _NO_CONTEXT) or _NO_CONTEXT
         lean = self._lean
         if lean is not None:
             span: Span = lean.start_span(name, parent, _SERVER, attributes, None, start_time)
@@ -546,7 +554,8 @@ class Telemetry:
             self._owned.shutdown()
             self._owned = None
 
-    def _extract(self, headers: Iterable[tuple[bytes, bytes]]) -> Context | None:
+    def _extract(self, headers: Iterable[tuple[bytes, bytes]], base: Context | None = None) -> Context | None:
+        """The caller's trace context in ``headers`` (on ``base``, else the current context), None if none."""
         propagator = _get_global_textmap()
         if propagator is not self._propagator:
             # The host may install its own propagator (B3, ...) after us: follow it, computing fields once.
@@ -560,7 +569,7 @@ class Telemetry:
                 carrier[key.decode("latin-1")] = value.decode("latin-1")
         if not carrier:
             return None
-        return propagator.extract(carrier)
+        return propagator.extract(carrier, context=base)
 
 
 def build_tracer_provider(
