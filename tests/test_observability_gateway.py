@@ -551,8 +551,14 @@ def test_pipelined_requests_under_uvicorns_protocols_are_one_trace_each(
     payload = orjson.dumps({"model": "local/embed-small", "input": "piped"})
 
     def post(extra: bytes = b"") -> bytes:
-        return (b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n"
-                + extra + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+        return (
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b"\r\n"
+            + extra
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
+            + payload
+        )
 
     with serve(gw, http=http) as url:
         port = int(url.rsplit(":", 1)[1])
