@@ -758,6 +758,44 @@ async def test_a_client_gone_before_its_answer_went_out_is_a_499_billed(upstream
 
 
 @pytest.mark.anyio
+async def test_a_client_gone_before_its_answer_still_counts_its_cache_lookups(upstream: FakeUpstream) -> None:
+    # Its items were looked up, fetched, paid for and cached, but a 499 was left out of embedgate_cache_items_total
+    # (hit ratios read from it left out every client that timed out). A failed request's are not counted.
+    app = gateway(routing_config(upstream))
+    bodies = [{"model": PRIMARY, "input": ["seen", "new"], "cache": {"type": "exact_match"}, "retry": {"count": 0}}]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        warm = {**bodies[0], "input": ["seen"]}
+        assert (await c.post("/v1/embeddings", json=warm, headers=AUTH)).status_code == 200  # 1 miss
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": orjson.dumps(bodies[0])}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise ConnectionResetError("the client left")
+
+    with pytest.raises(ConnectionResetError):
+        await app(embed_scope(), receive, send)  # type: ignore[arg-type]
+    upstream.script.append(FAULTS["500"](PRIMARY_UP))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        failed = {**bodies[0], "input": ["other"]}
+        assert (await c.post("/v1/embeddings", json=failed, headers=AUTH)).status_code == 502
+    scraped = app.metrics.render()[0].decode()
+    await app.shutdown()
+    items = {row.split("}")[0] + "}": float(row.split()[-1]) for row in scraped.splitlines()
+             if row.startswith("embedgate_cache_items_total{")}  # fmt: skip
+    # the warm-up's miss, then the 499's hit and miss; the 502's lookup is not counted (nothing was answered)
+    assert items == {
+        'embedgate_cache_items_total{result="hit"}': 1.0,
+        'embedgate_cache_items_total{result="miss"}': 2.0,
+    }
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("encoding", ["base64", "float"])
 async def test_a_server_that_takes_the_body_in_pieces_gets_the_answer_unjoined(upstream: FakeUpstream,
                                                                                encoding: str) -> None:  # fmt: skip

@@ -12,7 +12,7 @@ from typing import Final
 
 from opentelemetry.util.types import AttributeValue
 
-from .errors import BudgetExceeded, GatewayError
+from .errors import BudgetExceeded, ClientDisconnected, GatewayError
 from .logs import access_log
 from .metrics import Metrics
 from .pipeline import Call, one_authorization
@@ -140,7 +140,10 @@ def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, 
             _observe_spent(metrics, key.id, model, call)
         else:
             metrics.observe_usage(key.id, model, call.billed_tokens, call.cost_usd)
-    if call.cache_status != "bypass" and error is None:
+    # Lookups of an answer made, sent or not (a client gone before it: its items were fetched, paid for, cached)
+    if call.cache_status != "bypass" and (
+        error is None or (type(error) is ClientDisconnected and None not in call.vectors)
+    ):
         metrics.observe_cache_items(len(call.vectors) - call.items_fetched, call.items_fetched)
     if write_access_line:
         access_log(
