@@ -792,6 +792,59 @@ async def test_a_body_beyond_max_body_is_a_protocol_error(framing: str) -> None:
         await transport.aclose()
 
 
+@pytest.mark.parametrize("framing", ["chunked", "until close"])
+async def test_a_refused_answer_is_not_kept_by_its_error(framing: str) -> None:
+    # The error's traceback holds the failed connection, which held the body read so far (up to max_body, 256 MiB):
+    # through the router's retries, a request to an upstream that did not stop held (1 + retry.count) x 256 MiB.
+    from embedgate.providers.http1 import _Connection
+
+    piece = b"x" * 100_000
+    if framing == "chunked":
+        answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(piece), piece) * 5
+    else:
+        answer = b"HTTP/1.1 200 OK\r\n\r\n" + piece * 5
+    async with serve(lambda n: (answer, False)) as server:
+        transport = Http1Transport(max_body=300_000)
+        with pytest.raises(httpx.RemoteProtocolError) as raised:
+            await post(transport, server.url)
+        await transport.aclose()
+    held = []
+    tb = raised.value.__traceback__
+    while tb is not None:
+        held += [v for v in tb.tb_frame.f_locals.values() if isinstance(v, _Connection)]
+        tb = tb.tb_next
+    assert held and all(conn._body == [] and conn._into is None for conn in held)
+
+
+async def test_a_connection_whose_request_is_still_going_out_is_not_reused() -> None:
+    # An upstream that answered before reading the whole request (a rate limiter's early 429, say) had its
+    # connection pooled with the request's body still unsent: the next request went out behind it, never read,
+    # and waited for the attempt's whole timeout (a 504, held against the deployment's breaker).
+    done = asyncio.Event()
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the head only: the body is never read
+        writer.write(ok(b'{"early":true}')[0])
+        await writer.drain()
+        await done.wait()  # the connection kept open, unread
+        writer.close()
+        await writer.wait_closed()
+
+    srv = await asyncio.start_server(early, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}/v1/embeddings"
+    transport = Http1Transport()
+    try:
+        first = await post(transport, url, b"x" * 8_000_000)  # more than the kernel's buffers take
+        assert first.json() == {"early": True}
+        second = await asyncio.wait_for(post(transport, url), 3)  # on a new connection, answered at once
+        assert second.json() == {"early": True}
+    finally:
+        await transport.aclose()
+        done.set()
+        srv.close()
+        await srv.wait_closed()
+
+
 @pytest.mark.parametrize("head", ["endless header lines", "one endless header value"])
 async def test_a_head_beyond_max_head_is_a_protocol_error(head: str) -> None:
     # Only the body was bounded: an upstream sending header lines without end grew the gateway's memory by

@@ -152,7 +152,10 @@ def configure_logging(
     global _access, _installed, _installed_args, _direct, _direct_chain
     args = (json, level, file)
     current = structlog.get_config()["processors"]
-    ours = _installed is not None and current is _installed
+    # Ours, and as we left it: structlog.testing.capture_logs empties the installed list in place (and fills it
+    # again after), so a list of the same identity may hold another's processors: reconfigured then, the capture
+    # (a test's) stopped seeing the lines.
+    ours = _installed is not None and current is _installed and tuple(current) == _direct_chain
     if ours and args == _installed_args:
         return False
     if structlog.is_configured() and not ours and not replace_host_config:

@@ -159,6 +159,10 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             self._waiter = None
 
+    def still_writing(self) -> bool:
+        """Whether bytes of the request wait in the transport's buffer, unsent."""
+        return self.transport is not None and self.transport.get_write_buffer_size() > 0
+
     @property
     def usable(self) -> bool:
         """Open, and not being closed."""
@@ -167,6 +171,7 @@ class _Connection(asyncio.BufferedProtocol):
     def close(self) -> None:
         """Close now (an answer still on its way is dropped with the connection)."""
         self.closed = True
+        self._drop_body()
         if self.transport is None:
             return
         if not self.loop.is_closed():
@@ -181,8 +186,16 @@ class _Connection(asyncio.BufferedProtocol):
                 sock.close()
 
     def _fail(self, exc: Exception) -> None:
+        self._drop_body()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(exc)
+
+    def _drop_body(self) -> None:
+        """Let go of an answer's body read so far: the error of a failed exchange holds this connection (its
+        traceback, through the router's retries), and a refused body may be up to ``max_body`` (256 MiB)."""
+        self._body = []
+        self._body_size = 0
+        self._into = None
 
     def _answer(self, body: bytes | bytearray, keep_alive: bool) -> None:
         self._into = None
@@ -248,8 +261,11 @@ class _Connection(asyncio.BufferedProtocol):
         if waiter is None or waiter.done():
             return
         if self._until_close:  # a body without length or chunks ends with the connection
-            waiter.set_result((self._status, self._headers, b"".join(self._body)))
+            body = b"".join(self._body)
+            self._drop_body()
+            waiter.set_result((self._status, self._headers, body))
         elif self._status:
+            self._drop_body()
             waiter.set_exception(httpx.ReadError("the server closed the connection in the middle of its answer"))
         else:
             waiter.set_exception(httpx.ReadError("the server closed the connection without answering"))
@@ -380,7 +396,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
             except BaseException as exc:
                 self._failed(conn, exc, request)
                 raise
-        if conn.keep_alive and conn.usable and not self._closed:
+        # Not a connection whose request is still going out (an upstream that answered before reading it all, a
+        # rate limiter's early 429 say): the next request would wait behind bytes nobody reads (RFC 9112, 9.5).
+        if conn.keep_alive and conn.usable and not self._closed and not conn.still_writing():
             conn.idle_since = time.monotonic()
             self._idle.setdefault(origin, []).append(conn)
             if self._sweeper is None or self._sweeper_loop is not conn.loop:  # (a timer of another loop never runs)
