@@ -1484,3 +1484,49 @@ async def test_an_answer_of_another_vector_size_is_billed_the_usage_it_gives(ups
         assert (r.status_code, error_of(r)["code"]) == (502, "upstream_malformed"), r.text
         (row,) = await admin_usage(c)
         assert row["tokens"]["used"] == tokens_of("alpha beta") * 3
+
+
+@pytest.mark.anyio
+async def test_a_budget_refusal_whose_client_left_stays_a_refusal_on_its_span_and_counts_no_cache_hit(
+    upstream: FakeUpstream,
+) -> None:
+    # Its client gone before the 429 went out, the request is a 499: but its span said budget decision "none" (no
+    # scope, no dimension), and its cached items were counted as hits, for a request refused and never answered.
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from tests.test_routing_faults import embed_scope
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "requests_per_minute": 1}])
+    app = EmbeddingGateway(None, config=config, tracer_provider=provider)  # type: ignore[arg-type]
+    body = {"model": "local/embed-small", "input": ["a", "b"], "cache": {"type": "exact_match"}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        r = await c.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200  # the window's one request, and the items cached
+    given = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal given
+        if given:
+            return {"type": "http.disconnect"}
+        given = True
+        return {"type": "http.request", "body": json.dumps(body).encode()}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise ConnectionResetError("the client left")
+
+    with pytest.raises(ConnectionResetError):
+        await app(embed_scope(), receive, send)  # a full hit, refused by the window: a 429 nobody received
+    scraped = app.metrics.render()[0].decode()
+    await app.shutdown()
+    provider.shutdown()
+    root = [s for s in spans.get_finished_spans() if s.kind.name == "SERVER"][-1]
+    attrs = dict(root.attributes or {})
+    assert attrs["http.response.status_code"] == 499
+    assert (attrs["embedgate.budget.decision"], attrs["embedgate.budget.scope"]) == ("rejected", "api_key")
+    assert 'embedgate_cache_items_total{result="hit"}' not in scraped  # the first request's were misses
+    assert 'embedgate_budget_rejections_total{dimension="requests",scope="api_key"} 1.0' in scraped

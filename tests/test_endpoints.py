@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from embedgate.config import Config
 from tests.conftest import KEY, OTHER_KEY, gateway
@@ -288,6 +289,15 @@ async def test_past_max_in_flight_a_request_is_shed_with_a_503(
             assert dict(sent[0]["headers"])[b"retry-after"] == b"1"
             error = httpx.Response(503, content=sent[1]["body"]).json()["error"]  # OpenRouter's shape
             assert (error["code"], error["metadata"]["code"]) == (503, "gateway_overloaded")
+
+            # nor parsed for its access line or its trace (an 8 MB body took ~34 ms to read its name and model)
+            async def receive_named() -> dict[str, Any]:
+                return {"type": "http.request", "body": b'{"model": "local/embed-small", "input": "x", "name": "n"}'}
+
+            with capture_logs() as logs:
+                await app(scope, receive_named, send)
+            (line,) = [e for e in logs if e["event"] == "request"]
+            assert line["status"] == 503 and "model" not in line
         assert first[0].status_code == 200
         assert (await c.post("/v1/embeddings", json=body, headers=auth)).status_code == 200  # room again
 

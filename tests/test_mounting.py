@@ -541,3 +541,25 @@ def test_create_app_under_a_mount_leaves_the_host_process_alone_and_closes_with_
         assert text.count('"logger":"embedgate.access"') == 1, text[-3000:]
         assert '"name": "last-req"' in text, text[-3000:]
     assert "Traceback" not in text
+
+
+@pytest.mark.anyio
+async def test_a_gateway_opened_on_first_use_keeps_the_logging_a_standalone_one_configured(
+    make_config: Callable[..., Config],
+) -> None:
+    # The process's standalone gateway configured JSON lines at INFO; a second one, opened by its first request (as
+    # under a Mount), configured them again at NOTSET: the whole process's debug lines began to pass.
+    import logging
+
+    from embedgate import create_app
+    from embedgate.logs import configure_logging
+
+    info = structlog.make_filtering_bound_logger(logging.INFO)
+    configure_logging(level=logging.INFO, replace_host_config=True)  # as the server's app's startup leaves it
+    lazy = create_app(make_config())
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(lazy), base_url="http://h") as c:
+            assert (await c.get("/healthz")).status_code == 200  # opened by it
+        assert structlog.get_config()["wrapper_class"] is info
+    finally:
+        await lazy.shutdown()

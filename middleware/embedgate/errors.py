@@ -90,6 +90,8 @@ class ClientDisconnected(GatewayError):
     status = 499
     type = "invalid_request_error"
     code = "client_disconnected"
+    #: The error the client would have had, had it stayed for its answer (None: a success, or nothing was made yet).
+    unsent: GatewayError | None = None
 
 
 class ClientGone(OSError):

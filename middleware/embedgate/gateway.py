@@ -172,7 +172,8 @@ class EmbeddingGateway:
             # line of a request that found the gateway unable to start). Mounted, everything passes (the host's
             # debug lines too): a host that configures structlog after this (in its own lifespan, which runs inside
             # ours) keeps what it does not set.
-            configure_logging(level=logging.INFO if process else logging.NOTSET)
+            # (not the process's: a configuration of ours already there, a standalone gateway's, is left as it is)
+            configure_logging(level=logging.INFO if process else logging.NOTSET, keep_installed=not process)
             if self._given_client is not None:
                 send = sender_for(self._given_client)
             else:
@@ -424,8 +425,8 @@ class EmbeddingGateway:
         sent_model: str | None = None
         if req is not None:
             name = req.name or f"embeddings {req.model}"
-        else:  # refused before it was parsed whole (a 400): named as its body names it, where it does
-            sent_name, sent_model = names_of(call.body) if call.body else (None, None)
+        else:  # refused as invalid (a 400): named as its body names it, where it does (not so a shed 503's: unparsed)
+            sent_name, sent_model = names_of(call.body) if type(error) is InvalidRequest else (None, None)
             name = sent_name or (f"embeddings {sent_model}" if sent_model is not None else "embeddings")
         with self.telemetry.start_request(name, headers=scope["headers"], attributes=self._http_attributes(scope),
                                           start_time=arrived) as root:  # fmt: skip
@@ -511,12 +512,14 @@ class EmbeddingGateway:
                     # settle's store round trip was cancelled too, and the request had no access line, no metrics.
                     with anyio.CancelScope(shield=True):
                         await self._finish(call, error, request_id)
-                if isinstance(send_failed, OSError):
+                if isinstance(send_failed, OSError) and not isinstance(error, ClientDisconnected):
                     # The client left before its answer went out (a server on ASGI 2.4 says so: embedgate serve's
                     # protocol; uvicorn's says nothing): logged, traced and counted as nginx's 499, with what the
                     # request was billed (its settle above counted the upstream's usage), not as the 200 or the
                     # error (a 502 the upstream's failure made, the 503 of a shutdown) no client received.
-                    error = ClientDisconnected("The client disconnected before its answer was sent")
+                    gone = ClientDisconnected("The client disconnected before its answer was sent")
+                    gone.unsent = error  # (its budget refusal stays on the span; its cache lookups are not counted)
+                    error = gone
                     status = error.status
                 annotate(root, call, error)
                 if sent_model is not None:

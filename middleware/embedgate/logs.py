@@ -142,12 +142,15 @@ def configure_logging(
     replace_host_config: bool = False,
     level: int = logging.INFO,
     file: IO[Any] | None = None,
+    keep_installed: bool = False,
 ) -> bool:
     """Configure structlog for JSON lines (or console lines with ``json=False``); True if this call did.
 
     Idempotent: calling it again with the same arguments changes nothing. A configuration the host app made
     (structlog already configured, and not by this function) is kept unless ``replace_host_config``: mounted,
     the gateway's lines then go through the host's processors. ``file`` defaults to stdout (binary for JSON).
+    With ``keep_installed``, a configuration this function installed before, with other arguments, is kept too (a
+    mounted gateway in a process whose standalone one configured it).
     """
     global _access, _installed, _installed_args, _direct, _direct_chain
     args = (json, level, file)
@@ -156,7 +159,7 @@ def configure_logging(
     # again after), so a list of the same identity may hold another's processors: reconfigured then, the capture
     # (a test's) stopped seeing the lines.
     ours = _installed is not None and current is _installed and tuple(current) == _direct_chain
-    if ours and args == _installed_args:
+    if ours and (args == _installed_args or keep_installed):
         return False
     if structlog.is_configured() and not ours and not replace_host_config:
         return False

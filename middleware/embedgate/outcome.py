@@ -82,12 +82,14 @@ def annotate(root: RequestSpan, call: Call, error: GatewayError | None) -> None:
     if not root.is_recording:
         return
     req, key = call.request, call.key
+    # a budget's refusal the client left before it was sent is a refusal all the same
+    refusal = error.unsent if type(error) is ClientDisconnected else error
     attrs: dict[str, AttributeValue] = {
         "gen_ai.operation.name": "embeddings",
         "embedgate.request_id": call.request_id,
         "embedgate.route": call.dialect._value_,  # the member's value without Enum's Python-level property
         "embedgate.cache": call.cache_status,
-        "embedgate.budget.decision": "rejected" if isinstance(error, BudgetExceeded) else call.budget_decision,
+        "embedgate.budget.decision": "rejected" if isinstance(refusal, BudgetExceeded) else call.budget_decision,
         "embedgate.attempts": call.attempts,
     }
     if req is not None:
@@ -105,9 +107,9 @@ def annotate(root: RequestSpan, call: Call, error: GatewayError | None) -> None:
         attrs["embedgate.key_id"] = key.id
         attrs["embedgate.workspace"] = key.workspace
         attrs["embedgate.project"] = key.project
-    if isinstance(error, BudgetExceeded):
-        attrs["embedgate.budget.scope"] = error.scope_kind
-        attrs["embedgate.budget.dimension"] = error.dimension
+    if isinstance(refusal, BudgetExceeded):
+        attrs["embedgate.budget.scope"] = refusal.scope_kind
+        attrs["embedgate.budget.dimension"] = refusal.dimension
     if error is not None and error.code:
         attrs["embedgate.error.code"] = error.code
     if error is None:
@@ -142,7 +144,7 @@ def account(metrics: Metrics, write_access_line: bool, call: Call, status: int, 
             metrics.observe_usage(key.id, model, call.billed_tokens, call.cost_usd)
     # Lookups of an answer made, sent or not (a client gone before it: its items were fetched, paid for, cached)
     if call.cache_status != "bypass" and (
-        error is None or (type(error) is ClientDisconnected and None not in call.vectors)
+        error is None or (type(error) is ClientDisconnected and error.unsent is None)
     ):
         metrics.observe_cache_items(len(call.vectors) - call.items_fetched, call.items_fetched)
     if write_access_line:
