@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
 from .gateway import EmbeddingGateway, Receive, Send
 
 __all__ = ["create_app"]
@@ -45,11 +45,10 @@ def create_app(config: Config | str | os.PathLike[str] | None = None) -> Embeddi
 
     ``uvicorn 'embedgate:create_app' --factory``
     """
-    if config is None:
-        path = os.environ.get("EMBEDGATE_CONFIG")
-        if not path:
-            raise ConfigError(["<env>: EMBEDGATE_CONFIG is not set (the path of the YAML config)"])
-        config = load_config(path)
+    if config is None:  # uvicorn's factory: a bad config is told as `embedgate serve` tells it, and exits 1
+        from .cli import factory_config
+
+        config = factory_config()
     elif not isinstance(config, Config):  # a path, str or PathLike
         config = load_config(config)
     return EmbeddingGateway(_not_found, config=config, standalone=True)

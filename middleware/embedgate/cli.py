@@ -11,18 +11,21 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import BUDGET_SCOPES, ConfigError, hash_key, header_safe, load_config
+from .config import BUDGET_SCOPES, Config, ConfigError, hash_key, header_safe, load_config
 
-__all__ = ["main"]
+__all__ = ["factory_config", "main"]
+
+
+def _invalid(path: str, errors: list[str]) -> None:
+    """Tells a config's errors on stderr, one a line under the file's name."""
+    print(f"{path}: invalid configuration", *errors, sep="\n  ", file=sys.stderr, flush=True)
 
 
 def _check(path: str, *, serving: bool = False) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        print(f"{path}: invalid configuration", file=sys.stderr)
-        for line in exc.errors:
-            print(f"  {line}", file=sys.stderr)
+        _invalid(path, exc.errors)
         return 1
     ok = (f"{path}: ok ({len(config.providers)} providers, {len(config.models)} models, {len(config.keys)} keys, "
           f"{len(config.budgets)} budgets)")  # fmt: skip
@@ -39,6 +42,21 @@ def _check(path: str, *, serving: bool = False) -> int:
     if not config.keys:
         print("warning: no keys are configured; every embedding request will get 401", file=sys.stderr)
     return 0
+
+
+def factory_config() -> Config:
+    """The config of ``uvicorn 'embedgate:create_app' --factory``: the file ``EMBEDGATE_CONFIG`` names. When it is
+    not set, or the file is invalid, the errors are told as ``embedgate serve`` tells them, and the process exits 1
+    (raised from the factory, a ``ConfigError`` came with 17 lines of uvicorn's traceback)."""
+    path = os.environ.get("EMBEDGATE_CONFIG", "")
+    if not path:
+        _invalid("embedgate", ["<env>: EMBEDGATE_CONFIG is not set (the path of the YAML config)"])
+        raise SystemExit(1)
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        _invalid(path, exc.errors)
+        raise SystemExit(1) from None
 
 
 def _open_stdio() -> None:
@@ -105,8 +123,11 @@ def served_app() -> Any:
     from .app import create_app
 
     _stop_with_supervisor()
+    path = os.environ.get("EMBEDGATE_CONFIG", "")  # (set by `embedgate serve`)
     try:
-        return create_app()
+        if not path:
+            raise ConfigError(["<env>: EMBEDGATE_CONFIG is not set (the path of the YAML config)"])
+        return create_app(path)  # a path: create_app() without one tells a bad config itself, and exits 1
     except Exception as exc:
         errors = exc.errors if isinstance(exc, ConfigError) else [f"{type(exc).__name__}: {exc}"]
         print("error: embedgate could not be built:", *errors, sep="\n  ", file=sys.stderr, flush=True)
@@ -320,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config file; prints every error with its YAML path")
     check.add_argument("config")
     hk = sub.add_parser("hash-key", help="print the sha256 form of a key, for `keys[].sha256` in the config")
-    hk.add_argument("key")
+    hk.add_argument("key", nargs="?", help="the key; '-' or none (stdin not a terminal): one line read from stdin, "
+                    "kept out of `ps` and the shell's history")  # fmt: skip
     for name, helptext in (
         ("usage", "print current usage of every budget (GET /admin/usage)"),
         ("identities", "print the identities seen, most recent first (GET /admin/identities)"),
@@ -345,10 +367,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "identities":
         params = {"limit": str(args.limit)} if args.id is None else {"id": args.id}
         return _admin(args, "/admin/identities", params)
-    if not args.key or not header_safe(args.key):  # as the config's keys: what an HTTP header carries
+    return _hash_key(args.key)
+
+
+#: At most how much of stdin ``hash-key`` reads (``< /dev/zero`` would never end): no key is anywhere near.
+_MAX_KEY_BYTES = 64 * 1024
+
+
+def _hash_key(key: str | None) -> int:
+    """``embedgate hash-key``: 0 when the hash is printed, 2 when the key is refused."""
+    if key is None and (sys.stdin is None or sys.stdin.isatty()):
+        print("embedgate hash-key: give the key, or '-' to read it from stdin", file=sys.stderr)
+        return 2
+    if key is None or key == "-":
+        data = sys.stdin.buffer.read(_MAX_KEY_BYTES + 1) if sys.stdin is not None else b""
+        key = data.decode("utf-8", "surrogateescape").removesuffix("\n")
+        why = ("is empty" if not key else "is more than one line" if "\n" in key
+               else f"is longer than {_MAX_KEY_BYTES} bytes" if len(data) > _MAX_KEY_BYTES else None)  # fmt: skip
+        if why is not None:
+            print(f"embedgate hash-key: the key read from stdin {why}", file=sys.stderr)
+            return 2
+    if not key or not header_safe(key):  # as the config's keys: what an HTTP header carries
         print("embedgate hash-key: a key is visible ASCII characters (no spaces, no accents)", file=sys.stderr)
         return 2
-    print(hash_key(args.key))
+    print(hash_key(key))
     return 0
 
 

@@ -237,32 +237,104 @@ def _got(v: Any, path: str, errors: list[str]) -> str:
     return repr(v)[:200]
 
 
-def _interpolate(node: Any, env: Mapping[str, str], path: str, errors: list[str]) -> Any:
+#: At most how many values a config holds with its aliases written out: each alias is a copy, and aliases of
+#: aliases multiply (seven lines of ten aliases each, 454 bytes, were ten million values: 10 s and 265 MB).
+_MAX_VALUES: Final = 1_000_000
+
+
+def _measure(node: Any, path: str, measured: dict[int, tuple[int, bool]]) -> tuple[int, bool]:
+    """How many values ``node`` holds with its aliases written out (itself and mapping keys included; at most one
+    more than :data:`_MAX_VALUES`), and whether a ``$`` is in it. Each list and mapping is measured once (``measured``,
+    by id), however many aliases name it."""
+    if not isinstance(node, dict | list):
+        return 1, isinstance(node, str) and "$" in node
+    known = measured.get(id(node))
+    if known is not None:
+        if known[0] == 0:  # still being measured: an alias inside its own anchor (&a [*a]), a structure without end
+            raise ConfigError(
+                [f"{path or '<root>'}: a structure that contains itself (an alias inside its own anchor)"]
+            )
+        return known
+    measured[id(node)] = (0, False)
+    size, dollar = 1, False
+    if isinstance(node, dict):
+        size += len(node)
+        dollar = any(isinstance(k, str) and "$" in k for k in node)
+    for at, child in _children(node, path):
+        n, d = _measure(child, at, measured)
+        size, dollar = min(size + n, _MAX_VALUES + 1), dollar or d
+    measured[id(node)] = (size, dollar)
+    return size, dollar
+
+
+def _too_large(node: Any, measured: dict[int, tuple[int, bool]]) -> str:
+    """The path of the innermost value of ``node`` that alone is above :data:`_MAX_VALUES`, the first one in the
+    document's order."""
+    path = ""
+    while True:
+        inner = [(at, v) for at, v in _children(node, path) if measured.get(id(v), (0,))[0] > _MAX_VALUES]
+        if not inner:
+            return path or "<root>"
+        path, node = inner[0]
+
+
+def _children(node: dict[Any, Any] | list[Any], path: str) -> list[tuple[str, Any]]:
+    """The values of a mapping or list, each with its path."""
+    if isinstance(node, dict):
+        return [(_join(path, str(k)), v) for k, v in node.items()]
+    return [(f"{path}[{i}]", v) for i, v in enumerate(node)]
+
+
+def _interpolate(node: Any, env: Mapping[str, str], path: str, errors: list[str],
+                 measured: dict[int, tuple[int, bool]]) -> Any:  # fmt: skip
+    """``node`` with the ``${...}`` of its values and mapping keys read. A list or mapping with no ``$`` in it is
+    returned as it is: shared, as its aliases were, not copied again for each (see :func:`_measure`)."""
     if isinstance(node, str):
-        if "${" not in node:
+        if "$" not in node:
             return node
-        where = path or "<root>"
         found: list[str] = []
-        out, _ = _expand(node, 0, False, env, where, found)
+        out, _ = _expand(node, 0, False, env, path or "<root>", found)
         errors.extend(dict.fromkeys(found))  # each once
-        if isinstance(errors, _Errors):
+        if isinstance(errors, _Errors) and "${" in node.replace("$$", ""):  # ("$${X}" is text, not the environment)
             errors.from_env.add(path)
         return out
-    if isinstance(node, dict):
-        return {k: _interpolate(v, env, _join(path, str(k)), errors) for k, v in node.items()}
+    if not isinstance(node, dict | list) or not measured[id(node)][1]:
+        return node
     if isinstance(node, list):
-        return [_interpolate(v, env, f"{path}[{i}]", errors) for i, v in enumerate(node)]
-    return node
+        return [_interpolate(v, env, f"{path}[{i}]", errors, measured) for i, v in enumerate(node)]
+    out_map: dict[Any, Any] = {}
+    first: dict[str, tuple[Any, bool]] = {}  # a key as the config names it -> as written, and whether it was read
+    for written, v in node.items():
+        key, read = written, isinstance(written, str) and "$" in written
+        if read:
+            found = []
+            key, _ = _expand(written, 0, False, env, _join(path, written), found)
+            if found:  # refused: said once, and kept as written (not as an empty name)
+                errors.extend(dict.fromkeys(found))
+                key = written
+        name = str(key)
+        if name in first and (read or first[name][1]):  # (two keys as written were told by _twice)
+            other = first[name][0]
+            errors.append(f"{_join(path, str(written))}: the same key as {_shown_key(str(other))} once their "
+                          "${...} are read (a key given twice)")  # fmt: skip
+            continue
+        first.setdefault(name, (written, read))
+        out_map[key] = _interpolate(v, env, _join(path, name), errors, measured)
+    return out_map
 
 
 def _expand(text: str, at: int, nested: bool, env: Mapping[str, str], where: str,
             errors: list[str]) -> tuple[str, int]:  # fmt: skip
     """``text`` from ``at`` with its ``${NAME}`` and ``${NAME:-default}`` replaced, a default itself expanded (as
-    docker compose does: ``${A:-${B}}``), only when it is used. Nested (a default), up to its closing brace, whose
-    index is returned; -1 when there is none."""
+    docker compose does: ``${A:-${B}}``), only when it is used, and ``$$`` read as one ``$``. Nested (a default), up
+    to its closing brace, whose index is returned; -1 when there is none."""
     out: list[str] = []
     i = at
     while i < len(text):
+        if text.startswith("$$", i):  # docker compose's escape: one "$" ("$${X}" is the text "${X}")
+            out.append("$")
+            i += 2
+            continue
         if text.startswith("${", i):
             name = _NAME.match(text, i + 2)
             end = name.end() if name is not None else i + 2
@@ -299,6 +371,39 @@ def _expand(text: str, at: int, nested: bool, env: Mapping[str, str], where: str
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+#: A mapping key an error may show as written: a name, maybe with ``${NAME}`` in it. A value glued to its key
+#: (``key=sk-...``, ``key:sk-...``, ``key sk-...``: a typo) holds some other character, or is long: it may be a secret.
+_PLAIN_KEY: Final = re.compile(r"(?:[A-Za-z0-9_./-]|\$\{[A-Za-z_][A-Za-z0-9_]*\})*")
+_MAX_SHOWN_KEY: Final = 64
+_SPACES: Final = {" ": "a space", "\t": "a tab", "\n": "a line break", "\r": "a carriage return"}
+
+
+def _hidden(key: str) -> str | None:
+    """Why an error does not show the mapping key ``key``, or None when it may."""
+    if len(key) > _MAX_SHOWN_KEY:
+        return f"it is {len(key)} characters long"
+    plain = _PLAIN_KEY.match(key)
+    if plain is None or plain.end() == len(key):
+        return None
+    odd = key[plain.end()]
+    return f"it holds {_SPACES.get(odd, repr(odd))}"
+
+
+def _shown_key(key: str) -> str:
+    """``key`` as an error names it: quoted, or said to be not shown and why."""
+    why = _hidden(key)
+    return repr(key) if why is None else f"a key not shown ({why})"
+
+
+def _meant(key: str, known: Collection[str]) -> str:
+    """The hint for a key holding a value glued to it: ``; did you mean `key: ...`?`` when what comes before the
+    ``=``, ``:`` or blank is a known key."""
+    head = re.split(r"[=:\s]", key, maxsplit=1)[0]
+    if head != key and head in known:
+        return f"; did you mean `{head}: ...`?"
+    return "; a space missing after a colon?" if ":" in key else ""
 
 
 # --- a small validator that keeps the YAML path --------------------------------------------------------------
@@ -345,16 +450,24 @@ class _Section:
     def finish(self) -> None:
         for key in self.data:
             if key not in self.seen:
-                if ":" in str(key):  # "key:sk-..." (no space after the colon) holds a value, maybe a secret
-                    self.error(self.path or "<root>", "an unknown key with ':' in it (a space missing after a colon?)")
-                else:
+                why = _hidden(str(key))
+                if why is None:
                     self.error(self.at(str(key)), "unknown key")
+                else:  # "key=sk-...", "key:sk-..." (no space after the colon): a value glued to its key, maybe a secret
+                    hint = _meant(str(key), {k for k in self.seen if isinstance(k, str)})
+                    self.error(self.path, f"an unknown key (not shown: {why}{hint})")
 
     # checks: return the value, or record an error and return None
     def string(self, v: Any, path: str) -> str | None:
         if isinstance(v, str):
             return v
         if isinstance(v, int | float) and not isinstance(v, bool):
+            # An id written 42 is "42"; one written 0777, 010, 1_0 or 007 was silently "511", "8", "10" or "7" (as a
+            # budget's target, it then matched no one).
+            written = _written(v)
+            if written != str(v):
+                self.error(path, f'YAML reads {written} as the number {v}: quote it ("{written}") to keep it as text')
+                return None
             return str(v)
         self.error(path, f"must be a string, got {_kind(v)}")
         return None
@@ -398,7 +511,7 @@ class _Section:
             if not lo <= v <= top:
                 self.error(path, f"must be between {lo} and {top}")
                 return None
-            return v
+            return int(v)  # (not the loader's _WrittenInt)
 
         return check
 
@@ -435,6 +548,8 @@ class _Section:
 
 
 def _kind(v: Any) -> str:
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return "int" if isinstance(v, int) else "float"  # (the loader's _WrittenInt too)
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(v), type(v).__name__
     )
@@ -494,12 +609,18 @@ def hash_key(key: str) -> str:
 # --- sections ---------------------------------------------------------------------------------------------
 
 
+#: ``server.path_prefix``: "/" and segments of RFC 3986's path characters. No "%": the gateway compares the prefix with
+#: the request's decoded path, where "%20" never is; a "." or ".." segment, a client removes before sending.
+_PATH_PREFIX: Final = re.compile(r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@-]+)+")
+
+
 def _server(data: Any, errors: list[str]) -> ServerConfig:
     s = _Section(data, "server", errors)
     prefix = s.get("path_prefix", s.string, "")
-    if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+    if prefix and (not _PATH_PREFIX.fullmatch(prefix) or {".", ".."} & set(prefix.split("/"))):
         at = s.at("path_prefix")
-        s.error(at, f"must start with '/' and not end with '/', got {_got(prefix, at, errors)}")
+        s.error(at, "must be '/' and path segments of letters, digits and -._~!$&'()*+,;=:@, with no '/' at the end "
+                f"and no empty, '.' or '..' segment, got {_got(prefix, at, errors)}")  # fmt: skip
     cfg = ServerConfig(
         path_prefix=prefix,
         max_body_bytes=s.get("max_body_bytes", s.integer(1024), DEFAULT_MAX_BODY_BYTES),
@@ -516,7 +637,9 @@ def _providers(data: Any, errors: list[str]) -> dict[str, ProviderConfig]:
     for name, body in top.data.items():
         top.seen.add(name)
         s = _Section(body, top.at(str(name)), errors)
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+        if _written(name) != str(name):  # "007:" was the provider "7"
+            s.error(s.path, f"YAML reads the name {_written(name)} as the number {name}: quote it")
+        elif not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
             s.error(s.path, "provider names may hold letters, digits, '_', '.', '-'")
         kind = s.required("type", s.choice(PROVIDER_TYPES), "openai")
         out[str(name)] = ProviderConfig(
@@ -554,13 +677,13 @@ def _provider_headers(s: _Section) -> Callable[[Any, str], tuple[tuple[str, str]
         for name, value in v.items():
             at = f"{path}.{name}"
             if not isinstance(name, str) or not _TOKEN.fullmatch(name):
-                # "{api-key:SECRET}" (no space after the colon) is one name holding the value: not shown
-                shown = (
-                    "a name with ':' in it (a space missing after a colon?)"
-                    if ":" in str(name)
-                    else repr(str(name)[:100])
-                )
-                s.error(path, f"{shown} is no HTTP header name")
+                why = _hidden(str(name))
+                if why is None:
+                    s.error(path, f"{str(name)!r} is no HTTP header name")
+                else:  # "{api-key:SECRET}", "{api-key=SECRET}": one name holding the value, not shown
+                    head = re.split(r"[=:\s]", str(name), maxsplit=1)[0]
+                    hint = _meant(str(name), {head} if _TOKEN.fullmatch(head) else set())
+                    s.error(path, f"a name that is no HTTP header name (not shown: {why}{hint})")
             elif name.lower() in _OWN_HEADERS:
                 s.error(at, "is set by the gateway itself")
             elif name.lower() in seen:
@@ -790,10 +913,14 @@ def _budget_options(data: Any, errors: list[str]) -> BudgetOptions:
 def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     """Validate an already-loaded YAML document (a dict) and build the :class:`Config`."""
     errors = _Errors()
+    measured: dict[int, tuple[int, bool]] = {}
     try:
-        data = _interpolate(data, os.environ if env is None else env, "", errors)
-    except RecursionError:  # a YAML alias inside its own anchor (&a [*a]): a structure without end
-        raise ConfigError(["<yaml>: a structure that contains itself (an alias inside its own anchor)"]) from None
+        if _measure(data, "", measured)[0] > _MAX_VALUES:  # told alone: reading on would take minutes, and gigabytes
+            raise ConfigError([f"{_too_large(data, measured)}: its aliases write it out as more than {_MAX_VALUES:,} "
+                               "values (aliases of aliases multiply); no config needs so many"])  # fmt: skip
+        data = _interpolate(data, os.environ if env is None else env, "", errors, measured)
+    except RecursionError:  # nested too deeply for Python's stack (a document of Python lists, say)
+        raise ConfigError(["<root>: nested too deeply"]) from None
     root = _Section(data, "", errors)
     for key in ("server", "redis_url", "providers", "models", "keys", "budgets", "cache", "routing"):
         root.seen.add(key)
@@ -882,42 +1009,131 @@ def _askable(model: str, providers: Collection[str]) -> bool:
     return provider in providers and bool(name)
 
 
-class _UniqueKeys(yaml.SafeLoader):
-    """YAML's safe loader, refusing a mapping key that is no scalar (a key given twice: see :func:`_twice`)."""
+_MERGE: Final = "tag:yaml.org,2002:merge"
+_TIMESTAMP: Final = "tag:yaml.org,2002:timestamp"
+_MAX_NUMBER_TEXT: Final = 100  # characters: far beyond any setting, and below Python's 4300 digits for an int
+
+
+class _WrittenInt(int):
+    """A YAML integer that keeps its text as written: YAML reads ``0777`` as 511, ``1_0`` as 10 (see
+    :meth:`_Section.string`)."""
+
+    written = ""
+
+
+class _WrittenFloat(float):
+    """A YAML float that keeps its text as written (``1.10`` is 1.1)."""
+
+    written = ""
+
+
+def _written(value: Any) -> str:
+    """``value`` as the YAML wrote it: a number's own text, else ``str(value)``."""
+    return value.written if isinstance(value, _WrittenInt | _WrittenFloat) and value.written else str(value)
+
+
+class _Unreadable(Exception):
+    """A YAML value the loader cannot read (``!!int x``, a number of 5000 digits): told at its YAML path, without
+    the value (it may be a secret)."""
+
+    def __init__(self, node: yaml.Node, message: str) -> None:
+        super().__init__(message)
+        self.node, self.message = node, message
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader as the config reads it. A mapping key must be a scalar (a key given twice: see
+    :func:`_twice`). No value is a date: no setting is one, and ``service_name: 2024-02-03`` is that text (an
+    impossible date, ``2024-02-30``, was an error without a path). Numbers keep their text (:class:`_WrittenInt`).
+    Merge keys merge as YAML says: the mapping's own keys win, then the earliest mapping merged (PyYAML 6.0.x let the
+    last one win for keys of more than one character: its issue #953)."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.constructor.ConstructorError as exc:  # an unknown tag, say (its message names the tag)
+            raise _Unreadable(node, str(exc.problem)) from None
+        except (ValueError, TypeError, OverflowError):  # a bad value of an explicit tag (!!int x): the message shows it
+            raise _Unreadable(node, f"is no valid !!{node.tag.rpartition(':')[2]}") from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": merged below, overridable
+            if key_node.tag == _MERGE:  # "<<: *anchor": merged below, overridable
                 continue
             if not isinstance(self.construct_object(key_node, deep=deep), Hashable):
-                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a scalar",
-                                                        key_node.start_mark)  # fmt: skip
-        return super().construct_mapping(node, deep=deep)
+                raise _Unreadable(key_node, "a mapping key must be a scalar")
+        try:
+            return super().construct_mapping(node, deep=deep)
+        except yaml.constructor.ConstructorError as exc:  # a merge of no mapping (<<: 5)
+            raise _Unreadable(node, str(exc.problem)) from None
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        own: list[tuple[yaml.Node, yaml.Node]] = []
+        merged: list[list[tuple[yaml.Node, yaml.Node]]] = []
+        for key_node, value_node in node.value:
+            if key_node.tag != _MERGE:
+                if key_node.tag == "tag:yaml.org,2002:value":  # a key "=" (as PyYAML reads it)
+                    key_node.tag = "tag:yaml.org,2002:str"
+                own.append((key_node, value_node))
+                continue
+            for source in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
+                if not isinstance(source, yaml.MappingNode):
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"expected a mapping or list of mappings for merging, but found {source.id}", source.start_mark,
+                    )  # fmt: skip
+                self.flatten_mapping(source)
+                merged.append(source.value)
+        if merged:  # the last of a key wins as the mapping is built: the earliest merged goes last, its own keys after
+            node.value = [pair for pairs in reversed(merged) for pair in pairs] + own
+
+    def construct_written_int(self, node: yaml.ScalarNode) -> int:
+        written = self.construct_scalar(node)
+        if len(written) > _MAX_NUMBER_TEXT:  # (Python reads no integer of more than 4300 digits)
+            raise _Unreadable(node, f"is a number {len(written)} characters long, far beyond any setting; quote it "
+                              "if it is text")  # fmt: skip
+        number = _WrittenInt(self.construct_yaml_int(node))
+        number.written = written
+        return number
+
+    def construct_written_float(self, node: yaml.ScalarNode) -> float:
+        number = _WrittenFloat(self.construct_yaml_float(node))
+        number.written = self.construct_scalar(node)
+        return number
 
 
-def _twice(loader: yaml.SafeLoader, root: yaml.Node) -> list[str]:
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_written_int)
+_ConfigLoader.add_constructor("tag:yaml.org,2002:float", _ConfigLoader.construct_written_float)
+
+
+def _twice(loader: yaml.SafeLoader, root: yaml.Node, paths: dict[int, str]) -> list[str]:
     """The keys given twice in one mapping (the last silently won), each named by its YAML path and line, from the
     composed document. Keys are compared as YAML reads them (``1`` and ``0x1``, ``true`` and ``yes`` are one key) and
     as the config names them (``1`` and ``"1"`` name one provider). Walked in document order, each node once: an
     anchored node is named where it is defined (an alias comes after its anchor), and a merge key's mappings
-    (``<<: [*a, *b]``) under the mapping they merge into."""
+    (``<<: [*a, *b]``) under the mapping they merge into. Each node's path goes in ``paths`` (by id), where
+    :class:`_Unreadable` finds it."""
     found: list[tuple[int, str]] = []  # (line, error)
-    seen: set[int] = set()
     stack: list[tuple[yaml.Node, str]] = [(root, "")]
     while stack:
         node, path = stack.pop()
-        if id(node) in seen:
+        if id(node) in paths:
             continue
-        seen.add(id(node))
+        paths[id(node)] = path
         children: list[tuple[yaml.Node, str]] = []
         if isinstance(node, yaml.MappingNode):
             values: set[Any] = set()
             names: set[str] = set()
             for key_node, value_node in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # merged in, its keys overridable
+                if key_node.tag == _MERGE:  # merged in, its keys overridable
                     items = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
                     children += [(item, path) for item in items]
                     continue
+                paths.setdefault(id(key_node), path or "<root>")  # (a key's error names the mapping holding it)
                 if not isinstance(key_node, yaml.ScalarNode):  # (refused as it is constructed)
                     children.append((value_node, path))
                     continue
@@ -925,10 +1141,13 @@ def _twice(loader: yaml.SafeLoader, root: yaml.Node) -> list[str]:
                 key = loader.construct_object(key_node)
                 if key in values or str(key) in names:
                     line = key_node.start_mark.line + 1
-                    if ":" in key_node.value:  # "key:sk-..." (no space after the colon) holds a value, maybe a secret
-                        found.append((line, f"{path or '<root>'}: a key with ':' in it is given twice (line {line})"))
-                    else:
+                    why = _hidden(key_node.value)
+                    if why is None:
                         found.append((line, f"{at}: the key {key_node.value!r} is given twice (line {line})"))
+                    else:  # "key:sk-..." (no space after the colon) holds a value, maybe a secret
+                        found.append(
+                            (line, f"{path or '<root>'}: a key (not shown: {why}) is given twice (line {line})")
+                        )
                 values.add(key)
                 names.add(str(key))
                 children.append((value_node, at))
@@ -947,18 +1166,26 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except UnicodeDecodeError as exc:
         raise ConfigError([f"<file>: {path} is not UTF-8 text (byte {exc.start})"]) from None
     twice: list[str] = []
+    paths: dict[int, str] = {}  # a node's id -> its YAML path
     try:
-        loader = _UniqueKeys(text)  # a SafeLoader: builds no Python objects
+        loader = _ConfigLoader(text)  # a SafeLoader: builds no Python objects
         try:
             node = loader.get_single_node()
-            twice = _twice(loader, node) if node is not None else []
+            twice = _twice(loader, node, paths) if node is not None else []
             data = loader.construct_document(node) if node is not None else None
         finally:
             loader.dispose()
     except RecursionError:  # PyYAML's parser recurses: ~600 nested lists were a traceback
         raise ConfigError(["<yaml>: nested too deeply"]) from None
-    except ValueError as exc:  # an integer of more than 4300 digits
-        raise ConfigError([f"<yaml>: {str(exc)[:200]}"]) from None
+    except _Unreadable as exc:
+        where = paths.get(id(exc.node), "<yaml>")
+        raise ConfigError([f"{where}: {exc.message} (line {exc.node.start_mark.line + 1})"]) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not take (a NUL): PyYAML tells its offset only
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - text.rfind("\n", 0, exc.position)
+        code = ord(exc.character) if isinstance(exc.character, str) else exc.character
+        raise ConfigError([f"<yaml line {line}, column {column}>: the character #x{code:04x} is not allowed "
+                           f"({exc.reason})"]) from None  # fmt: skip
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
