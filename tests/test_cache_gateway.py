@@ -319,9 +319,24 @@ async def test_a_full_hit_never_mixes_vector_sizes(client: httpx.AsyncClient, up
     calls = len(upstream.calls)
     r = await embed(client, ["before", "after"])
     assert [len(v) for v in floats(r)] == [9, 9]
-    assert r.headers["x-embedgate-cache"] == "miss"
-    assert [c.body["input"] for c in upstream.calls[calls:]] == [["before", "after"]]
+    assert r.headers["x-embedgate-cache"] == "partial"  # the item of the old size is a miss, and only it
+    assert [c.body["input"] for c in upstream.calls[calls:]] == [["before"]]
     assert (await embed(client, ["before", "after"])).headers["x-embedgate-cache"] == "hit"
+
+
+@pytest.mark.anyio
+async def test_an_item_cached_at_the_models_old_size_is_no_hit(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    # Asked for alone (or with others of its size), an item cached before the model changed its dimension count was
+    # a full hit: the same text got vectors of 8 and of 9 floats in requests one after the other, until its TTL.
+    await embed(client, ["p", "q"])
+    upstream.dims = 9
+    await embed(client, ["new"], retry={"count": 2})  # refused twice as malformed, then adopted
+    calls = len(upstream.calls)
+    r = await embed(client, ["p", "q"])
+    assert r.headers["x-embedgate-cache"] == "miss" and [len(v) for v in floats(r)] == [9, 9]
+    assert [c.body["input"] for c in upstream.calls[calls:]] == [["p", "q"]]
+    r = await embed(client, ["p"])
+    assert r.headers["x-embedgate-cache"] == "hit" and [len(v) for v in floats(r)] == [9]  # cached anew at 9
 
 
 @pytest.mark.anyio

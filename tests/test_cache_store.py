@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import struct
 import sys
 import tracemalloc
 import uuid
@@ -53,8 +54,9 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
 
 
 def random_item(rng: np.random.Generator, dims: int, tokens: int = 7) -> CachedItem:
-    # Random bit patterns, so NaN payloads, infinities, -0.0 and subnormals are all exercised.
-    bits = rng.integers(0, 2**32, size=dims, dtype=np.uint32)
+    # Random bit patterns, so -0.0, subnormals and every mantissa are exercised; the exponent's top bit cleared, as
+    # no embedding holds NaN or infinity (a value read from Redis holding one is a miss: see below).
+    bits = rng.integers(0, 2**32, size=dims, dtype=np.uint32) & np.uint32(0xBFFFFFFF)
     return CachedItem(vector=bits.view("<f4").tobytes(), tokens=tokens)
 
 
@@ -208,6 +210,33 @@ async def test_redis_backend_through_aiocache_api() -> None:
         assert await store.clear(namespace=prefix) is True
         assert await store.multi_get([prefix + "k2"]) == [None]
     finally:
+        await cache.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "stored",
+    [
+        struct.pack("<I", 3) + np.array([0.5, np.nan, 0.25], "<f4").tobytes(),
+        struct.pack("<I", 3) + np.array([0.5, np.inf, 0.25], "<f4").tobytes(),
+        struct.pack("<I", 2**32 - 1) + np.array([0.5, 0.5], "<f4").tobytes(),  # tokens no item costs
+        struct.pack("<I", 3) + bytes(4 * 65537),  # more dimensions than any embedding has
+    ],
+    ids=["nan", "infinity", "tokens", "dimensions"],
+)
+async def test_a_value_in_redis_no_embedding_is_is_a_miss(stored: bytes) -> None:
+    # Redis is shared: a value written there by anything else was served as a hit, a NaN going out as null (the
+    # same vector from an upstream is refused, and never cached), a 64 MB one as a 16M-dimension vector.
+    url = require_redis()
+    cache = VectorCache.from_config(url, 1 << 20)
+    key = item_key(workspace="acme", model="openai/m", dimensions=None, input_type=None, item=f"foreign {uuid.uuid4()}")
+    client = redis.Redis.from_url(url)
+    try:
+        await client.set(key, stored, ex=60)
+        assert await cache.get_many([key]) == [None]
+    finally:
+        await client.delete(key)
+        await client.aclose()
         await cache.close()
 
 

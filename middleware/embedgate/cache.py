@@ -13,6 +13,7 @@ base64 responses alike and nothing is kept as Python floats.
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 import time
 from collections import OrderedDict
@@ -37,6 +38,10 @@ T = TypeVar("T")
 _log = structlog.get_logger("embedgate.cache")
 
 _HEADER = struct.Struct("<I")  # tokens, uint32 little-endian
+#: The most dimensions a vector read from a shared store may have (the largest embedding models answer ~16k).
+MAX_STORED_DIMS: Final = 65536
+#: The most tokens an item read from a shared store may have cost (a long-context model's whole input: ~32k).
+MAX_STORED_TOKENS: Final = 1_000_000
 _MAX_ROUNDS = 3
 
 
@@ -73,6 +78,19 @@ class CachedItem:
         (tokens,) = _HEADER.unpack_from(data)
         return cls(vector=bytes(data[_HEADER.size :]), tokens=tokens)
 
+    @classmethod
+    def from_store(cls, data: bytes) -> CachedItem | None:
+        """:meth:`loads` for a value read from a shared store (Redis), which anyone may have written: None also
+        for a vector no embedding is (NaN or infinity in it, more than ``MAX_STORED_DIMS`` dimensions) and a token
+        count no item costs, as the answer of an upstream is refused for them (a cached NaN went out as ``null``)."""
+        if len(data) > _HEADER.size + 4 * MAX_STORED_DIMS:
+            return None
+        item = cls.loads(data)
+        if item is None or item.tokens > MAX_STORED_TOKENS:
+            return None
+        values = np.frombuffer(item.vector, dtype="<f4")
+        return item if math.isfinite(float(values.dot(values))) else None
+
 
 def item_key(
     *,
@@ -95,7 +113,7 @@ class _ItemSerializer(BaseSerializer):  # type: ignore[misc]
         return value.dumps()
 
     def loads(self, value: bytes | None) -> CachedItem | None:
-        return None if value is None else CachedItem.loads(value)
+        return None if value is None else CachedItem.from_store(value)
 
 
 class _BoundedMemoryCache(BaseCache):  # type: ignore[misc]
@@ -336,7 +354,7 @@ class VectorCache:
             return [None] * len(keys)
         try:
             if self._redis is not None:
-                loads = CachedItem.loads
+                loads = CachedItem.from_store
                 values = [None if raw is None else loads(raw) for raw in await self._redis.execute("MGET", *keys)]
             else:
                 values = await self._store.multi_get(keys)

@@ -352,9 +352,17 @@ class Pipeline:
             call.refresh = True
             return
         found = await self._cache.get_many(call.cache_keys)
+        # The size a vector of this request has: the dimensions asked, else the model's as its answers showed it.
+        # An item of another size was cached before the model changed its dimension count (the key has none when
+        # the request asks for none), or is no vector of this model's (a foreign value in a shared Redis): a miss.
+        dims = req.dimensions if req.dimensions is not None else self._router.known_dimensions(lookup.id)
+        width = -1 if dims is None else 4 * dims
         hits = 0
         for i, item in enumerate(found):
             if item is not None:
+                if width >= 0 and len(item.vector) != width:
+                    found[i] = None
+                    continue
                 call.vectors[i] = item.vector
                 call.item_tokens[i] = item.tokens
                 hits += 1

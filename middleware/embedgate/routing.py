@@ -895,6 +895,12 @@ class Router:
                         "(told once per provider)", provider=provider, reported=tokens, estimate=estimate)  # fmt: skip
         result.prompt_tokens = result.total_tokens = estimate
 
+    def known_dimensions(self, model_id: str) -> int | None:
+        """The dimension count ``model_id`` answers with when no ``dimensions`` is asked, as its answers in this
+        process showed it (None before one came)."""
+        seen = self._dims.get(model_id)
+        return seen.known if seen is not None else None
+
     def _check_dims(self, model_id: str, deployment: Deployment, result: Embeddings) -> None:
         """Reject an answer whose dimension count differs from the model's (see the module docstring)."""
         seen = self._dims.get(model_id)
