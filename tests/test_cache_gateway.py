@@ -325,7 +325,9 @@ async def test_a_full_hit_never_mixes_vector_sizes(client: httpx.AsyncClient, up
 
 
 @pytest.mark.anyio
-async def test_an_item_cached_at_the_models_old_size_is_no_hit(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+async def test_an_item_cached_at_the_models_old_size_is_no_hit(
+    client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
     # Asked for alone (or with others of its size), an item cached before the model changed its dimension count was
     # a full hit: the same text got vectors of 8 and of 9 floats in requests one after the other, until its TTL.
     await embed(client, ["p", "q"])
