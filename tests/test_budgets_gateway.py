@@ -433,6 +433,9 @@ async def test_cached_items_embedded_again_are_reserved_before_they_go(upstream:
         assert (await embed(c, [cached], cache=CACHE, model=model)).status_code == 200
         upstream.dims = 9
         assert (await embed(c, [[1, 2]], cache=CACHE, retry={"count": 2}, model=model)).status_code == 200  # adopted
+        # As a replica that has seen no answer of the model yet would (the old-size item is a miss up front where
+        # the model's size is known: reserved with the rest before anything goes)
+        app.router._dims.clear()  # type: ignore[union-attr]
         (row,) = await app.budgets.usage()  # type: ignore[union-attr]
         before = row["tokens"]["used"]
         if limit == 18:
@@ -449,6 +452,24 @@ async def test_cached_items_embedded_again_are_reserved_before_they_go(upstream:
     else:
         assert r.status_code == 200 and [len(v["embedding"]) for v in r.json()["data"]] == [9, 9]
         assert row["tokens"]["used"] == before + len(cached) + len(new)
+
+
+@pytest.mark.anyio
+async def test_a_cached_item_of_the_models_old_size_is_reserved_up_front(upstream: FakeUpstream) -> None:
+    # Where this process knows the model's new size, the old-size item is a miss from the start: reserved with the
+    # rest, and a request that does not fit is refused before anything goes upstream (nothing paid for in vain).
+    config = budget_config(upstream.url, [{"scope": "api_key", "target": "team-a", "token_limit": 18}])
+    cached, new = list(range(1, 11)), [7]
+    async with running(config) as (app, c):
+        assert (await embed(c, [cached], cache=CACHE)).status_code == 200
+        upstream.dims = 9
+        assert (await embed(c, [[1, 2]], cache=CACHE, retry={"count": 2})).status_code == 200  # adopted
+        (row,) = await app.budgets.usage()  # type: ignore[union-attr]
+        before, calls = row["tokens"]["used"], len(upstream.calls)
+        r = await embed(c, [cached, new], cache=CACHE)
+        (row,) = await app.budgets.usage()  # type: ignore[union-attr]
+    assert r.status_code == 429 and r.json()["error"]["code"] == "token_budget_exceeded"
+    assert (row["tokens"]["used"], len(upstream.calls)) == (before, calls)
 
 
 # --- failed upstream calls -------------------------------------------------------------------------------
