@@ -808,12 +808,15 @@ async def test_a_refused_answer_is_not_kept_by_its_error(framing: str) -> None:
         with pytest.raises(httpx.RemoteProtocolError) as raised:
             await post(transport, server.url)
         await transport.aclose()
-    held = []
-    tb = raised.value.__traceback__
-    while tb is not None:
-        held += [v for v in tb.tb_frame.f_locals.values() if isinstance(v, _Connection)]
-        tb = tb.tb_next
-    assert held and all(conn._body == [] and conn._into is None for conn in held)
+    import gc
+
+    import embedgate
+
+    assert raised.value is not None  # the error kept, as the router keeps it through its retries
+    held = [o for o in gc.get_objects() if type(o) is _Connection]
+    assert all(conn._body == [] and conn._into is None for conn in held)
+    if embedgate.NATIVE != "compiled":  # (a compiled function's traceback entry holds no frame, nor its locals)
+        assert held  # the error's traceback holds the connection: only its body is let go of
 
 
 async def test_a_connection_whose_request_is_still_going_out_is_not_reused() -> None:
