@@ -160,7 +160,7 @@ def test_an_id_written_as_its_own_number_is_kept(tmp_path: Path, written: str) -
     assert (config.keys[0].id, config.keys[0].workspace) == (written, written)
 
 
-@pytest.mark.parametrize("prefix", ["/ai?x", "/ai#x", "//ai", "/a i", "/a%20i", "/ai/", "ai", "/", "/./ai", "/ai/.."])
+@pytest.mark.parametrize("prefix", ["/ai?x", "/ai#x", "//ai", "/a\ti", "/a%20i", "/ai/", "ai", "/", "/./ai", "/ai/.."])
 def test_a_path_prefix_no_request_path_matches_is_an_error(prefix: str) -> None:
     with pytest.raises(ConfigError) as bad:
         parse_config({"server": {"path_prefix": prefix}}, env={})
@@ -168,8 +168,9 @@ def test_a_path_prefix_no_request_path_matches_is_an_error(prefix: str) -> None:
     assert error.startswith("server.path_prefix: must be '/' and path segments"), error
 
 
-@pytest.mark.parametrize("prefix", ["/ai", "/ai/v1", "/a-b_c.d~e", "/@x:y", "/ai..x"])
+@pytest.mark.parametrize("prefix", ["/ai", "/ai/v1", "/a-b_c.d~e", "/@x:y", "/ai..x", "/über", "/a b"])
 def test_a_path_prefix_of_path_segments_is_read(prefix: str) -> None:
+    # (a letter or a blank in the decoded path a request's "%C3%BC" or "%20" gives: they worked before, and match)
     assert parse_config({"server": {"path_prefix": prefix}}, env={}).server.path_prefix == prefix
 
 
@@ -188,6 +189,9 @@ def test_merge_keys_merge_as_yaml_says(tmp_path: Path) -> None:
     assert errors_of(tmp_path, KEYS + "server:\n  <<: 5\n") == [
         "server: expected a mapping or list of mappings for merging, but found scalar (line 4)"
     ]
+    # two merge keys in one mapping: a key given twice (the loader took the first, PyYAML the last)
+    (error,) = errors_of(tmp_path, "x-a: &a {timeout_ms: 5}\n" + KEYS + "providers:\n  p:\n    <<: *a\n    <<: *a\n")
+    assert error.startswith("providers.p: found the merge key '<<' given twice"), error
 
 
 def test_hash_key_reads_the_key_from_stdin() -> None:

@@ -609,9 +609,11 @@ def hash_key(key: str) -> str:
 # --- sections ---------------------------------------------------------------------------------------------
 
 
-#: ``server.path_prefix``: "/" and segments of RFC 3986's path characters. No "%": the gateway compares the prefix with
-#: the request's decoded path, where "%20" never is; a "." or ".." segment, a client removes before sending.
-_PATH_PREFIX: Final = re.compile(r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@-]+)+")
+#: ``server.path_prefix``: "/" and path segments, as the gateway compares them with the request's decoded path (so a
+#: letter "ü" or a blank matches a client's "%C3%BC" or "%20"). No "%" (no decoded path holds "%20" for a "%20" the
+#: prefix would mean), "?" or "#" (a client's query and fragment), control character, nor "." or ".." segment (which a
+#: client removes before sending).
+_PATH_PREFIX: Final = re.compile(r"(?:/[^/?#%\x00-\x1f\x7f]+)+")
 
 
 def _server(data: Any, errors: list[str]) -> ServerConfig:
@@ -619,7 +621,7 @@ def _server(data: Any, errors: list[str]) -> ServerConfig:
     prefix = s.get("path_prefix", s.string, "")
     if prefix and (not _PATH_PREFIX.fullmatch(prefix) or {".", ".."} & set(prefix.split("/"))):
         at = s.at("path_prefix")
-        s.error(at, "must be '/' and path segments of letters, digits and -._~!$&'()*+,;=:@, with no '/' at the end "
+        s.error(at, "must be '/' and path segments (no '%', '?', '#' or control character), with no '/' at the end "
                 f"and no empty, '.' or '..' segment, got {_got(prefix, at, errors)}")  # fmt: skip
     cfg = ServerConfig(
         path_prefix=prefix,
@@ -1070,7 +1072,15 @@ class _ConfigLoader(yaml.SafeLoader):
     def flatten_mapping(self, node: yaml.MappingNode) -> None:
         own: list[tuple[yaml.Node, yaml.Node]] = []
         merged: list[list[tuple[yaml.Node, yaml.Node]]] = []
+        merges = 0
         for key_node, value_node in node.value:
+            if key_node.tag == _MERGE:
+                merges += 1
+                if merges == 2:  # as any key given twice (PyYAML took the last; which one was meant?)
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        "found the merge key '<<' given twice: merge several with '<<: [*a, *b]'", key_node.start_mark,
+                    )  # fmt: skip
             if key_node.tag != _MERGE:
                 if key_node.tag == "tag:yaml.org,2002:value":  # a key "=" (as PyYAML reads it)
                     key_node.tag = "tag:yaml.org,2002:str"
