@@ -819,15 +819,22 @@ async def test_a_refused_answer_is_not_kept_by_its_error(framing: str) -> None:
         assert held  # the error's traceback holds the connection: only its body is let go of
 
 
-async def test_a_connection_whose_request_is_still_going_out_is_not_reused() -> None:
+@pytest.mark.parametrize(
+    ("status", "size"),
+    [(200, 8_000_000), (429, 8_000_000), (429, 100_000)],
+    ids=["unsent, a 200", "unsent, a 429", "in the kernel's buffers, a 429"],
+)
+async def test_a_connection_whose_request_is_still_going_out_is_not_reused(status: int, size: int) -> None:
     # An upstream that answered before reading the whole request (a rate limiter's early 429, say) had its
     # connection pooled with the request's body still unsent: the next request went out behind it, never read,
-    # and waited for the attempt's whole timeout (a 504, held against the deployment's breaker).
+    # and waited for the attempt's whole timeout (a 504, held against the deployment's breaker). A body the kernel
+    # took whole is unread all the same: an error answer to a large request leaves its connection closed too.
     done = asyncio.Event()
+    answer = b'HTTP/1.1 %d X\r\nContent-Length: 14\r\n\r\n{"early":true}' % status
 
     async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")  # the head only: the body is never read
-        writer.write(ok(b'{"early":true}')[0])
+        writer.write(answer)
         await writer.drain()
         await done.wait()  # the connection kept open, unread
         writer.close()
@@ -837,8 +844,8 @@ async def test_a_connection_whose_request_is_still_going_out_is_not_reused() -> 
     url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}/v1/embeddings"
     transport = Http1Transport()
     try:
-        first = await post(transport, url, b"x" * 8_000_000)  # more than the kernel's buffers take
-        assert first.json() == {"early": True}
+        first = await post(transport, url, b"x" * size)
+        assert (first.status_code, first.json()) == (status, {"early": True})
         second = await asyncio.wait_for(post(transport, url), 3)  # on a new connection, answered at once
         assert second.json() == {"early": True}
     finally:

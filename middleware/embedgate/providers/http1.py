@@ -35,13 +35,17 @@ from typing import Any, Final
 import httptools
 import httpx
 
-__all__ = ["MAX_DECODED", "MAX_HEAD", "RESEND_WITHIN_S", "SENDING", "SENT", "UNKNOWN", "WAITING", "Http1Transport",
-           "decoded", "decoded_answer"]  # fmt: skip
+__all__ = ["EARLY_ANSWER_BYTES", "MAX_DECODED", "MAX_HEAD", "RESEND_WITHIN_S", "SENDING", "SENT", "UNKNOWN", "WAITING",
+           "Http1Transport", "decoded", "decoded_answer"]  # fmt: skip
 
 _Origin = tuple[bytes, bytes, int]  # scheme, host, port
 #: How soon after a request went out on a reused connection its close must come for the request to be sent again:
 #: the server's idle timeout ending as it went out closes it within a round trip.
 RESEND_WITHIN_S: Final = 0.25
+#: A request larger than this that got an error answer leaves its connection closed, not pooled: the upstream may have
+#: answered before reading it all (a rate limiter's 429, a 413), and what it did not read may sit in the kernel's
+#: buffers, where the next request on the connection would wait behind it until its timeout.
+EARLY_ANSWER_BYTES: Final = 64 * 1024
 #: An answer: status, headers as sent, body as sent (a bytearray when it came in several reads: see _Connection).
 _Answer = tuple[int, list[tuple[bytes, bytes]], bytes | bytearray]
 
@@ -160,8 +164,13 @@ class _Connection(asyncio.BufferedProtocol):
             self._waiter = None
 
     def still_writing(self) -> bool:
-        """Whether bytes of the request wait in the transport's buffer, unsent."""
-        return self.transport is not None and self.transport.get_write_buffer_size() > 0
+        """Whether bytes of the request wait in the transport's buffer, unsent (over TLS, in the one beneath it too:
+        the TLS layer hands its records on at once, and reads 0 while megabytes wait there)."""
+        transport = self.transport
+        if transport is None:
+            return False
+        beneath = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+        return transport.get_write_buffer_size() > 0 or (beneath is not None and beneath.get_write_buffer_size() > 0)
 
     @property
     def usable(self) -> bool:
@@ -397,8 +406,10 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 self._failed(conn, exc, request)
                 raise
         # Not a connection whose request is still going out (an upstream that answered before reading it all, a
-        # rate limiter's early 429 say): the next request would wait behind bytes nobody reads (RFC 9112, 9.5).
-        if conn.keep_alive and conn.usable and not self._closed and not conn.still_writing():
+        # rate limiter's early 429 say): the next request would wait behind bytes nobody reads (RFC 9112, 9.5). The
+        # kernel's buffers hide a few MB of them, so neither after an error answer to a large request.
+        if (conn.keep_alive and conn.usable and not self._closed and not conn.still_writing()
+                and (answer[0] < 400 or len(data) <= EARLY_ANSWER_BYTES)):  # fmt: skip
             conn.idle_since = time.monotonic()
             self._idle.setdefault(origin, []).append(conn)
             if self._sweeper is None or self._sweeper_loop is not conn.loop:  # (a timer of another loop never runs)
