@@ -240,6 +240,26 @@ async def test_a_value_in_redis_no_embedding_is_is_a_miss(stored: bytes) -> None
         await cache.close()
 
 
+@pytest.mark.anyio
+async def test_in_a_batch_read_from_redis_only_the_foreign_value_is_a_miss() -> None:
+    # The values of a lookup are checked together (one dot product), then one by one only when that fails.
+    url = require_redis()
+    cache = VectorCache.from_config(url, 1 << 20)
+    keys = [item_key(workspace="acme", model="openai/m", dimensions=None, input_type=None, item=f"b{i} {uuid.uuid4()}")
+            for i in range(3)]  # fmt: skip
+    good = CachedItem(vector=np.array([0.5, -0.25], "<f4").tobytes(), tokens=2)
+    bad = struct.pack("<I", 2) + np.array([0.5, np.nan], "<f4").tobytes()
+    client = redis.Redis.from_url(url)
+    try:
+        await client.mset({keys[0]: good.dumps(), keys[1]: bad, keys[2]: good.dumps()})
+        assert await cache.get_many(keys) == [good, None, good]
+        assert await cache.get_many([keys[0], keys[2]]) == [good, good]
+    finally:
+        await client.delete(*keys)
+        await client.aclose()
+        await cache.close()
+
+
 def test_cached_item_validation_and_malformed_values() -> None:
     item = CachedItem(vector=np.arange(3, dtype="<f4").tobytes(), tokens=5)
     assert CachedItem.loads(item.dumps()) == item

@@ -79,17 +79,33 @@ class CachedItem:
         return cls(vector=bytes(data[_HEADER.size :]), tokens=tokens)
 
     @classmethod
-    def from_store(cls, data: bytes) -> CachedItem | None:
+    def from_store(cls, data: bytes, *, check_values: bool = True) -> CachedItem | None:
         """:meth:`loads` for a value read from a shared store (Redis), which anyone may have written: None also
         for a vector no embedding is (NaN or infinity in it, more than ``MAX_STORED_DIMS`` dimensions) and a token
-        count no item costs, as the answer of an upstream is refused for them (a cached NaN went out as ``null``)."""
+        count no item costs, as the answer of an upstream is refused for them (a cached NaN went out as ``null``).
+        ``check_values=False`` leaves the values to :func:`only_finite`, which checks many items at once."""
         if len(data) > _HEADER.size + 4 * MAX_STORED_DIMS:
             return None
         item = cls.loads(data)
         if item is None or item.tokens > MAX_STORED_TOKENS:
             return None
-        values = np.frombuffer(item.vector, dtype="<f4")
-        return item if math.isfinite(float(values.dot(values))) else None
+        return item if not check_values or _finite(item.vector) else None
+
+
+def _finite(vector: bytes) -> bool:
+    """Whether a float32 vector holds no NaN nor infinity (nor a value beyond ~1e19: no embedding's): one dot
+    product is finite exactly then."""
+    values = np.frombuffer(vector, dtype="<f4")
+    return math.isfinite(float(values.dot(values)))
+
+
+def only_finite(items: list[CachedItem | None]) -> list[CachedItem | None]:
+    """``items`` with those holding NaN or infinity taken out (None): one check over all of them together (a call
+    per item cost ~4 us, 9 ms for a 2048 batch), item by item only when that one fails."""
+    found = [item.vector for item in items if item is not None]
+    if not found or _finite(found[0] if len(found) == 1 else b"".join(found)):
+        return items
+    return [item if item is not None and _finite(item.vector) else None for item in items]
 
 
 def item_key(
@@ -355,7 +371,8 @@ class VectorCache:
         try:
             if self._redis is not None:
                 loads = CachedItem.from_store
-                values = [None if raw is None else loads(raw) for raw in await self._redis.execute("MGET", *keys)]
+                raws = await self._redis.execute("MGET", *keys)
+                values = only_finite([None if raw is None else loads(raw, check_values=False) for raw in raws])
             else:
                 values = await self._store.multi_get(keys)
         except Exception as exc:  # any store failure is a miss by contract (SPEC 6)
