@@ -1517,7 +1517,7 @@ async def test_a_budget_refusal_whose_client_left_stays_a_refusal_on_its_span_an
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from tests.test_routing_faults import embed_scope
+    from tests.test_routing_faults import leave_before_the_answer
 
     spans = InMemorySpanExporter()
     provider = TracerProvider()
@@ -1528,20 +1528,7 @@ async def test_a_budget_refusal_whose_client_left_stays_a_refusal_on_its_span_an
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
         r = await c.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {KEY}"})
         assert r.status_code == 200  # the window's one request, and the items cached
-    given = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal given
-        if given:
-            return {"type": "http.disconnect"}
-        given = True
-        return {"type": "http.request", "body": json.dumps(body).encode()}
-
-    async def send(message: dict[str, Any]) -> None:
-        raise ConnectionResetError("the client left")
-
-    with pytest.raises(ConnectionResetError):
-        await app(embed_scope(), receive, send)  # a full hit, refused by the window: a 429 nobody received
+    await leave_before_the_answer(app, body)  # a full hit, refused by the window: a 429 nobody received
     scraped = app.metrics.render()[0].decode()
     await app.shutdown()
     provider.shutdown()

@@ -701,6 +701,25 @@ def embed_scope() -> dict[str, Any]:
     }
 
 
+async def leave_before_the_answer(app: EmbeddingGateway, body: dict[str, Any]) -> None:
+    """Call ``app`` with ``body`` as a client that leaves before its answer: its server's ``send`` raises, as ASGI
+    2.4 has it (embedgate serve's protocol), and so does the call."""
+    given = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal given
+        if given:
+            return {"type": "http.disconnect"}
+        given = True
+        return {"type": "http.request", "body": orjson.dumps(body)}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise ConnectionResetError("the client left")
+
+    with pytest.raises(ConnectionResetError):
+        await app(embed_scope(), receive, send)  # type: ignore[arg-type]
+
+
 @pytest.mark.anyio
 async def test_a_client_gone_before_its_body_is_a_499_not_a_server_error(upstream: FakeUpstream) -> None:
     # It was a 500 internal_error in the access line, the root span (ERROR) and the requests metric.
@@ -729,24 +748,10 @@ async def test_a_client_gone_before_its_answer_went_out_is_a_499_billed(upstream
     # access line and the requests metric said 200, for an answer no client got (an SDK's timeout, say); and 502
     # where the upstream then failed (5xx rates counted answers nobody received).
     app = gateway(routing_config(upstream))
-    scope = embed_scope()
-    sent = False
     if answer == "502":
         upstream.script.append(FAULTS["500"](PRIMARY_UP))
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        body = {"model": PRIMARY, "input": "gone", "retry": {"count": 0}}
-        return {"type": "http.request", "body": orjson.dumps(body)}
-
-    async def send(message: dict[str, Any]) -> None:
-        raise ConnectionResetError("the client left")
-
-    with capture_logs() as logs, pytest.raises(ConnectionResetError):
-        await app(scope, receive, send)  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        await leave_before_the_answer(app, {"model": PRIMARY, "input": "gone", "retry": {"count": 0}})
     scraped = app.metrics.render()[0].decode()
     await app.shutdown()
     (line,) = [e for e in logs if e["event"] == "request"]
@@ -766,20 +771,7 @@ async def test_a_client_gone_before_its_answer_still_counts_its_cache_lookups(up
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
         warm = {**bodies[0], "input": ["seen"]}
         assert (await c.post("/v1/embeddings", json=warm, headers=AUTH)).status_code == 200  # 1 miss
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": orjson.dumps(bodies[0])}
-
-    async def send(message: dict[str, Any]) -> None:
-        raise ConnectionResetError("the client left")
-
-    with pytest.raises(ConnectionResetError):
-        await app(embed_scope(), receive, send)  # type: ignore[arg-type]
+    await leave_before_the_answer(app, bodies[0])
     upstream.script.append(FAULTS["500"](PRIMARY_UP))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
         failed = {**bodies[0], "input": ["other"]}
