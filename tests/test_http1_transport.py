@@ -773,18 +773,22 @@ async def test_an_announced_length_beyond_the_buffered_bound_is_read_as_it_comes
         await transport.aclose()
 
 
+def _beyond_300_kb(framing: str) -> bytes:
+    """An answer of 500 KB of body, framed as ``framing`` says, its connection kept open."""
+    piece = b"x" * 100_000
+    if framing == "length":
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 40) + piece * 5
+    if framing == "length within the buffered bound":  # was read whole into a buffer of its length
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 500000\r\n\r\n" + piece * 5
+    if framing == "chunked":
+        return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(piece), piece) * 5
+    return b"HTTP/1.1 200 OK\r\n\r\n" + piece * 5
+
+
 @pytest.mark.parametrize("framing", ["length", "length within the buffered bound", "chunked", "until close"])
 async def test_a_body_beyond_max_body_is_a_protocol_error(framing: str) -> None:
     # Read as it came without a bound: an upstream that did not stop filled the gateway's memory.
-    piece = b"x" * 100_000
-    if framing == "length":
-        answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 40) + piece * 5
-    elif framing == "length within the buffered bound":  # was read whole into a buffer of its length
-        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 500000\r\n\r\n" + piece * 5
-    elif framing == "chunked":
-        answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(piece), piece) * 5
-    else:
-        answer = b"HTTP/1.1 200 OK\r\n\r\n" + piece * 5
+    answer = _beyond_300_kb(framing)
     async with serve(lambda n: (answer, False)) as server:
         transport = Http1Transport(max_body=300_000)
         with pytest.raises(httpx.RemoteProtocolError, match="more than 300000 bytes"):
@@ -798,11 +802,7 @@ async def test_a_refused_answer_is_not_kept_by_its_error(framing: str) -> None:
     # through the router's retries, a request to an upstream that did not stop held (1 + retry.count) x 256 MiB.
     from embedgate.providers.http1 import _Connection
 
-    piece = b"x" * 100_000
-    if framing == "chunked":
-        answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(piece), piece) * 5
-    else:
-        answer = b"HTTP/1.1 200 OK\r\n\r\n" + piece * 5
+    answer = _beyond_300_kb(framing)
     async with serve(lambda n: (answer, False)) as server:
         transport = Http1Transport(max_body=300_000)
         with pytest.raises(httpx.RemoteProtocolError) as raised:
