@@ -186,6 +186,60 @@ async def test_chunks_embedded_before_every_model_failed_are_billed_with_the_err
     assert billed == (2 * 2048, pytest.approx(2 * 2048 * 0.02 / 1e6))  # the reservation released, the spend kept
 
 
+CACHED = {"cache": {"type": "exact_match", "ttl": 600}}
+
+
+@pytest.mark.anyio
+async def test_chunks_embedded_before_the_model_failed_are_kept_in_the_cache(upstream: FakeUpstream) -> None:
+    """The primary embeds the first chunk, fails on the second; the fallback serves the batch. The primary's chunk
+    was paid for: kept in the cache under the primary, asking for its items again is a hit, at their tokens."""
+    texts = big_batch()
+    upstream.script.extend([Fault("ok", model="embed-small"), Fault("status", 503, model="embed-small")])
+    config = routing_config(upstream, models=BIG, routing={"split_concurrency": 1})
+    async with running(config) as (c, _):
+        r = await post(c, {"model": "local/embed-small", "input": texts, "retry": {"count": 0},
+                           "fallbacks": [{"model": "backup/fb"}], **CACHED})  # fmt: skip
+        assert_served(r, "backup/fb", "fb", texts)
+        assert r.headers["x-embedgate-cache"] == "miss"
+        sent = len(upstream.calls)
+        again = await post(c, {"model": "local/embed-small", "input": texts[:2048], **CACHED})
+    assert again.headers["x-embedgate-cache"] == "hit"
+    assert len(upstream.calls) == sent  # nothing went upstream
+    assert_served(again, "local/embed-small", "embed-small", texts[:2048])
+    assert again.json()["usage"]["prompt_tokens"] == 2 * 2048  # what the primary's chunk cost
+
+
+@pytest.mark.anyio
+async def test_chunks_embedded_before_every_model_failed_are_kept_in_the_cache(upstream: FakeUpstream) -> None:
+    """No model serves (a 502), but the first chunk was embedded and paid for: the request asked again sends
+    only the rest upstream, and answers the whole batch."""
+    texts = big_batch()
+    upstream.script.extend([Fault("ok", model="embed-small"), Fault("status", 503, model="embed-small")])
+    config = routing_config(upstream, models=BIG, routing={"split_concurrency": 1})
+    body = {"model": "local/embed-small", "input": texts, "retry": {"count": 0}, **CACHED}
+    async with running(config) as (c, _):
+        r = await post(c, body)
+        assert r.status_code == 502, r.text
+        sent = len(upstream.calls)
+        again = await post(c, body)
+    assert again.headers["x-embedgate-cache"] == "partial"
+    assert_served(again, "local/embed-small", "embed-small", texts)
+    assert sorted(len(call.body["input"]) for call in upstream.calls[sent:]) == [904, 2048]
+    assert again.json()["usage"]["prompt_tokens"] == 2 * 5000
+
+
+@pytest.mark.anyio
+async def test_chunks_embedded_before_the_model_failed_are_not_kept_without_the_cache(upstream: FakeUpstream) -> None:
+    texts = big_batch()
+    upstream.script.extend([Fault("ok", model="embed-small"), Fault("status", 503, model="embed-small")])
+    config = routing_config(upstream, models=BIG, routing={"split_concurrency": 1})
+    async with running(config) as (c, _):
+        r = await post(c, {"model": "local/embed-small", "input": texts, "retry": {"count": 0}})
+        assert r.status_code == 502, r.text
+        again = await post(c, {"model": "local/embed-small", "input": texts[:2048], **CACHED})
+    assert again.headers["x-embedgate-cache"] == "miss"  # a request that bypasses the cache stores nothing
+
+
 @pytest.mark.anyio
 async def test_split_concurrency_bounds_the_calls_in_flight(upstream: FakeUpstream) -> None:
     # 10 inputs, 2 per call: 5 calls, each held 100 ms by the upstream, at most 2 at a time.

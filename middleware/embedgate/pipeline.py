@@ -37,6 +37,7 @@ from .errors import (
 )
 from .identities import IdentityStore
 from .logs import bind_more
+from .providers import Embeddings
 from .request import EmbeddingRequest, parse_request
 from .routing import Attempts, ResolvedModel, Router, RouteResult
 from .telemetry import Telemetry
@@ -807,14 +808,16 @@ class Pipeline:
         if call.deadline is None:
             call.deadline = self._router.deadline()
         attempts = Attempts()
+        failure: BaseException | None = None
         try:
-            return await self._router.embed(call.request, positions, chain, call.deadline, attempts, first_index,
-                                            call.skipped, call.refused_providers)  # fmt: skip
+            result = await self._router.embed(call.request, positions, chain, call.deadline, attempts, first_index,
+                                              call.skipped, call.refused_providers)  # fmt: skip
         except BaseException as exc:
             # Failed, or cancelled (the server stopping, a host's timeout): the attempts it made are the request's,
             # and so is what they were paid for (a chunk embedded before another failed), in its budgets and cost.
             call.attempts += attempts.count
             self._bill_spent(call, attempts.spent)
+            failure = exc  # raised below, outside the handler (no await in one: see embedgate._native)
             refusals = call.skipped_refusals
             if refusals is not None and attempts.count == 0 and isinstance(exc, (NotFound, InvalidRequest)):
                 # No model could be tried (the provider preferences exclude them, none takes a multimodal input) but
@@ -822,8 +825,27 @@ class Pipeline:
                 # a 400 blamed the input).
                 refusal = self._servable_refusal(call, refusals)
                 if refusal is not None:
-                    raise refusal from None
-            raise
+                    refusal.__suppress_context__ = True
+                    failure = refusal
+        if attempts.embedded and call.cache_ttl is not None and not isinstance(failure, asyncio.CancelledError):
+            await self._keep_embedded(call, attempts.embedded)
+        if failure is not None:
+            raise failure
+        return result
+
+    async def _keep_embedded(self, call: Call, embedded: list[tuple[str, list[int], Embeddings]]) -> None:
+        """Keep in the cache the chunks of a split batch a model embedded before it failed on another: paid for,
+        but not in the answer (another model served it, or none did); asked again, that model's items are hits."""
+        req = call.request
+        assert req is not None and call.cache_ttl is not None
+        for model, chunk, emb in embedded:
+            shares = apportion(emb.prompt_tokens, [weight(req.items[p]) for p in chunk])
+            keys = self._item_keys(call, model, chunk)
+            await self._cache.set_many(
+                [(key, CachedItem(vector=vector, tokens=tokens))
+                 for key, vector, tokens in zip(keys, emb.vectors, shares, strict=True)],
+                call.cache_ttl,
+            )  # fmt: skip
 
     def _servable_refusal(self, call: Call, refusals: dict[int, GatewayError]) -> GatewayError | None:
         """The budget refusal of the first skipped fallback that could have taken the request, if any."""

@@ -193,12 +193,16 @@ class Attempts:
     spent: list[Spent] = field(default_factory=list)  # see RouteResult.spent
     answered: bool = False  # last_error is an upstream's own answer (a 404 for a model it does not know)
     cut_off: list[Spent] = field(default_factory=list)  # calls cancelled after they went out (see Router._estimated)
+    #: Chunks of a split batch a model embedded before it failed on another: (its id, the chunk's positions, the
+    #: answer). Paid for (in ``spent``), not in the answer: the caller keeps them in the cache.
+    embedded: list[tuple[str, list[int], Embeddings]] = field(default_factory=list)
 
     def __init__(self) -> None:
         self.count = 0
         self.last_error = None
         self.answered = False
         self.cut_off = []
+        self.embedded = []
         self.skipped = []
         self.models_left = 0
         self.spent = []
@@ -550,11 +554,13 @@ class Router:
                 if serving and not isinstance(failure, asyncio.CancelledError):
                     attempts.spent += attempts.cut_off
                 attempts.cut_off.clear()
-                # The chunks this model did embed were paid for upstream: billed, though the next model serves them.
-                for outcome in outcomes:
+                # The chunks this model did embed were paid for upstream: billed, though the next model serves them,
+                # and handed to the caller, which keeps them in the cache (asked again, this model's are hits).
+                for chunk, outcome in zip(chunks, outcomes, strict=True):
                     if isinstance(outcome, tuple):
                         emb, d = outcome
                         attempts.spent.append((model.id, emb.prompt_tokens, self._price(model, d), d.provider))
+                        attempts.embedded.append((model.id, chunk, emb))
                 if isinstance(failure, _Skipped) and cause is not None:
                     raise cause from None
                 raise failure
