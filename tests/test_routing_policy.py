@@ -81,6 +81,30 @@ async def test_weights_near_the_float_limit_balance_and_never_fail(upstream: Fak
 
 
 @pytest.mark.anyio
+async def test_load_balancer_picks_only_a_model_whose_item_limit_takes_the_batch(upstream: FakeUpstream) -> None:
+    """3,000 items, balanced 1 : 1 between a model that takes 5,000 a request and one that takes 2,048: every
+    request goes to the first (a pick of the second was a 400 'Too many inputs' half the time, never retried).
+    When neither takes the batch, the pick's 400 says why."""
+    models = {"local/embed-small": {"max_request_inputs": 5000}, "backup/fb": {}}
+    lb = {"type": "weight_based", "models": [{"model": "local/embed-small", "weight": 1},
+                                             {"model": "backup/fb", "weight": 1}]}  # fmt: skip
+    texts = big_batch(3000)
+    async with running(routing_config(upstream, models=models)) as (c, gateway):
+        await gateway.startup()
+        assert gateway.router is not None
+        gateway.router._rng = random.Random(3)
+        served: Counter[tuple[int, str | None]] = Counter()
+        for _ in range(12):
+            r = await post(c, {"model": "x/y", "input": texts, "load_balancer": lb})
+            served[r.status_code, r.json().get("model")] += 1
+        too_many = await post(c, {"model": "x/y", "input": big_batch(5001), "load_balancer": lb})
+    assert served == {(200, "local/embed-small"): 12}
+    assert too_many.status_code == 400
+    assert too_many.json()["error"]["param"] == "input"
+    assert "Too many inputs: 5001 items" in too_many.json()["error"]["message"]
+
+
+@pytest.mark.anyio
 async def test_load_balanced_pick_falls_back_like_any_model(upstream: FakeUpstream) -> None:
     lb = {"type": "weight_based", "models": [{"model": "local/embed-small", "weight": 1}]}
     upstream.script.append(Fault("status", 503, model="embed-small"))

@@ -320,14 +320,17 @@ class Router:
             weights = [w for _, w in request.load_balancer]
             resolved = [self.resolve(m, request.param(f"load_balancer.models[{i}].model"))
                         for i, m in enumerate(models)]  # fmt: skip
-            # Picked among the models that may take the request (its provider preferences, a multimodal input): a
-            # model none of whose deployments may was picked at its weight, and the request failed (404, 400) where
-            # another could serve it. None may: among all, and routing answers why. Then among those with a
+            # Picked among the models that may take the request (its provider preferences, a multimodal input, its
+            # item count within the model's max_request_inputs): a model that may not was picked at its weight, and
+            # the request failed (404, 400) where another could serve it. None may: among all, and the answer says
+            # why. Then among those with a
             # deployment that may be tried now (its circuit breaker closed, or half-open with no probe out): one whose
             # every deployment cools down was picked at its weight too, and answered 503 (or fell back) where another
             # would serve. None may be tried: by weight again.
             usable = [self.usable(r, request) for r in resolved]
-            may = [w if deps else 0.0 for deps, w in zip(usable, weights, strict=True)]
+            n = len(request.items)
+            may = [w if deps and n <= r.max_request_inputs else 0.0
+                   for r, deps, w in zip(resolved, usable, weights, strict=True)]  # fmt: skip
             if any(may):
                 weights = may
                 ready = [w if w and self._pickable(deps, 0, set()) is not None else 0.0
