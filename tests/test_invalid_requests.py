@@ -87,6 +87,24 @@ CASES: list[tuple[str, Any, dict[str, str], int, str | None, str | None]] = [
         "identity",
         "invalid_request",
     ),
+    # ... also where the name is repeated later in the body (the last value wins, but the body is refused for the
+    # first): it was "not valid JSON", naming nothing.
+    (
+        "input-lone-surrogate-name-repeated",
+        b'{"model": "local/embed-small", "input": "\\ud800", "input": "ok"}',
+        {},
+        400,
+        "input",
+        "invalid_request",
+    ),
+    (
+        "dimensions-out-of-range-name-repeated",
+        b'{"model": "local/embed-small", "input": "x", "dimensions": 1e400, "dimensions": 8}',
+        {},
+        400,
+        "dimensions",
+        "invalid_request",
+    ),
     ("input-huge-token-float", body(input=[[7, 1e20]]), {}, 400, "input[0][1]", None),
     # Beyond a double's range: orjson refuses the whole body; the error names the number's place all the same.
     (

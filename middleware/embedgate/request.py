@@ -689,6 +689,16 @@ def _whole(digits: str) -> int | float:
     return int(digits) if len(digits) < 400 else float(digits)
 
 
+class _Members:
+    """A JSON object as ``_unreadable`` reads it: every member, in order, those of a repeated name too (a dict keeps
+    only the last: the refused value of an earlier one was lost, and the body called invalid JSON)."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        self.pairs = pairs
+
+
 def _unreadable(body: bytes, reason: str) -> tuple[str, str] | None:
     """Where a body that is JSON but for what orjson refuses holds it (``input[3]``), and what it is: a lone UTF-16
     surrogate, or a number beyond a double's range (``1e400``). orjson refuses the whole body, so this error path
@@ -698,7 +708,7 @@ def _unreadable(body: bytes, reason: str) -> tuple[str, str] | None:
         return None
     try:
         # (a whole number of over 4,300 digits is a ValueError to int(): read as a double, infinity, as orjson did)
-        data = json.loads(bytes(body).decode("utf-8", "surrogatepass"), parse_int=_whole)
+        data = json.loads(bytes(body).decode("utf-8", "surrogatepass"), parse_int=_whole, object_pairs_hook=_Members)
     except (ValueError, RecursionError):
         return None
     stack: list[tuple[str, Any]] = [("", data)]
@@ -719,8 +729,8 @@ def _unreadable(body: bytes, reason: str) -> tuple[str, str] | None:
             items: list[Any] = v
             for i in range(len(items) - 1, -1, -1):  # (index loops: mypyc 2.4 fails on reversed(enumerate) here)
                 stack.append((f"{path}[{i}]", items[i]))
-        elif isinstance(v, dict):
-            pairs: list[tuple[str, Any]] = list(v.items())
+        elif isinstance(v, _Members):
+            pairs: list[tuple[str, Any]] = v.pairs
             for key, _ in pairs:
                 if surrogate and _SURROGATE.search(key):  # such a key can't be named: name its place
                     return path or "body", "holds a field name with a lone UTF-16 surrogate, which is not valid Unicode"
