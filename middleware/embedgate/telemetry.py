@@ -329,6 +329,11 @@ class AttemptSpan(_Scoped):
         propagate.inject(carrier, context=trace.set_span_in_context(self._span))
         return carrier
 
+    def asked_for(self, encoding_format: str) -> None:
+        """The format the call asked of the upstream in the end (one that refused base64 was asked for floats)."""
+        if self._recording:
+            self._span.set_attribute("gen_ai.request.encoding_formats", (encoding_format,))
+
     def succeed(
         self,
         *,
