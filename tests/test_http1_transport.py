@@ -874,6 +874,61 @@ async def test_a_head_beyond_max_head_is_a_protocol_error(head: str) -> None:
         await transport.aclose()
 
 
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n"
+
+
+@pytest.mark.parametrize("framing", ["endless trailer lines", "one endless trailer value", "an endless chunk line"])
+async def test_chunk_framing_beyond_max_head_is_a_protocol_error(framing: str) -> None:
+    # The trailers after the last chunk were kept, as the head's lines were, without a bound: 1.4 GB for one
+    # request of an upstream sending trailer lines without end, until its timeout.
+    start = CHUNKED_HEAD + b"2\r\n{}\r\n"
+    if framing == "endless trailer lines":
+        start, pad = start + b"0\r\n", b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    elif framing == "one endless trailer value":
+        start, pad = start + b"0\r\nX-Pad: ", b"a" * 1000
+    else:  # a chunk's extension without end
+        start, pad = start + b"2;ext=", b"a" * 1000
+    answer = start + pad * (3 * MAX_HEAD // len(pad))  # 3 MiB of it, and the connection kept open
+    async with serve(lambda n: (answer, False)) as server:
+        transport = Http1Transport()
+        with pytest.raises(httpx.RemoteProtocolError, match=f"more than {MAX_HEAD} bytes of chunk framing"):
+            await asyncio.wait_for(post(transport, server.url), 10)
+        await transport.aclose()
+
+
+async def test_trailers_are_not_taken_for_headers() -> None:
+    # A trailer is no header (RFC 9110, 6.5.1): merged in, a trailer "Content-Encoding: gzip" made a plain JSON
+    # answer undecodable, a 502 after every retry.
+    answer = CHUNKED_HEAD + b'b\r\n{"ok":true}\r\n0\r\nContent-Encoding: gzip\r\nX-Trailer: 1\r\n\r\n'
+    async with serve(lambda n: (answer, False)) as server:
+        transport = Http1Transport()
+        response = await post(transport, server.url)
+        await transport.aclose()
+    assert response.json() == {"ok": True}
+    assert "content-encoding" not in response.headers and "x-trailer" not in response.headers
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident memory from /proc (Linux)")
+async def test_a_body_of_tiny_chunks_takes_about_its_size_in_memory() -> None:
+    # Each chunk's data was an object of its own (~40 bytes for 2): 8 MB sent as 2-byte chunks took ~250 MB.
+    size = 8 * 1024 * 1024
+    answer = CHUNKED_HEAD + b"2\r\n  \r\n" * (size // 2) + b"0\r\n\r\n"
+    async with serve(lambda n: (answer, False)) as server:
+        transport = Http1Transport()
+        gc.collect()
+        before = _resident_bytes()
+        call = asyncio.ensure_future(post(transport, server.url))
+        grown = 0
+        while not call.done():
+            grown = max(grown, _resident_bytes() - before)
+            await asyncio.sleep(0.005)
+        response = call.result()
+        await transport.aclose()
+    assert len(response.content) == size
+    # the body and its join, and the server's write buffer of the answer (3.5x the body, in this process): was ~31x
+    assert grown < 8 * size
+
+
 async def test_an_answer_cut_in_a_body_read_by_its_length_is_a_read_error() -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 50_000
     async with serve(lambda n: (answer, True)) as server:

@@ -58,8 +58,13 @@ _MAX_BUFFERED: Final = 64 * 1024 * 1024
 #: protocol error, never the gateway's memory filled by an upstream that does not stop.
 MAX_BODY: Final = 256 * 1024 * 1024
 #: The largest answer head (status line and headers): more is a protocol error. llhttp keeps a head's headers until
-#: each is whole, so an upstream sending header lines without end grew the gateway's memory by gigabytes.
+#: each is whole, so an upstream sending header lines without end grew the gateway's memory by gigabytes. Also the
+#: most bytes of a chunked body's framing read without a chunk's data or end between them: a chunk line, its
+#: extensions, the trailers (read, not kept: they grew the memory as the head's lines did).
 MAX_HEAD: Final = 1024 * 1024
+#: A chunk's data shorter than this is added to a buffer, not kept as an object of its own (~40 bytes each: an
+#: upstream sending 2-byte chunks grew the gateway's memory by ~30x the body).
+_SMALL_PIECE: Final = 512
 
 
 def _pyapi_new_bytearray() -> Any:
@@ -130,8 +135,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._waiter: asyncio.Future[_Answer] | None = None
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
-        self._body: list[bytes] = []
+        self._body: list[bytes | bytearray] = []
         self._body_size = 0
+        self._framing = 0  # bytes read after the head since a chunk's data or end (-1: one came in this read)
         self._until_close = False
         self._scratch = bytearray(_SCRATCH)
         self._scratch_view = memoryview(self._scratch)
@@ -149,6 +155,7 @@ class _Connection(asyncio.BufferedProtocol):
         waiter: asyncio.Future[_Answer] = self.loop.create_future()
         self._waiter = waiter
         self._status, self._headers, self._body, self._body_size = 0, [], [], 0
+        self._framing = 0
         self._until_close = self.answered = False
         self._length, self._into = -1, None
         self._head_size = 0
@@ -250,6 +257,14 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(httpx.RemoteProtocolError(f"invalid HTTP answer: a body of more than {self._max_body} bytes"))
             self.close()
             return
+        if self._head_size < 0:  # (a chunked body's framing: its chunks' data and ends set -1)
+            framing = self._framing
+            self._framing = framing = 0 if framing < 0 else framing + nbytes
+            if framing > MAX_HEAD + _SCRATCH:
+                self._fail(httpx.RemoteProtocolError(
+                    f"invalid HTTP answer: more than {MAX_HEAD} bytes of chunk framing or trailers"))  # fmt: skip
+                self.close()
+                return
         length = self._length
         if length >= 0 and self._into is None and not self._waiter.done():
             # A body of known length still coming: the rest goes straight into its buffer, and llhttp, which
@@ -289,10 +304,12 @@ class _Connection(asyncio.BufferedProtocol):
             self.keep_alive = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if self._head_size >= 0:  # not a chunked body's trailer: never merged into the head (RFC 9110, 6.5.1)
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._head_size = -1
+        self._framing = 0
         status = self._status = self._parser.get_status_code()
         length: bytes | None = None
         chunked = False
@@ -313,8 +330,18 @@ class _Connection(asyncio.BufferedProtocol):
                 self._next_keep_alive = self._parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
-        self._body.append(body)
         self._body_size += len(body)
+        self._framing = -1
+        pieces = self._body
+        if len(body) >= _SMALL_PIECE:
+            pieces.append(body)
+        elif pieces and type(last := pieces[-1]) is bytearray:
+            last += body
+        else:
+            pieces.append(bytearray(body))
+
+    def on_chunk_complete(self) -> None:
+        self._framing = -1
 
     def on_message_complete(self) -> None:
         if 100 <= self._status < 200:  # an interim answer: the real one follows on the same connection
