@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from embedgate.config import Config
+from embedgate.gateway import READY_WAIT_S
 from tests.conftest import KEY, OTHER_KEY, gateway
 from tests.fake_upstream import FakeUpstream, free_port
 from tests.redis_util import PASSWORD, ThrowawayRedis, require_programs
@@ -104,6 +107,40 @@ async def test_a_store_down_that_refuses_no_request_leaves_the_gateway_ready(
                               headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
         assert served.status_code == 200, served.text
     await app.shutdown()
+
+
+@pytest.mark.anyio
+async def test_readiness_answers_within_a_probes_timeout_while_redis_does_not_answer(
+    make_config: Callable[..., Config],
+) -> None:
+    # A Redis that takes connections but answers nothing (frozen, a network partition): /readyz waited for each
+    # store's ping in turn, 1.25 s, past a readiness probe's usual 1 s timeout, and with fail_open (nothing refused)
+    # every replica left its load balancer all the same.
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # read, never answered
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    frozen = f"redis://127.0.0.1:{port}/0"
+    app = gateway(make_config(redis_url=frozen, budgets=BUDGET, budget_options={"fail_open": True}))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+            started = time.monotonic()
+            r = await c.get("/readyz")
+            took = time.monotonic() - started
+        assert took < 0.9, took
+        assert r.status_code == 200 and r.json()["status"] == "degraded"
+        checks = r.json()["checks"]
+        assert checks["cache"]["ok"] is False  # (its own timeout is shorter: 0.25 s)
+        assert checks["budgets"] == {"backend": "redis", "ok": False, "error": f"no answer within {READY_WAIT_S} s"}
+    finally:
+        await app.shutdown()
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
 
 
 @pytest.mark.anyio

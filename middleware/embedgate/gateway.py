@@ -88,6 +88,9 @@ _getrandbits: Final = random.getrandbits
 #: The host's words that end its lifespan's use of the gateway.
 _HOST_DONE: Final = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed", "lifespan.startup.failed"})
 _DRAIN_S: Final = 2.0  # the most shutdown waits for requests still finishing
+#: The most ``/readyz`` waits for a store's PING (each at once): a frozen Redis held it 1.25 s, past a readiness
+#: probe's usual 1 s timeout, and took every replica out of service where the stores refuse no request.
+READY_WAIT_S: Final = 0.5
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _FIRST_ITEM_HEAD: Final = b'{"object":"embedding","index":0,"embedding":"'
 _ITEM_HEAD: Final = b'"},{"object":"embedding","index":%d,"embedding":"'
@@ -143,6 +146,7 @@ class EmbeddingGateway:
         self._opening = asyncio.Lock()
         self._in_flight = 0  # embedding requests between their trace's start and their end
         self._finishing: set[asyncio.Future[None]] = set()  # settles a host's timeout left running (see _embed)
+        self._pinging: set[asyncio.Future[bool]] = set()  # /readyz's pings still waiting for their store
         self._server_attrs: dict[tuple[str, str], dict[str, AttributeValue]] = {}  # the root span's HTTP ones
         self.router: Router | None = None
         self.cache: VectorCache | None = None
@@ -756,14 +760,29 @@ class EmbeddingGateway:
 
     async def _readyz(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
         checks: dict[str, Any] = {}
-        if self.cache is not None:
-            checks["cache"] = {"backend": self.cache.backend, "ok": await self.cache.ping()}
-        if self.budgets is not None:
-            store = self.budgets.store
+        # The stores' pings at once, each given READY_WAIT_S: one not answered by then is down (it finishes on its
+        # own, within its store's timeout, and is not awaited).
+        cache_ping = asyncio.ensure_future(self.cache.ping()) if self.cache is not None else None
+        store = self.budgets.store if self.budgets is not None else None
+        budget_ping = asyncio.ensure_future(store.ping()) if store is not None else None
+        pings = [p for p in (cache_ping, budget_ping) if p is not None]
+        if pings:
+            await asyncio.wait(pings, timeout=READY_WAIT_S)
+            for ping in pings:
+                if not ping.done():
+                    self._pinging.add(ping)
+                    ping.add_done_callback(self._pinging.discard)
+        if self.cache is not None and cache_ping is not None:
+            checks["cache"] = cache_check = {"backend": self.cache.backend, "ok": _answered(cache_ping)}
+            if not cache_ping.done():
+                cache_check["error"] = f"no answer within {READY_WAIT_S} s"
+        if store is not None and budget_ping is not None:
             checks["budgets"] = budget_check = {"backend": "redis" if self.config.redis_url else "memory",
-                                                "ok": await store.ping()}  # fmt: skip
+                                                "ok": _answered(budget_ping)}  # fmt: skip
             error = getattr(store, "last_error", None)  # why it is down, where the store says (Redis's reply)
-            if not budget_check["ok"] and isinstance(error, str):
+            if not budget_ping.done():
+                budget_check["error"] = f"no answer within {READY_WAIT_S} s"
+            elif not budget_check["ok"] and isinstance(error, str):
                 budget_check["error"] = error
         # Not ready only when requests would be refused: budgets configured, their store down and failing closed. A
         # cache down is a miss, and a budget store down with fail_open (or no budget) refuses nothing: degraded,
@@ -774,6 +793,11 @@ class EmbeddingGateway:
         status = "unavailable" if refusing else "ready" if all(c["ok"] for c in checks.values()) else "degraded"
         body = {"status": status, "checks": checks, "deployments": self.router.status() if self.router else {}}
         return (503 if refusing else 200), orjson.dumps(body), {}
+
+
+def _answered(ping: asyncio.Future[bool]) -> bool:
+    """Whether a store's ping came back, and said it is up."""
+    return ping.done() and not ping.cancelled() and ping.exception() is None and ping.result()
 
 
 def _query_int(query: dict[str, str], name: str, default: int, low: int, high: int) -> int:
