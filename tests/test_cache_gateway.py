@@ -522,6 +522,35 @@ async def test_a_coalesced_request_keeps_the_item_for_its_own_longer_ttl(upstrea
 
 
 @pytest.mark.anyio
+async def test_a_request_sharing_another_s_failed_call_is_not_told_the_upstream_s_words(upstream: FakeUpstream) -> None:
+    # A 5xx quoting the batch it was sent reached every request waiting on that call: another key's input (here a
+    # key of another project of the workspace) in its error. The owner reads its own; the waiter, the status.
+    quoted = b'{"error": {"message": "failed on [\\"PRIVATE salary of Jane\\", \\"common text\\"]"}}'
+    upstream.script.append(Fault("raw", 500, headers={"Content-Type": "application/json"}, body=quoted, delay=0.3))
+    app = gateway(parse_config(cache_config(upstream.url), env={}))
+    got: dict[str, httpx.Response] = {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+
+        async def post(name: str, texts: list[str], key: str) -> None:
+            body = {"model": "local/embed-small", "input": texts, "cache": CACHE, "retry": {"count": 0}}
+            got[name] = await c.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {key}"})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, "owner", ["PRIVATE salary of Jane", "common text"], KEY)
+            with anyio.fail_after(5):
+                while not upstream.calls:
+                    await anyio.sleep(0.01)
+            tg.start_soon(post, "waiter", ["common text"], SAME_WORKSPACE_KEY)
+    await app.shutdown()
+    assert len(upstream.calls) == 1  # the waiter shared the owner's call
+    owner, waiter = got["owner"], got["waiter"]
+    assert owner.status_code == waiter.status_code == 502
+    assert "PRIVATE salary" in owner.json()["error"]["message"]  # its own input, in the upstream's words
+    assert "PRIVATE" not in waiter.text and "common text" not in waiter.text
+    assert waiter.json()["error"]["message"].startswith("The upstream answered 500 to the call")
+
+
+@pytest.mark.anyio
 async def test_a_longer_ttl_a_waiter_asked_holds_when_the_fetching_request_stores_last(upstream: FakeUpstream) -> None:
     # A (ttl 1) fetched x and waited on C for y; B (ttl 3600), waiting on A for x, stored x first: A's store, last,
     # cut it to 1 s again.

@@ -471,12 +471,16 @@ class Coalescer(Generic[T]):
     waiters as the same exception, unless it is one of ``private`` (the upstream rejecting the owner's own batch:
     another item of it may be at fault) and the owner's batch held a key the waiter does not want; then, as when an
     owner is cancelled (its client went away), the owner hands its keys back and its waiters fetch them
-    themselves. Per process: replicas do not coalesce with each other.
+    themselves. ``shared`` (if given) makes, from an owner's exception, the one each of its waiters raises (an
+    upstream's own words may quote the owner's batch: its other items are not the waiters' to read). Per process:
+    replicas do not coalesce with each other.
     """
 
-    def __init__(self, private: tuple[type[Exception], ...] = ()) -> None:
+    def __init__(self, private: tuple[type[Exception], ...] = (),
+                 shared: Callable[[Exception], Exception] | None = None) -> None:  # fmt: skip
         self._inflight: dict[str, asyncio.Future[T]] = {}
         self._private = private
+        self._shared = shared
 
     def in_flight(self) -> int:
         """How many keys are being fetched right now."""
@@ -550,6 +554,10 @@ class Coalescer(Generic[T]):
                     retry.append(i)  # another item of the owner's batch may be the one at fault
                 else:
                     raise private.error from None  # the batch held only items this call wants: its error too
+            except Exception as exc:
+                if self._shared is None:
+                    raise
+                raise self._shared(exc) from None
         return retry
 
     async def _fetch_owned(

@@ -11,6 +11,7 @@ stage still runs (and shows in the trace), so the budget counts the hit. Follow-
 from __future__ import annotations
 
 import asyncio
+import copy
 import fnmatch
 import re
 import time
@@ -34,6 +35,7 @@ from .errors import (
     NotFound,
     Spent,
     Unauthorized,
+    UpstreamError,
 )
 from .identities import IdentityStore
 from .logs import bind_more
@@ -627,7 +629,7 @@ class Pipeline:
             coalescer = self._coalescers.get(policy)
             if coalescer is None:
                 # an input the upstream rejected is the owner's own error: its waiters ask for their items
-                coalescer = self._coalescers[policy] = Coalescer(private=(InvalidRequest,))
+                coalescer = self._coalescers[policy] = Coalescer(private=(InvalidRequest,), shared=_as_shared)
             # What this request fetched stays in flight, answered, until it is in the cache: a request that reaches
             # this point meanwhile takes it rather than fetching it again.
             held: list[tuple[str, asyncio.Future[tuple[str, CachedItem, list[int]]]]] = []
@@ -897,6 +899,19 @@ class Pipeline:
             call.spent.append((model_id, tokens, cost))  # its usage metrics are the spending model's
             if call.charges is not None:
                 call.charges.append((model_id, provider, tokens, cost))
+
+
+def _as_shared(error: Exception) -> Exception:
+    """An owner's failure as a request that waited on its call gets it: an upstream's error answer without the
+    upstream's words, which may quote the owner's batch (its other items are not the waiter's to read)."""
+    if not isinstance(error, UpstreamError) or error.upstream_status is None:
+        return error
+    shared = copy.copy(error)
+    shared.message = (f"The upstream answered {error.upstream_status} to the call that was embedding these items "
+                      f"(for another request that asked for them at the same time)")  # fmt: skip
+    shared.args = (shared.message,)
+    shared.headers = dict(error.headers)
+    return shared
 
 
 def _supersede(call: Call, model_id: str) -> None:
