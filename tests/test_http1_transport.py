@@ -588,6 +588,15 @@ async def test_an_error_echoing_the_key_escaped_or_encoded_is_redacted(body: byt
     assert "[redacted]" in message and "SECRET" not in message and "zzzz9999" not in message
 
 
+@pytest.mark.parametrize("echo", ["key", "authorization"])
+async def test_an_error_echoing_the_key_in_base64_is_redacted(echo: str) -> None:
+    # A proxy's or appliance's page quoting the request's head in base64 passed the key on.
+    quoted = _ODD_SECRET if echo == "key" else f"Bearer {_ODD_SECRET}"
+    body = b"rejected request, head: " + base64.b64encode(quoted.encode())
+    message, _ = await _answered(_ODD_SECRET, b"403 Forbidden", body)
+    assert "[redacted]" in message and base64.b64encode(quoted.encode()).decode()[:12] not in message, message
+
+
 @pytest.mark.parametrize("cut", [2, 10])
 async def test_an_error_echoing_the_key_cut_short_has_the_piece_taken_out(cut: int) -> None:
     # An upstream that cut its own message mid-key passed the rest of the key on: only the whole key was found.
@@ -607,6 +616,12 @@ async def test_an_answers_model_and_a_bad_index_never_carry_the_key() -> None:
               "usage": {"prompt_tokens": 1, "total_tokens": 1}}  # fmt: skip
     _, got = await _answered(_ODD_SECRET, b"200 OK", orjson.dumps(answer))
     assert got is not None and got.model == "m echoing Bearer [redacted]"
+    # where the 256 characters kept of it end mid-key: the key scrubbed first, then the name cut (the cut left the
+    # key's first characters, which no longer matched it whole)
+    answer["model"] = "m" * (256 - 30) + f" Bearer {_ODD_SECRET}"
+    _, got = await _answered(_ODD_SECRET, b"200 OK", orjson.dumps(answer))
+    assert got is not None and got.model is not None and len(got.model) <= 256
+    assert _ODD_SECRET[:12] not in got.model and got.model.endswith(" Bearer [redacted]"), got.model
     answer["data"] = [{"index": f"key {_ODD_SECRET}", "embedding": vector}]
     message, _ = await _answered(_ODD_SECRET, b"200 OK", orjson.dumps(answer))
     assert message == "up sent a malformed answer: index of type str is not one of 0 to 0"

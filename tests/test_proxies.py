@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -81,6 +82,32 @@ async def test_upstream_calls_go_through_the_proxy_the_environment_names(
     assert r.status_code == 200, r.text
     assert len(r.json()["data"]) == 1
     assert len(seen) == 1 and seen[0].startswith(b"POST http://127.0.0.1:") and b"/v1/embeddings" in seen[0]
+
+
+@pytest.mark.anyio
+async def test_a_proxy_error_page_quoting_its_credentials_does_not_reach_the_client(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy's (or an appliance's) error page quoting the request's head passed its Proxy-Authorization on, the
+    # proxy's user and password in base64, to any client of the gateway.
+    async def page(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = b"proxy refused: " + head + b" (password: pr0xy-S3CRET-pw)"
+        writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(page, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("HTTP_PROXY", f"http://egress:pr0xy-S3CRET-pw@127.0.0.1:{port}")
+    try:
+        r = await embed(make_config(routing={"default_retry": {"count": 0}}))
+    finally:
+        server.close()
+    basic = base64.b64encode(b"egress:pr0xy-S3CRET-pw").decode()
+    assert r.status_code == 502 and "proxy refused" in r.text, r.text
+    assert "Proxy-Authorization: Basic [redacted]" in r.text, r.text
+    assert basic not in r.text and "S3CRET" not in r.text
 
 
 @pytest.mark.anyio

@@ -88,7 +88,7 @@ def read_answer(content: bytes | bytearray, n_items: int, dimensions: int | None
         raise MalformedAnswer("a vector holds NaN or infinity (or a value beyond 1e19)")
     prompt, total = _usage(data)
     named = data.get("model")
-    model = named[:256] if type(named) is str and named else None
+    model = named[:4096] if type(named) is str and named else None  # (cut to 256 once scrubbed: see the adapter)
     return whole, b64, dims, prompt, total, model
 
 

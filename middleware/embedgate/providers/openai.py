@@ -8,6 +8,7 @@ per input becomes ``UpstreamError(code="upstream_malformed")``: never passed on 
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Sequence
 from datetime import UTC
@@ -25,6 +26,7 @@ from ..wire import DimensionsNotHonoured, MalformedAnswer, cut_vectors, read_ans
 from .base import Embeddings, Sender, gen_ai_provider_name
 from .deadline import deadline
 from .http1 import Http1Transport, decoded_answer, header_value, origin_of, request_head
+from .proxies import proxy_secrets
 
 __all__ = ["OpenAIAdapter", "cut_vectors", "take_cut"]
 
@@ -32,6 +34,7 @@ _MAX_MESSAGE: Final = 500
 #: A key's first characters: echoed cut short in an error (at least this many, as long as they match), taken out too.
 #: Fewer may be only the kind of key ("sk-proj-", "sk-ant-api03-"), which says nothing secret.
 _PIECE: Final = 16
+_MAX_MODEL: Final = 256  # the most of an answer's model name kept (a span attribute)
 
 log = structlog.get_logger("embedgate.providers")
 
@@ -56,8 +59,11 @@ class OpenAIAdapter:
         # The key as an error body may echo it (see _secret_forms). The answer's model name is scrubbed of our own
         # key; an error also of the other providers' (``others``): an upstream behind a shared proxy, or given
         # another's key by mistake, may quote them too.
-        self._secret_forms = _secret_forms([provider])
-        self._error_forms = _secret_forms([provider, *others]) if others else self._secret_forms
+        # (and the environment's proxy credentials: a proxy's error page may quote its Proxy-Authorization)
+        proxies = proxy_secrets()
+        self._secret_forms = _secret_forms([provider], proxies)
+        self._error_forms = _secret_forms([provider, *others], proxies) if others else self._secret_forms
+        self._models: dict[str, str] = {}  # the model names answers gave, scrubbed (see _parse)
         # Every header but the body's length, as raw pairs: with ``stream=`` httpx adds none of its own and
         # normalizes nothing twice (measured: ~4x cheaper than ``content=`` with a header dict).
         self._headers: list[tuple[bytes, bytes]] = [
@@ -201,16 +207,24 @@ class OpenAIAdapter:
             ) from None
         except MalformedAnswer as exc:
             raise UpstreamError(f"{self.name} sent a malformed answer: {exc}", code="upstream_malformed") from None
-        if model is not None and self._secret_forms:  # it becomes a span attribute: no echoed key in it
-            model = _scrubbed(model, self._secret_forms)
+        if model is not None:  # it becomes a span attribute: no echoed key in it (scrubbed whole, then cut)
+            clean = self._models.get(model)
+            if clean is None:
+                clean = _scrubbed(model, self._error_forms, pieces=True)[:_MAX_MODEL] if self._error_forms else (
+                    model[:_MAX_MODEL])  # fmt: skip
+                if len(self._models) < 64:  # an upstream names one model, or a few: each scrubbed once
+                    self._models[model] = clean
+            model = clean
         return Embeddings(vectors=vectors, dimensions=dims, prompt_tokens=prompt, total_tokens=total, b64=b64,
                           model=model)  # fmt: skip
 
 
-def _secret_forms(providers: Sequence[ProviderConfig]) -> tuple[str, ...]:
+def _secret_forms(providers: Sequence[ProviderConfig], extra: Sequence[str] = ()) -> tuple[str, ...]:
     """The forms a body may echo the providers' keys in, longest first: as is, URL-encoded, JSON-escaped (a "/"
     written "\\/", as PHP's json_encode does; a JSON body's strings are read decoded, so its \\u escapes are covered
-    too). So may a value of a provider's own headers (Azure's api-key): those of 8 characters or more."""
+    too), base64-encoded alone and as ``Bearer <key>`` (a proxy's page quoting the request's head in base64). So may
+    a value of a provider's own headers (Azure's api-key): those of 8 characters or more; and ``extra`` secrets
+    (the proxies' credentials, whose ``user:password`` goes as a ``Basic`` base64 value)."""
     forms: list[str] = []
     for provider in providers:
         values = [value for _, value in provider.headers]
@@ -218,9 +232,19 @@ def _secret_forms(providers: Sequence[ProviderConfig]) -> tuple[str, ...]:
         values += [value.partition(" ")[2].strip() for name, value in provider.headers
                    if name.lower() in ("authorization", "proxy-authorization")]  # fmt: skip
         for key in (provider.api_key if len(provider.api_key) >= 4 else "", *[v for v in values if len(v) >= 8]):
-            escaped = orjson.dumps(key).decode()[1:-1]
-            forms += [key, quote(key, safe=""), quote(key), quote_plus(key), escaped, escaped.replace("/", "\\/")]
+            forms += _forms_of(key)
+    for secret in extra:
+        if len(secret) >= 4:
+            forms += _forms_of(secret)
     return tuple(sorted({f for f in forms if f}, key=len, reverse=True))
+
+
+def _forms_of(secret: str) -> list[str]:
+    """One secret's forms (see _secret_forms)."""
+    escaped = orjson.dumps(secret).decode()[1:-1]
+    b64 = [base64.b64encode(text.encode()).decode() for text in (secret, f"Bearer {secret}")]
+    return [secret, quote(secret, safe=""), quote(secret), quote_plus(secret), escaped, escaped.replace("/", "\\/"),
+            *b64]  # fmt: skip
 
 
 def _scrubbed(text: str, forms: tuple[str, ...], pieces: bool = False) -> str:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Mapping
+from urllib.parse import unquote, urlsplit
 
 import httpx
 
 from .http1 import Http1Transport
 
-__all__ = ["ProxyRoutes", "environment_proxies", "upstream_transport"]
+__all__ = ["ProxyRoutes", "environment_proxies", "proxy_secrets", "upstream_transport"]
 
 
 def environment_proxies() -> dict[str, str]:
@@ -25,6 +26,23 @@ def environment_proxies() -> dict[str, str]:
     them from the environment (either case, the lower-case one winning; empty values unset)."""
     found = urllib.request.getproxies_environment()
     return {k: v for k, v in found.items() if k in ("http", "https", "all", "no")}
+
+
+def proxy_secrets() -> list[str]:
+    """The credentials of the environment's proxy URLs (``user:password`` and the password, decoded), which an
+    upstream's error page may quote (a proxy's page echoing the request's ``Proxy-Authorization``): scrubbed."""
+    found: list[str] = []
+    for key, proxy in environment_proxies().items():
+        if key == "no":
+            continue
+        try:
+            parts = urlsplit(proxy.strip())
+            user, password = parts.username, parts.password
+        except ValueError:
+            continue
+        if password:
+            found += [f"{unquote(user or '')}:{unquote(password)}", unquote(password)]
+    return found
 
 
 def _shown(proxy: str) -> str:
