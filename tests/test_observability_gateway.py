@@ -396,6 +396,28 @@ async def test_a_probe_cut_by_the_clients_call_timeout_says_retry_when_it_is_ret
 
 
 @pytest.mark.anyio
+async def test_an_attempt_out_while_another_is_asked_for_floats_says_what_it_asked(
+    upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    # One call's refusal (of base64, for another model of the provider) switched the provider to floats while a
+    # call that asked only for base64 was out, answered in base64: its span said float.
+    refusal = orjson.dumps({"error": {"message": "encoding_format must be 'float'", "param": "encoding_format"}})
+    upstream.script.append(Fault("ok", delay=0.3, model="embed-small"))
+    upstream.script.append(Fault("raw", 400, headers={"Content-Type": "application/json"}, body=refusal, model="other"))
+    gw = EmbeddingGateway(host_404, config=make_config(upstream), tracer_provider=provider)
+    async with client_for(gw) as client:
+        first = asyncio.ensure_future(
+            client.post("/v1/embeddings", json={"model": "local/embed-small", "input": "X"}, headers=AUTH)
+        )
+        await asyncio.sleep(0.05)
+        second = await client.post("/v1/embeddings", json={"model": "local/other", "input": "Y"}, headers=AUTH)
+        assert ((await first).status_code, second.status_code) == (200, 200)
+    spans = [dict(a.attributes or {}) for a in attempts_of(exporter.get_finished_spans())]
+    asked = {a["gen_ai.request.model"]: a["gen_ai.request.encoding_formats"] for a in spans}
+    assert asked == {"embed-small": ("base64",), "other": ("float",)}
+
+
+@pytest.mark.anyio
 async def test_an_upstream_refusing_base64_is_told_once_and_its_attempts_say_floats(
     upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:

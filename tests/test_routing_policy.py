@@ -253,6 +253,30 @@ async def test_chunks_embedded_before_every_model_failed_are_kept_in_the_cache(u
 
 
 @pytest.mark.anyio
+async def test_chunks_embedded_before_the_model_failed_are_kept_when_the_request_is_cancelled(
+    upstream: FakeUpstream,
+) -> None:
+    """The fallback is slow and the client leaves (its own timeout) while it embeds: the primary's chunk, paid
+    for, is kept all the same, and the client asking again does not pay for it twice."""
+    models = {"local/embed-small": {"max_inputs": 2}}
+    texts = ["a1", "b22", "c333", "d4444"]
+    upstream.script.extend([Fault("ok", model="embed-small"), Fault("status", 503, model="embed-small"),
+                            Fault("slow", delay=2.0, model="fb")])  # fmt: skip
+    config = routing_config(upstream, models=models, routing={"split_concurrency": 1})
+    async with running(config) as (c, _):
+        body = {"model": "local/embed-small", "input": texts, "retry": {"count": 0},
+                "fallbacks": [{"model": "backup/fb"}], **CACHED}  # fmt: skip
+        with pytest.raises(TimeoutError):
+            with anyio.fail_after(0.5):
+                await post(c, body)
+        sent = len(upstream.calls)
+        again = await post(c, {"model": "local/embed-small", "input": texts[:2], **CACHED})
+    assert again.headers["x-embedgate-cache"] == "hit"
+    assert len(upstream.calls) == sent
+    assert_served(again, "local/embed-small", "embed-small", texts[:2])
+
+
+@pytest.mark.anyio
 async def test_chunks_embedded_before_the_model_failed_are_not_kept_without_the_cache(upstream: FakeUpstream) -> None:
     texts = big_batch()
     upstream.script.extend([Fault("ok", model="embed-small"), Fault("status", 503, model="embed-small")])

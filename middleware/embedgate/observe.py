@@ -8,6 +8,7 @@ from .config import Deployment
 from .errors import GatewayError, UpstreamTimeout
 from .metrics import Metrics
 from .providers import Adapter, Embeddings
+from .providers.http1 import SENDING
 from .request import EmbeddingRequest
 from .routing import AttemptHook
 from .telemetry import AttemptSpan, Telemetry
@@ -24,7 +25,6 @@ class ObservedAttempts(AttemptHook):
 
     def start(self, *, model: str, deployment: Deployment, adapter: Adapter, attempt: int, fallback_index: int,
               request: EmbeddingRequest) -> Any:  # fmt: skip
-        base64 = getattr(adapter, "base64", True)
         span = self._telemetry.attempt(
             provider=adapter.gen_ai_provider,
             request_model=deployment.upstream_model,
@@ -34,9 +34,9 @@ class ObservedAttempts(AttemptHook):
             fallback_index=fallback_index,
             deployment=f"{deployment.provider}/{deployment.upstream_model}",
             # what the call asks for (an adapter whose upstream refused base64 asks for floats: see OpenAIAdapter)
-            encoding_format="base64" if base64 else "float",
+            encoding_format="base64" if getattr(adapter, "base64", True) else "float",
         )
-        return (span, deployment, model, adapter if base64 else None)
+        return (span, deployment, model)
 
     def headers(self, token: Any) -> dict[str, str] | None:
         span: AttemptSpan = token[0]
@@ -46,10 +46,8 @@ class ObservedAttempts(AttemptHook):
             outcome: str = "error") -> None:  # fmt: skip
         span: AttemptSpan = token[0]
         deployment: Deployment = token[1]
-        adapter = token[3]
-        if adapter is not None and not getattr(adapter, "base64", True):
-            # The upstream refused base64 answers while this call was out: asked again for floats (every call in
-            # flight then is refused alike, and an answer ends its attempt with no await before this)
+        told = SENDING.get()  # (the router's cell around this attempt)
+        if told is not None and len(told) > 1 and told[1]:  # its upstream refused base64: asked again for floats
             span.asked_for("float")
         if error is None and result is not None:
             span.succeed(response_model=result.model or deployment.upstream_model, input_tokens=result.prompt_tokens,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import quote
 
+import anyio
 import structlog
 
 from .budgets import BudgetEngine, Reservation, Subject, cost_usd, estimate_tokens, model_price, tighter_headers
@@ -829,8 +830,12 @@ class Pipeline:
                 if refusal is not None:
                     refusal.__suppress_context__ = True
                     failure = refusal
-        if attempts.embedded and call.cache_ttl is not None and not isinstance(failure, asyncio.CancelledError):
-            await self._keep_embedded(call, attempts.embedded)
+        if attempts.embedded and call.cache_ttl is not None:
+            if isinstance(failure, asyncio.CancelledError):  # (its client gone, say: it will ask again)
+                with anyio.CancelScope(shield=True):  # a host's anyio scope, cancelling, would cancel this too
+                    await self._keep_embedded(call, attempts.embedded)
+            else:
+                await self._keep_embedded(call, attempts.embedded)
         if failure is not None:
             raise failure
         return result

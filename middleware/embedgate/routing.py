@@ -715,7 +715,7 @@ class Router:
                         stop = True
                     else:
                         attempts.count += 1
-                        sending = [UNKNOWN]  # where the call stands, as the transport tells
+                        sending = [UNKNOWN, 0]  # where the call stands, as the transport tells (see SENDING)
                         token = SENDING.set(sending)
                         try:
                             result = await self._attempt(request, payload, len(chunk), model, deployment, n + 1,

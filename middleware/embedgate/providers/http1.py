@@ -103,7 +103,8 @@ _GZIP_WBITS: Final = 16 + zlib.MAX_WBITS
 
 #: Where one upstream call stands, for whoever set it around the call (the router, which bills a chunk it cut off only
 #: if it went out): ``UNKNOWN`` as set (a transport that does not say), ``WAITING`` for a pooled connection or its
-#: connect (nothing sent), ``SENT`` once the request's bytes go out on one.
+#: connect (nothing sent), ``SENT`` once the request's bytes go out on one. A second item, where the cell has one,
+#: the adapter sets to 1 when it asked the call again for floats (its upstream refused base64 answers).
 SENDING: ContextVar[list[int] | None] = ContextVar("embedgate_sending", default=None)
 UNKNOWN: Final = 0
 WAITING: Final = 1

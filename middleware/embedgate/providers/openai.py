@@ -25,7 +25,7 @@ from ..errors import UpstreamError, UpstreamTimeout
 from ..wire import DimensionsNotHonoured, MalformedAnswer, cut_vectors, read_answer, take_cut, usage_of
 from .base import Embeddings, Sender, gen_ai_provider_name
 from .deadline import deadline
-from .http1 import Http1Transport, decoded_answer, header_value, origin_of, request_head
+from .http1 import SENDING, Http1Transport, decoded_answer, header_value, origin_of, request_head
 from .proxies import proxy_secrets
 
 __all__ = ["OpenAIAdapter", "cut_vectors", "take_cut"]
@@ -117,6 +117,9 @@ class OpenAIAdapter:
                         log.warning("upstream refuses base64 answers: asking it for floats", provider=self.name,
                                     status=status)  # fmt: skip
                     del body["encoding_format"]
+                    told = SENDING.get()  # (its attempt span says floats)
+                    if told is not None and len(told) > 1:
+                        told[1] = 1
                     status, answer_headers, content = await self._exchange(orjson.dumps(body), headers)
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, httpx.TimeoutException) and not _is_timeout(exc):
