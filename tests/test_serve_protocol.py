@@ -938,6 +938,9 @@ def big_pieces() -> list[Any]:
     return pieces
 
 
+MANY = 2**20 + 2
+
+
 async def parts_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Answers ``PIECES`` as one ``embedgate.body_parts`` message (with a length), as two (chunked), or as more than
     its length says."""
@@ -948,6 +951,11 @@ async def parts_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         pieces = big_pieces()
         size = sum(len(p) for p in pieces)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % size)]})
+        await send({"type": BODY_PARTS, "parts": pieces})
+        return
+    if path == "/many":  # more pieces than uvloop writes at once (2^20): the answer never went, the log said 200
+        pieces = [b"x", b"y"] * (MANY // 2)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % MANY)]})
         await send({"type": BODY_PARTS, "parts": pieces})
         return
     length = len(WHOLE) - 1 if path == "/too-long" else len(WHOLE)
@@ -967,6 +975,13 @@ def test_an_answer_sent_in_pieces_reaches_the_client_whole(path: str) -> None:
         r = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
     assert r.status_code == 200 and r.content == WHOLE
     assert r.headers.get("transfer-encoding") == ("chunked" if path == "/chunked" else None)
+
+
+def test_an_answer_in_more_pieces_than_the_event_loop_writes_at_once_arrives_whole() -> None:
+    # A base64 answer of over 524,285 vectors (two pieces each) never reached its client under uvloop.
+    with served(GatewayHttpProtocol, served_app=parts_app, lifespan="off") as (port, _):
+        r = httpx.get(f"http://127.0.0.1:{port}/many", timeout=30)
+    assert r.status_code == 200 and r.content == b"xy" * (MANY // 2)
 
 
 def test_an_answer_in_pieces_to_a_slow_reader_arrives_whole() -> None:

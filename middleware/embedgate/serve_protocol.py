@@ -66,6 +66,9 @@ _NAME_CACHE_MAX: Final = 512
 #: regular expression doing the same took ~9 us, three counts and a translation ~1.5 us).
 _CONTROLS: Final = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: The most buffers an answer is written in at once: uvloop refuses a write of over 2^20 (EINVAL: the answer never
+#: went, a base64 answer of over 524,285 vectors), so more are joined into as many blocks (a batch's two a vector).
+_MAX_PARTS: Final = 4096
 _CLOSE: Final = b"connection: close\r\n"
 _CHUNKED: Final = b"transfer-encoding: chunked\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -774,6 +777,9 @@ class RequestCycle:
             if len(out) == 1:
                 transport.write(out[0])
             else:
+                if len(out) > _MAX_PARTS:
+                    step = -(-len(out) // _MAX_PARTS)
+                    out = [b"".join(out[i : i + step]) for i in range(0, len(out), step)]
                 transport.writelines(out)  # the head and the body in one send
         if not more_body:
             if self.length > 0:
