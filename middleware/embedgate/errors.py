@@ -106,6 +106,9 @@ class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
+    #: The ``name`` and ``model`` the refused body still gives, where they are valid (for its trace and access
+    #: line; see ``request.names_of``): set by ``parse_request`` on a body that is a JSON object.
+    names: tuple[str | None, str | None] = (None, None)
 
 
 class Unauthorized(GatewayError):

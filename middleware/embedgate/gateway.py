@@ -64,7 +64,6 @@ from .observe import ObservedAttempts
 from .outcome import JSON_CONTENT_TYPE, account, annotate, embed_headers, response_headers
 from .pipeline import TWO_AUTHORIZATIONS, Call, Pipeline, one_authorization
 from .providers import build_adapter, sender_for, upstream_transport
-from .request import names_of
 from .routing import Router
 from .telemetry import Telemetry
 from .vectors import bytes_to_b64, bytes_to_floats
@@ -430,7 +429,7 @@ class EmbeddingGateway:
         if req is not None:
             name = req.name or f"embeddings {req.model}"
         else:  # refused as invalid (a 400): named as its body names it, where it does (not so a shed 503's: unparsed)
-            sent_name, sent_model = names_of(call.body) if type(error) is InvalidRequest else (None, None)
+            sent_name, sent_model = error.names if type(error) is InvalidRequest else (None, None)
             name = sent_name or (f"embeddings {sent_model}" if sent_model is not None else "embeddings")
         with self.telemetry.start_request(name, headers=scope["headers"], attributes=self._http_attributes(scope),
                                           start_time=arrived) as root:  # fmt: skip

@@ -577,6 +577,11 @@ def names_of(body: bytes) -> tuple[str | None, str | None]:
         return None, None
     if not isinstance(data, dict):
         return None, None
+    return _names(data)
+
+
+def _names(data: dict[str, Any]) -> tuple[str | None, str | None]:
+    """:func:`names_of` of a body read."""
     orq = data.get("orq")
     name, _ = _pick(data, orq if isinstance(orq, dict) else {}, "name")
     model = data.get("model")
@@ -608,6 +613,16 @@ def parse_request(
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", param=None, code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"The request body must be a JSON object, got {_type_name(data)}", param=None)
+    try:
+        return _request_of(data, identity_header, identity_header_name, unknown_fields, default_retry)
+    except InvalidRequest as refused:
+        refused.names = _names(data)  # (its trace's name, read once: reading the body again cost a second parse)
+        raise
+
+
+def _request_of(data: dict[str, Any], identity_header: str | None, identity_header_name: str, unknown_fields: str,
+                default_retry: RetryPolicy | None) -> EmbeddingRequest:  # fmt: skip
+    """:func:`parse_request` of a body read as a JSON object."""
     strict = unknown_fields == "reject"
     if strict:
         for key in data:
