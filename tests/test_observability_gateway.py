@@ -396,6 +396,24 @@ async def test_a_probe_cut_by_the_clients_call_timeout_says_retry_when_it_is_ret
 
 
 @pytest.mark.anyio
+async def test_a_request_without_a_valid_key_is_refused_before_its_body_is_parsed(
+    upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    # A client with no valid key had its body parsed first: 8 MiB of small values took ~0.5 s of the event loop and
+    # ~30x its size in memory, and a body that was not even valid got a 400 where OpenAI's API answers 401. A small
+    # body is still read for its trace's name (which tells whose client sends the wrong key); a large one is not.
+    gw = EmbeddingGateway(host_404, config=make_config(upstream), tracer_provider=provider)
+    wrong = {"authorization": "Bearer sk-not-a-key", "content-type": "application/json"}
+    large = orjson.dumps({"model": "local/embed-small", "input": ["x"] * 40_000, "name": "the-large-one"})
+    small = orjson.dumps({"model": "local/embed-small", "input": "x", "name": "the-small-one"})
+    async with client_for(gw) as client:
+        answers = [await client.post("/v1/embeddings", content=b, headers=wrong) for b in (b"{nope", large, small)]
+    assert [r.status_code for r in answers] == [401, 401, 401]
+    assert [s.name for s in roots(exporter)] == ["embeddings", "embeddings", "the-small-one"]
+    assert len(upstream.calls) == 0
+
+
+@pytest.mark.anyio
 async def test_an_attempt_out_while_another_is_asked_for_floats_says_what_it_asked(
     upstream: FakeUpstream, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:

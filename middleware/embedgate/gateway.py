@@ -64,6 +64,7 @@ from .observe import ObservedAttempts
 from .outcome import JSON_CONTENT_TYPE, account, annotate, embed_headers, response_headers
 from .pipeline import TWO_AUTHORIZATIONS, Call, Pipeline, one_authorization
 from .providers import build_adapter, sender_for, upstream_transport
+from .request import names_of
 from .routing import Router
 from .telemetry import Telemetry
 from .vectors import bytes_to_b64, bytes_to_floats
@@ -90,6 +91,9 @@ _DRAIN_S: Final = 2.0  # the most shutdown waits for requests still finishing
 #: The most ``/readyz`` waits for a store's PING (each at once): a frozen Redis held it 1.25 s, past a readiness
 #: probe's usual 1 s timeout, and took every replica out of service where the stores refuse no request.
 READY_WAIT_S: Final = 0.5
+#: The largest body of a request refused for its key (401) read for the name and model its trace and access line
+#: give: a larger one is not parsed at all.
+NAMED_UNAUTHORIZED_BYTES: Final = 64 * 1024
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _FIRST_ITEM_HEAD: Final = b'{"object":"embedding","index":0,"embedding":"'
 _ITEM_HEAD: Final = b'"},{"object":"embedding","index":%d,"embedding":"'
@@ -410,6 +414,7 @@ class EmbeddingGateway:
                                       "request", code="gateway_overloaded", headers={"retry-after": "1"})  # fmt: skip
                 self._admitted += 1
                 admitted = True
+            self.pipeline.check_key(call)
             await self.pipeline.normalize(call)
         except GatewayError as err:
             error = err
@@ -429,7 +434,14 @@ class EmbeddingGateway:
         if req is not None:
             name = req.name or f"embeddings {req.model}"
         else:  # refused as invalid (a 400): named as its body names it, where it does (not so a shed 503's: unparsed)
-            sent_name, sent_model = error.names if type(error) is InvalidRequest else (None, None)
+            if type(error) is InvalidRequest:
+                sent_name, sent_model = error.names
+            elif type(error) is Unauthorized and len(call.body) <= NAMED_UNAUTHORIZED_BYTES:
+                # (refused before its body was parsed: a small one is read for them, which tells whose client
+                # sends the wrong key; a large one is not, or a client without a key would cost the parse after all)
+                sent_name, sent_model = names_of(call.body)
+            else:
+                sent_name, sent_model = None, None
             name = sent_name or (f"embeddings {sent_model}" if sent_model is not None else "embeddings")
         with self.telemetry.start_request(name, headers=scope["headers"], attributes=self._http_attributes(scope),
                                           start_time=arrived) as root:  # fmt: skip
