@@ -796,3 +796,14 @@ def test_a_refused_body_carries_the_name_and_model_it_gives(raw: bytes, names: t
     with pytest.raises(InvalidRequest) as refused:
         parse_request(raw)
     assert refused.value.names == names
+
+
+@pytest.mark.parametrize("tokens", [True, False])
+def test_an_input_past_the_hard_limit_says_which_limit(tokens: bool) -> None:
+    # One array of token ids is one item: "at most 1000000 items" named the wrong limit for a long one.
+    many: list[Any] = [7] * 1_000_001 if tokens else ["x"] * 1_000_001
+    with pytest.raises(InvalidRequest) as refused:
+        parse_request(orjson.dumps({"model": "local/embed-small", "input": many}))
+    what = "token ids" if tokens else "items"
+    assert refused.value.param == "input"
+    assert refused.value.message == f"Invalid 'input': at most 1000000 {what}, got 1000001"

@@ -329,8 +329,10 @@ def _input(v: Any) -> tuple[tuple[InputItem, ...], Any]:
         raise _bad("input", f"expected a string or an array, got {_type_name(v)}")
     if not v:
         raise _bad("input", "must not be an empty array")
-    if len(v) > HARD_MAX_ITEMS:
-        raise _bad("input", f"at most {HARD_MAX_ITEMS} items")
+    if len(v) > HARD_MAX_ITEMS:  # (one array of token ids is one item, of as many tokens)
+        first = v[0]
+        what = "token ids" if isinstance(first, int | float) and not isinstance(first, bool) else "items"
+        raise _bad("input", f"at most {HARD_MAX_ITEMS} {what}, got {len(v)}")
     first = v[0]
     if isinstance(first, int | float) and not isinstance(first, bool):
         return (_token_list(v, "input"),), "tokens"
