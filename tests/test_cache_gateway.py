@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import os
 import shutil
 import subprocess
@@ -548,6 +549,95 @@ async def test_a_request_sharing_another_s_failed_call_is_not_told_the_upstream_
     assert "PRIVATE salary" in owner.json()["error"]["message"]  # its own input, in the upstream's words
     assert "PRIVATE" not in waiter.text and "common text" not in waiter.text
     assert waiter.json()["error"]["message"].startswith("The upstream answered 500 to the call")
+
+
+def _no_retry(items: list[str]) -> dict[str, Any]:
+    return {"model": "local/embed-small", "input": items, "cache": CACHE, "retry": {"count": 0}}
+
+
+async def _post_at(c: httpx.AsyncClient, delay: float, items: list[str], key: str = KEY,
+                   cancel_after: float | None = None) -> tuple[httpx.Response | None, float]:  # fmt: skip
+    """POST ``items`` after ``delay`` s; None if cancelled ``cancel_after`` s after it went (its client left)."""
+    await anyio.sleep(delay)
+    started = time.monotonic()
+    try:
+        with anyio.fail_after(cancel_after if cancel_after is not None else 60):
+            r = await c.post("/v1/embeddings", json=_no_retry(items), headers={"authorization": f"Bearer {key}"})
+    except TimeoutError:
+        return None, time.monotonic() - started
+    return r, time.monotonic() - started
+
+
+@pytest.mark.parametrize("owner_gives_up", ["its input refused", "its client gone"])
+@pytest.mark.anyio
+async def test_a_request_coming_while_a_waiter_fetches_again_takes_its_call(
+    upstream: FakeUpstream, owner_gives_up: str
+) -> None:
+    # The owner gave up (its batch refused, or cancelled) and left the coalescer, which went with it: the request
+    # that had waited on it fetched again in that orphan, and one coming meanwhile found none and paid a second call.
+    app = gateway(parse_config(cache_config(upstream.url), env={}))
+    if owner_gives_up == "its input refused":
+        upstream.script.append(Fault("status", 400, delay=0.4))
+        owner = ["x", "bad"]
+    else:
+        upstream.script.append(Fault("ok", delay=0.8))
+        owner = ["x"]
+    upstream.script.append(Fault("ok", delay=0.5))  # the waiter's own call for "x"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        async with anyio.create_task_group() as tg:
+            got: list[Any] = []
+
+            async def run(*args: Any, **kw: Any) -> None:
+                got.append(await _post_at(c, *args, **kw))
+
+            tg.start_soon(functools.partial(run, 0, owner, cancel_after=0.4 if owner == ["x"] else None))
+            tg.start_soon(run, 0.1, ["x"], SAME_WORKSPACE_KEY)
+            tg.start_soon(run, 0.6, ["x"])
+    await app.shutdown()
+    calls = [call.body["input"] for call in upstream.calls]
+    assert calls == [owner, ["x"]], calls  # one call for "x" after the owner's
+    late = next(r for r, _ in got if r is not None and r.status_code == 200 and r.headers["x-embedgate-cache"] == "hit")
+    assert late.json()["data"][0]["embedding"]
+
+
+@pytest.mark.anyio
+async def test_a_request_waiting_on_another_s_call_ends_at_its_own_deadline(upstream: FakeUpstream) -> None:
+    # After the owner it waited on gave up, a request that had started its own calls waited on a newer request's
+    # call, which runs on that request's later deadline: it answered ~0.9 s past its own.
+    app = gateway(parse_config(cache_config(upstream.url, routing={"backoff_base_ms": 10, "deadline_ms": 1000}),
+                               env={}))  # fmt: skip
+    upstream.script.extend([Fault("status", 400, delay=0.9), Fault("ok", delay=0.7), Fault("ok", delay=2.5)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        async with anyio.create_task_group() as tg:
+            took: dict[str, tuple[httpx.Response | None, float]] = {}
+
+            async def run(name: str, delay: float, items: list[str], key: str) -> None:
+                took[name] = await _post_at(c, delay, items, key)
+
+            tg.start_soon(run, "owner", 0, ["x", "bad"], KEY)  # refused at 0.9 s: its waiters fetch again
+            tg.start_soon(run, "waiter", 0.05, ["y", "x"], SAME_WORKSPACE_KEY)  # fetches "y", waits for "x"
+            tg.start_soon(run, "newer", 0.3, ["x"], KEY)  # wakes first at 0.9 s, fetches "x" (2.5 s)
+    await app.shutdown()
+    answer, seconds = took["waiter"]
+    assert answer is not None and answer.status_code == 504, answer
+    assert answer.json()["error"]["message"] == "The overall deadline of 1000 ms was reached"
+    assert seconds < 1.4, seconds  # its deadline (1 s), not the newer request's
+
+
+@pytest.mark.anyio
+async def test_a_request_cancelled_while_waiting_keeps_what_it_fetched(upstream: FakeUpstream) -> None:
+    # Its own call embedded "y y" (billed), then it waited on another's call for "x" and its client left: "y y"
+    # was never stored, and the client asking again paid for it twice.
+    app = gateway(parse_config(cache_config(upstream.url), env={}))
+    upstream.script.append(Fault("ok", delay=1.0))  # the other request's call for "x"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_post_at, c, 0, ["x"])
+            tg.start_soon(functools.partial(_post_at, c, 0.1, ["x", "y y"], SAME_WORKSPACE_KEY, cancel_after=0.4))
+        again, _ = await _post_at(c, 0, ["x", "y y"], SAME_WORKSPACE_KEY)
+    await app.shutdown()
+    assert again is not None and again.headers["x-embedgate-cache"] == "hit"
+    assert [call.body["input"] for call in upstream.calls] == [["x"], ["y y"]]
 
 
 @pytest.mark.anyio

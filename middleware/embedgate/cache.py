@@ -481,6 +481,9 @@ class Coalescer(Generic[T]):
         self._inflight: dict[str, asyncio.Future[T]] = {}
         self._private = private
         self._shared = shared
+        #: The calls inside ``run`` (their owner gives up, they fetch again, in this coalescer: whoever drops it from
+        #: a registry waits until none is, or a request coming meanwhile made a second call for the same items).
+        self.users = 0
 
     def in_flight(self) -> int:
         """How many keys are being fetched right now."""
@@ -491,16 +494,19 @@ class Coalescer(Generic[T]):
         keys: Sequence[str],
         fetch: Callable[[list[int]], Awaitable[list[T]]],
         held: list[tuple[str, asyncio.Future[T]]] | None = None,
+        left: Callable[[], float] | None = None,
     ) -> list[T]:
         """The results for ``keys`` in order; ``fetch(positions)`` returns one result per given position.
 
         With ``held``, the keys this call fetched stay in flight, answered, until ``release(held)``: the caller
         releases them once their results are in the cache, so that a request whose lookup missed before that
-        write does not fetch them again."""
+        write does not fetch them again. With ``left`` (the seconds this call has left), a wait on another's fetch
+        ends then, in ``TimeoutError`` (after an owner gave up, the next may have started later: its deadline is
+        not this call's)."""
         results: dict[int, T] = {}
         pending = list(range(len(keys)))
         for _ in range(_MAX_ROUNDS):
-            pending = await self._round(keys, pending, fetch, results, held)
+            pending = await self._round(keys, pending, fetch, results, held, left)
             if not pending:
                 return [results[i] for i in range(len(keys))]
         # Owner after owner was cancelled: stop depending on others and fetch the rest uncoalesced (an item repeated
@@ -523,6 +529,7 @@ class Coalescer(Generic[T]):
         fetch: Callable[[list[int]], Awaitable[list[T]]],
         results: dict[int, T],
         held: list[tuple[str, asyncio.Future[T]]] | None,
+        left: Callable[[], float] | None = None,
     ) -> list[int]:
         """One pass: fetch what nobody fetches, await the rest; returns positions whose owner gave up."""
         loop = asyncio.get_running_loop()
@@ -544,7 +551,10 @@ class Coalescer(Generic[T]):
         for i, future in waits:
             try:
                 # shield: a waiter being cancelled must not cancel the future the owner and others share.
-                results[i] = await asyncio.shield(future)
+                if left is None or future.done():
+                    results[i] = await asyncio.shield(future)
+                else:
+                    results[i] = await asyncio.wait_for(asyncio.shield(future), max(0.0, left()))
             except _Abandoned:
                 retry.append(i)
             except _Private as private:

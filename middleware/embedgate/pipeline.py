@@ -642,24 +642,35 @@ class Pipeline:
             # What this request fetched stays in flight, answered, until it is in the cache: a request that reaches
             # this point meanwhile takes it rather than fetching it again.
             held: list[tuple[str, asyncio.Future[tuple[str, CachedItem, list[int]]]]] = []
+            if call.deadline is None:  # (its deadline bounds its waits on other requests' calls too)
+                call.deadline = self._router.deadline()
+            deadline = call.deadline
+            coalescer.users += 1
             try:
-                failure: GatewayError | None = None
+                failure: BaseException | None = None
                 try:
-                    results = await coalescer.run(keys, fetch, held)
+                    results = await coalescer.run(keys, fetch, held, lambda: self._router.left(deadline))
                 except GatewayError as exc:
                     failure = exc  # acted on below, outside the handler (no await in one: see embedgate._native)
+                except TimeoutError:  # its deadline passed while it waited on another request's call
+                    failure = self._router.deadline_reached()
+                except asyncio.CancelledError as exc:  # (the server stopping, a host's timeout, its client gone)
+                    failure = exc
                 if failure is not None:
-                    # Another request's item this one waited on failed: what this one fetched was paid for, and is
-                    # kept in the cache all the same (the same key asking again is not charged twice).
+                    # Another request's item this one waited on failed, or the request ended while it waited: what
+                    # it fetched was paid for, and is kept in the cache all the same (the same key asking again is
+                    # not charged twice).
                     if fetched_here and call.served_model:
-                        await self._store(
-                            call, call.served_model, sorted(fetched_here), max(call.cache_ttl, kept_for[0])
-                        )
+                        with anyio.CancelScope(shield=True):  # a host's anyio scope, cancelling, would cancel it
+                            await self._store(
+                                call, call.served_model, sorted(fetched_here), max(call.cache_ttl, kept_for[0])
+                            )
                     raise failure
                 await self._merge_and_store(call, positions, results, fetched_here, kept_for, paid)
             finally:  # the last request of a policy removes its coalescer (no await here: see embedgate._native)
                 coalescer.release(held)
-                if not coalescer.in_flight() and self._coalescers.get(policy) is coalescer:
+                coalescer.users -= 1
+                if not coalescer.users and not coalescer.in_flight() and self._coalescers.get(policy) is coalescer:
                     del self._coalescers[policy]
         # An item repeated in the batch waits on its first occurrence's fetch: a miss too, not a cache hit (and so
         # is a cached item a fallback embedded again, with its repeats).

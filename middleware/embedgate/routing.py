@@ -397,6 +397,14 @@ class Router:
         """The overall deadline of a request whose first upstream call starts now (``routing.deadline_ms``)."""
         return self._clock() + self._routing.deadline_ms / 1000
 
+    def left(self, deadline: float) -> float:
+        """The seconds left until ``deadline`` (from :meth:`deadline`)."""
+        return deadline - self._clock()
+
+    def deadline_reached(self) -> UpstreamTimeout:
+        """The error of a request whose overall deadline passed."""
+        return UpstreamTimeout(f"The overall deadline of {self._routing.deadline_ms} ms was reached")
+
     async def embed(
         self,
         request: EmbeddingRequest,
