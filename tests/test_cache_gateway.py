@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import httpx
 import numpy as np
+import orjson
 import pytest
 import redis.asyncio
 import yaml
@@ -522,18 +523,26 @@ async def test_a_coalesced_request_keeps_the_item_for_its_own_longer_ttl(upstrea
     assert len(upstream.calls) == 1
 
 
+@pytest.mark.parametrize("status", [500, 404])
 @pytest.mark.anyio
-async def test_a_request_sharing_another_s_failed_call_is_not_told_the_upstream_s_words(upstream: FakeUpstream) -> None:
-    # A 5xx quoting the batch it was sent reached every request waiting on that call: another key's input (here a
-    # key of another project of the workspace) in its error. The owner reads its own; the waiter, the status.
-    quoted = b'{"error": {"message": "failed on [\\"PRIVATE salary of Jane\\", \\"common text\\"]"}}'
-    upstream.script.append(Fault("raw", 500, headers={"Content-Type": "application/json"}, body=quoted, delay=0.3))
+async def test_a_request_sharing_another_s_failed_call_is_not_told_the_upstream_s_words(
+    upstream: FakeUpstream, status: int
+) -> None:
+    # A 5xx (or a 404 model_not_found) quoting the batch it was sent reached every request waiting on that call:
+    # another key's input (here a key of another project of the workspace) in its error. The owner reads its own;
+    # the waiter, the status (and for the 404, that the model is not served).
+    error: dict[str, Any] = {"message": 'failed on ["PRIVATE salary of Jane", "common text"]'}
+    if status == 404:
+        error["code"] = "model_not_found"
+    quoted = orjson.dumps({"error": error})
+    upstream.script.append(Fault("raw", status, headers={"Content-Type": "application/json"}, body=quoted, delay=0.3))
     app = gateway(parse_config(cache_config(upstream.url), env={}))
     got: dict[str, httpx.Response] = {}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as c:
 
         async def post(name: str, texts: list[str], key: str) -> None:
-            body = {"model": "local/embed-small", "input": texts, "cache": CACHE, "retry": {"count": 0}}
+            model = "local/embed-small" if status == 500 else "local/unknown"  # (a model by its provider's name)
+            body = {"model": model, "input": texts, "cache": CACHE, "retry": {"count": 0}}
             got[name] = await c.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {key}"})
 
         async with anyio.create_task_group() as tg:
@@ -545,10 +554,12 @@ async def test_a_request_sharing_another_s_failed_call_is_not_told_the_upstream_
     await app.shutdown()
     assert len(upstream.calls) == 1  # the waiter shared the owner's call
     owner, waiter = got["owner"], got["waiter"]
-    assert owner.status_code == waiter.status_code == 502
+    assert owner.status_code == waiter.status_code == (502 if status == 500 else 404)
     assert "PRIVATE salary" in owner.json()["error"]["message"]  # its own input, in the upstream's words
     assert "PRIVATE" not in waiter.text and "common text" not in waiter.text
-    assert waiter.json()["error"]["message"].startswith("The upstream answered 500 to the call")
+    expected = ("The upstream answered 500 to the call" if status == 500 else
+                "The model 'local/unknown' is not served upstream (as the upstream answered the call")  # fmt: skip
+    assert waiter.json()["error"]["message"].startswith(expected), waiter.text
 
 
 def _no_retry(items: list[str]) -> dict[str, Any]:

@@ -84,27 +84,30 @@ async def test_upstream_calls_go_through_the_proxy_the_environment_names(
     assert len(seen) == 1 and seen[0].startswith(b"POST http://127.0.0.1:") and b"/v1/embeddings" in seen[0]
 
 
+@pytest.mark.parametrize("userinfo", ["egress:pr0xy-S3CRET-pw", "pr0xy-S3CRET-token", "pr0xy-S3CRET-token:"])
 @pytest.mark.anyio
 async def test_a_proxy_error_page_quoting_its_credentials_does_not_reach_the_client(
-    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch, userinfo: str
 ) -> None:
     # A proxy's (or an appliance's) error page quoting the request's head passed its Proxy-Authorization on, the
-    # proxy's user and password in base64, to any client of the gateway.
+    # proxy's user and password in base64, to any client of the gateway; a token given as the user alone, too.
+    secret = userinfo.partition(":")[2] or userinfo.rstrip(":")  # the password, else the user (a token)
+
     async def page(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        body = b"proxy refused: " + head + b" (password: pr0xy-S3CRET-pw)"
+        body = b"proxy refused: " + head + b" (credential: %s)" % secret.encode()
         writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(page, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    monkeypatch.setenv("HTTP_PROXY", f"http://egress:pr0xy-S3CRET-pw@127.0.0.1:{port}")
+    monkeypatch.setenv("HTTP_PROXY", f"http://{userinfo}@127.0.0.1:{port}")  # (a token alone: as the user)
     try:
         r = await embed(make_config(routing={"default_retry": {"count": 0}}))
     finally:
         server.close()
-    basic = base64.b64encode(b"egress:pr0xy-S3CRET-pw").decode()
+    basic = base64.b64encode((userinfo if ":" in userinfo else userinfo + ":").encode()).decode()
     assert r.status_code == 502 and "proxy refused" in r.text, r.text
     assert "Proxy-Authorization: Basic [redacted]" in r.text, r.text
     assert basic not in r.text and "S3CRET" not in r.text

@@ -62,6 +62,9 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code: str | None = "internal_error"
+    #: Where the message goes on with an upstream's own words (which may quote the batch of the request that made
+    #: the call): the part before them, which a request that shared the call is told instead (see the pipeline).
+    own_part: str | None = None
 
     def __init__(
         self,

@@ -800,7 +800,9 @@ class EmbeddingGateway:
         # still served (every replica taken out of its load balancer by one shared Redis would be an outage).
         budgets = checks.get("budgets")
         refusing = budgets is not None and not budgets["ok"] and bool(self.config.budgets)
+        # (a ping still out is slow, not down: requests may be served, a round trip of 0.6 s say)
         refusing = refusing and not self.config.budget_options.fail_open
+        refusing = refusing and budget_ping is not None and budget_ping.done()
         status = "unavailable" if refusing else "ready" if all(c["ok"] for c in checks.values()) else "degraded"
         body = {"status": status, "checks": checks, "deployments": self.router.status() if self.router else {}}
         return (503 if refusing else 200), orjson.dumps(body), {}

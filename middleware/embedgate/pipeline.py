@@ -928,11 +928,19 @@ class Pipeline:
 def _as_shared(error: Exception) -> Exception:
     """An owner's failure as a request that waited on its call gets it: an upstream's error answer without the
     upstream's words, which may quote the owner's batch (its other items are not the waiter's to read)."""
-    if not isinstance(error, UpstreamError) or error.upstream_status is None:
+    if not isinstance(error, GatewayError):
+        return error
+    own = error.own_part
+    status = error.upstream_status if isinstance(error, UpstreamError) else None
+    if own is None and status is None:
         return error
     shared = copy.copy(error)
-    shared.message = (f"The upstream answered {error.upstream_status} to the call that was embedding these items "
-                      f"(for another request that asked for them at the same time)")  # fmt: skip
+    if own is not None:
+        shared.message = (f"{own} (as the upstream answered the call that was embedding these items for another "
+                          f"request that asked for them at the same time)")  # fmt: skip
+    else:
+        shared.message = (f"The upstream answered {status} to the call that was embedding these items (for another "
+                          f"request that asked for them at the same time)")  # fmt: skip
     shared.args = (shared.message,)
     shared.headers = dict(error.headers)
     return shared

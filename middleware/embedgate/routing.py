@@ -817,7 +817,9 @@ class Router:
             param = request.param(f"load_balancer.models[{i}].model")
         else:
             param = "model"
-        return NotFound(f"The model '{model.id}' is not served upstream: {err.message}", param=param)
+        found = NotFound(f"The model '{model.id}' is not served upstream: {err.message}", param=param)
+        found.own_part = f"The model '{model.id}' is not served upstream"
+        return found
 
     async def _attempt(
         self,

@@ -67,8 +67,9 @@ _NAME_CACHE_MAX: Final = 512
 _CONTROLS: Final = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: The most buffers an answer is written in at once: uvloop refuses a write of over 2^20 (EINVAL: the answer never
-#: went, a base64 answer of over 524,285 vectors), so more are joined into as many blocks (a batch's two a vector).
-_MAX_PARTS: Final = 4096
+#: went, a base64 answer of over 524,285 vectors), so more are joined into as many blocks (a batch's two a vector:
+#: up to ~32,000 vectors an answer goes as it is, not copied).
+_MAX_PARTS: Final = 65536
 _CLOSE: Final = b"connection: close\r\n"
 _CHUNKED: Final = b"transfer-encoding: chunked\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"

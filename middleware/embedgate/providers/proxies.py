@@ -40,8 +40,9 @@ def proxy_secrets() -> list[str]:
             user, password = parts.username, parts.password
         except ValueError:
             continue
-        if password:
-            found += [f"{unquote(user or '')}:{unquote(password)}", unquote(password)]
+        if user or password:  # (a user alone is a token: httpx sends "user:" as Basic all the same)
+            name, secret = unquote(user or ""), unquote(password or "")
+            found += [f"{name}:{secret}", secret or name]
     return found
 
 
