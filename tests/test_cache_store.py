@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import struct
 import sys
+import time
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
@@ -520,3 +522,36 @@ async def test_coalescer_rejects_a_fetch_with_the_wrong_result_count() -> None:
     with pytest.raises(ValueError, match="2 positions"):
         await coalescer.run(["a", "b"], short)
     assert coalescer.in_flight() == 0
+
+
+@pytest.mark.anyio
+async def test_coalescer_waiter_with_a_deadline_is_cancelled_as_its_answer_comes() -> None:
+    # A cancel coming in the loop turn the shared answer does was dropped by asyncio.wait_for (Python 3.11): the
+    # waiting request went on to its answer, and a host's timeout raised nothing.
+    coalescer: Coalescer[str] = Coalescer()
+    loop = asyncio.get_running_loop()
+    other = coalescer._inflight["x"] = loop.create_future()  # another call's fetch of "x", in flight
+
+    async def fetch(positions: list[int]) -> list[str]:
+        raise AssertionError("x is another call's")
+
+    waiter = asyncio.ensure_future(coalescer.run(["x"], fetch, [], lambda: 60.0))
+    await asyncio.sleep(0.01)
+    other.add_done_callback(lambda _: waiter.cancel())  # after the waiter's own callback, in the same turn
+    other.set_result("vector-x")
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+
+
+@pytest.mark.anyio
+async def test_coalescer_waiter_with_a_deadline_gives_up_then() -> None:
+    coalescer: Coalescer[str] = Coalescer()
+    coalescer._inflight["x"] = asyncio.get_running_loop().create_future()  # never answered
+
+    async def fetch(positions: list[int]) -> list[str]:
+        raise AssertionError("x is another call's")
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await coalescer.run(["x"], fetch, [], lambda: 0.2 - (time.monotonic() - started))
+    assert 0.15 < time.monotonic() - started < 1.0

@@ -553,8 +553,9 @@ class Coalescer(Generic[T]):
                 # shield: a waiter being cancelled must not cancel the future the owner and others share.
                 if left is None or future.done():
                     results[i] = await asyncio.shield(future)
-                else:
-                    results[i] = await asyncio.wait_for(asyncio.shield(future), max(0.0, left()))
+                else:  # (not wait_for: on 3.11 it drops a cancel that comes as the future is answered)
+                    async with asyncio.timeout(max(0.0, left())):
+                        results[i] = await asyncio.shield(future)
             except _Abandoned:
                 retry.append(i)
             except _Private as private:
