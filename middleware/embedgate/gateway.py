@@ -771,8 +771,8 @@ class EmbeddingGateway:
 
     async def _readyz(self, scope: Scope) -> tuple[int, bytes, dict[str, str]]:
         checks: dict[str, Any] = {}
-        # The stores' pings at once, each given READY_WAIT_S: one not answered by then is down (it finishes on its
-        # own, within its store's timeout, and is not awaited).
+        # The stores' pings at once, each given READY_WAIT_S: one not answered by then is reported, as slow (it
+        # finishes on its own, within its store's timeout, and is not awaited).
         cache_ping = asyncio.ensure_future(self.cache.ping()) if self.cache is not None else None
         store = self.budgets.store if self.budgets is not None else None
         budget_ping = asyncio.ensure_future(store.ping()) if store is not None else None
@@ -800,8 +800,8 @@ class EmbeddingGateway:
         # still served (every replica taken out of its load balancer by one shared Redis would be an outage).
         budgets = checks.get("budgets")
         refusing = budgets is not None and not budgets["ok"] and bool(self.config.budgets)
-        # (a ping still out is slow, not down: requests may be served, a round trip of 0.6 s say)
         refusing = refusing and not self.config.budget_options.fail_open
+        # (a ping still out is slow, not known to be down: requests may be served, at a round trip of 0.6 s say)
         refusing = refusing and budget_ping is not None and budget_ping.done()
         status = "unavailable" if refusing else "ready" if all(c["ok"] for c in checks.values()) else "degraded"
         body = {"status": status, "checks": checks, "deployments": self.router.status() if self.router else {}}

@@ -56,10 +56,10 @@ class OpenAIAdapter:
         self.server_port: int | None = parts.port or (443 if parts.scheme == "https" else 80)
         self.gen_ai_provider = gen_ai_provider_name(self.server_address) or provider.name
         self._secret = provider.api_key
-        # The key as an error body may echo it (see _secret_forms). The answer's model name is scrubbed of our own
-        # key; an error also of the other providers' (``others``): an upstream behind a shared proxy, or given
-        # another's key by mistake, may quote them too.
-        # (and the environment's proxy credentials: a proxy's error page may quote its Proxy-Authorization)
+        # The key as an error body may echo it (see _secret_forms). An error, and the answer's model name, are
+        # scrubbed of the other providers' keys too (``others``): an upstream behind a shared proxy, or given
+        # another's key by mistake, may quote them; and of the environment's proxy credentials (a proxy's error page
+        # may quote its Proxy-Authorization).
         proxies = proxy_secrets()
         self._secret_forms = _secret_forms([provider], proxies)
         self._error_forms = _secret_forms([provider, *others], proxies) if others else self._secret_forms
