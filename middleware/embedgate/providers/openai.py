@@ -61,8 +61,7 @@ class OpenAIAdapter:
         # another's key by mistake, may quote them; and of the environment's proxy credentials (a proxy's error page
         # may quote its Proxy-Authorization).
         proxies = proxy_secrets()
-        self._secret_forms = _secret_forms([provider], proxies)
-        self._error_forms = _secret_forms([provider, *others], proxies) if others else self._secret_forms
+        self._error_forms = _secret_forms([provider, *others], proxies)
         self._models: dict[str, str] = {}  # the model names answers gave, scrubbed (see _parse)
         # Every header but the body's length, as raw pairs: with ``stream=`` httpx adds none of its own and
         # normalizes nothing twice (measured: ~4x cheaper than ``content=`` with a header dict).
