@@ -323,10 +323,9 @@ class Router:
             # Picked among the models that may take the request (its provider preferences, a multimodal input, its
             # item count within the model's max_request_inputs): a model that may not was picked at its weight, and
             # the request failed (404, 400) where another could serve it. None may: among all, and the answer says
-            # why. Then among those with a
-            # deployment that may be tried now (its circuit breaker closed, or half-open with no probe out): one whose
-            # every deployment cools down was picked at its weight too, and answered 503 (or fell back) where another
-            # would serve. None may be tried: by weight again.
+            # why. Then among those with a deployment that may be tried now (its circuit breaker closed, or
+            # half-open with no probe out): one whose every deployment cools down was picked at its weight too, and
+            # answered 503 (or fell back) where another would serve. None may be tried: by weight again.
             usable = [self.usable(r, request) for r in resolved]
             n = len(request.items)
             may = [w if deps and n <= r.max_request_inputs else 0.0
@@ -719,7 +718,7 @@ class Router:
                         await self._sleep(wait)
                     remaining = deadline - self._clock()
                     if remaining <= 0:
-                        last = UpstreamTimeout(f"The overall deadline of {self._routing.deadline_ms} ms was reached")
+                        last = self.deadline_reached()
                         stop = True
                     else:
                         attempts.count += 1
